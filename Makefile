@@ -1,0 +1,32 @@
+# One target per job. `make demo` and `make test` do all the setup they need.
+PY := .venv/bin/python
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+
+.PHONY: setup demo test test-all lint format bench clean
+
+setup:
+	bash .ci/setup.sh
+
+demo: setup
+	$(PY) -m moracl finetune configs/wordnet_finetune.yaml
+
+test: setup
+	$(PY) -m pytest -m "not gpu" -p no:cacheprovider
+
+lint: setup
+	$(PY) -m ruff check moracl scenarios tests examples
+	$(PY) -m ruff format --check moracl scenarios tests examples
+	$(PY) -m mypy moracl
+
+format: setup
+	$(PY) -m ruff format moracl scenarios tests examples
+	$(PY) -m ruff check --fix moracl scenarios tests examples
+
+bench: setup
+	$(PY) -m moracl bench adapters
+	$(PY) -m moracl bench optim
+
+clean:
+	rm -rf .venv build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,3 @@
+from moracl.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,265 @@
+"""The adapter-kind interface, its configuration base class and the kind registry.
+
+Shape legend used across the adapter kinds:
+    b  batch (any number of leading dims, flattened as ``...``)
+    i  input features ``d_in``          o  output features ``d_out``
+    r  adapter rank (or MoRA's square size ``r̂``)
+    g  MoRA blocks (``ceil(d_in / r̂)``)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, ClassVar, TypeVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moracl.registry import Registry
+
+__all__ = [
+    "ADAPTERS",
+    "Adapter",
+    "AdapterConfig",
+    "ParamRole",
+    "build_adapter",
+    "iter_param_roles",
+    "register_adapter",
+]
+
+
+class ParamRole(str, Enum):
+    """What a trainable adapter parameter is, so optimisers can group parameters.
+
+    ``A`` and ``B`` are LoRA's down and up projections (LoRA+ gives ``B`` a larger learning
+    rate); ``MAGNITUDE`` is DoRA's magnitude vector; ``SCALE`` VeRA's scaling vectors;
+    ``SQUARE`` MoRA's square matrix; ``ROUTER`` a router's weights.
+    """
+
+    A = "a"
+    B = "b"
+    MAGNITUDE = "magnitude"
+    SCALE = "scale"
+    SQUARE = "square"
+    ROUTER = "router"
+    HEAD = "head"
+
+
+C = TypeVar("C", bound="AdapterConfig")
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """Configuration of one adapter kind; ``AdapterConfig(kind=..., ...)`` builds the kind's class.
+
+    ``AdapterConfig(kind="mora", rank=8, compression="sharing")`` returns a ``MoRAConfig``.
+    Unknown keys raise ``ValueError`` naming the valid ones.
+
+    Args:
+        kind: registered adapter kind (``lora``, ``mora``, ``dora``, ``vera``, ...).
+        rank: the rank ``r`` (> 0); MoRA derives its square size ``r̂`` from it.
+        dropout: dropout probability on the adapter's input, in ``[0, 1)``.
+    """
+
+    kind: str = "lora"
+    rank: int = 8
+    dropout: float = 0.0
+
+    _kinds: ClassVar[dict[str, type[AdapterConfig]]] = {}
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> AdapterConfig:
+        if cls is AdapterConfig:
+            if args:
+                raise TypeError("AdapterConfig takes keyword arguments only")
+            kind = kwargs.get("kind", "lora")
+            sub = cls._kinds.get(kind)
+            if sub is None:
+                raise ValueError(
+                    f"unknown adapter kind {kind!r}; expected one of {sorted(cls._kinds)}"
+                )
+            sub.check_keys(kwargs)
+            return super().__new__(sub)
+        cls.check_keys(kwargs)
+        return super().__new__(cls)
+
+    def __post_init__(self) -> None:
+        expected = _kind_of(type(self))
+        if expected is not None and self.kind != expected:
+            raise ValueError(f"{type(self).__name__} has kind {expected!r}, got kind={self.kind!r}")
+        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank <= 0:
+            raise ValueError(f"rank must be a positive integer, got {self.rank!r}")
+        if not 0.0 <= float(self.dropout) < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+
+    @classmethod
+    def check_keys(cls, data: Mapping[str, Any]) -> None:
+        """Raise ``ValueError`` for keys that are not fields of this kind's config."""
+        valid = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - valid)
+        if unknown:
+            kind = _kind_of(cls) or "adapter"
+            raise ValueError(
+                f"unknown key(s) {unknown} for {kind} config; valid keys: {sorted(valid)}"
+            )
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> AdapterConfig:
+        """Build the config of ``data['kind']`` from a plain mapping (e.g. parsed JSON or YAML)."""
+        if not isinstance(data, Mapping):
+            raise TypeError(f"an adapter config must be a mapping, got {type(data).__name__}")
+        return AdapterConfig(**dict(data))
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready mapping that ``from_dict`` turns back into an equal config."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = v.value if isinstance(v, Enum) else v
+        return out
+
+    def replace(self: C, **changes: Any) -> C:
+        """A copy with ``changes`` applied (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+
+def _kind_of(cls: type[AdapterConfig]) -> str | None:
+    for name, sub in AdapterConfig._kinds.items():
+        if sub is cls:
+            return name
+    return None
+
+
+class Adapter(nn.Module, ABC):
+    """One adapter on a linear layer ``W (o × i)``: it computes the update ``delta(x)``.
+
+    Every kind gives ``delta(x)`` and the exact dense ``delta_weight()`` with
+    ``delta(x) == x @ delta_weight().T``.  Low-rank kinds also expose ``factors(x)`` —
+    ``z (..., r)`` and ``up (o × r)`` with ``delta(x) == z @ up.T`` — which the layer fuses
+    into one ``addmm`` with the frozen base output.
+
+    Kinds whose update depends on the frozen weight (DoRA) set ``needs_weight = True`` and
+    receive ``weight`` (``o × i``) in every call.
+    """
+
+    needs_weight: ClassVar[bool] = False
+
+    def __init__(self, in_features: int, out_features: int, config: AdapterConfig) -> None:
+        super().__init__()
+        if in_features <= 0 or out_features <= 0:
+            raise ValueError(
+                f"an adapter needs positive layer sizes, got in={in_features}, out={out_features}"
+            )
+        self.in_features = in_features
+        self.out_features = out_features
+        self.config = config
+        self.dropout: nn.Module = (
+            nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        )
+
+    # -- the interface -------------------------------------------------------------------
+    @abstractmethod
+    def delta(self, x: Tensor, *, weight: Tensor | None = None) -> Tensor:
+        """The update for input ``x (..., i)``: a tensor ``(..., o)``."""
+
+    @abstractmethod
+    def delta_weight(self, weight: Tensor | None = None) -> Tensor:
+        """The exact dense update ``ΔW (o × i)``, in the adapter's dtype."""
+
+    @abstractmethod
+    def param_roles(self) -> dict[str, ParamRole]:
+        """Local parameter name -> role, for every parameter of this adapter."""
+
+    def initialize(self, weight: Tensor) -> None:
+        """Called once with the frozen weight ``(o × i)`` when the adapter is first created.
+
+        Kinds that start from the weight (DoRA's magnitude) override it; loading a saved
+        adapter overwrites whatever this set.
+        """
+
+    def fused_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor | None:
+        """The whole adapted output ``x Wᵀ + b + delta(x)`` in one fused node, or ``None`` when
+        this kind (or its current mode, e.g. dropout in training) has no fused path."""
+        return None
+
+    def factors(self, x: Tensor) -> tuple[Tensor, Tensor] | None:
+        """``(z (..., r), up (o × r))`` with ``delta(x) == z @ up.T``, or ``None``."""
+        return None
+
+    def forward(
+        self, x: Tensor, base_out: Tensor, *, weight: Tensor, bias: Tensor | None
+    ) -> Tensor:
+        """Add the update to the frozen layer's output ``base_out (..., o)`` (bias included).
+
+        Low-rank kinds fuse the add into one ``addmm``; others add ``delta(x)``.
+        """
+        fac = self.factors(x)
+        if fac is None:
+            return base_out + self.delta(x, weight=weight).to(base_out.dtype)
+        z, up = fac
+        dt = base_out.dtype
+        out = torch.addmm(
+            base_out.reshape(-1, self.out_features),
+            z.reshape(-1, z.shape[-1]).to(dt),
+            up.t().to(dt),
+        )
+        return out.view(base_out.shape)
+
+    # -- helpers shared by kinds -----------------------------------------------------------
+    def num_parameters(self, trainable_only: bool = True) -> int:
+        """Number of (trainable) parameters of this adapter."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    def _input(self, x: Tensor, dtype: torch.dtype) -> Tensor:
+        """Dropout, then cast ``x`` to the adapter's dtype unless autocast does it."""
+        x = self.dropout(x)
+        if x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
+            x = x.to(dtype)
+        return x
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, rank={self.config.rank}"
+
+
+def linear(x: Tensor, w: Tensor) -> Tensor:
+    """``x @ w.T`` (``F.linear`` without bias), kept as one name for readability."""
+    return F.linear(x, w)
+
+
+ADAPTERS: Registry[type[Adapter]] = Registry("adapter kind")
+
+
+def register_adapter(name: str, config_cls: type[AdapterConfig]):  # type: ignore[no-untyped-def]
+    """Class decorator registering an adapter module and its config under ``name``."""
+
+    def deco(cls: type[Adapter]) -> type[Adapter]:
+        ADAPTERS.register(name)(cls)
+        AdapterConfig._kinds[name] = config_cls
+        return cls
+
+    return deco
+
+
+def build_adapter(in_features: int, out_features: int, config: AdapterConfig) -> Adapter:
+    """Instantiate the adapter of ``config.kind`` for a ``d_in -> d_out`` layer."""
+    cls = ADAPTERS.get(config.kind)
+    return cls(in_features, out_features, config)
+
+
+def iter_param_roles(module: nn.Module) -> Iterator[tuple[str, nn.Parameter, ParamRole]]:
+    """Every parameter under ``module`` that some sub-module tags with a role.
+
+    Yields ``(qualified name, parameter, role)``; parameters of modules without a
+    ``param_roles()`` method are skipped.
+    """
+    for mod_name, mod in module.named_modules():
+        roles = getattr(mod, "param_roles", None)
+        if not callable(roles):
+            continue
+        for local, role in roles().items():
+            p = mod.get_parameter(local)
+            yield (f"{mod_name}.{local}" if mod_name else local), p, role

@@ -1,0 +1,84 @@
+"""Fused training paths for the adapted layer: the frozen matmul and the adapter update in
+one autograd node, so the update costs as few passes over the activations as possible.
+
+Shapes: ``x (N, i)`` (leading dims flattened), ``W (o × i)``, ``g = ∂L/∂out (N, o)``.
+
+What the fused nodes save against plain autograd:
+- the update is added into the frozen output in the matmul epilogue (``addmm_``), and the
+  input gradient of the update is added into the frozen input gradient the same way, so
+  there is no separate accumulation pass over ``(N, i)``;
+- scalars (LoRA's ``s``) are applied to rank-space tensors, never to ``(N, o)`` tensors;
+- only ``x`` (shared with the caller) and rank-space tensors are saved.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["compute_dtype", "lora_linear"]
+
+
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype the layer computes in: autocast's when it is on, else the input's."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+class _LoRALinear(torch.autograd.Function):
+    """``out = x Wᵀ + b + s · (x Aᵀ) Bᵀ`` with frozen ``W``, ``b``; ``A``, ``B`` are cast to the
+    compute dtype inside the node and their gradients returned in the parameters' dtype."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, a: Tensor, b: Tensor, s: float
+    ) -> Tensor:
+        dt = x.dtype
+        x2 = x.reshape(-1, x.shape[-1])  # (N, i)
+        a_c, b_c = a.to(dt), b.to(dt)
+        out = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()  # (N, o)
+        z = x2 @ a_c.t()  # (N, r)
+        out.addmm_(z, b_c.t(), alpha=s)
+        ctx.save_for_backward(x2, weight, a_c, b_c, z)
+        ctx.s, ctx.x_shape, ctx.a_dtype, ctx.b_dtype = s, x.shape, a.dtype, b.dtype
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        x2, weight, a, b, z = ctx.saved_tensors
+        s = ctx.s
+        g2 = g.reshape(-1, g.shape[-1]).to(x2.dtype)  # (N, o)
+        need_x, need_w, need_bias, need_a, need_b, _ = ctx.needs_input_grad
+        gz = torch.addmm(z, g2, b, beta=0, alpha=s)  # s · g B: (N, r), scaled in the epilogue
+        grad_x = grad_w = grad_bias = grad_a = grad_b = None
+        if need_b:
+            grad_b = torch.addmm(b, g2.t(), z, beta=0, alpha=s).to(ctx.b_dtype)  # (o, r)
+        if need_a:
+            grad_a = (gz.t() @ x2).to(ctx.a_dtype)  # (r, i)
+        if need_x:
+            grad_x = (g2 @ weight).addmm_(gz, a).view(ctx.x_shape)  # (N, i)
+        if need_w:
+            grad_w = g2.t() @ x2
+        if need_bias:
+            grad_bias = g2.sum(0)
+        return grad_x, grad_w, grad_bias, grad_a, grad_b, None
+
+
+def lora_linear(
+    x: Tensor, weight: Tensor, bias: Tensor | None, a: Tensor, b: Tensor, s: float
+) -> Tensor:
+    """``x Wᵀ + b + s · x Aᵀ Bᵀ`` as one autograd node, in the layer's compute dtype.
+
+    Args:
+        x: ``(..., i)``; weight: ``(o × i)``; bias: ``(o,)`` or None; a: ``(r × i)``;
+        b: ``(o × r)``; s: LoRA's scaling.
+    Returns: ``(..., o)``.
+    """
+    dt = compute_dtype(x)
+    if bias is not None and bias.dtype != dt:
+        bias = bias.to(dt)
+    out: Tensor = _LoRALinear.apply(x.to(dt), weight.to(dt), bias, a, b, s)
+    return out

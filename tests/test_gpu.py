@@ -1,0 +1,59 @@
+"""CUDA checks: bf16 autocast training through every adapter kind matches an fp32 reference.
+
+Skipped without a GPU (CI has none); run on a GPU machine with `pytest -m gpu`.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from moracl import AdapterConfig, MoRAModel
+
+from .conftest import randomize_adapters
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+KINDS = [
+    {"kind": "lora"},
+    {"kind": "dora"},
+    {"kind": "mora", "compression": "sharing"},
+    {"kind": "mora", "compression": "rotation"},
+    {"kind": "vera"},
+]
+
+
+@pytest.mark.parametrize("options", KINDS, ids=lambda o: "-".join(map(str, o.values())))
+def test_bf16_autocast_matches_fp32(options: dict) -> None:
+    base = nn.Sequential(nn.Linear(256, 512), nn.GELU(), nn.Linear(512, 384)).cuda()
+    model = MoRAModel(base, AdapterConfig(rank=8, **options))
+    randomize_adapters(model, scale=0.05)
+    x = torch.randn(4, 64, 256, device="cuda")
+    ref = model(x)
+    ref_grads = torch.autograd.grad(
+        ref.square().mean(), [p for p in model.parameters() if p.requires_grad]
+    )
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = model(x)
+    assert out.dtype == torch.bfloat16
+    grads = torch.autograd.grad(
+        out.float().square().mean(), [p for p in model.parameters() if p.requires_grad]
+    )
+    torch.testing.assert_close(out.float(), ref, rtol=3e-2, atol=3e-2)
+    for g, r in zip(grads, ref_grads):
+        assert g.dtype == torch.float32
+        rel = (g - r).norm() / r.norm().clamp_min(1e-12)
+        assert rel < 5e-2
+
+
+def test_compiled_lora_matches_eager() -> None:
+    base = nn.Sequential(nn.Linear(128, 256), nn.GELU(), nn.Linear(256, 128)).cuda()
+    model = MoRAModel(base, AdapterConfig(kind="lora", rank=8))
+    randomize_adapters(model, scale=0.05)
+    x = torch.randn(8, 128, device="cuda")
+    compiled = torch.compile(model)
+    torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-4)
