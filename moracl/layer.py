@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moracl.adapters.base import Adapter, AdapterConfig, build_adapter
+from moracl.experts.mixture import Mixture, MixtureConfig
 
 __all__ = ["MoRALayer", "MoRALinear", "is_conv1d", "is_linear_like"]
 
@@ -72,14 +73,18 @@ class MoRALayer(nn.Module):
         """The adapter called ``name`` on this layer."""
         return cast(Adapter, self.adapters[name])
 
-    def add_adapter(self, name: str, config: AdapterConfig) -> Adapter:
+    def add_adapter(self, name: str, config: AdapterConfig | MixtureConfig) -> Adapter:
         """Create adapter ``name`` of ``config.kind`` on this layer (fp32 for half bases)."""
         if name in self.adapters:
             raise ValueError(f"adapter {name!r} already exists on this layer")
         if self.merged:
             raise RuntimeError("cannot add an adapter to a merged layer; unmerge() first")
         w = self.weight
-        adapter = build_adapter(self.in_features, self.out_features, config)
+        adapter: Adapter
+        if isinstance(config, MixtureConfig):
+            adapter = Mixture(self.in_features, self.out_features, config)
+        else:
+            adapter = build_adapter(self.in_features, self.out_features, config)
         dtype = w.dtype if w.dtype in (torch.float32, torch.float64) else torch.float32
         adapter.to(device=w.device, dtype=dtype)
         with torch.no_grad():

@@ -21,6 +21,8 @@ from torch import Tensor, nn
 import moracl.adapters  # noqa: F401  (registers the adapter kinds)
 from moracl.adapters.base import AdapterConfig, ParamRole
 from moracl.checkpoint import read_adapter, write_adapter
+from moracl.experts.mixture import Mixture, MixtureConfig, RoutingContext
+from moracl.experts.routing import RoutingResult, RoutingStats
 from moracl.layer import MoRALayer, MoRALinear
 from moracl.targets import ALL_LINEAR, TargetSpec, select_targets
 
@@ -55,7 +57,7 @@ class MoRAModel(nn.Module):
     def __init__(
         self,
         model: nn.Module,
-        config: AdapterConfig,
+        config: AdapterConfig | MixtureConfig,
         *,
         target_modules: TargetSpec = ALL_LINEAR,
         adapter_name: str = "default",
@@ -72,7 +74,8 @@ class MoRAModel(nn.Module):
         self.model = structural_copy(model)
         for p in self.model.parameters():
             p.requires_grad_(False)
-        self.adapter_configs: dict[str, AdapterConfig] = {}
+        self.adapter_configs: dict[str, AdapterConfig | MixtureConfig] = {}
+        self.last_routing: dict[str, RoutingResult] = {}
         self.adapter_targets: dict[str, list[str]] = {}
         self.saved_modules: list[str] = []
         self.active_adapters: tuple[str, ...] = ()
@@ -82,8 +85,43 @@ class MoRAModel(nn.Module):
         self._add_modules_to_save(modules_to_save)
 
     # -- delegation ---------------------------------------------------------------------
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.model(*args, **kwargs)
+    def forward(self, *args: Any, task_ids: Tensor | None = None, **kwargs: Any) -> Any:
+        """Call the wrapped model; ``task_ids`` (one per batch row, or per token) route the
+        mixtures.  Afterwards :attr:`last_routing` holds each mixture layer's routing and
+        :meth:`aux_loss` their weighted auxiliary loss."""
+        mixtures = {path: m for path, m in self.mixtures()}
+        if not mixtures:
+            return self.model(*args, **kwargs)
+        ctx = RoutingContext(task_ids=task_ids)
+        for m in mixtures.values():
+            m.context = ctx
+        try:
+            out = self.model(*args, **kwargs)
+        finally:
+            for m in mixtures.values():
+                m.context = None
+        self.last_routing = {p: ctx.results[m] for p, m in mixtures.items() if m in ctx.results}
+        return out
+
+    def mixtures(self) -> Iterator[tuple[str, Mixture]]:
+        """``(path, mixture)`` for every active mixture of experts."""
+        for path, layer in self.adapted_layers():
+            for name in layer.active:
+                adapter = layer.adapter(name)
+                if isinstance(adapter, Mixture):
+                    yield f"{path}.adapters.{name}", adapter
+
+    def aux_loss(self) -> Tensor:
+        """The routers' weighted auxiliary losses of the last forward, summed (a scalar)."""
+        losses = [r.aux_loss for r in self.last_routing.values()]
+        if not losses:
+            p = next(self.parameters())
+            return p.new_zeros(())
+        return torch.stack([loss.float() for loss in losses]).sum()
+
+    def routing_stats(self) -> dict[str, RoutingStats]:
+        """Per mixture layer: expert usage, entropy and experts per token of the last forward."""
+        return {path: r.stats for path, r in self.last_routing.items()}
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -101,11 +139,17 @@ class MoRAModel(nn.Module):
                 yield name, m
 
     def add_adapter(
-        self, name: str, config: AdapterConfig, *, target_modules: TargetSpec = ALL_LINEAR
+        self,
+        name: str,
+        config: AdapterConfig | MixtureConfig,
+        *,
+        target_modules: TargetSpec = ALL_LINEAR,
     ) -> list[str]:
         """Add adapter ``name`` on the layers ``target_modules`` selects; returns their paths."""
-        if not isinstance(config, AdapterConfig):
-            raise TypeError(f"config must be an AdapterConfig, got {type(config).__name__}")
+        if not isinstance(config, (AdapterConfig, MixtureConfig)):
+            raise TypeError(
+                f"config must be an AdapterConfig or MixtureConfig, got {type(config).__name__}"
+            )
         if not name or not isinstance(name, str) or "." in name:
             raise ValueError(f"adapter names are non-empty strings without dots, got {name!r}")
         if name in self.adapter_configs:
@@ -115,7 +159,9 @@ class MoRAModel(nn.Module):
         for path in paths:
             layer = self.model.get_submodule(path)
             if not isinstance(layer, MoRALayer):
-                layer = MoRALinear(layer)
+                layer = MoRALinear(layer)  # freezes the layer ...
+                if path in self.saved_modules:  # ... unless it is a trained module_to_save
+                    layer.base_layer.requires_grad_(True)
                 _set_submodule(self.model, path, layer)
             layer.add_adapter(name, config)
         self.adapter_configs[name] = config
@@ -130,9 +176,10 @@ class MoRAModel(nn.Module):
                 raise ValueError(f"unknown adapter {n!r}; have {list(self.adapter_configs)}")
         for _, layer in self.adapted_layers():
             layer.set_active([n for n in names if n in layer.adapters])
-            for n, adapter in layer.adapters.items():
+            for n in layer.adapters:
+                adapter = layer.adapter(n)
                 for pname, p in adapter.named_parameters():
-                    p.requires_grad_(n in names and _trainable(adapter, pname))
+                    p.requires_grad_(n in names and adapter.is_trainable(pname))
         self.active_adapters = names
 
     @contextmanager
@@ -154,11 +201,20 @@ class MoRAModel(nn.Module):
             if not hits:
                 raise ValueError(f"modules_to_save entry {name!r} matched no module")
             for path in hits:
-                fresh = copy.deepcopy(self.model.get_submodule(path))  # a real copy: trained
+                fresh = copy.deepcopy(self._plain(path))  # a real copy: it trains
                 for p in fresh.parameters():
                     p.requires_grad_(True)
-                _set_submodule(self.model, path, fresh)
+                layer = self.model.get_submodule(path)
+                if isinstance(layer, MoRALayer):  # adapted too: the copy becomes its base
+                    layer.base_layer = fresh
+                else:
+                    _set_submodule(self.model, path, fresh)
                 self.saved_modules.append(path)
+
+    def _plain(self, path: str) -> nn.Module:
+        """The module at ``path`` as in the original model (an adapted layer's base)."""
+        m = self.model.get_submodule(path)
+        return m.base_layer if isinstance(m, MoRALayer) else m
 
     def param_roles(self) -> dict[str, ParamRole]:
         """The trained copies of ``modules_to_save`` are heads."""
@@ -166,6 +222,7 @@ class MoRAModel(nn.Module):
             f"model.{path}.{n}": ParamRole.HEAD
             for path in self.saved_modules
             for n, _ in self.model.get_submodule(path).named_parameters()
+            if ".adapters." not in f".{n}"
         }
 
     # -- counting -----------------------------------------------------------------------
@@ -216,7 +273,7 @@ class MoRAModel(nn.Module):
                     for k, v in layer.adapters[n].state_dict().items():
                         out[f"{path}.adapters.{n}.{k}"] = v
         for path in self.saved_modules:
-            for k, v in self.model.get_submodule(path).state_dict().items():
+            for k, v in self._plain(path).state_dict().items():
                 out[f"{path}.{k}"] = v
         return out
 
@@ -251,7 +308,7 @@ class MoRAModel(nn.Module):
         (first, spec), *rest = adapters.items()
         new = cls(
             model,
-            AdapterConfig.from_dict(spec["config"]),
+            _config_from_dict(spec["config"]),
             target_modules=_exact(spec["targets"]),
             adapter_name=first,
             modules_to_save=[],
@@ -259,7 +316,7 @@ class MoRAModel(nn.Module):
         for name, spec in rest:
             new.add_adapter(
                 name,
-                AdapterConfig.from_dict(spec["config"]),
+                _config_from_dict(spec["config"]),
                 target_modules=_exact(spec["targets"]),
             )
         for path in config.get("modules_to_save", []):
@@ -318,9 +375,10 @@ def _layers(model: nn.Module) -> Iterator[tuple[str, MoRALayer]]:
     return ((n, m) for n, m in model.named_modules() if isinstance(m, MoRALayer))
 
 
-def _trainable(adapter: nn.Module, pname: str) -> bool:
-    config = getattr(adapter, "config", None)
-    return not (pname == "lora_A" and getattr(config, "freeze_a", False))
+def _config_from_dict(data: dict[str, Any]) -> AdapterConfig | MixtureConfig:
+    if data.get("mixture"):
+        return MixtureConfig.from_dict(data)
+    return AdapterConfig.from_dict(data)
 
 
 def _exact(paths: list[str]) -> str:

@@ -210,6 +210,10 @@ class Adapter(nn.Module, ABC):
         return out.view(base_out.shape)
 
     # -- helpers shared by kinds -----------------------------------------------------------
+    def is_trainable(self, name: str) -> bool:
+        """Whether parameter ``name`` trains while this adapter is active."""
+        return True
+
     def num_parameters(self, trainable_only: bool = True) -> int:
         """Number of (trainable) parameters of this adapter."""
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)

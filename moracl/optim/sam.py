@@ -147,7 +147,9 @@ class SAM(OptimizerWrapper):
             t = None
             if adaptive:  # ASAM's T = |w| + η, for the adaptive groups' tensors
                 t = list(torch._foreach_abs([ps[j] for j in adaptive]))
-                torch._foreach_add_(t, [float(groups[j]["sam_eta"]) for j in adaptive])
+                etas = [float(groups[j]["sam_eta"]) for j in adaptive]
+                if any(etas):
+                    torch._foreach_add_(t, etas)
             out.append(
                 _Bucket(
                     params=ps,
@@ -194,17 +196,27 @@ class SAM(OptimizerWrapper):
             return False
 
         inv_norm = 1.0 / (norm + _NORM_EPS)
+        # On the CPU reading the norm back is free and Python scalars skip a broadcast per
+        # tensor; on an accelerator it stays a 0-d tensor so the step never waits.
+        inv_host = float(inv_norm) if inv_norm.device.type == "cpu" else None
         for part in parts:
             ps = part.params
             backup = [self._backup_of(p) for p in ps]
             torch._foreach_copy_(backup, ps)
-            e = list(torch._foreach_mul(part.grads, inv_norm.to(ps[0].device)))  # g / ‖g‖
-            if part.t is not None:
-                t2 = torch._foreach_mul(part.t, part.t)  # T² g / ‖T g‖
-                scaled = torch._foreach_mul(t2, [e[j] for j in part.adaptive])
-                for j, v in zip(part.adaptive, scaled):
+            if inv_host is not None and part.t is None and len(set(part.rhos)) == 1:
+                torch._foreach_add_(ps, part.grads, alpha=part.rhos[0] * inv_host)  # ρ g / ‖g‖
+                self._perturbed.extend(ps)
+                continue
+            if inv_host is not None:
+                e = list(torch._foreach_mul(part.grads, [r * inv_host for r in part.rhos]))
+            else:
+                e = list(torch._foreach_mul(part.grads, inv_norm.to(ps[0].device)))
+                torch._foreach_mul_(e, part.rhos)  # ρ g / ‖g‖, ρ of each tensor's group
+            if part.t is not None:  # ASAM: ρ T² g / ‖T g‖
+                t2 = list(torch._foreach_mul(part.t, part.t))
+                torch._foreach_mul_(t2, [e[j] for j in part.adaptive])
+                for j, v in zip(part.adaptive, t2):
                     e[j] = v
-            torch._foreach_mul_(e, part.rhos)  # × ρ of each tensor's group
             torch._foreach_add_(ps, e)
             self._perturbed.extend(ps)
         if zero_grad:

@@ -47,5 +47,8 @@ class LoRA(Adapter):
     def delta_weight(self, weight: Tensor | None = None) -> Tensor:
         return (self.lora_B @ self.lora_A) * self.scaling  # (o, i)
 
+    def is_trainable(self, name: str) -> bool:
+        return not (name == "lora_A" and self.config.freeze_a)
+
     def param_roles(self) -> dict[str, ParamRole]:
         return {"lora_A": ParamRole.A, "lora_B": ParamRole.B}

@@ -1,0 +1,248 @@
+"""A mixture of adapter experts on one linear layer, and its configuration.
+
+Shape legend: ``n`` tokens (leading dims flattened), ``i``/``o`` layer sizes, ``e`` experts.
+
+``y = x Wᵀ + b + Σ_e g_e(x) · delta_e(x)`` with ``g`` the router's sparse gates.  Experts live
+in banks of stacked parameters (one bank per kind and growth step); each bank is one
+dense-masked computation (see :mod:`moracl.experts.banks`), so the forward has static shapes,
+no token dispatch and no host synchronisation.
+
+Per-call context — task ids, and where to put the routing result — reaches the mixture
+through :class:`RoutingContext`, which the model wrapper installs before a forward and removes
+after it (see ``MoRAModel.forward``); nothing is stored on the mixture during ``forward``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+import moracl.experts.routers  # noqa: F401  (registers the router types)
+from moracl.adapters.base import Adapter, AdapterConfig, ParamRole
+from moracl.experts.banks import ExpertBank, build_bank
+from moracl.experts.routers.base import Router, build_router
+from moracl.experts.routers.config import RouterConfig
+from moracl.experts.routing import RoutingResult
+
+__all__ = ["ExpertGroup", "Mixture", "MixtureConfig", "RoutingContext"]
+
+
+@dataclass(frozen=True)
+class ExpertGroup:
+    """``count`` experts configured by ``adapter`` (one bank)."""
+
+    adapter: AdapterConfig
+    count: int
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.count, int) or isinstance(self.count, bool) or self.count <= 0:
+            raise ValueError(f"an expert group needs count > 0, got {self.count!r}")
+
+
+@dataclass(frozen=True)
+class MixtureConfig:
+    """A mixture of adapter experts, configured like a single adapter.
+
+    ``MixtureConfig(kind="lora", rank=16, experts=8, router=RouterConfig(type="topk", k=2))``
+    gives 8 LoRA experts of rank 16; ``options`` are extra fields of the expert kind's config
+    (e.g. ``{"alpha": 32}``).  For experts of several kinds give ``groups`` instead, e.g.
+    ``(ExpertGroup(AdapterConfig(kind="lora", rank=16), 6),
+    ExpertGroup(AdapterConfig(kind="mora", rank=16), 2))``.
+    """
+
+    kind: str = "lora"
+    rank: int = 8
+    experts: int = 4
+    router: RouterConfig = field(default_factory=RouterConfig)
+    options: tuple[tuple[str, Any], ...] = ()
+    groups: tuple[ExpertGroup, ...] = ()
+
+    def __post_init__(self) -> None:
+        if isinstance(self.options, Mapping):
+            object.__setattr__(self, "options", tuple(sorted(self.options.items())))
+        if isinstance(self.router, Mapping):
+            object.__setattr__(self, "router", RouterConfig.from_dict(self.router))
+        groups = tuple(
+            g
+            if isinstance(g, ExpertGroup)
+            else ExpertGroup(AdapterConfig.from_dict(g["adapter"]), g["count"])
+            for g in self.groups
+        )
+        object.__setattr__(self, "groups", groups)
+        if not groups and (not isinstance(self.experts, int) or self.experts <= 0):
+            raise ValueError(f"experts must be a positive integer, got {self.experts!r}")
+        self.expert_groups()  # validates the expert configs
+
+    def expert_groups(self) -> list[ExpertGroup]:
+        """The banks this mixture starts with."""
+        if self.groups:
+            return list(self.groups)
+        adapter = AdapterConfig(kind=self.kind, rank=self.rank, **dict(self.options))
+        return [ExpertGroup(adapter, self.experts)]
+
+    @property
+    def num_experts(self) -> int:
+        return sum(g.count for g in self.expert_groups())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "mixture": True,
+            "kind": self.kind,
+            "rank": self.rank,
+            "experts": self.experts,
+            "router": self.router.to_dict(),
+            "options": dict(self.options),
+            "groups": [{"adapter": g.adapter.to_dict(), "count": g.count} for g in self.groups],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> MixtureConfig:
+        data = {k: v for k, v in data.items() if k != "mixture"}
+        valid = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - valid)
+        if unknown:
+            raise ValueError(f"unknown key(s) {unknown} for a mixture; valid keys: {sorted(valid)}")
+        return cls(**data)
+
+
+@dataclass
+class RoutingContext:
+    """What the model wrapper hands its mixtures for one forward.
+
+    Attributes:
+        task_ids: ``(b,)`` one task id per batch row (or ``(n,)`` per token), or ``None``.
+        results: filled by each mixture with its :class:`RoutingResult`.
+    """
+
+    task_ids: Tensor | None = None
+    results: dict[nn.Module, RoutingResult] = field(default_factory=dict)
+
+
+def token_task_ids(task_ids: Tensor, lead: torch.Size) -> Tensor:
+    """Per-row ``(b,)`` (or per-token) task ids -> one per token ``(n,)`` for input ``lead``."""
+    n = lead.numel()
+    if task_ids.ndim == 1 and task_ids.shape[0] == n:
+        return task_ids
+    if task_ids.ndim == 1 and len(lead) >= 1 and task_ids.shape[0] == lead[0]:
+        return task_ids.view(-1, *([1] * (len(lead) - 1))).expand(lead).reshape(n)
+    raise ValueError(
+        f"task_ids of shape {tuple(task_ids.shape)} fit neither the batch ({lead[0]} rows) nor "
+        f"the tokens ({n}) of an input with leading shape {tuple(lead)}"
+    )
+
+
+class Mixture(Adapter):
+    """Experts (in banks) and a router on one layer; an :class:`Adapter` to the layer."""
+
+    def __init__(self, in_features: int, out_features: int, config: MixtureConfig) -> None:
+        rank = config.expert_groups()[0].adapter.rank
+        super().__init__(in_features, out_features, AdapterConfig(kind="lora", rank=rank))
+        self.mixture_config = config
+        self.banks = nn.ModuleList(
+            build_bank(in_features, out_features, g.adapter, g.count)
+            for g in config.expert_groups()
+        )
+        self.router: Router = build_router(config.router, in_features, self.num_experts)
+        self.context: RoutingContext | None = None
+
+    @property
+    def num_experts(self) -> int:
+        return sum(b.num_experts for b in self._banks())
+
+    def _banks(self) -> list[ExpertBank]:
+        return [b for b in self.banks if isinstance(b, ExpertBank)]
+
+    # -- routing and compute ------------------------------------------------------------
+    def route(self, x: Tensor, task_ids: Tensor | None = None) -> RoutingResult:
+        """Gates for ``x (..., i)``; ``task_ids`` per batch row or per token."""
+        x2 = x.reshape(-1, self.in_features)
+        tid = None if task_ids is None else token_task_ids(task_ids, x.shape[:-1])
+        return self.router(x2, task_ids=tid)
+
+    def mix(self, x: Tensor, gates: Tensor) -> Tensor:
+        """``Σ_e gates[:, e] · delta_e(x)`` for ``x (..., i)``, ``gates (n, e)``: ``(..., o)``."""
+        x2 = x.reshape(-1, self.in_features)
+        out, start = None, 0
+        for bank in self._banks():
+            part = bank.delta(x2, gates[:, start : start + bank.num_experts])
+            out = part if out is None else out + part
+            start += bank.num_experts
+        assert out is not None
+        return out.view(*x.shape[:-1], self.out_features)
+
+    def delta(self, x: Tensor, *, weight: Tensor | None = None) -> Tensor:
+        ctx = self.context
+        result = self.route(x, None if ctx is None else ctx.task_ids)
+        if ctx is not None:
+            ctx.results[self] = result
+        return self.mix(self._input(x, self._dtype()), result.gates)
+
+    def forward(
+        self, x: Tensor, base_out: Tensor, *, weight: Tensor, bias: Tensor | None
+    ) -> Tensor:
+        return base_out + self.delta(x, weight=weight).to(base_out.dtype)
+
+    def _dtype(self) -> torch.dtype:
+        return next(self.banks.parameters()).dtype
+
+    # -- dense forms ----------------------------------------------------------------------
+    def delta_weight(self, weight: Tensor | None = None, gates: Tensor | None = None) -> Tensor:
+        """``Σ_e gates[e] · ΔW_e (o × i)`` for a fixed gate vector ``gates (e,)`` (e.g. one
+        task's routing); routing that depends on the input has no single dense update."""
+        if gates is None:
+            raise ValueError("a mixture's dense update needs a fixed gate vector: gates=(e,)")
+        if gates.shape != (self.num_experts,):
+            raise ValueError(
+                f"gates must have shape ({self.num_experts},), got {tuple(gates.shape)}"
+            )
+        total, start = None, 0
+        for bank in self._banks():
+            for j in range(bank.num_experts):
+                w = gates[start + j] * bank.expert_weight(j)
+                total = w if total is None else total + w
+            start += bank.num_experts
+        assert total is not None
+        return total
+
+    def naive_delta(self, x: Tensor, gates: Tensor) -> Tensor:
+        """The reference: a plain loop over experts, ``Σ_e gates[:, e] · delta_e(x)``."""
+        x2 = x.reshape(-1, self.in_features)
+        out = torch.zeros(x2.shape[0], self.out_features, dtype=x2.dtype, device=x2.device)
+        start = 0
+        for bank in self._banks():
+            for j in range(bank.num_experts):
+                out = out + gates[:, start + j, None] * bank.expert_delta(x2, j)
+            start += bank.num_experts
+        return out.view(*x.shape[:-1], self.out_features)
+
+    # -- growth ---------------------------------------------------------------------------
+    def grow(self, adapter: AdapterConfig, count: int) -> ExpertBank:
+        """Append ``count`` new trainable experts (a new bank); the router grows with them."""
+        p = next(self.banks.parameters())
+        bank = build_bank(self.in_features, self.out_features, adapter, count).to(p.device, p.dtype)
+        self.banks.append(bank)
+        self.router.grow(count)
+        return bank
+
+    def freeze_experts(self) -> None:
+        """Freeze every existing expert (their tensors then never change)."""
+        for bank in self._banks():
+            bank.frozen = True
+            bank.requires_grad_(False)
+
+    def is_trainable(self, name: str) -> bool:
+        if name.startswith("banks."):
+            return not self._banks()[int(name.split(".")[1])].frozen
+        return True
+
+    def param_roles(self) -> dict[str, ParamRole]:
+        return {}
+
+    def extra_repr(self) -> str:
+        kinds = [f"{b.config.kind}×{b.num_experts}" for b in self._banks()]
+        return f"in={self.in_features}, out={self.out_features}, experts={kinds}"

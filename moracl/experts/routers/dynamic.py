@@ -1,0 +1,82 @@
+"""Dynamic (top-p) routing: the number of experts per token follows the router's confidence
+(Huang et al. 2024, "Harder Tasks Need More Experts").
+
+Shape legend: ``n`` tokens, ``e`` experts.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from moracl.experts.routers.base import LogitRouter
+from moracl.experts.routers.config import RouterConfig
+from moracl.experts.routing import RoutingResult, mask_logits
+
+__all__ = ["DynamicRouter", "top_p_gates"]
+
+
+def top_p_gates(
+    scores: Tensor, allowed: Tensor, top_p: float, min_experts: int, max_experts: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Keep each token's smallest set of most probable experts whose probability reaches
+    ``top_p``, clamped to ``[min_experts, max_experts]``, and renormalise over it.
+
+    Uses a static-shape mask over the sorted probabilities (a cumulative sum), so a flat,
+    unsure distribution keeps more experts than a peaked one.
+
+    Returns:
+        ``gates (n, e)``, ``probs (n, e)``, ``chosen (n, e)`` bool and ``indices
+        (n, max_experts)``: the experts by descending probability (past a token's count
+        their gates are zero).
+    """
+    e = scores.shape[-1]
+    probs = mask_logits(scores, allowed).softmax(-1) * allowed  # (n, e)
+    ranked, order = probs.sort(dim=-1, descending=True, stable=True)  # (n, e) each
+    mass_before = ranked.cumsum(-1) - ranked  # (n, e) probability ranked above each
+    rank = torch.arange(e, device=scores.device)  # (e,)
+    keep = ((mass_before < top_p) | (rank < min_experts)) & (rank < max_experts)  # (n, e)
+    chosen = torch.zeros_like(keep).scatter(-1, order, keep) & allowed  # back to expert order
+    kept = probs * chosen  # (n, e)
+    gates = kept / kept.sum(-1, keepdim=True).clamp_min(torch.finfo(kept.dtype).tiny)
+    return gates, probs, chosen, order[:, :max_experts]
+
+
+class DynamicRouter(LogitRouter):
+    """Top-p routing with ``min_experts``/``max_experts``; noisy while training with
+    ``config.noise``; ``balance`` (over all assignments) and ``z`` losses.  The experts per
+    token are in ``stats.experts_per_token``."""
+
+    uses_noise = True
+
+    def __init__(self, config: RouterConfig, in_features: int, num_experts: int) -> None:
+        if isinstance(num_experts, int):
+            for name in ("min_experts", "max_experts"):
+                value = getattr(config, name)
+                if value is not None and value > num_experts:
+                    raise ValueError(
+                        f"{name}={value} is larger than the number of experts "
+                        f"({num_experts}); expected at most {num_experts}"
+                    )
+        super().__init__(config, in_features, num_experts)
+
+    @property
+    def max_experts(self) -> int:
+        """The most experts a token can get (``config.max_experts`` or all)."""
+        return self.config.max_experts or self.num_experts
+
+    def route(
+        self,
+        logits: Tensor,
+        allowed: Tensor,
+        *,
+        task_ids: Tensor | None = None,
+        active: Tensor | None = None,
+    ) -> RoutingResult:
+        clean, scores = self.scores(logits)  # (n, e) each
+        cfg = self.config
+        gates, probs, chosen, indices = top_p_gates(
+            scores, allowed, cfg.top_p, cfg.min_experts, self.max_experts
+        )
+        aux = self._losses(clean, probs, chosen, allowed, active)
+        return self._result(gates, probs, chosen, indices, aux)

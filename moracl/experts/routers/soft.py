@@ -1,0 +1,33 @@
+"""Dense softmax routing over every allowed expert (a baseline to compare sparse routing to).
+
+Shape legend: ``n`` tokens, ``e`` experts.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from moracl.experts.losses import router_z_loss
+from moracl.experts.routers.base import LogitRouter
+from moracl.experts.routing import RoutingResult, mask_logits
+
+__all__ = ["SoftRouter"]
+
+
+class SoftRouter(LogitRouter):
+    """``gates = softmax(x Wᵀ)`` over the allowed experts; no noise (``config.noise`` is
+    ignored) and no balance loss (every expert gets every token); the ``z`` loss."""
+
+    def route(
+        self,
+        logits: Tensor,
+        allowed: Tensor,
+        *,
+        task_ids: Tensor | None = None,
+        active: Tensor | None = None,
+    ) -> RoutingResult:
+        clean, _ = self.scores(logits)  # (n, e)
+        probs = mask_logits(clean, allowed).softmax(-1) * allowed  # (n, e)
+        chosen = allowed.expand(clean.shape[0], -1)  # (n, e)
+        aux = {"z": router_z_loss(clean, allowed, active)}
+        return self._result(probs, probs, chosen, None, aux)

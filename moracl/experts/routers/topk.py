@@ -1,0 +1,66 @@
+"""Noisy top-k routing (Shazeer et al. 2017) with the Switch balance loss and the z-loss.
+
+Shape legend: ``n`` tokens, ``e`` experts, ``k`` chosen per token.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from moracl.experts.routers.base import LogitRouter
+from moracl.experts.routers.config import RouterConfig
+from moracl.experts.routing import RoutingResult, mask_logits
+
+__all__ = ["TopKRouter", "topk_gates"]
+
+
+def topk_gates(scores: Tensor, allowed: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Softmax over each token's ``k`` highest-scoring allowed experts.
+
+    Static shapes throughout (no ``nonzero``, no ``.item()``).
+
+    Args:
+        scores: ``(n, e)`` logits the choice is made from.
+        allowed: ``(n|1, e)`` bool.
+        k: experts per token.
+
+    Returns:
+        ``gates (n, e)``, ``probs (n, e)`` (softmax over the allowed experts),
+        ``chosen (n, e)`` bool and ``indices (n, k)`` (highest score first).
+    """
+    filled = mask_logits(scores, allowed)  # (n, e)
+    probs = filled.softmax(-1) * allowed  # (n, e)
+    top, indices = filled.topk(k, dim=-1)  # (n, k), (n, k)
+    gates = torch.zeros_like(filled).scatter(-1, indices, top.softmax(-1)) * allowed  # (n, e)
+    picked = torch.ones_like(indices, dtype=torch.bool)
+    chosen = torch.zeros_like(filled, dtype=torch.bool).scatter(-1, indices, picked) & allowed
+    return gates, probs, chosen, indices
+
+
+class TopKRouter(LogitRouter):
+    """Noisy top-k gating: each token goes to its ``config.k`` best experts, with a softmax
+    over them; ``balance`` (Switch, over the ``n·k`` assignments) and ``z`` losses."""
+
+    uses_noise = True
+
+    def __init__(self, config: RouterConfig, in_features: int, num_experts: int) -> None:
+        if isinstance(num_experts, int) and config.k > num_experts:
+            raise ValueError(
+                f"k={config.k} is larger than the number of experts ({num_experts}); "
+                f"expected 1 <= k <= {num_experts}"
+            )
+        super().__init__(config, in_features, num_experts)
+
+    def route(
+        self,
+        logits: Tensor,
+        allowed: Tensor,
+        *,
+        task_ids: Tensor | None = None,
+        active: Tensor | None = None,
+    ) -> RoutingResult:
+        clean, scores = self.scores(logits)  # (n, e) each
+        gates, probs, chosen, indices = topk_gates(scores, allowed, self.config.k)
+        aux = self._losses(clean, probs, chosen, allowed, active)
+        return self._result(gates, probs, chosen, indices, aux)

@@ -1,0 +1,157 @@
+"""Mixtures of adapter experts: dense-masked compute against the per-expert loop, routing
+through the model wrapper, task routing, growth with frozen experts and masks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from moracl import AdapterConfig, MoRAModel
+from moracl.experts.mixture import ExpertGroup, Mixture, MixtureConfig
+from moracl.experts.routers.config import RouterConfig
+
+from .conftest import mlp
+
+ROUTERS = {
+    "topk": RouterConfig(type="topk", k=2),
+    "dynamic": RouterConfig(type="dynamic", top_p=0.6, max_experts=3),
+    "task": RouterConfig(type="task", num_tasks=2, task_weights=True),
+    "soft": RouterConfig(type="soft"),
+    "hierarchical": RouterConfig(type="hierarchical", groups=2, k=1),
+}
+EXPERTS = {
+    "lora": {"kind": "lora", "rank": 3, "experts": 4},
+    "mora": {"kind": "mora", "rank": 2, "experts": 4},
+    "mixed": {
+        "groups": (
+            ExpertGroup(AdapterConfig(kind="lora", rank=3, alpha=6.0), 3),
+            ExpertGroup(AdapterConfig(kind="mora", rank=2), 1),
+        )
+    },
+}
+
+
+def _mixture(router: str, experts: str, d_in: int = 20, d_out: int = 28) -> Mixture:
+    cfg = MixtureConfig(router=ROUTERS[router], **EXPERTS[experts])
+    mix = Mixture(d_in, d_out, cfg).double().train()
+    with torch.no_grad():
+        for p in mix.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+    return mix
+
+
+@pytest.mark.parametrize("experts", sorted(EXPERTS))
+@pytest.mark.parametrize("router", sorted(ROUTERS))
+def test_dense_masked_equals_the_per_expert_loop(router: str, experts: str) -> None:
+    mix = _mixture(router, experts)
+    x = torch.randn(2, 5, 20, dtype=torch.float64, requires_grad=True)
+    task_ids = torch.tensor([0, 1])
+    result = mix.route(x, task_ids if router == "task" else None)
+    gates = result.gates.detach()
+    assert gates.shape == (10, mix.num_experts)
+    params = [x, *(p for p in mix.banks.parameters())]
+    out = mix.mix(x, gates)
+    ref = mix.naive_delta(x, gates)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-10)
+    g = torch.randn_like(out)
+    for got, want in zip(torch.autograd.grad(out, params, g), torch.autograd.grad(ref, params, g)):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+
+
+def test_fixed_gates_give_the_dense_update() -> None:
+    mix = _mixture("task", "mixed")
+    gates = torch.tensor([0.5, 0.0, 0.25, 0.25], dtype=torch.float64)
+    x = torch.randn(6, 20, dtype=torch.float64)
+    torch.testing.assert_close(
+        mix.mix(x, gates.expand(6, 4)), x @ mix.delta_weight(gates=gates).T, rtol=0, atol=1e-10
+    )
+
+
+def _model(router: RouterConfig, experts: int = 4) -> MoRAModel:
+    cfg = MixtureConfig(kind="lora", rank=4, experts=experts, router=router)
+    model = MoRAModel(mlp(24, 40, 12), cfg, target_modules="all-linear")
+    with torch.no_grad():
+        for _, layer in model.adapted_layers():
+            for bank in layer.adapter("default").banks:
+                bank.lora_B.normal_(0, 0.3)
+    return model
+
+
+def test_the_wrapper_collects_aux_loss_and_statistics() -> None:
+    model = _model(RouterConfig(type="topk", k=2, balance_weight=0.1, z_weight=0.01))
+    x, y = torch.randn(16, 24), torch.randn(16, 12)
+    out = model(x)
+    assert set(model.last_routing) == {"0.adapters.default", "2.adapters.default"}
+    expected = sum(r.aux_loss for r in model.last_routing.values())
+    torch.testing.assert_close(model.aux_loss(), expected)
+    assert model.aux_loss() > 0
+    loss = nn.functional.mse_loss(out, y) + model.aux_loss()
+    loss.backward()
+    routers = [m.router for _, m in model.mixtures()]
+    assert all(
+        p.grad is not None and p.grad.abs().sum() > 0 for r in routers for p in r.parameters()
+    )
+    stats = model.routing_stats()["0.adapters.default"]
+    torch.testing.assert_close(stats.experts_per_token, torch.tensor(2.0))
+    # the mixture leaves nothing behind on itself
+    assert all(m.context is None for _, m in model.mixtures())
+
+
+def test_task_routing_of_a_mixed_batch_equals_each_task_alone() -> None:
+    model = _model(RouterConfig(type="task", num_tasks=2, task_weights=True))
+    x = torch.randn(6, 24)
+    tasks = torch.tensor([0, 1, 1, 0, 1, 0])
+    mixed = model(x, task_ids=tasks)
+    for t in (0, 1):
+        rows = tasks == t
+        alone = model(x[rows], task_ids=tasks[rows])
+        torch.testing.assert_close(mixed[rows], alone, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="task id 2 out of range"):
+        model(x, task_ids=torch.full((6,), 2))
+
+
+def test_growth_with_frozen_experts_and_masks_keeps_old_tasks_bit_identical() -> None:
+    torch.manual_seed(0)
+    model = _model(RouterConfig(type="task", num_tasks=1, task_weights=True), experts=2)
+    x = torch.randn(8, 24)
+    old = torch.zeros(8, dtype=torch.long)
+    before = model(x, task_ids=old).detach().clone()
+    for _, mix in model.mixtures():
+        mix.freeze_experts()
+        mix.grow(AdapterConfig(kind="lora", rank=4), 2)
+        mix.router.set_expert_mask(1, torch.tensor([False, False, True, True]))
+    model.set_adapter("default")  # refresh which parameters train
+    opt = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=0.1, weight_decay=0.1
+    )
+    new = torch.ones(8, dtype=torch.long)
+    for _ in range(3):
+        loss = model(x, task_ids=new).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert torch.equal(model(x, task_ids=old), before)
+    assert not torch.equal(model(x, task_ids=new), before)
+
+
+def test_save_and_load_a_mixture(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    base = mlp(24, 40, 12)
+    cfg = MixtureConfig(kind="mora", rank=2, experts=3, router=RouterConfig(type="topk", k=2))
+    model = MoRAModel(base, cfg, target_modules="all-linear").eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.3)
+    model.save_pretrained(tmp_path)
+    again = MoRAModel.from_pretrained(base, tmp_path).eval()
+    x = torch.randn(4, 24)
+    assert torch.equal(again(x), model(x))
+    assert isinstance(again.adapter_configs["default"], MixtureConfig)
+
+
+def test_mixture_errors() -> None:
+    with pytest.raises(ValueError, match="cannot be a mixture expert"):
+        Mixture(8, 8, MixtureConfig(kind="vera", rank=2, experts=2))
+    with pytest.raises(ValueError, match="experts must be a positive integer"):
+        MixtureConfig(kind="lora", experts=0)
