@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 BENCHES = {
     "adapters": "moracl.bench.adapters",
+    "experts": "moracl.bench.experts",
     "optim": "moracl.bench.optim",
     "profile": "moracl.bench.profile",
 }

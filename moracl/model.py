@@ -262,6 +262,50 @@ class MoRAModel(nn.Module):
             _set_submodule(plain, path, layer.base_layer)
         return plain
 
+    # -- per-task export ----------------------------------------------------------------
+    def task_factors(self, task_id: int) -> dict[str, tuple[Tensor, Tensor]]:
+        """``{layer path: (A, B)}``: task ``task_id``'s update of every task-routed mixture."""
+        from moracl.experts.export import task_lora_factors
+
+        factors = {}
+        for path, mixture in self.mixtures():
+            factors[path.split(".adapters.")[0]] = task_lora_factors(mixture, task_id)
+        if not factors:
+            raise ValueError("the model has no active mixture of experts to export")
+        return factors
+
+    def export_task_peft(self, directory: str | os.PathLike[str], task_id: int) -> Path:
+        """Save task ``task_id``'s routed experts as one plain LoRA in PEFT's format."""
+        from moracl.experts.export import write_peft_lora
+
+        factors = self.task_factors(task_id)
+        transposed = {path: self._layer(path).transposed for path in factors}
+        if len(set(transposed.values())) > 1:
+            raise ValueError("cannot export a mix of nn.Linear and Conv1D layers in one adapter")
+        return write_peft_lora(directory, factors, fan_in_fan_out=any(transposed.values()))
+
+    @torch.no_grad()
+    def merged_task_model(self, task_id: int) -> nn.Module:
+        """An ordinary model with task ``task_id``'s update folded into its weights."""
+        factors = self.task_factors(task_id)
+        plain = structural_copy(self.model)
+        for path, layer in list(_layers(plain)):
+            base = copy.copy(layer.base_layer)  # new module object, new weight below
+            if path in factors:
+                a, b = factors[path]
+                w = layer.weight
+                new = w + (b @ a).to(w.dtype)
+                base.weight = nn.Parameter(new.t().contiguous() if layer.transposed else new,
+                                           requires_grad=False)
+            _set_submodule(plain, path, base)
+        return plain
+
+    def _layer(self, path: str) -> MoRALayer:
+        layer = self.model.get_submodule(path)
+        if not isinstance(layer, MoRALayer):
+            raise ValueError(f"{path!r} is not an adapted layer")
+        return layer
+
     # -- saving -------------------------------------------------------------------------
     def adapter_state_dict(self, names: Sequence[str] | None = None) -> dict[str, Tensor]:
         """Tensors of the adapters ``names`` (default: all) and of ``modules_to_save``."""

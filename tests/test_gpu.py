@@ -43,7 +43,7 @@ def test_bf16_autocast_matches_fp32(options: dict) -> None:
     grads = torch.autograd.grad(
         out.float().square().mean(), [p for p in model.parameters() if p.requires_grad]
     )
-    torch.testing.assert_close(out.float(), ref, rtol=3e-2, atol=3e-2)
+    assert ((out.float() - ref).norm() / ref.norm()) < 1e-2  # bf16 rounding of the outputs
     for g, r in zip(grads, ref_grads):
         assert g.dtype == torch.float32
         rel = (g - r).norm() / r.norm().clamp_min(1e-12)

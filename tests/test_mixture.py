@@ -155,3 +155,34 @@ def test_mixture_errors() -> None:
         Mixture(8, 8, MixtureConfig(kind="vera", rank=2, experts=2))
     with pytest.raises(ValueError, match="experts must be a positive integer"):
         MixtureConfig(kind="lora", experts=0)
+
+
+@pytest.mark.parametrize("kinds", ["lora", "mixed"])
+def test_task_export_to_peft_reproduces_the_task(tmp_path, kinds: str) -> None:  # type: ignore[no-untyped-def]
+    peft = pytest.importorskip("peft")
+    from .conftest import tiny_llama
+
+    base = tiny_llama()
+    router = RouterConfig(type="task", num_tasks=2, task_weights=True)
+    cfg = MixtureConfig(router=router, **EXPERTS[kinds])
+    model = MoRAModel(base, cfg, target_modules=["q_proj", "v_proj", "down_proj"]).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.2)
+    ids = torch.randint(0, 101, (2, 7))
+    with torch.no_grad():
+        expected = model(input_ids=ids, task_ids=torch.tensor([1, 1])).logits
+        plain = base(input_ids=ids).logits
+        assert (expected - plain).abs().max() > 1e-3
+        model.export_task_peft(tmp_path / "task1", 1)
+        loaded = peft.PeftModel.from_pretrained(tiny_llama_copy(base), tmp_path / "task1").eval()
+        torch.testing.assert_close(loaded(input_ids=ids).logits, expected, rtol=0, atol=1e-5)
+        merged = model.merged_task_model(1)
+        torch.testing.assert_close(merged(input_ids=ids).logits, expected, rtol=0, atol=1e-5)
+
+
+def tiny_llama_copy(model: nn.Module) -> nn.Module:
+    import copy
+
+    return copy.deepcopy(model)

@@ -15,11 +15,15 @@ from moracl.experts.routing import mask_logits
 __all__ = ["load_balance_loss", "router_z_loss", "routing_entropy"]
 
 
-def _token_weights(n: int, ref: Tensor, active: Tensor | None) -> Tensor:
-    """``(n,)`` 1.0 for counted tokens, 0.0 for the others, in ``ref``'s dtype."""
-    if active is None:
-        return ref.new_ones(n)
-    return active.to(ref.dtype)
+def _token_mean(values: Tensor, weights: Tensor | None) -> Tensor:
+    """Mean of ``values (n,)`` over the tokens ``weights (n,)`` counts (``None``: all).
+
+    The plain mean needs no weights: reducing a broadcast scalar weight trips a Triton
+    compiler bug under ``torch.compile`` on CUDA ("operand does not dominate this use").
+    """
+    if weights is None:
+        return values.sum() / max(values.shape[0], 1)
+    return (values * weights).sum() / weights.sum().clamp_min(1.0)
 
 
 def load_balance_loss(probs: Tensor, chosen: Tensor, active: Tensor | None = None) -> Tensor:
@@ -38,10 +42,14 @@ def load_balance_loss(probs: Tensor, chosen: Tensor, active: Tensor | None = Non
         active: ``(n,)`` bool tokens to count, or ``None`` for all.
     """
     n, e = probs.shape
-    w = _token_weights(n, probs, active)[:, None]  # (n, 1)
-    assigned = chosen.to(probs.dtype) * w  # (n, e)
+    assigned = chosen.to(probs.dtype)  # (n, e)
+    if active is None:
+        p = probs.sum(0) / max(n, 1)  # (e,)
+    else:
+        w = active.to(probs.dtype)[:, None]  # (n, 1)
+        assigned = assigned * w
+        p = (probs * w).sum(0) / w.sum().clamp_min(1.0)  # (e,)
     f = assigned.sum(0) / assigned.sum().clamp_min(1.0)  # (e,)
-    p = (probs * w).sum(0) / w.sum().clamp_min(1.0)  # (e,)
     return e * (f * p).sum()
 
 
@@ -56,20 +64,21 @@ def router_z_loss(
             those only, and a token with none is left out.  ``None``: every expert.
         active: ``(n,)`` bool tokens to count, or ``None`` for all.
     """
-    n = logits.shape[0]
-    w = _token_weights(n, logits, active)  # (n,)
-    if allowed is not None:
-        lse = torch.logsumexp(mask_logits(logits, allowed), dim=-1)  # (n,)
-        has_expert = allowed.any(-1).expand(n)  # (n,)
-        lse = torch.where(has_expert, lse, torch.zeros_like(lse))  # before squaring: no inf
-        w = w * has_expert.to(w.dtype)
+    w = None if active is None else active.to(logits.dtype)  # (n,)
+    if allowed is None:
+        lse = torch.logsumexp(logits, dim=-1)  # (n,)
     else:
-        lse = torch.logsumexp(logits, dim=-1)
-    return (lse.square() * w).sum() / w.sum().clamp_min(1.0)
+        has_expert = allowed.any(-1)  # (n|1,)
+        lse = torch.logsumexp(mask_logits(logits, allowed), dim=-1)  # (n,)
+        lse = torch.where(has_expert, lse, torch.zeros_like(lse))  # before squaring: no inf
+        if has_expert.shape[0] != 1:  # per-token masks: leave out the tokens with none
+            has = has_expert.to(logits.dtype)
+            w = has if w is None else w * has
+        # one mask for all tokens: either every token counts or every lse is 0
+    return _token_mean(lse.square(), w)
 
 
 def routing_entropy(probs: Tensor, active: Tensor | None = None) -> Tensor:
     """Mean over tokens of the entropy (nats) of ``probs (n, e)``; ``0 · log 0 = 0``."""
-    w = _token_weights(probs.shape[0], probs, active)
     h = -torch.special.xlogy(probs, probs).sum(-1)  # (n,)
-    return (h * w).sum() / w.sum().clamp_min(1.0)
+    return _token_mean(h, None if active is None else active.to(probs.dtype))

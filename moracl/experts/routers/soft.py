@@ -28,6 +28,6 @@ class SoftRouter(LogitRouter):
     ) -> RoutingResult:
         clean, _ = self.scores(logits)  # (n, e)
         probs = mask_logits(clean, allowed).softmax(-1) * allowed  # (n, e)
-        chosen = allowed.expand(clean.shape[0], -1)  # (n, e)
+        chosen = probs > 0  # (n, e) the allowed experts (a gate that underflows to 0 aside)
         aux = {"z": router_z_loss(clean, allowed, active)}
         return self._result(probs, probs, chosen, None, aux)

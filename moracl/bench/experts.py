@@ -1,0 +1,133 @@
+"""``moracl bench experts``: training-step cost of mixtures of adapter experts against the
+frozen floor, a single LoRA, the naive per-expert loop and PEFT, on the adapter benchmark's
+model (one process, same batch).
+
+Task routing gives each sequence a task (4 tasks owning 2 experts each) and is compared with
+a single LoRA of rank k·r = 32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from typing import Any, cast
+
+import torch
+from torch import nn
+
+from moracl.bench.adapters import SIZES
+from moracl.bench.common import PROJECTIONS, build_llama, free, machine, markdown_table, time_steps
+
+METHODS = [
+    "floor", "lora-r16", "lora-r32", "top2-of-8", "dynamic", "task", "hierarchical-2x4",
+    "mora-top2-of-8", "naive-top2-of-8", "peft-lora",
+]
+
+
+def _wrap(method: str, base: nn.Module, rank: int) -> nn.Module:
+    from moracl import AdapterConfig, MoRAModel
+    from moracl.experts.mixture import MixtureConfig
+    from moracl.experts.routers.config import RouterConfig
+
+    if method == "floor":
+        return base
+    if method == "peft-lora":
+        import peft
+
+        return peft.get_peft_model(base, peft.LoraConfig(r=rank, lora_alpha=2 * rank,
+                                                         target_modules=PROJECTIONS))
+    if method.startswith("lora-r"):
+        r = int(method.removeprefix("lora-r"))
+        return MoRAModel(base, AdapterConfig(kind="lora", rank=r, alpha=2 * r),
+                         target_modules=PROJECTIONS)
+    routers = {
+        "top2-of-8": RouterConfig(type="topk", k=2),
+        "naive-top2-of-8": RouterConfig(type="topk", k=2),
+        "mora-top2-of-8": RouterConfig(type="topk", k=2),
+        "dynamic": RouterConfig(type="dynamic", top_p=0.5, max_experts=4),
+        "task": RouterConfig(type="task", num_tasks=4),
+        "hierarchical-2x4": RouterConfig(type="hierarchical", groups=2, k=2),
+    }
+    kind = "mora" if method.startswith("mora") else "lora"
+    options = {} if kind == "mora" else {"alpha": 2 * rank}
+    cfg = MixtureConfig(kind=kind, rank=rank, experts=8, router=routers[method], options=options)
+    model = MoRAModel(base, cfg, target_modules=PROJECTIONS)
+    if method.startswith("naive"):
+        for _, mixture in model.mixtures():
+            mixture.mix = mixture.naive_delta  # type: ignore[method-assign]
+    return model
+
+
+def run(size: str, methods: list[str], rank: int, steps: int, warmup: int,
+        device: torch.device) -> list[dict[str, Any]]:
+    shape = SIZES[size]
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, shape.vocab, (shape.batch, shape.seq), generator=gen).to(device)
+    task_ids = (torch.arange(shape.batch) % 4).to(device)
+    results: list[dict[str, Any]] = []
+    for method in methods:
+        free(device)
+        base = build_llama(shape, device, dtype)
+        with torch.no_grad():
+            embeds = cast(Any, base).get_input_embeddings()(ids)
+        embeds.requires_grad_(True)
+        model = _wrap(method, base, rank).train()
+        extra = {"task_ids": task_ids} if method == "task" else {}
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-5, foreach=True) if params else None
+        aux = getattr(model, "aux_loss", None)
+
+        def step(model: nn.Module = model, opt: Any = opt, extra: dict = extra,
+                 aux: Callable[[], torch.Tensor] | None = aux, embeds: torch.Tensor = embeds) -> None:
+            with torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda"):
+                loss = model(inputs_embeds=embeds, labels=ids, **extra).loss
+                if aux is not None:
+                    loss = loss + aux()
+            loss.backward()
+            if opt is not None:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            embeds.grad = None
+
+        t = time_steps(step, device, warmup=warmup, steps=steps)
+        results.append({"method": method, "ms": t.ms, "peak_gib": t.peak_bytes / 2**30,
+                        "trainable": sum(p.numel() for p in params)})
+        del model, base, step, embeds, opt
+    ref = {r["method"]: float(r["ms"]) for r in results}
+    for r in results:
+        r["x_floor"] = float(r["ms"]) / ref["floor"] if "floor" in ref else float("nan")
+        r["x_lora"] = float(r["ms"]) / ref["lora-r16"] if "lora-r16" in ref else float("nan")
+        r["tokens_per_s"] = shape.tokens / (float(r["ms"]) / 1e3)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="moracl bench experts", description=__doc__)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--size", choices=sorted(SIZES), default=None)
+    parser.add_argument("--methods", nargs="+", default=None, choices=METHODS)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    size = args.size or ("h100" if device.type == "cuda" else "cpu")
+    methods = args.methods or METHODS
+    results = run(size, methods, args.rank, args.steps, args.warmup, device)
+    print(f"\n### experts, size {size}: {SIZES[size]}, r={args.rank}\n{machine(device)}\n")
+    rows = [[r["method"], f"{r['ms']:.1f}", f"{r['x_floor']:.2f}", f"{r['x_lora']:.2f}",
+             f"{r['tokens_per_s']:,.0f}", f"{r['peak_gib']:.2f}", f"{r['trainable']:,}"]
+            for r in results]
+    print(markdown_table(["method", "ms/step", "× floor", "× LoRA r16", "tokens/s", "peak GiB",
+                          "trainable"], rows))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"size": size, "device": machine(device), "results": results}, fh, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

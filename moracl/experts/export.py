@@ -1,0 +1,103 @@
+"""Export one task's routed experts as a plain LoRA.
+
+Under task routing a task's gates do not depend on the input, so its update on a layer is one
+fixed matrix ``ΔW_t = Σ_e g_{t,e} ΔW_e``.  Every expert kind here is a product of two
+factors — LoRA ``s·B_e A_e``, MoRA-sharing ``D (M_e C)`` — so ``ΔW_t = B_t A_t`` exactly, with
+``A_t`` the experts' down factors stacked (rank ``Σ r_e``) and ``B_t`` the gated up factors.
+That is written in PEFT's format (scaling 1: ``lora_alpha = r``), or folded into the weights.
+
+Shape legend: ``i``/``o`` layer sizes, ``R`` the exported rank.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from moracl.checkpoint import atomic_write_bytes
+from moracl.experts.banks import LoRABank, MoRABank
+from moracl.experts.mixture import Mixture
+from moracl.experts.routers.task import TaskRouter
+
+__all__ = ["task_gates", "task_lora_factors", "write_peft_lora"]
+
+
+@torch.no_grad()
+def task_gates(mixture: Mixture, task_id: int) -> Tensor:
+    """Task ``task_id``'s gates over the experts, ``(e,)``; only a task router has fixed ones."""
+    if not isinstance(mixture.router, TaskRouter):
+        raise ValueError(
+            f"only task-routed mixtures have a fixed update per task; this layer's router is "
+            f"{mixture.router.config.type!r}"
+        )
+    x = torch.zeros(1, mixture.in_features, device=mixture.router.expert_masks.device)
+    return mixture.router(x, task_ids=torch.tensor([task_id], device=x.device)).gates[0]
+
+
+@torch.no_grad()
+def task_lora_factors(mixture: Mixture, task_id: int) -> tuple[Tensor, Tensor]:
+    """``(A (R × i), B (o × R))`` with ``B @ A`` = task ``task_id``'s update on this layer;
+    experts with zero gate are left out."""
+    gates = task_gates(mixture, task_id)
+    downs, ups, start = [], [], 0
+    for bank in mixture._banks():
+        for j in range(bank.num_experts):
+            g = gates[start + j]
+            if g == 0:
+                continue
+            if isinstance(bank, LoRABank):
+                downs.append(bank.lora_A[j])  # (r, i)
+                ups.append(bank.lora_B[:, j] * (g * bank.scaling))  # (o, r)
+            elif isinstance(bank, MoRABank):
+                downs.append(bank.M[j] @ bank.op.compress.to(bank.M.dtype))  # (r̂, i)
+                ups.append(bank.op.decompress.to(bank.M.dtype) * g)  # (o, r̂)
+            else:
+                raise ValueError(f"cannot export experts of kind {bank.config.kind!r}")
+        start += bank.num_experts
+    if not downs:
+        raise ValueError(f"task {task_id} routes to no expert on this layer")
+    return torch.cat(downs), torch.cat(ups, dim=1)
+
+
+def write_peft_lora(
+    directory: str | os.PathLike[str],
+    factors: dict[str, tuple[Tensor, Tensor]],
+    *,
+    fan_in_fan_out: bool = False,
+) -> Path:
+    """Save ``{module path: (A, B)}`` as a PEFT LoRA adapter (``adapter_config.json`` +
+    ``adapter_model.safetensors``) that ``peft.PeftModel.from_pretrained`` loads."""
+    from safetensors.torch import save_file
+
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    ranks = {path: int(a.shape[0]) for path, (a, _) in factors.items()}
+    r0 = max(ranks.values())
+    config: dict[str, Any] = {
+        "peft_type": "LORA",
+        "task_type": None,
+        "r": r0,
+        "lora_alpha": r0,
+        "rank_pattern": {p: r for p, r in ranks.items() if r != r0},
+        "alpha_pattern": {p: r for p, r in ranks.items() if r != r0},
+        "target_modules": sorted(factors),
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": fan_in_fan_out,
+        "inference_mode": True,
+        "base_model_name_or_path": None,
+    }
+    tensors = {}
+    for path, (a, b) in factors.items():
+        tensors[f"base_model.model.{path}.lora_A.weight"] = a.detach().float().contiguous().cpu()
+        tensors[f"base_model.model.{path}.lora_B.weight"] = b.detach().float().contiguous().cpu()
+    tmp = out / ".adapter_model.safetensors.tmp"
+    save_file(tensors, str(tmp))
+    os.replace(tmp, out / "adapter_model.safetensors")
+    atomic_write_bytes(out / "adapter_config.json", (json.dumps(config, indent=2) + "\n").encode())
+    return out
