@@ -186,3 +186,33 @@ def tiny_llama_copy(model: nn.Module) -> nn.Module:
     import copy
 
     return copy.deepcopy(model)
+
+
+@pytest.mark.parametrize("router", ["topk", "task", "dynamic"])
+def test_fused_mixture_layer_matches_the_loop_with_router_gradients(router: str) -> None:
+    from moracl import MoRALinear
+
+    cfg = MixtureConfig(kind="lora", rank=3, experts=4, router=ROUTERS[router])
+    layer = MoRALinear(nn.Linear(20, 28).double(), cfg).double().eval()
+    mix = layer.adapter("default")
+    with torch.no_grad():
+        for p in mix.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+    from moracl.experts.mixture import RoutingContext
+
+    x = torch.randn(2, 5, 20, dtype=torch.float64, requires_grad=True)
+    mix.context = RoutingContext(task_ids=torch.tensor([0, 1]) if router == "task" else None)
+    out = layer(x)
+    assert type(out.grad_fn).__name__ == "_GatedLoRALinearBackward"
+    gates = mix.context.results[mix].gates
+    ref = layer.base_layer(x) + mix.naive_delta(x, gates)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-10)
+    params = [x, *(p for p in mix.parameters() if p.requires_grad)]
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, params, g, allow_unused=True, retain_graph=True)
+    want = torch.autograd.grad(ref, params, g, allow_unused=True)
+    for a, b in zip(got, want):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+    mix.context = None

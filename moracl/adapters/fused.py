@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["compute_dtype", "lora_linear"]
+__all__ = ["compute_dtype", "gated_lora_linear", "lora_linear"]
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:
@@ -81,4 +81,69 @@ def lora_linear(
     if bias is not None and bias.dtype != dt:
         bias = bias.to(dt)
     out: Tensor = _LoRALinear.apply(x.to(dt), weight.to(dt), bias, a, b, s)
+    return out
+
+
+class _GatedLoRALinear(torch.autograd.Function):
+    """``out = x Wᵀ + b + s · ((x Aᵀ) ⊙ G) Bᵀ`` for stacked experts: ``A (e·r × i)``,
+    ``B (o × e·r)``, gates ``(n, e)`` broadcast over each expert's ``r`` columns as ``G``."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, a: Tensor, b: Tensor,
+        gates: Tensor, s: float,
+    ) -> Tensor:
+        dt = x.dtype
+        x2 = x.reshape(-1, x.shape[-1])  # (n, i)
+        a_c, b_c, g_c = a.to(dt), b.to(dt), gates.to(dt)
+        e = g_c.shape[1]
+        out = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()
+        za = x2 @ a_c.t()  # (n, e·r)
+        zg = (za.unflatten(1, (e, -1)) * g_c[:, :, None]).flatten(1)  # (n, e·r)
+        out.addmm_(zg, b_c.t(), alpha=s)
+        ctx.save_for_backward(x2, weight, a_c, b_c, za, g_c)
+        ctx.s, ctx.x_shape, ctx.dtypes = s, x.shape, (a.dtype, b.dtype, gates.dtype)
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        x2, weight, a, b, za, gates = ctx.saved_tensors
+        s, e = ctx.s, gates.shape[1]
+        g2 = g.reshape(-1, g.shape[-1]).to(x2.dtype)  # (n, o)
+        need_x, need_w, need_bias, need_a, need_b, need_g, _ = ctx.needs_input_grad
+        gzg = torch.addmm(za, g2, b, beta=0, alpha=s)  # s · g B: (n, e·r)
+        gz3 = gzg.unflatten(1, (e, -1))  # (n, e, r)
+        za3 = za.unflatten(1, (e, -1))
+        grad_za = (gz3 * gates[:, :, None]).flatten(1)  # (n, e·r)
+        grad_x = grad_w = grad_bias = grad_a = grad_b = grad_g = None
+        if need_g:
+            grad_g = (gz3 * za3).sum(-1).to(ctx.dtypes[2])  # (n, e)
+        if need_b:
+            zg = (za3 * gates[:, :, None]).flatten(1)
+            grad_b = torch.addmm(b, g2.t(), zg, beta=0, alpha=s).to(ctx.dtypes[1])  # (o, e·r)
+        if need_a:
+            grad_a = (grad_za.t() @ x2).to(ctx.dtypes[0])  # (e·r, i)
+        if need_x:
+            grad_x = (g2 @ weight).addmm_(grad_za, a).view(ctx.x_shape)
+        if need_w:
+            grad_w = g2.t() @ x2
+        if need_bias:
+            grad_bias = g2.sum(0)
+        return grad_x, grad_w, grad_bias, grad_a, grad_b, grad_g, None
+
+
+def gated_lora_linear(
+    x: Tensor, weight: Tensor, bias: Tensor | None, a: Tensor, b: Tensor, gates: Tensor, s: float
+) -> Tensor:
+    """The frozen layer plus a gated mixture of LoRA experts as one autograd node.
+
+    Args:
+        x: ``(..., i)``; weight ``(o × i)``; bias ``(o,)`` or None; a: ``(e·r × i)``;
+        b: ``(o × e·r)``; gates: ``(n, e)`` with ``n`` the tokens of ``x``; s: the scaling.
+    Returns: ``(..., o)``.
+    """
+    dt = compute_dtype(x)
+    if bias is not None and bias.dtype != dt:
+        bias = bias.to(dt)
+    out: Tensor = _GatedLoRALinear.apply(x.to(dt), weight.to(dt), bias, a, b, gates, s)
     return out

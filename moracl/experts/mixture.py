@@ -20,11 +20,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from einops import rearrange
 from torch import Tensor, nn
 
 import moracl.experts.routers  # noqa: F401  (registers the router types)
 from moracl.adapters.base import Adapter, AdapterConfig, ParamRole
-from moracl.experts.banks import ExpertBank, build_bank
+from moracl.adapters.fused import gated_lora_linear
+from moracl.experts.banks import ExpertBank, LoRABank, build_bank
 from moracl.experts.routers.base import Router, build_router
 from moracl.experts.routers.config import RouterConfig
 from moracl.experts.routing import RoutingResult
@@ -181,6 +183,23 @@ class Mixture(Adapter):
         if ctx is not None:
             ctx.results[self] = result
         return self.mix(self._input(x, self._dtype()), result.gates)
+
+    def fused_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor | None:
+        """One LoRA bank (the common case): the frozen matmul, the experts and their gates in
+        one autograd node (see :func:`moracl.adapters.fused.gated_lora_linear`)."""
+        banks = self._banks()
+        if len(banks) != 1 or not isinstance(banks[0], LoRABank):
+            return None
+        if self.training and self.mixture_config.expert_groups()[0].adapter.dropout > 0:
+            return None
+        bank = banks[0]
+        ctx = self.context
+        result = self.route(x, None if ctx is None else ctx.task_ids)
+        if ctx is not None:
+            ctx.results[self] = result
+        a = rearrange(bank.lora_A, "e r i -> (e r) i")
+        b = rearrange(bank.lora_B, "o e r -> o (e r)")
+        return gated_lora_linear(x, weight, bias, a, b, result.gates, bank.scaling)
 
     def forward(
         self, x: Tensor, base_out: Tensor, *, weight: Tensor, bias: Tensor | None
