@@ -10,22 +10,35 @@ from moracl.adapters import (
     ParamRole,
     VeRAConfig,
 )
+from moracl.experts.act import ACTOutput, AdaptiveComputation
+from moracl.experts.mixture import ExpertGroup, Mixture, MixtureConfig
+from moracl.experts.routers.config import RouterConfig
 from moracl.layer import MoRALayer, MoRALinear
 from moracl.model import MoRAModel
+from moracl.optim import MoRAOptimizer, MoRAScheduler, SAMConfig
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ACTOutput",
     "Adapter",
     "AdapterConfig",
+    "AdaptiveComputation",
     "Compression",
     "DoRAConfig",
+    "ExpertGroup",
     "LoRAConfig",
+    "Mixture",
+    "MixtureConfig",
     "MoRAConfig",
     "MoRALayer",
     "MoRALinear",
     "MoRAModel",
+    "MoRAOptimizer",
+    "MoRAScheduler",
     "ParamRole",
+    "RouterConfig",
+    "SAMConfig",
     "VeRAConfig",
     "__version__",
 ]

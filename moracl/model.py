@@ -295,8 +295,9 @@ class MoRAModel(nn.Module):
                 a, b = factors[path]
                 w = layer.weight
                 new = w + (b @ a).to(w.dtype)
-                base.weight = nn.Parameter(new.t().contiguous() if layer.transposed else new,
-                                           requires_grad=False)
+                base.weight = nn.Parameter(
+                    new.t().contiguous() if layer.transposed else new, requires_grad=False
+                )
             _set_submodule(plain, path, base)
         return plain
 

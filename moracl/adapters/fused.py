@@ -90,8 +90,14 @@ class _GatedLoRALinear(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, a: Tensor, b: Tensor,
-        gates: Tensor, s: float,
+        ctx: Any,
+        x: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        a: Tensor,
+        b: Tensor,
+        gates: Tensor,
+        s: float,
     ) -> Tensor:
         dt = x.dtype
         x2 = x.reshape(-1, x.shape[-1])  # (n, i)

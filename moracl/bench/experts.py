@@ -20,13 +20,21 @@ from moracl.bench.adapters import SIZES
 from moracl.bench.common import PROJECTIONS, build_llama, free, machine, markdown_table, time_steps
 
 METHODS = [
-    "floor", "lora-r16", "lora-r32", "top2-of-8", "dynamic", "task", "hierarchical-2x4",
-    "mora-top2-of-8", "naive-top2-of-8", "peft-lora",
+    "floor",
+    "lora-r16",
+    "lora-r32",
+    "top2-of-8",
+    "dynamic",
+    "task",
+    "hierarchical-2x4",
+    "mora-top2-of-8",
+    "naive-top2-of-8",
+    "peft-lora",
 ]
 
 
 def _wrap(method: str, base: nn.Module, rank: int) -> nn.Module:
-    from moracl import AdapterConfig, MoRAModel
+    from moracl import LoRAConfig, MoRAModel
     from moracl.experts.mixture import MixtureConfig
     from moracl.experts.routers.config import RouterConfig
 
@@ -35,12 +43,14 @@ def _wrap(method: str, base: nn.Module, rank: int) -> nn.Module:
     if method == "peft-lora":
         import peft
 
-        return peft.get_peft_model(base, peft.LoraConfig(r=rank, lora_alpha=2 * rank,
-                                                         target_modules=PROJECTIONS))
+        return peft.get_peft_model(
+            base, peft.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=PROJECTIONS)
+        )
     if method.startswith("lora-r"):
         r = int(method.removeprefix("lora-r"))
-        return MoRAModel(base, AdapterConfig(kind="lora", rank=r, alpha=2 * r),
-                         target_modules=PROJECTIONS)
+        return MoRAModel(
+            base, LoRAConfig(rank=r, alpha=2.0 * r), target_modules=PROJECTIONS
+        )
     routers = {
         "top2-of-8": RouterConfig(type="topk", k=2),
         "naive-top2-of-8": RouterConfig(type="topk", k=2),
@@ -59,8 +69,9 @@ def _wrap(method: str, base: nn.Module, rank: int) -> nn.Module:
     return model
 
 
-def run(size: str, methods: list[str], rank: int, steps: int, warmup: int,
-        device: torch.device) -> list[dict[str, Any]]:
+def run(
+    size: str, methods: list[str], rank: int, steps: int, warmup: int, device: torch.device
+) -> list[dict[str, Any]]:
     shape = SIZES[size]
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     gen = torch.Generator().manual_seed(0)
@@ -79,8 +90,13 @@ def run(size: str, methods: list[str], rank: int, steps: int, warmup: int,
         opt = torch.optim.AdamW(params, lr=1e-5, foreach=True) if params else None
         aux = getattr(model, "aux_loss", None)
 
-        def step(model: nn.Module = model, opt: Any = opt, extra: dict = extra,
-                 aux: Callable[[], torch.Tensor] | None = aux, embeds: torch.Tensor = embeds) -> None:
+        def step(
+            model: nn.Module = model,
+            opt: Any = opt,
+            extra: dict = extra,
+            aux: Callable[[], torch.Tensor] | None = aux,
+            embeds: torch.Tensor = embeds,
+        ) -> None:
             with torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda"):
                 loss = model(inputs_embeds=embeds, labels=ids, **extra).loss
                 if aux is not None:
@@ -92,8 +108,14 @@ def run(size: str, methods: list[str], rank: int, steps: int, warmup: int,
             embeds.grad = None
 
         t = time_steps(step, device, warmup=warmup, steps=steps)
-        results.append({"method": method, "ms": t.ms, "peak_gib": t.peak_bytes / 2**30,
-                        "trainable": sum(p.numel() for p in params)})
+        results.append(
+            {
+                "method": method,
+                "ms": t.ms,
+                "peak_gib": t.peak_bytes / 2**30,
+                "trainable": sum(p.numel() for p in params),
+            }
+        )
         del model, base, step, embeds, opt
     ref = {r["method"]: float(r["ms"]) for r in results}
     for r in results:
@@ -118,11 +140,24 @@ def main(argv: list[str] | None = None) -> int:
     methods = args.methods or METHODS
     results = run(size, methods, args.rank, args.steps, args.warmup, device)
     print(f"\n### experts, size {size}: {SIZES[size]}, r={args.rank}\n{machine(device)}\n")
-    rows = [[r["method"], f"{r['ms']:.1f}", f"{r['x_floor']:.2f}", f"{r['x_lora']:.2f}",
-             f"{r['tokens_per_s']:,.0f}", f"{r['peak_gib']:.2f}", f"{r['trainable']:,}"]
-            for r in results]
-    print(markdown_table(["method", "ms/step", "× floor", "× LoRA r16", "tokens/s", "peak GiB",
-                          "trainable"], rows))
+    rows = [
+        [
+            r["method"],
+            f"{r['ms']:.1f}",
+            f"{r['x_floor']:.2f}",
+            f"{r['x_lora']:.2f}",
+            f"{r['tokens_per_s']:,.0f}",
+            f"{r['peak_gib']:.2f}",
+            f"{r['trainable']:,}",
+        ]
+        for r in results
+    ]
+    print(
+        markdown_table(
+            ["method", "ms/step", "× floor", "× LoRA r16", "tokens/s", "peak GiB", "trainable"],
+            rows,
+        )
+    )
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"size": size, "device": machine(device), "results": results}, fh, indent=2)

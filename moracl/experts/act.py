@@ -57,8 +57,16 @@ class AdaptiveComputation(nn.Module):
         halt_bias: initial bias of the halting unit (positive: few steps at the start).
     """
 
-    def __init__(self, block: nn.Module, *, features: int, max_steps: int, epsilon: float = 0.01,
-                 tau: float = 0.01, halt_bias: float = 1.0) -> None:
+    def __init__(
+        self,
+        block: nn.Module,
+        *,
+        features: int,
+        max_steps: int,
+        epsilon: float = 0.01,
+        tau: float = 0.01,
+        halt_bias: float = 1.0,
+    ) -> None:
         super().__init__()
         if not isinstance(max_steps, int) or max_steps < 1:
             raise ValueError(f"max_steps must be an integer >= 1, got {max_steps!r}")

