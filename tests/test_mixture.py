@@ -216,3 +216,15 @@ def test_fused_mixture_layer_matches_the_loop_with_router_gradients(router: str)
         if a is not None:
             torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
     mix.context = None
+
+
+def test_task_ids_are_read_back_once_per_forward(monkeypatch: pytest.MonkeyPatch) -> None:
+    import moracl.experts.routers.base as base
+
+    calls = []
+    original = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: calls.append(1) or original(t))
+    model = _model(RouterConfig(type="task", num_tasks=2))
+    model(torch.randn(6, 24), task_ids=torch.tensor([0, 1, 1, 0, 1, 0]))
+    assert len(calls) == 1 and len(list(model.mixtures())) == 2
+    assert not base._CHECKED  # forgotten with the forward's per-token tensor

@@ -123,6 +123,17 @@ class RoutingContext:
 
     task_ids: Tensor | None = None
     results: dict[nn.Module, RoutingResult] = field(default_factory=dict)
+    _per_token: dict[tuple[int, ...], Tensor] = field(default_factory=dict)
+
+    def token_ids(self, lead: torch.Size) -> Tensor | None:
+        """The task ids per token for an input with leading shape ``lead``; one tensor per
+        shape, shared by every layer (so its range is checked once per forward)."""
+        if self.task_ids is None:
+            return None
+        key = tuple(lead)
+        if key not in self._per_token:
+            self._per_token[key] = token_task_ids(self.task_ids, lead)
+        return self._per_token[key]
 
 
 def token_task_ids(task_ids: Tensor, lead: torch.Size) -> Tensor:
@@ -166,6 +177,15 @@ class Mixture(Adapter):
         tid = None if task_ids is None else token_task_ids(task_ids, x.shape[:-1])
         return self.router(x2, task_ids=tid)
 
+    def _route_in_context(self, x: Tensor) -> RoutingResult:
+        ctx = self.context
+        if ctx is None:
+            return self.route(x)
+        x2 = x.reshape(-1, self.in_features)
+        result = self.router(x2, task_ids=ctx.token_ids(x.shape[:-1]))
+        ctx.results[self] = result
+        return result
+
     def mix(self, x: Tensor, gates: Tensor) -> Tensor:
         """``Σ_e gates[:, e] · delta_e(x)`` for ``x (..., i)``, ``gates (n, e)``: ``(..., o)``."""
         x2 = x.reshape(-1, self.in_features)
@@ -178,10 +198,7 @@ class Mixture(Adapter):
         return out.view(*x.shape[:-1], self.out_features)
 
     def delta(self, x: Tensor, *, weight: Tensor | None = None) -> Tensor:
-        ctx = self.context
-        result = self.route(x, None if ctx is None else ctx.task_ids)
-        if ctx is not None:
-            ctx.results[self] = result
+        result = self._route_in_context(x)
         return self.mix(self._input(x, self._dtype()), result.gates)
 
     def fused_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor | None:
@@ -193,10 +210,7 @@ class Mixture(Adapter):
         if self.training and self.mixture_config.expert_groups()[0].adapter.dropout > 0:
             return None
         bank = banks[0]
-        ctx = self.context
-        result = self.route(x, None if ctx is None else ctx.task_ids)
-        if ctx is not None:
-            ctx.results[self] = result
+        result = self._route_in_context(x)
         a = rearrange(bank.lora_A, "e r i -> (e r) i")
         b = rearrange(bank.lora_B, "o e r -> o (e r)")
         return gated_lora_linear(x, weight, bias, a, b, result.gates, bank.scaling)

@@ -17,6 +17,7 @@ new experts (a task keeps the experts it was trained with) and the global mask `
 
 from __future__ import annotations
 
+import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import ClassVar
@@ -44,6 +45,21 @@ __all__ = [
 INIT_STD = 1e-2
 
 
+#: task-id tensors already read back: tensor -> its largest id (one host sync per tensor, so
+#: the layers of a model that share one per-token task-id tensor sync once per forward)
+_CHECKED: dict[int, tuple[weakref.ref[Tensor], int]] = {}
+
+
+def _checked_max(task_ids: Tensor) -> int | None:
+    entry = _CHECKED.get(id(task_ids))
+    return entry[1] if entry is not None and entry[0]() is task_ids else None
+
+
+def _remember(task_ids: Tensor, hi: int) -> None:
+    key = id(task_ids)
+    _CHECKED[key] = (weakref.ref(task_ids, lambda _ref: _CHECKED.pop(key, None)), hi)
+
+
 def check_task_ids(task_ids: Tensor, num_tasks: int) -> None:
     """Raise unless ``task_ids`` is an integer ``(n,)`` tensor with values in ``[0, t)``.
 
@@ -60,7 +76,12 @@ def check_task_ids(task_ids: Tensor, num_tasks: int) -> None:
         )
     if torch.compiler.is_compiling() or task_ids.numel() == 0:
         return
-    lo, hi = torch.stack([task_ids.min(), task_ids.max()]).tolist()
+    hi = _checked_max(task_ids)  # the same tensor, already read back by another router
+    lo = 0
+    if hi is None:
+        lo, hi = torch.stack([task_ids.min(), task_ids.max()]).tolist()
+        if lo >= 0:
+            _remember(task_ids, hi)
     if lo < 0 or hi >= num_tasks:
         bad = lo if lo < 0 else hi
         raise ValueError(
