@@ -57,3 +57,20 @@ def test_fused_path_is_used_and_keeps_autocast_dtype(options: dict, node: str) -
     out.float().sum().backward()
     for p in layer.adapters["default"].parameters():
         assert p.grad is not None and p.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"kind": "lora"},
+        {"kind": "dora"},
+        {"kind": "mora", "compression": "rotation"},
+        {"kind": "vera"},
+    ],
+    ids=["lora", "dora", "mora-rotation", "vera"],
+)
+def test_every_kind_keeps_the_autocast_dtype_with_a_bias(options: dict) -> None:
+    layer = MoRALinear(nn.Linear(16, 8), AdapterConfig(rank=2, **options))
+    x = torch.randn(4, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer(x).dtype == torch.bfloat16

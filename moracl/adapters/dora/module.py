@@ -59,13 +59,14 @@ class DoRA(LoRA):
             return base_out + self.delta(x, weight=weight).to(base_out.dtype)
         g = self.gain(weight).to(base_out.dtype)  # (o,)
         z, up = self.factors(x)
-        pre = base_out if bias is None else base_out - bias  # x Wᵀ  (..., o)
-        dt = base_out.dtype
+        dt = base_out.dtype  # the layer's compute dtype (bf16 under autocast): kept throughout
+        b = None if bias is None else bias.to(dt)
+        pre = base_out if b is None else base_out - b  # x Wᵀ  (..., o)
         pre = torch.addmm(
             pre.reshape(-1, self.out_features), z.reshape(-1, z.shape[-1]).to(dt), up.t().to(dt)
         )
         out = pre.view(base_out.shape) * g
-        return out if bias is None else out + bias
+        return out if b is None else out + b
 
     def param_roles(self) -> dict[str, ParamRole]:
         return {**super().param_roles(), "magnitude": ParamRole.MAGNITUDE}
