@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moracl.adapters.base import Adapter, AdapterConfig, build_adapter
+from moracl.adapters.fused import fused_enabled
 from moracl.experts.mixture import Mixture, MixtureConfig
 
 __all__ = ["MoRALayer", "MoRALinear", "is_conv1d", "is_linear_like"]
@@ -138,7 +139,7 @@ class MoRALayer(nn.Module):
             out: Tensor = self.base_layer(x)
             return out
         w, b = self.weight, self.bias
-        if len(self.active) == 1:
+        if len(self.active) == 1 and fused_enabled():
             fused = self.adapter(self.active[0]).fused_forward(x, w, b)
             if fused is not None:
                 return fused

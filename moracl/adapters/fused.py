@@ -13,12 +13,38 @@ What the fused nodes save against plain autograd:
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
-__all__ = ["compute_dtype", "gated_lora_linear", "lora_linear"]
+__all__ = ["compute_dtype", "fused_enabled", "gated_lora_linear", "lora_linear", "plain_autograd"]
+
+_FUSED: ContextVar[bool] = ContextVar("moracl_fused", default=True)
+
+
+def fused_enabled() -> bool:
+    """Whether adapted layers may use their fused nodes (see :func:`plain_autograd`)."""
+    return _FUSED.get()
+
+
+@contextmanager
+def plain_autograd() -> Iterator[None]:
+    """Inside the block adapted layers use plain autograd instead of the fused nodes.
+
+    The fused nodes' backward is not itself differentiable (a second ``backward`` through it
+    raises) and ``torch.func`` transforms (``grad``, ``vmap``) cannot enter them; code that
+    needs either — MAML's second-order meta-gradients, gradient penalties — runs in here.
+    """
+    token = _FUSED.set(False)
+    try:
+        yield
+    finally:
+        _FUSED.reset(token)
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:
@@ -47,6 +73,7 @@ class _LoRALinear(torch.autograd.Function):
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
+    @once_differentiable
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         x2, weight, a, b, z = ctx.saved_tensors
         s = ctx.s
@@ -112,6 +139,7 @@ class _GatedLoRALinear(torch.autograd.Function):
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
+    @once_differentiable
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         x2, weight, a, b, za, gates = ctx.saved_tensors
         s, e = ctx.s, gates.shape[1]

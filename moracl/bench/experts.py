@@ -48,9 +48,7 @@ def _wrap(method: str, base: nn.Module, rank: int) -> nn.Module:
         )
     if method.startswith("lora-r"):
         r = int(method.removeprefix("lora-r"))
-        return MoRAModel(
-            base, LoRAConfig(rank=r, alpha=2.0 * r), target_modules=PROJECTIONS
-        )
+        return MoRAModel(base, LoRAConfig(rank=r, alpha=2.0 * r), target_modules=PROJECTIONS)
     routers = {
         "top2-of-8": RouterConfig(type="topk", k=2),
         "naive-top2-of-8": RouterConfig(type="topk", k=2),

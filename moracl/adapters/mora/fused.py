@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from moracl.adapters.fused import compute_dtype
 
@@ -83,6 +84,7 @@ class _MoRASharingLinear(torch.autograd.Function):
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
+    @once_differentiable
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         weight, m, c = ctx.saved_tensors
         g2 = g.reshape(-1, g.shape[-1]).to(c.dtype)  # (N, o)

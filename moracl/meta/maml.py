@@ -1,0 +1,315 @@
+"""The MAML family over the trainable (adapter and head) parameters of a frozen model.
+
+Everything is functional: the model is run with :func:`torch.func.functional_call` over a
+dict ``name -> tensor`` of its trainable parameters (names as in ``model.named_parameters()``);
+the frozen backbone is shared by every task and never copied, and no module's parameters are
+ever written to.
+
+- :class:`MAML`: second-order MAML (Finn et al. 2017), or first-order with ``first_order=True``.
+- :class:`MetaSGD`: MAML with a learned inner learning rate per parameter entry (Li et al.
+  2017); the rates are parameters of the ``MetaSGD`` module, so the outer optimiser trains them.
+- :class:`ANIL`: only the head (``ParamRole.HEAD``, i.e. ``modules_to_save``) adapts in the
+  inner loop (Raghu et al. 2020); the rest is fixed during adaptation but meta-trained.
+
+Two ways to run it::
+
+    learner = maml.clone()            # learn2learn style, one task at a time
+    learner.adapt(loss_fn(learner(xs), ys))
+    query_loss = loss_fn(learner(xq), yq)
+
+    meta_loss = maml.meta_loss((xs, ys, xq, yq), inner_steps=5)   # vmapped over tasks
+
+Shapes: ``t`` tasks, ``n_s`` / ``n_q`` support / query examples, ``...`` an example's features.
+
+The fused adapter path. Adapted layers train a single LoRA or MoRA adapter through fused
+``autograd.Function`` nodes (``moracl.adapters.fused``) whose backward is not differentiable
+and which ``torch.func`` cannot transform. MAML runs the model inside
+:func:`moracl.adapters.fused.plain_autograd` (plain, fully differentiable autograd), in
+training mode with every ``nn.Dropout`` and batch-norm layer in eval mode (see ``batchnorm``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+
+from moracl.adapters.base import ParamRole, iter_param_roles
+from moracl.adapters.fused import plain_autograd
+from moracl.layer import MoRALayer
+
+__all__ = ["ANIL", "MAML", "BatchNormPolicy", "Learner", "LossFn", "MetaSGD", "TaskBatch"]
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+"""``loss_fn(outputs, targets) -> scalar``, e.g. :func:`torch.nn.functional.cross_entropy`."""
+
+TaskBatch = Sequence[Tensor]
+"""``(xs (t, n_s, ...), ys (t, n_s), xq (t, n_q, ...), yq (t, n_q))``."""
+
+BatchNormPolicy = str
+"""How batch-norm layers run during meta-learning; only ``"eval"`` is supported."""
+
+_BATCHNORM_POLICIES = ("eval",)
+_BN = (nn.modules.batchnorm._BatchNorm,)
+
+
+class MAML(nn.Module):
+    """MAML over the trainable parameters of ``model`` (adapters and ``modules_to_save``).
+
+    Args:
+        model: usually a :class:`moracl.MoRAModel`; the parameters with ``requires_grad``
+            are meta-learned, the others form the shared frozen backbone.
+        inner_lr: the inner-loop SGD step size (``> 0``); :class:`MetaSGD` uses it as the
+            initial value of its learned rates.
+        first_order: drop the second-order terms (the inner gradients are detached).
+        batchnorm: ``"eval"``: batch-norm layers use their running statistics and never
+            update them (the frozen backbone's BN stays frozen). Nothing else is supported.
+
+    ``maml.parameters()`` includes the model's, so one outer optimiser over
+    ``[p for p in maml.parameters() if p.requires_grad]`` trains everything meta-learned.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        inner_lr: float,
+        first_order: bool = False,
+        *,
+        batchnorm: BatchNormPolicy = "eval",
+    ) -> None:
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"MAML wraps an nn.Module, got {type(model).__name__}")
+        if not float(inner_lr) > 0:
+            raise ValueError(f"inner_lr must be > 0, got {inner_lr!r}")
+        if batchnorm not in _BATCHNORM_POLICIES:
+            raise ValueError(
+                f"batchnorm policy {batchnorm!r} is not supported; use one of "
+                f"{list(_BATCHNORM_POLICIES)} (the frozen backbone runs batch norm in eval mode)"
+            )
+        self.module = model
+        self.inner_lr = float(inner_lr)
+        self.first_order = bool(first_order)
+        self.batchnorm = batchnorm
+        self.meta_names: tuple[str, ...] = tuple(
+            n for n, p in model.named_parameters() if p.requires_grad
+        )
+        if not self.meta_names:
+            raise ValueError("the model has no trainable parameters to meta-learn")
+        self.inner_names: tuple[str, ...] = self._select_inner(model)
+        if not self.inner_names:
+            raise ValueError(f"{type(self).__name__} found no parameters to adapt")
+        self._check_not_merged()
+
+    # -- which parameters, how fast ---------------------------------------------------------
+    def _select_inner(self, model: nn.Module) -> tuple[str, ...]:
+        """The names adapted in the inner loop: every meta-learned parameter."""
+        return self.meta_names
+
+    def step_sizes(self) -> dict[str, Tensor | float]:
+        """Inner-loop step size per adapted parameter name (a float, or a tensor shaped like
+        the parameter for :class:`MetaSGD`)."""
+        return dict.fromkeys(self.inner_names, self.inner_lr)
+
+    def meta_parameters(self) -> dict[str, Tensor]:
+        """``name -> parameter`` for every meta-learned parameter of the model."""
+        params = dict(self.module.named_parameters())
+        return {n: params[n] for n in self.meta_names}
+
+    # -- modes --------------------------------------------------------------------------------
+    @contextmanager
+    def meta_mode(self) -> Iterator[None]:
+        """Training mode with dropout and batch norm in eval mode; restored on exit."""
+        before = [(m, m.training) for m in self.module.modules()]
+        try:
+            self.module.train(True)
+            for m in self.module.modules():
+                if isinstance(m, (nn.Dropout, *_BN)):
+                    m.eval()
+            with plain_autograd():
+                yield
+        finally:
+            for m, mode in before:
+                m.training = mode
+
+    def _check_not_merged(self) -> None:
+        for path, layer in self.module.named_modules():
+            if isinstance(layer, MoRALayer) and layer.merged:
+                raise ValueError(f"layer {path!r} is merged; unmerge() it before MAML")
+
+    # -- the functional model ---------------------------------------------------------------
+    def functional_forward(self, params: dict[str, Tensor], x: Tensor) -> Any:
+        """The model on ``x`` with ``params`` in place of its trainable parameters, in
+        :meth:`meta_mode`."""
+        with self.meta_mode():
+            return functional_call(self.module, params, (x,))
+
+    def inner_step(
+        self,
+        params: dict[str, Tensor],
+        grads: dict[str, Tensor],
+    ) -> dict[str, Tensor]:
+        """One SGD step on the adapted names: ``p - lr · g`` (a new dict; ``params`` kept)."""
+        lrs = self.step_sizes()
+        new = dict(params)
+        for n, g in grads.items():
+            new[n] = params[n] - lrs[n] * g
+        return new
+
+    # -- learn2learn-style API --------------------------------------------------------------
+    def clone(self) -> Learner:
+        """A light learner starting at the current meta-parameters (in the autograd graph)."""
+        return Learner(self, self.meta_parameters())
+
+    def forward(self, x: Tensor) -> Any:
+        """The model with its current (meta-)parameters, in meta mode."""
+        with self.meta_mode():
+            return self.module(x)
+
+    # -- batched over tasks ---------------------------------------------------------------
+    def meta_loss(
+        self,
+        task_batch: TaskBatch,
+        inner_steps: int = 1,
+        loss_fn: LossFn = F.cross_entropy,
+        *,
+        chunk_size: int | None = None,
+    ) -> Tensor:
+        """The mean query loss over tasks after ``inner_steps`` adaptation steps per task.
+
+        Args:
+            task_batch: ``(xs (t, n_s, ...), ys (t, n_s), xq (t, n_q, ...), yq (t, n_q))``.
+            inner_steps: SGD steps on each task's support set (``>= 0``).
+            loss_fn: ``loss_fn(outputs, targets) -> scalar``, applied per task.
+            chunk_size: tasks per vmapped chunk (``None``: all at once).
+        Returns: a scalar; ``backward()`` gives the meta-gradients.
+        """
+        if len(task_batch) != 4:
+            raise ValueError(
+                f"task_batch must be (xs, ys, xq, yq), got a sequence of {len(task_batch)}"
+            )
+        xs, ys, xq, yq = task_batch
+        if inner_steps < 0:
+            raise ValueError(f"inner_steps must be >= 0, got {inner_steps}")
+        if chunk_size is not None and chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}")
+        tasks = {xs.shape[0], ys.shape[0], xq.shape[0], yq.shape[0]}
+        if len(tasks) != 1:
+            raise ValueError(
+                "task_batch tensors disagree on the number of tasks: "
+                f"{[xs.shape[0], ys.shape[0], xq.shape[0], yq.shape[0]]}"
+            )
+        params = self.meta_parameters()
+        inner_names = self.inner_names
+        first_order = self.first_order
+
+        def task_loss(
+            params: dict[str, Tensor], xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor
+        ) -> Tensor:
+            fast = params
+            for _ in range(inner_steps):
+                frozen = fast
+
+                def support_loss(inner: dict[str, Tensor], frozen: dict[str, Tensor] = frozen):
+                    return loss_fn(self.functional_forward({**frozen, **inner}, xs), ys)
+
+                g = grad(support_loss)({n: fast[n] for n in inner_names})
+                if first_order:
+                    g = {n: v.detach() for n, v in g.items()}
+                fast = self.inner_step(fast, g)
+            return loss_fn(self.functional_forward(fast, xq), yq)
+
+        losses = vmap(task_loss, in_dims=(None, 0, 0, 0, 0), chunk_size=chunk_size)(
+            params, xs, ys, xq, yq
+        )  # (t,)
+        return losses.mean()
+
+    def extra_repr(self) -> str:
+        return (
+            f"inner_lr={self.inner_lr}, first_order={self.first_order}, "
+            f"batchnorm={self.batchnorm!r}, adapted={len(self.inner_names)}/"
+            f"{len(self.meta_names)} tensors"
+        )
+
+
+class MetaSGD(MAML):
+    """MAML with a learned inner step size per parameter entry, initialised to ``inner_lr``.
+
+    The rates live in :attr:`lrs` (an ``nn.ParameterDict``; parameter names with ``.``
+    replaced by ``/``), so ``metasgd.parameters()`` hands them to the outer optimiser.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        inner_lr: float,
+        first_order: bool = False,
+        *,
+        batchnorm: BatchNormPolicy = "eval",
+    ) -> None:
+        super().__init__(model, inner_lr, first_order, batchnorm=batchnorm)
+        params = self.meta_parameters()
+        self.lrs = nn.ParameterDict(
+            {
+                _key(n): nn.Parameter(torch.full_like(params[n], self.inner_lr))
+                for n in self.inner_names
+            }
+        )
+
+    def step_sizes(self) -> dict[str, Tensor | float]:
+        return {n: self.lrs[_key(n)] for n in self.inner_names}
+
+
+class ANIL(MAML):
+    """Almost No Inner Loop: only the head (``ParamRole.HEAD`` parameters, the trained copies
+    of ``modules_to_save``) adapts per task; the adapters are meta-trained in the outer loop."""
+
+    def _select_inner(self, model: nn.Module) -> tuple[str, ...]:
+        heads = {n for n, p, role in iter_param_roles(model) if role is ParamRole.HEAD}
+        if not heads:
+            raise ValueError(
+                "ANIL adapts the head only, but the model has no ParamRole.HEAD parameters; "
+                "wrap it with MoRAModel(..., modules_to_save=['<head>'])"
+            )
+        return tuple(n for n in self.meta_names if n in heads)
+
+
+class Learner:
+    """One task's adapted parameters: a dict of tensors in the autograd graph of the
+    meta-parameters, and the shared model run functionally over them.
+
+    Made by :meth:`MAML.clone`; ``adapt`` returns nothing and replaces :attr:`params`.
+    """
+
+    def __init__(self, maml: MAML, params: dict[str, Tensor]) -> None:
+        self.maml = maml
+        self.params = dict(params)
+
+    def adapt(self, loss: Tensor, first_order: bool | None = None) -> None:
+        """One differentiable SGD step on ``loss`` (a scalar computed with this learner)."""
+        if loss.dim() != 0:
+            raise ValueError(f"adapt() takes a scalar loss, got shape {tuple(loss.shape)}")
+        fo = self.maml.first_order if first_order is None else first_order
+        names = self.maml.inner_names
+        grads = torch.autograd.grad(
+            loss, [self.params[n] for n in names], create_graph=not fo, allow_unused=True
+        )
+        g = {n: torch.zeros_like(self.params[n]) if v is None else v for n, v in zip(names, grads)}
+        self.params = self.maml.inner_step(self.params, g)
+
+    def clone(self) -> Learner:
+        """A learner continuing from this one's adapted parameters."""
+        return Learner(self.maml, self.params)
+
+    def __call__(self, x: Tensor) -> Any:
+        """The model on ``x (n, ...)`` with the adapted parameters."""
+        return self.maml.functional_forward(self.params, x)
+
+
+def _key(name: str) -> str:
+    return name.replace(".", "/")
