@@ -9,7 +9,6 @@ default without a GPU) is a small model that finishes in under a minute.
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections.abc import Callable
 from typing import Any, cast
@@ -20,7 +19,9 @@ from torch import nn
 from moracl.bench.common import (
     PROJECTIONS,
     LlamaShape,
+    bench_parser,
     build_llama,
+    device_and_size,
     free,
     machine,
     markdown_table,
@@ -134,17 +135,9 @@ def run(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="moracl bench adapters", description=__doc__)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--size", choices=sorted(SIZES), default=None)
-    parser.add_argument("--methods", nargs="+", default=None, choices=METHODS)
-    parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--json", default=None, help="also write the results here")
+    parser = bench_parser("moracl bench adapters", __doc__, METHODS, sorted(SIZES))
     args = parser.parse_args(argv)
-    device = torch.device(args.device)
-    size = args.size or ("h100" if device.type == "cuda" else "cpu")
+    device, size = device_and_size(args)
     methods = args.methods or [m for m in METHODS if not m.startswith("peft") or _has_peft()]
     if device.type == "cpu":
         torch.manual_seed(0)

@@ -106,6 +106,27 @@ def machine(device: torch.device) -> str:
     return f"{name}; torch {torch.__version__}; Python {platform.python_version()}"
 
 
+def bench_parser(prog: str, description: str | None, methods: list[str], sizes: list[str]):  # type: ignore[no-untyped-def]
+    """The options every model benchmark shares: device, size, methods, rank, steps, json."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--size", choices=sizes, default=None, help="default: h100 on a GPU")
+    parser.add_argument("--methods", nargs="+", default=None, choices=methods)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--json", default=None, help="also write the results here")
+    return parser
+
+
+def device_and_size(args: Any) -> tuple[torch.device, str]:
+    """The device asked for and the size (``h100`` on a GPU, ``cpu`` otherwise by default)."""
+    device = torch.device(args.device)
+    return device, args.size or ("h100" if device.type == "cuda" else "cpu")
+
+
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]

@@ -8,7 +8,6 @@ a single LoRA of rank k·r = 32.
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections.abc import Callable
 from typing import Any, cast
@@ -17,7 +16,16 @@ import torch
 from torch import nn
 
 from moracl.bench.adapters import SIZES
-from moracl.bench.common import PROJECTIONS, build_llama, free, machine, markdown_table, time_steps
+from moracl.bench.common import (
+    PROJECTIONS,
+    bench_parser,
+    build_llama,
+    device_and_size,
+    free,
+    machine,
+    markdown_table,
+    time_steps,
+)
 
 METHODS = [
     "floor",
@@ -124,17 +132,9 @@ def run(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="moracl bench experts", description=__doc__)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--size", choices=sorted(SIZES), default=None)
-    parser.add_argument("--methods", nargs="+", default=None, choices=METHODS)
-    parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--json", default=None)
+    parser = bench_parser("moracl bench experts", __doc__, METHODS, sorted(SIZES))
     args = parser.parse_args(argv)
-    device = torch.device(args.device)
-    size = args.size or ("h100" if device.type == "cuda" else "cpu")
+    device, size = device_and_size(args)
     methods = args.methods or METHODS
     results = run(size, methods, args.rank, args.steps, args.warmup, device)
     print(f"\n### experts, size {size}: {SIZES[size]}, r={args.rank}\n{machine(device)}\n")
