@@ -46,6 +46,16 @@ def _bench(args: argparse.Namespace) -> int:
     return code
 
 
+def _report(args: argparse.Namespace) -> int:
+    from moracl.continual.metrics import RunResults
+    from moracl.report import comparison_table, write_report
+
+    path = write_report(args.run_dir)
+    print(comparison_table(RunResults.load(args.run_dir)))
+    print(f"report written to {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="moracl",
@@ -69,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", choices=sorted(BENCHES))
     p.add_argument("rest", nargs=argparse.REMAINDER, help="options of that benchmark")
     p.set_defaults(func=_bench)
+
+    p = sub.add_parser("report", help="rebuild report.md and plots of a run from its metrics.json")
+    p.add_argument("run_dir", help="the run's folder (holding metrics.json)")
+    p.set_defaults(func=_report)
     return parser
 
 

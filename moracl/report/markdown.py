@@ -1,0 +1,276 @@
+"""The markdown report of a continual run, rebuilt from ``metrics.json`` alone.
+
+``comparison_table`` gives the one table that compares the strategies; ``write_report`` writes
+``RUN_DIR/report.md`` (title, table, definitions, accuracy matrices, routing, plots) and the
+figures in ``RUN_DIR/plots/``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+from moracl.continual.metrics import RunResults, StrategyResult
+
+__all__ = ["REPORT_FILE", "comparison_table", "render_report", "write_report"]
+
+REPORT_FILE = "report.md"
+MISSING = "n/a"
+
+COLUMNS = [
+    "strategy",
+    "ACC",
+    "avg inc. ACC",
+    "BWT",
+    "FWT",
+    "forgetting (max)",
+    "trainable params (% of backbone)",
+    "active params/token",
+    "wall time",
+    "peak memory",
+]
+
+# (column, formula) exactly as in DESIGN.md "Metric definitions".
+DEFINITIONS = [
+    ("ACC", "ACC = mean_j R[T-1][j]"),
+    ("avg inc. ACC", "average incremental accuracy = mean_i mean_{j<=i} R[i][j]"),
+    ("BWT", "BWT = mean_{j<T-1} (R[T-1][j] − R[j][j])"),
+    ("FWT", "FWT = mean_{j>0} (R[j-1][j] − b[j])"),
+    (
+        "forgetting (max)",
+        "Forgetting (max-based) = mean_{j<T-1} (max_{l<T-1} R[l][j] − R[T-1][j])",
+    ),
+    (
+        "forgetting (first − last)",
+        "Forgetting (first − last, Avalanche) = mean_{j<T-1} (R[j][j] − R[T-1][j])",
+    ),
+]
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _row(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def _table(header: list[str], rows: list[list[str]], left: int = 1) -> str:
+    """A markdown table; the first ``left`` columns align left, the rest (numbers) right."""
+    rule = [":---" if k < left else "---:" for k in range(len(header))]
+    return "\n".join([_row(header), _row(rule), *(_row(r) for r in rows)])
+
+
+def points(x: float) -> str:
+    """An accuracy (or difference of accuracies) in [0, 1] scale as points, one decimal."""
+    if math.isnan(x):
+        return MISSING
+    text = f"{100.0 * x:.1f}"
+    return "0.0" if text == "-0.0" else text
+
+
+def count(n: float) -> str:
+    """A parameter count with a K/M/B suffix (``1.23M``)."""
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if round(n / scale, 2) >= 1.0:
+            return f"{n / scale:.2f}{unit}"
+    return f"{n:g}"
+
+
+def duration(seconds: float) -> str:
+    """``12.3 s``, ``4 min 05 s`` or ``1 h 02 min``."""
+    if seconds < 60.0:
+        return f"{seconds:.1f} s"
+    s = round(seconds)
+    if s < 3600:
+        return f"{s // 60} min {s % 60:02d} s"
+    return f"{s // 3600} h {s % 3600 // 60:02d} min"
+
+
+def memory(n: int | None) -> str:
+    """Bytes in binary units; ``n/a`` when not measured."""
+    if n is None:
+        return MISSING
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} B"
+
+
+def _share(s: StrategyResult) -> str:
+    share = s.cost.trainable_share
+    pct = MISSING if math.isnan(share) else f"{100.0 * share:.3g}%"
+    return f"{count(s.cost.trainable_parameters)} ({pct})"
+
+
+def comparison_table(results: RunResults) -> str:
+    """One markdown row per strategy; accuracies and their differences in points (one decimal)."""
+    rows = []
+    for name, s in results.strategies.items():
+        m = s.matrix
+        rows.append(
+            [
+                _cell(name),
+                points(m.acc()),
+                points(m.average_incremental_accuracy()),
+                points(m.bwt()),
+                points(m.fwt()),
+                points(m.forgetting()),
+                _share(s),
+                count(s.cost.active_parameters_per_token),
+                duration(s.cost.wall_seconds),
+                memory(s.cost.peak_memory_bytes),
+            ]
+        )
+    return _table(COLUMNS, rows)
+
+
+def _definitions() -> list[str]:
+    lines = [
+        "## Definitions",
+        "",
+        "`R[i][j]` = accuracy on experience `j` after training through experience `i` "
+        "(0-based, `T` experiences), plus `b[j]` = accuracy of the initial model.",
+        "",
+        _table(["column", "definition"], [[c, f"`{f}`"] for c, f in DEFINITIONS], left=2),
+        "",
+        "Accuracies and their differences are in points (percent). `forgetting (max)` is the "
+        "max-based forgetting; the max runs over every earlier evaluation `l < T-1`. "
+        "Avalanche's `StreamForgetting` is first-minus-last, reported separately as "
+        "`forgetting (first − last)`. A value is n/a when an entry its formula needs was not "
+        "measured (a run in progress; joint training, which has only the final row).",
+        "",
+        "Cost: `trainable params` are the parameters the strategy updates, with their share of "
+        "the backbone's parameter count; `active params/token` are the parameters a token "
+        "passes through (mean over tokens for input-dependent routing); `wall time` is the "
+        "wall-clock time of the strategy's whole run (training and evaluation); `peak memory` is "
+        "the peak accelerator memory allocated (n/a when not measured).",
+    ]
+    return lines
+
+
+def _matrix_table(s: StrategyResult, experiences: list[str]) -> str:
+    header = ["after \\ evaluated on", *(_cell(e) for e in experiences)]
+    rows = [["initial (b)", *(points(x) for x in s.matrix.b)]]
+    for i, e in enumerate(experiences):
+        rows.append([f"{i}: {_cell(e)}", *(points(x) for x in s.matrix.R[i])])
+    return _table(header, rows)
+
+
+def _routing(s: StrategyResult, experiences: list[str]) -> list[str]:
+    r = s.routing
+    if r is None:
+        return []
+    tia = r.task_inference_accuracy
+    lines = [
+        f"### {_cell(s.name)}",
+        "",
+        f"Task inference accuracy: {MISSING if tia is None else points(tia) + '%'}",
+        "",
+    ]
+    if any(r.expert_usage):
+        n_exp = max(len(row) for row in r.expert_usage)
+        same = len(experiences) == len(r.expert_usage)
+        names = experiences if same else [f"task {t}" for t in range(len(r.expert_usage))]
+        rows = []
+        for name, row in zip(names, r.expert_usage):
+            padded = list(row) + [float("nan")] * (n_exp - len(row))
+            rows.append([_cell(name), *(points(x) for x in padded)])
+        lines += [
+            "Share of each task's tokens routed to each expert (%; n/a: the expert did not "
+            "exist yet):",
+            "",
+            _table(["task", *(f"e{e}" for e in range(n_exp))], rows),
+            "",
+        ]
+    return lines
+
+
+def _progress(results: RunResults) -> list[str]:
+    """A note for each strategy still running (its final row not measured yet)."""
+    t = len(results.experiences)
+    notes = []
+    for name, s in results.strategies.items():
+        if t - 1 not in s.matrix.measured_rows:
+            done = s.matrix.last_completed + 1
+            notes.append(f"- {_cell(name)}: evaluated after {done} of {t} experiences")
+    return ["**In progress:**", "", *notes, ""] if notes else []
+
+
+def render_report(results: RunResults, plots: dict[str, str] | None = None) -> str:
+    """The report's markdown; ``plots`` maps a caption to a path relative to the run folder."""
+    t = len(results.experiences)
+    lines = [
+        f"# {_cell(results.scenario)} — {_cell(results.setting)}, seed {results.seed}",
+        "",
+        f"Stream of {t} experiences: " + ", ".join(f"`{_cell(e)}`" for e in results.experiences),
+        "",
+        *_progress(results),
+        "## Results",
+        "",
+        comparison_table(results),
+        "",
+        "Avalanche's forgetting (first − last), reported separately:",
+        "",
+        _table(
+            ["strategy", "forgetting (first − last)"],
+            [
+                [_cell(n), points(s.matrix.forgetting_first_minus_last())]
+                for n, s in results.strategies.items()
+            ],
+        ),
+        "",
+        *_definitions(),
+        "",
+        "## Accuracy matrices",
+        "",
+        "Rows: after training through experience `i`; columns: evaluated experience `j`; points.",
+        "",
+    ]
+    for s in results.strategies.values():
+        lines += [f"### {_cell(s.name)}", "", _matrix_table(s, results.experiences), ""]
+    routed = [s for s in results.strategies.values() if s.routing is not None]
+    if routed:
+        lines += ["## Routing", ""]
+        for s in routed:
+            lines += _routing(s, results.experiences)
+    if plots:
+        lines += ["## Plots", ""]
+        for caption, rel in plots.items():
+            alt = caption.replace("[", "(").replace("]", ")")
+            lines += [f"![{alt}]({rel})", ""]
+    lines += [
+        "## Configuration",
+        "",
+        "```json",
+        json.dumps(results.config, indent=2, sort_keys=True, allow_nan=False),
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_report(run_dir: str | os.PathLike[str], *, plots: bool = True) -> Path:
+    """Rebuild ``run_dir/report.md`` (and ``run_dir/plots/*.png``) from ``metrics.json``."""
+    from moracl.checkpoint import atomic_write_bytes
+
+    root = Path(run_dir)
+    results = RunResults.load(root)
+    links: dict[str, str] = {}
+    if plots:
+        from moracl.report.plots import PLOTS_DIR, write_plots
+
+        files = write_plots(results, root / PLOTS_DIR)
+        if files.summary is not None:
+            links["ACC and BWT"] = f"{PLOTS_DIR}/{files.summary.name}"
+        if files.accuracy_curves is not None:
+            links["accuracy per experience"] = f"{PLOTS_DIR}/{files.accuracy_curves.name}"
+        for name, p in files.accuracy_matrices.items():
+            links[f"accuracy matrix: {name}"] = f"{PLOTS_DIR}/{p.name}"
+        for name, p in files.expert_usage.items():
+            links[f"expert usage: {name}"] = f"{PLOTS_DIR}/{p.name}"
+    path = root / REPORT_FILE
+    atomic_write_bytes(path, render_report(results, links).encode())
+    return path
