@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 __all__ = [
     "MINILM_PIP_NAME",
     "SentenceClassifier",
+    "SmallCNN",
     "encode_texts",
     "load_minilm",
     "mean_pool",
@@ -175,3 +176,95 @@ class SentenceClassifier(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Logits ``(b, k)`` from ``input_ids`` and ``attention_mask`` ``(b, n)``."""
         return self.head(self.embed(input_ids, attention_mask))  # (b, d) -> (b, k)
+
+
+class SmallCNN(nn.Module):
+    """A small convolutional image encoder for ``1×28×28`` inputs, pretrained by ``scenarios``.
+
+    Two strided conv blocks (5×5 then 3×3 conv of stride 2, each followed by GroupNorm and
+    ReLU; strides rather than max-pooling, which is slow on CPU) then three fully connected
+    layers of width ``hidden`` with ReLU; ``forward`` returns the last of them as features.
+    The optional ``head`` (``hidden -> num_classes``) is only used for pretraining and is left
+    out of the encoders handed to continual runs (``num_classes=None``), so that
+    ``"all-linear"`` targets pick only ``fc1``, ``fc2``, ``fc3``. There is no BatchNorm:
+    training and evaluation compute the same function of the input.
+
+    Shape legend: ``b`` batch, ``c`` channels, ``d`` features (``hidden``), ``k`` classes::
+
+        x (b, 1, 28, 28) -> block1 (b, c1, 14, 14) -> block2 (b, c2, 7, 7)
+          -> flatten (b, c2·49) -> fc1 (b, d) -> fc2 (b, d) -> fc3 (b, d) = features
+          -> head (b, k)
+
+    With the defaults (channels 32 and 64, ``hidden`` 512, 10 classes) the encoder has
+    2,150,976 parameters (2,156,106 with the head).
+
+    Args:
+        channels: output channels of the two conv blocks.
+        hidden: ``d``, the width of ``fc1``..``fc3`` and of the features.
+        num_classes: ``k`` for the pretraining head, or ``None`` for no head.
+        groups: GroupNorm groups per conv block (must divide both channel counts).
+
+    Attributes:
+        feature_dim: ``d``.
+        default_targets: the linear layers adapters go on by default, ``("fc2", "fc3")``
+            (square ``d × d`` layers, cheap to adapt; ``fc1`` is ``c2·49 × d``).
+    """
+
+    default_targets: tuple[str, ...] = ("fc2", "fc3")
+
+    def __init__(
+        self,
+        *,
+        channels: tuple[int, int] = (32, 64),
+        hidden: int = 512,
+        num_classes: int | None = 10,
+        groups: int = 8,
+    ) -> None:
+        super().__init__()
+        c1, c2 = channels
+        if min(c1, c2, hidden, groups) < 1 or c1 % groups or c2 % groups:
+            raise ValueError(
+                f"channels {channels} and hidden {hidden} must be positive and the channels "
+                f"divisible by groups={groups}"
+            )
+        if num_classes is not None and num_classes < 1:
+            raise ValueError(f"num_classes must be at least 1 or None, got {num_classes}")
+        self.channels = (c1, c2)
+        self.hidden = hidden
+        self.groups = groups
+        self.feature_dim = hidden
+        self.block1 = nn.Sequential(
+            nn.Conv2d(1, c1, 5, stride=2, padding=2), nn.GroupNorm(groups, c1), nn.ReLU()
+        )
+        self.block2 = nn.Sequential(
+            nn.Conv2d(c1, c2, 3, stride=2, padding=1), nn.GroupNorm(groups, c2), nn.ReLU()
+        )
+        self.fc1 = nn.Linear(c2 * 7 * 7, hidden)
+        self.fc2 = nn.Linear(hidden, hidden)
+        self.fc3 = nn.Linear(hidden, hidden)
+        self.head = nn.Linear(hidden, num_classes) if num_classes is not None else None
+
+    def architecture(self) -> dict[str, object]:
+        """A JSON-ready description from which ``SmallCNN(**...)`` rebuilds this module."""
+        k = self.head.out_features if self.head is not None else None
+        return {
+            "channels": list(self.channels),
+            "hidden": self.hidden,
+            "num_classes": k,
+            "groups": self.groups,
+        }
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Features ``(b, d)`` of images ``x`` ``(b, 1, 28, 28)``."""
+        if x.ndim != 4 or x.shape[1:] != (1, 28, 28):
+            raise ValueError(f"expected images of shape (b, 1, 28, 28), got {tuple(x.shape)}")
+        h = self.block2(self.block1(x))  # (b, 1, 28, 28) -> (b, c1, 14, 14) -> (b, c2, 7, 7)
+        h = torch.relu(self.fc1(h.flatten(1)))  # (b, c2·49) -> (b, d)
+        h = torch.relu(self.fc2(h))  # (b, d)
+        return torch.relu(self.fc3(h))  # (b, d)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Pretraining logits ``(b, k)`` of images ``x`` ``(b, 1, 28, 28)``."""
+        if self.head is None:
+            raise ValueError("this SmallCNN has no head (built with num_classes=None)")
+        return self.head(self.forward(x))  # (b, d) -> (b, k)

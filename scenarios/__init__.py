@@ -4,6 +4,16 @@ Every source comes from a Debian or PyPI package installed beforehand; a missing
 error naming the package to install. Nothing here is imported by the ``moracl`` core.
 """
 
+from scenarios._image import image_inputs  # also registers cnn-mnist, cnn-fashion
+from scenarios.digits import digit_domains
+from scenarios.fashion import split_fashion
 from scenarios.wordnet import LEXNAMES, load_wordnet_glosses, wordnet_classification
 
-__all__ = ["LEXNAMES", "load_wordnet_glosses", "wordnet_classification"]
+__all__ = [
+    "LEXNAMES",
+    "digit_domains",
+    "image_inputs",
+    "load_wordnet_glosses",
+    "split_fashion",
+    "wordnet_classification",
+]
