@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import json
 import math
 import re
@@ -215,12 +216,21 @@ def test_run_results_save_and_load(tmp_path: Path) -> None:
     path = run.save(tmp_path)
     assert path == tmp_path / METRICS_FILE
     assert [p.name for p in tmp_path.iterdir()] == [METRICS_FILE]  # no temporary file left
+    assert path.stat().st_mode & 0o777 == 0o644
     data = json.loads(path.read_text())
     assert data["format"] == "moracl.continual.run" and data["version"] == 1
     assert RunResults.load(tmp_path) == run and RunResults.load(path) == run
     run.add(_strategy("Naive", 2, False))
     run.save(tmp_path)  # overwriting our own readable file is fine
     assert RunResults.load(tmp_path).strategies["Naive"] == run.strategies["Naive"]
+
+
+def test_str_enum_setting_is_stored_as_its_value() -> None:
+    class Setting(str, enum.Enum):
+        DOMAIN = "domain-incremental"
+
+    run = RunResults("s", Setting.DOMAIN, 0, ["a"])
+    assert type(run.setting) is str and run.setting == "domain-incremental"
 
 
 def test_run_results_validation() -> None:

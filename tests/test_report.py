@@ -177,13 +177,16 @@ def test_report_rebuilds_from_metrics_json_alone(tmp_path: Path) -> None:
 def test_report_of_a_run_in_progress(tmp_path: Path) -> None:
     run = _results()
     moe = run.strategies["MoE | top-2"]
-    partial = AccuracyMatrix.empty(3).set_initial(B3).set_row(0, R3[0])
+    partial = AccuracyMatrix.empty(3).set_initial(B3).set_row(0, R3[0]).set_row(1, R3[1])
     run.add(StrategyResult(moe.name, partial, moe.cost, None))
     run.save(tmp_path)
     text = write_report(tmp_path, plots=False).read_text()
-    assert "MoE \\| top-2: evaluated after 1 of 3 experiences" in text
+    # Through experience 1 (see test_partial_matrix): ACC 0.8, BWT 0.1, forgetting -0.1.
+    note = "MoE \\| top-2: evaluated after 2 of 3 experiences; as if the stream ended at `verb`: "
+    assert note + "ACC 80.0, BWT 10.0, forgetting (max) -10.0" in text
     row = _parse_table(text, "strategy")[0]
-    assert row["ACC"] == "n/a" and row["FWT"] == "n/a"  # FWT needs R[1][2], not measured
+    assert row["ACC"] == "n/a" and row["BWT"] == "n/a"
+    assert row["FWT"] == "2.5"  # needs R01, R12 and b only, all measured
     assert not (tmp_path / "plots").exists()
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -244,6 +245,23 @@ def _floats_from_json(values: Any, name: str) -> list[float]:
     return out
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename, so
+    readers see the old file or the new one; the file is readable by all (mode 0o644)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def _optional_float(x: float | None) -> float | None:
     return None if x is None or math.isnan(x) else float(x)
 
@@ -413,6 +431,9 @@ class RunResults:
     def __post_init__(self) -> None:
         if not self.experiences:
             raise ValueError("experiences=[]; expected the names of the stream's experiences")
+        # str Enums (a setting, a scenario name) are stored as their value
+        self.scenario = str(getattr(self.scenario, "value", self.scenario))
+        self.setting = str(getattr(self.setting, "value", self.setting))
         self.experiences = [str(e) for e in self.experiences]
         for key, result in self.strategies.items():
             self._check(key, result)
@@ -479,9 +500,7 @@ class RunResults:
             text = json.dumps(self.to_dict(), indent=2, allow_nan=False)
         except (TypeError, ValueError) as e:
             raise ValueError(f"results of {self.scenario!r} are not JSON-serialisable: {e}") from e
-        from moracl.checkpoint import atomic_write_bytes
-
-        atomic_write_bytes(path, (text + "\n").encode())
+        write_text_atomic(path, text + "\n")
         return path
 
     @classmethod

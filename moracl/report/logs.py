@@ -120,6 +120,8 @@ class RunLogger:
         """One evaluation: accuracy (in [0, 1]) on ``eval_experience`` after training through
         ``after_experience``, i.e. ``R[after_experience][eval_experience]``."""
         self._check_open()
+        accuracy = float(accuracy)
+        loss = None if loss is None else float(loss)
         if not 0.0 <= accuracy <= 1.0:
             raise ValueError(f"accuracy={accuracy!r}; expected a value in [0, 1]")
         self._eval.writerow(

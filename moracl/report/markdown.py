@@ -12,7 +12,7 @@ import math
 import os
 from pathlib import Path
 
-from moracl.continual.metrics import RunResults, StrategyResult
+from moracl.continual.metrics import RunResults, StrategyResult, write_text_atomic
 
 __all__ = ["REPORT_FILE", "comparison_table", "render_report", "write_report"]
 
@@ -194,8 +194,16 @@ def _progress(results: RunResults) -> list[str]:
     notes = []
     for name, s in results.strategies.items():
         if t - 1 not in s.matrix.measured_rows:
-            done = s.matrix.last_completed + 1
-            notes.append(f"- {_cell(name)}: evaluated after {done} of {t} experiences")
+            k = s.matrix.last_completed
+            note = f"- {_cell(name)}: evaluated after {k + 1} of {t} experiences"
+            if k >= 0:
+                so_far = s.matrix.upto(k)
+                note += (
+                    f"; as if the stream ended at `{_cell(results.experiences[k])}`: "
+                    f"ACC {points(so_far.acc())}, BWT {points(so_far.bwt())}, "
+                    f"forgetting (max) {points(so_far.forgetting())}"
+                )
+            notes.append(note)
     return ["**In progress:**", "", *notes, ""] if notes else []
 
 
@@ -254,8 +262,6 @@ def render_report(results: RunResults, plots: dict[str, str] | None = None) -> s
 
 def write_report(run_dir: str | os.PathLike[str], *, plots: bool = True) -> Path:
     """Rebuild ``run_dir/report.md`` (and ``run_dir/plots/*.png``) from ``metrics.json``."""
-    from moracl.checkpoint import atomic_write_bytes
-
     root = Path(run_dir)
     results = RunResults.load(root)
     links: dict[str, str] = {}
@@ -272,5 +278,5 @@ def write_report(run_dir: str | os.PathLike[str], *, plots: bool = True) -> Path
         for name, p in files.expert_usage.items():
             links[f"expert usage: {name}"] = f"{PLOTS_DIR}/{p.name}"
     path = root / REPORT_FILE
-    atomic_write_bytes(path, render_report(results, links).encode())
+    write_text_atomic(path, render_report(results, links))
     return path
