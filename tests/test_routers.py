@@ -500,3 +500,31 @@ def test_topk_compiles_under_bf16_autocast_on_cuda() -> None:
     assert torch.allclose(res.gates.sum(-1), torch.ones(64, device="cuda"), atol=1e-5)
     ((res.gates * 2).sum() + res.aux_loss).backward()
     assert router.noise_weight is not None and router.noise_weight.grad is not None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("which", ["topk", "dynamic"])
+def test_compiled_router_functions_match_eager_on_cuda(which: str) -> None:
+    from moracl.experts.routers.dynamic import dynamic_route
+    from moracl.experts.routers.topk import topk_route
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    logits = torch.randn(256, 16, device="cuda", generator=gen)
+    noise = torch.randn(256, 8, device="cuda", generator=gen)
+    allowed = torch.rand(256, 8, device="cuda", generator=gen) > 0.2
+    allowed[:, 0] = True
+    w = torch.randn(256, 8, device="cuda", generator=gen)
+    fn = topk_route if which == "topk" else dynamic_route
+    extra = (2,) if which == "topk" else (0.6, 1, 4)
+    outs = []
+    for call in (torch.compile(fn, fullgraph=True), fn):  # compiled, then eager
+        x = logits.clone().requires_grad_(True)
+        gates, probs, chosen, indices, balance, z = call(x, allowed, noise, None, *extra)
+        ((gates * w).sum() + balance + z).backward()
+        outs.append((gates, probs, chosen, balance, z, x.grad))
+    for got, ref in zip(*outs):
+        if got.dtype == torch.bool:
+            assert torch.equal(got, ref)
+        else:
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)

@@ -28,8 +28,9 @@ _FUSED: ContextVar[bool] = ContextVar("moracl_fused", default=True)
 
 
 def fused_enabled() -> bool:
-    """Whether adapted layers may use their fused nodes (see :func:`plain_autograd`)."""
-    return _FUSED.get()
+    """Whether adapted layers may use their fused nodes (see :func:`plain_autograd`); never
+    while ``torch.compile`` traces, where plain operations let the compiler fuse them."""
+    return _FUSED.get() and not torch.compiler.is_compiling()
 
 
 @contextmanager

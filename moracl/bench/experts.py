@@ -41,6 +41,10 @@ METHODS = [
 ]
 
 
+def _no_fused(*args: Any) -> None:
+    return None
+
+
 def _wrap(method: str, base: nn.Module, rank: int) -> nn.Module:
     from moracl import LoRAConfig, MoRAModel
     from moracl.experts.mixture import MixtureConfig
@@ -72,11 +76,18 @@ def _wrap(method: str, base: nn.Module, rank: int) -> nn.Module:
     if method.startswith("naive"):
         for _, mixture in model.mixtures():
             mixture.mix = mixture.naive_delta  # type: ignore[method-assign]
+            mixture.fused_forward = _no_fused  # type: ignore[method-assign,assignment]
     return model
 
 
 def run(
-    size: str, methods: list[str], rank: int, steps: int, warmup: int, device: torch.device
+    size: str,
+    methods: list[str],
+    rank: int,
+    steps: int,
+    warmup: int,
+    device: torch.device,
+    compile: bool = False,
 ) -> list[dict[str, Any]]:
     shape = SIZES[size]
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -91,10 +102,12 @@ def run(
             embeds = cast(Any, base).get_input_embeddings()(ids)
         embeds.requires_grad_(True)
         model = _wrap(method, base, rank).train()
-        extra = {"task_ids": task_ids} if method == "task" else {}
         params = [p for p in model.parameters() if p.requires_grad]
+        if compile:
+            model = cast(nn.Module, torch.compile(model))
+        extra = {"task_ids": task_ids} if method == "task" else {}
         opt = torch.optim.AdamW(params, lr=1e-5, foreach=True) if params else None
-        aux = getattr(model, "aux_loss", None)
+        aux = getattr(getattr(model, "_orig_mod", model), "aux_loss", None)
 
         def step(
             model: nn.Module = model,
@@ -133,11 +146,15 @@ def run(
 
 def main(argv: list[str] | None = None) -> int:
     parser = bench_parser("moracl bench experts", __doc__, METHODS, sorted(SIZES))
+    parser.add_argument(
+        "--compile", action="store_true", help="time torch.compile(model) for every method"
+    )
     args = parser.parse_args(argv)
     device, size = device_and_size(args)
     methods = args.methods or METHODS
-    results = run(size, methods, args.rank, args.steps, args.warmup, device)
-    print(f"\n### experts, size {size}: {SIZES[size]}, r={args.rank}\n{machine(device)}\n")
+    results = run(size, methods, args.rank, args.steps, args.warmup, device, args.compile)
+    mode = "torch.compile(model)" if args.compile else "eager"
+    print(f"\n### experts, size {size}: {SIZES[size]}, r={args.rank}, {mode}\n{machine(device)}\n")
     rows = [
         [
             r["method"],

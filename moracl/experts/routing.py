@@ -6,6 +6,7 @@ Shape legend: ``n`` tokens, ``e`` experts, ``k`` experts chosen per token.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import Tensor
@@ -85,7 +86,9 @@ class RoutingResult:
         aux_losses: unweighted scalar auxiliary losses by name (``balance``, ``z``; a
             hierarchical router prefixes ``group.`` and ``expert.``).
         aux_weights: the weight of each auxiliary loss, from the router's config.
-        stats: :class:`RoutingStats`.
+
+    :attr:`stats` (:class:`RoutingStats`) are computed from ``probs`` and ``chosen`` on first
+    access, so a training step that never reads them launches no kernels for them.
     """
 
     gates: Tensor
@@ -94,7 +97,6 @@ class RoutingResult:
     indices: Tensor | None
     aux_losses: dict[str, Tensor]
     aux_weights: dict[str, float]
-    stats: RoutingStats
 
     def __post_init__(self) -> None:
         if set(self.aux_losses) != set(self.aux_weights):
@@ -102,6 +104,11 @@ class RoutingResult:
                 f"aux_weights {sorted(self.aux_weights)} must name the same losses as "
                 f"aux_losses {sorted(self.aux_losses)}"
             )
+
+    @cached_property
+    def stats(self) -> RoutingStats:
+        """Usage, entropy and experts per token of this routing (detached)."""
+        return RoutingStats.compute(self.probs, self.chosen)
 
     @property
     def num_experts(self) -> int:

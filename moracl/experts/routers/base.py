@@ -27,9 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moracl.adapters.base import ParamRole
-from moracl.experts.losses import load_balance_loss, router_z_loss
 from moracl.experts.routers.config import RouterConfig
-from moracl.experts.routing import RoutingResult, RoutingStats, routing_dtype
+from moracl.experts.routing import RoutingResult, routing_dtype
 from moracl.registry import Registry
 
 __all__ = [
@@ -38,6 +37,7 @@ __all__ = [
     "Router",
     "build_router",
     "check_task_ids",
+    "noisy_scores",
     "register_router",
 ]
 
@@ -262,7 +262,6 @@ class Router(nn.Module, ABC):
             indices=indices,
             aux_losses=aux_losses,
             aux_weights={name: weights[name] for name in aux_losses},
-            stats=RoutingStats.compute(probs, chosen),
         )
 
     def extra_repr(self) -> str:
@@ -301,35 +300,33 @@ class LogitRouter(Router):
             return self.weight
         return torch.cat([self.weight, self.noise_weight])  # (2e, d)
 
+    def noise(self, logits: Tensor) -> Tensor | None:
+        """``(n, e)`` standard normal draws for the noisy selection while training (in the
+        routing dtype), or ``None`` when this router adds no noise now."""
+        if self.noise_weight is None or not self.training:
+            return None
+        n, dtype = logits.shape[0], routing_dtype(logits.dtype)
+        return torch.randn(n, self.num_experts, device=logits.device, dtype=dtype)
+
     def scores(self, logits: Tensor) -> tuple[Tensor, Tensor]:
         """``(clean, used)``, both ``(n, e)`` in the routing dtype: the noise-free logits and
         the ones the selection uses (noisy while training)."""
-        e = self.num_experts
-        logits = logits.to(routing_dtype(logits.dtype))
-        clean = logits[:, :e]
-        if self.noise_weight is None or not self.training:
-            return clean, clean
-        std = F.softplus(logits[:, e:])  # (n, e)
-        return clean, clean + torch.randn_like(clean) * std
+        return noisy_scores(logits, self.num_experts, self.noise(logits))
 
     def _grow_experts(self, n_new: int) -> None:
         self.weight = zero_padded(self.weight, n_new)
         if self.noise_weight is not None:
             self.noise_weight = zero_padded(self.noise_weight, n_new)
 
-    def _losses(
-        self,
-        clean: Tensor,
-        probs: Tensor,
-        chosen: Tensor,
-        allowed: Tensor,
-        active: Tensor | None,
-    ) -> dict[str, Tensor]:
-        """The Switch balance loss and the z-loss of a selecting router."""
-        return {
-            "balance": load_balance_loss(probs, chosen, active),
-            "z": router_z_loss(clean, allowed, active),
-        }
+
+def noisy_scores(logits: Tensor, e: int, noise: Tensor | None) -> tuple[Tensor, Tensor]:
+    """``(clean, used)``, both ``(n, e)`` in the routing dtype, from ``logits (n, e|2e)``:
+    ``used = clean + noise · softplus(noise-scale logits)`` when ``noise (n, e)`` is given."""
+    logits = logits.to(routing_dtype(logits.dtype))
+    clean = logits[:, :e]
+    if noise is None:
+        return clean, clean
+    return clean, clean + noise * F.softplus(logits[:, e:])
 
 
 def zero_padded(p: nn.Parameter, n_new: int, dim: int = 0) -> nn.Parameter:

@@ -9,11 +9,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from moracl.experts.routers.base import LogitRouter
+from moracl.experts.losses import load_balance_loss, router_z_loss
+from moracl.experts.routers.base import LogitRouter, noisy_scores
 from moracl.experts.routers.config import RouterConfig
 from moracl.experts.routing import RoutingResult, mask_logits
 
-__all__ = ["DynamicRouter", "top_p_gates"]
+__all__ = ["DynamicRouter", "dynamic_route", "top_p_gates"]
 
 
 def top_p_gates(
@@ -40,6 +41,26 @@ def top_p_gates(
     kept = probs * chosen  # (n, e)
     gates = kept / kept.sum(-1, keepdim=True).clamp_min(torch.finfo(kept.dtype).tiny)
     return gates, probs, chosen, order[:, :max_experts]
+
+
+def dynamic_route(
+    logits: Tensor,
+    allowed: Tensor,
+    noise: Tensor | None,
+    active: Tensor | None,
+    top_p: float,
+    min_experts: int,
+    max_experts: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The whole top-p routing as one function of tensors and static settings: the
+    outputs of :func:`top_p_gates` and the unweighted balance and z losses.  ``logits``,
+    ``allowed``, ``noise`` and ``active`` as in :func:`~moracl.experts.routers.topk.topk_route`.
+    """
+    clean, scores = noisy_scores(logits, allowed.shape[-1], noise)  # (n, e) each
+    gates, probs, chosen, indices = top_p_gates(scores, allowed, top_p, min_experts, max_experts)
+    balance = load_balance_loss(probs, chosen, active)
+    z = router_z_loss(clean, allowed, active)
+    return gates, probs, chosen, indices, balance, z
 
 
 class DynamicRouter(LogitRouter):
@@ -73,10 +94,14 @@ class DynamicRouter(LogitRouter):
         task_ids: Tensor | None = None,
         active: Tensor | None = None,
     ) -> RoutingResult:
-        clean, scores = self.scores(logits)  # (n, e) each
         cfg = self.config
-        gates, probs, chosen, indices = top_p_gates(
-            scores, allowed, cfg.top_p, cfg.min_experts, self.max_experts
+        gates, probs, chosen, indices, balance, z = dynamic_route(
+            logits,
+            allowed,
+            self.noise(logits),
+            active,
+            cfg.top_p,
+            cfg.min_experts,
+            self.max_experts,
         )
-        aux = self._losses(clean, probs, chosen, allowed, active)
-        return self._result(gates, probs, chosen, indices, aux)
+        return self._result(gates, probs, chosen, indices, {"balance": balance, "z": z})

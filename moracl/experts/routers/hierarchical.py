@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from moracl.experts.routers.base import Router, build_router
 from moracl.experts.routers.config import RouterConfig
-from moracl.experts.routing import RoutingResult, RoutingStats
+from moracl.experts.routing import RoutingResult
 
 __all__ = ["HierarchicalRouter", "expert_config", "group_config"]
 
@@ -139,7 +139,6 @@ class HierarchicalRouter(Router):
             indices=self._indices(group.indices, [r.indices for r in results]),
             aux_losses=aux_losses,
             aux_weights=aux_weights,
-            stats=RoutingStats.compute(probs, chosen),
         )
 
     def _indices(self, outer: Tensor | None, inner: list[Tensor | None]) -> Tensor | None:

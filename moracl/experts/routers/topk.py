@@ -8,11 +8,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from moracl.experts.routers.base import LogitRouter
+from moracl.experts.losses import load_balance_loss, router_z_loss
+from moracl.experts.routers.base import LogitRouter, noisy_scores
 from moracl.experts.routers.config import RouterConfig
 from moracl.experts.routing import RoutingResult, mask_logits
 
-__all__ = ["TopKRouter", "topk_gates"]
+__all__ = ["TopKRouter", "topk_gates", "topk_route"]
 
 
 def topk_gates(scores: Tensor, allowed: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -38,6 +39,30 @@ def topk_gates(scores: Tensor, allowed: Tensor, k: int) -> tuple[Tensor, Tensor,
     return gates, probs, chosen, indices
 
 
+def topk_route(
+    logits: Tensor, allowed: Tensor, noise: Tensor | None, active: Tensor | None, k: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The whole top-k routing of ``n`` tokens as one function of tensors and static
+    settings (no module state), so ``torch.compile`` can fuse it into a few kernels.
+
+    Args:
+        logits: ``(n, e)`` or ``(n, 2e)`` router logits (clean, then noise-scale columns).
+        allowed: ``(n|1, e)`` bool.
+        noise: ``(n, e)`` standard normal draws, or ``None`` for no noise.
+        active: ``(n,)`` bool tokens the losses count, or ``None`` for all.
+        k: experts per token.
+
+    Returns:
+        ``gates, probs, chosen, indices`` as :func:`topk_gates`, and the unweighted balance
+        and z losses.
+    """
+    clean, scores = noisy_scores(logits, allowed.shape[-1], noise)  # (n, e) each
+    gates, probs, chosen, indices = topk_gates(scores, allowed, k)
+    balance = load_balance_loss(probs, chosen, active)
+    z = router_z_loss(clean, allowed, active)
+    return gates, probs, chosen, indices, balance, z
+
+
 class TopKRouter(LogitRouter):
     """Noisy top-k gating: each token goes to its ``config.k`` best experts, with a softmax
     over them; ``balance`` (Switch, over the ``n·k`` assignments) and ``z`` losses."""
@@ -60,7 +85,8 @@ class TopKRouter(LogitRouter):
         task_ids: Tensor | None = None,
         active: Tensor | None = None,
     ) -> RoutingResult:
-        clean, scores = self.scores(logits)  # (n, e) each
-        gates, probs, chosen, indices = topk_gates(scores, allowed, self.config.k)
-        aux = self._losses(clean, probs, chosen, allowed, active)
-        return self._result(gates, probs, chosen, indices, aux)
+        noise = self.noise(logits)  # (n, e) or None
+        gates, probs, chosen, indices, balance, z = topk_route(
+            logits, allowed, noise, active, self.config.k
+        )
+        return self._result(gates, probs, chosen, indices, {"balance": balance, "z": z})
