@@ -208,7 +208,9 @@ def _train(source: str, recipe: Recipe) -> tuple[SmallCNN, dict[str, Any]]:
         torch.manual_seed(recipe.seed)
         model = SmallCNN(num_classes=int(ty.max()) + 1)
         order = torch.Generator().manual_seed(recipe.seed)
-        opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+        opt = torch.optim.AdamW(
+            model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay, fused=True
+        )
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(
             opt, T_max=recipe.epochs * steps_per_epoch
         )
