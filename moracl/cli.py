@@ -10,6 +10,7 @@ from collections.abc import Sequence
 BENCHES = {
     "adapters": "moracl.bench.adapters",
     "experts": "moracl.bench.experts",
+    "meta": "moracl.bench.meta",
     "optim": "moracl.bench.optim",
     "profile": "moracl.bench.profile",
 }
@@ -40,10 +41,52 @@ def _finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _meta(args: argparse.Namespace) -> int:
+    from moracl.config import MetaConfig, load_config
+    from moracl.meta.run import meta_learn
+
+    config = load_config(args.config, args.overrides)
+    if not isinstance(config, MetaConfig):
+        raise ValueError(f"{args.config} is a {config.job!r} config, not a 'meta' one")
+    print(meta_learn(config, progress=not args.quiet).table())
+    print(f"report.md, metrics.json, episodes.json and adapter/ saved in {config.output_dir}")
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     module = importlib.import_module(BENCHES[args.name])
     code: int = module.main(args.rest)
     return code
+
+
+def _run(args: argparse.Namespace) -> int:
+    from moracl.config import from_dict, load_config
+    from moracl.continual.config import RunConfig
+    from moracl.continual.run import run_continual
+    from moracl.report import comparison_table
+
+    if args.resume:
+        import json
+        from pathlib import Path
+
+        from moracl.continual.checkpoint import load_checkpoint
+
+        meta = load_checkpoint(args.resume).meta
+        config_data = json.loads(json.dumps(meta["results"]["config"]))
+        config_data["output_dir"] = str(Path(args.resume))
+        config = from_dict(RunConfig, config_data)
+    else:
+        if args.config is None:
+            raise ValueError("moracl run needs a CONFIG file (or --resume RUN_DIR)")
+        config = load_config(args.config, args.overrides)
+        if not isinstance(config, RunConfig):
+            raise ValueError(f"{args.config} is a {config.job!r} config, not a 'run' one")
+    results = run_continual(
+        config, resume=bool(args.resume), progress=not args.quiet, device=args.device
+    )
+    print(comparison_table(results))
+    print(f"run folder: {config.output_dir} (report.md, metrics.json, plots/, logs/)")
+    return 0
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -75,10 +118,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_finetune)
 
+    p = sub.add_parser("meta", help="meta-train adapters on few-shot tasks and meta-test them")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_meta)
+
     p = sub.add_parser("bench", help="benchmarks (see moracl/bench/RESULTS.md)")
     p.add_argument("name", choices=sorted(BENCHES))
     p.add_argument("rest", nargs=argparse.REMAINDER, help="options of that benchmark")
     p.set_defaults(func=_bench)
+
+    p = sub.add_parser("run", help="a continual run: moracl and the baselines on one stream")
+    p.add_argument("config", nargs="?", help="a YAML config with job: run")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_run)
 
     p = sub.add_parser("report", help="rebuild report.md and plots of a run from its metrics.json")
     p.add_argument("run_dir", help="the run's folder (holding metrics.json)")

@@ -19,12 +19,20 @@ from typing import Any, TypeVar, Union
 import yaml
 
 from moracl.adapters import AdapterConfig
+from moracl.continual.config import RunConfig
+from moracl.experts.mixture import MixtureConfig
 from moracl.registry import Registry
 
 __all__ = [
     "JOBS",
     "DataConfig",
+    "FewShotDataConfig",
     "FinetuneConfig",
+    "MetaAlgorithm",
+    "MetaConfig",
+    "MetaLearnConfig",
+    "MetaOptimConfig",
+    "MetaTestConfig",
     "TrainConfig",
     "apply_overrides",
     "from_dict",
@@ -86,8 +94,141 @@ class FinetuneConfig:
     output_dir: str = field(default="out/finetune", metadata={"help": "where the adapter is saved"})
 
 
+class MetaAlgorithm(str, Enum):
+    """The MAML variant of ``moracl meta`` (see :mod:`moracl.meta.maml`)."""
+
+    MAML = "maml"  # second order
+    FOMAML = "fomaml"  # first order
+    METASGD = "metasgd"  # learned per-entry inner step sizes
+    ANIL = "anil"  # only the head adapts in the inner loop
+
+
+@dataclass
+class FewShotDataConfig:
+    """N-way K-shot episodes of a few-shot scenario (``scenarios.fewshot.FEWSHOT``)."""
+
+    scenario: str = field(default="wordnet-fewshot", metadata={"help": "few-shot scenario"})
+    ways: int = field(default=5, metadata={"help": "N, classes per episode"})
+    shots: int = field(default=5, metadata={"help": "K, support examples per class"})
+    queries: int = field(default=15, metadata={"help": "Q, query examples per class"})
+    options: dict[str, Any] = field(
+        default_factory=dict,
+        metadata={"help": "scenario options: class split fractions, seeds, class lists, ..."},
+    )
+
+    def __post_init__(self) -> None:
+        if self.ways < 2 or self.shots < 1 or self.queries < 1:
+            raise ValueError(
+                f"need data.ways >= 2, data.shots >= 1 and data.queries >= 1; got "
+                f"{self.ways!r}, {self.shots!r}, {self.queries!r}"
+            )
+
+
+@dataclass
+class MetaLearnConfig:
+    """The meta-training loop."""
+
+    algorithm: MetaAlgorithm = field(
+        default=MetaAlgorithm.MAML, metadata={"help": "maml, fomaml, metasgd or anil"}
+    )
+    inner_lr: float = field(default=0.01, metadata={"help": "inner-loop SGD step size"})
+    inner_steps: int = field(default=5, metadata={"help": "inner steps in meta-training"})
+    test_inner_steps: int = field(default=10, metadata={"help": "inner steps at meta-test"})
+    meta_batch: int = field(default=16, metadata={"help": "tasks per outer step"})
+    chunk_size: int | None = field(
+        default=None, metadata={"help": "tasks per vmapped chunk (null: all at once)"}
+    )
+    steps: int = field(default=200, metadata={"help": "outer steps (0: no meta-training)"})
+    zero_head: bool = field(
+        default=True, metadata={"help": "keep the head's meta-initialisation at zero"}
+    )
+    val_every: int = field(
+        default=25, metadata={"help": "validate every this many steps, keep the best (0: never)"}
+    )
+    val_episodes: int = field(default=200, metadata={"help": "meta-validation episodes"})
+
+    def __post_init__(self) -> None:
+        if not self.inner_lr > 0:
+            raise ValueError(f"meta.inner_lr must be > 0, got {self.inner_lr!r}")
+        for name in ("inner_steps", "test_inner_steps", "steps", "val_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"meta.{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.meta_batch < 1 or self.val_episodes < 2:
+            raise ValueError(
+                f"need meta.meta_batch >= 1 and meta.val_episodes >= 2; got "
+                f"{self.meta_batch!r}, {self.val_episodes!r}"
+            )
+        if self.chunk_size is not None and self.chunk_size < 1:
+            raise ValueError(f"meta.chunk_size must be >= 1 or null, got {self.chunk_size!r}")
+
+
+@dataclass
+class MetaOptimConfig:
+    """The outer optimiser, a :class:`moracl.MoRAOptimizer`."""
+
+    base: str = field(default="adamw", metadata={"help": "adamw, sgd or lamb"})
+    lr: float = field(default=1e-3, metadata={"help": "outer learning rate"})
+    weight_decay: float = field(default=0.0, metadata={"help": "weight decay"})
+    loraplus_ratio: float = field(default=1.0, metadata={"help": "LoRA+ ratio of lora_b's lr"})
+    lars: bool = field(default=False, metadata={"help": "add LARS"})
+    sam_rho: float = field(default=0.0, metadata={"help": "SAM radius (0: no SAM)"})
+
+    def __post_init__(self) -> None:
+        if not self.lr > 0 or self.weight_decay < 0 or self.sam_rho < 0:
+            raise ValueError(
+                f"need optim.lr > 0, optim.weight_decay >= 0 and optim.sam_rho >= 0; got "
+                f"{self.lr!r}, {self.weight_decay!r}, {self.sam_rho!r}"
+            )
+
+
+@dataclass
+class MetaTestConfig:
+    """Meta-test on held-out classes: the meta-trained adapters and two baselines."""
+
+    episodes: int = field(default=600, metadata={"help": "test episodes (>= 600 for reports)"})
+    seed: int = field(default=2024, metadata={"help": "seeds the test episodes"})
+    batch: int = field(default=100, metadata={"help": "episodes per vmapped chunk"})
+    finetune_steps: int = field(
+        default=50, metadata={"help": "Adam steps of the fresh-adapter baseline per episode"}
+    )
+    finetune_lr: float = field(default=1e-2, metadata={"help": "its Adam learning rate"})
+
+    def __post_init__(self) -> None:
+        if self.episodes < 2 or self.batch < 1 or self.finetune_steps < 0:
+            raise ValueError(
+                f"need test.episodes >= 2, test.batch >= 1 and test.finetune_steps >= 0; got "
+                f"{self.episodes!r}, {self.batch!r}, {self.finetune_steps!r}"
+            )
+        if not self.finetune_lr > 0:
+            raise ValueError(f"test.finetune_lr must be > 0, got {self.finetune_lr!r}")
+
+
+@dataclass
+class MetaConfig:
+    """``moracl meta``: meta-train adapters on few-shot tasks, meta-test on held-out classes."""
+
+    job: str = "meta"
+    backbone: str = field(
+        default="minilm", metadata={"help": "the scenario's backbone: minilm or cnn-fashion"}
+    )
+    adapter: AdapterConfig | MixtureConfig = field(
+        default_factory=lambda: AdapterConfig(kind="lora", rank=8)
+    )
+    target_modules: list[str] = field(
+        default_factory=list, metadata={"help": "adapted layers (empty: the backbone's default)"}
+    )
+    data: FewShotDataConfig = field(default_factory=FewShotDataConfig)
+    meta: MetaLearnConfig = field(default_factory=MetaLearnConfig)
+    optim: MetaOptimConfig = field(default_factory=MetaOptimConfig)
+    test: MetaTestConfig = field(default_factory=MetaTestConfig)
+    seed: int = field(default=0, metadata={"help": "seeds initialisation and task sampling"})
+    output_dir: str = field(default="out/meta", metadata={"help": "report, metrics, adapter"})
+
+
 JOBS: Registry[type] = Registry("job")
 JOBS.register("finetune")(FinetuneConfig)
+JOBS.register("meta")(MetaConfig)
+JOBS.register("run")(RunConfig)
 
 
 # -- generic dict <-> dataclass ---------------------------------------------------------------
@@ -114,6 +255,15 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
             except (ValueError, TypeError) as e:
                 errors.append(str(e))
         raise ValueError("; ".join(errors))
+    if tp is MixtureConfig:
+        if isinstance(value, MixtureConfig):
+            return value
+        if not isinstance(value, Mapping):
+            raise _fail(where, "a mapping with 'mixture: true'", value)
+        try:
+            return MixtureConfig.from_dict(value)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{where}: {e}") from None
     if isinstance(tp, type) and issubclass(tp, AdapterConfig):
         if isinstance(value, AdapterConfig):
             return value
@@ -185,7 +335,7 @@ def from_dict(cls: type[T], data: Any, *, where: str = "") -> T:
 
 def to_dict(obj: Any) -> Any:
     """A YAML/JSON-ready form of a config dataclass (``from_dict`` inverts it)."""
-    if isinstance(obj, AdapterConfig):
+    if isinstance(obj, (AdapterConfig, MixtureConfig)):
         return obj.to_dict()
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}

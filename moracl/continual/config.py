@@ -1,0 +1,124 @@
+"""The typed configuration of ``moracl run`` (YAML ``job: run``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from moracl.adapters.base import AdapterConfig
+
+__all__ = [
+    "STRATEGIES",
+    "BaselinesConfig",
+    "ContinualTrainConfig",
+    "ExpertsConfig",
+    "RunConfig",
+    "ScenarioConfig",
+]
+
+#: strategy names a run may list, in the order runs report them
+STRATEGIES = ("moracl", "naive", "ewc", "lwf", "replay", "joint")
+
+
+@dataclass
+class ScenarioConfig:
+    """Which stream to learn (a name registered in ``scenarios.SCENARIOS``)."""
+
+    name: str = field(default="wordnet-domains", metadata={"help": "registered scenario name"})
+    setting: str | None = field(
+        default=None, metadata={"help": "task, class or domain (None: the scenario's default)"}
+    )
+    options: dict[str, Any] = field(
+        default_factory=dict, metadata={"help": "builder options (sizes, class lists, ...)"}
+    )
+
+
+@dataclass
+class ExpertsConfig:
+    """moracl's mixture: experts per experience, routing, freezing."""
+
+    per_experience: int = field(default=1, metadata={"help": "experts added per experience"})
+    router: str = field(
+        default="auto", metadata={"help": "auto (task ids -> task, else topk), task or topk"}
+    )
+    k: int = field(default=1, metadata={"help": "experts per token for topk routing"})
+    reuse_old: bool = field(
+        default=True, metadata={"help": "task routing: new tasks may use frozen old experts"}
+    )
+    freeze_heads: bool = field(default=True, metadata={"help": "freeze finished tasks' heads"})
+    replay_size: int = field(default=0, metadata={"help": "replay buffer for moracl too (0: none)"})
+
+    def __post_init__(self) -> None:
+        if self.per_experience <= 0 or self.k <= 0:
+            raise ValueError(
+                f"experts.per_experience and experts.k must be > 0, got "
+                f"{self.per_experience!r} and {self.k!r}"
+            )
+        if self.router not in ("auto", "task", "topk"):
+            raise ValueError(
+                f"experts.router must be one of ['auto', 'task', 'topk'], got {self.router!r}"
+            )
+        if self.replay_size < 0:
+            raise ValueError(f"experts.replay_size must be >= 0, got {self.replay_size!r}")
+
+
+@dataclass
+class BaselinesConfig:
+    """Hyper-parameters of the classic strategies."""
+
+    ewc_lambda: float = field(default=100.0, metadata={"help": "EWC penalty weight"})
+    lwf_alpha: float = field(default=1.0, metadata={"help": "LwF distillation weight"})
+    lwf_temperature: float = field(default=2.0, metadata={"help": "LwF temperature"})
+    replay_size: int = field(default=200, metadata={"help": "Replay buffer size (examples)"})
+
+    def __post_init__(self) -> None:
+        if self.replay_size <= 0:
+            raise ValueError(f"baselines.replay_size must be > 0, got {self.replay_size!r}")
+
+
+@dataclass
+class ContinualTrainConfig:
+    """How each strategy trains on each experience."""
+
+    epochs: int = field(default=2, metadata={"help": "passes over each experience"})
+    batch_size: int = field(default=32, metadata={"help": "examples per step"})
+    eval_batch_size: int = field(default=256, metadata={"help": "examples per eval step"})
+    lr: float = field(default=1e-3, metadata={"help": "learning rate of adapters and routers"})
+    head_lr: float = field(default=3e-3, metadata={"help": "learning rate of the heads"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    seed: int = field(default=0, metadata={"help": "seeds data order, init and sampling"})
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "eval_batch_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"train.{name} must be > 0, got {getattr(self, name)!r}")
+        for name in ("lr", "head_lr"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"train.{name} must be > 0, got {getattr(self, name)!r}")
+
+
+@dataclass
+class RunConfig:
+    """``moracl run``: moracl and the baselines on one continual stream."""
+
+    job: str = "run"
+    scenario: ScenarioConfig = field(default_factory=ScenarioConfig)
+    adapter: AdapterConfig = field(
+        default_factory=lambda: AdapterConfig(kind="lora", rank=4, alpha=8.0)  # type: ignore[call-arg]
+    )
+    target_modules: list[str] = field(
+        default_factory=list, metadata={"help": "layers to adapt (empty: the encoder's default)"}
+    )
+    experts: ExpertsConfig = field(default_factory=ExpertsConfig)
+    strategies: list[str] = field(default_factory=lambda: list(STRATEGIES))
+    baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
+    train: ContinualTrainConfig = field(default_factory=ContinualTrainConfig)
+    output_dir: str = field(default="out/run", metadata={"help": "the run folder"})
+
+    def __post_init__(self) -> None:
+        unknown = [s for s in self.strategies if s not in STRATEGIES]
+        if unknown or not self.strategies or len(set(self.strategies)) != len(self.strategies):
+            raise ValueError(
+                f"strategies must be distinct names among {list(STRATEGIES)}, "
+                f"got {self.strategies!r}"
+            )

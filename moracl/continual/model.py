@@ -1,0 +1,117 @@
+"""The classifier every continual strategy trains: a frozen encoder with adapters, and heads.
+
+Shape legend: ``b`` batch rows, ``d`` features, ``c`` classes of the whole stream.
+
+Task-incremental streams get one head per task (its columns are the task's classes; the other
+columns are filled with the lowest float, so the softmax is over the task's classes);
+class- and domain-incremental streams share one head, with the classes not yet trained on
+masked out. Logits always span the stream's global class ids, so Avalanche's metrics and
+losses apply unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from avalanche.models import MultiTaskModule
+from torch import Tensor, nn
+
+from moracl.model import MoRAModel
+
+__all__ = ["ContinualClassifier"]
+
+
+class ContinualClassifier(MultiTaskModule):
+    """``encoder`` (typically a :class:`~moracl.MoRAModel` over a frozen feature encoder) and
+    linear heads over the stream's global classes.
+
+    Args:
+        encoder: maps ``x`` to features ``(b, d)``; called with ``task_ids`` when
+            ``route_by_task`` (a MoRAModel routing its mixtures by task).
+        feature_dim: ``d``.
+        experience_classes: the global class ids of each experience.
+        multi_head: one head per task (task-incremental) instead of one shared head.
+        route_by_task: pass the task labels to the encoder as ``task_ids``.
+    """
+
+    class_task: Tensor  # (c,) the task owning each class (multi-head), else -1
+    seen: Tensor  # (c,) bool, classes trained on so far (shared head)
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        feature_dim: int,
+        experience_classes: Sequence[Sequence[int]],
+        *,
+        multi_head: bool,
+        route_by_task: bool = False,
+    ) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.multi_head = multi_head
+        self.route_by_task = route_by_task
+        num_classes = 1 + max(c for classes in experience_classes for c in classes)
+        self.num_classes = num_classes
+        self.max_class_label = num_classes
+        owner = torch.full((num_classes,), -1, dtype=torch.long)
+        if multi_head:
+            self.heads = nn.ModuleList(nn.Linear(feature_dim, len(c)) for c in experience_classes)
+            for t, classes in enumerate(experience_classes):
+                owner[list(classes)] = t
+            self.task_classes = [list(c) for c in experience_classes]
+        else:
+            self.heads = nn.ModuleList([nn.Linear(feature_dim, num_classes)])
+            self.task_classes = [list(range(num_classes))]
+        self.routed_tasks = 1  # tasks with experts; later task ids borrow the newest one's
+        self.register_buffer("class_task", owner)
+        self.register_buffer("seen", torch.zeros(num_classes, dtype=torch.bool))
+
+    def adaptation(self, experience: Any) -> None:
+        """Mark the experience's classes as seen when training (Avalanche calls this before
+        each experience)."""
+        super().adaptation(experience)
+        if self.training:
+            self.seen[list(experience.classes_in_this_experience)] = True
+
+    def features(self, x: Tensor, task_labels: Tensor | None = None) -> Tensor:
+        """``(b, d)`` encoder features (routed by ``task_labels (b,)`` when configured)."""
+        if self.route_by_task and isinstance(self.encoder, MoRAModel):
+            if task_labels is None:
+                raise ValueError("this model routes by task: pass task_labels, one per row")
+            # a task not trained yet (evaluated for forward transfer) borrows the experts of
+            # the newest trained task; its head is untrained
+            tid = task_labels.clamp_max(self.routed_tasks - 1)
+            out: Tensor = self.encoder(x, task_ids=tid)
+            return out
+        feats: Tensor = self.encoder(x)
+        return feats
+
+    def forward(self, x: Tensor, task_labels: Tensor | int | None = None) -> Any:
+        """Logits ``(b, c)`` over the stream's classes.
+
+        With ``task_labels=None`` the model returns ``{task: logits (b, c)}`` for every task
+        (Avalanche's ``MultiTaskModule`` convention, used by LwF; task 0 for a shared head).
+        """
+        if isinstance(task_labels, int):
+            task_labels = torch.full((x.shape[0],), task_labels, dtype=torch.long, device=x.device)
+        if task_labels is None:
+            return {t: self.forward_single_task(x, t) for t in range(len(self.heads))}
+        f = self.features(x, task_labels)  # (b, d)
+        lowest = torch.finfo(f.dtype).min
+        if not self.multi_head:
+            logits = self.heads[0](f)  # (b, c)
+            return logits.masked_fill(~self.seen[None], lowest)
+        assert task_labels is not None
+        logits = f.new_full((f.shape[0], self.num_classes), lowest)  # (b, c)
+        for t, head in enumerate(self.heads):
+            logits[:, self.task_classes[t]] = head(f)
+        own = self.class_task[None, :] == task_labels[:, None]  # (b, c)
+        return logits.masked_fill(~own, lowest)
+
+    def forward_single_task(self, x: Tensor, task_label: int) -> Tensor:
+        """Logits ``(b, c)`` of every row as task ``task_label``."""
+        labels = torch.full((x.shape[0],), task_label, dtype=torch.long, device=x.device)
+        out: Tensor = self.forward(x, labels)
+        return out

@@ -1,0 +1,519 @@
+"""``moracl run``: moracl's strategy and the baselines on one stream, experience by experience,
+with the accuracy matrix, checkpoints after every experience, logs and the report.
+
+Order: for each experience ``i``, every strategy trains on it (Joint only once, on the whole
+stream, at the last one) and is evaluated on every test experience, giving row ``i`` of its
+accuracy matrix; then one checkpoint holds every strategy's state. Each (strategy,
+experience) pair seeds its own random streams, so a resumed run ends exactly where an
+uninterrupted one does.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from moracl.adapters.base import AdapterConfig
+from moracl.continual.checkpoint import load_checkpoint, save_checkpoint
+from moracl.continual.config import STRATEGIES, RunConfig
+from moracl.continual.metrics import (
+    AccuracyMatrix,
+    Cost,
+    RoutingDiagnostics,
+    RunResults,
+    StrategyResult,
+)
+from moracl.continual.model import ContinualClassifier
+from moracl.continual.strategy import (
+    FastTemplate,
+    GrowthConfig,
+    MoRAStrategy,
+    TensorBatches,
+    derive_seed,
+    materialize,
+)
+from moracl.experts.mixture import Mixture, MixtureConfig
+from moracl.experts.routers.config import RouterConfig
+from moracl.model import MoRAModel
+
+__all__ = ["Evaluation", "build_strategy", "evaluate", "run_continual"]
+
+LABELS = {
+    "moracl": "moracl (experts)",
+    "naive": "Naive",
+    "ewc": "EWC",
+    "lwf": "LwF",
+    "replay": "Replay",
+    "joint": "Joint",
+}
+
+
+# -- models and strategies ------------------------------------------------------------------
+
+
+def _router(config: RunConfig, task_aware: bool) -> RouterConfig:
+    kind = config.experts.router
+    if kind == "auto":
+        kind = "task" if task_aware else "topk"
+    if kind == "task":
+        return RouterConfig(type="task", num_tasks=1, task_weights=True)
+    k = min(config.experts.k, config.experts.per_experience)
+    return RouterConfig(type="topk", k=k, noise=False)
+
+
+def build_model(name: str, config: RunConfig, encoder: nn.Module, info: Any) -> ContinualClassifier:
+    """The classifier of strategy ``name``: moracl gets a mixture, baselines one adapter."""
+    task_aware = info.setting.value == "task"
+    default: Any = encoder.default_targets
+    targets = list(config.target_modules) or list(default)
+    adapter: AdapterConfig | MixtureConfig = config.adapter
+    if name == "moracl":
+        adapter = MixtureConfig(
+            kind=config.adapter.kind,
+            experts=config.experts.per_experience,
+            router=_router(config, task_aware),
+            groups=(),
+            rank=config.adapter.rank,
+            options={
+                k: v for k, v in config.adapter.to_dict().items() if k not in ("kind", "rank")
+            },
+        )
+    wrapped = MoRAModel(encoder, adapter, target_modules=targets)
+    route = name == "moracl" and _router(config, task_aware).type == "task"
+    return ContinualClassifier(
+        wrapped,
+        int(getattr(encoder, "feature_dim")),  # noqa: B009
+        info.experience_classes,
+        multi_head=task_aware,
+        route_by_task=route,
+    )
+
+
+def _optimizer_factory(config: RunConfig) -> Callable[[nn.Module], torch.optim.Optimizer]:
+    train = config.train
+
+    def build(model: nn.Module) -> torch.optim.Optimizer:
+        heads = [
+            p for n, p in model.named_parameters() if p.requires_grad and n.startswith("heads.")
+        ]
+        rest = [
+            p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("heads.")
+        ]
+        groups = [
+            {"params": rest, "lr": train.lr},
+            {"params": heads, "lr": train.head_lr},
+        ]
+        return torch.optim.AdamW(
+            [g for g in groups if g["params"]], weight_decay=train.weight_decay, foreach=True
+        )
+
+    return build
+
+
+def build_strategy(
+    name: str, config: RunConfig, model: ContinualClassifier, device: torch.device
+) -> FastTemplate:
+    """The strategy ``name`` over ``model`` (Avalanche plugins for the baselines)."""
+    from avalanche.training.plugins import EWCPlugin, LwFPlugin
+
+    from moracl.continual.plugins import SeededReplayPlugin
+
+    t = config.train
+    seed = derive_seed(t.seed, name)
+    common: dict[str, Any] = dict(
+        train_mb_size=t.batch_size,
+        train_epochs=t.epochs,
+        eval_mb_size=t.eval_batch_size,
+        device=device,
+        criterion=nn.CrossEntropyLoss(),
+        loader_seed=seed,
+    )
+    factory = _optimizer_factory(config)
+    b = config.baselines
+    if name == "moracl":
+        growth = GrowthConfig(
+            adapter=config.adapter,
+            experts=config.experts.per_experience,
+            reuse_old=config.experts.reuse_old,
+            freeze_heads=config.experts.freeze_heads,
+        )
+        plugins = []
+        if config.experts.replay_size:
+            plugins.append(SeededReplayPlugin(config.experts.replay_size, seed=seed))
+        return MoRAStrategy(
+            model=model, optimizer_factory=factory, growth=growth, plugins=plugins, **common
+        )
+    if name == "naive":
+        return FastTemplate(model=model, optimizer_factory=factory, **common)
+    if name == "ewc":
+        return FastTemplate(
+            model=model, optimizer_factory=factory, plugins=[EWCPlugin(b.ewc_lambda)], **common
+        )
+    if name == "lwf":
+        plugin = LwFPlugin(alpha=b.lwf_alpha, temperature=b.lwf_temperature)
+        return FastTemplate(model=model, optimizer_factory=factory, plugins=[plugin], **common)
+    if name == "replay":
+        plugin = SeededReplayPlugin(b.replay_size, seed=seed)
+        return FastTemplate(model=model, optimizer_factory=factory, plugins=[plugin], **common)
+    if name == "joint":
+        from moracl.continual.plugins import FastJoint
+
+        return FastJoint(model=model, optimizer_factory=factory, **common)
+    raise ValueError(f"unknown strategy {name!r}; expected one of {list(LABELS)}")
+
+
+# -- evaluation -----------------------------------------------------------------------------
+
+
+@dataclass
+class Evaluation:
+    """Accuracy per test experience, with routing diagnostics when the model has mixtures."""
+
+    accuracies: list[float]
+    expert_usage: list[list[float]]
+    task_inference: float | None
+    experts_per_token: float | None
+
+
+def _expert_owner(mixture: Mixture) -> Tensor:
+    """``(e,)`` the growth step (experience) that created each expert."""
+    owners = [torch.full((b.num_experts,), i) for i, b in enumerate(mixture._banks())]
+    return torch.cat(owners)
+
+
+@torch.no_grad()
+def evaluate(
+    model: ContinualClassifier, tests: Sequence[tuple[Tensor, Tensor, Tensor]], batch_size: int
+) -> Evaluation:
+    """Accuracy of ``model`` on each test experience ``(x, y, t)``; for mixtures also the
+    mean expert usage per experience and, for task-agnostic routing, how often a token's top
+    expert was grown for the sample's own experience (task-inference accuracy)."""
+    was_training = model.training
+    model.eval()
+    encoder = model.encoder
+    if not isinstance(encoder, MoRAModel):
+        raise TypeError(f"expected a MoRAModel encoder, got {type(encoder).__name__}")
+    mixtures = list(encoder.mixtures())
+    accs, usage = [], []
+    hits = total = 0.0
+    epts = []
+    for j, (x, y, t) in enumerate(tests):
+        correct, use, n_use = 0, None, 0
+        for xb, yb, tb in TensorBatches((x, y, t), batch_size, shuffle=False):
+            logits = model(xb, tb)
+            correct += int((logits.argmax(-1) == yb).sum())
+            for path, mixture in mixtures:
+                result = encoder.last_routing.get(path)
+                if result is None:
+                    continue
+                u = result.stats.usage.float()
+                use = u if use is None or use.shape != u.shape else use + u
+                n_use += 1
+                epts.append(float(result.stats.experts_per_token))
+                if result.indices is not None and not model.route_by_task:
+                    owner = _expert_owner(mixture)[result.indices[:, 0]]
+                    hits += float((owner == j).sum())
+                    total += owner.numel()
+        accs.append(correct / len(y))
+        usage.append([] if use is None else (use / max(n_use, 1)).tolist())
+    model.train(was_training)
+    return Evaluation(
+        accuracies=accs,
+        expert_usage=usage,
+        task_inference=hits / total if total else None,
+        experts_per_token=sum(epts) / len(epts) if epts else None,
+    )
+
+
+# -- state ----------------------------------------------------------------------------------
+
+
+def _frozen_ids(encoder: nn.Module) -> set[int]:
+    return {id(p) for p in encoder.parameters()} | {id(b) for b in encoder.buffers()}
+
+
+def trained_state(model: nn.Module, frozen: set[int]) -> dict[str, Tensor]:
+    """The model's state without the tensors it shares with the pretrained encoder."""
+    out = {}
+    for name, value in model.state_dict(keep_vars=True).items():
+        if id(value) not in frozen:
+            out[name] = value.detach().clone()
+    return out
+
+
+def _count(model: nn.Module, frozen: set[int]) -> int:
+    return sum(p.numel() for p in model.parameters() if id(p) not in frozen)
+
+
+def _active_per_token(model: ContinualClassifier, experts_per_token: float | None) -> float:
+    """Adapter, router and head parameters one token's prediction uses: for mixtures the
+    measured mean experts per token times an expert's size, plus the routers."""
+    encoder = model.encoder
+    total = 0.0
+    head = sum(p.numel() for p in model.heads[-1].parameters())
+    if isinstance(encoder, MoRAModel) and list(encoder.mixtures()):
+        for _, m in encoder.mixtures():
+            expert = sum(p.numel() for p in m.banks.parameters()) / m.num_experts
+            total += expert * (experts_per_token or 1.0)
+            total += sum(p.numel() for p in m.router.parameters())
+    elif isinstance(encoder, MoRAModel):
+        frozen = {id(p) for p in encoder.model.parameters() if not p.requires_grad}
+        total += sum(p.numel() for p in encoder.parameters() if id(p) not in frozen)
+    return total + head
+
+
+# -- the run --------------------------------------------------------------------------------
+
+
+def run_continual(
+    config: RunConfig,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    stop_after: int | None = None,
+    device: str | torch.device = "cpu",
+) -> RunResults:
+    """Run ``config``; returns the results (also in ``RUN_DIR/metrics.json``).
+
+    Args:
+        config: the run.
+        resume: continue from the newest checkpoint in ``config.output_dir``.
+        progress: show progress bars.
+        stop_after: stop after this experience (as if interrupted), for tests and demos.
+        device: where to train.
+
+    Raises:
+        ValueError: the output folder already holds a run and ``resume`` is off; a corrupt
+            checkpoint (left untouched); a config that does not match the stream.
+    """
+    import scenarios  # noqa: F401  (registers the streams and encoders)
+    from moracl.report import RunLogger, write_report
+    from scenarios.streams import build_stream, load_encoder
+
+    run_dir = Path(config.output_dir)
+    has_run = (run_dir / "checkpoints" / "latest.json").exists()
+    if has_run and not resume:
+        raise ValueError(
+            f"{run_dir} already holds a run; pass --resume to continue it or choose another "
+            f"output_dir"
+        )
+    if resume and not has_run:
+        raise FileNotFoundError(f"nothing to resume: {run_dir} has no checkpoint")
+    dev = torch.device(device)
+    t = config.train
+    torch.manual_seed(t.seed)
+    sc = config.scenario
+    stream = build_stream(sc.name, setting=sc.setting, seed=t.seed, **sc.options)
+    info = stream.info
+    train_exps = list(stream.benchmark.train_stream)
+    tests = [materialize(e.dataset) for e in stream.benchmark.test_stream]
+    num_exp = len(train_exps)
+
+    encoder = load_encoder(info).to(dev)
+    frozen = _frozen_ids(encoder)
+    backbone = sum(p.numel() for p in encoder.parameters())
+    names: list[str] = [n for n in STRATEGIES if n in config.strategies]
+    strategies: dict[str, FastTemplate] = {}
+    for name in names:
+        torch.manual_seed(derive_seed(t.seed, name, "init"))
+        model = build_model(name, config, encoder, info).to(dev)
+        strategies[name] = build_strategy(name, config, model, dev)
+
+    from moracl.config import to_dict
+
+    results = RunResults(
+        scenario=info.name,
+        setting=info.setting.value,
+        seed=t.seed,
+        experiences=list(info.experience_names),
+        config=to_dict(config),
+    )
+    matrices = {n: AccuracyMatrix.empty(num_exp) for n in names}
+    seconds = {n: 0.0 for n in names}
+    train_seconds = {n: 0.0 for n in names}
+    routing: dict[str, RoutingDiagnostics] = {}
+    epts: dict[str, float | None] = {n: None for n in names}
+    start = 0
+    if resume:
+        ckpt = load_checkpoint(run_dir)
+        start = ckpt.experience + 1
+        saved = RunResults.from_dict(ckpt.meta["results"])
+        for n in names:
+            r = saved.strategies[LABELS[n]]
+            matrices[n] = r.matrix
+            seconds[n] = r.cost.wall_seconds
+            train_seconds[n] = r.cost.train_seconds
+            if r.routing is not None:
+                routing[n] = r.routing
+            epts[n] = ckpt.state[n].get("experts_per_token")
+            _restore(strategies[n], n, ckpt.tensors[n], ckpt.state[n], train_exps, ckpt.experience)
+    else:
+        for n, s in strategies.items():
+            ev = evaluate(s.model, tests, t.eval_batch_size)  # type: ignore[arg-type]
+            matrices[n] = matrices[n].set_initial(ev.accuracies)
+
+    logger = RunLogger(run_dir)
+    bar = tqdm(total=(num_exp - start) * len(names), disable=not progress, desc="moracl run")
+    try:
+        for i in range(start, num_exp):
+            for n, strategy in strategies.items():
+                if n == "joint" and i < num_exp - 1:
+                    bar.update()
+                    continue
+                torch.manual_seed(derive_seed(t.seed, n, i))
+                bar.set_postfix_str(f"{LABELS[n]} on experience {i}")
+                began = time.perf_counter()
+                strategy.train(train_exps if n == "joint" else train_exps[i])
+                trained = time.perf_counter()
+                ev = evaluate(strategy.model, tests, t.eval_batch_size)  # type: ignore[arg-type]
+                train_seconds[n] += trained - began
+                seconds[n] += time.perf_counter() - began
+                matrices[n] = matrices[n].set_row(i, ev.accuracies)
+                for j, acc in enumerate(ev.accuracies):
+                    logger.log_eval(LABELS[n], after_experience=i, eval_experience=j, accuracy=acc)
+                if ev.experts_per_token is not None:
+                    epts[n] = ev.experts_per_token
+                    routing[n] = RoutingDiagnostics(
+                        expert_usage=ev.expert_usage, task_inference_accuracy=ev.task_inference
+                    )
+                bar.update()
+            _fill(
+                results,
+                strategies,
+                matrices,
+                seconds,
+                train_seconds,
+                routing,
+                epts,
+                frozen,
+                backbone,
+            )
+            state = {n: _plugin_state(s, epts[n]) for n, s in strategies.items()}
+            tensors = {
+                n: {**trained_state(s.model, frozen), **_plugin_tensors(s)}
+                for n, s in strategies.items()
+            }
+            save_checkpoint(run_dir, i, tensors, state, {"results": results.to_dict()})
+            results.save(run_dir)
+            if stop_after is not None and i >= stop_after:
+                break
+    finally:
+        bar.close()
+        logger.close()
+    write_report(run_dir)
+    return results
+
+
+def _fill(
+    results: RunResults,
+    strategies: dict[str, FastTemplate],
+    matrices: dict[str, AccuracyMatrix],
+    seconds: dict[str, float],
+    train_seconds: dict[str, float],
+    routing: dict[str, RoutingDiagnostics],
+    epts: dict[str, float | None],
+    frozen: set[int],
+    backbone: int,
+) -> None:
+    peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
+    for n, s in strategies.items():
+        model = s.model
+        assert isinstance(model, ContinualClassifier)
+        cost = Cost(
+            trainable_parameters=_count(model, frozen),
+            backbone_parameters=backbone,
+            active_parameters_per_token=_active_per_token(model, epts[n]),
+            wall_seconds=seconds[n],
+            train_seconds=train_seconds[n],
+            peak_memory_bytes=peak,
+        )
+        results.strategies[LABELS[n]] = StrategyResult(
+            name=LABELS[n], matrix=matrices[n], cost=cost, routing=routing.get(n)
+        )
+
+
+# -- plugin state for checkpoints -------------------------------------------------------------
+
+
+def _plugin_state(strategy: FastTemplate, experts_per_token: float | None) -> dict[str, Any]:
+    from avalanche.training.plugins import LwFPlugin
+
+    state: dict[str, Any] = {"experts_per_token": experts_per_token}
+    if isinstance(strategy, MoRAStrategy):
+        state["experiences_prepared"] = strategy.experiences_prepared
+    for p in strategy.plugins:
+        if isinstance(p, LwFPlugin):
+            state["lwf"] = {
+                "expcount": p.lwf.expcount,
+                "classes": {
+                    str(k): sorted(int(c) for c in v) for k, v in p.lwf.prev_classes_by_task.items()
+                },
+            }
+    return state
+
+
+def _plugin_tensors(strategy: FastTemplate) -> dict[str, Tensor]:
+    from avalanche.training.plugins import EWCPlugin
+
+    out: dict[str, Tensor] = {}
+    for p in strategy.plugins:
+        if isinstance(p, EWCPlugin):
+            for exp, params in p.saved_params.items():
+                for k, v in params.items():
+                    out[f"ewc.saved.{exp}.{k}"] = v.data.detach().clone()
+            for exp, params in p.importances.items():
+                for k, v in params.items():
+                    out[f"ewc.importance.{exp}.{k}"] = v.data.detach().clone()
+    return out
+
+
+def _restore(
+    strategy: FastTemplate,
+    name: str,
+    tensors: dict[str, Tensor],
+    state: dict[str, Any],
+    train_exps: list[Any],
+    last: int,
+) -> None:
+    """Put a strategy back in the state it had after experience ``last``."""
+    from avalanche.training.plugins import EWCPlugin, LwFPlugin
+    from avalanche.training.utils import ParamData
+
+    from moracl.continual.plugins import SeededReplayPlugin
+
+    model = strategy.model
+    assert isinstance(model, ContinualClassifier)
+    if isinstance(strategy, MoRAStrategy):
+        strategy.prepare(int(state["experiences_prepared"]) - 1)
+    strategy.clock.train_exp_counter = last + 1  # EWC reads it
+    own = {k: v for k, v in tensors.items() if not k.startswith("ewc.")}
+    missing, unexpected = model.load_state_dict(own, strict=False)
+    if unexpected:
+        raise ValueError(f"checkpoint of {name!r} has tensors the model lacks: {unexpected[:5]}")
+    current = dict(model.state_dict(keep_vars=True))
+    lost = [k for k in missing if current[k].requires_grad]
+    if lost:
+        raise ValueError(f"checkpoint of {name!r} lacks trainable tensors: {lost[:5]}")
+    for p in strategy.plugins:
+        if isinstance(p, EWCPlugin):
+            for key, value in tensors.items():
+                if key.startswith("ewc."):
+                    _, kind, exp, pname = key.split(".", 3)
+                    store = p.saved_params if kind == "saved" else p.importances
+                    store[int(exp)][pname] = ParamData(pname, init_tensor=value.clone())
+        if isinstance(p, LwFPlugin) and "lwf" in state:
+            p.lwf.expcount = int(state["lwf"]["expcount"])
+            p.lwf.prev_classes_by_task = {
+                int(k): set(v) for k, v in state["lwf"]["classes"].items()
+            }
+            p.lwf.prev_model = copy.deepcopy(model)
+        if isinstance(p, SeededReplayPlugin):
+            p.rebuild(strategy, train_exps[: last + 1])

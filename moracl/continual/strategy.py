@@ -1,0 +1,255 @@
+"""moracl's Avalanche strategy (growing, freezing and masking adapter experts) and the
+baselines, all on one lean training template.
+
+Fields of the Avalanche strategy read and written here: ``model``, ``optimizer``,
+``experience``, ``adapted_dataset``, ``dataloader``, ``mb_output``, ``mb_y``,
+``train_mb_size``, ``eval_mb_size``, ``is_training``. Plugins of Avalanche (EWC, LwF, Replay,
+the evaluation plugin and its loggers) work unchanged on top.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from avalanche.training.templates import SupervisedTemplate
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from moracl.adapters.base import AdapterConfig
+from moracl.continual.model import ContinualClassifier
+from moracl.experts.routers.task import TaskRouter
+from moracl.model import MoRAModel
+
+__all__ = [
+    "FastTemplate",
+    "GrowthConfig",
+    "MoRAStrategy",
+    "TensorBatches",
+    "derive_seed",
+    "grow_experts",
+    "materialize",
+    "quiet_evaluator",
+]
+
+OptimizerFactory = Callable[[nn.Module], Optimizer]
+
+
+def derive_seed(*parts: object) -> int:
+    """A 31-bit seed from any parts (stable across processes, unlike ``hash``)."""
+    digest = hashlib.sha256(repr(parts).encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+def materialize(dataset: Any, batch_size: int = 4096) -> tuple[Tensor, Tensor, Tensor]:
+    """All ``(x, y, t)`` of an Avalanche dataset as three stacked tensors, in order."""
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=False, collate_fn=dataset.collate_fn
+    )
+    xs, ys, ts = [], [], []
+    for x, y, t in loader:
+        xs.append(x)
+        ys.append(y)
+        ts.append(t)
+    return torch.cat(xs), torch.cat(ys).long(), torch.cat(ts).long()
+
+
+def quiet_evaluator() -> Any:
+    """An Avalanche evaluation plugin with no metrics and no loggers (runs compute their
+    accuracy matrix directly); pass your own ``evaluator`` for Avalanche's metrics."""
+    import warnings
+
+    from avalanche.training.plugins import EvaluationPlugin
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return EvaluationPlugin(loggers=[])
+
+
+class TensorBatches:
+    """Mini-batches ``[x, y, t]`` of in-memory tensors, reshuffled each pass by a seeded
+    generator: what a ``DataLoader`` over an Avalanche dataset yields, without the per-sample
+    indexing cost."""
+
+    def __init__(
+        self,
+        tensors: tuple[Tensor, Tensor, Tensor],
+        batch_size: int,
+        *,
+        shuffle: bool,
+        seed: int = 0,
+    ) -> None:
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be > 0, got {batch_size!r}")
+        self.tensors = tensors
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return -(-len(self.tensors[0]) // self.batch_size)
+
+    def __iter__(self) -> Iterator[list[Tensor]]:
+        n = len(self.tensors[0])
+        order = torch.randperm(n, generator=self.generator) if self.shuffle else None
+        for start in range(0, n, self.batch_size):
+            if order is None:
+                yield [t[start : start + self.batch_size] for t in self.tensors]
+            else:
+                idx = order[start : start + self.batch_size]
+                yield [t[idx] for t in self.tensors]
+
+
+class FastTemplate(SupervisedTemplate):
+    """A ``SupervisedTemplate`` with a fresh optimiser per experience (built by
+    ``optimizer_factory`` over the parameters that train now) and in-memory mini-batches.
+
+    A fresh optimiser per experience means no optimiser state crosses an experience boundary,
+    so a checkpoint between experiences needs none.
+    """
+
+    def __init__(
+        self,
+        *,
+        model: nn.Module,
+        optimizer_factory: OptimizerFactory,
+        loader_seed: int = 0,
+        **kwargs: Any,
+    ) -> None:
+        self.optimizer_factory = optimizer_factory
+        self.loader_seed = loader_seed
+        self._tensor_cache: dict[int, tuple[Any, tuple[Tensor, Tensor, Tensor]]] = {}
+        if "evaluator" not in kwargs:
+            kwargs["evaluator"] = quiet_evaluator()
+        super().__init__(model=model, optimizer=optimizer_factory(model), **kwargs)
+
+    def make_optimizer(self, **kwargs: Any) -> None:
+        self.optimizer = self.optimizer_factory(self.model)
+        self.optimized_param_id: dict[str, Any] = {}
+
+    def _tensors(self, dataset: Any) -> tuple[Tensor, Tensor, Tensor]:
+        key = id(dataset)
+        hit = self._tensor_cache.get(key)
+        if hit is None or hit[0] is not dataset:
+            hit = (dataset, materialize(dataset))
+            self._tensor_cache = {key: hit}  # keep one: the current experience's
+        return hit[1]
+
+    def make_train_dataloader(self, shuffle: bool = True, **kwargs: Any) -> None:
+        seed = derive_seed(self.loader_seed, self.experience.current_experience)
+        self.dataloader = TensorBatches(
+            self._tensors(self.adapted_dataset), self.train_mb_size, shuffle=shuffle, seed=seed
+        )
+
+    def make_eval_dataloader(self, **kwargs: Any) -> None:
+        data = materialize(self.adapted_dataset)
+        self.dataloader = TensorBatches(data, self.eval_mb_size, shuffle=False)
+
+
+@dataclass(frozen=True)
+class GrowthConfig:
+    """How moracl's strategy grows for each new experience.
+
+    Attributes:
+        adapter: the configuration of each new expert.
+        experts: experts added per experience.
+        reuse_old: task routing only: a new task may also use the frozen experts of earlier
+            tasks (with learned weights), for forward transfer; old tasks never see new ones.
+        freeze_heads: freeze the heads of finished tasks (multi-head models).
+    """
+
+    adapter: AdapterConfig
+    experts: int = 1
+    reuse_old: bool = True
+    freeze_heads: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.experts, int) or self.experts <= 0:
+            raise ValueError(
+                f"experts per experience must be a positive integer, got {self.experts!r}"
+            )
+
+
+def grow_experts(model: ContinualClassifier, experience: int, growth: GrowthConfig) -> None:
+    """Prepare ``model`` for training experience ``experience`` (> 0): freeze every existing
+    expert, add ``growth.experts`` new ones to each mixture, give a task router a mask row for
+    the new task, and freeze the heads of the earlier tasks.
+
+    Old tasks' router rows get ``False`` for the new experts, so their outputs stay
+    bit-identical (see :meth:`moracl.experts.routers.base.Router.grow`).
+    """
+    encoder = model.encoder
+    mixtures = list(encoder.mixtures()) if isinstance(encoder, MoRAModel) else []
+    if not mixtures:
+        raise ValueError("grow_experts needs an encoder with mixtures of experts (a MoRAModel)")
+    for _, mixture in mixtures:
+        old = mixture.num_experts
+        mixture.freeze_experts()
+        mixture.grow(growth.adapter, growth.experts)
+        router = mixture.router
+        if isinstance(router, TaskRouter):
+            mask = torch.zeros(mixture.num_experts, dtype=torch.bool)
+            mask[old:] = True
+            if growth.reuse_old:
+                mask[:old] = True
+            router.set_expert_mask(experience, mask)
+    if model.multi_head and growth.freeze_heads:
+        for head in model.heads[:experience]:
+            head.requires_grad_(False)
+
+
+class MoRAStrategy(FastTemplate):
+    """Mixture-of-adapter-experts continual learning on a :class:`ContinualClassifier`.
+
+    Before each experience after the first, :func:`grow_experts` adds and masks experts; the
+    loss adds the routers' weighted auxiliary losses to the cross-entropy.
+
+    Args:
+        model: the classifier; its encoder is a ``MoRAModel`` with mixtures.
+        optimizer_factory: builds the optimiser over the parameters that train now.
+        growth: what to add per experience.
+        kwargs: ``SupervisedTemplate`` arguments (``train_mb_size``, ``train_epochs``,
+            ``eval_mb_size``, ``device``, ``plugins``, ``evaluator``, ...).
+    """
+
+    def __init__(
+        self,
+        *,
+        model: ContinualClassifier,
+        optimizer_factory: OptimizerFactory,
+        growth: GrowthConfig,
+        **kwargs: Any,
+    ) -> None:
+        self.growth = growth
+        self.experiences_prepared = 1  # the initial experts serve experience 0
+        super().__init__(model=model, optimizer_factory=optimizer_factory, **kwargs)
+
+    def prepare(self, experience: int) -> None:
+        """Grow the model until it has the experts of ``experience`` (idempotent)."""
+        model = self.model
+        assert isinstance(model, ContinualClassifier)
+        while self.experiences_prepared <= experience:
+            grow_experts(model, self.experiences_prepared, self.growth)
+            self.experiences_prepared += 1
+        model.routed_tasks = max(model.routed_tasks, experience + 1)
+
+    def model_adaptation(self, model: nn.Module | None = None) -> nn.Module:
+        if self.is_training:
+            self.prepare(self.experience.current_experience)
+        return super().model_adaptation(model)
+
+    def criterion(self) -> Tensor:
+        loss = F.cross_entropy(self.mb_output, self.mb_y)
+        encoder = self.model.encoder
+        if self.is_training and isinstance(encoder, MoRAModel):
+            loss = loss + encoder.aux_loss()
+        return loss
+
+
+def trainable_names(model: nn.Module) -> Sequence[str]:
+    """Names of the parameters that train now."""
+    return [n for n, p in model.named_parameters() if p.requires_grad]
