@@ -8,7 +8,7 @@ from scenarios._image import image_inputs  # also registers cnn-mnist, cnn-fashi
 from scenarios.digits import digit_domains
 from scenarios.fashion import split_fashion
 from scenarios.wordnet import LEXNAMES, load_wordnet_glosses, wordnet_classification
-from scenarios.wordnet_domains import wordnet_domains  # also registers the minilm encoder
+from scenarios.wordnet_domains import wordnet_domains_stream  # also registers minilm
 
 __all__ = [
     "LEXNAMES",
@@ -17,5 +17,5 @@ __all__ = [
     "load_wordnet_glosses",
     "split_fashion",
     "wordnet_classification",
-    "wordnet_domains",
+    "wordnet_domains_stream",
 ]

@@ -69,7 +69,7 @@ __all__ = [
     "WordNetDomainsOptions",
     "cached_prefix_states",
     "minilm_encoder",
-    "wordnet_domains",
+    "wordnet_domains_stream",
     "wordnet_domains_tensors",
 ]
 
@@ -444,7 +444,9 @@ def wordnet_domains_tensors(
 
 
 @SCENARIOS.register(NAME)
-def wordnet_domains(*, setting: Setting | None = None, seed: int = 0, **options: Any) -> Stream:
+def wordnet_domains_stream(
+    *, setting: Setting | None = None, seed: int = 0, **options: Any
+) -> Stream:
     """Build the ``wordnet-domains`` stream as an Avalanche benchmark.
 
     See :func:`wordnet_domains_tensors` (same arguments) and :class:`WordNetDomainsOptions`.
