@@ -8,7 +8,7 @@ are each pretrained on data that the streams using them do not contain:
   *train* split (used by ``digit-domains``).
 
 A tenth of each pretraining set (class-balanced, seeded) is held out to measure accuracy.
-The first use trains the CNN (well under a minute on two CPU cores) with deterministic CPU
+The first use trains the CNN (about 25 s of CPU time on one core) with deterministic CPU
 ops on one thread, so the same recipe and seed give bit-identical weights whatever the core
 count (CPU kernels can still differ between torch builds and instruction sets; the torch
 version and the thread count are recorded). The weights and a JSON sidecar (architecture,
@@ -303,7 +303,7 @@ def pretrain_cnn(
     if folder.is_dir() and not force:
         return load_pretrained(folder)
     logger.warning(
-        "pretraining the cnn-%s encoder (first use, about 10-30 s on two CPU cores); "
+        "pretraining the cnn-%s encoder (first use; about half a minute on one CPU core); "
         "caching it in %s",
         source,
         folder,
