@@ -10,7 +10,9 @@ setup:
 	bash .ci/setup.sh
 
 demo: setup
-	$(PY) -m moracl finetune configs/wordnet_finetune.yaml
+	rm -rf out/demo
+	$(PY) -m moracl run configs/wordnet_domains.yaml output_dir=out/demo train.epochs=2 \
+		scenario.options.per_class=100 scenario.options.test_per_class=50
 
 test: setup
 	$(PY) -m pytest -m "not gpu" -p no:cacheprovider

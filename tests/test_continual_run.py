@@ -11,9 +11,9 @@ import pytest
 
 pytest.importorskip("avalanche")
 
-from moracl.config import from_dict  # noqa: E402
-from moracl.continual.checkpoint import load_checkpoint  # noqa: E402
-from moracl.continual.config import RunConfig  # noqa: E402
+from moracl.config import from_dict
+from moracl.continual.checkpoint import load_checkpoint
+from moracl.continual.config import RunConfig
 
 pytestmark = pytest.mark.slow
 

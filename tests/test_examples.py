@@ -25,3 +25,13 @@ def test_adapt_minilm_example(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.chdir(tmp_path)
     runpy.run_path(str(EXAMPLES / "adapt_minilm.py"), run_name="__main__")
     assert (tmp_path / "out/example_adapter/adapter_config.json").is_file()
+
+
+@pytest.mark.slow
+def test_continual_example(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    if not Path("/usr/share/datasets/fashion-mnist").is_dir():
+        pytest.skip("needs the Debian package dataset-fashion-mnist")
+    monkeypatch.chdir(tmp_path)
+    runpy.run_path(str(EXAMPLES / "continual_split_fashion.py"), run_name="__main__")
+    assert (tmp_path / "out/example_split_fashion/metrics.json").is_file()
+    assert (tmp_path / "out/example_split_fashion/report.md").is_file()

@@ -88,6 +88,9 @@ def build_model(name: str, config: RunConfig, encoder: nn.Module, info: Any) -> 
         )
     wrapped = MoRAModel(encoder, adapter, target_modules=targets)
     route = name == "moracl" and _router(config, task_aware).type == "task"
+    if route and hasattr(wrapped.model, "length_buckets"):
+        # per-row task ids need the rows in batch order: no regrouping by length
+        wrapped.model.length_buckets = 1
     return ContinualClassifier(
         wrapped,
         int(getattr(encoder, "feature_dim")),  # noqa: B009
