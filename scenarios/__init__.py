@@ -7,11 +7,14 @@ error naming the package to install. Nothing here is imported by the ``moracl`` 
 from scenarios._image import image_inputs  # also registers cnn-mnist, cnn-fashion
 from scenarios.digits import digit_domains
 from scenarios.fashion import split_fashion
+from scenarios.fewshot import FEWSHOT, build_fewshot
 from scenarios.wordnet import LEXNAMES, load_wordnet_glosses, wordnet_classification
 from scenarios.wordnet_domains import wordnet_domains_stream  # also registers minilm
 
 __all__ = [
+    "FEWSHOT",
     "LEXNAMES",
+    "build_fewshot",
     "digit_domains",
     "image_inputs",
     "load_wordnet_glosses",

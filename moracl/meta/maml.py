@@ -224,9 +224,10 @@ class MAML(nn.Module):
                 fast = self.inner_step(fast, g)
             return loss_fn(self.functional_forward(fast, xq), yq)
 
-        losses = vmap(task_loss, in_dims=(None, 0, 0, 0, 0), chunk_size=chunk_size)(
-            params, xs, ys, xq, yq
-        )  # (t,)
+        # randomness="different": a noisy router draws its own noise for every task
+        losses = vmap(
+            task_loss, in_dims=(None, 0, 0, 0, 0), chunk_size=chunk_size, randomness="different"
+        )(params, xs, ys, xq, yq)  # (t,)
         return losses.mean()
 
     def extra_repr(self) -> str:

@@ -1,0 +1,387 @@
+"""``moracl meta``: meta-train adapters on few-shot tasks, meta-test them on held-out classes
+beside two baselines on the same episodes, and write a report.
+
+    result = meta_learn(load_config("configs/wordnet_fewshot.yaml"))
+    print(result.table())
+
+The model is the scenario's frozen backbone top (adapters on ``target_modules``) and a linear
+head ``d -> N`` (a trained copy, ``modules_to_save``), wrapped in a :class:`moracl.MoRAModel`.
+Meta-training runs the configured MAML variant with a :class:`moracl.MoRAOptimizer` as the
+outer optimiser; every ``val_every`` steps it scores fixed meta-validation episodes and the
+best parameters are kept. With ``zero_head`` the head's meta-initialisation stays at zero
+(reset after each outer step), so every task starts from a head that favours no class.
+
+Meta-test draws ``test.episodes`` seeded episodes from the test classes and scores, on exactly
+these episodes:
+
+- ``meta``: the meta-trained adapters and head, adapted per episode by ``test_inner_steps``
+  inner-loop steps (the algorithm's own update, e.g. Meta-SGD's learned step sizes);
+- ``prototype``: no adaptation, a nearest-centroid classifier on the frozen backbone;
+- ``finetune``: fresh adapters (the initialisation before meta-training, same seed) and a
+  zero head fine-tuned per episode with Adam for ``finetune_steps`` steps.
+
+Outputs in ``output_dir``: ``report.md``, ``metrics.json`` (config, summaries, paired
+differences, validation curve, timings), ``episodes.json`` (per-episode accuracies of each
+method, in episode order) and ``adapter/`` (the meta-trained adapters and head).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from moracl.adapters.base import ParamRole, iter_param_roles
+from moracl.config import MetaAlgorithm, MetaConfig, to_dict
+from moracl.meta.baselines import (
+    Summary,
+    adam_update,
+    adapted_accuracy,
+    prototype_accuracy,
+    sgd_update,
+    summarize,
+)
+from moracl.meta.episodes import Episode
+from moracl.meta.maml import ANIL, MAML, MetaSGD
+from moracl.model import MoRAModel
+from moracl.optim import MoRAOptimizer, SAMConfig
+
+__all__ = ["METHODS", "FewShotClassifier", "MetaResult", "build_meta_model", "meta_learn"]
+
+METHODS = ("meta", "prototype", "finetune")
+_BACKBONES = {"wordnet-fewshot": "minilm", "digits-fewshot": "cnn-fashion"}
+
+
+class FewShotClassifier(nn.Module):
+    """A frozen backbone top and a linear head: ``head(body(x))``, ``(b, ...) -> (b, N)``.
+
+    The head starts at zero (every class scores 0), the usual start of MAML's inner loop on
+    tasks whose labels are a random permutation of their classes."""
+
+    def __init__(self, body: nn.Module, feature_dim: int, ways: int) -> None:
+        super().__init__()
+        self.body = body
+        self.head = nn.Linear(feature_dim, ways)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.body(x))  # (b, ...) -> (b, d) -> (b, N)
+
+
+def build_meta_model(config: MetaConfig, data: Any) -> MoRAModel:
+    """The adapted classifier over ``data.make_body()`` (seeded by ``config.seed``)."""
+    torch.manual_seed(config.seed)
+    body = data.make_body()
+    targets = list(config.target_modules) or [f"body.{t}" for t in body.default_targets]
+    classifier = FewShotClassifier(body, body.feature_dim, config.data.ways)
+    return MoRAModel(classifier, config.adapter, target_modules=targets, modules_to_save=["head"])
+
+
+def _algorithm(config: MetaConfig, model: MoRAModel) -> MAML:
+    m = config.meta
+    if m.algorithm is MetaAlgorithm.MAML:
+        return MAML(model, m.inner_lr)
+    if m.algorithm is MetaAlgorithm.FOMAML:
+        return MAML(model, m.inner_lr, first_order=True)
+    if m.algorithm is MetaAlgorithm.METASGD:
+        return MetaSGD(model, m.inner_lr)
+    return ANIL(model, m.inner_lr)
+
+
+@dataclass
+class MetaResult:
+    """What ``moracl meta`` measured (accuracies are fractions)."""
+
+    summaries: dict[str, Summary]
+    accuracies: dict[str, list[float]]
+    paired: dict[str, Summary]
+    validation: list[dict[str, float]]
+    selected_step: int
+    trainable_parameters: int
+    seconds: dict[str, float]
+    scenario: dict[str, Any]
+    labels: dict[str, str] = field(default_factory=dict)
+
+    def table(self) -> str:
+        """The meta-test results as a markdown table."""
+        rows = ["| method | accuracy | 95 % CI | episodes |", "|---|---|---|---|"]
+        for name in METHODS:
+            s = self.summaries[name]
+            rows.append(
+                f"| {self.labels.get(name, name)} | {100 * s.mean:.2f} % | "
+                f"± {100 * s.ci95:.2f} | {s.episodes} |"
+            )
+        for name, s in self.paired.items():
+            rows.append(
+                f"| difference {name} (paired) | {100 * s.mean:+.2f} points | "
+                f"± {100 * s.ci95:.2f} | {s.episodes} |"
+            )
+        return "\n".join(rows)
+
+
+def _episodes(sampler: Any, n: int, seed: int) -> Episode:
+    ep: Episode = sampler.sample_batch(n, generator=torch.Generator().manual_seed(seed))
+    return ep
+
+
+def _meta_accuracy(maml: MAML, episodes: Episode, steps: int, batch: int) -> Tensor:
+    params = maml.meta_parameters()
+    return adapted_accuracy(
+        maml.functional_forward,
+        params,
+        maml.inner_names,
+        episodes,
+        steps=steps,
+        update=sgd_update(maml.step_sizes()),
+        batch=batch,
+    )
+
+
+def _heads(model: nn.Module) -> list[Tensor]:
+    return [p for _, p, role in iter_param_roles(model) if role is ParamRole.HEAD]
+
+
+def _train(
+    config: MetaConfig, maml: MAML, data: Any, progress: bool
+) -> tuple[list[dict[str, float]], int]:
+    """Meta-train in place; returns the validation curve and the step kept."""
+    m, o = config.meta, config.optim
+    d = config.data
+    train = data.sampler("train", ways=d.ways, shots=d.shots, queries=d.queries)
+    val_eps = None
+    if m.val_every:
+        val = data.sampler("val", ways=d.ways, shots=d.shots, queries=d.queries)
+        val_eps = _episodes(val, m.val_episodes, config.seed + 1)
+    opt = MoRAOptimizer(
+        maml,
+        base=o.base,
+        lr=o.lr,
+        weight_decay=o.weight_decay,
+        loraplus_ratio=o.loraplus_ratio,
+        lars=o.lars,
+        sam=SAMConfig(rho=o.sam_rho) if o.sam_rho > 0 else None,
+    )
+    heads = _heads(maml.module) if m.zero_head else []
+    params = [p for p in maml.parameters() if p.requires_grad]
+    gen = torch.Generator().manual_seed(config.seed)
+    curve: list[dict[str, float]] = []
+    best = (-1.0, 0, [p.detach().clone() for p in params])
+
+    def validate(step: int) -> None:
+        nonlocal best
+        if val_eps is None:
+            return
+        acc = float(_meta_accuracy(maml, val_eps, m.test_inner_steps, config.test.batch).mean())
+        curve.append({"step": step, "val_accuracy": acc})
+        if acc > best[0]:
+            best = (acc, step, [p.detach().clone() for p in params])
+
+    with torch.no_grad():
+        for h in heads:
+            h.zero_()
+    validate(0)
+    bar = tqdm(range(1, m.steps + 1), desc="meta-training", disable=not progress, leave=False)
+    for step in bar:
+        batch = train.sample_batch(m.meta_batch, generator=gen)
+
+        def closure(batch: Episode = batch) -> Tensor:
+            loss = maml.meta_loss(batch, m.inner_steps, chunk_size=m.chunk_size)
+            loss.backward()
+            return loss
+
+        loss = float(cast(Tensor, opt.step(closure)).detach())
+        with torch.no_grad():
+            for h in heads:
+                h.zero_()
+        bar.set_postfix(loss=f"{loss:.3f}")
+        if m.val_every and (step % m.val_every == 0 or step == m.steps):
+            validate(step)
+            bar.set_postfix(loss=f"{loss:.3f}", val=f"{curve[-1]['val_accuracy']:.3f}")
+    bar.close()
+    if val_eps is None:
+        return curve, m.steps
+    with torch.no_grad():
+        for p, kept in zip(params, best[2]):
+            p.copy_(kept)
+    return curve, best[1]
+
+
+def _test(
+    config: MetaConfig,
+    maml: MAML,
+    fresh: dict[str, Tensor],
+    data: Any,
+    progress: bool,
+) -> dict[str, Tensor]:
+    """Per-episode accuracies ``(t,)`` of the three methods on the same test episodes."""
+    d, t = config.data, config.test
+    sampler = data.sampler("test", ways=d.ways, shots=d.shots, queries=d.queries)
+    episodes = _episodes(sampler, t.episodes, t.seed)
+    body = data.make_body().eval()
+    names = [n for n, p in maml.module.named_parameters() if p.requires_grad]
+    out: dict[str, list[Tensor]] = {name: [] for name in METHODS}
+    chunks = range(0, t.episodes, t.batch)
+    for start in tqdm(chunks, desc="meta-test", disable=not progress, leave=False):
+        ep = Episode(*(part[start : start + t.batch] for part in episodes))
+        out["meta"].append(_meta_accuracy(maml, ep, config.meta.test_inner_steps, t.batch))
+        with torch.no_grad():
+            fs, fq = body(ep.xs.flatten(0, 1)), body(ep.xq.flatten(0, 1))  # (t·n, d)
+            fs, fq = fs.unflatten(0, ep.xs.shape[:2]), fq.unflatten(0, ep.xq.shape[:2])
+        out["prototype"].append(prototype_accuracy(fs, ep.ys, fq, ep.yq, d.ways))
+        out["finetune"].append(
+            adapted_accuracy(
+                maml.functional_forward,
+                {**maml.meta_parameters(), **fresh},
+                names,
+                ep,
+                steps=t.finetune_steps,
+                update=adam_update(t.finetune_lr),
+                batch=t.batch,
+            )
+        )
+    return {name: torch.cat(parts) for name, parts in out.items()}
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Write ``text`` atomically (a temporary file in the same folder, then a rename)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    _write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def _report(config: MetaConfig, result: MetaResult) -> str:
+    d, m = config.data, config.meta
+    s = result.scenario
+    val = "\n".join(
+        f"| {row['step']} | {100 * row['val_accuracy']:.2f} % |" for row in result.validation
+    )
+    note = ""
+    if config.test.episodes < 600:
+        note = f"\n**Only {config.test.episodes} test episodes (fewer than 600).**\n"
+    return f"""# moracl meta: {s["name"]}, {d.ways}-way {d.shots}-shot
+
+- backbone: {s["backbone"]}
+- classes: {s["split"]}
+- adapter: {config.adapter!r} on {config.target_modules or "the backbone's default targets"}
+- meta-training: {m.algorithm.value}, {m.steps} outer steps of {m.meta_batch} tasks,
+  {m.inner_steps} inner steps (lr {m.inner_lr}), outer optimiser {config.optim.base}
+  (lr {config.optim.lr}); kept the parameters of step {result.selected_step}
+- meta-test: {config.test.episodes} episodes (seed {config.test.seed}), {d.queries} queries
+  per class; {m.test_inner_steps} inner steps for the meta-trained model,
+  {config.test.finetune_steps} Adam steps (lr {config.test.finetune_lr}) for fresh adapters
+- trainable parameters: {result.trainable_parameters:,}
+- source: {s["source"]} ({s["licence"]})
+{note}
+## Meta-test accuracy (mean over episodes, 95 % CI = 1.96 · std / √n)
+
+{result.table()}
+
+The paired rows are the mean per-episode difference between two methods on the same episodes.
+
+## Meta-validation
+
+| step | accuracy |
+|---|---|
+{val}
+
+## Time
+
+{", ".join(f"{k}: {v:.1f} s" for k, v in result.seconds.items())}
+"""
+
+
+def meta_learn(config: MetaConfig, *, progress: bool = True) -> MetaResult:
+    """Run the job of ``config``; writes the report, metrics and adapter in ``output_dir``."""
+    from scenarios.fewshot import build_fewshot
+
+    expected = _BACKBONES.get(config.data.scenario)
+    if expected is not None and config.backbone != expected:
+        raise ValueError(
+            f"scenario {config.data.scenario!r} uses the backbone {expected!r}, "
+            f"got backbone={config.backbone!r}"
+        )
+    seconds: dict[str, float] = {}
+    start = time.perf_counter()
+    data = build_fewshot(config.data.scenario, **config.data.options)
+    seconds["data"] = time.perf_counter() - start
+
+    model = build_meta_model(config, data)
+    fresh = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    maml = _algorithm(config, model)
+    trainable = sum(p.numel() for p in maml.parameters() if p.requires_grad)
+
+    start = time.perf_counter()
+    curve, kept = _train(config, maml, data, progress)
+    seconds["meta-training"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    accs = _test(config, maml, fresh, data, progress)
+    seconds["meta-test"] = time.perf_counter() - start
+
+    if config.test.episodes < 600:
+        warnings.warn(
+            f"test.episodes={config.test.episodes} is below the 600 episodes reports use",
+            stacklevel=2,
+        )
+    labels = {
+        "meta": f"meta-trained adapters ({config.meta.algorithm.value}, "
+        f"{config.meta.test_inner_steps} inner steps)",
+        "prototype": "prototype classifier on the frozen backbone",
+        "finetune": f"fresh adapters fine-tuned per episode ({config.test.finetune_steps} "
+        "Adam steps)",
+    }
+    result = MetaResult(
+        summaries={name: summarize(a) for name, a in accs.items()},
+        accuracies={name: a.tolist() for name, a in accs.items()},
+        paired={
+            f"meta − {b}": summarize(accs["meta"] - accs[b]) for b in ("prototype", "finetune")
+        },
+        validation=curve,
+        selected_step=kept,
+        trainable_parameters=trainable,
+        seconds=seconds,
+        scenario=data.describe(),
+        labels=labels,
+    )
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out / "adapter")
+    _write_json(out / "episodes.json", {"seed": config.test.seed, **result.accuracies})
+    _write_json(
+        out / "metrics.json",
+        {
+            "config": to_dict(config),
+            "scenario": result.scenario,
+            "results": {
+                k: {**v.as_dict(), "label": labels[k]} for k, v in result.summaries.items()
+            },
+            "paired_differences": {k: v.as_dict() for k, v in result.paired.items()},
+            "validation": curve,
+            "selected_step": kept,
+            "trainable_parameters": trainable,
+            "seconds": seconds,
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+        },
+    )
+    _write_text(out / "report.md", _report(config, result))
+    return result
