@@ -25,7 +25,7 @@ def test_every_config_validates_and_round_trips(path: Path) -> None:
 
 
 def test_overrides_are_typed() -> None:
-    path = CONFIGS[0]
+    path = next(p for p in CONFIGS if p.name == "wordnet_finetune.yaml")
     config = load_config(path, ["train.lr=1e-4", "adapter.rank=4", "adapter.compression=rotation"])
     assert isinstance(config, FinetuneConfig)
     assert config.train.lr == 1e-4 and config.adapter.rank == 4
