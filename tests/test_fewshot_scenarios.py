@@ -141,3 +141,45 @@ def test_digits_pools_are_cross_domain_and_features_match_the_cnn() -> None:
     assert "class and domain split" in split.split
     with pytest.raises(ValueError, match="train_classes=.*distinct digits"):
         build_fewshot("digits-fewshot", train_classes=[1, 1, 12])
+
+
+def test_learn2learn_task_datasets_give_episodes() -> None:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import learn2learn as l2l
+
+    from moracl.meta import MAML
+    from moracl.meta.taskdata import TaskDatasetSampler, episode_from_task
+
+    labels = torch.arange(8).repeat_interleave(6)
+    x = torch.randn(labels.numel(), 4)
+    x[:, 0] = labels.float()  # feature 0 carries the original class
+    meta = l2l.data.MetaDataset(torch.utils.data.TensorDataset(x, labels))
+    ways, shots, queries = 3, 2, 3
+    taskset = l2l.data.TaskDataset(
+        meta,
+        [
+            l2l.data.transforms.NWays(meta, ways),
+            l2l.data.transforms.KShots(meta, shots + queries),
+            l2l.data.transforms.LoadData(meta),
+            l2l.data.transforms.RemapLabels(meta),
+        ],
+        num_tasks=-1,
+    )
+    sampler = TaskDatasetSampler(taskset, ways=ways, shots=shots, queries=queries)
+    b1 = sampler.sample_batch(4, torch.Generator().manual_seed(0))
+    b2 = sampler.sample_batch(4, torch.Generator().manual_seed(0))
+    assert b1.xs.shape == (4, 6, 4) and b1.xq.shape == (4, 9, 4)
+    assert all(torch.equal(a, b) for a, b in zip(b1, b2))  # seeded
+    for i in range(4):
+        orig_s, orig_q = b1.xs[i, :, 0].long(), b1.xq[i, :, 0].long()
+        for j in range(ways):  # one original class per label, the same in support and query
+            cls = set(orig_s[b1.ys[i] == j].tolist())
+            assert len(cls) == 1 and cls == set(orig_q[b1.yq[i] == j].tolist())
+        assert not {tuple(r.tolist()) for r in b1.xs[i]} & {tuple(r.tolist()) for r in b1.xq[i]}
+    model = torch.nn.Sequential(torch.nn.Linear(4, ways))
+    assert torch.isfinite(MAML(model, 0.1).meta_loss(b1, inner_steps=1))
+    with pytest.raises(ValueError, match="3-way task"):
+        episode_from_task(x[:10], labels[:10], ways=3, shots=2, queries=3)

@@ -11,8 +11,9 @@ model object on the same tensors:
   over the tasks; ``allow_nograd=True`` for the frozen backbone);
 - ``moracl``: :meth:`moracl.meta.MAML.meta_loss`, ``torch.func`` vmapped over the tasks.
 
-Two models: ``mlp``, a plain MLP (784-256-128-64-5, ReLU) whose every parameter is
-meta-learned, and ``adapter``, the same MLP frozen inside a :class:`moracl.MoRAModel` with
+Three models: ``mlp``, the MLP of MAML's Omniglot experiments (784-256-128-64-5, ReLU) with
+every parameter meta-learned; ``mlp-small``, an MLP over 64 frozen features (64-64-64-5), the
+same; and ``adapter``, the 784-256-128-64-5 MLP frozen inside a :class:`moracl.MoRAModel` with
 LoRA (rank 8) on its hidden layers and a trained copy of its output layer. The meta-gradients
 of the two implementations are checked against each other before timing.
 
@@ -40,7 +41,12 @@ from moracl.bench.common import free, machine, markdown_table, time_steps
 
 __all__ = ["MODELS", "Workload", "build_model", "main", "markdown", "run"]
 
-MODELS = ("mlp", "adapter")
+MODELS = ("mlp", "mlp-small", "adapter")
+_SHAPES = {
+    "mlp": (784, (256, 128, 64)),
+    "mlp-small": (64, (64, 64)),
+    "adapter": (784, (256, 128, 64)),
+}
 METHODS = ("learn2learn", "moracl")
 
 
@@ -54,13 +60,12 @@ class Workload:
     queries: int = 15
     inner_steps: int = 5
     inner_lr: float = 0.4
-    d_in: int = 784
-    hidden: tuple[int, ...] = (256, 128, 64)
     rank: int = 8
 
 
-def _mlp(w: Workload) -> nn.Sequential:
-    dims = (w.d_in, *w.hidden)
+def _mlp(name: str, w: Workload) -> nn.Sequential:
+    d_in, hidden = _SHAPES[name]
+    dims = (d_in, *hidden)
     layers: list[nn.Module] = []
     for a, b in itertools.pairwise(dims):
         layers += [nn.Linear(a, b), nn.ReLU()]
@@ -69,12 +74,14 @@ def _mlp(w: Workload) -> nn.Sequential:
 
 
 def build_model(name: str, w: Workload, device: torch.device) -> nn.Module:
-    """The ``mlp`` or ``adapter`` model of the benchmark, seeded, on ``device``."""
+    """A model of :data:`MODELS`, seeded, on ``device``."""
     from moracl import AdapterConfig, MoRAModel
 
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; expected one of {list(MODELS)}")
     torch.manual_seed(0)
-    base = _mlp(w)
-    if name == "mlp":
+    base = _mlp(name, w)
+    if name != "adapter":
         return base.to(device)
     if name == "adapter":
         head = str(len(base) - 1)
@@ -89,16 +96,15 @@ def build_model(name: str, w: Workload, device: torch.device) -> nn.Module:
             for n, p in model.named_parameters():
                 if "lora_B" in n:
                     p.normal_(0.0, 0.02)
-        return model.to(device)
-    raise ValueError(f"unknown model {name!r}; expected one of {list(MODELS)}")
+    return model.to(device)
 
 
-def _tasks(w: Workload, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _tasks(w: Workload, d_in: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``xs (t, N·K, d)``, ``ys (t, N·K)``, ``xq (t, N·Q, d)``, ``yq (t, N·Q)``."""
     g = torch.Generator().manual_seed(1)
     t, n, k, q = w.tasks, w.ways, w.shots, w.queries
-    xs = torch.randn(t, n * k, w.d_in, generator=g)
-    xq = torch.randn(t, n * q, w.d_in, generator=g)
+    xs = torch.randn(t, n * k, d_in, generator=g)
+    xq = torch.randn(t, n * q, d_in, generator=g)
     ys = torch.arange(n).repeat_interleave(k).expand(t, -1).contiguous()
     yq = torch.arange(n).repeat_interleave(q).expand(t, -1).contiguous()
     return xs.to(device), ys.to(device), xq.to(device), yq.to(device)
@@ -209,18 +215,19 @@ def run(
             f"need steps, repeats >= 1 and warmup >= 0; got {steps}, {repeats}, {warmup}"
         )
     w = workload or Workload()
-    batch = _tasks(w, dev)
     rows: list[dict[str, Any]] = []
     for name in models:
+        batch = _tasks(w, _SHAPES[name][0], dev)
         model = build_model(name, w, dev)
         steps_of = _steps(model, w, batch, chunk_size)
         diff = _check_same_gradients(steps_of, model)
         best: dict[str, float] = {}
-        for _ in range(repeats):
+        for r in range(repeats):  # interleaved rounds; warm-up in the first only
             for method in METHODS:
-                t = time_steps(steps_of[method][0], dev, warmup=warmup, steps=steps)
+                t = time_steps(
+                    steps_of[method][0], dev, warmup=warmup if r == 0 else 0, steps=steps
+                )
                 best[method] = min(best.get(method, float("inf")), t.ms)
-                warmup = 0 if dev.type == "cpu" else warmup
         for method in METHODS:
             free(dev)
             peak = _peak_bytes(steps_of[method][0], dev)
@@ -239,7 +246,7 @@ def run(
         free(dev)
     return {
         "machine": machine(dev),
-        "workload": {**w.__dict__, "hidden": list(w.hidden), "chunk_size": chunk_size},
+        "workload": {**w.__dict__, "chunk_size": chunk_size},
         "steps": steps,
         "repeats": repeats,
         "rows": rows,

@@ -13,6 +13,7 @@ from moracl.meta.baselines import (
 from moracl.meta.episodes import ClassSplits, Episode, EpisodeSampler, split_classes
 from moracl.meta.maml import ANIL, MAML, Learner, MetaSGD
 from moracl.meta.run import FewShotClassifier, MetaResult, build_meta_model, meta_learn
+from moracl.meta.taskdata import TaskDatasetSampler, episode_from_task
 
 __all__ = [
     "ANIL",
@@ -25,9 +26,11 @@ __all__ = [
     "MetaResult",
     "MetaSGD",
     "Summary",
+    "TaskDatasetSampler",
     "adam_update",
     "adapted_accuracy",
     "build_meta_model",
+    "episode_from_task",
     "meta_learn",
     "prototype_accuracy",
     "prototype_logits",

@@ -154,11 +154,17 @@ class MAML(nn.Module):
         params: dict[str, Tensor],
         grads: dict[str, Tensor],
     ) -> dict[str, Tensor]:
-        """One SGD step on the adapted names: ``p - lr · g`` (a new dict; ``params`` kept)."""
+        """One SGD step on the adapted names: ``p - lr · g`` (a new dict; ``params`` kept).
+
+        A float step size takes one fused ``sub(p, g, alpha=lr)`` (no ``lr · g`` temporary:
+        the update of per-task weights is memory-bound)."""
         lrs = self.step_sizes()
         new = dict(params)
         for n, g in grads.items():
-            new[n] = params[n] - lrs[n] * g
+            lr = lrs[n]
+            new[n] = (
+                torch.sub(params[n], g, alpha=lr) if isinstance(lr, float) else params[n] - lr * g
+            )
         return new
 
     # -- learn2learn-style API --------------------------------------------------------------
