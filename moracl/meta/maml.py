@@ -154,17 +154,11 @@ class MAML(nn.Module):
         params: dict[str, Tensor],
         grads: dict[str, Tensor],
     ) -> dict[str, Tensor]:
-        """One SGD step on the adapted names: ``p - lr · g`` (a new dict; ``params`` kept).
-
-        A float step size takes one fused ``sub(p, g, alpha=lr)`` (no ``lr · g`` temporary:
-        the update of per-task weights is memory-bound)."""
+        """One SGD step on the adapted names: ``p - lr · g`` (a new dict; ``params`` kept)."""
         lrs = self.step_sizes()
         new = dict(params)
         for n, g in grads.items():
-            lr = lrs[n]
-            new[n] = (
-                torch.sub(params[n], g, alpha=lr) if isinstance(lr, float) else params[n] - lr * g
-            )
+            new[n] = params[n] - lrs[n] * g
         return new
 
     # -- learn2learn-style API --------------------------------------------------------------
