@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import pytest
 import torch
@@ -259,11 +260,142 @@ def test_batchnorm_policy() -> None:
     assert bn.training
 
 
+# -- full-weight linears: factored inner updates -------------------------------------------
+class TwiceApplied(nn.Module):
+    """A linear layer applied twice per forward (shared weights): never factored."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.shared, self.out = (
+            nn.Linear(D_IN, HIDDEN),
+            nn.Linear(HIDDEN, HIDDEN),
+            nn.Linear(HIDDEN, WAYS),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.inp(x))
+        return self.out(torch.tanh(self.shared(torch.tanh(self.shared(h)))))
+
+
+def make_mlp() -> nn.Module:
+    """A float64 MLP with every parameter meta-learned (no adapters)."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(D_IN, HIDDEN),
+        nn.Tanh(),
+        nn.Linear(HIDDEN, HIDDEN),
+        nn.Tanh(),
+        nn.Linear(HIDDEN, WAYS),
+    ).double()
+
+
+def l2l_meta_grads(
+    model: nn.Module, tasks: tuple[Tensor, ...], steps: int, first_order: bool
+) -> tuple[Tensor, ...]:
+    xs, ys, xq, yq = tasks
+    ref = l2l.algorithms.MAML(model, lr=0.4, first_order=first_order, allow_nograd=True)
+    losses = []
+    for i in range(xs.shape[0]):
+        learner = ref.clone()
+        for _ in range(steps):
+            learner.adapt(F.cross_entropy(learner(xs[i]), ys[i]))
+        losses.append(F.cross_entropy(learner(xq[i]), yq[i]))
+    return torch.autograd.grad(torch.stack(losses).mean(), trainable(model))
+
+
+@pytest.mark.parametrize("chunk_size", [None, 2])
+@pytest.mark.parametrize("first_order", [False, True], ids=["second-order", "first-order"])
+@pytest.mark.parametrize("update", ["dense", "factored"])
+def test_full_weight_mlp_meta_gradients_match_learn2learn(
+    update: str, first_order: bool, chunk_size: int | None
+) -> None:
+    model = make_mlp()
+    tasks = make_tasks()
+    maml = MAML(model, inner_lr=0.4, first_order=first_order, linear_update=update)
+    factored = maml._factored_linears(maml.meta_parameters(), tasks[0], inner_steps=3)
+    expected = {"dense": set(), "factored": {"0.weight", "2.weight", "4.weight"}}[update]
+    assert set(factored.modules) == expected
+    loss = maml.meta_loss(tasks, inner_steps=3, chunk_size=chunk_size)
+    torch.testing.assert_close(
+        loss, sequential_meta_loss(maml, tasks, steps=3), rtol=1e-10, atol=1e-12
+    )
+    ours = torch.autograd.grad(loss, trainable(model))
+    assert_grads_close(ours, l2l_meta_grads(model, tasks, 3, first_order))
+
+
+def test_auto_factors_only_the_layers_where_it_is_cheaper() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 8), nn.ReLU(), nn.Linear(8, WAYS)
+    )
+    maml = MAML(model, inner_lr=0.4)
+    xs = torch.randn(2, 3, 64)
+    # rank k·r = 2 steps · 3 rows = 6: 6·96 < 64·32, 6·40 < 32·8, but 6·11 >= 8·3
+    assert set(maml._factored_linears(maml.meta_parameters(), xs, inner_steps=2).modules) == {
+        "0.weight",
+        "2.weight",
+    }
+    # 5 steps: rank 15, 15·96 < 64·32 but 15·40 >= 32·8
+    assert set(maml._factored_linears(maml.meta_parameters(), xs, inner_steps=5).modules) == {
+        "0.weight"
+    }
+    assert (
+        not MAML(model, 0.4, linear_update="dense")
+        ._factored_linears(maml.meta_parameters(), xs, 2)
+        .modules
+    )
+
+
+def test_factored_updates_over_token_dimensions_shared_layers_and_metasgd() -> None:
+    """Inputs (t, n, tokens, d); a layer called twice per forward stays dense; Meta-SGD's
+    per-entry rates keep every layer dense. All match the sequential clone/adapt loop."""
+    g = torch.Generator().manual_seed(2)
+    xs, xq = (
+        torch.randn(3, 4, 2, D_IN, generator=g, dtype=torch.float64),
+        torch.randn(3, 5, 2, D_IN, generator=g, dtype=torch.float64),
+    )
+    ys, yq = (
+        torch.randint(0, WAYS, (3, 4, 2), generator=g),
+        torch.randint(0, WAYS, (3, 5, 2), generator=g),
+    )
+
+    def loss_fn(logits: Tensor, y: Tensor) -> Tensor:
+        return F.cross_entropy(logits.reshape(-1, WAYS), y.reshape(-1))
+
+    torch.manual_seed(0)
+    cases = [
+        (MAML(make_mlp(), 0.4, linear_update="factored"), {"0.weight", "2.weight", "4.weight"}),
+        (
+            MAML(TwiceApplied().double(), 0.4, linear_update="factored"),
+            {"inp.weight", "out.weight"},
+        ),
+        (MetaSGD(make_mlp(), 0.4, linear_update="factored"), set()),
+    ]
+    for maml, factored in cases:
+        rows = maml._factored_linears(maml.meta_parameters(), xs, inner_steps=2)
+        assert set(rows.modules) == factored and all(r == 8 for r in rows.rows.values())
+        params = [p for p in maml.parameters() if p.requires_grad]
+        vm = maml.meta_loss((xs, ys, xq, yq), inner_steps=2, loss_fn=loss_fn)
+        losses = []
+        for i in range(3):
+            learner = maml.clone()
+            for _ in range(2):
+                learner.adapt(loss_fn(learner(xs[i]), ys[i]))
+            losses.append(loss_fn(learner(xq[i]), yq[i]))
+        seq = torch.stack(losses).mean()
+        torch.testing.assert_close(vm, seq, rtol=1e-10, atol=1e-12)
+        assert_grads_close(torch.autograd.grad(vm, params), torch.autograd.grad(seq, params))
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
-    [({"inner_lr": 0.0}, "inner_lr"), ({"inner_lr": -1.0}, "inner_lr")],
+    [
+        ({"inner_lr": 0.0}, "inner_lr"),
+        ({"inner_lr": -1.0}, "inner_lr"),
+        ({"inner_lr": 0.1, "linear_update": "lowrank"}, "'lowrank'.*'factored'"),
+    ],
 )
-def test_maml_argument_errors(kwargs: dict[str, float], match: str) -> None:
+def test_maml_argument_errors(kwargs: dict[str, Any], match: str) -> None:
     with pytest.raises(ValueError, match=match):
         MAML(make_model(), **kwargs)
 

@@ -11,6 +11,7 @@ from moracl.meta.baselines import (
     summarize,
 )
 from moracl.meta.episodes import ClassSplits, Episode, EpisodeSampler, split_classes
+from moracl.meta.lowrank import LinearUpdate
 from moracl.meta.maml import ANIL, MAML, Learner, MetaSGD
 from moracl.meta.run import FewShotClassifier, MetaResult, build_meta_model, meta_learn
 from moracl.meta.taskdata import TaskDatasetSampler, episode_from_task
@@ -23,6 +24,7 @@ __all__ = [
     "EpisodeSampler",
     "FewShotClassifier",
     "Learner",
+    "LinearUpdate",
     "MetaResult",
     "MetaSGD",
     "Summary",

@@ -21,6 +21,12 @@ Two ways to run it::
 
 Shapes: ``t`` tasks, ``n_s`` / ``n_q`` support / query examples, ``...`` an example's features.
 
+Full-weight linear layers. Where a plain ``nn.Linear`` weight adapts in the inner loop,
+:meth:`MAML.meta_loss` by default keeps its per-task update in factored form (``ΔW = Dᵀ H``
+with one row per support example and inner step) instead of a per-task copy of the weight;
+the shared weight then serves every task in one matmul. Same values and meta-gradients, less
+memory traffic: see :mod:`moracl.meta.lowrank` and ``linear_update``.
+
 The fused adapter path. Adapted layers train a single LoRA or MoRA adapter through fused
 ``autograd.Function`` nodes (``moracl.adapters.fused``) whose backward is not differentiable
 and which ``torch.func`` cannot transform. MAML runs the model inside
@@ -42,8 +48,18 @@ from torch.func import functional_call, grad, vmap
 from moracl.adapters.base import ParamRole, iter_param_roles
 from moracl.adapters.fused import plain_autograd
 from moracl.layer import MoRALayer
+from moracl.meta.lowrank import FactoredLinears, LinearUpdate, linear_candidates
 
-__all__ = ["ANIL", "MAML", "BatchNormPolicy", "Learner", "LossFn", "MetaSGD", "TaskBatch"]
+__all__ = [
+    "ANIL",
+    "MAML",
+    "BatchNormPolicy",
+    "Learner",
+    "LinearUpdate",
+    "LossFn",
+    "MetaSGD",
+    "TaskBatch",
+]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 """``loss_fn(outputs, targets) -> scalar``, e.g. :func:`torch.nn.functional.cross_entropy`."""
@@ -67,6 +83,10 @@ class MAML(nn.Module):
         inner_lr: the inner-loop SGD step size (``> 0``); :class:`MetaSGD` uses it as the
             initial value of its learned rates.
         first_order: drop the second-order terms (the inner gradients are detached).
+        linear_update: how :meth:`meta_loss` updates adapted ``nn.Linear`` weights in the
+            inner loop (:class:`moracl.meta.lowrank.LinearUpdate`): ``"auto"`` keeps the
+            per-task update ``−lr·Σ δᵀh`` in factored form where that is cheaper than a
+            per-task weight copy. The result is the same; only speed and memory differ.
         batchnorm: ``"eval"``: batch-norm layers use their running statistics and never
             update them (the frozen backbone's BN stays frozen). Nothing else is supported.
 
@@ -81,6 +101,7 @@ class MAML(nn.Module):
         first_order: bool = False,
         *,
         batchnorm: BatchNormPolicy = "eval",
+        linear_update: LinearUpdate | str = LinearUpdate.AUTO,
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -92,6 +113,12 @@ class MAML(nn.Module):
                 f"batchnorm policy {batchnorm!r} is not supported; use one of "
                 f"{list(_BATCHNORM_POLICIES)} (the frozen backbone runs batch norm in eval mode)"
             )
+        try:
+            self.linear_update = LinearUpdate(linear_update)
+        except ValueError:
+            raise ValueError(
+                f"linear_update {linear_update!r} is not one of {[u.value for u in LinearUpdate]}"
+            ) from None
         self.module = model
         self.inner_lr = float(inner_lr)
         self.first_order = bool(first_order)
@@ -161,6 +188,38 @@ class MAML(nn.Module):
             new[n] = params[n] - lrs[n] * g
         return new
 
+    def _factored_linears(
+        self, params: dict[str, Tensor], xs: Tensor, inner_steps: int
+    ) -> FactoredLinears:
+        """The adapted ``nn.Linear`` layers whose inner updates :meth:`meta_loss` keeps in
+        factored form, with the rows ``r`` of their input on one task's support set
+        ``xs (t, n_s, ...)`` (found by one untimed forward of the first task, which leaves the
+        random number generators as they were)."""
+        found = linear_candidates(
+            self.module,
+            self.inner_names,
+            self.step_sizes(),
+            self.linear_update,
+            max_rank=inner_steps * xs.shape[1] if xs.shape[0] else 0,
+        )
+        if not found:
+            return FactoredLinears({}, {})
+        probe = FactoredLinears(found, {})
+        devices = [xs.device] if xs.device.type == "cuda" else []
+        with probe.hooked(), torch.random.fork_rng(devices=devices):
+            rows = probe.input_rows(lambda x: self.functional_forward(params, x), xs[0])
+        keep = {
+            n: m
+            for n, m in found.items()
+            if n in rows
+            and (
+                self.linear_update is LinearUpdate.FACTORED
+                or inner_steps * rows[n] * (m.in_features + m.out_features)
+                < m.in_features * m.out_features
+            )
+        }
+        return FactoredLinears(keep, {n: rows[n] for n in keep})
+
     # -- learn2learn-style API --------------------------------------------------------------
     def clone(self) -> Learner:
         """A light learner starting at the current meta-parameters (in the autograd graph)."""
@@ -205,36 +264,65 @@ class MAML(nn.Module):
                 f"{[xs.shape[0], ys.shape[0], xq.shape[0], yq.shape[0]]}"
             )
         params = self.meta_parameters()
-        inner_names = self.inner_names
+        factored = self._factored_linears(params, xs, inner_steps)
+        dense_names = tuple(n for n in self.inner_names if n not in factored.modules)
         first_order = self.first_order
+        lrs = self.step_sizes()
 
         def task_loss(
             params: dict[str, Tensor], xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor
         ) -> Tensor:
             fast = params
+            factors: dict[
+                str, tuple[Tensor, Tensor]
+            ] = {}  # name -> (H (k·r, d_in), D (k·r, d_out))
             for _ in range(inner_steps):
-                frozen = fast
+                frozen, applied = fast, factors
 
-                def support_loss(inner: dict[str, Tensor], frozen: dict[str, Tensor] = frozen):
-                    return loss_fn(self.functional_forward({**frozen, **inner}, xs), ys)
+                def support_loss(
+                    inner: dict[str, Tensor],
+                    probes: dict[str, Tensor],
+                    frozen: dict[str, Tensor] = frozen,
+                    applied: dict[str, tuple[Tensor, Tensor]] = applied,
+                ) -> tuple[Tensor, dict[str, Tensor]]:
+                    with factored.use(applied, probes) as inputs:
+                        out = self.functional_forward({**frozen, **inner}, xs)
+                    return loss_fn(out, ys), inputs
 
-                g = grad(support_loss)({n: fast[n] for n in inner_names})
+                probes = {  # zeros (r, d_out); their gradients are the δ
+                    n: xs.new_zeros(factored.rows[n], m.out_features)
+                    for n, m in factored.modules.items()
+                }
+                (g, deltas), inputs = grad(support_loss, argnums=(0, 1), has_aux=True)(
+                    {n: fast[n] for n in dense_names}, probes
+                )
                 if first_order:
                     g = {n: v.detach() for n, v in g.items()}
+                    deltas = {n: v.detach() for n, v in deltas.items()}
+                    inputs = {n: v.detach() for n, v in inputs.items()}
                 fast = self.inner_step(fast, g)
-            return loss_fn(self.functional_forward(fast, xq), yq)
+                # the weight gradient δᵀh, kept as factors: ΔW += (−lr·δ)ᵀ h
+                factors = {
+                    n: _append(factors.get(n), inputs[n], -lrs[n] * deltas[n]) for n in deltas
+                }
+            with factored.use(factors):
+                return loss_fn(self.functional_forward(fast, xq), yq)
 
         # randomness="different": a noisy router draws its own noise for every task
-        losses = vmap(
-            task_loss, in_dims=(None, 0, 0, 0, 0), chunk_size=chunk_size, randomness="different"
-        )(params, xs, ys, xq, yq)  # (t,)
+        with factored.hooked():
+            losses = vmap(
+                task_loss,
+                in_dims=(None, 0, 0, 0, 0),
+                chunk_size=chunk_size,
+                randomness="different",
+            )(params, xs, ys, xq, yq)  # (t,)
         return losses.mean()
 
     def extra_repr(self) -> str:
         return (
             f"inner_lr={self.inner_lr}, first_order={self.first_order}, "
-            f"batchnorm={self.batchnorm!r}, adapted={len(self.inner_names)}/"
-            f"{len(self.meta_names)} tensors"
+            f"batchnorm={self.batchnorm!r}, linear_update={self.linear_update.value!r}, "
+            f"adapted={len(self.inner_names)}/{len(self.meta_names)} tensors"
         )
 
 
@@ -252,8 +340,12 @@ class MetaSGD(MAML):
         first_order: bool = False,
         *,
         batchnorm: BatchNormPolicy = "eval",
+        linear_update: LinearUpdate | str = LinearUpdate.AUTO,
     ) -> None:
-        super().__init__(model, inner_lr, first_order, batchnorm=batchnorm)
+        # the learned rates are per entry, so its linear updates are never factored
+        super().__init__(
+            model, inner_lr, first_order, batchnorm=batchnorm, linear_update=linear_update
+        )
         params = self.meta_parameters()
         self.lrs = nn.ParameterDict(
             {
@@ -310,6 +402,13 @@ class Learner:
     def __call__(self, x: Tensor) -> Any:
         """The model on ``x (n, ...)`` with the adapted parameters."""
         return self.maml.functional_forward(self.params, x)
+
+
+def _append(factors: tuple[Tensor, Tensor] | None, h: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
+    """``(H, D)`` with the rows ``h (r, d_in)`` and ``d (r, d_out)`` appended."""
+    if factors is None:
+        return h, d
+    return torch.cat([factors[0], h]), torch.cat([factors[1], d])  # (k·r + r, ·)
 
 
 def _key(name: str) -> str:
