@@ -20,6 +20,7 @@ import yaml
 
 from moracl.adapters import AdapterConfig
 from moracl.continual.config import RunConfig
+from moracl.distributed import DistributedConfig
 from moracl.experts.mixture import MixtureConfig
 from moracl.registry import Registry
 
@@ -91,6 +92,7 @@ class FinetuneConfig:
     target_modules: list[str] = field(default_factory=lambda: ["query", "value"])
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     output_dir: str = field(default="out/finetune", metadata={"help": "where the adapter is saved"})
 
 
@@ -222,6 +224,7 @@ class MetaConfig:
     optim: MetaOptimConfig = field(default_factory=MetaOptimConfig)
     test: MetaTestConfig = field(default_factory=MetaTestConfig)
     seed: int = field(default=0, metadata={"help": "seeds initialisation and task sampling"})
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     output_dir: str = field(default="out/meta", metadata={"help": "report, metrics, adapter"})
 
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from moracl.adapters.base import AdapterConfig
+from moracl.distributed import DistributedConfig
 
 __all__ = [
     "STRATEGIES",
@@ -113,6 +114,7 @@ class RunConfig:
     strategies: list[str] = field(default_factory=lambda: list(STRATEGIES))
     baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
     train: ContinualTrainConfig = field(default_factory=ContinualTrainConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     output_dir: str = field(default="out/run", metadata={"help": "the run folder"})
 
     def __post_init__(self) -> None:

@@ -32,6 +32,7 @@ from moracl.continual.metrics import (
     StrategyResult,
 )
 from moracl.continual.model import ContinualClassifier
+from moracl.continual.parallel import DataParallelPlugin
 from moracl.continual.strategy import (
     FastTemplate,
     GrowthConfig,
@@ -39,6 +40,14 @@ from moracl.continual.strategy import (
     TensorBatches,
     derive_seed,
     materialize,
+)
+from moracl.distributed import (
+    all_reduce_sum,
+    barrier,
+    init_distributed,
+    rank,
+    shard_backbone,
+    world_size,
 )
 from moracl.experts.mixture import Mixture, MixtureConfig
 from moracl.experts.routers.config import RouterConfig
@@ -198,19 +207,26 @@ def evaluate(
 ) -> Evaluation:
     """Accuracy of ``model`` on each test experience ``(x, y, t)``; for mixtures also the
     mean expert usage per experience and, for task-agnostic routing, how often a token's top
-    expert was grown for the sample's own experience (task-inference accuracy)."""
+    expert was grown for the sample's own experience (task-inference accuracy).
+
+    Under data parallelism the batches (the same as in one process) are dealt to the
+    processes in turn and the counts summed, so every process returns the one-process
+    result."""
     was_training = model.training
     model.eval()
     encoder = model.encoder
     if not isinstance(encoder, MoRAModel):
         raise TypeError(f"expected a MoRAModel encoder, got {type(encoder).__name__}")
     mixtures = list(encoder.mixtures())
-    accs, usage = [], []
+    world, me = world_size(), rank()
+    corrects, uses, n_uses = [], [], []
     hits = total = 0.0
     epts = []
     for j, (x, y, t) in enumerate(tests):
         correct, use, n_use = 0, None, 0
-        for xb, yb, tb in TensorBatches((x, y, t), batch_size, shuffle=False):
+        for b, (xb, yb, tb) in enumerate(TensorBatches((x, y, t), batch_size, shuffle=False)):
+            if b % world != me:
+                continue
             logits = model(xb, tb)
             correct += int((logits.argmax(-1) == yb).sum())
             for path, mixture in mixtures:
@@ -225,14 +241,39 @@ def evaluate(
                     owner = _expert_owner(mixture)[result.indices[:, 0]]
                     hits += float((owner == j).sum())
                     total += owner.numel()
-        accs.append(correct / len(y))
-        usage.append([] if use is None else (use / max(n_use, 1)).tolist())
+        corrects.append(correct)
+        uses.append(use)
+        n_uses.append(n_use)
     model.train(was_training)
+    epts_sum, epts_n = sum(epts), len(epts)
+    if world > 1:
+        experts = mixtures[0][1].num_experts if mixtures else 0
+        rows = [
+            torch.cat(
+                [
+                    torch.tensor([float(c), float(n)]),
+                    u.cpu().double()
+                    if u is not None
+                    else torch.zeros(experts, dtype=torch.float64),
+                ]
+            )
+            for c, u, n in zip(corrects, uses, n_uses)
+        ]
+        flat = all_reduce_sum(
+            torch.cat([*rows, torch.tensor([hits, total, epts_sum, float(epts_n)])])
+        )
+        hits, total, epts_sum = (float(v) for v in flat[-4:-1])
+        epts_n = round(float(flat[-1]))
+        parts = flat[:-4].split(2 + experts)
+        corrects = [round(float(p[0])) for p in parts]
+        n_uses = [round(float(p[1])) for p in parts]
+        uses = [p[2:] if n else None for p, n in zip(parts, n_uses)]
+    usage = [[] if u is None else (u / max(n, 1)).tolist() for u, n in zip(uses, n_uses)]
     return Evaluation(
-        accuracies=accs,
+        accuracies=[c / len(y) for c, (_, y, _) in zip(corrects, tests)],
         expert_usage=usage,
         task_inference=hits / total if total else None,
-        experts_per_token=sum(epts) / len(epts) if epts else None,
+        experts_per_token=epts_sum / epts_n if epts_n else None,
     )
 
 
@@ -291,7 +332,14 @@ def run_continual(
         resume: continue from the newest checkpoint in ``config.output_dir``.
         progress: show progress bars.
         stop_after: stop after this experience (as if interrupted), for tests and demos.
-        device: where to train.
+        device: where to train (``cuda``: each process of a ``torchrun`` launch takes
+            ``cuda:LOCAL_RANK``).
+
+    Launched by ``torchrun`` with more than one process, the run is data-parallel
+    (:mod:`moracl.distributed`, ``config.distributed``): every global mini-batch is split
+    across the processes, evaluation batches are dealt to them, and only rank 0 writes the
+    checkpoints, logs, metrics and report. A checkpoint holds no trace of the number of
+    processes, so ``resume`` works with any.
 
     Raises:
         ValueError: the output folder already holds a run and ``resume`` is off; a corrupt
@@ -310,7 +358,8 @@ def run_continual(
         )
     if resume and not has_run:
         raise FileNotFoundError(f"nothing to resume: {run_dir} has no checkpoint")
-    dev = torch.device(device)
+    env = init_distributed(config.distributed.backend, device)
+    dev, main = env.device, env.is_main
     t = config.train
     torch.manual_seed(t.seed)
     sc = config.scenario
@@ -328,7 +377,12 @@ def run_continual(
     for name in names:
         torch.manual_seed(derive_seed(t.seed, name, "init"))
         model = build_model(name, config, encoder, info).to(dev)
+        if config.distributed.shard_backbone:
+            frozen |= {id(p) for p in shard_backbone(model.encoder)}
         strategies[name] = build_strategy(name, config, model, dev)
+        if env.world_size > 1:
+            plugin = DataParallelPlugin(bucket_mb=config.distributed.bucket_mb)
+            strategies[name].plugins.append(plugin)
 
     from moracl.config import to_dict
 
@@ -363,8 +417,10 @@ def run_continual(
             ev = evaluate(s.model, tests, t.eval_batch_size)  # type: ignore[arg-type]
             matrices[n] = matrices[n].set_initial(ev.accuracies)
 
-    logger = RunLogger(run_dir)
-    bar = tqdm(total=(num_exp - start) * len(names), disable=not progress, desc="moracl run")
+    logger: Any = RunLogger(run_dir) if main else _NoLogger()
+    bar = tqdm(
+        total=(num_exp - start) * len(names), disable=not progress or not main, desc="moracl run"
+    )
     try:
         for i in range(start, num_exp):
             for n, strategy in strategies.items():
@@ -404,15 +460,29 @@ def run_continual(
                 n: {**trained_state(s.model, frozen), **_plugin_tensors(s)}
                 for n, s in strategies.items()
             }
-            save_checkpoint(run_dir, i, tensors, state, {"results": results.to_dict()})
-            results.save(run_dir)
+            if main:  # one writer; the others wait until the checkpoint is complete
+                save_checkpoint(run_dir, i, tensors, state, {"results": results.to_dict()})
+                results.save(run_dir)
+            barrier()
             if stop_after is not None and i >= stop_after:
                 break
     finally:
         bar.close()
         logger.close()
-    write_report(run_dir)
+    if main:
+        write_report(run_dir)
+    barrier()
     return results
+
+
+class _NoLogger:
+    """The run logger of the processes other than rank 0: writes nothing."""
+
+    def log_eval(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def _fill(

@@ -1,0 +1,65 @@
+"""Data-parallel training for the Avalanche strategies of ``moracl run`` (Avalanche's own loop
+has none): a plugin that gives each process its rows of every global mini-batch and sums the
+gradients across processes before the optimiser steps (see :mod:`moracl.distributed`).
+
+Every process iterates the same global mini-batches in the same order as a one-process run
+(the in-memory loaders are seeded; loaders that draw from the global random state get rank
+0's state at every epoch), so the global batch, its order and the step equal the
+one-process run's.
+
+Reads ``strategy.model``, ``strategy.dataloader``, ``strategy.train_mb_size``,
+``strategy.experience``; writes ``strategy.mbatch`` (this process's rows) and the ``.grad`` of
+the model's trainable parameters (summed over the processes after ``backward``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from avalanche.core import SupervisedPlugin
+
+from moracl.continual.strategy import TensorBatches
+from moracl.distributed import (
+    DataParallel,
+    broadcast_rng_state,
+    check_batches,
+    shard_batch,
+    world_size,
+)
+
+__all__ = ["DataParallelPlugin"]
+
+
+class DataParallelPlugin(SupervisedPlugin):  # type: ignore[misc]
+    """Split every training mini-batch across the processes and synchronise the gradients.
+
+    Args:
+        bucket_mb: size of the gradient all-reduce buckets (MiB).
+    """
+
+    def __init__(self, *, bucket_mb: float = 25.0) -> None:
+        super().__init__()
+        self.bucket_mb = bucket_mb
+        self.share = 1.0
+        self.parallel: DataParallel | None = None
+
+    def before_training_exp(self, strategy: Any, **kwargs: Any) -> None:
+        self.parallel = DataParallel(strategy.model, bucket_mb=self.bucket_mb)
+        loader = strategy.dataloader
+        if isinstance(loader, TensorBatches):
+            check_batches(
+                len(loader.tensors[0]),
+                loader.batch_size,
+                world_size(),
+                f"experience {strategy.experience.current_experience}",
+            )
+
+    def before_training_epoch(self, strategy: Any, **kwargs: Any) -> None:
+        broadcast_rng_state()
+
+    def before_training_iteration(self, strategy: Any, **kwargs: Any) -> None:
+        strategy.mbatch, self.share = shard_batch(strategy.mbatch)
+
+    def after_backward(self, strategy: Any, **kwargs: Any) -> None:
+        assert self.parallel is not None
+        self.parallel.sync_gradients(self.share)
