@@ -9,7 +9,9 @@ model object on the same tensors:
 
 - ``learn2learn``: ``l2l.algorithms.MAML`` (``clone`` / ``adapt`` per task, in a Python loop
   over the tasks; ``allow_nograd=True`` for the frozen backbone);
-- ``moracl``: :meth:`moracl.meta.MAML.meta_loss`, ``torch.func`` vmapped over the tasks.
+- ``moracl``: :meth:`moracl.meta.MAML.meta_loss`, ``torch.func`` vmapped over the tasks;
+  ``--linear-update`` picks how full ``nn.Linear`` weights are updated in its inner loop
+  (``auto``, the default: factored where cheaper; ``dense``: per-task weight copies).
 
 Three models: ``mlp``, the MLP of MAML's Omniglot experiments (784-256-128-64-5, ReLU) with
 every parameter meta-learned; ``mlp-small``, an MLP over 64 frozen features (64-64-64-5), the
@@ -18,9 +20,10 @@ LoRA (rank 8) on its hidden layers and a trained copy of its output layer. The m
 of the two implementations are checked against each other before timing.
 
 Time is the best (minimum over ``--repeats`` interleaved rounds) of the median of ``--steps``
-steps. Peak memory is what one step allocates above what was allocated before it: on CUDA
-from ``torch.cuda.max_memory_allocated``, on the CPU from the allocation events of
-``torch.profiler`` (a separate, untimed step).
+steps; on CUDA every timed step ends with ``torch.cuda.synchronize`` and nothing in a step
+waits on the device. Peak memory is what one step allocates above what was allocated before
+it: on CUDA from ``torch.cuda.max_memory_allocated``, on the CPU from the allocation events
+of ``torch.profiler`` (a separate, untimed step).
 """
 
 from __future__ import annotations
@@ -118,12 +121,16 @@ def _l2l():  # type: ignore[no-untyped-def]
 
 
 def _steps(
-    model: nn.Module, w: Workload, batch: tuple[Tensor, ...], chunk_size: int | None
+    model: nn.Module,
+    w: Workload,
+    batch: tuple[Tensor, ...],
+    chunk_size: int | None,
+    linear_update: str = "auto",
 ) -> dict[str, tuple[Callable[[], Tensor], list[Tensor]]]:
     """``method -> (one meta-training step returning the meta-loss, meta-parameters)``."""
     from moracl.meta import MAML
 
-    maml = MAML(model, inner_lr=w.inner_lr)
+    maml = MAML(model, inner_lr=w.inner_lr, linear_update=linear_update)
     params: list[Tensor] = [p for p in maml.parameters() if p.requires_grad]
     ref = _l2l().algorithms.MAML(model, lr=w.inner_lr, first_order=False, allow_nograd=True)
     xs, ys, xq, yq = batch
@@ -204,6 +211,7 @@ def run(
     warmup: int = 2,
     repeats: int = 3,
     chunk_size: int | None = None,
+    linear_update: str = "auto",
     workload: Workload | None = None,
 ) -> dict[str, Any]:
     """Time both methods on each model; returns ``{"machine", "workload", "rows"}``."""
@@ -219,7 +227,7 @@ def run(
     for name in models:
         batch = _tasks(w, _SHAPES[name][0], dev)
         model = build_model(name, w, dev)
-        steps_of = _steps(model, w, batch, chunk_size)
+        steps_of = _steps(model, w, batch, chunk_size, linear_update)
         diff = _check_same_gradients(steps_of, model)
         best: dict[str, float] = {}
         for r in range(repeats):  # interleaved rounds; warm-up in the first only
@@ -246,7 +254,7 @@ def run(
         free(dev)
     return {
         "machine": machine(dev),
-        "workload": {**w.__dict__, "chunk_size": chunk_size},
+        "workload": {**w.__dict__, "chunk_size": chunk_size, "linear_update": linear_update},
         "steps": steps,
         "repeats": repeats,
         "rows": rows,
@@ -259,7 +267,8 @@ def markdown(result: dict[str, Any]) -> str:
     head = (
         f"{result['machine']}\n\n"
         f"{w['tasks']} tasks, {w['ways']}-way {w['shots']}-shot, {w['queries']} queries per "
-        f"class, {w['inner_steps']} inner steps (second order), Adam outer step; best of "
+        f"class, {w['inner_steps']} inner steps (second order), Adam outer step; moracl "
+        f"linear_update={w.get('linear_update', 'dense')}; best of "
         f"{result['repeats']} rounds of the median of {result['steps']} steps\n"
     )
     table = markdown_table(
@@ -291,6 +300,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds")
     parser.add_argument("--chunk-size", type=int, default=None, help="tasks per vmapped chunk")
+    parser.add_argument(
+        "--linear-update",
+        choices=["auto", "factored", "dense"],
+        default="auto",
+        help="moracl's inner update of full nn.Linear weights",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--json", type=Path, default=None, help="also write the result here")
     args = parser.parse_args(argv)
@@ -304,6 +319,7 @@ def main(argv: list[str] | None = None) -> int:
             warmup=args.warmup,
             repeats=args.repeats,
             chunk_size=args.chunk_size,
+            linear_update=args.linear_update,
         )
     except ValueError as err:
         parser.error(str(err))
