@@ -188,34 +188,56 @@ def tiny_llama_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model)
 
 
-@pytest.mark.parametrize("router", ["topk", "task", "dynamic"])
-def test_fused_mixture_layer_matches_the_loop_with_router_gradients(router: str) -> None:
+@pytest.mark.parametrize("masks", [False, True])
+@pytest.mark.parametrize("router", ["topk", "task", "dynamic", "soft", "hierarchical"])
+def test_fused_mixture_layer_matches_the_loop_with_router_gradients(
+    router: str, masks: bool
+) -> None:
+    """The fused node (frozen matmul, router logits folded into the experts' matmul, gates,
+    experts) against plain autograd through the router and the per-expert loop: outputs,
+    gates, auxiliary losses and the gradients of all of them, in float64, training mode
+    (noise drawn from the same seed)."""
     from moracl import MoRALinear
+    from moracl.experts.mixture import RoutingContext
 
     cfg = MixtureConfig(kind="lora", rank=3, experts=4, router=ROUTERS[router])
-    layer = MoRALinear(nn.Linear(20, 28).double(), cfg).double().eval()
+    layer = MoRALinear(nn.Linear(20, 28).double(), cfg).double().train()
     mix = layer.adapter("default")
     with torch.no_grad():
         for p in mix.parameters():
             p.copy_(torch.randn_like(p) * 0.3)
-    from moracl.experts.mixture import RoutingContext
-
-    x = torch.randn(2, 5, 20, dtype=torch.float64, requires_grad=True)
-    mix.context = RoutingContext(task_ids=torch.tensor([0, 1]) if router == "task" else None)
+    task_ids = torch.tensor([0, 1, 1]) if router == "task" or masks else None
+    if masks and router != "task":
+        mix.router.set_expert_mask(0, [True, False, True, False])
+        mix.router.set_expert_mask(1, [False, True, True, True])
+    x = torch.randn(3, 5, 20, dtype=torch.float64, requires_grad=True)
+    mix.context = RoutingContext(task_ids=task_ids)
+    torch.manual_seed(7)
     out = layer(x)
-    assert type(out.grad_fn).__name__ == "_GatedLoRALinearBackward"
-    gates = mix.context.results[mix].gates
-    ref = layer.base_layer(x) + mix.naive_delta(x, gates)
+    node = "_GatedLoRALinearBackward" if router == "task" else "_RoutedLoRALinearBackward"
+    assert type(out.grad_fn).__name__ == node
+    got_routing = mix.context.results[mix]
+    mix.context = None
+    torch.manual_seed(7)
+    want_routing = mix.route(x, task_ids)
+    ref = layer.base_layer(x) + mix.naive_delta(x, want_routing.gates)
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-10)
+    torch.testing.assert_close(got_routing.gates, want_routing.gates, rtol=0, atol=1e-12)
+    assert torch.equal(got_routing.chosen, want_routing.chosen)
+    assert set(got_routing.aux_losses) == set(want_routing.aux_losses)
+    torch.testing.assert_close(got_routing.aux_loss, want_routing.aux_loss, rtol=0, atol=1e-12)
+    g, gp = torch.randn_like(out), torch.randn_like(ref.new_empty(want_routing.probs.shape))
+
+    def loss(y: torch.Tensor, routing) -> torch.Tensor:  # type: ignore[no-untyped-def]
+        return (y * g).sum() + 3.0 * routing.aux_loss + (routing.probs * gp).sum()
+
     params = [x, *(p for p in mix.parameters() if p.requires_grad)]
-    g = torch.randn_like(out)
-    got = torch.autograd.grad(out, params, g, allow_unused=True, retain_graph=True)
-    want = torch.autograd.grad(ref, params, g, allow_unused=True)
+    got = torch.autograd.grad(loss(out, got_routing), params, allow_unused=True)
+    want = torch.autograd.grad(loss(ref, want_routing), params, allow_unused=True)
     for a, b in zip(got, want):
         assert (a is None) == (b is None)
         if a is not None:
             torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
-    mix.context = None
 
 
 def test_task_ids_are_read_back_once_per_forward(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -228,3 +250,10 @@ def test_task_ids_are_read_back_once_per_forward(monkeypatch: pytest.MonkeyPatch
     model(torch.randn(6, 24), task_ids=torch.tensor([0, 1, 1, 0, 1, 0]))
     assert len(calls) == 1 and len(list(model.mixtures())) == 2
     assert not base._CHECKED  # forgotten with the forward's per-token tensor
+
+
+def test_a_graphed_step_refuses_host_tensors() -> None:
+    from moracl.cuda_graphs import GraphedStep
+
+    with pytest.raises(ValueError, match="input 0 must be a CUDA tensor, got cpu"):
+        GraphedStep(lambda x: x, torch.zeros(2))

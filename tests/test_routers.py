@@ -520,7 +520,7 @@ def test_compiled_router_functions_match_eager_on_cuda(which: str) -> None:
     outs = []
     for call in (torch.compile(fn, fullgraph=True), fn):  # compiled, then eager
         x = logits.clone().requires_grad_(True)
-        gates, probs, chosen, indices, balance, z = call(x, allowed, noise, None, *extra)
+        gates, probs, chosen, _indices, balance, z = call(x, allowed, noise, None, *extra)
         ((gates * w).sum() + balance + z).backward()
         outs.append((gates, probs, chosen, balance, z, x.grad))
     for got, ref in zip(*outs):
@@ -528,3 +528,98 @@ def test_compiled_router_functions_match_eager_on_cuda(which: str) -> None:
             assert torch.equal(got, ref)
         else:
             torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("noise", [False, True])
+@pytest.mark.parametrize("per_token", [False, True])
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_topk_closed_form_backward_equals_autograd(noise: bool, per_token: bool, k: int) -> None:
+    """The fused node's top-k routing (forward, and its backward written out) against
+    autograd through :func:`topk_route`, in float64, for each output's gradient alone and
+    all together; per-token masks include tokens with fewer than ``k`` allowed experts."""
+    from moracl.experts.route_ops import topk_route_backward, topk_route_forward
+    from moracl.experts.routers.topk import topk_route
+
+    gen = torch.Generator().manual_seed(k + 2 * noise + 4 * per_token)
+    n, e = 12, 5
+    logits = torch.randn(n, 2 * e if noise else e, dtype=torch.float64, generator=gen)
+    logits.requires_grad_(True)
+    eps = torch.randn(n, e, dtype=torch.float64, generator=gen) if noise else None
+    allowed = torch.rand(n if per_token else 1, e, generator=gen) > 0.4
+    allowed[:, 0] = True
+    if per_token:
+        allowed[1] = torch.tensor([True, False, False, False, False])  # fewer than k
+    want = topk_route(logits, allowed, eps, None, k)
+    with torch.no_grad():
+        got = topk_route_forward(logits, allowed, eps, k)
+    for i in (0, 1, 8, 9):  # gates, probs, balance, z
+        torch.testing.assert_close(
+            got[i], want[[0, 1, 4, 5][(0, 1, 8, 9).index(i)]], rtol=0, atol=1e-12
+        )
+    assert torch.equal(got[2], want[2]) and torch.equal(got[3], want[3])
+    grads = (
+        torch.randn(n, e, dtype=torch.float64, generator=gen),
+        torch.randn(n, e, dtype=torch.float64, generator=gen),
+        torch.tensor(0.7, dtype=torch.float64),
+        torch.tensor(-1.3, dtype=torch.float64),
+    )
+    outs = (want[0], want[1], want[4], want[5])
+    for used in ([0], [1], [2], [3], [0, 1, 2, 3]):
+        ref = torch.autograd.grad(
+            [outs[j] for j in used], logits, [grads[j] for j in used], retain_graph=True
+        )[0]
+        chosen_grads = [grads[j] if j in used else None for j in range(4)]
+        with torch.no_grad():
+            mine = topk_route_backward(
+                logits, allowed, eps, got[1], got[3], got[4], got[5], got[6], got[7], *chosen_grads
+            )
+        torch.testing.assert_close(mine, ref, rtol=0, atol=1e-12)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("router", ["topk", "dynamic"])
+def test_fused_routed_layer_on_cuda_matches_plain_autograd_without_host_sync(router: str) -> None:
+    """On CUDA the top-k routing inside the fused node runs compiled; outputs, routing and
+    gradients match plain autograd through the router and the per-expert loop (float32),
+    and a warmed-up forward and backward make no host synchronisation."""
+    from moracl import MoRALinear
+    from moracl.experts.mixture import MixtureConfig, RoutingContext
+
+    rc = RouterConfig(type="topk", k=2) if router == "topk" else RouterConfig(type="dynamic")
+    layer = MoRALinear(torch.nn.Linear(64, 96), MixtureConfig(rank=4, experts=8, router=rc))
+    layer = layer.cuda().train()
+    mix = layer.adapter("default")
+    with torch.no_grad():
+        for p in mix.parameters():
+            p.copy_(torch.randn_like(p) * 0.2)
+    x = torch.randn(4, 32, 64, device="cuda", requires_grad=True)
+    params = [x, *(p for p in mix.parameters() if p.requires_grad)]
+
+    def fused() -> tuple[torch.Tensor, RoutingResult]:
+        mix.context = RoutingContext()
+        try:
+            return layer(x), mix.context.results[mix]
+        finally:
+            mix.context = None
+
+    fused()  # compiles
+    torch.manual_seed(3)
+    out, got = fused()
+    torch.manual_seed(3)
+    want = mix.route(x)
+    ref = layer.base_layer(x) + mix.naive_delta(x, want.gates)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.gates, want.gates, rtol=1e-5, atol=1e-6)
+    g = torch.randn_like(out)
+    a = torch.autograd.grad((out * g).sum() + 10 * got.aux_loss, params)
+    b = torch.autograd.grad((ref * g).sum() + 10 * want.aux_loss, params)
+    for u, v in zip(a, b):
+        torch.testing.assert_close(u, v, rtol=1e-4, atol=1e-5)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out, got = fused()
+        ((out * g).sum() + got.aux_loss).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -16,13 +16,23 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-__all__ = ["compute_dtype", "fused_enabled", "gated_lora_linear", "lora_linear", "plain_autograd"]
+if TYPE_CHECKING:
+    from moracl.experts.route_ops import RouteOp
+
+__all__ = [
+    "compute_dtype",
+    "fused_enabled",
+    "gated_lora_linear",
+    "lora_linear",
+    "plain_autograd",
+    "routed_lora_linear",
+]
 
 _FUSED: ContextVar[bool] = ContextVar("moracl_fused", default=True)
 
@@ -182,3 +192,94 @@ def gated_lora_linear(
         bias = bias.to(dt)
     out: Tensor = _GatedLoRALinear.apply(x.to(dt), weight.to(dt), bias, a, b, gates, s)
     return out
+
+
+class _RoutedLoRALinear(torch.autograd.Function):
+    """:class:`_GatedLoRALinear` with the router inside: the router's logit rows ``R (l × i)``
+    ride along with the experts' down projections in one matmul ``x [A; R]ᵀ``, ``op`` (a
+    :class:`~moracl.experts.route_ops.RouteOp`) routes those columns and gates the experts'
+    ones, and the backward returns the logits' gradient through the same matmuls
+    (``[∂za, ∂logits]`` against ``[A; R]``), so routing adds no pass over the activations.
+
+    Outputs: ``out (..., o)``, ``gates (n, e)``, ``probs (n, e)`` and the op's auxiliary
+    losses; every one may carry a gradient back.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        a: Tensor,
+        b: Tensor,
+        r: Tensor,
+        s: float,
+        op: RouteOp,
+    ) -> tuple[Tensor, ...]:
+        ctx.set_materialize_grads(False)
+        dt = x.dtype
+        x2 = x.reshape(-1, x.shape[-1])  # (n, i)
+        ar = torch.cat([a, r]).to(dt)  # (e·r + l, i)
+        b_c = b.to(dt)
+        out = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()
+        zl = x2 @ ar.t()  # (n, e·r + l): the experts' rank-space activations, then the logits
+        zg, gates, probs, aux = op.forward_gated(zl, a.shape[0])  # zg: (n, e·r)
+        out.addmm_(zg, b_c.t(), alpha=s)
+        ctx.save_for_backward(x2, weight, ar, b_c)
+        ctx.s, ctx.x_shape, ctx.op = s, x.shape, op
+        ctx.dtypes = (a.dtype, b.dtype, r.dtype)
+        return (out.view(*x.shape[:-1], out.shape[-1]), gates, probs, *aux)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, g: Tensor | None, *grads: Tensor | None) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        x2, weight, ar, b = ctx.saved_tensors
+        s, op = ctx.s, ctx.op
+        er = b.shape[1]
+        grad_gates, grad_probs, *grad_aux = grads
+        need_x, need_w, need_bias, need_a, need_b, need_r, _, _ = ctx.needs_input_grad
+        g2 = None if g is None else g.reshape(-1, g.shape[-1]).to(x2.dtype)  # (n, o)
+        grad_zg = None if g2 is None else torch.mm(g2, b).mul_(s)  # (n, e·r)
+        grad_zl, zg = op.backward_gated(grad_zg, grad_gates, grad_probs, tuple(grad_aux))
+        grad_x = grad_w = grad_bias = grad_a = grad_b = grad_r = None
+        if g2 is not None and zg is not None and need_b:
+            grad_b = torch.addmm(b, g2.t(), zg, beta=0, alpha=s).to(ctx.dtypes[1])  # (o, e·r)
+        if need_a or need_r:
+            grad_ar = grad_zl.t() @ x2  # (e·r + l, i)
+            grad_a, grad_r = grad_ar[:er].to(ctx.dtypes[0]), grad_ar[er:].to(ctx.dtypes[2])
+        if need_x:
+            base = torch.zeros_like(x2) if g2 is None else g2 @ weight  # (n, i)
+            grad_x = base.addmm_(grad_zl, ar).view(ctx.x_shape)
+        if g2 is not None and need_w:
+            grad_w = g2.t() @ x2
+        if g2 is not None and need_bias:
+            grad_bias = g2.sum(0)
+        return grad_x, grad_w, grad_bias, grad_a, grad_b, grad_r, None, None
+
+
+def routed_lora_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    a: Tensor,
+    b: Tensor,
+    r: Tensor,
+    s: float,
+    op: RouteOp,
+) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, ...]]:
+    """The frozen layer, a router and its gated LoRA experts as one autograd node.
+
+    Args:
+        x: ``(..., i)``; weight ``(o × i)``; bias ``(o,)`` or None; a: ``(e·r × i)``;
+        b: ``(o × e·r)``; r: ``(l × i)`` the router's logit rows; s: the scaling;
+        op: routes the ``(n, l)`` logits ``x rᵀ``.
+    Returns:
+        ``out (..., o)``, ``gates (n, e)``, ``probs (n, e)`` and the auxiliary losses in
+        ``op.aux_names`` order.
+    """
+    dt = compute_dtype(x)
+    if bias is not None and bias.dtype != dt:
+        bias = bias.to(dt)
+    out, gates, probs, *aux = _RoutedLoRALinear.apply(x.to(dt), weight.to(dt), bias, a, b, r, s, op)
+    return out, gates, probs, tuple(aux)

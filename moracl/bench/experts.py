@@ -8,6 +8,7 @@ a single LoRA of rank k·r = 32.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from typing import Any, cast
@@ -88,6 +89,7 @@ def run(
     warmup: int,
     device: torch.device,
     compile: bool = False,
+    graphs: bool = False,
 ) -> list[dict[str, Any]]:
     shape = SIZES[size]
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -106,7 +108,9 @@ def run(
         if compile:
             model = cast(nn.Module, torch.compile(model))
         extra = {"task_ids": task_ids} if method == "task" else {}
-        opt = torch.optim.AdamW(params, lr=1e-5, foreach=True) if params else None
+        opt = (
+            torch.optim.AdamW(params, lr=1e-5, foreach=True, capturable=graphs) if params else None
+        )
         aux = getattr(getattr(model, "_orig_mod", model), "aux_loss", None)
 
         def step(
@@ -116,7 +120,9 @@ def run(
             aux: Callable[[], torch.Tensor] | None = aux,
             embeds: torch.Tensor = embeds,
         ) -> None:
-            with torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda"):
+            with torch.autocast(
+                device.type, dtype=dtype, enabled=device.type == "cuda", cache_enabled=not graphs
+            ):
                 loss = model(inputs_embeds=embeds, labels=ids, **extra).loss
                 if aux is not None:
                     loss = loss + aux()
@@ -126,7 +132,17 @@ def run(
                 opt.zero_grad(set_to_none=True)
             embeds.grad = None
 
-        t = time_steps(step, device, warmup=warmup, steps=steps)
+        if graphs:
+            from moracl.cuda_graphs import GraphedStep
+
+            torch.cuda.reset_peak_memory_stats(device)
+            graphed = GraphedStep(step, warmup=warmup)  # the graph's memory is taken here
+            capture_peak = torch.cuda.max_memory_allocated(device)
+            t = time_steps(graphed, device, warmup=1, steps=steps)
+            t = dataclasses.replace(t, peak_bytes=max(t.peak_bytes, capture_peak))
+            del graphed
+        else:
+            t = time_steps(step, device, warmup=warmup, steps=steps)
         results.append(
             {
                 "method": method,
@@ -149,11 +165,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--compile", action="store_true", help="time torch.compile(model) for every method"
     )
+    parser.add_argument(
+        "--graphs",
+        action="store_true",
+        help="capture every method's whole step as a CUDA graph (moracl.cuda_graphs)",
+    )
     args = parser.parse_args(argv)
     device, size = device_and_size(args)
+    if args.graphs and device.type != "cuda":
+        parser.error(f"--graphs needs a CUDA device, got --device {device}")
     methods = args.methods or METHODS
-    results = run(size, methods, args.rank, args.steps, args.warmup, device, args.compile)
+    results = run(
+        size, methods, args.rank, args.steps, args.warmup, device, args.compile, args.graphs
+    )
     mode = "torch.compile(model)" if args.compile else "eager"
+    mode += ", CUDA graph of the whole step" if args.graphs else ""
     print(f"\n### experts, size {size}: {SIZES[size]}, r={args.rank}, {mode}\n{machine(device)}\n")
     rows = [
         [

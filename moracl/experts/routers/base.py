@@ -20,16 +20,20 @@ from __future__ import annotations
 import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moracl.adapters.base import ParamRole
+from moracl.cuda_graphs import capturing
 from moracl.experts.routers.config import RouterConfig
 from moracl.experts.routing import RoutingResult, routing_dtype
 from moracl.registry import Registry
+
+if TYPE_CHECKING:
+    from moracl.experts.route_ops import RouteOp
 
 __all__ = [
     "ROUTERS",
@@ -64,7 +68,8 @@ def check_task_ids(task_ids: Tensor, num_tasks: int) -> None:
     """Raise unless ``task_ids`` is an integer ``(n,)`` tensor with values in ``[0, t)``.
 
     The range check reads two numbers back from the device, so eager mode on an accelerator
-    pays one host sync; it is skipped while ``torch.compile`` traces.
+    pays one host sync; it is skipped while ``torch.compile`` traces and while a CUDA graph
+    is captured (see :mod:`moracl.cuda_graphs`).
     """
     if not isinstance(task_ids, Tensor):
         raise TypeError(f"task_ids must be a tensor, got {type(task_ids).__name__}")
@@ -74,7 +79,7 @@ def check_task_ids(task_ids: Tensor, num_tasks: int) -> None:
         raise ValueError(
             f"task_ids must have shape (n,), one task id per token, got {tuple(task_ids.shape)}"
         )
-    if torch.compiler.is_compiling() or task_ids.numel() == 0:
+    if torch.compiler.is_compiling() or task_ids.numel() == 0 or capturing():
         return
     hi = _checked_max(task_ids)  # the same tensor, already read back by another router
     lo = 0
@@ -177,6 +182,14 @@ class Router(nn.Module, ABC):
                 f"got shape {tuple(task_ids.shape)}"
             )
         return self.route(logits, self.allowed_experts(task_ids), task_ids=task_ids)
+
+    def route_op(self, task_ids: Tensor | None = None) -> RouteOp:
+        """This router's routing of one forward as a :class:`~moracl.experts.route_ops.RouteOp`
+        for a node that computes the logits ``x @ logit_weights().T`` itself; ``task_ids
+        (n,)`` as in :meth:`route_logits`."""
+        from moracl.experts.route_ops import AutogradRouteOp
+
+        return AutogradRouteOp(self, task_ids)
 
     def allowed_experts(self, task_ids: Tensor | None) -> Tensor:
         """``(n, e)`` each token's task mask, or ``(1, e)`` the global mask when there are no

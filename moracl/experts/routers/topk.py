@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from moracl.experts.losses import load_balance_loss, router_z_loss
+from moracl.experts.route_ops import RouteOp, TopKRouteOp
 from moracl.experts.routers.base import LogitRouter, noisy_scores
 from moracl.experts.routers.config import RouterConfig
 from moracl.experts.routing import RoutingResult, mask_logits
@@ -76,6 +77,11 @@ class TopKRouter(LogitRouter):
                 f"expected 1 <= k <= {num_experts}"
             )
         super().__init__(config, in_features, num_experts)
+
+    def route_op(self, task_ids: Tensor | None = None) -> RouteOp:
+        """Top-k routing with its backward in closed form (see
+        :class:`~moracl.experts.route_ops.TopKRouteOp`)."""
+        return TopKRouteOp(self, self.allowed_experts(task_ids))
 
     def route(
         self,

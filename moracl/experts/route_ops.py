@@ -1,0 +1,399 @@
+"""Routing as a forward and a hand-written backward, for a layer node that computes the
+router's logits in its own matmul (see :func:`moracl.adapters.fused.routed_lora_linear`).
+
+Shape legend: ``n`` tokens, ``e`` experts, ``l`` logit columns, ``k`` chosen per token.
+
+A :class:`RouteOp` is built per forward by :meth:`Router.route_op` and lives in one autograd
+node: :meth:`RouteOp.forward` routes detached logits, :meth:`RouteOp.backward` turns the
+gradients of the routing's outputs (gates, probabilities, auxiliary losses) into the gradient
+of the logits.  Folding the router into the experts' node this way costs no pass over the
+activations of its own: the logits are extra columns of the experts' down projection and
+their gradient extra columns of its backward.
+
+- :class:`AutogradRouteOp` serves every router: it records the router's own ``route`` under
+  autograd on a detached copy of the logits and replays that graph in ``backward``.
+- :class:`TopKRouteOp` is the common case written out: top-k routing, its balance and z
+  losses, and their backward in closed form, as two pure functions of tensors that
+  ``torch.compile`` fuses into a few kernels on CUDA (tested against autograd in float64).
+"""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from moracl.experts.routing import RoutingResult, routing_dtype
+
+if TYPE_CHECKING:
+    from moracl.experts.routers.base import Router
+
+__all__ = ["AutogradRouteOp", "RouteOp", "TopKRouteOp", "topk_route_backward", "topk_route_forward"]
+
+
+class RouteOp(ABC):
+    """One forward's routing, split into a forward on detached logits and its backward."""
+
+    #: names of the auxiliary losses :meth:`forward` returns, in order
+    aux_names: tuple[str, ...]
+    _gated: tuple[Tensor, ...] = ()
+
+    @abstractmethod
+    def forward(self, logits: Tensor) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
+        """Route ``logits (n, l)`` (no autograd): ``gates (n, e)``, ``probs (n, e)`` and the
+        unweighted auxiliary losses (scalars, in :attr:`aux_names` order)."""
+
+    @abstractmethod
+    def backward(
+        self,
+        grad_gates: Tensor | None,
+        grad_probs: Tensor | None,
+        grad_aux: tuple[Tensor | None, ...],
+    ) -> Tensor:
+        """``∂L/∂logits (n, l)`` from the gradients of :meth:`forward`'s outputs (``None``:
+        the output was not used)."""
+
+    @abstractmethod
+    def result(self, gates: Tensor, probs: Tensor, aux: tuple[Tensor, ...]) -> RoutingResult:
+        """The :class:`RoutingResult` of this routing, built on the node's outputs."""
+
+    def forward_gated(
+        self, zl: Tensor, er: int
+    ) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, ...]]:
+        """Route and gate: ``zl (n, e·r + l)`` holds the experts' rank-space activations
+        ``za`` then the logits; returns ``zg (n, e·r)`` (each expert's ``r`` columns times
+        its gate, in ``zl``'s dtype), ``gates``, ``probs`` and the auxiliary losses."""
+        za = zl[:, :er]
+        gates, probs, aux = self.forward(zl[:, er:])
+        g_c = gates.to(za.dtype)
+        self._gated = (za, g_c, gates.new_empty(()))  # the last: the gates' dtype
+        zg = (za.unflatten(1, (g_c.shape[1], -1)) * g_c[:, :, None]).flatten(1)
+        return zg, gates, probs, aux
+
+    def backward_gated(
+        self,
+        grad_zg: Tensor | None,
+        grad_gates: Tensor | None,
+        grad_probs: Tensor | None,
+        grad_aux: tuple[Tensor | None, ...],
+    ) -> tuple[Tensor, Tensor | None]:
+        """The backward of :meth:`forward_gated`: from ``∂L/∂zg (n, e·r)`` (``None``: unused)
+        and the routing outputs' gradients, ``∂L/∂zl (n, e·r + l)`` and ``zg`` recomputed
+        (``None`` when ``grad_zg`` is)."""
+        za, g_c, like = self._gated
+        e = g_c.shape[1]
+        zg = None
+        if grad_zg is None:
+            grad_za = torch.zeros_like(za)
+        else:
+            gz3, za3 = grad_zg.unflatten(1, (e, -1)), za.unflatten(1, (e, -1))  # (n, e, r)
+            grad_za = (gz3 * g_c[:, :, None]).flatten(1)
+            from_experts = (gz3 * za3).sum(-1).to(like.dtype)  # (n, e)
+            grad_gates = from_experts if grad_gates is None else grad_gates + from_experts
+            zg = (za3 * g_c[:, :, None]).flatten(1)
+        grad_logits = self.backward(grad_gates, grad_probs, grad_aux)
+        self._gated = ()
+        return torch.cat([grad_za, grad_logits.to(za.dtype)], dim=1), zg
+
+
+class AutogradRouteOp(RouteOp):
+    """Any router: its ``route`` recorded under autograd on a detached leaf of the logits
+    (as reentrant checkpointing does), the graph replayed once in :meth:`backward`.
+    Gradients of router parameters that ``route`` reads besides the logits accumulate into
+    their ``.grad`` there."""
+
+    def __init__(self, router: Router, task_ids: Tensor | None) -> None:
+        self.router = router
+        self.task_ids = task_ids
+        self.record = torch.is_grad_enabled()  # at the node's call (its forward runs without)
+        self._leaf: Tensor | None = None
+        self._routed: RoutingResult | None = None
+
+    def forward(self, logits: Tensor) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
+        leaf = logits.detach().requires_grad_(self.record)
+        with torch.set_grad_enabled(self.record):
+            routed = self.router.route_logits(leaf, task_ids=self.task_ids)
+        self._leaf, self._routed = leaf, routed
+        self.aux_names = tuple(routed.aux_losses)
+        aux = tuple(routed.aux_losses[name].detach() for name in self.aux_names)
+        return routed.gates.detach(), routed.probs.detach(), aux
+
+    def backward(
+        self,
+        grad_gates: Tensor | None,
+        grad_probs: Tensor | None,
+        grad_aux: tuple[Tensor | None, ...],
+    ) -> Tensor:
+        assert self._leaf is not None and self._routed is not None, "backward before forward"
+        leaf, routed = self._leaf, self._routed
+        pairs = [(routed.gates, grad_gates), (routed.probs, grad_probs)]
+        pairs += [(routed.aux_losses[n], g) for n, g in zip(self.aux_names, grad_aux)]
+        used = [(out, g) for out, g in pairs if g is not None and out.requires_grad]
+        if used:
+            with torch.enable_grad():
+                torch.autograd.backward([o for o, _ in used], [g for _, g in used])
+        grad = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
+        self._leaf = self._routed = None  # the graph is freed with them
+        return grad
+
+    def result(self, gates: Tensor, probs: Tensor, aux: tuple[Tensor, ...]) -> RoutingResult:
+        assert self._routed is not None
+        routed = self._routed
+        return RoutingResult(
+            gates=gates,
+            probs=probs,
+            chosen=routed.chosen,
+            indices=routed.indices,
+            aux_losses=dict(zip(self.aux_names, aux)),
+            aux_weights=routed.aux_weights,
+        )
+
+
+def topk_route_forward(
+    logits: Tensor, allowed: Tensor, noise: Tensor | None, k: int
+) -> tuple[Tensor, ...]:
+    """Top-k routing of ``logits (n, e|2e)`` under ``allowed (n|1, e)`` with ``noise (n, e)``
+    (or ``None``), with the same values as :func:`~moracl.experts.routers.topk.topk_route`
+    (``active=None``), plus what :func:`topk_route_backward` reads.
+
+    Returns:
+        ``gates, probs (n, e)``, ``chosen (n, e)`` bool, ``indices (n, k)``, ``top (n, k)``
+        the softmax over the chosen scores, ``f (e,)`` the assignment fractions,
+        ``lse (n,)`` the masked log-sum-exp of the clean logits (0 for a token with no
+        expert), ``zw (n|1,)`` each token's weight in the z loss, and the ``balance`` and
+        ``z`` losses.
+    """
+    e = allowed.shape[-1]
+    lg = logits.to(routing_dtype(logits.dtype))
+    clean = lg[:, :e]  # (n, e)
+    scores = clean if noise is None else clean + noise * F.softplus(lg[:, e:])
+    lowest = torch.finfo(scores.dtype).min
+    filled = scores.masked_fill(~allowed, lowest)  # (n, e)
+    probs = filled.softmax(-1) * allowed  # (n, e)
+    top, indices = filled.topk(k, dim=-1)  # (n, k)
+    picked = allowed.expand_as(filled).gather(-1, indices)  # (n, k) bool
+    sm = top.softmax(-1) * picked  # (n, k)
+    gates = torch.zeros_like(filled).scatter(-1, indices, sm)  # (n, e)
+    chosen = torch.zeros_like(allowed.expand_as(filled)).scatter(-1, indices, picked)
+    n = probs.shape[0]
+    count = chosen.to(probs.dtype).sum(0)  # (e,)
+    f = count / count.sum().clamp_min(1.0)  # (e,)
+    balance = e * (f * probs.sum(0)).sum() / max(n, 1)
+    has = allowed.any(-1)  # (n|1,)
+    lse = torch.logsumexp(clean.masked_fill(~allowed, lowest), dim=-1)  # (n,)
+    lse = torch.where(has, lse, torch.zeros_like(lse))
+    if has.shape[0] == 1:  # one mask for every token: all count
+        zw = lse.new_full((1,), 1.0 / max(n, 1))
+    else:
+        w = has.to(lse.dtype)
+        zw = w / w.sum().clamp_min(1.0)
+    z = (lse.square() * zw).sum()
+    return gates, probs, chosen, indices, sm, f, lse, zw, balance, z
+
+
+def topk_route_backward(
+    logits: Tensor,
+    allowed: Tensor,
+    noise: Tensor | None,
+    probs: Tensor,
+    indices: Tensor,
+    sm: Tensor,
+    f: Tensor,
+    lse: Tensor,
+    zw: Tensor,
+    grad_gates: Tensor | None,
+    grad_probs: Tensor | None,
+    grad_balance: Tensor | None,
+    grad_z: Tensor | None,
+) -> Tensor:
+    """``∂L/∂logits (n, e|2e)`` of :func:`topk_route_forward`, in closed form.
+
+    With ``q`` the softmax of the masked scores and ``σ`` the softmax over the chosen ones:
+    the probabilities pass ``q ⊙ (G − Σ q G)`` with ``G = ∂L/∂probs + ∂L/∂balance · e·f/n``
+    (``f`` carries no gradient); the gates pass ``σ ⊙ (g − Σ σ g)`` back to the chosen
+    columns; the z loss adds ``∂L/∂z · 2·lse·w · softmax(masked clean)``; masked columns
+    get nothing; the noise scale gets ``∂/∂scores · ε · sigmoid(scale)``.
+    """
+    e = allowed.shape[-1]
+    lg = logits.to(probs.dtype)
+    clean = lg[:, :e]
+    n = probs.shape[0]
+    gp = torch.zeros_like(probs) if grad_probs is None else grad_probs.to(probs.dtype)
+    if grad_balance is not None:
+        gp = gp + grad_balance * (e / max(n, 1)) * f  # (n, e)
+    gp = gp * allowed
+    grad = probs * (gp - (probs * gp).sum(-1, keepdim=True))  # (n, e) via the probabilities
+    if grad_gates is not None:
+        gs = grad_gates.to(sm.dtype).gather(-1, indices)  # (n, k); sm is 0 where not allowed
+        grad = grad.scatter_add(-1, indices, sm * (gs - (sm * gs).sum(-1, keepdim=True)))
+    grad = grad * allowed  # (n, e) ∂L/∂scores; the masked scores are constants
+    grad_clean = grad
+    if grad_z is not None:
+        soft = torch.where(allowed, (clean - lse[:, None]).exp(), torch.zeros_like(clean))
+        grad_clean = grad + grad_z * 2.0 * (lse * zw)[:, None] * soft
+    if noise is None:
+        return grad_clean.to(logits.dtype)
+    grad_scale = grad * noise * torch.sigmoid(lg[:, e:])  # through the scores only, not z
+    return torch.cat([grad_clean, grad_scale], dim=-1).to(logits.dtype)
+
+
+def topk_gate_forward(
+    zl: Tensor, er: int, allowed: Tensor, noise: Tensor | None, k: int
+) -> tuple[Tensor, ...]:
+    """:func:`topk_route_forward` on the logit columns of ``zl (n, e·r + l)``, and the gated
+    activations ``zg (n, e·r)`` first: one function, so the compiler fuses the gating in."""
+    za = zl[:, :er]
+    routed = topk_route_forward(zl[:, er:], allowed, noise, k)
+    gates = routed[0]
+    zg = (za.unflatten(1, (gates.shape[1], -1)) * gates.to(za.dtype)[:, :, None]).flatten(1)
+    return (zg, *routed)
+
+
+def topk_gate_backward(
+    grad_zg: Tensor,
+    zl: Tensor,
+    er: int,
+    gates: Tensor,
+    allowed: Tensor,
+    noise: Tensor | None,
+    probs: Tensor,
+    indices: Tensor,
+    sm: Tensor,
+    f: Tensor,
+    lse: Tensor,
+    zw: Tensor,
+    grad_gates: Tensor | None,
+    grad_probs: Tensor | None,
+    grad_balance: Tensor | None,
+    grad_z: Tensor | None,
+) -> tuple[Tensor, Tensor]:
+    """The backward of :func:`topk_gate_forward`: ``∂L/∂zl (n, e·r + l)`` and ``zg``."""
+    e = gates.shape[1]
+    za = zl[:, :er]
+    g_c = gates.to(za.dtype)[:, :, None]  # (n, e, 1)
+    gz3, za3 = grad_zg.unflatten(1, (e, -1)), za.unflatten(1, (e, -1))  # (n, e, r)
+    from_experts = (gz3 * za3).sum(-1).to(gates.dtype)  # (n, e)
+    gg = from_experts if grad_gates is None else grad_gates + from_experts
+    grad_logits = topk_route_backward(
+        zl[:, er:], allowed, noise, probs, indices, sm, f, lse, zw,
+        gg, grad_probs, grad_balance, grad_z,
+    )  # fmt: skip
+    grad_za = (gz3 * g_c).flatten(1)
+    return torch.cat([grad_za, grad_logits], dim=1), (za3 * g_c).flatten(1)
+
+
+_COMPILED: dict[str, Callable[..., Any]] = {}
+
+
+_FUNCTIONS: dict[str, Callable[..., Any]] = {
+    "fwd": topk_route_forward,
+    "bwd": topk_route_backward,
+    "gate_fwd": topk_gate_forward,
+    "gate_bwd": topk_gate_backward,
+}
+
+
+def _kernel(name: str, device: torch.device) -> Callable[..., Any]:
+    """The function ``name`` of :data:`_FUNCTIONS` for ``device``: compiled with
+    ``torch.compile`` on CUDA (a few fused kernels instead of dozens of small ones per layer;
+    ``MORACL_COMPILE_ROUTING=0`` runs them eagerly), eager elsewhere."""
+    if device.type != "cuda" or os.environ.get("MORACL_COMPILE_ROUTING", "1") == "0":
+        return _FUNCTIONS[name]
+    if name not in _COMPILED:
+        _COMPILED[name] = torch.compile(_FUNCTIONS[name], fullgraph=True)
+    return _COMPILED[name]
+
+
+class TopKRouteOp(RouteOp):
+    """Noisy top-k routing with its ``balance`` and ``z`` losses, backward in closed form.
+
+    Args:
+        router: the :class:`~moracl.experts.routers.topk.TopKRouter` (for its noise draws
+            and loss weights).
+        allowed: ``(n|1, e)`` bool, the experts each token may use.
+    """
+
+    aux_names = ("balance", "z")
+
+    def __init__(self, router: Any, allowed: Tensor) -> None:
+        self.router = router
+        self.allowed = allowed
+        self._saved: tuple[Tensor, ...] = ()
+        self._noise: Tensor | None = None
+        self._logits: Tensor | None = None
+        self._chosen: Tensor | None = None
+        self._indices: Tensor | None = None
+        self._zl: Tensor | None = None
+        self._er = 0
+        self._gates: Tensor | None = None
+
+    def forward(self, logits: Tensor) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
+        noise = self.router.noise(logits)  # (n, e) or None
+        fwd = _kernel("fwd", logits.device)
+        gates, probs, chosen, indices, sm, f, lse, zw, balance, z = fwd(
+            logits, self.allowed, noise, self.router.config.k
+        )
+        self._logits, self._noise = logits, noise
+        self._saved = (probs, indices, sm, f, lse, zw)
+        self._chosen, self._indices = chosen, indices
+        return gates, probs, (balance, z)
+
+    def backward(
+        self,
+        grad_gates: Tensor | None,
+        grad_probs: Tensor | None,
+        grad_aux: tuple[Tensor | None, ...],
+    ) -> Tensor:
+        assert self._logits is not None, "backward before forward"
+        bwd = _kernel("bwd", self._logits.device)
+        grad_balance, grad_z = grad_aux
+        grad: Tensor = bwd(
+            self._logits, self.allowed, self._noise, *self._saved,
+            grad_gates, grad_probs, grad_balance, grad_z,
+        )  # fmt: skip
+        self._saved, self._logits, self._noise = (), None, None
+        return grad
+
+    def forward_gated(
+        self, zl: Tensor, er: int
+    ) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, ...]]:
+        logits = zl[:, er:]
+        noise = self.router.noise(logits)  # (n, e) or None
+        fwd = _kernel("gate_fwd", zl.device)
+        zg, gates, probs, chosen, indices, sm, f, lse, zw, balance, z = fwd(
+            zl, er, self.allowed, noise, self.router.config.k
+        )
+        self._zl, self._er, self._noise, self._gates = zl, er, noise, gates
+        self._saved = (probs, indices, sm, f, lse, zw)
+        self._chosen, self._indices = chosen, indices
+        return zg, gates, probs, (balance, z)
+
+    def backward_gated(
+        self,
+        grad_zg: Tensor | None,
+        grad_gates: Tensor | None,
+        grad_probs: Tensor | None,
+        grad_aux: tuple[Tensor | None, ...],
+    ) -> tuple[Tensor, Tensor | None]:
+        assert self._zl is not None, "backward before forward"
+        zl = self._zl
+        if grad_zg is None:
+            grad_zg = torch.zeros_like(zl[:, : self._er])
+        bwd = _kernel("gate_bwd", zl.device)
+        grad_zl, zg = bwd(
+            grad_zg, zl, self._er, self._gates, self.allowed, self._noise, *self._saved,
+            grad_gates, grad_probs, *grad_aux,
+        )  # fmt: skip
+        self._saved, self._zl, self._noise = (), None, None
+        return grad_zl, zg
+
+    def result(self, gates: Tensor, probs: Tensor, aux: tuple[Tensor, ...]) -> RoutingResult:
+        assert self._chosen is not None
+        return self.router._result(
+            gates, probs, self._chosen, self._indices, dict(zip(self.aux_names, aux))
+        )
