@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 BENCHES = {
     "adapters": "moracl.bench.adapters",
+    "continual": "moracl.bench.continual",
     "experts": "moracl.bench.experts",
     "meta": "moracl.bench.meta",
     "optim": "moracl.bench.optim",

@@ -1,0 +1,442 @@
+"""``moracl bench continual``: moracl against the classic strategies on every stream, the
+quality targets checked, and the cost of the training loop.
+
+    moracl bench continual                      # every scenario, bench sizes
+    moracl bench continual --quick              # smaller streams, fewer epochs
+    moracl bench continual --scenarios split-fashion/task digit-domains/domain
+
+For each scenario (a config in ``configs/`` and a setting) every strategy of
+:data:`moracl.continual.config.STRATEGIES` runs on the same stream through
+:func:`moracl.continual.run.run_continual`. By default each strategy runs alone in a fresh
+process, so that its peak memory (the process's peak resident set, ``ru_maxrss``: Python,
+torch, the stream and the strategy) is its own; the accuracies are the same as in one
+``moracl run`` of all strategies, because every strategy seeds its own random streams.
+
+The targets (issue #5), checked on moracl's row of every scenario:
+
+- ACC at least the best baseline's other than Joint;
+- BWT >= -1 point (task-incremental scenarios);
+- ACC within 3 points of Joint's;
+- trainable parameters <= 2 % of the backbone.
+
+The loop-cost table times moracl's training template on one experience against a plain
+PyTorch loop on the same model and tensors (:mod:`moracl.bench.loopcost`); the target is a
+ratio <= 1.3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing
+import resource
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from moracl.bench.common import markdown_table
+from moracl.bench.loopcost import LoopCost, measure_loop_cost
+from moracl.continual.config import STRATEGIES, RunConfig
+from moracl.continual.metrics import RunResults
+
+__all__ = [
+    "BENCH_SCENARIOS",
+    "BenchScenario",
+    "Target",
+    "bench_config",
+    "check_targets",
+    "loop_cost",
+    "loop_cost_table",
+    "main",
+    "run_scenario",
+    "scenario_table",
+]
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+MORACL = "moracl (experts)"
+JOINT = "Joint"
+MAX_RATIO = 1.3
+
+
+@dataclass(frozen=True)
+class BenchScenario:
+    """One stream of the benchmark: a run config, a setting, and the sizes to run it at.
+
+    Attributes:
+        config: a ``job: run`` YAML file in ``configs/``.
+        setting: ``task``, ``class`` or ``domain``.
+        overrides: dotted ``key=value`` overrides giving the bench sizes.
+        quick: further overrides for ``--quick``.
+    """
+
+    config: str
+    setting: str
+    overrides: tuple[str, ...] = ()
+    quick: tuple[str, ...] = ()
+
+
+_WORDNET = ("scenario.options.per_class=60", "scenario.options.test_per_class=30")
+_WORDNET_QUICK = (
+    "scenario.options.per_class=30",
+    "scenario.options.test_per_class=20",
+    "train.epochs=1",
+)
+_FASHION = ("scenario.options.per_class=200", "scenario.options.test_per_class=100")
+_FASHION_QUICK = ("scenario.options.per_class=60", "scenario.options.test_per_class=40")
+_DIGITS = ("scenario.options.per_class=60", "scenario.options.test_per_class=30")
+_DIGITS_QUICK = ("scenario.options.per_class=30", "scenario.options.test_per_class=20")
+#: Without task labels moracl keeps a replay buffer of the Replay baseline's size
+#: (``baselines.replay_size`` in the configs): the shared head and the router see old classes.
+_CLASS = ("experts.replay_size=200",)
+
+#: ``scenario/setting`` -> how the benchmark runs it.
+BENCH_SCENARIOS: dict[str, BenchScenario] = {
+    "wordnet-domains/task": BenchScenario("wordnet_domains.yaml", "task", _WORDNET, _WORDNET_QUICK),
+    "wordnet-domains/class": BenchScenario(
+        "wordnet_domains.yaml", "class", (*_WORDNET, *_CLASS), _WORDNET_QUICK
+    ),
+    "split-fashion/task": BenchScenario("split_fashion.yaml", "task", _FASHION, _FASHION_QUICK),
+    "split-fashion/class": BenchScenario(
+        "split_fashion.yaml", "class", (*_FASHION, *_CLASS), _FASHION_QUICK
+    ),
+    "digit-domains/domain": BenchScenario("digit_domains.yaml", "domain", _DIGITS, _DIGITS_QUICK),
+}
+
+
+def bench_config(
+    key: str, *, quick: bool = False, output_dir: str | Path = "out/bench-continual"
+) -> RunConfig:
+    """The run config of ``BENCH_SCENARIOS[key]`` at bench (or quick) sizes, writing under
+    ``output_dir/<scenario>-<setting>``."""
+    from moracl.config import load_config
+
+    if key not in BENCH_SCENARIOS:
+        raise ValueError(f"unknown bench scenario {key!r}; expected one of {list(BENCH_SCENARIOS)}")
+    b = BENCH_SCENARIOS[key]
+    out = Path(output_dir) / key.replace("/", "-")
+    overrides = [
+        f"scenario.setting={b.setting}",
+        *b.overrides,
+        *(b.quick if quick else ()),
+        f"output_dir={out}",
+    ]
+    config = load_config(CONFIGS / b.config, overrides)
+    if not isinstance(config, RunConfig):
+        raise ValueError(f"{b.config} is a {config.job!r} config, not a 'run' one")
+    return config
+
+
+def _sizes(config: RunConfig) -> str:
+    o = config.scenario.options
+    return (
+        f"{o.get('per_class', 'default')} train and {o.get('test_per_class', 'default')} test "
+        f"examples per class, {config.train.epochs} epoch(s), batch {config.train.batch_size}"
+    )
+
+
+# -- running ------------------------------------------------------------------------------
+
+
+def _peak_rss() -> int:
+    """This process's peak resident set size in bytes (Linux reports KiB)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak) * (1 if sys.platform == "darwin" else 1024)
+
+
+def _run_alone(config_data: dict[str, Any], threads: int | None) -> tuple[dict[str, Any], int]:
+    """Child-process entry: run one config, return its results and the peak RSS."""
+    from moracl.config import from_dict
+    from moracl.continual.run import run_continual
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    results = run_continual(from_dict(RunConfig, config_data), progress=False)
+    return results.to_dict(), _peak_rss()
+
+
+def run_scenario(
+    config: RunConfig, *, isolate: bool = True, threads: int | None = None
+) -> RunResults:
+    """Every strategy of ``config`` on its stream.
+
+    With ``isolate`` each strategy runs alone in a fresh process (``spawn``) and its
+    ``peak_memory_bytes`` is that process's peak resident set; otherwise one
+    :func:`run_continual` in this process runs them all (peak memory is then only measured on
+    CUDA).
+    """
+    from moracl.config import to_dict
+    from moracl.continual.run import run_continual
+
+    if not isolate:
+        if threads is not None:
+            torch.set_num_threads(threads)
+        return run_continual(config, progress=False)
+    merged: RunResults | None = None
+    context = multiprocessing.get_context("spawn")
+    for name in [s for s in STRATEGIES if s in config.strategies]:
+        one = replace(config, strategies=[name], output_dir=str(Path(config.output_dir) / name))
+        with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+            data, peak = pool.submit(_run_alone, to_dict(one), threads).result()
+        part = RunResults.from_dict(data)
+        if merged is None:
+            merged = replace(part, strategies={}, config=to_dict(config))
+        for result in part.strategies.values():
+            merged.add(replace(result, cost=replace(result.cost, peak_memory_bytes=peak)))
+    assert merged is not None  # RunConfig rejects an empty strategy list
+    return merged
+
+
+# -- targets and tables ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Target:
+    """One quality target on moracl's row: the measured value and whether it is met."""
+
+    name: str
+    value: str
+    met: bool
+
+
+def _pts(x: float) -> str:
+    return "n/a" if math.isnan(x) else f"{100 * x:.1f}"
+
+
+def check_targets(results: RunResults) -> list[Target]:
+    """The targets of issue #5 on moracl's row of ``results`` (see the module docstring).
+
+    Raises:
+        ValueError: ``results`` has no moracl row.
+    """
+    if MORACL not in results.strategies:
+        raise ValueError(f"no {MORACL!r} row in the results; have {list(results.strategies)}")
+    ours = results.strategies[MORACL]
+    acc = ours.matrix.acc()
+    targets = []
+    baselines = {
+        n: s.matrix.acc() for n, s in results.strategies.items() if n not in (MORACL, JOINT)
+    }
+    if baselines:
+        best = max(baselines, key=lambda n: baselines[n])
+        targets.append(
+            Target(
+                "ACC >= best baseline (not Joint)",
+                f"{_pts(acc)} vs {best} {_pts(baselines[best])}",
+                acc >= baselines[best],
+            )
+        )
+    if results.setting == "task":
+        bwt = ours.matrix.bwt()
+        targets.append(Target("BWT >= -1 point", _pts(bwt), bwt >= -0.01))
+    if JOINT in results.strategies:
+        joint = results.strategies[JOINT].matrix.acc()
+        gap = joint - acc
+        targets.append(
+            Target(
+                "ACC within 3 points of Joint",
+                f"{_pts(acc)} vs {_pts(joint)} ({_pts(-gap)})",
+                gap <= 0.03,
+            )
+        )
+    share = ours.cost.trainable_share
+    targets.append(
+        Target("trainable <= 2 % of backbone", f"{100 * share:.2f}%", bool(share <= 0.02))
+    )
+    return targets
+
+
+def _memory(n: int | None) -> str:
+    return "n/a" if n is None else f"{n / 2**20:.0f} MiB"
+
+
+def scenario_table(results: RunResults) -> str:
+    """One markdown row per strategy: ACC, BWT, max-based forgetting (points), trainable share
+    of the backbone, wall seconds (training and evaluation) and peak memory; then the
+    targets, each met or not met."""
+    header = ["strategy", "ACC", "BWT", "forgetting", "trainable %", "wall s", "peak memory"]
+    rows = []
+    for name, s in results.strategies.items():
+        m = s.matrix
+        rows.append(
+            [
+                name,
+                _pts(m.acc()),
+                _pts(m.bwt()),
+                _pts(m.forgetting()),
+                f"{100 * s.cost.trainable_share:.2f}",
+                f"{s.cost.wall_seconds:.1f}",
+                _memory(s.cost.peak_memory_bytes),
+            ]
+        )
+    lines = [markdown_table(header, rows), ""]
+    if MORACL in results.strategies:
+        targets = [
+            [t.name, t.value, "met" if t.met else "**not met**"] for t in check_targets(results)
+        ]
+        lines.append(markdown_table(["target (moracl)", "measured", ""], targets))
+    return "\n".join(lines)
+
+
+# -- loop cost ------------------------------------------------------------------------------
+
+
+class TinyMLP(nn.Module):
+    """A small MLP encoder (784-64-64 on flattened 28x28 images): so little compute per step
+    that the loop's own overhead shows. ``x (b, 1, 28, 28)`` -> features ``(b, 64)``."""
+
+    feature_dim = 64
+    default_targets = ("fc1", "fc2")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(784, 64)
+        self.fc2 = nn.Linear(64, 64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.fc1(x.flatten(1)))  # (b, 64)
+        out: torch.Tensor = torch.relu(self.fc2(h))  # (b, 64)
+        return out
+
+
+def loop_cost(
+    config: RunConfig, name: str, *, tiny_mlp: bool = False, repeats: int = 3
+) -> LoopCost:
+    """Loop cost of moracl's strategy on the first experience of ``config``'s stream (with
+    ``tiny_mlp``, on a frozen :class:`TinyMLP` instead of the stream's encoder)."""
+    import scenarios  # noqa: F401  (registers the streams and encoders)
+    from moracl.continual.run import _optimizer_factory, build_model, build_strategy
+    from scenarios.streams import build_stream, load_encoder
+
+    sc = config.scenario
+    stream = build_stream(sc.name, setting=sc.setting, seed=config.train.seed, **sc.options)
+    torch.manual_seed(config.train.seed)
+    encoder = TinyMLP().requires_grad_(False) if tiny_mlp else load_encoder(stream.info)
+    model = build_model("moracl", config, encoder, stream.info)
+    strategy = build_strategy("moracl", config, model, torch.device("cpu"))
+    first = next(iter(stream.benchmark.train_stream))
+    return measure_loop_cost(
+        name, strategy, first, optimizer_factory=_optimizer_factory(config), repeats=repeats
+    )
+
+
+def loop_cost_table(rows: Sequence[LoopCost]) -> str:
+    """One markdown row per measurement: steps, both times, the ratio against 1.3x, and the
+    largest weight difference between the two loops."""
+    body = [
+        [
+            r.name,
+            r.examples,
+            r.steps,
+            f"{r.template_seconds:.3f}",
+            f"{r.plain_seconds:.3f}",
+            f"{r.ratio:.2f}x",
+            "met" if r.ratio <= MAX_RATIO else "**not met**",
+            f"{r.max_weight_diff:.1e}",
+        ]
+        for r in rows
+    ]
+    header = [
+        "model (experience 0)",
+        "examples",
+        "steps",
+        "template s",
+        "plain loop s",
+        "ratio",
+        f"<= {MAX_RATIO}x",
+        "max |Δw|",
+    ]
+    return markdown_table(header, body)
+
+
+# -- command line ---------------------------------------------------------------------------
+
+
+def _machine() -> str:
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (
+        f"{cpu}, {torch.get_num_threads()} torch threads; torch {torch.__version__}; "
+        f"Python {platform.python_version()}"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry: ``moracl bench continual`` / ``python -m moracl.bench.continual``."""
+    doc = __doc__ or ""
+    parser = argparse.ArgumentParser(prog="moracl bench continual", description=doc.split("\n")[0])
+    parser.add_argument(
+        "--scenarios", nargs="+", choices=list(BENCH_SCENARIOS), default=list(BENCH_SCENARIOS)
+    )
+    parser.add_argument("--quick", action="store_true", help="smaller streams, fewer epochs")
+    parser.add_argument(
+        "--no-isolate",
+        dest="isolate",
+        action="store_false",
+        help="run all strategies in this process (no per-strategy peak memory on CPU)",
+    )
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds of the loop cost")
+    parser.add_argument("--no-loop-cost", dest="loop", action="store_false")
+    parser.add_argument("--output-dir", default=None, help="run folders (default: a temp dir)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    out = Path(args.output_dir or tempfile.mkdtemp(prefix="moracl-bench-continual-"))
+    print(f"machine: {_machine()}\n")
+    report: dict[str, Any] = {"machine": _machine(), "quick": args.quick, "scenarios": {}}
+    configs = {}
+    for key in args.scenarios:
+        config = bench_config(key, quick=args.quick, output_dir=out)
+        configs[key] = config
+        began = time.perf_counter()
+        results = run_scenario(config, isolate=args.isolate, threads=args.threads)
+        took = time.perf_counter() - began
+        print(
+            f"### {key}\n\n{_sizes(config)}; {len(results.experiences)} experiences; {took:.0f} s\n"
+        )
+        print(scenario_table(results), "\n", flush=True)
+        report["scenarios"][key] = {
+            "sizes": _sizes(config),
+            "results": results.to_dict(),
+            "targets": [t.__dict__ for t in check_targets(results)],
+        }
+    if args.loop:
+        rows = []
+        for key, config in configs.items():
+            if key.endswith("/class"):
+                continue  # same model and loop as the task setting, but one shared head
+            rows.append(loop_cost(config, key, repeats=args.repeats))
+        first = configs.get("split-fashion/task") or next(iter(configs.values()))
+        if first.scenario.name != "wordnet-domains":
+            rows.append(
+                loop_cost(first, "tiny MLP (784-64-64)", tiny_mlp=True, repeats=args.repeats)
+            )
+        print("### loop cost: moracl's template against a plain PyTorch loop\n")
+        print(loop_cost_table(rows), "\n")
+        report["loop_cost"] = [{**r.__dict__, "ratio": r.ratio} for r in rows]
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,133 @@
+"""``moracl bench continual``: the targets, the tables, the plain-loop reference of the
+training template, and per-strategy isolated runs matching one shared run."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("avalanche")
+
+from moracl.bench.continual import (
+    BENCH_SCENARIOS,
+    bench_config,
+    check_targets,
+    loop_cost,
+    loop_cost_table,
+    run_scenario,
+    scenario_table,
+)
+from moracl.continual.metrics import AccuracyMatrix, Cost, RunResults, StrategyResult
+
+TINY = (
+    "scenario.options.per_class=20",
+    "scenario.options.test_per_class=10",
+    "train.batch_size=16",
+    "train.epochs=2",
+    "baselines.replay_size=20",
+)
+
+
+def _result(name: str, last_row: list[float], diag: list[float], trainable: int) -> StrategyResult:
+    t = len(last_row)
+    r = [[math.nan] * t for _ in range(t)]
+    for i in range(t):
+        r[i] = [diag[i] if j == i else 0.5 for j in range(t)]
+    r[t - 1] = last_row
+    cost = Cost(
+        trainable_parameters=trainable,
+        backbone_parameters=1000,
+        active_parameters_per_token=1.0,
+        wall_seconds=1.0,
+        train_seconds=0.5,
+    )
+    return StrategyResult(name=name, matrix=AccuracyMatrix(r, [0.1] * t), cost=cost)
+
+
+def _results(setting: str, moracl_last: list[float], trainable: int = 10) -> RunResults:
+    results = RunResults(scenario="s", setting=setting, seed=0, experiences=["a", "b", "c"])
+    results.add(_result("moracl (experts)", moracl_last, [0.9, 0.9, 0.9], trainable))
+    results.add(_result("Naive", [0.2, 0.3, 0.9], [0.9, 0.9, 0.9], 10))
+    results.add(_result("Replay", [0.7, 0.8, 0.9], [0.9, 0.9, 0.9], 10))
+    results.add(_result("Joint", [0.9, 0.9, 0.9], [0.9, 0.9, 0.9], 10))
+    return results
+
+
+def test_targets_compare_with_the_best_non_joint_baseline_and_joint() -> None:
+    met = {t.name: t for t in check_targets(_results("task", [0.9, 0.9, 0.9]))}
+    assert [t.met for t in met.values()] == [True, True, True, True]
+    assert met["ACC >= best baseline (not Joint)"].value == "90.0 vs Replay 80.0"
+    assert met["BWT >= -1 point"].value == "0.0"
+
+    # ACC 0.8 = Replay's: met; 10 points under Joint: not met; BWT -15 points: not met
+    targets = {t.name: t for t in check_targets(_results("task", [0.75, 0.75, 0.9], 30))}
+    assert targets["ACC >= best baseline (not Joint)"].met
+    assert not targets["ACC within 3 points of Joint"].met
+    assert targets["BWT >= -1 point"].value == "-15.0" and not targets["BWT >= -1 point"].met
+    assert targets["trainable <= 2 % of backbone"].value == "3.00%"
+    assert not targets["trainable <= 2 % of backbone"].met
+
+    # BWT is a target of task-incremental streams only
+    names = [t.name for t in check_targets(_results("class", [0.9, 0.9, 0.9]))]
+    assert "BWT >= -1 point" not in names
+
+
+def test_scenario_table_has_a_row_per_strategy_and_the_targets() -> None:
+    table = scenario_table(_results("class", [0.6, 0.6, 0.9]))
+    lines = table.splitlines()
+    assert lines[0].startswith("| strategy | ACC | BWT | forgetting | trainable %")
+    assert lines[2] == "| moracl (experts) | 70.0 | -30.0 | 30.0 | 1.00 | 1.0 | n/a |"
+    assert "| ACC >= best baseline (not Joint) | 70.0 vs Replay 80.0 | **not met** |" in lines
+
+
+def test_bench_config_applies_the_sizes_and_rejects_unknown_scenarios(tmp_path: Path) -> None:
+    for key in BENCH_SCENARIOS:
+        config = bench_config(key, quick=True, output_dir=tmp_path)
+        assert config.scenario.setting == key.split("/")[1]
+        assert config.output_dir == str(tmp_path / key.replace("/", "-"))
+    quick = bench_config("wordnet-domains/class", quick=True)
+    assert quick.scenario.options["per_class"] == 30 and quick.train.epochs == 1
+    assert quick.experts.replay_size == 200  # the Replay baseline's buffer, without task labels
+    with pytest.raises(ValueError, match="unknown bench scenario"):
+        bench_config("split-fashion/domain")
+
+
+def _tiny(key: str, out: Path, *extra: str) -> object:
+    from moracl.config import load_config
+    from moracl.continual.config import RunConfig
+
+    config = bench_config(key, output_dir=out)
+    overrides = [f"scenario.setting={config.scenario.setting}", *TINY, *extra]
+    overrides.append(f"output_dir={config.output_dir}")
+    tiny = load_config(Path("configs") / BENCH_SCENARIOS[key].config, overrides)
+    assert isinstance(tiny, RunConfig)
+    return tiny
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("key", ["split-fashion/task", "split-fashion/class"])
+def test_template_and_plain_loop_end_with_the_same_weights(key: str, tmp_path: Path) -> None:
+    config = _tiny(key, tmp_path, "experts.router=topk")
+    cost = loop_cost(config, key, repeats=1)  # type: ignore[arg-type]
+    assert cost.examples == 40
+    assert cost.steps == 2 * 3  # two epochs of ceil(40 / 16) batches
+    assert cost.max_weight_diff == 0.0
+    assert cost.template_seconds > 0 and cost.plain_seconds > 0
+    row = loop_cost_table([cost]).splitlines()[2]
+    assert row.startswith(f"| {key} | 40 | 6 |") and row.endswith("| 0.0e+00 |")
+
+
+@pytest.mark.slow
+def test_isolated_strategies_match_one_shared_run(tmp_path: Path) -> None:
+    config = _tiny("split-fashion/class", tmp_path, "strategies=[moracl,naive]")
+    shared = run_scenario(config, isolate=False)  # type: ignore[arg-type]
+    other = _tiny("split-fashion/class", tmp_path / "iso", "strategies=[moracl,naive]")
+    isolated = run_scenario(other, isolate=True, threads=1)  # type: ignore[arg-type]
+    assert list(isolated.strategies) == list(shared.strategies) == ["moracl (experts)", "Naive"]
+    for name, s in shared.strategies.items():
+        assert isolated.strategies[name].matrix == s.matrix, name
+        peak = isolated.strategies[name].cost.peak_memory_bytes
+        assert peak is not None and peak > 50 * 2**20  # a process holding torch
+    assert "| moracl (experts) |" in scenario_table(isolated)
