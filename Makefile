@@ -12,7 +12,7 @@ setup:
 demo: setup
 	rm -rf out/demo
 	$(PY) -m moracl run configs/wordnet_domains.yaml output_dir=out/demo train.epochs=2 \
-		scenario.options.per_class=100 scenario.options.test_per_class=50
+		scenario.options.per_class=60 scenario.options.test_per_class=30
 
 test: setup
 	$(PY) -m pytest -m "not gpu" -p no:cacheprovider
