@@ -10,6 +10,7 @@ from collections.abc import Sequence
 BENCHES = {
     "adapters": "moracl.bench.adapters",
     "continual": "moracl.bench.continual",
+    "distributed": "moracl.bench.distributed",
     "experts": "moracl.bench.experts",
     "meta": "moracl.bench.meta",
     "optim": "moracl.bench.optim",
@@ -151,4 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, ImportError) as e:
         print(f"moracl: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        if "moracl.distributed" in sys.modules:  # leave the torchrun process group, if any
+            sys.modules["moracl.distributed"].shutdown()
     return code

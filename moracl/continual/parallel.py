@@ -30,8 +30,13 @@ from moracl.distributed import (
 __all__ = ["DataParallelPlugin"]
 
 
-class DataParallelPlugin(SupervisedPlugin):  # type: ignore[misc]
+class DataParallelPlugin(SupervisedPlugin, supports_distributed=True):  # type: ignore[misc,call-arg]
     """Split every training mini-batch across the processes and synchronise the gradients.
+
+    Avalanche's multi-dataset loaders (replay) switch to a ``DistributedSampler`` when a
+    process group exists, which gives each process other samples and other batches than a
+    one-process run; the plugin turns that off (after the replay plugin made its loader), so
+    every process walks the global batches and takes its rows of each.
 
     Args:
         bucket_mb: size of the gradient all-reduce buckets (MiB).
@@ -46,6 +51,8 @@ class DataParallelPlugin(SupervisedPlugin):  # type: ignore[misc]
     def before_training_exp(self, strategy: Any, **kwargs: Any) -> None:
         self.parallel = DataParallel(strategy.model, bucket_mb=self.bucket_mb)
         loader = strategy.dataloader
+        if getattr(loader, "distributed_sampling", False):
+            _global_sampling(loader)
         if isinstance(loader, TensorBatches):
             check_batches(
                 len(loader.tensors[0]),
@@ -63,3 +70,16 @@ class DataParallelPlugin(SupervisedPlugin):  # type: ignore[misc]
     def after_backward(self, strategy: Any, **kwargs: Any) -> None:
         assert self.parallel is not None
         self.parallel.sync_gradients(self.share)
+
+
+def _global_sampling(loader: Any) -> None:
+    """Make an Avalanche ``MultiDatasetDataLoader`` sample the whole data on every process
+    (as in one process): no ``DistributedSampler``, and the one-process number of
+    iterations (that of its terminating dataset)."""
+    loader.distributed_sampling = False
+    if loader.never_ending:
+        return
+    t = loader.termination_dataset
+    rows, size = len(loader.datasets[t]), loader.batch_sizes[t]
+    drop = bool(loader.loader_kwargs.get("drop_last", False))
+    loader.n_iterations = rows // size if drop else -(-rows // size)

@@ -42,6 +42,16 @@ from tqdm.auto import tqdm
 
 from moracl.adapters.base import ParamRole, iter_param_roles
 from moracl.config import MetaAlgorithm, MetaConfig, to_dict
+from moracl.distributed import (
+    DataParallel,
+    barrier,
+    gather_objects,
+    init_distributed,
+    is_main,
+    local_rows,
+    rank,
+    world_size,
+)
 from moracl.meta.baselines import (
     Summary,
     adam_update,
@@ -135,6 +145,17 @@ def _episodes(sampler: Any, n: int, seed: int) -> Episode:
 
 
 def _meta_accuracy(maml: MAML, episodes: Episode, steps: int, batch: int) -> Tensor:
+    """``(t,)`` accuracy per episode; under data parallelism each process scores a slice of
+    the episodes and every process gets them all, in order."""
+    if world_size() > 1:
+        rows = local_rows(len(episodes.xs))
+        part = Episode(*(p[rows] for p in episodes))
+        local = _meta_accuracy_here(maml, part, steps, batch)
+        return torch.cat(gather_objects(local))
+    return _meta_accuracy_here(maml, episodes, steps, batch)
+
+
+def _meta_accuracy_here(maml: MAML, episodes: Episode, steps: int, batch: int) -> Tensor:
     params = maml.meta_parameters()
     return adapted_accuracy(
         maml.functional_forward,
@@ -162,8 +183,17 @@ def _train(
     if m.val_every:
         val = data.sampler("val", ways=d.ways, shots=d.shots, queries=d.queries)
         val_eps = _episodes(val, m.val_episodes, config.seed + 1)
+    world = world_size()
+    if world > m.meta_batch:
+        raise ValueError(
+            f"meta.meta_batch={m.meta_batch} tasks cannot be split across {world} processes; "
+            f"use at most {m.meta_batch} processes or a larger meta batch"
+        )
+    parallel = DataParallel(maml, bucket_mb=config.distributed.bucket_mb)
+    local_sam = config.distributed.sam_first_pass == "local"
     opt = MoRAOptimizer(
         maml,
+        model=parallel if local_sam else maml,
         base=o.base,
         lr=o.lr,
         weight_decay=o.weight_decay,
@@ -193,10 +223,14 @@ def _train(
     bar = tqdm(range(1, m.steps + 1), desc="meta-training", disable=not progress, leave=False)
     for step in bar:
         batch = train.sample_batch(m.meta_batch, generator=gen)
+        rows = local_rows(m.meta_batch)  # this process's tasks (all of them for one)
+        share = (rows.stop - rows.start) / m.meta_batch
 
-        def closure(batch: Episode = batch) -> Tensor:
-            loss = maml.meta_loss(batch, m.inner_steps, chunk_size=m.chunk_size)
+        def closure(batch: Episode = batch, rows: slice = rows, share: float = share) -> Tensor:
+            mine = [part[rows] for part in batch]
+            loss = maml.meta_loss(mine, m.inner_steps, chunk_size=m.chunk_size)
             loss.backward()
+            parallel.sync_gradients(share)
             return loss
 
         loss = float(cast(Tensor, opt.step(closure)).detach())
@@ -230,8 +264,10 @@ def _test(
     body = data.make_body().eval()
     names = [n for n, p in maml.module.named_parameters() if p.requires_grad]
     out: dict[str, list[Tensor]] = {name: [] for name in METHODS}
+    world, me = world_size(), rank()
     chunks = range(0, t.episodes, t.batch)
-    for start in tqdm(chunks, desc="meta-test", disable=not progress, leave=False):
+    mine = [c for i, c in enumerate(chunks) if i % world == me]  # chunks dealt in turn
+    for start in tqdm(mine, desc="meta-test", disable=not progress, leave=False):
         ep = Episode(*(part[start : start + t.batch] for part in episodes))
         out["meta"].append(_meta_accuracy(maml, ep, config.meta.test_inner_steps, t.batch))
         with torch.no_grad():
@@ -249,6 +285,12 @@ def _test(
                 batch=t.batch,
             )
         )
+    if world > 1:  # chunk i came from process i % world: put them back in order
+        every = gather_objects(out)
+        out = {
+            name: [every[i % world][name][i // world] for i in range(len(chunks))]
+            for name in METHODS
+        }
     return {name: torch.cat(parts) for name, parts in out.items()}
 
 
@@ -310,7 +352,12 @@ The paired rows are the mean per-episode difference between two methods on the s
 
 
 def meta_learn(config: MetaConfig, *, progress: bool = True) -> MetaResult:
-    """Run the job of ``config``; writes the report, metrics and adapter in ``output_dir``."""
+    """Run the job of ``config``; writes the report, metrics and adapter in ``output_dir``.
+
+    Launched by ``torchrun`` with more than one process it is data-parallel: each process
+    meta-trains on its slice of every meta-batch's tasks (gradients summed, weighted by the
+    slices' sizes: the one-process step), validation episodes and meta-test chunks are dealt
+    to the processes and gathered, and rank 0 writes the outputs."""
     from scenarios.fewshot import build_fewshot
 
     expected = _BACKBONES.get(config.data.scenario)
@@ -319,6 +366,8 @@ def meta_learn(config: MetaConfig, *, progress: bool = True) -> MetaResult:
             f"scenario {config.data.scenario!r} uses the backbone {expected!r}, "
             f"got backbone={config.backbone!r}"
         )
+    init_distributed(config.distributed.backend, "cpu")
+    progress = progress and is_main()
     seconds: dict[str, float] = {}
     start = time.perf_counter()
     data = build_fewshot(config.data.scenario, **config.data.options)
@@ -362,6 +411,9 @@ def meta_learn(config: MetaConfig, *, progress: bool = True) -> MetaResult:
         scenario=data.describe(),
         labels=labels,
     )
+    if not is_main():  # rank 0 writes the outputs
+        barrier()
+        return result
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out / "adapter")
@@ -384,4 +436,5 @@ def meta_learn(config: MetaConfig, *, progress: bool = True) -> MetaResult:
         },
     )
     _write_text(out / "report.md", _report(config, result))
+    barrier()
     return result
