@@ -269,7 +269,7 @@ def _test(
     mine = [c for i, c in enumerate(chunks) if i % world == me]  # chunks dealt in turn
     for start in tqdm(mine, desc="meta-test", disable=not progress, leave=False):
         ep = Episode(*(part[start : start + t.batch] for part in episodes))
-        out["meta"].append(_meta_accuracy(maml, ep, config.meta.test_inner_steps, t.batch))
+        out["meta"].append(_meta_accuracy_here(maml, ep, config.meta.test_inner_steps, t.batch))
         with torch.no_grad():
             fs, fq = body(ep.xs.flatten(0, 1)), body(ep.xq.flatten(0, 1))  # (t·n, d)
             fs, fq = fs.unflatten(0, ep.xs.shape[:2]), fq.unflatten(0, ep.xq.shape[:2])
