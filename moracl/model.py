@@ -35,6 +35,12 @@ def structural_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
+def _data_parallel() -> bool:
+    """Whether a process group of more than one process is running (cheap to ask)."""
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
     parent, _, child = path.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, child, module)
@@ -112,12 +118,26 @@ class MoRAModel(nn.Module):
                     yield f"{path}.adapters.{name}", adapter
 
     def aux_loss(self) -> Tensor:
-        """The routers' weighted auxiliary losses of the last forward, summed (a scalar)."""
-        losses = [r.aux_loss for r in self.last_routing.values()]
-        if not losses:
+        """The routers' weighted auxiliary losses of the last forward, summed (a scalar).
+
+        Under data parallelism (a process group of more than one process) the Switch balance
+        losses use the expert assignments of the global batch
+        (:func:`moracl.distributed.reduced_aux_loss`)."""
+        if not self.last_routing:
             p = next(self.parameters())
             return p.new_zeros(())
-        return torch.stack([loss.float() for loss in losses]).sum()
+        if _data_parallel():
+            from moracl.distributed import reduced_aux_loss
+
+            return reduced_aux_loss(list(self.last_routing.values()))
+        by_weight: dict[float, list[Tensor]] = {}  # a few kernels per weight, not per layer
+        for r in self.last_routing.values():
+            for name, loss in r.aux_losses.items():
+                by_weight.setdefault(r.aux_weights[name], []).append(loss.float())
+        parts = [torch.stack(losses).sum() * w for w, losses in by_weight.items()]
+        if not parts:
+            return next(self.parameters()).new_zeros((), dtype=torch.float32)
+        return parts[0] if len(parts) == 1 else torch.stack(parts).sum()
 
     def routing_stats(self) -> dict[str, RoutingStats]:
         """Per mixture layer: expert usage, entropy and experts per token of the last forward."""
