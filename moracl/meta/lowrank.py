@@ -45,8 +45,9 @@ class LinearUpdate(str, Enum):
     """The shared ``W`` plus the per-task factors ``Dᵀ H`` (module docstring); needs a scalar
     inner learning rate and a layer called once per forward."""
     AUTO = "auto"
-    """Factored where it costs fewer multiply-adds: ``k·r·(d_in + d_out) < d_in · d_out``
-    with ``k·r`` the final rank (inner steps times support rows)."""
+    """On CPU, factored where it costs fewer multiply-adds: ``k·r·(d_in + d_out) <
+    d_in · d_out`` with ``k·r`` the final rank (inner steps times support rows); on CUDA,
+    dense (weight copies run at memory bandwidth there and measured faster)."""
 
 
 def _plain_linear(module: nn.Module) -> bool:
