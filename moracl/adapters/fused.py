@@ -28,7 +28,6 @@ if TYPE_CHECKING:
 __all__ = [
     "compute_dtype",
     "fused_enabled",
-    "gated_lora_linear",
     "lora_linear",
     "plain_autograd",
     "routed_lora_linear",
@@ -122,85 +121,16 @@ def lora_linear(
     return out
 
 
-class _GatedLoRALinear(torch.autograd.Function):
-    """``out = x Wᵀ + b + s · ((x Aᵀ) ⊙ G) Bᵀ`` for stacked experts: ``A (e·r × i)``,
-    ``B (o × e·r)``, gates ``(n, e)`` broadcast over each expert's ``r`` columns as ``G``."""
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any,
-        x: Tensor,
-        weight: Tensor,
-        bias: Tensor | None,
-        a: Tensor,
-        b: Tensor,
-        gates: Tensor,
-        s: float,
-    ) -> Tensor:
-        dt = x.dtype
-        x2 = x.reshape(-1, x.shape[-1])  # (n, i)
-        a_c, b_c, g_c = a.to(dt), b.to(dt), gates.to(dt)
-        e = g_c.shape[1]
-        out = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()
-        za = x2 @ a_c.t()  # (n, e·r)
-        zg = (za.unflatten(1, (e, -1)) * g_c[:, :, None]).flatten(1)  # (n, e·r)
-        out.addmm_(zg, b_c.t(), alpha=s)
-        ctx.save_for_backward(x2, weight, a_c, b_c, za, g_c)
-        ctx.s, ctx.x_shape, ctx.dtypes = s, x.shape, (a.dtype, b.dtype, gates.dtype)
-        return out.view(*x.shape[:-1], out.shape[-1])
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        x2, weight, a, b, za, gates = ctx.saved_tensors
-        s, e = ctx.s, gates.shape[1]
-        g2 = g.reshape(-1, g.shape[-1]).to(x2.dtype)  # (n, o)
-        need_x, need_w, need_bias, need_a, need_b, need_g, _ = ctx.needs_input_grad
-        gzg = torch.addmm(za, g2, b, beta=0, alpha=s)  # s · g B: (n, e·r)
-        gz3 = gzg.unflatten(1, (e, -1))  # (n, e, r)
-        za3 = za.unflatten(1, (e, -1))
-        grad_za = (gz3 * gates[:, :, None]).flatten(1)  # (n, e·r)
-        grad_x = grad_w = grad_bias = grad_a = grad_b = grad_g = None
-        if need_g:
-            grad_g = (gz3 * za3).sum(-1).to(ctx.dtypes[2])  # (n, e)
-        if need_b:
-            zg = (za3 * gates[:, :, None]).flatten(1)
-            grad_b = torch.addmm(b, g2.t(), zg, beta=0, alpha=s).to(ctx.dtypes[1])  # (o, e·r)
-        if need_a:
-            grad_a = (grad_za.t() @ x2).to(ctx.dtypes[0])  # (e·r, i)
-        if need_x:
-            grad_x = (g2 @ weight).addmm_(grad_za, a).view(ctx.x_shape)
-        if need_w:
-            grad_w = g2.t() @ x2
-        if need_bias:
-            grad_bias = g2.sum(0)
-        return grad_x, grad_w, grad_bias, grad_a, grad_b, grad_g, None
-
-
-def gated_lora_linear(
-    x: Tensor, weight: Tensor, bias: Tensor | None, a: Tensor, b: Tensor, gates: Tensor, s: float
-) -> Tensor:
-    """The frozen layer plus a gated mixture of LoRA experts as one autograd node.
-
-    Args:
-        x: ``(..., i)``; weight ``(o × i)``; bias ``(o,)`` or None; a: ``(e·r × i)``;
-        b: ``(o × e·r)``; gates: ``(n, e)`` with ``n`` the tokens of ``x``; s: the scaling.
-    Returns: ``(..., o)``.
-    """
-    dt = compute_dtype(x)
-    if bias is not None and bias.dtype != dt:
-        bias = bias.to(dt)
-    out: Tensor = _GatedLoRALinear.apply(x.to(dt), weight.to(dt), bias, a, b, gates, s)
-    return out
-
-
 class _RoutedLoRALinear(torch.autograd.Function):
-    """:class:`_GatedLoRALinear` with the router inside: the router's logit rows ``R (l × i)``
-    ride along with the experts' down projections in one matmul ``x [A; R]ᵀ``, ``op`` (a
-    :class:`~moracl.experts.route_ops.RouteOp`) routes those columns and gates the experts'
-    ones, and the backward returns the logits' gradient through the same matmuls
-    (``[∂za, ∂logits]`` against ``[A; R]``), so routing adds no pass over the activations.
+    """``out = x Wᵀ + b + s · ((x Aᵀ) ⊙ G) Bᵀ`` for stacked LoRA experts ``A (e·r × i)``,
+    ``B (o × e·r)``, with the router inside: its logit rows ``R (l × i)`` ride along with the
+    experts' down projections in one matmul ``x [A; R]ᵀ``, ``op`` (a
+    :class:`~moracl.experts.route_ops.RouteOp`) routes those columns into gates ``(n, e)``
+    (broadcast over each expert's ``r`` columns as ``G``), and the backward returns the
+    logits' gradient through the same matmuls (``[∂za, ∂logits]`` against ``[A; R]``), so
+    routing adds no pass over the activations.  Routing by task alone has ``l = 0``.
 
+    Inputs after ``op``: the op's :meth:`~moracl.experts.route_ops.RouteOp.inputs`.
     Outputs: ``out (..., o)``, ``gates (n, e)``, ``probs (n, e)`` and the op's auxiliary
     losses; every one may carry a gradient back.
     """
@@ -216,11 +146,12 @@ class _RoutedLoRALinear(torch.autograd.Function):
         r: Tensor,
         s: float,
         op: RouteOp,
+        *route_inputs: Tensor,
     ) -> tuple[Tensor, ...]:
         ctx.set_materialize_grads(False)
         dt = x.dtype
         x2 = x.reshape(-1, x.shape[-1])  # (n, i)
-        ar = torch.cat([a, r]).to(dt)  # (e·r + l, i)
+        ar = (torch.cat([a, r]) if r.shape[0] else a).to(dt)  # (e·r + l, i)
         b_c = b.to(dt)
         out = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()
         zl = x2 @ ar.t()  # (n, e·r + l): the experts' rank-space activations, then the logits
@@ -238,7 +169,7 @@ class _RoutedLoRALinear(torch.autograd.Function):
         s, op = ctx.s, ctx.op
         er = b.shape[1]
         grad_gates, grad_probs, *grad_aux = grads
-        need_x, need_w, need_bias, need_a, need_b, need_r, _, _ = ctx.needs_input_grad
+        need_x, need_w, need_bias, need_a, need_b, need_r = ctx.needs_input_grad[:6]
         g2 = None if g is None else g.reshape(-1, g.shape[-1]).to(x2.dtype)  # (n, o)
         grad_zg = None if g2 is None else torch.mm(g2, b).mul_(s)  # (n, e·r)
         grad_zl, zg = op.backward_gated(grad_zg, grad_gates, grad_probs, tuple(grad_aux))
@@ -255,7 +186,7 @@ class _RoutedLoRALinear(torch.autograd.Function):
             grad_w = g2.t() @ x2
         if g2 is not None and need_bias:
             grad_bias = g2.sum(0)
-        return grad_x, grad_w, grad_bias, grad_a, grad_b, grad_r, None, None
+        return grad_x, grad_w, grad_bias, grad_a, grad_b, grad_r, None, None, *op.input_grads()
 
 
 def routed_lora_linear(
@@ -281,5 +212,7 @@ def routed_lora_linear(
     dt = compute_dtype(x)
     if bias is not None and bias.dtype != dt:
         bias = bias.to(dt)
-    out, gates, probs, *aux = _RoutedLoRALinear.apply(x.to(dt), weight.to(dt), bias, a, b, r, s, op)
+    out, gates, probs, *aux = _RoutedLoRALinear.apply(
+        x.to(dt), weight.to(dt), bias, a, b, r, s, op, *op.inputs()
+    )
     return out, gates, probs, tuple(aux)

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 import moracl.experts.routers  # noqa: F401  (registers the router types)
 from moracl.adapters.base import Adapter, AdapterConfig, ParamRole
-from moracl.adapters.fused import gated_lora_linear, routed_lora_linear
+from moracl.adapters.fused import routed_lora_linear
 from moracl.experts.banks import ExpertBank, LoRABank, build_bank
 from moracl.experts.routers.base import Router, build_router
 from moracl.experts.routers.config import RouterConfig
@@ -203,8 +203,7 @@ class Mixture(Adapter):
 
     def fused_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor | None:
         """One LoRA bank (the common case): the frozen matmul, the router and the gated
-        experts in one autograd node (see :func:`moracl.adapters.fused.routed_lora_linear`;
-        :func:`~moracl.adapters.fused.gated_lora_linear` for routing by task alone)."""
+        experts in one autograd node (see :func:`moracl.adapters.fused.routed_lora_linear`)."""
         banks = self._banks()
         if len(banks) != 1 or not isinstance(banks[0], LoRABank):
             return None
@@ -213,9 +212,6 @@ class Mixture(Adapter):
         bank = banks[0]
         a = rearrange(bank.lora_A, "e r i -> (e r) i")
         b = rearrange(bank.lora_B, "o e r -> o (e r)")
-        if self.router.num_logits == 0:  # routing that reads no logits (by task)
-            result = self._route_in_context(x)
-            return gated_lora_linear(x, weight, bias, a, b, result.gates, bank.scaling)
         ctx = self.context
         task_ids = None if ctx is None else ctx.token_ids(x.shape[:-1])
         op = self.router.route_op(task_ids)

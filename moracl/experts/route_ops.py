@@ -62,6 +62,21 @@ class RouteOp(ABC):
     def result(self, gates: Tensor, probs: Tensor, aux: tuple[Tensor, ...]) -> RoutingResult:
         """The :class:`RoutingResult` of this routing, built on the node's outputs."""
 
+    def routes_gradient(self) -> bool:
+        """Whether gradients flow back through the routing (``False``, e.g., for fixed
+        uniform gates by task: the node then skips the gates' gradient)."""
+        return True
+
+    def inputs(self) -> tuple[Tensor, ...]:
+        """Tensors besides the logits that the routing reads and that may need gradients
+        (e.g. a task router's learned task logits): the node takes them as inputs, so
+        autograd routes :meth:`input_grads` to them."""
+        return ()
+
+    def input_grads(self) -> tuple[Tensor | None, ...]:
+        """The gradients of :meth:`inputs`, valid after :meth:`backward`."""
+        return ()
+
     def forward_gated(
         self, zl: Tensor, er: int
     ) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, ...]]:
@@ -93,31 +108,49 @@ class RouteOp(ABC):
         else:
             gz3, za3 = grad_zg.unflatten(1, (e, -1)), za.unflatten(1, (e, -1))  # (n, e, r)
             grad_za = (gz3 * g_c[:, :, None]).flatten(1)
-            from_experts = (gz3 * za3).sum(-1).to(like.dtype)  # (n, e)
-            grad_gates = from_experts if grad_gates is None else grad_gates + from_experts
+            if self.routes_gradient():
+                from_experts = (gz3 * za3).sum(-1).to(like.dtype)  # (n, e)
+                grad_gates = from_experts if grad_gates is None else grad_gates + from_experts
             zg = (za3 * g_c[:, :, None]).flatten(1)
         grad_logits = self.backward(grad_gates, grad_probs, grad_aux)
         self._gated = ()
+        if grad_logits.shape[1] == 0:  # no logit columns (routing by task)
+            return grad_za, zg
         return torch.cat([grad_za, grad_logits.to(za.dtype)], dim=1), zg
 
 
 class AutogradRouteOp(RouteOp):
     """Any router: its ``route`` recorded under autograd on a detached leaf of the logits
-    (as reentrant checkpointing does), the graph replayed once in :meth:`backward`.
-    Gradients of router parameters that ``route`` reads besides the logits accumulate into
-    their ``.grad`` there."""
+    (as reentrant checkpointing does), the graph replayed once in :meth:`backward`.  The
+    router's trainable parameters are :meth:`inputs`, so the gradients of those that
+    ``route`` reads (a task router's task logits) reach them through the node."""
 
     def __init__(self, router: Router, task_ids: Tensor | None) -> None:
         self.router = router
         self.task_ids = task_ids
         self.record = torch.is_grad_enabled()  # at the node's call (its forward runs without)
+        self._params = tuple(p for p in router.parameters() if p.requires_grad)
+        self._param_grads: tuple[Tensor | None, ...] = ()
         self._leaf: Tensor | None = None
         self._routed: RoutingResult | None = None
+
+    def routes_gradient(self) -> bool:
+        routed = self._routed
+        assert routed is not None, "routes_gradient before forward"
+        outs = (routed.gates, routed.probs, *routed.aux_losses.values())
+        return any(t.requires_grad for t in outs)
+
+    def inputs(self) -> tuple[Tensor, ...]:
+        return self._params
+
+    def input_grads(self) -> tuple[Tensor | None, ...]:
+        return self._param_grads
 
     def forward(self, logits: Tensor) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
         leaf = logits.detach().requires_grad_(self.record)
         with torch.set_grad_enabled(self.record):
             routed = self.router.route_logits(leaf, task_ids=self.task_ids)
+        self.task_ids = None  # the per-token ids live no longer than the forward needs them
         self._leaf, self._routed = leaf, routed
         self.aux_names = tuple(routed.aux_losses)
         aux = tuple(routed.aux_losses[name].detach() for name in self.aux_names)
@@ -134,12 +167,18 @@ class AutogradRouteOp(RouteOp):
         pairs = [(routed.gates, grad_gates), (routed.probs, grad_probs)]
         pairs += [(routed.aux_losses[n], g) for n, g in zip(self.aux_names, grad_aux)]
         used = [(out, g) for out, g in pairs if g is not None and out.requires_grad]
+        grads: tuple[Tensor | None, ...] = (None,) * (1 + len(self._params))
         if used:
             with torch.enable_grad():
-                torch.autograd.backward([o for o, _ in used], [g for _, g in used])
-        grad = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
+                grads = torch.autograd.grad(
+                    [o for o, _ in used],
+                    [leaf, *self._params],
+                    [g for _, g in used],
+                    allow_unused=True,
+                )
+        self._param_grads = grads[1:]
         self._leaf = self._routed = None  # the graph is freed with them
-        return grad
+        return grads[0] if grads[0] is not None else torch.zeros_like(leaf)
 
     def result(self, gates: Tensor, probs: Tensor, aux: tuple[Tensor, ...]) -> RoutingResult:
         assert self._routed is not None
