@@ -45,7 +45,8 @@ def test_unknown_keys_list_the_valid_ones(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"adapter: unknown key\(s\) \['rnk'\].*'rank'"):
         load_config(bad)
     bad.write_text("job: finetun\n")
-    with pytest.raises(ValueError, match=r"unknown job 'finetun'; expected one of \[.*'finetune'.*'run'"):
+    expected = r"unknown job 'finetun'; expected one of \[.*'finetune'.*'run'"
+    with pytest.raises(ValueError, match=expected):
         load_config(bad)
 
 

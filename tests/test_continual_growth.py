@@ -60,3 +60,20 @@ def test_new_experts_start_as_copies_of_the_newest_ones(warm: bool) -> None:
         # the new task's own expert carries most of the gate from the start
         assert float(gates[1]) == pytest.approx(math.exp(4.0) / (1.0 + math.exp(4.0)))
         assert float(router.task_logits[0, 1]) == 0.0  # type: ignore[index]  (old task: masked)
+
+
+def test_expert_rank_overrides_the_adapter_rank_at_the_same_scaling() -> None:
+    from moracl.config import load_config
+    from moracl.continual.run import _router, expert_adapter
+
+    cfg = load_config("configs/digit_domains.yaml", ["experts.rank=2", "adapter.rank=4"])
+    expert = expert_adapter(cfg)
+    assert (expert.rank, expert.alpha) == (2, 4.0)  # alpha / rank kept at 8 / 4
+    same = load_config("configs/digit_domains.yaml", ["experts.rank=0"])
+    assert expert_adapter(same) == same.adapter
+    with pytest.raises(ValueError, match=r"experts.rank must be >= 0 \(0: adapter.rank\), got -1"):
+        load_config("configs/digit_domains.yaml", ["experts.rank=-1"])
+    # top-1 routing without task labels uses Switch gates, so the task loss trains the router
+    one = load_config("configs/digit_domains.yaml", ["experts.k=1", "experts.per_experience=1"])
+    assert _router(one, task_aware=False).normalize is False
+    assert _router(cfg, task_aware=False).normalize is True

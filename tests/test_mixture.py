@@ -190,7 +190,8 @@ def tiny_llama_copy(model: nn.Module) -> nn.Module:
 
 @pytest.mark.parametrize("masks", [False, True])
 @pytest.mark.parametrize(
-    "router", ["topk", "task", "dynamic", "soft", "hierarchical", "hierarchical-task"]
+    "router",
+    ["topk", "topk-switch", "task", "dynamic", "soft", "hierarchical", "hierarchical-task"],
 )
 def test_fused_mixture_layer_matches_the_loop_with_router_gradients(
     router: str, masks: bool
@@ -206,6 +207,7 @@ def test_fused_mixture_layer_matches_the_loop_with_router_gradients(
     routers = {
         **ROUTERS,
         "hierarchical-task": RouterConfig(type="hierarchical", groups=2, k=1, outer=task_outer),
+        "topk-switch": RouterConfig(type="topk", k=1, normalize=False),
     }
     cfg = MixtureConfig(kind="lora", rank=3, experts=4, router=routers[router])
     layer = MoRALinear(nn.Linear(20, 28).double(), cfg).double().train()

@@ -530,10 +530,13 @@ def test_compiled_router_functions_match_eager_on_cuda(which: str) -> None:
             torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("normalize", [True, False])
 @pytest.mark.parametrize("noise", [False, True])
 @pytest.mark.parametrize("per_token", [False, True])
 @pytest.mark.parametrize("k", [1, 2, 3])
-def test_topk_closed_form_backward_equals_autograd(noise: bool, per_token: bool, k: int) -> None:
+def test_topk_closed_form_backward_equals_autograd(
+    noise: bool, per_token: bool, k: int, normalize: bool
+) -> None:
     """The fused node's top-k routing (forward, and its backward written out) against
     autograd through :func:`topk_route`, in float64, for each output's gradient alone and
     all together; per-token masks include tokens with fewer than ``k`` allowed experts."""
@@ -549,9 +552,9 @@ def test_topk_closed_form_backward_equals_autograd(noise: bool, per_token: bool,
     allowed[:, 0] = True
     if per_token:
         allowed[1] = torch.tensor([True, False, False, False, False])  # fewer than k
-    want = topk_route(logits, allowed, eps, None, k)
+    want = topk_route(logits, allowed, eps, None, k, normalize)
     with torch.no_grad():
-        got = topk_route_forward(logits, allowed, eps, k)
+        got = topk_route_forward(logits, allowed, eps, k, normalize)
     for i in (0, 1, 8, 9):  # gates, probs, balance, z
         torch.testing.assert_close(
             got[i], want[[0, 1, 4, 5][(0, 1, 8, 9).index(i)]], rtol=0, atol=1e-12
@@ -571,8 +574,9 @@ def test_topk_closed_form_backward_equals_autograd(noise: bool, per_token: bool,
         chosen_grads = [grads[j] if j in used else None for j in range(4)]
         with torch.no_grad():
             mine = topk_route_backward(
-                logits, allowed, eps, got[1], got[3], got[4], got[5], got[6], got[7], *chosen_grads
-            )
+                logits, allowed, eps, got[1], got[3], got[4], got[5], got[6], got[7],
+                *chosen_grads, normalize,
+            )  # fmt: skip
         torch.testing.assert_close(mine, ref, rtol=0, atol=1e-12)
 
 
@@ -623,3 +627,21 @@ def test_fused_routed_layer_on_cuda_matches_plain_autograd_without_host_sync(rou
         ((out * g).sum() + got.aux_loss).backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_unnormalized_topk_gates_are_the_router_probabilities() -> None:
+    """``normalize=False`` (Switch): each chosen expert's gate is its probability over all
+    allowed experts, so with k = 1 the task loss reaches the router; ``True``: the gates of
+    one token sum to 1 and k = 1 gives a constant gate of 1 (no gradient)."""
+    x = torch.randn(16, D, dtype=torch.float64)
+    for normalize in (True, False):
+        cfg = RouterConfig(type="topk", k=1, noise=False, normalize=normalize)
+        router = build_router(cfg, D, E).double().train()
+        res = router(x)
+        chosen_probs = (res.probs * res.chosen).sum(-1)
+        want = torch.ones(16, dtype=torch.float64) if normalize else chosen_probs
+        torch.testing.assert_close(res.gates.sum(-1), want, rtol=0, atol=1e-12)
+        (grad,) = torch.autograd.grad(res.gates.square().sum(), router.weight)
+        assert (grad.abs().max() > 0) == (not normalize)
+    with pytest.raises(ValueError, match="normalize must be True or False, got .yes."):
+        RouterConfig(type="topk", normalize="yes")  # type: ignore[arg-type]

@@ -96,7 +96,14 @@ _DIGITS = ("scenario.options.per_class=60", "scenario.options.test_per_class=30"
 _DIGITS_QUICK = ("scenario.options.per_class=30", "scenario.options.test_per_class=20")
 #: Without task labels moracl keeps a replay buffer of the Replay baseline's size
 #: (``baselines.replay_size`` in the configs): the shared head and the router see old classes.
-_CLASS = ("experts.replay_size=200",)
+#: Two rank-2 experts per experience with top-2 routing (the trainable size of one rank-4
+#: expert): a top-1 router learns from the task loss only through its chosen probability.
+_CLASS = (
+    "experts.replay_size=200",
+    "experts.per_experience=2",
+    "experts.rank=2",
+    "experts.k=2",
+)
 
 #: ``scenario/setting`` -> how the benchmark runs it.
 BENCH_SCENARIOS: dict[str, BenchScenario] = {
@@ -316,6 +323,9 @@ def loop_cost(
     from moracl.continual.run import _optimizer_factory, build_model, build_strategy
     from scenarios.streams import build_stream, load_encoder
 
+    # no replay: the warm-up run would fill the buffer, and the template's timed runs would
+    # then train on more examples than the plain loop
+    config = replace(config, experts=replace(config.experts, replay_size=0))
     sc = config.scenario
     stream = build_stream(sc.name, setting=sc.setting, seed=config.train.seed, **sc.options)
     torch.manual_seed(config.train.seed)

@@ -154,11 +154,13 @@ def measure_loop_cost(
     ends: dict[str, dict[str, Tensor]] = {}
     for _ in range(repeats):
         _restore(model, start)
+        torch.manual_seed(seed)  # the same dropout draws in both loops
         began = clock()
         strategy.train(experience)
         template_times.append(clock() - began)
         ends["template"] = trainable_snapshot(model)
         _restore(model, start)
+        torch.manual_seed(seed)
         began = clock()
         plain_train(model, tensors, **kwargs)  # type: ignore[arg-type]
         plain_times.append(clock() - began)

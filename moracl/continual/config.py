@@ -43,6 +43,10 @@ class ExpertsConfig:
         default="auto", metadata={"help": "auto (task ids -> task, else topk), task or topk"}
     )
     k: int = field(default=1, metadata={"help": "experts per token for topk routing"})
+    rank: int = field(
+        default=0,
+        metadata={"help": "rank of each expert (0: adapter.rank; alpha scales with it)"},
+    )
     reuse_old: bool = field(
         default=True, metadata={"help": "task routing: new tasks may use frozen old experts"}
     )
@@ -61,6 +65,8 @@ class ExpertsConfig:
             )
         if self.replay_size < 0:
             raise ValueError(f"experts.replay_size must be >= 0, got {self.replay_size!r}")
+        if self.rank < 0:
+            raise ValueError(f"experts.rank must be >= 0 (0: adapter.rank), got {self.rank!r}")
 
 
 @dataclass

@@ -75,7 +75,23 @@ def _router(config: RunConfig, task_aware: bool) -> RouterConfig:
     if kind == "task":
         return RouterConfig(type="task", num_tasks=1, task_weights=True)
     k = min(config.experts.k, config.experts.per_experience)
-    return RouterConfig(type="topk", k=k, noise=False)
+    # top-1 gates renormalised over one expert are a constant 1: Switch's gate (the chosen
+    # expert's probability) lets the task loss train the router
+    return RouterConfig(type="topk", k=k, noise=False, normalize=k > 1)
+
+
+def expert_adapter(config: RunConfig) -> AdapterConfig:
+    """The configuration of each of moracl's experts: ``config.adapter`` at rank
+    ``experts.rank`` (when set), with ``alpha`` scaled alike so that ``alpha / rank`` (LoRA's
+    scaling) stays the adapter's."""
+    base = config.adapter
+    rank = config.experts.rank or base.rank
+    if rank == base.rank:
+        return base
+    data = {**base.to_dict(), "rank": rank}
+    if "alpha" in data:
+        data["alpha"] = float(data["alpha"]) * rank / base.rank
+    return AdapterConfig.from_dict(data)
 
 
 def build_model(name: str, config: RunConfig, encoder: nn.Module, info: Any) -> ContinualClassifier:
@@ -85,15 +101,14 @@ def build_model(name: str, config: RunConfig, encoder: nn.Module, info: Any) -> 
     targets = list(config.target_modules) or list(default)
     adapter: AdapterConfig | MixtureConfig = config.adapter
     if name == "moracl":
+        expert = expert_adapter(config)
         adapter = MixtureConfig(
-            kind=config.adapter.kind,
+            kind=expert.kind,
             experts=config.experts.per_experience,
             router=_router(config, task_aware),
             groups=(),
-            rank=config.adapter.rank,
-            options={
-                k: v for k, v in config.adapter.to_dict().items() if k not in ("kind", "rank")
-            },
+            rank=expert.rank,
+            options={k: v for k, v in expert.to_dict().items() if k not in ("kind", "rank")},
         )
     wrapped = MoRAModel(encoder, adapter, target_modules=targets)
     route = name == "moracl" and _router(config, task_aware).type == "task"
@@ -152,7 +167,7 @@ def build_strategy(
     b = config.baselines
     if name == "moracl":
         growth = GrowthConfig(
-            adapter=config.adapter,
+            adapter=expert_adapter(config),
             experts=config.experts.per_experience,
             reuse_old=config.experts.reuse_old,
             freeze_heads=config.experts.freeze_heads,

@@ -194,15 +194,15 @@ class AutogradRouteOp(RouteOp):
 
 
 def topk_route_forward(
-    logits: Tensor, allowed: Tensor, noise: Tensor | None, k: int
+    logits: Tensor, allowed: Tensor, noise: Tensor | None, k: int, normalize: bool = True
 ) -> tuple[Tensor, ...]:
     """Top-k routing of ``logits (n, e|2e)`` under ``allowed (n|1, e)`` with ``noise (n, e)``
     (or ``None``), with the same values as :func:`~moracl.experts.routers.topk.topk_route`
-    (``active=None``), plus what :func:`topk_route_backward` reads.
+    (``active=None``; ``normalize`` as there), plus what :func:`topk_route_backward` reads.
 
     Returns:
         ``gates, probs (n, e)``, ``chosen (n, e)`` bool, ``indices (n, k)``, ``top (n, k)``
-        the softmax over the chosen scores, ``f (e,)`` the assignment fractions,
+        the chosen experts' gates (zero where not allowed), ``f (e,)`` the assignment fractions,
         ``lse (n,)`` the masked log-sum-exp of the clean logits (0 for a token with no
         expert), ``zw (n|1,)`` each token's weight in the z loss, and the ``balance`` and
         ``z`` losses.
@@ -216,7 +216,7 @@ def topk_route_forward(
     probs = filled.softmax(-1) * allowed  # (n, e)
     top, indices = filled.topk(k, dim=-1)  # (n, k)
     picked = allowed.expand_as(filled).gather(-1, indices)  # (n, k) bool
-    sm = top.softmax(-1) * picked  # (n, k)
+    sm = (top.softmax(-1) if normalize else probs.gather(-1, indices)) * picked  # (n, k)
     gates = torch.zeros_like(filled).scatter(-1, indices, sm)  # (n, e)
     chosen = torch.zeros_like(allowed.expand_as(filled)).scatter(-1, indices, picked)
     n = probs.shape[0]
@@ -249,14 +249,17 @@ def topk_route_backward(
     grad_probs: Tensor | None,
     grad_balance: Tensor | None,
     grad_z: Tensor | None,
+    normalize: bool = True,
 ) -> Tensor:
     """``∂L/∂logits (n, e|2e)`` of :func:`topk_route_forward`, in closed form.
 
     With ``q`` the softmax of the masked scores and ``σ`` the softmax over the chosen ones:
     the probabilities pass ``q ⊙ (G − Σ q G)`` with ``G = ∂L/∂probs + ∂L/∂balance · e·f/n``
     (``f`` carries no gradient); the gates pass ``σ ⊙ (g − Σ σ g)`` back to the chosen
-    columns; the z loss adds ``∂L/∂z · 2·lse·w · softmax(masked clean)``; masked columns
-    get nothing; the noise scale gets ``∂/∂scores · ε · sigmoid(scale)``.
+    columns (``normalize=False``: the gates' gradient joins ``G`` at the chosen columns, the
+    gates being probabilities there); the z loss adds ``∂L/∂z · 2·lse·w · softmax(masked
+    clean)``; masked columns get nothing; the noise scale gets ``∂/∂scores · ε ·
+    sigmoid(scale)``.
     """
     e = allowed.shape[-1]
     lg = logits.to(probs.dtype)
@@ -266,8 +269,12 @@ def topk_route_backward(
     if grad_balance is not None:
         gp = gp + grad_balance * (e / max(n, 1)) * f  # (n, e)
     gp = gp * allowed
+    if grad_gates is not None and not normalize:  # the chosen gates are probabilities
+        picked = allowed.expand_as(probs).gather(-1, indices)  # (n, k) bool
+        gs = grad_gates.to(sm.dtype).gather(-1, indices) * picked  # (n, k)
+        gp = gp.scatter_add(-1, indices, gs)
     grad = probs * (gp - (probs * gp).sum(-1, keepdim=True))  # (n, e) via the probabilities
-    if grad_gates is not None:
+    if grad_gates is not None and normalize:
         gs = grad_gates.to(sm.dtype).gather(-1, indices)  # (n, k); sm is 0 where not allowed
         grad = grad.scatter_add(-1, indices, sm * (gs - (sm * gs).sum(-1, keepdim=True)))
     grad = grad * allowed  # (n, e) ∂L/∂scores; the masked scores are constants
@@ -282,12 +289,12 @@ def topk_route_backward(
 
 
 def topk_gate_forward(
-    zl: Tensor, er: int, allowed: Tensor, noise: Tensor | None, k: int
+    zl: Tensor, er: int, allowed: Tensor, noise: Tensor | None, k: int, normalize: bool = True
 ) -> tuple[Tensor, ...]:
     """:func:`topk_route_forward` on the logit columns of ``zl (n, e·r + l)``, and the gated
     activations ``zg (n, e·r)`` first: one function, so the compiler fuses the gating in."""
     za = zl[:, :er]
-    routed = topk_route_forward(zl[:, er:], allowed, noise, k)
+    routed = topk_route_forward(zl[:, er:], allowed, noise, k, normalize)
     gates = routed[0]
     zg = (za.unflatten(1, (gates.shape[1], -1)) * gates.to(za.dtype)[:, :, None]).flatten(1)
     return (zg, *routed)
@@ -310,6 +317,7 @@ def topk_gate_backward(
     grad_probs: Tensor | None,
     grad_balance: Tensor | None,
     grad_z: Tensor | None,
+    normalize: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """The backward of :func:`topk_gate_forward`: ``∂L/∂zl (n, e·r + l)`` and ``zg``."""
     e = gates.shape[1]
@@ -320,7 +328,7 @@ def topk_gate_backward(
     gg = from_experts if grad_gates is None else grad_gates + from_experts
     grad_logits = topk_route_backward(
         zl[:, er:], allowed, noise, probs, indices, sm, f, lse, zw,
-        gg, grad_probs, grad_balance, grad_z,
+        gg, grad_probs, grad_balance, grad_z, normalize,
     )  # fmt: skip
     grad_za = (gz3 * g_c).flatten(1)
     return torch.cat([grad_za, grad_logits], dim=1), (za3 * g_c).flatten(1)
@@ -374,8 +382,9 @@ class TopKRouteOp(RouteOp):
     def forward(self, logits: Tensor) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
         noise = self.router.noise(logits)  # (n, e) or None
         fwd = _kernel("fwd", logits.device)
+        cfg = self.router.config
         gates, probs, chosen, indices, sm, f, lse, zw, balance, z = fwd(
-            logits, self.allowed, noise, self.router.config.k
+            logits, self.allowed, noise, cfg.k, cfg.normalize
         )
         self._logits, self._noise = logits, noise
         self._saved = (probs, indices, sm, f, lse, zw)
@@ -393,7 +402,7 @@ class TopKRouteOp(RouteOp):
         grad_balance, grad_z = grad_aux
         grad: Tensor = bwd(
             self._logits, self.allowed, self._noise, *self._saved,
-            grad_gates, grad_probs, grad_balance, grad_z,
+            grad_gates, grad_probs, grad_balance, grad_z, self.router.config.normalize,
         )  # fmt: skip
         self._saved, self._logits, self._noise = (), None, None
         return grad
@@ -404,8 +413,9 @@ class TopKRouteOp(RouteOp):
         logits = zl[:, er:]
         noise = self.router.noise(logits)  # (n, e) or None
         fwd = _kernel("gate_fwd", zl.device)
+        cfg = self.router.config
         zg, gates, probs, chosen, indices, sm, f, lse, zw, balance, z = fwd(
-            zl, er, self.allowed, noise, self.router.config.k
+            zl, er, self.allowed, noise, cfg.k, cfg.normalize
         )
         self._zl, self._er, self._noise, self._gates = zl, er, noise, gates
         self._saved = (probs, indices, sm, f, lse, zw)
@@ -426,7 +436,7 @@ class TopKRouteOp(RouteOp):
         bwd = _kernel("gate_bwd", zl.device)
         grad_zl, zg = bwd(
             grad_zg, zl, self._er, self._gates, self.allowed, self._noise, *self._saved,
-            grad_gates, grad_probs, *grad_aux,
+            grad_gates, grad_probs, *grad_aux, self.router.config.normalize,
         )  # fmt: skip
         self._saved, self._zl, self._noise = (), None, None
         return grad_zl, zg

@@ -43,6 +43,9 @@ class RouterConfig:
     Args:
         type: registered router (``topk``, ``dynamic``, ``task``, ``hierarchical``, ``soft``).
         k: experts per token (``topk``; the inner default of ``hierarchical``).
+        normalize: ``topk``: the gates are the softmax over the chosen experts' scores (they
+            sum to 1); ``False``: each chosen expert's gate is its router probability, as
+            Switch routes top-1, so that with ``k = 1`` the task loss still trains the router.
         noise: learned input-dependent noise on the logits while training (Shazeer et al.
             2017), for the routers that select (``topk``, ``dynamic``).
         balance_weight: weight of the Switch load-balance loss (``topk``, ``dynamic``).
@@ -62,6 +65,7 @@ class RouterConfig:
 
     type: str = "topk"
     k: int = 2
+    normalize: bool = True
     noise: bool = True
     balance_weight: float = 0.01
     z_weight: float = 1e-3
@@ -81,6 +85,7 @@ class RouterConfig:
             raise ValueError(f"type must be a router name, got {self.type!r}")
         router_cls = ROUTERS.get(self.type)  # unknown name: ValueError listing the routers
         _check_int("k", self.k, 1)
+        _check_bool("normalize", self.normalize)
         _check_bool("noise", self.noise)
         _check_weight("balance_weight", self.balance_weight)
         _check_weight("z_weight", self.z_weight)

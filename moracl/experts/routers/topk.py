@@ -17,8 +17,11 @@ from moracl.experts.routing import RoutingResult, mask_logits
 __all__ = ["TopKRouter", "topk_gates", "topk_route"]
 
 
-def topk_gates(scores: Tensor, allowed: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Softmax over each token's ``k`` highest-scoring allowed experts.
+def topk_gates(
+    scores: Tensor, allowed: Tensor, k: int, normalize: bool = True
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Softmax over each token's ``k`` highest-scoring allowed experts (``normalize=False``:
+    the chosen experts keep their probabilities over all allowed experts, as Switch).
 
     Static shapes throughout (no ``nonzero``, no ``.item()``).
 
@@ -34,14 +37,20 @@ def topk_gates(scores: Tensor, allowed: Tensor, k: int) -> tuple[Tensor, Tensor,
     filled = mask_logits(scores, allowed)  # (n, e)
     probs = filled.softmax(-1) * allowed  # (n, e)
     top, indices = filled.topk(k, dim=-1)  # (n, k), (n, k)
-    gates = torch.zeros_like(filled).scatter(-1, indices, top.softmax(-1)) * allowed  # (n, e)
+    weights = top.softmax(-1) if normalize else probs.gather(-1, indices)  # (n, k)
+    gates = torch.zeros_like(filled).scatter(-1, indices, weights) * allowed  # (n, e)
     picked = torch.ones_like(indices, dtype=torch.bool)
     chosen = torch.zeros_like(filled, dtype=torch.bool).scatter(-1, indices, picked) & allowed
     return gates, probs, chosen, indices
 
 
 def topk_route(
-    logits: Tensor, allowed: Tensor, noise: Tensor | None, active: Tensor | None, k: int
+    logits: Tensor,
+    allowed: Tensor,
+    noise: Tensor | None,
+    active: Tensor | None,
+    k: int,
+    normalize: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The whole top-k routing of ``n`` tokens as one function of tensors and static
     settings (no module state), so ``torch.compile`` can fuse it into a few kernels.
@@ -52,13 +61,14 @@ def topk_route(
         noise: ``(n, e)`` standard normal draws, or ``None`` for no noise.
         active: ``(n,)`` bool tokens the losses count, or ``None`` for all.
         k: experts per token.
+        normalize: as in :func:`topk_gates`.
 
     Returns:
         ``gates, probs, chosen, indices`` as :func:`topk_gates`, and the unweighted balance
         and z losses.
     """
     clean, scores = noisy_scores(logits, allowed.shape[-1], noise)  # (n, e) each
-    gates, probs, chosen, indices = topk_gates(scores, allowed, k)
+    gates, probs, chosen, indices = topk_gates(scores, allowed, k, normalize)
     balance = load_balance_loss(probs, chosen, active)
     z = router_z_loss(clean, allowed, active)
     return gates, probs, chosen, indices, balance, z
@@ -93,6 +103,6 @@ class TopKRouter(LogitRouter):
     ) -> RoutingResult:
         noise = self.noise(logits)  # (n, e) or None
         gates, probs, chosen, indices, balance, z = topk_route(
-            logits, allowed, noise, active, self.config.k
+            logits, allowed, noise, active, self.config.k, self.config.normalize
         )
         return self._result(gates, probs, chosen, indices, {"balance": balance, "z": z})
