@@ -582,7 +582,7 @@ def test_topk_closed_form_backward_equals_autograd(
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("router", ["topk", "dynamic"])
+@pytest.mark.parametrize("router", ["topk", "topk-switch", "dynamic"])
 def test_fused_routed_layer_on_cuda_matches_plain_autograd_without_host_sync(router: str) -> None:
     """On CUDA the top-k routing inside the fused node runs compiled; outputs, routing and
     gradients match plain autograd through the router and the per-expert loop (float32),
@@ -590,7 +590,11 @@ def test_fused_routed_layer_on_cuda_matches_plain_autograd_without_host_sync(rou
     from moracl import MoRALinear
     from moracl.experts.mixture import MixtureConfig, RoutingContext
 
-    rc = RouterConfig(type="topk", k=2) if router == "topk" else RouterConfig(type="dynamic")
+    rc = {
+        "topk": RouterConfig(type="topk", k=2),
+        "topk-switch": RouterConfig(type="topk", k=1, normalize=False),
+        "dynamic": RouterConfig(type="dynamic"),
+    }[router]
     layer = MoRALinear(torch.nn.Linear(64, 96), MixtureConfig(rank=4, experts=8, router=rc))
     layer = layer.cuda().train()
     mix = layer.adapter("default")
