@@ -38,8 +38,11 @@ def _finetune(args: argparse.Namespace) -> int:
     if not isinstance(config, FinetuneConfig):
         raise ValueError(f"{args.config} is a {config.job!r} config, not a 'finetune' one")
     result = finetune(config, progress=not args.quiet)
-    print(result.table())
-    print(f"adapter and metrics.json saved in {config.output_dir}")
+    from moracl.distributed import is_main
+
+    if is_main():  # under torchrun the first process reports
+        print(result.table())
+        print(f"adapter and metrics.json saved in {config.output_dir}")
     return 0
 
 

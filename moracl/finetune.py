@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -17,6 +18,15 @@ from tqdm.auto import tqdm
 
 from moracl.adapters.base import ParamRole, iter_param_roles
 from moracl.config import FinetuneConfig, to_dict
+from moracl.distributed import (
+    DataParallel,
+    barrier,
+    check_batches,
+    init_distributed,
+    is_main,
+    local_rows,
+    world_size,
+)
 from moracl.model import MoRAModel
 
 __all__ = ["FinetuneResult", "finetune"]
@@ -104,14 +114,24 @@ def _batches(
 
 def _train(
     model: nn.Module,
-    texts: list[str],
+    rows: int,
+    batch: Callable[[Tensor], dict[str, Tensor]],
     labels: Tensor,
-    tokenizer: Any,
     config: FinetuneConfig,
     desc: str,
     progress: bool,
 ) -> None:
+    """Train ``model``'s trainable parameters with AdamW (heads at ``head_lr``) on ``rows``
+    examples in seeded random batches; ``batch(idx)`` gives the model's inputs for the
+    examples ``idx (b,)`` and ``labels (rows,)`` their classes.
+
+    Under ``torchrun`` each global batch is split across the processes (contiguous rows) and
+    the gradients are summed weighted by each process's share (:mod:`moracl.distributed`),
+    so every process ends with the weights one process would reach on the same batches.
+    """
     tc = config.train
+    check_batches(rows, tc.batch_size, world_size(), "moracl finetune")
+    parallel = DataParallel(model)
     heads = {id(p) for _, p, role in iter_param_roles(model) if role is ParamRole.HEAD}
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
@@ -120,17 +140,18 @@ def _train(
     ]
     opt = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=tc.weight_decay)
     gen = torch.Generator().manual_seed(tc.seed)
-    steps = tc.epochs * -(-len(texts) // tc.batch_size)
-    bar = tqdm(total=steps, desc=desc, disable=not progress, leave=False)
+    steps = tc.epochs * -(-rows // tc.batch_size)
+    bar = tqdm(total=steps, desc=desc, disable=not progress or not is_main(), leave=False)
     for _ in range(tc.epochs):
-        order = torch.randperm(len(texts), generator=gen)
-        for i in range(0, len(texts), tc.batch_size):
-            idx = order[i : i + tc.batch_size]
-            batch = _batches(tokenizer, [texts[j] for j in idx], len(idx), tc.max_length)[0]
+        order = torch.randperm(rows, generator=gen)
+        for i in range(0, rows, tc.batch_size):
+            idx = order[i : i + tc.batch_size]  # the global batch
+            mine = idx[local_rows(len(idx))]  # this process's rows of it
             model.train()
-            loss = F.cross_entropy(model(**batch), labels[idx])
+            loss = F.cross_entropy(model(**batch(mine)), labels[mine])
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            parallel.sync_gradients(len(mine) / len(idx))
             opt.step()
             bar.update()
             bar.set_postfix(loss=f"{loss.item():.3f}")
@@ -175,8 +196,10 @@ def _linear_probe(
 
 
 def finetune(config: FinetuneConfig, *, progress: bool = True) -> FinetuneResult:
-    """Run the job of ``config``; saves the adapter and ``metrics.json`` in ``output_dir``."""
+    """Run the job of ``config``; saves the adapter and ``metrics.json`` in ``output_dir``
+    (under ``torchrun`` the training is data-parallel and the first process writes)."""
     start = time.perf_counter()
+    init_distributed(config.distributed.backend, "cpu")
     torch.manual_seed(config.train.seed)
     train_x, train_y, test_x, test_y, k = _task(config)
     classifier, tokenizer = _backbone(config.backbone, k)
@@ -191,15 +214,22 @@ def finetune(config: FinetuneConfig, *, progress: bool = True) -> FinetuneResult
     model = MoRAModel(
         classifier, config.adapter, target_modules=config.target_modules, modules_to_save=["head"]
     )
-    _train(model, train_x, train_y, tokenizer, config, "adapters + head", progress)
+
+    def batch(idx: Tensor) -> dict[str, Tensor]:
+        texts = [train_x[j] for j in idx]
+        return _batches(tokenizer, texts, len(texts), config.train.max_length)[0]
+
+    _train(model, len(train_x), batch, train_y, config, "adapters + head", progress)
     adapted = _accuracy(model, test_batches, test_y)
     trainable, _ = model.trainable_parameters()
     result = FinetuneResult(
         untrained, probe_acc, adapted, trainable, backbone_params, time.perf_counter() - start
     )
     out = Path(config.output_dir)
-    model.save_pretrained(out / "adapter")
-    (out / "metrics.json").write_text(
-        json.dumps({"config": to_dict(config), "result": asdict(result)}, indent=2) + "\n"
-    )
+    if is_main():
+        model.save_pretrained(out / "adapter")
+        (out / "metrics.json").write_text(
+            json.dumps({"config": to_dict(config), "result": asdict(result)}, indent=2) + "\n"
+        )
+    barrier()
     return result
