@@ -86,7 +86,7 @@ class RouteOp(ABC):
         za = zl[:, :er]
         gates, probs, aux = self.forward(zl[:, er:])
         g_c = gates.to(za.dtype)
-        self._gated = (za, g_c, gates.new_empty(()))  # the last: the gates' dtype
+        self._gated = (za, g_c, gates)
         zg = (za.unflatten(1, (g_c.shape[1], -1)) * g_c[:, :, None]).flatten(1)
         return zg, gates, probs, aux
 
@@ -100,7 +100,7 @@ class RouteOp(ABC):
         """The backward of :meth:`forward_gated`: from ``∂L/∂zg (n, e·r)`` (``None``: unused)
         and the routing outputs' gradients, ``∂L/∂zl (n, e·r + l)`` and ``zg`` recomputed
         (``None`` when ``grad_zg`` is)."""
-        za, g_c, like = self._gated
+        za, g_c, gates = self._gated
         e = g_c.shape[1]
         zg = None
         if grad_zg is None:
@@ -109,7 +109,7 @@ class RouteOp(ABC):
             gz3, za3 = grad_zg.unflatten(1, (e, -1)), za.unflatten(1, (e, -1))  # (n, e, r)
             grad_za = (gz3 * g_c[:, :, None]).flatten(1)
             if self.routes_gradient():
-                from_experts = (gz3 * za3).sum(-1).to(like.dtype)  # (n, e)
+                from_experts = (gz3 * za3).sum(-1).to(gates.dtype)  # (n, e)
                 grad_gates = from_experts if grad_gates is None else grad_gates + from_experts
             zg = (za3 * g_c[:, :, None]).flatten(1)
         grad_logits = self.backward(grad_gates, grad_probs, grad_aux)
