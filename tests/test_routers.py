@@ -649,3 +649,24 @@ def test_unnormalized_topk_gates_are_the_router_probabilities() -> None:
         assert (grad.abs().max() > 0) == (not normalize)
     with pytest.raises(ValueError, match="normalize must be True or False, got .yes."):
         RouterConfig(type="topk", normalize="yes")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4, 5, 8])
+def test_select_topk_matches_torch_topk_and_breaks_ties_low(k: int) -> None:
+    from moracl.experts.routing import gather_k, scatter_k, select_topk
+
+    gen = torch.Generator().manual_seed(k)
+    scores = torch.randn(64, 8, generator=gen, dtype=torch.float64)
+    top, idx = select_topk(scores, k)
+    ref_top, ref_idx = scores.topk(k, dim=-1)
+    assert torch.equal(idx, ref_idx) and torch.equal(top, ref_top)
+    # gather/scatter by one-hot equal torch's
+    assert torch.equal(gather_k(scores, idx), scores.gather(-1, idx))
+    vals = torch.randn(64, k, generator=gen, dtype=torch.float64)
+    assert torch.equal(scatter_k(idx, vals, 8), torch.zeros_like(scores).scatter(-1, idx, vals))
+    marks = vals > 0
+    ref = torch.zeros_like(scores, dtype=torch.bool).scatter(-1, idx, marks)
+    assert torch.equal(scatter_k(idx, marks, 8), ref)
+    if k <= 4:  # ties (a fresh zero router): the lowest indices, in order
+        _, tied = select_topk(torch.zeros(3, 8), k)
+        assert tied.tolist() == [list(range(k))] * 3

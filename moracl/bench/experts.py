@@ -19,6 +19,7 @@ from torch import nn
 from moracl.bench.adapters import SIZES
 from moracl.bench.common import (
     PROJECTIONS,
+    LlamaShape,
     bench_parser,
     build_llama,
     device_and_size,
@@ -81,6 +82,52 @@ def _wrap(method: str, base: nn.Module, rank: int) -> nn.Module:
     return model
 
 
+def make_step(
+    method: str,
+    shape: LlamaShape,
+    rank: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    ids: torch.Tensor,
+    task_ids: torch.Tensor,
+    compile: bool = False,
+    graphs: bool = False,
+) -> tuple[Callable[[], None], list[nn.Parameter]]:
+    """One training step of ``method`` on a fresh benchmark model (forward with the routers'
+    auxiliary losses, backward, AdamW) and its trainable parameters."""
+    base = build_llama(shape, device, dtype)
+    with torch.no_grad():
+        embeds = cast(Any, base).get_input_embeddings()(ids)
+    embeds.requires_grad_(True)
+    model = _wrap(method, base, rank).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    if compile:
+        model = cast(nn.Module, torch.compile(model))
+    extra = {"task_ids": task_ids} if method == "task" else {}
+    cuda = device.type == "cuda"  # fused AdamW (one kernel for every tensor) where it exists
+    opt = (
+        torch.optim.AdamW(params, lr=1e-5, fused=cuda, foreach=not cuda, capturable=graphs)
+        if params
+        else None
+    )
+    aux = getattr(getattr(model, "_orig_mod", model), "aux_loss", None)
+
+    def step() -> None:
+        with torch.autocast(
+            device.type, dtype=dtype, enabled=device.type == "cuda", cache_enabled=not graphs
+        ):
+            loss = model(inputs_embeds=embeds, labels=ids, **extra).loss
+            if aux is not None:
+                loss = loss + aux()
+        loss.backward()
+        if opt is not None:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        embeds.grad = None
+
+    return step, params
+
+
 def run(
     size: str,
     methods: list[str],
@@ -99,39 +146,7 @@ def run(
     results: list[dict[str, Any]] = []
     for method in methods:
         free(device)
-        base = build_llama(shape, device, dtype)
-        with torch.no_grad():
-            embeds = cast(Any, base).get_input_embeddings()(ids)
-        embeds.requires_grad_(True)
-        model = _wrap(method, base, rank).train()
-        params = [p for p in model.parameters() if p.requires_grad]
-        if compile:
-            model = cast(nn.Module, torch.compile(model))
-        extra = {"task_ids": task_ids} if method == "task" else {}
-        opt = (
-            torch.optim.AdamW(params, lr=1e-5, foreach=True, capturable=graphs) if params else None
-        )
-        aux = getattr(getattr(model, "_orig_mod", model), "aux_loss", None)
-
-        def step(
-            model: nn.Module = model,
-            opt: Any = opt,
-            extra: dict = extra,
-            aux: Callable[[], torch.Tensor] | None = aux,
-            embeds: torch.Tensor = embeds,
-        ) -> None:
-            with torch.autocast(
-                device.type, dtype=dtype, enabled=device.type == "cuda", cache_enabled=not graphs
-            ):
-                loss = model(inputs_embeds=embeds, labels=ids, **extra).loss
-                if aux is not None:
-                    loss = loss + aux()
-            loss.backward()
-            if opt is not None:
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-            embeds.grad = None
-
+        step, params = make_step(method, shape, rank, device, dtype, ids, task_ids, compile, graphs)
         if graphs:
             from moracl.cuda_graphs import GraphedStep
 
@@ -151,7 +166,7 @@ def run(
                 "trainable": sum(p.numel() for p in params),
             }
         )
-        del model, base, step, embeds, opt
+        del step, params
     ref = {r["method"]: float(r["ms"]) for r in results}
     for r in results:
         r["x_floor"] = float(r["ms"]) / ref["floor"] if "floor" in ref else float("nan")

@@ -28,7 +28,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from moracl.experts.routing import RoutingResult, routing_dtype
+from moracl.experts.routing import (
+    RoutingResult,
+    gather_k,
+    routing_dtype,
+    scatter_k,
+    select_topk,
+)
 
 if TYPE_CHECKING:
     from moracl.experts.routers.base import Router
@@ -214,24 +220,29 @@ def topk_route_forward(
     lowest = torch.finfo(scores.dtype).min
     filled = scores.masked_fill(~allowed, lowest)  # (n, e)
     probs = filled.softmax(-1) * allowed  # (n, e)
-    top, indices = filled.topk(k, dim=-1)  # (n, k)
-    picked = allowed.expand_as(filled).gather(-1, indices)  # (n, k) bool
-    sm = (top.softmax(-1) if normalize else probs.gather(-1, indices)) * picked  # (n, k)
-    gates = torch.zeros_like(filled).scatter(-1, indices, sm)  # (n, e)
-    chosen = torch.zeros_like(allowed.expand_as(filled)).scatter(-1, indices, picked)
+    top, indices = select_topk(filled, k)  # (n, k)
+    picked = gather_k(allowed, indices)  # (n, k) bool
+    sm = (top.softmax(-1) if normalize else gather_k(probs, indices)) * picked  # (n, k)
+    gates = scatter_k(indices, sm, e)  # (n, e)
+    chosen = scatter_k(indices, picked, e)  # (n, e) bool
     n = probs.shape[0]
-    count = chosen.to(probs.dtype).sum(0)  # (e,)
-    f = count / count.sum().clamp_min(1.0)  # (e,)
-    balance = e * (f * probs.sum(0)).sum() / max(n, 1)
     has = allowed.any(-1)  # (n|1,)
     lse = torch.logsumexp(clean.masked_fill(~allowed, lowest), dim=-1)  # (n,)
     lse = torch.where(has, lse, torch.zeros_like(lse))
-    if has.shape[0] == 1:  # one mask for every token: all count
+    shared = has.shape[0] == 1  # one mask for every token: all count in the z loss
+    w = has.to(lse.dtype).expand_as(lse)  # (n,)
+    # every sum over the tokens in one reduction: counts, probabilities, z-loss terms
+    columns = [chosen.to(probs.dtype), probs, (lse.square() * w)[:, None], w[:, None]]
+    sums = torch.cat(columns, dim=1).sum(0)  # (2e + 2,)
+    count, total_w = sums[:e], sums[2 * e + 1]
+    f = count / count.sum().clamp_min(1.0)  # (e,)
+    balance = e * (f * sums[e : 2 * e]).sum() / max(n, 1)
+    if shared:
         zw = lse.new_full((1,), 1.0 / max(n, 1))
+        z = sums[2 * e] / max(n, 1)
     else:
-        w = has.to(lse.dtype)
-        zw = w / w.sum().clamp_min(1.0)
-    z = (lse.square() * zw).sum()
+        zw = w / total_w.clamp_min(1.0)
+        z = sums[2 * e] / total_w.clamp_min(1.0)
     return gates, probs, chosen, indices, sm, f, lse, zw, balance, z
 
 
@@ -270,13 +281,13 @@ def topk_route_backward(
         gp = gp + grad_balance * (e / max(n, 1)) * f  # (n, e)
     gp = gp * allowed
     if grad_gates is not None and not normalize:  # the chosen gates are probabilities
-        picked = allowed.expand_as(probs).gather(-1, indices)  # (n, k) bool
-        gs = grad_gates.to(sm.dtype).gather(-1, indices) * picked  # (n, k)
-        gp = gp.scatter_add(-1, indices, gs)
+        picked = gather_k(allowed, indices)  # (n, k) bool
+        gs = gather_k(grad_gates.to(sm.dtype), indices) * picked  # (n, k)
+        gp = gp + scatter_k(indices, gs, e)
     grad = probs * (gp - (probs * gp).sum(-1, keepdim=True))  # (n, e) via the probabilities
     if grad_gates is not None and normalize:
-        gs = grad_gates.to(sm.dtype).gather(-1, indices)  # (n, k); sm is 0 where not allowed
-        grad = grad.scatter_add(-1, indices, sm * (gs - (sm * gs).sum(-1, keepdim=True)))
+        gs = gather_k(grad_gates.to(sm.dtype), indices)  # (n, k); sm is 0 where not allowed
+        grad = grad + scatter_k(indices, sm * (gs - (sm * gs).sum(-1, keepdim=True)), e)
     grad = grad * allowed  # (n, e) ∂L/∂scores; the masked scores are constants
     grad_clean = grad
     if grad_z is not None:

@@ -11,7 +11,15 @@ from functools import cached_property
 import torch
 from torch import Tensor
 
-__all__ = ["RoutingResult", "RoutingStats", "mask_logits", "routing_dtype"]
+__all__ = [
+    "RoutingResult",
+    "RoutingStats",
+    "gather_k",
+    "mask_logits",
+    "routing_dtype",
+    "scatter_k",
+    "select_topk",
+]
 
 
 def routing_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -27,6 +35,54 @@ def mask_logits(logits: Tensor, allowed: Tensor) -> Tensor:
     uniform, and routers multiply probabilities by ``allowed``, so its gates are zero).
     """
     return logits.masked_fill(~allowed, torch.finfo(logits.dtype).min)
+
+
+_ITERATIVE_K = 4
+
+
+def select_topk(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The ``k`` highest ``scores (n, e)`` per row, highest first: ``(top, indices)``, both
+    ``(n, k)``; ties go to the lower index.
+
+    For ``k ≤ 4`` this is ``k`` rounds of ``max`` (the chosen column set to ``-inf`` between
+    rounds), which a compiler fuses with the rest of the routing; ``torch.topk`` is one
+    separate sort per call.  Larger ``k`` uses ``torch.topk``.
+    """
+    if k > _ITERATIVE_K:
+        top, indices = scores.topk(k, dim=-1)
+        return top, indices
+    columns = torch.arange(scores.shape[-1], device=scores.device)
+    tops, picks = [], []
+    rest = scores
+    for j in range(k):
+        top, index = rest.max(-1, keepdim=True)  # (n, 1)
+        tops.append(top)
+        picks.append(index)
+        if j + 1 < k:
+            rest = rest.masked_fill(columns == index, float("-inf"))
+    return torch.cat(tops, -1), torch.cat(picks, -1)
+
+
+def _one_hot(indices: Tensor, e: int) -> Tensor:
+    """``(n, k, e)`` bool: row ``[t, j]`` marks column ``indices[t, j]``."""
+    return indices[..., None] == torch.arange(e, device=indices.device)
+
+
+def scatter_k(indices: Tensor, values: Tensor, e: int) -> Tensor:
+    """``(n, e)`` zeros with ``values (n, k)`` at ``indices (n, k)`` (distinct per row); for
+    bool ``values`` the marked columns.  Elementwise, so a compiler fuses it."""
+    hot = _one_hot(indices, e)
+    if values.dtype == torch.bool:
+        return (hot & values[..., None]).any(-2)
+    return torch.where(hot, values[..., None], values.new_zeros(())).sum(-2)
+
+
+def gather_k(x: Tensor, indices: Tensor) -> Tensor:
+    """``x (n|1, e)`` at ``indices (n, k)``: ``(n, k)``, as ``x.gather(-1, indices)``."""
+    hot = _one_hot(indices, x.shape[-1])
+    if x.dtype == torch.bool:
+        return (hot & x[..., None, :]).any(-1)
+    return torch.where(hot, x[..., None, :], x.new_zeros(())).sum(-1)
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from moracl.experts.losses import load_balance_loss, router_z_loss
 from moracl.experts.route_ops import RouteOp, TopKRouteOp
 from moracl.experts.routers.base import LogitRouter, noisy_scores
 from moracl.experts.routers.config import RouterConfig
-from moracl.experts.routing import RoutingResult, mask_logits
+from moracl.experts.routing import RoutingResult, mask_logits, select_topk
 
 __all__ = ["TopKRouter", "topk_gates", "topk_route"]
 
@@ -36,7 +36,7 @@ def topk_gates(
     """
     filled = mask_logits(scores, allowed)  # (n, e)
     probs = filled.softmax(-1) * allowed  # (n, e)
-    top, indices = filled.topk(k, dim=-1)  # (n, k), (n, k)
+    top, indices = select_topk(filled, k)  # (n, k), (n, k)
     weights = top.softmax(-1) if normalize else probs.gather(-1, indices)  # (n, k)
     gates = torch.zeros_like(filled).scatter(-1, indices, weights) * allowed  # (n, e)
     picked = torch.ones_like(indices, dtype=torch.bool)
