@@ -13,11 +13,13 @@ pytest.importorskip("avalanche")
 from moracl.bench.continual import (
     BENCH_SCENARIOS,
     bench_config,
+    check_seed_targets,
     check_targets,
     loop_cost,
     loop_cost_table,
     run_scenario,
     scenario_table,
+    seed_table,
 )
 from moracl.continual.metrics import AccuracyMatrix, Cost, RunResults, StrategyResult
 
@@ -82,6 +84,30 @@ def test_scenario_table_has_a_row_per_strategy_and_the_targets() -> None:
     assert "| ACC >= best baseline (not Joint) | 70.0 vs Replay 80.0 | **not met** |" in lines
 
 
+def test_seed_tables_report_mean_and_sample_sd_and_check_targets_on_the_means() -> None:
+    # moracl's last rows give ACC 0.8 and 0.7 (diag 0.9: BWT -0.15 and -0.3); Replay 0.8 twice
+    runs = [_results("task", [0.75, 0.75, 0.9]), _results("task", [0.6, 0.6, 0.9])]
+    lines = seed_table(runs).splitlines()
+    assert lines[0] == "| strategy | ACC (2 seeds) | BWT | forgetting |"
+    # mean 0.75, sample sd sqrt(2 * 0.05**2 / 1) = 0.0707; BWT -0.225 ± 0.106
+    assert lines[2] == "| moracl (experts) | 75.0 ± 7.1 | -22.5 ± 10.6 | 22.5 ± 10.6 |"
+    assert lines[4] == "| Replay | 80.0 ± 0.0 | -15.0 ± 0.0 | 15.0 ± 0.0 |"
+    nan_bwt = _results("task", [0.8, 0.8, 0.9])
+    joint = nan_bwt.strategies["Joint"]  # Joint measures the last row only
+    last_only = AccuracyMatrix([[math.nan] * 3, [math.nan] * 3, [0.9] * 3], [0.1] * 3)
+    nan_bwt.strategies["Joint"] = StrategyResult(name="Joint", matrix=last_only, cost=joint.cost)
+    joint_row = seed_table([nan_bwt, nan_bwt]).splitlines()[5]
+    assert joint_row == "| Joint | 90.0 ± 0.0 | n/a | n/a |"  # no diagonal: no BWT, no spread
+    targets = {t.name: t for t in check_seed_targets(runs)}
+    acc = targets["ACC >= best baseline (not Joint)"]
+    assert acc.value == "75.0 vs Replay 80.0 (per seed -5.0 ± 7.1)" and not acc.met
+    assert targets["BWT >= -1 point"].value == "-22.5"
+    # one run: the same targets as check_targets, with no per-seed spread
+    assert check_seed_targets(runs[:1]) == check_targets(runs[0])
+    with pytest.raises(ValueError, match="at least one run"):
+        check_seed_targets([])
+
+
 def test_bench_config_applies_the_sizes_and_rejects_unknown_scenarios(tmp_path: Path) -> None:
     for key in BENCH_SCENARIOS:
         config = bench_config(key, quick=True, output_dir=tmp_path)
@@ -90,6 +116,9 @@ def test_bench_config_applies_the_sizes_and_rejects_unknown_scenarios(tmp_path: 
     quick = bench_config("wordnet-domains/class", quick=True)
     assert quick.scenario.options["per_class"] == 30 and quick.train.epochs == 1
     assert quick.experts.replay_size == 200  # the Replay baseline's buffer, without task labels
+    seeded = bench_config("split-fashion/task", output_dir=tmp_path, seed=3)
+    assert seeded.train.seed == 3
+    assert seeded.output_dir == str(tmp_path / "split-fashion-task-seed3")
     with pytest.raises(ValueError, match="unknown bench scenario"):
         bench_config("split-fashion/domain")
 

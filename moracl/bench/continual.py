@@ -3,6 +3,7 @@ quality targets checked, and the cost of the training loop.
 
     moracl bench continual                      # every scenario, bench sizes
     moracl bench continual --quick              # smaller streams, fewer epochs
+    moracl bench continual --seeds 0 1 2        # each scenario per seed; mean ± sd tables
     moracl bench continual --scenarios split-fashion/task digit-domains/domain
 
 For each scenario (a config in ``configs/`` and a setting) every strategy of
@@ -53,12 +54,14 @@ __all__ = [
     "BenchScenario",
     "Target",
     "bench_config",
+    "check_seed_targets",
     "check_targets",
     "loop_cost",
     "loop_cost_table",
     "main",
     "run_scenario",
     "scenario_table",
+    "seed_table",
 ]
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -120,20 +123,28 @@ BENCH_SCENARIOS: dict[str, BenchScenario] = {
 
 
 def bench_config(
-    key: str, *, quick: bool = False, output_dir: str | Path = "out/bench-continual"
+    key: str,
+    *,
+    quick: bool = False,
+    output_dir: str | Path = "out/bench-continual",
+    seed: int | None = None,
 ) -> RunConfig:
     """The run config of ``BENCH_SCENARIOS[key]`` at bench (or quick) sizes, writing under
-    ``output_dir/<scenario>-<setting>``."""
+    ``output_dir/<scenario>-<setting>`` (``-seed<seed>`` appended when ``seed`` replaces the
+    config's ``train.seed``: the seed draws the stream's examples, the initialisations and
+    the batch order)."""
     from moracl.config import load_config
 
     if key not in BENCH_SCENARIOS:
         raise ValueError(f"unknown bench scenario {key!r}; expected one of {list(BENCH_SCENARIOS)}")
     b = BENCH_SCENARIOS[key]
-    out = Path(output_dir) / key.replace("/", "-")
+    name = key.replace("/", "-") + ("" if seed is None else f"-seed{seed}")
+    out = Path(output_dir) / name
     overrides = [
         f"scenario.setting={b.setting}",
         *b.overrides,
         *(b.quick if quick else ()),
+        *(() if seed is None else (f"train.seed={seed}",)),
         f"output_dir={out}",
     ]
     config = load_config(CONFIGS / b.config, overrides)
@@ -224,28 +235,65 @@ def check_targets(results: RunResults) -> list[Target]:
     Raises:
         ValueError: ``results`` has no moracl row.
     """
-    if MORACL not in results.strategies:
-        raise ValueError(f"no {MORACL!r} row in the results; have {list(results.strategies)}")
-    ours = results.strategies[MORACL]
-    acc = ours.matrix.acc()
+    return check_seed_targets([results])
+
+
+def _mean_sd(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value)."""
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, 0.0
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def _spread(values: Sequence[float]) -> str:
+    """``mean ± sd`` in points over the seeds (the mean alone for one seed)."""
+    mean, sd = _mean_sd(values)
+    if len(values) < 2 or math.isnan(mean):
+        return _pts(mean)
+    return f"{_pts(mean)} ± {_pts(sd)}"
+
+
+def check_seed_targets(runs: Sequence[RunResults]) -> list[Target]:
+    """The targets on moracl's mean over ``runs`` (the same scenario, one run per seed).
+
+    ACC is compared with the baseline of the best mean ACC (Joint aside); with several seeds
+    the measured value also gives moracl's per-seed difference from it, mean ± sd.
+
+    Raises:
+        ValueError: no runs, or a run without a moracl row.
+    """
+    if not runs:
+        raise ValueError("check_seed_targets needs at least one run")
+    for results in runs:
+        if MORACL not in results.strategies:
+            raise ValueError(f"no {MORACL!r} row in the results; have {list(results.strategies)}")
+    several = len(runs) > 1
+
+    def accs(name: str) -> list[float]:
+        return [r.strategies[name].matrix.acc() for r in runs]
+
+    ours = accs(MORACL)
+    acc = _mean_sd(ours)[0]
     targets = []
-    baselines = {
-        n: s.matrix.acc() for n, s in results.strategies.items() if n not in (MORACL, JOINT)
-    }
-    if baselines:
-        best = max(baselines, key=lambda n: baselines[n])
+    names = [n for n in runs[0].strategies if n not in (MORACL, JOINT)]
+    if names:
+        means = {n: _mean_sd(accs(n))[0] for n in names}
+        best = max(means, key=lambda n: means[n])
+        diff = [a - b for a, b in zip(ours, accs(best))]
+        extra = f" (per seed {_spread(diff)})" if several else ""
         targets.append(
             Target(
                 "ACC >= best baseline (not Joint)",
-                f"{_pts(acc)} vs {best} {_pts(baselines[best])}",
-                acc >= baselines[best],
+                f"{_pts(acc)} vs {best} {_pts(means[best])}{extra}",
+                acc >= means[best],
             )
         )
-    if results.setting == "task":
-        bwt = ours.matrix.bwt()
+    if runs[0].setting == "task":
+        bwt = _mean_sd([r.strategies[MORACL].matrix.bwt() for r in runs])[0]
         targets.append(Target("BWT >= -1 point", _pts(bwt), bwt >= -0.01))
-    if JOINT in results.strategies:
-        joint = results.strategies[JOINT].matrix.acc()
+    if JOINT in runs[0].strategies:
+        joint = _mean_sd(accs(JOINT))[0]
         gap = joint - acc
         targets.append(
             Target(
@@ -254,11 +302,34 @@ def check_targets(results: RunResults) -> list[Target]:
                 gap <= 0.03,
             )
         )
-    share = ours.cost.trainable_share
+    share = max(r.strategies[MORACL].cost.trainable_share for r in runs)
     targets.append(
         Target("trainable <= 2 % of backbone", f"{100 * share:.2f}%", bool(share <= 0.02))
     )
     return targets
+
+
+def seed_table(runs: Sequence[RunResults]) -> str:
+    """One markdown row per strategy with ACC, BWT and max-based forgetting as mean ± sd over
+    ``runs`` (one per seed, points), then the targets on the means."""
+    header = ["strategy", f"ACC ({len(runs)} seeds)", "BWT", "forgetting"]
+    rows = []
+    for name in runs[0].strategies:
+        matrices = [r.strategies[name].matrix for r in runs]
+        rows.append(
+            [
+                name,
+                _spread([m.acc() for m in matrices]),
+                _spread([m.bwt() for m in matrices]),
+                _spread([m.forgetting() for m in matrices]),
+            ]
+        )
+    lines = [markdown_table(header, rows), ""]
+    targets = [
+        [t.name, t.value, "met" if t.met else "**not met**"] for t in check_seed_targets(runs)
+    ]
+    lines.append(markdown_table(["target (moracl, means)", "measured", ""], targets))
+    return "\n".join(lines)
 
 
 def _memory(n: int | None) -> str:
@@ -396,6 +467,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--quick", action="store_true", help="smaller streams, fewer epochs")
     parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=None,
+        help="run every scenario once per seed and report mean ± sd (default: the config's)",
+    )
+    parser.add_argument(
         "--no-isolate",
         dest="isolate",
         action="store_false",
@@ -412,22 +490,30 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.output_dir or tempfile.mkdtemp(prefix="moracl-bench-continual-"))
     print(f"machine: {_machine()}\n")
     report: dict[str, Any] = {"machine": _machine(), "quick": args.quick, "scenarios": {}}
-    configs = {}
+    configs: dict[str, RunConfig] = {}
     for key in args.scenarios:
-        config = bench_config(key, quick=args.quick, output_dir=out)
-        configs[key] = config
-        began = time.perf_counter()
-        results = run_scenario(config, isolate=args.isolate, threads=args.threads)
-        took = time.perf_counter() - began
-        print(
-            f"### {key}\n\n{_sizes(config)}; {len(results.experiences)} experiences; {took:.0f} s\n"
-        )
-        print(scenario_table(results), "\n", flush=True)
-        report["scenarios"][key] = {
-            "sizes": _sizes(config),
-            "results": results.to_dict(),
-            "targets": [t.__dict__ for t in check_targets(results)],
+        runs = []
+        for seed in args.seeds or [None]:
+            config = bench_config(key, quick=args.quick, output_dir=out, seed=seed)
+            configs.setdefault(key, config)
+            began = time.perf_counter()
+            results = run_scenario(config, isolate=args.isolate, threads=args.threads)
+            took = time.perf_counter() - began
+            runs.append(results)
+            print(
+                f"### {key}, seed {config.train.seed}\n\n{_sizes(config)}; "
+                f"{len(results.experiences)} experiences; {took:.0f} s\n"
+            )
+            print(scenario_table(results), "\n", flush=True)
+        entry: dict[str, Any] = {
+            "sizes": _sizes(configs[key]),
+            "results": [r.to_dict() for r in runs] if args.seeds else runs[0].to_dict(),
+            "targets": [t.__dict__ for t in check_seed_targets(runs)],
         }
+        if args.seeds:
+            print(f"### {key}: over seeds {args.seeds}\n\n{seed_table(runs)}\n", flush=True)
+            entry["seeds"] = args.seeds
+        report["scenarios"][key] = entry
     if args.loop:
         rows = []
         for key, config in configs.items():
