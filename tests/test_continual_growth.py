@@ -3,6 +3,7 @@ old tasks' outputs left bit-identical."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -77,3 +78,47 @@ def test_expert_rank_overrides_the_adapter_rank_at_the_same_scaling() -> None:
     one = load_config("configs/digit_domains.yaml", ["experts.k=1", "experts.per_experience=1"])
     assert _router(one, task_aware=False).normalize is False
     assert _router(cfg, task_aware=False).normalize is True
+    # k = 2 renormalised gates: alpha doubles, so two rank-2 experts add up to one rank-4 LoRA
+    top2 = _router(cfg, task_aware=False)
+    assert top2.k == 2 and expert_adapter(cfg, top2).alpha == 8.0
+    switch = _router(one, task_aware=False)
+    assert expert_adapter(one, switch) == expert_adapter(one)  # Switch gates: no k factor
+    auto = load_config("configs/digit_domains.yaml", ["experts.router=auto"])
+    by_task = _router(auto, task_aware=True)
+    assert by_task.type == "task" and expert_adapter(auto, by_task).alpha == 4.0
+
+
+def test_two_evenly_gated_experts_equal_one_lora_of_their_joint_rank() -> None:
+    """What the k factor of ``expert_adapter`` buys: top-2 of two rank-2 experts with equal
+    gates gives exactly the output of one rank-4 LoRA holding both experts (float64)."""
+    from moracl.config import load_config
+    from moracl.continual.run import _router, expert_adapter
+
+    cfg = load_config("configs/digit_domains.yaml", [])  # adapter r 4, two r-2 experts, top-2
+    router = _router(cfg, task_aware=False)
+    expert = expert_adapter(cfg, router)
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(6, 5)).double()
+    mixture = MixtureConfig(
+        kind="lora",
+        experts=2,
+        rank=expert.rank,
+        router=router,
+        options={k: v for k, v in expert.to_dict().items() if k not in ("kind", "rank")},
+    )
+    moe = MoRAModel(copy.deepcopy(base), mixture, target_modules=["0"]).double()
+    lora = MoRAModel(copy.deepcopy(base), cfg.adapter, target_modules=["0"]).double()
+    assert isinstance(cfg.adapter, AdapterConfig)
+    params = dict(moe.named_parameters())
+    prefix = next(n for n in params if n.endswith("banks.0.lora_A")).removesuffix("lora_A")
+    with torch.no_grad():
+        params[prefix + "lora_B"].normal_()
+        params[prefix.replace("banks.0.", "router.weight")].zero_()  # equal logits: gates 1/2
+        a = params[prefix + "lora_A"]  # (experts, r, in)
+        b = params[prefix + "lora_B"]  # (out, experts, r)
+        single = dict(lora.named_parameters())
+        single[next(n for n in single if n.endswith("lora_A"))].copy_(a.flatten(0, 1))
+        single[next(n for n in single if n.endswith("lora_B"))].copy_(b.flatten(1))
+    x = torch.randn(7, 6, dtype=torch.float64)
+    torch.testing.assert_close(moe(x), lora(x), rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(moe(x), base(x))  # the adapters do contribute

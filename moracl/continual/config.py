@@ -45,7 +45,10 @@ class ExpertsConfig:
     k: int = field(default=1, metadata={"help": "experts per token for topk routing"})
     rank: int = field(
         default=0,
-        metadata={"help": "rank of each expert (0: adapter.rank; alpha scales with it)"},
+        metadata={
+            "help": "rank of each expert (0: adapter.rank; alpha scales with it, and with k "
+            "for top-k routing with k > 1)"
+        },
     )
     reuse_old: bool = field(
         default=True, metadata={"help": "task routing: new tasks may use frozen old experts"}

@@ -80,17 +80,26 @@ def _router(config: RunConfig, task_aware: bool) -> RouterConfig:
     return RouterConfig(type="topk", k=k, noise=False, normalize=k > 1)
 
 
-def expert_adapter(config: RunConfig) -> AdapterConfig:
+def expert_adapter(config: RunConfig, router: RouterConfig | None = None) -> AdapterConfig:
     """The configuration of each of moracl's experts: ``config.adapter`` at rank
     ``experts.rank`` (when set), with ``alpha`` scaled alike so that ``alpha / rank`` (LoRA's
-    scaling) stays the adapter's."""
+    scaling) stays the adapter's.
+
+    Under a ``router`` that picks ``k > 1`` experts with gates renormalised to sum to 1,
+    ``alpha`` is also multiplied by ``k``: the ``k`` rank-``r`` experts of a token then add up
+    to the scale of one adapter of rank ``k·r`` (with gates summing to 1 they would give half
+    of it for ``k = 2``, and train at half its pace).
+    """
     base = config.adapter
     rank = config.experts.rank or base.rank
-    if rank == base.rank:
+    scale = rank / base.rank
+    if router is not None and router.type == "topk" and router.normalize and router.k > 1:
+        scale *= router.k
+    if rank == base.rank and scale == 1:
         return base
     data = {**base.to_dict(), "rank": rank}
     if "alpha" in data:
-        data["alpha"] = float(data["alpha"]) * rank / base.rank
+        data["alpha"] = float(data["alpha"]) * scale
     return AdapterConfig.from_dict(data)
 
 
@@ -101,11 +110,12 @@ def build_model(name: str, config: RunConfig, encoder: nn.Module, info: Any) -> 
     targets = list(config.target_modules) or list(default)
     adapter: AdapterConfig | MixtureConfig = config.adapter
     if name == "moracl":
-        expert = expert_adapter(config)
+        router = _router(config, task_aware)
+        expert = expert_adapter(config, router)
         adapter = MixtureConfig(
             kind=expert.kind,
             experts=config.experts.per_experience,
-            router=_router(config, task_aware),
+            router=router,
             groups=(),
             rank=expert.rank,
             options={k: v for k, v in expert.to_dict().items() if k not in ("kind", "rank")},
@@ -167,7 +177,7 @@ def build_strategy(
     b = config.baselines
     if name == "moracl":
         growth = GrowthConfig(
-            adapter=expert_adapter(config),
+            adapter=expert_adapter(config, _router(config, task_aware=model.multi_head)),
             experts=config.experts.per_experience,
             reuse_old=config.experts.reuse_old,
             freeze_heads=config.experts.freeze_heads,
