@@ -108,6 +108,18 @@ def test_seed_tables_report_mean_and_sample_sd_and_check_targets_on_the_means() 
         check_seed_targets([])
 
 
+def test_repeated_seeds_are_refused_before_anything_runs(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from moracl.bench.continual import main
+
+    with pytest.raises(SystemExit):
+        main(["--seeds", "0", "1", "0", "--scenarios", "split-fashion/task", "--no-loop-cost"])
+    assert "--seeds must be distinct (each writes its own run folder), got [0, 1, 0]" in (
+        capsys.readouterr().err
+    )
+
+
 def test_bench_config_applies_the_sizes_and_rejects_unknown_scenarios(tmp_path: Path) -> None:
     for key in BENCH_SCENARIOS:
         config = bench_config(key, quick=True, output_dir=tmp_path)
