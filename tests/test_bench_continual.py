@@ -118,6 +118,11 @@ def test_repeated_seeds_are_refused_before_anything_runs(
     assert "--seeds must be distinct (each writes its own run folder), got [0, 1, 0]" in (
         capsys.readouterr().err
     )
+    with pytest.raises(SystemExit):
+        main(["--seeds", "-1", "--scenarios", "split-fashion/task", "--no-loop-cost"])
+    assert "--seeds must be >= 0, got [-1]" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"train.seed must be >= 0, got -1"):
+        bench_config("split-fashion/task", seed=-1)
 
 
 def test_bench_config_applies_the_sizes_and_rejects_unknown_scenarios(tmp_path: Path) -> None:

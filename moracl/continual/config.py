@@ -105,6 +105,8 @@ class ContinualTrainConfig:
         for name in ("lr", "head_lr"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"train.{name} must be > 0, got {getattr(self, name)!r}")
+        if self.seed < 0:
+            raise ValueError(f"train.seed must be >= 0, got {self.seed!r}")
 
 
 @dataclass
