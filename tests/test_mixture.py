@@ -267,3 +267,33 @@ def test_a_graphed_step_refuses_host_tensors() -> None:
 
     with pytest.raises(ValueError, match="input 0 must be a CUDA tensor, got cpu"):
         GraphedStep(lambda x: x, torch.zeros(2))
+
+
+class _TwoCalls(nn.Module):
+    """Runs one linear layer on two groups of rows, as a length-bucketing encoder does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(6, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.proj(x[:2]), self.proj(x[2:])])
+
+
+def test_a_layer_called_twice_reports_the_routing_of_both_calls() -> None:
+    torch.manual_seed(0)
+    cfg = MixtureConfig(kind="lora", rank=2, experts=4, router=RouterConfig(type="topk", k=2))
+    model = MoRAModel(_TwoCalls().double(), cfg, target_modules=["proj"]).train()
+    mix = next(m for _, m in model.mixtures())
+    x = torch.randn(5, 3, 6, dtype=torch.float64)  # 2 rows then 3 rows: 6 + 9 tokens
+    model.eval()  # no noise: both paths route deterministically
+    model(x)
+    got = model.last_routing[next(p for p, _ in model.mixtures())]
+    first, second = mix.route(x[:2]), mix.route(x[2:])
+    assert got.gates.shape == (15, 4)
+    torch.testing.assert_close(got.gates, torch.cat([first.gates, second.gates]), rtol=0, atol=0)
+    assert got.indices is not None and got.indices.shape == (15, 2)
+    for name in ("balance", "z"):  # token-weighted: every token counts once
+        want = (6 * first.aux_losses[name] + 9 * second.aux_losses[name]) / 15
+        torch.testing.assert_close(got.aux_losses[name], want, rtol=0, atol=1e-12)
+    torch.testing.assert_close(model.aux_loss(), got.aux_loss.float(), rtol=1e-6, atol=0)

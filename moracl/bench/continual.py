@@ -98,12 +98,15 @@ _FASHION_QUICK = ("scenario.options.per_class=60", "scenario.options.test_per_cl
 _DIGITS = ("scenario.options.per_class=60", "scenario.options.test_per_class=30")
 _DIGITS_QUICK = ("scenario.options.per_class=30", "scenario.options.test_per_class=20")
 #: Without task labels moracl keeps a replay buffer of the Replay baseline's size
-#: (``baselines.replay_size`` in the configs): the shared head and the router see old classes.
+#: (``baselines.replay_size`` in the configs): the shared head and the router see old classes,
+#: and after each experience the head alone is fine-tuned class-balanced on the buffer (5
+#: passes; 3 seeds: wordnet-domains/class 58.9 -> 62.2, split-fashion/class 55.0 -> 59.7).
 #: Two rank-2 experts per experience with top-2 routing (the trainable size and, alpha doubled
 #: for the two renormalised gates, the output scale of one rank-4 expert): a top-1 router
 #: learns from the task loss only through its chosen probability.
 _CLASS = (
     "experts.replay_size=200",
+    "experts.balance_head_epochs=5",
     "experts.per_experience=2",
     "experts.rank=2",
     "experts.k=2",

@@ -55,6 +55,16 @@ class ExpertsConfig:
     )
     freeze_heads: bool = field(default=True, metadata={"help": "freeze finished tasks' heads"})
     replay_size: int = field(default=0, metadata={"help": "replay buffer for moracl too (0: none)"})
+    balance_head_epochs: int = field(
+        default=0,
+        metadata={
+            "help": "shared head: passes of class-balanced fine-tuning on the replay buffer "
+            "after each experience (0: none; needs replay_size > 0)"
+        },
+    )
+    balance_head_lr: float = field(
+        default=1e-3, metadata={"help": "learning rate of the balanced head fine-tuning"}
+    )
 
     def __post_init__(self) -> None:
         if self.per_experience <= 0 or self.k <= 0:
@@ -68,6 +78,16 @@ class ExpertsConfig:
             )
         if self.replay_size < 0:
             raise ValueError(f"experts.replay_size must be >= 0, got {self.replay_size!r}")
+        if self.balance_head_epochs < 0 or not self.balance_head_lr > 0:
+            raise ValueError(
+                f"experts.balance_head_epochs must be >= 0 and experts.balance_head_lr > 0, "
+                f"got {self.balance_head_epochs!r} and {self.balance_head_lr!r}"
+            )
+        if self.balance_head_epochs and not self.replay_size:
+            raise ValueError(
+                f"experts.balance_head_epochs={self.balance_head_epochs} fine-tunes the head on "
+                f"the replay buffer: set experts.replay_size > 0 (got 0)"
+            )
         if self.rank < 0:
             raise ValueError(f"experts.rank must be >= 0 (0: adapter.rank), got {self.rank!r}")
 

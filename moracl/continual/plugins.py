@@ -1,6 +1,6 @@
 """Avalanche plugins and strategy variants moracl's runs need: replay whose buffer is a
-function of a seed (so a resumed run rebuilds it exactly), and joint training on the lean
-template."""
+function of a seed (so a resumed run rebuilds it exactly), class-balanced fine-tuning of a
+shared head on the buffer, and joint training on the lean template."""
 
 from __future__ import annotations
 
@@ -8,12 +8,15 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from avalanche.core import SupervisedPlugin
 from avalanche.training.plugins import ReplayPlugin
 from avalanche.training.supervised import JointTraining
 
-from moracl.continual.strategy import FastTemplate, derive_seed
+from moracl.continual.model import ContinualClassifier
+from moracl.continual.strategy import FastTemplate, derive_seed, materialize
 
-__all__ = ["FastJoint", "SeededReplayPlugin"]
+__all__ = ["BalancedHeadPlugin", "FastJoint", "SeededReplayPlugin", "balanced_rows"]
 
 
 class SeededReplayPlugin(ReplayPlugin):
@@ -44,6 +47,102 @@ class SeededReplayPlugin(ReplayPlugin):
         self.storage_policy = ExperienceBalancedBuffer(max_size=self.mem_size, adaptive_size=True)
         for exp in experiences:
             self._update(strategy, exp)
+
+
+def balanced_rows(
+    buffer_y: torch.Tensor, new_y: torch.Tensor, generator: torch.Generator
+) -> torch.Tensor:
+    """Indices into ``new_y (m,)`` drawing, for each class of ``new_y``, as many rows as the
+    buffer ``buffer_y (n,)`` holds per class on average (all of a class when it has fewer),
+    classes in increasing order, rows at random."""
+    per_class = max(1, len(buffer_y) // max(int(buffer_y.unique().numel()), 1))
+    picks = []
+    for c in new_y.unique():  # sorted
+        rows = (new_y == c).nonzero().flatten()
+        picks.append(rows[torch.randperm(len(rows), generator=generator)[:per_class]])
+    return torch.cat(picks) if picks else new_y.new_zeros(0)
+
+
+class BalancedHeadPlugin(SupervisedPlugin):
+    """Class-balanced fine-tuning of a shared head after each experience (after the first).
+
+    A shared head trained on a new experience next to a small replay buffer sees the new
+    classes far more often than the old ones and favours them. After training, the head
+    alone trains for ``epochs`` passes over the buffer plus the same number of rows per class
+    from the experience just learned (balanced fine-tuning, Castro et al. 2018, "End-to-End
+    Incremental Learning"), on features computed once by the frozen rest of the model. Its
+    batches are drawn from a generator seeded by ``(seed, experience)``, so a resumed run
+    repeats it exactly.
+
+    Place it before ``replay`` in the plugin list: it reads the buffer as it was before the
+    experience was added.
+
+    Reads ``strategy.model`` (a :class:`ContinualClassifier` with one shared head),
+    ``strategy.experience``, ``strategy.adapted_dataset``, ``strategy.train_mb_size``;
+    writes the head's parameters.
+
+    Args:
+        replay: the plugin whose buffer holds the earlier experiences.
+        epochs: passes over the balanced set (``> 0``).
+        lr: AdamW learning rate of the head.
+        seed: seeds the row draw and the batch order.
+    """
+
+    def __init__(self, replay: ReplayPlugin, *, epochs: int, lr: float, seed: int = 0) -> None:
+        super().__init__()
+        if epochs <= 0 or not lr > 0:
+            raise ValueError(f"epochs and lr must be > 0, got {epochs!r} and {lr!r}")
+        self.replay = replay
+        self.epochs = epochs
+        self.lr = lr
+        self.seed = seed
+
+    def after_training_exp(self, strategy: Any, **kwargs: Any) -> None:
+        model = strategy.model
+        exp = strategy.experience.current_experience
+        if not isinstance(model, ContinualClassifier) or model.multi_head or exp == 0:
+            return
+        buffer = self.replay.storage_policy.buffer
+        if len(buffer) == 0:
+            return
+        x_old, y_old, _ = materialize(buffer)
+        x_new, y_new, _ = materialize(strategy.adapted_dataset)
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, "balance", exp))
+        rows = balanced_rows(y_old, y_new, generator)
+        device = next(model.parameters()).device
+        x = torch.cat([x_old, x_new[rows]])
+        y = torch.cat([y_old, y_new[rows]]).to(device)
+        self.fit_head(model, x, y, strategy.train_mb_size, generator)
+
+    def fit_head(
+        self,
+        model: ContinualClassifier,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        batch_size: int,
+        generator: torch.Generator,
+    ) -> None:
+        """Train ``model.heads[0]`` on ``x (n, ...)``, ``y (n,)`` with the rest fixed."""
+        device = y.device
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            feats = torch.cat(
+                [model.features(x[i : i + 256].to(device)) for i in range(0, len(x), 256)]
+            )  # (n, d)
+        model.train(was_training)
+        head = model.heads[0]
+        optimizer = torch.optim.AdamW(head.parameters(), lr=self.lr, weight_decay=0.0)
+        lowest = torch.finfo(feats.dtype).min
+        for _ in range(self.epochs):
+            order = torch.randperm(len(y), generator=generator).to(device)
+            for start in range(0, len(y), batch_size):
+                batch = order[start : start + batch_size]
+                logits = head(feats[batch]).masked_fill(~model.seen[None], lowest)  # (b, c)
+                loss = F.cross_entropy(logits, y[batch])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
 
 
 class FastJoint(FastTemplate, JointTraining):  # type: ignore[misc]

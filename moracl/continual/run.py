@@ -39,6 +39,7 @@ from moracl.continual.strategy import (
     MoRAStrategy,
     TensorBatches,
     derive_seed,
+    expert_experience,
     materialize,
 )
 from moracl.distributed import (
@@ -49,7 +50,7 @@ from moracl.distributed import (
     shard_backbone,
     world_size,
 )
-from moracl.experts.mixture import Mixture, MixtureConfig
+from moracl.experts.mixture import MixtureConfig
 from moracl.experts.routers.config import RouterConfig
 from moracl.model import MoRAModel
 
@@ -161,7 +162,7 @@ def build_strategy(
     """The strategy ``name`` over ``model`` (Avalanche plugins for the baselines)."""
     from avalanche.training.plugins import EWCPlugin, LwFPlugin
 
-    from moracl.continual.plugins import SeededReplayPlugin
+    from moracl.continual.plugins import BalancedHeadPlugin, SeededReplayPlugin
 
     t = config.train
     seed = derive_seed(t.seed, name)
@@ -182,9 +183,17 @@ def build_strategy(
             reuse_old=config.experts.reuse_old,
             freeze_heads=config.experts.freeze_heads,
         )
-        plugins = []
-        if config.experts.replay_size:
-            plugins.append(SeededReplayPlugin(config.experts.replay_size, seed=seed))
+        plugins: list[Any] = []
+        e = config.experts
+        if e.replay_size:
+            replay = SeededReplayPlugin(e.replay_size, seed=seed)
+            if e.balance_head_epochs:  # before replay: it reads the buffer of earlier experiences
+                plugins.append(
+                    BalancedHeadPlugin(
+                        replay, epochs=e.balance_head_epochs, lr=e.balance_head_lr, seed=seed
+                    )
+                )
+            plugins.append(replay)
         return MoRAStrategy(
             model=model, optimizer_factory=factory, growth=growth, plugins=plugins, **common
         )
@@ -218,12 +227,6 @@ class Evaluation:
     expert_usage: list[list[float]]
     task_inference: float | None
     experts_per_token: float | None
-
-
-def _expert_owner(mixture: Mixture) -> Tensor:
-    """``(e,)`` the growth step (experience) that created each expert."""
-    owners = [torch.full((b.num_experts,), i) for i, b in enumerate(mixture._banks())]
-    return torch.cat(owners)
 
 
 @torch.no_grad()
@@ -263,7 +266,7 @@ def evaluate(
                 n_use += 1
                 epts.append(float(result.stats.experts_per_token))
                 if result.indices is not None and not model.route_by_task:
-                    owner = _expert_owner(mixture)[result.indices[:, 0]]
+                    owner = expert_experience(mixture)[result.indices[:, 0]]
                     hits += float((owner == j).sum())
                     total += owner.numel()
         corrects.append(correct)

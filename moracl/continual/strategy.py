@@ -22,6 +22,7 @@ from torch.optim import Optimizer
 
 from moracl.adapters.base import AdapterConfig
 from moracl.continual.model import ContinualClassifier
+from moracl.experts.mixture import Mixture
 from moracl.experts.routers.task import TaskRouter
 from moracl.model import MoRAModel
 
@@ -31,6 +32,7 @@ __all__ = [
     "MoRAStrategy",
     "TensorBatches",
     "derive_seed",
+    "expert_experience",
     "grow_experts",
     "materialize",
     "quiet_evaluator",
@@ -181,6 +183,13 @@ class GrowthConfig:
             raise ValueError(
                 f"experts per experience must be a positive integer, got {self.experts!r}"
             )
+
+
+def expert_experience(mixture: Mixture) -> Tensor:
+    """``(e,)`` the experience each expert of ``mixture`` was grown for (its bank's index:
+    experience 0 has the initial bank, every growth adds one)."""
+    owners = [torch.full((b.num_experts,), i) for i, b in enumerate(mixture._banks())]
+    return torch.cat(owners)
 
 
 def grow_experts(model: ContinualClassifier, experience: int, growth: GrowthConfig) -> None:

@@ -29,7 +29,7 @@ from moracl.adapters.fused import routed_lora_linear
 from moracl.experts.banks import ExpertBank, LoRABank, build_bank
 from moracl.experts.routers.base import Router, build_router
 from moracl.experts.routers.config import RouterConfig
-from moracl.experts.routing import RoutingResult
+from moracl.experts.routing import RoutingResult, concat_results
 
 __all__ = ["ExpertGroup", "Mixture", "MixtureConfig", "RoutingContext"]
 
@@ -118,12 +118,20 @@ class RoutingContext:
 
     Attributes:
         task_ids: ``(b,)`` one task id per batch row (or ``(n,)`` per token), or ``None``.
-        results: filled by each mixture with its :class:`RoutingResult`.
+        results: filled by each mixture with its :class:`RoutingResult` (see
+            :meth:`record`).
     """
 
     task_ids: Tensor | None = None
     results: dict[nn.Module, RoutingResult] = field(default_factory=dict)
     _per_token: dict[tuple[int, ...], Tensor] = field(default_factory=dict)
+
+    def record(self, mixture: nn.Module, result: RoutingResult) -> None:
+        """Keep ``mixture``'s routing of this forward. A mixture called more than once (an
+        encoder running groups of rows separately, a block repeated) gets the calls' tokens
+        concatenated in call order (:func:`~moracl.experts.routing.concat_results`)."""
+        old = self.results.get(mixture)
+        self.results[mixture] = result if old is None else concat_results(old, result)
 
     def token_ids(self, lead: torch.Size) -> Tensor | None:
         """The task ids per token for an input with leading shape ``lead``; one tensor per
@@ -183,7 +191,7 @@ class Mixture(Adapter):
             return self.route(x)
         x2 = x.reshape(-1, self.in_features)
         result = self.router(x2, task_ids=ctx.token_ids(x.shape[:-1]))
-        ctx.results[self] = result
+        ctx.record(self, result)
         return result
 
     def mix(self, x: Tensor, gates: Tensor) -> Tensor:
@@ -218,7 +226,7 @@ class Mixture(Adapter):
         r = self.router.logit_weights()
         out, gates, probs, aux = routed_lora_linear(x, weight, bias, a, b, r, bank.scaling, op)
         if ctx is not None:
-            ctx.results[self] = op.result(gates, probs, aux)
+            ctx.record(self, op.result(gates, probs, aux))
         return out
 
     def forward(

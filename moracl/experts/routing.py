@@ -14,6 +14,7 @@ from torch import Tensor
 __all__ = [
     "RoutingResult",
     "RoutingStats",
+    "concat_results",
     "gather_k",
     "mask_logits",
     "routing_dtype",
@@ -177,3 +178,38 @@ class RoutingResult:
         for name, loss in self.aux_losses.items():
             total = total + self.aux_weights[name] * loss
         return total
+
+
+def concat_results(first: RoutingResult, second: RoutingResult) -> RoutingResult:
+    """One routing of the tokens of ``first`` then ``second`` (two calls of one router, e.g.
+    on two groups of rows): ``gates``, ``probs``, ``chosen`` and ``indices`` concatenated
+    along tokens, and each auxiliary loss the token-weighted mean of the two, so a batch
+    routed in parts weighs every token once.
+
+    ``indices`` is kept when both have it with the same ``k``, else ``None``.
+
+    Raises:
+        ValueError: the two route over different numbers of experts or name different losses.
+    """
+    if first.num_experts != second.num_experts or first.aux_weights != second.aux_weights:
+        raise ValueError(
+            f"cannot concatenate routings over {first.num_experts} and {second.num_experts} "
+            f"experts with losses {first.aux_weights} and {second.aux_weights}"
+        )
+    n1, n2 = first.gates.shape[0], second.gates.shape[0]
+    w1, w2 = n1 / max(n1 + n2, 1), n2 / max(n1 + n2, 1)
+    i1, i2 = first.indices, second.indices
+    indices = None
+    if i1 is not None and i2 is not None and i1.shape[1:] == i2.shape[1:]:
+        indices = torch.cat([i1, i2])
+    return RoutingResult(
+        gates=torch.cat([first.gates, second.gates]),
+        probs=torch.cat([first.probs, second.probs]),
+        chosen=torch.cat([first.chosen, second.chosen]),
+        indices=indices,
+        aux_losses={
+            name: w1 * loss + w2 * second.aux_losses[name]
+            for name, loss in first.aux_losses.items()
+        },
+        aux_weights=dict(first.aux_weights),
+    )

@@ -1,0 +1,121 @@
+"""Class-balanced fine-tuning of the shared head after each experience: which rows it draws,
+what it changes (the head alone, toward the old classes), and that a run using it resumes
+exactly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("avalanche")
+
+from moracl import MoRAModel
+from moracl.config import from_dict
+from moracl.continual.config import RunConfig
+from moracl.continual.model import ContinualClassifier
+from moracl.continual.plugins import BalancedHeadPlugin, SeededReplayPlugin, balanced_rows
+from moracl.experts.mixture import MixtureConfig
+from moracl.experts.routers.config import RouterConfig
+
+from .conftest import mlp
+
+
+def test_balanced_rows_take_the_buffers_per_class_count_from_each_new_class() -> None:
+    buffer_y = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2, 2, 2, 2])  # 12 rows, 3 classes: 4 each
+    new_y = torch.tensor([3] * 10 + [4] * 2 + [5] * 7)
+    rows = balanced_rows(buffer_y, new_y, torch.Generator().manual_seed(0))
+    picked = new_y[rows]
+    assert picked.tolist() == [3] * 4 + [4] * 2 + [5] * 4  # a class with fewer gives all
+    assert len(set(rows.tolist())) == len(rows)
+    again = balanced_rows(buffer_y, new_y, torch.Generator().manual_seed(0))
+    assert torch.equal(rows, again)
+
+
+def _classifier() -> ContinualClassifier:
+    torch.manual_seed(0)
+    cfg = MixtureConfig(kind="lora", rank=2, experts=2, router=RouterConfig(type="topk", k=1))
+    encoder = MoRAModel(mlp(d_in=6, hidden=16, d_out=8), cfg, target_modules=["0", "2"])
+    model = ContinualClassifier(encoder, 8, [[0, 1], [2, 3], [4, 5]], multi_head=False)
+    model.seen[:4] = True  # two experiences trained; classes 4 and 5 not yet
+    return model
+
+
+def test_fine_tuning_changes_only_the_head_and_undoes_a_bias_toward_new_classes() -> None:
+    model = _classifier()
+    x = torch.randn(80, 6)
+    with torch.no_grad():
+        feats = model.features(x)
+        head = model.heads[0]
+        # a head that separates the four seen classes on these features...
+        head.weight[:4] = torch.randn(4, 8)
+        head.bias.zero_()
+        logits = head(feats)[:, :4]
+        y = logits.argmax(-1)
+        assert set(y.tolist()) == {0, 1, 2, 3}
+        spread = float((logits.max(-1).values - logits.min(-1).values).max())
+        head.bias[2:4] += spread  # ...then favours the newest two, as training on them does
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    accuracy_before = float((model(x, 0).argmax(-1) == y).float().mean())
+    plugin = BalancedHeadPlugin(SeededReplayPlugin(10), epochs=30, lr=0.05)
+    plugin.fit_head(model, x, y, batch_size=16, generator=torch.Generator().manual_seed(0))
+    accuracy_after = float((model(x, 0).argmax(-1) == y).float().mean())
+    assert accuracy_before == float((y >= 2).float().mean())  # only the newest win
+    assert accuracy_after > accuracy_before + 0.2
+    for name, p in model.named_parameters():
+        if name.startswith("heads."):
+            assert not torch.equal(p, before[name]), name
+        else:
+            assert torch.equal(p, before[name]), name  # encoder, adapters, routers untouched
+    unseen = model.heads[0].weight[4:]
+    assert torch.equal(unseen, before["heads.0.weight"][4:])  # masked classes get no gradient
+
+
+def test_bad_balance_settings_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="set experts.replay_size > 0"):
+        from_dict(RunConfig, {"experts": {"balance_head_epochs": 3}, "output_dir": str(tmp_path)})
+    with pytest.raises(ValueError, match="balance_head_lr > 0, got 3 and -1"):
+        from_dict(
+            RunConfig,
+            {
+                "experts": {"replay_size": 10, "balance_head_epochs": 3, "balance_head_lr": -1},
+                "output_dir": str(tmp_path),
+            },
+        )
+
+
+def _config(out: Path, epochs: int) -> RunConfig:
+    data = {
+        "job": "run",
+        "scenario": {
+            "name": "split-fashion",
+            "setting": "class",
+            "options": {"per_class": 20, "test_per_class": 10},
+        },
+        "experts": {"replay_size": 20, "balance_head_epochs": epochs},
+        "strategies": ["moracl"],
+        "train": {"epochs": 1, "batch_size": 16, "lr": 1e-2, "head_lr": 1e-2},
+        "output_dir": str(out),
+    }
+    return from_dict(RunConfig, data)
+
+
+@pytest.mark.slow
+def test_a_balanced_run_resumes_exactly_and_differs_from_an_unbalanced_one(
+    tmp_path: Path,
+) -> None:
+    from moracl.continual.run import run_continual
+
+    full = run_continual(_config(tmp_path / "full", 3), progress=False)
+    out = tmp_path / "resumed"
+    run_continual(_config(out, 3), progress=False, stop_after=1)
+    resumed = run_continual(_config(out, 3), progress=False, resume=True)
+    name = "moracl (experts)"
+    assert resumed.strategies[name].matrix == full.strategies[name].matrix
+    saved = json.loads((out / "metrics.json").read_text())["strategies"][0]["matrix"]
+    assert saved == full.strategies[name].matrix.to_dict()
+    plain = run_continual(_config(tmp_path / "plain", 0), progress=False)
+    assert list(plain.strategies[name].matrix.R[0]) == list(full.strategies[name].matrix.R[0])
+    assert list(plain.strategies[name].matrix.R[1]) != list(full.strategies[name].matrix.R[1])
