@@ -133,6 +133,11 @@ def test_bench_config_applies_the_sizes_and_rejects_unknown_scenarios(tmp_path: 
     quick = bench_config("wordnet-domains/class", quick=True)
     assert quick.scenario.options["per_class"] == 30 and quick.train.epochs == 1
     assert quick.experts.replay_size == 200  # the Replay baseline's buffer, without task labels
+    from moracl.config import load_config
+
+    for key, b in BENCH_SCENARIOS.items():  # the full bench runs at the configs' own sizes
+        own = load_config(Path("configs") / b.config)
+        assert bench_config(key, output_dir=tmp_path).scenario.options == own.scenario.options
     seeded = bench_config("split-fashion/task", output_dir=tmp_path, seed=3)
     assert seeded.train.seed == 3
     assert seeded.output_dir == str(tmp_path / "split-fashion-task-seed3")
