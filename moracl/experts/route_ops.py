@@ -13,8 +13,11 @@ their gradient extra columns of its backward.
 - :class:`AutogradRouteOp` serves every router: it records the router's own ``route`` under
   autograd on a detached copy of the logits and replays that graph in ``backward``.
 - :class:`TopKRouteOp` is the common case written out: top-k routing, its balance and z
-  losses, and their backward in closed form, as two pure functions of tensors that
-  ``torch.compile`` fuses into a few kernels on CUDA (tested against autograd in float64).
+  losses, and their backward in closed form, as two pure functions of tensors (tested
+  against autograd in float64).  On CUDA the gated forward and backward run as Triton
+  kernels (:mod:`moracl.experts.triton_route`: two launches forward, one backward, tested
+  against these functions); where those do not apply (no Triton, ``k > 4``,
+  ``MORACL_TRITON_ROUTING=0``), ``torch.compile`` fuses the functions into a few kernels.
 """
 
 from __future__ import annotations
@@ -356,6 +359,19 @@ _FUNCTIONS: dict[str, Callable[..., Any]] = {
 }
 
 
+def _triton_gating(zl: Tensor, er: int, e: int, k: int) -> Any:
+    """The Triton kernels' module when they take this routing (:mod:`moracl.experts.
+    triton_route`: CUDA, Triton installed, ``MORACL_TRITON_ROUTING`` not ``0``), else
+    ``None``."""
+    if not zl.is_cuda or os.environ.get("MORACL_TRITON_ROUTING", "1") == "0":
+        return None
+    try:
+        from moracl.experts import triton_route
+    except ImportError:  # no Triton: the compiled functions serve
+        return None
+    return triton_route if triton_route.supports(zl, er, e, k) else None
+
+
 def _kernel(name: str, device: torch.device) -> Callable[..., Any]:
     """The function ``name`` of :data:`_FUNCTIONS` for ``device``: compiled with
     ``torch.compile`` on CUDA (a few fused kernels instead of dozens of small ones per layer;
@@ -389,6 +405,7 @@ class TopKRouteOp(RouteOp):
         self._zl: Tensor | None = None
         self._er = 0
         self._gates: Tensor | None = None
+        self._triton: Any = None  # the Triton forward's outputs, when it ran
 
     def forward(self, logits: Tensor) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
         noise = self.router.noise(logits)  # (n, e) or None
@@ -423,8 +440,14 @@ class TopKRouteOp(RouteOp):
     ) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, ...]]:
         logits = zl[:, er:]
         noise = self.router.noise(logits)  # (n, e) or None
-        fwd = _kernel("gate_fwd", zl.device)
         cfg = self.router.config
+        kernels = _triton_gating(zl, er, self.allowed.shape[-1], cfg.k)
+        if kernels is not None:
+            out = kernels.gate_forward(zl, er, self.allowed, noise, cfg.k, cfg.normalize)
+            self._zl, self._er, self._noise, self._triton = zl, er, noise, out
+            self._chosen, self._indices = out.chosen, out.indices
+            return out.zg, out.gates, out.probs, (out.balance, out.z)
+        fwd = _kernel("gate_fwd", zl.device)
         zg, gates, probs, chosen, indices, sm, f, lse, zw, balance, z = fwd(
             zl, er, self.allowed, noise, cfg.k, cfg.normalize
         )
@@ -444,6 +467,16 @@ class TopKRouteOp(RouteOp):
         zl = self._zl
         if grad_zg is None:
             grad_zg = torch.zeros_like(zl[:, : self._er])
+        if self._triton is not None:
+            from moracl.experts import triton_route
+
+            grad_balance, grad_z = grad_aux
+            grad_zl, zg = triton_route.gate_backward(
+                grad_zg, zl, self._er, self.allowed, self._noise, self._triton,
+                grad_gates, grad_probs, grad_balance, grad_z, self.router.config.normalize,
+            )  # fmt: skip
+            self._triton, self._zl, self._noise = None, None, None
+            return grad_zl, zg
         bwd = _kernel("gate_bwd", zl.device)
         grad_zl, zg = bwd(
             grad_zg, zl, self._er, self._gates, self.allowed, self._noise, *self._saved,

@@ -1,0 +1,343 @@
+"""Top-k routing and gating of a routed LoRA node as three Triton kernels (CUDA).
+
+Shape legend: ``n`` tokens, ``e`` experts, ``r`` rank per expert, ``k`` chosen per token,
+``l`` logit columns (``e``, or ``2e`` with the noise scales).
+
+The same values as :func:`~moracl.experts.route_ops.topk_gate_forward` and
+:func:`~moracl.experts.route_ops.topk_gate_backward` (tested against them), computed per
+block of token rows in registers:
+
+- :func:`gate_forward`: one kernel reads each row of ``zl (n, e·r + l)`` once and writes the
+  gated activations ``zg``, the gates, probabilities, choices and ``logsumexp`` of the row,
+  plus the block's sums over its rows (usage counts, probabilities, z-loss terms); a second,
+  one-program kernel adds the blocks' sums in a fixed order (deterministic, no atomics) and
+  finishes the balance and z losses;
+- :func:`gate_backward`: one kernel writes ``∂L/∂zl`` (the experts' columns and the logits'
+  side by side, no concatenation) and ``zg`` recomputed for the up projection's gradient.
+
+Top-k is ``k`` rounds of ``max`` with ties to the lower index, as
+:func:`~moracl.experts.routing.select_topk`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+__all__ = ["GateForward", "gate_backward", "gate_forward", "supports"]
+
+_LOWEST = tl.constexpr(-3.4028234663852886e38)  # float32's lowest: a masked score, as mask_logits
+_BLOCK_N = 32
+
+
+@triton.jit
+def _softplus(x):  # type: ignore[no-untyped-def]
+    """``F.softplus`` (threshold 20)."""
+    return tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))))
+
+
+@triton.jit
+def _fwd_kernel(  # type: ignore[no-untyped-def]
+    zl_ptr, noise_ptr, allowed_ptr,
+    zg_ptr, gates_ptr, probs_ptr, chosen_ptr, idx_ptr, lse_ptr, part_ptr,
+    n, stride_zl, stride_al,
+    ER: tl.constexpr, E: tl.constexpr, R: tl.constexpr, E_P: tl.constexpr,
+    R_P: tl.constexpr, K: tl.constexpr, K_P: tl.constexpr, P_W: tl.constexpr,
+    HAS_NOISE: tl.constexpr, NORMALIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)  # (B,)
+    rmask = rows < n
+    rows64 = rows.to(tl.int64)
+    cols = tl.arange(0, E_P)  # (E_P,)
+    cmask = cols < E
+    m2 = rmask[:, None] & cmask[None, :]  # (B, E_P)
+    zrow = zl_ptr + rows64[:, None] * stride_zl  # (B, 1)
+    clean = tl.load(zrow + ER + cols[None, :], mask=m2, other=0.0).to(tl.float32)
+    allowed = tl.load(allowed_ptr + rows64[:, None] * stride_al + cols[None, :], mask=m2, other=0)
+    allowed = allowed != 0
+    if HAS_NOISE:
+        scale = tl.load(zrow + ER + E + cols[None, :], mask=m2, other=0.0).to(tl.float32)
+        eps = tl.load(noise_ptr + rows64[:, None] * E + cols[None, :], mask=m2, other=0.0)
+        scores = clean + eps.to(tl.float32) * _softplus(scale)
+    else:
+        scores = clean
+    pad = tl.where(cmask, 0.0, float("-inf"))[None, :]  # (1, E_P): padding never counts
+    filled = tl.where(allowed, scores, _LOWEST) + pad  # (B, E_P)
+    mx = tl.max(filled, axis=1)  # (B,)
+    ex = tl.exp(filled - mx[:, None])
+    probs = tl.where(allowed, ex / tl.sum(ex, axis=1)[:, None], 0.0)  # (B, E_P)
+    # top-k: k rounds of max, ties to the lower index
+    kcols = tl.arange(0, K_P)
+    idx = tl.zeros((BLOCK_N, K_P), dtype=tl.int32)
+    sel = tl.zeros((BLOCK_N, E_P), dtype=tl.int1)
+    rest = filled
+    for j in tl.static_range(K):
+        m = tl.max(rest, axis=1)  # (B,)
+        pick = tl.min(tl.where(rest == m[:, None], cols[None, :], E_P), axis=1)  # (B,)
+        hit = cols[None, :] == pick[:, None]  # (B, E_P)
+        sel = sel | hit
+        rest = tl.where(hit, float("-inf"), rest)
+        idx = tl.where(kcols[None, :] == j, pick[:, None], idx)
+    chosen = sel & allowed
+    if NORMALIZE:  # softmax over the chosen scores
+        es = tl.where(sel, tl.exp(filled - mx[:, None]), 0.0)  # mx: the first choice
+        gates = tl.where(allowed, es / tl.sum(es, axis=1)[:, None], 0.0)
+    else:
+        gates = tl.where(chosen, probs, 0.0)
+    # z loss: logsumexp of the clean logits over the allowed experts (0 with none)
+    has = tl.max(allowed.to(tl.int32), axis=1) > 0  # (B,)
+    cm = tl.where(allowed, clean, _LOWEST) + pad
+    cmx = tl.max(cm, axis=1)
+    lse = cmx + tl.log(tl.sum(tl.exp(cm - cmx[:, None]), axis=1))
+    lse = tl.where(has, lse, 0.0)
+    w = has.to(tl.float32)
+    # gated activations: each expert's r columns times its gate, rounded as zl's dtype
+    rr = tl.arange(0, R_P)
+    m3 = rmask[:, None, None] & cmask[None, :, None] & (rr < R)[None, None, :]
+    off3 = cols[None, :, None] * R + rr[None, None, :]  # (1, E_P, R_P)
+    za = tl.load(zrow[:, :, None] + off3, mask=m3, other=0.0)
+    g_c = gates.to(za.dtype).to(tl.float32)[:, :, None]
+    zg = (za.to(tl.float32) * g_c).to(za.dtype)
+    tl.store(zg_ptr + rows64[:, None, None] * ER + off3, zg, mask=m3)
+    out2 = rows64[:, None] * E + cols[None, :]
+    tl.store(gates_ptr + out2, gates, mask=m2)
+    tl.store(probs_ptr + out2, probs, mask=m2)
+    tl.store(chosen_ptr + out2, chosen.to(tl.int8), mask=m2)
+    kmask = rmask[:, None] & (kcols < K)[None, :]
+    tl.store(idx_ptr + rows64[:, None] * K + kcols[None, :], idx.to(tl.int64), mask=kmask)
+    tl.store(lse_ptr + rows64, lse, mask=rmask)
+    # this block's sums over its rows (rows past n contribute zeros: nothing is allowed)
+    part = part_ptr + pid * P_W
+    tl.store(part + cols, tl.sum(chosen.to(tl.float32), axis=0), mask=cmask)
+    tl.store(part + E_P + cols, tl.sum(probs, axis=0), mask=cmask)
+    tl.store(part + 2 * E_P, tl.sum(lse * lse * w, axis=0))
+    tl.store(part + 2 * E_P + 1, tl.sum(w, axis=0))
+
+
+@triton.jit
+def _finish_kernel(  # type: ignore[no-untyped-def]
+    part_ptr, f_ptr, balance_ptr, z_ptr, zscale_ptr, blocks, n_f,
+    E: tl.constexpr, E_P: tl.constexpr, P_W: tl.constexpr, SHARED: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+):  # fmt: skip
+    """One program: the blocks' sums added in order, then ``f (e,)``, the balance and z
+    losses and ``zscale``, each allowed token's weight in the z loss."""
+    cols = tl.arange(0, P_W)
+    acc = tl.zeros((P_W,), dtype=tl.float32)
+    for start in range(0, blocks, BLOCK_B):
+        b = start + tl.arange(0, BLOCK_B)
+        tile = tl.load(
+            part_ptr + b[:, None] * P_W + cols[None, :], mask=(b < blocks)[:, None], other=0.0
+        )
+        acc += tl.sum(tile, axis=0)
+    ecols = tl.arange(0, E_P)
+    count = tl.sum(tl.where(cols[None, :] == ecols[:, None], acc[None, :], 0.0), axis=1)
+    psum = tl.sum(tl.where(cols[None, :] == (ecols + E_P)[:, None], acc[None, :], 0.0), axis=1)
+    zsum = tl.sum(tl.where(cols == 2 * E_P, acc, 0.0), axis=0)
+    wsum = tl.sum(tl.where(cols == 2 * E_P + 1, acc, 0.0), axis=0)
+    emask = ecols < E
+    count = tl.where(emask, count, 0.0)
+    f = count / tl.maximum(tl.sum(count, axis=0), 1.0)
+    n1 = tl.maximum(n_f, 1.0)
+    balance = E * tl.sum(tl.where(emask, f * psum, 0.0), axis=0) / n1
+    den = n1 if SHARED else tl.maximum(wsum, 1.0)
+    tl.store(f_ptr + ecols, f, mask=emask)
+    tl.store(balance_ptr, balance)
+    tl.store(z_ptr, zsum / den)
+    tl.store(zscale_ptr, 1.0 / den)
+
+
+@triton.jit
+def _bwd_kernel(  # type: ignore[no-untyped-def]
+    gzg_ptr, zl_ptr, noise_ptr, allowed_ptr, gates_ptr, probs_ptr, chosen_ptr, lse_ptr,
+    f_ptr, zscale_ptr, gg_ptr, gp_ptr, gb_ptr, gz_ptr,
+    gzl_ptr, zg_ptr,
+    n, n_f, stride_zl, stride_al, stride_gzg,
+    ER: tl.constexpr, E: tl.constexpr, R: tl.constexpr, E_P: tl.constexpr,
+    R_P: tl.constexpr, L: tl.constexpr,
+    HAS_NOISE: tl.constexpr, NORMALIZE: tl.constexpr, HAS_GG: tl.constexpr,
+    HAS_GP: tl.constexpr, HAS_GB: tl.constexpr, HAS_GZ: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < n
+    rows64 = rows.to(tl.int64)
+    cols = tl.arange(0, E_P)
+    cmask = cols < E
+    m2 = rmask[:, None] & cmask[None, :]
+    zrow = zl_ptr + rows64[:, None] * stride_zl
+    out2 = rows64[:, None] * E + cols[None, :]
+    allowed = tl.load(allowed_ptr + rows64[:, None] * stride_al + cols[None, :], mask=m2, other=0)
+    allowed = allowed != 0
+    gates = tl.load(gates_ptr + out2, mask=m2, other=0.0)
+    probs = tl.load(probs_ptr + out2, mask=m2, other=0.0)
+    chosen = tl.load(chosen_ptr + out2, mask=m2, other=0) != 0
+    # the experts' columns: ∂za = ∂zg · gate, ∂gate = Σ_r ∂zg · za
+    rr = tl.arange(0, R_P)
+    m3 = rmask[:, None, None] & cmask[None, :, None] & (rr < R)[None, None, :]
+    off3 = cols[None, :, None] * R + rr[None, None, :]
+    za = tl.load(zrow[:, :, None] + off3, mask=m3, other=0.0)
+    gz = tl.load(gzg_ptr + rows64[:, None, None] * stride_gzg + off3, mask=m3, other=0.0)
+    g_c = gates.to(za.dtype).to(tl.float32)[:, :, None]
+    gza = (gz.to(tl.float32) * g_c).to(za.dtype)
+    zg = (za.to(tl.float32) * g_c).to(za.dtype)
+    gg = tl.sum(gz.to(tl.float32) * za.to(tl.float32), axis=2)  # (B, E_P)
+    if HAS_GG:
+        gg += tl.load(gg_ptr + out2, mask=m2, other=0.0).to(tl.float32)
+    # the routing: through the probabilities, then the gates
+    if HAS_GP:
+        gp = tl.load(gp_ptr + out2, mask=m2, other=0.0).to(tl.float32)
+    else:
+        gp = tl.zeros((BLOCK_N, E_P), dtype=tl.float32)
+    if HAS_GB:
+        f = tl.load(f_ptr + cols, mask=cmask, other=0.0)
+        gp += tl.load(gb_ptr).to(tl.float32) * (E / tl.maximum(n_f, 1.0)) * f[None, :]
+    gp = tl.where(allowed, gp, 0.0)
+    if not NORMALIZE:  # the chosen gates are probabilities
+        gp += tl.where(chosen, gg, 0.0)
+    grad = probs * (gp - tl.sum(probs * gp, axis=1)[:, None])
+    if NORMALIZE:
+        grad += gates * (gg - tl.sum(gates * gg, axis=1)[:, None])
+    grad = tl.where(allowed, grad, 0.0)  # ∂L/∂scores
+    clean_grad = grad
+    if HAS_GZ:
+        clean = tl.load(zrow + ER + cols[None, :], mask=m2, other=0.0).to(tl.float32)
+        lse = tl.load(lse_ptr + rows64, mask=rmask, other=0.0)
+        has = tl.max(allowed.to(tl.int32), axis=1) > 0
+        zw = tl.where(has, tl.load(zscale_ptr), 0.0)
+        soft = tl.where(allowed, tl.exp(clean - lse[:, None]), 0.0)
+        clean_grad += tl.load(gz_ptr).to(tl.float32) * 2.0 * (lse * zw)[:, None] * soft
+    grow = gzl_ptr + rows64[:, None] * (ER + L)
+    tl.store(grow[:, :, None] + off3, gza, mask=m3)
+    tl.store(grow + ER + cols[None, :], clean_grad.to(gza.dtype), mask=m2)
+    if HAS_NOISE:
+        scale = tl.load(zrow + ER + E + cols[None, :], mask=m2, other=0.0).to(tl.float32)
+        eps = tl.load(noise_ptr + rows64[:, None] * E + cols[None, :], mask=m2, other=0.0)
+        scale_grad = grad * eps.to(tl.float32) * tl.sigmoid(scale)
+        tl.store(grow + ER + E + cols[None, :], scale_grad.to(gza.dtype), mask=m2)
+    tl.store(zg_ptr + rows64[:, None, None] * ER + off3, zg, mask=m3)
+
+
+class GateForward(NamedTuple):
+    """What :func:`gate_forward` returns (and :func:`gate_backward` reads)."""
+
+    zg: Tensor  # (n, e·r) gated activations, zl's dtype
+    gates: Tensor  # (n, e) float32
+    probs: Tensor  # (n, e) float32
+    chosen: Tensor  # (n, e) bool
+    indices: Tensor  # (n, k) int64
+    lse: Tensor  # (n,) float32
+    f: Tensor  # (e,) assignment fractions
+    balance: Tensor  # () balance loss
+    z: Tensor  # () z loss
+    zscale: Tensor  # () each allowed token's weight in the z loss
+
+
+def _pow2(x: int) -> int:
+    return max(1, triton.next_power_of_2(x))
+
+
+def _allowed_arg(allowed: Tensor) -> tuple[Tensor, int]:
+    """``allowed (n|1, e)`` as bytes with unit column stride, and its row stride (0 for one
+    row shared by every token)."""
+    a = allowed.to(torch.uint8) if allowed.dtype != torch.bool else allowed.view(torch.uint8)
+    if a.stride(-1) != 1:
+        a = a.contiguous()
+    return a, 0 if a.shape[0] == 1 else a.stride(0)
+
+
+def supports(zl: Tensor, er: int, e: int, k: int) -> bool:
+    """Whether the kernels take this routing: a CUDA ``zl`` of a 16- or 32-bit float dtype,
+    rows contiguous, ``e·r`` split evenly, ``k ≤ e`` (and sizes a block of rows fits)."""
+    return (
+        zl.is_cuda
+        and zl.dtype in (torch.bfloat16, torch.float16, torch.float32)
+        and zl.dim() == 2
+        and zl.stride(1) == 1
+        and zl.shape[0] > 0
+        and e > 0
+        and er % e == 0
+        and 0 < k <= min(e, 4)
+        and _pow2(e) * _pow2(er // e) <= 4096
+    )
+
+
+def gate_forward(
+    zl: Tensor, er: int, allowed: Tensor, noise: Tensor | None, k: int, normalize: bool = True
+) -> GateForward:
+    """Route the logit columns of ``zl (n, e·r + l)`` under ``allowed (n|1, e)`` with ``noise
+    (n, e)`` (or ``None``) and gate its first ``e·r`` columns: the values of
+    :func:`~moracl.experts.route_ops.topk_gate_forward`."""
+    n = zl.shape[0]
+    e = allowed.shape[-1]
+    r = er // e
+    e_p, r_p, k_p = _pow2(e), _pow2(r), _pow2(k)
+    dev = zl.device
+    allowed_u8, stride_al = _allowed_arg(allowed)
+    blocks = triton.cdiv(n, _BLOCK_N)
+    p_w = _pow2(2 * e_p + 2)
+    zg = torch.empty(n, er, device=dev, dtype=zl.dtype)
+    gates = torch.empty(n, e, device=dev, dtype=torch.float32)
+    probs = torch.empty_like(gates)
+    chosen = torch.empty(n, e, device=dev, dtype=torch.bool)
+    indices = torch.empty(n, k, device=dev, dtype=torch.int64)
+    lse = torch.empty(n, device=dev, dtype=torch.float32)
+    part = torch.empty(blocks, p_w, device=dev, dtype=torch.float32)
+    noise_arg = noise.contiguous() if noise is not None else gates  # unread without noise
+    _fwd_kernel[(blocks,)](
+        zl, noise_arg, allowed_u8, zg, gates, probs, chosen.view(torch.int8), indices, lse, part,
+        n, zl.stride(0), stride_al,
+        ER=er, E=e, R=r, E_P=e_p, R_P=r_p, K=k, K_P=k_p, P_W=p_w,
+        HAS_NOISE=noise is not None, NORMALIZE=normalize, BLOCK_N=_BLOCK_N,
+    )  # fmt: skip
+    f = torch.empty(e, device=dev, dtype=torch.float32)
+    balance, z, zscale = (torch.empty((), device=dev, dtype=torch.float32) for _ in range(3))
+    _finish_kernel[(1,)](
+        part, f, balance, z, zscale, blocks, float(n),
+        E=e, E_P=e_p, P_W=p_w, SHARED=allowed.shape[0] == 1, BLOCK_B=64,
+    )  # fmt: skip
+    return GateForward(zg, gates, probs, chosen, indices, lse, f, balance, z, zscale)
+
+
+def gate_backward(
+    grad_zg: Tensor,
+    zl: Tensor,
+    er: int,
+    allowed: Tensor,
+    noise: Tensor | None,
+    fwd: GateForward,
+    grad_gates: Tensor | None,
+    grad_probs: Tensor | None,
+    grad_balance: Tensor | None,
+    grad_z: Tensor | None,
+    normalize: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """``∂L/∂zl (n, e·r + l)`` and ``zg (n, e·r)`` recomputed: the values of
+    :func:`~moracl.experts.route_ops.topk_gate_backward`."""
+    n, width = zl.shape
+    e = allowed.shape[-1]
+    r = er // e
+    allowed_u8, stride_al = _allowed_arg(allowed)
+    gzl = torch.empty(n, width, device=zl.device, dtype=zl.dtype)
+    zg = torch.empty(n, er, device=zl.device, dtype=zl.dtype)
+    grad_zg = grad_zg if grad_zg.stride(1) == 1 else grad_zg.contiguous()
+    dummy = fwd.gates
+    gg = grad_gates.contiguous() if grad_gates is not None else dummy
+    gp = grad_probs.contiguous() if grad_probs is not None else dummy
+    _bwd_kernel[(triton.cdiv(n, _BLOCK_N),)](
+        grad_zg, zl, noise.contiguous() if noise is not None else dummy, allowed_u8,
+        fwd.gates, fwd.probs, fwd.chosen.view(torch.int8), fwd.lse, fwd.f, fwd.zscale,
+        gg, gp, grad_balance if grad_balance is not None else dummy,
+        grad_z if grad_z is not None else dummy, gzl, zg,
+        n, float(n), zl.stride(0), stride_al, grad_zg.stride(0),
+        ER=er, E=e, R=r, E_P=_pow2(e), R_P=_pow2(r), L=width - er,
+        HAS_NOISE=noise is not None, NORMALIZE=normalize, HAS_GG=grad_gates is not None,
+        HAS_GP=grad_probs is not None, HAS_GB=grad_balance is not None,
+        HAS_GZ=grad_z is not None, BLOCK_N=_BLOCK_N,
+    )  # fmt: skip
+    return gzl, zg

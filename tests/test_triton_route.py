@@ -1,0 +1,209 @@
+"""The Triton routing kernels against the routing functions they replace on CUDA.
+
+Without a GPU the kernels run in Triton's interpreter (``tests/conftest.py`` sets
+``TRITON_INTERPRET=1``); on a GPU they run compiled.
+"""
+
+from __future__ import annotations
+
+import os
+from types import ModuleType
+
+import pytest
+import torch
+
+from moracl.experts import route_ops
+from moracl.experts.route_ops import topk_gate_backward, topk_gate_forward
+
+pytest.importorskip("triton")
+
+
+@pytest.fixture(scope="module")
+def kernels() -> ModuleType:
+    """``moracl.experts.triton_route``: compiled on a GPU, else interpreted (the test
+    configuration sets ``TRITON_INTERPRET=1`` without one, before Triton is imported)."""
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("no GPU and Triton's interpreter is off")
+    from moracl.experts import triton_route
+
+    return triton_route
+
+
+def _case(n: int, e: int, r: int, noise: bool, per_token: bool, seed: int, dtype: torch.dtype):
+    gen = torch.Generator().manual_seed(seed)
+    er = e * r
+    zl = torch.randn(n, er + (2 * e if noise else e), generator=gen).to(dtype)
+    allowed = torch.rand(n if per_token else 1, e, generator=gen) > 0.3
+    allowed[:, 0] = True
+    if per_token and n > 2:
+        allowed[1] = False  # a token with no expert
+        allowed[2] = torch.arange(e) == e - 1  # fewer than k
+    eps = torch.randn(n, e, generator=gen) if noise else None
+    grads = (
+        torch.randn(n, er, generator=gen).to(dtype),  # ∂zg
+        torch.randn(n, e, generator=gen),  # ∂gates
+        torch.randn(n, e, generator=gen),  # ∂probs
+        torch.tensor(0.7),  # ∂balance
+        torch.tensor(-1.3),  # ∂z
+    )
+    return zl, er, allowed, eps, grads
+
+
+CASES = [  # n, e, r, k
+    (70, 8, 16, 2),
+    (33, 5, 3, 3),
+    (1, 4, 2, 1),
+    (45, 16, 4, 4),
+]
+
+
+@pytest.mark.parametrize(("n", "e", "r", "k"), CASES)
+@pytest.mark.parametrize("noise", [False, True])
+@pytest.mark.parametrize("per_token", [False, True])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_kernels_equal_the_routing_functions_in_float32(
+    kernels: ModuleType, n: int, e: int, r: int, k: int, noise: bool, per_token: bool,
+    normalize: bool,
+) -> None:  # fmt: skip
+    zl, er, allowed, eps, grads = _case(n, e, r, noise, per_token, n + e + k, torch.float32)
+    want = topk_gate_forward(zl, er, allowed, eps, k, normalize)
+    zg, gates, probs, chosen, indices, sm, f, lse, zw, balance, z = want
+    got = kernels.gate_forward(zl, er, allowed, eps, k, normalize)
+    assert torch.equal(got.chosen, chosen) and torch.equal(got.indices, indices)
+    for mine, ref in [
+        (got.zg, zg), (got.gates, gates), (got.probs, probs), (got.lse, lse), (got.f, f),
+        (got.balance, balance), (got.z, z),
+    ]:  # fmt: skip
+        torch.testing.assert_close(mine, ref, rtol=1e-5, atol=1e-6)
+    for used in ([0], [0, 1], [0, 2], [0, 3], [0, 4], [0, 1, 2, 3, 4]):
+        g = [grads[j] if j in used else None for j in range(5)]
+        ref_zl, ref_zg = topk_gate_backward(
+            g[0], zl, er, gates, allowed, eps, probs, indices, sm, f, lse, zw, *g[1:], normalize
+        )
+        mine_zl, mine_zg = kernels.gate_backward(g[0], zl, er, allowed, eps, got, *g[1:], normalize)
+        torch.testing.assert_close(mine_zl, ref_zl, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(mine_zg, ref_zg, rtol=1e-5, atol=1e-6)
+
+
+def test_kernels_in_bfloat16_round_like_the_routing_functions(kernels: ModuleType) -> None:
+    zl, er, allowed, eps, grads = _case(64, 8, 16, True, False, 0, torch.bfloat16)
+    want = topk_gate_forward(zl, er, allowed, eps, 2)
+    got = kernels.gate_forward(zl, er, allowed, eps, 2)
+    assert got.zg.dtype == torch.bfloat16 and got.gates.dtype == torch.float32
+    torch.testing.assert_close(got.zg, want[0])  # bf16 tolerances: one rounding step
+    torch.testing.assert_close(got.gates, want[1], rtol=1e-5, atol=1e-6)
+    _zg, gates, probs, _chosen, indices, sm, f, lse, zw, _balance, _z = want
+    ref_zl, _ = topk_gate_backward(
+        grads[0], zl, er, gates, allowed, eps, probs, indices, sm, f, lse, zw, *grads[1:]
+    )
+    mine_zl, _ = kernels.gate_backward(grads[0], zl, er, allowed, eps, got, *grads[1:])
+    assert mine_zl.dtype == torch.bfloat16
+    # the logits' gradient: the kernel sums ∂zg · za in float32 where the functions round
+    # the product to bf16 first, so both are held to float32 math on the same inputs
+    w32 = topk_gate_forward(zl.float(), er, allowed, eps, 2)
+    truth, _ = topk_gate_backward(grads[0].float(), zl.float(), er, *w32[1:2], allowed, eps,
+                                  *w32[2:3], *w32[4:9], *grads[1:])  # fmt: skip
+    err_mine = (mine_zl[:, er:].float() - truth[:, er:]).abs().max()
+    err_ref = (ref_zl[:, er:].float() - truth[:, er:]).abs().max()
+    assert err_mine <= 1.5 * err_ref, (err_mine, err_ref)
+    torch.testing.assert_close(mine_zl[:, :er], ref_zl[:, :er])  # ∂za: one rounding step
+
+
+def test_the_routed_layer_uses_the_kernels_with_the_same_results(
+    kernels: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A top-2 mixture's fused node through the kernels (interpreted here, as on CUDA)
+    gives the outputs, routing, auxiliary loss and gradients of the routing functions."""
+    from moracl import MoRALinear
+    from moracl.experts.mixture import MixtureConfig, RoutingContext
+    from moracl.experts.routers.config import RouterConfig
+
+    torch.manual_seed(0)
+    cfg = MixtureConfig(rank=4, experts=6, router=RouterConfig(type="topk", k=2))
+    layer = MoRALinear(torch.nn.Linear(24, 20), cfg).train()
+    mix = layer.adapter("default")
+    with torch.no_grad():
+        for p in mix.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+    x = torch.randn(3, 11, 24, requires_grad=True)
+    params = [x, *(p for p in mix.parameters() if p.requires_grad)]
+    g = torch.randn(3, 11, 20)
+
+    def step() -> tuple[torch.Tensor, ...]:
+        mix.context = RoutingContext()
+        torch.manual_seed(5)  # the same noise draws
+        try:
+            out = layer(x)
+            routed = mix.context.results[mix]
+        finally:
+            mix.context = None
+        grads = torch.autograd.grad((out * g).sum() + 10 * routed.aux_loss, params)
+        return out, routed.gates, routed.aux_loss, *grads
+
+    want = step()
+    calls = []
+
+    def gating(zl: torch.Tensor, er: int, e: int, k: int) -> ModuleType:
+        calls.append((zl.shape, er, e, k))
+        return kernels
+
+    monkeypatch.setattr(route_ops, "_triton_gating", gating)
+    got = step()
+    assert calls == [(torch.Size([33, 24 + 12]), 24, 6, 2)]
+    for mine, ref in zip(got, want):
+        torch.testing.assert_close(mine, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_kernels_are_as_accurate_as_the_compiled_functions_and_repeat_bitwise(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On CUDA under bf16 autocast, a top-2 mixture's outputs, gates, auxiliary loss and
+    gradients through the kernels are as close to a float32 plain-autograd reference as the
+    compiled routing functions' (``MORACL_TRITON_ROUTING=0``), and two runs of the kernels
+    give bit-identical results (the blocks' sums are added in a fixed order, no atomics)."""
+    from moracl import MoRALinear
+    from moracl.adapters.fused import plain_autograd
+    from moracl.experts.mixture import MixtureConfig, RoutingContext
+    from moracl.experts.routers.config import RouterConfig
+
+    torch.manual_seed(0)
+    cfg = MixtureConfig(rank=16, experts=8, router=RouterConfig(type="topk", k=2))
+    layer = MoRALinear(torch.nn.Linear(256, 384), cfg).cuda().train()
+    mix = layer.adapter("default")
+    with torch.no_grad():
+        for p in mix.parameters():
+            p.copy_(torch.randn_like(p) * 0.05)
+    x = torch.randn(4, 1000, 256, device="cuda", requires_grad=True)
+    params = [x, *(p for p in mix.parameters() if p.requires_grad)]
+    g = torch.randn(4, 1000, 384, device="cuda")
+
+    def step(bf16: bool = True) -> list[torch.Tensor]:
+        mix.context = RoutingContext()
+        torch.manual_seed(5)  # the same noise draws
+        try:
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+                out = layer(x)
+            routed = mix.context.results[mix]
+        finally:
+            mix.context = None
+        grads = torch.autograd.grad((out.float() * g).sum() + 10 * routed.aux_loss, params)
+        return [t.float() for t in (out, routed.gates, routed.aux_loss, *grads)]
+
+    kernels_a, kernels_b = step(), step()
+    for u, v in zip(kernels_a, kernels_b):
+        assert torch.equal(u, v)
+    monkeypatch.setenv("MORACL_TRITON_ROUTING", "0")
+    compiled = step()
+    with plain_autograd():
+        reference = step(bf16=False)
+    for name, mine, other, ref in zip(
+        ["out", "gates", "aux", "x", *[n for n, p in mix.named_parameters() if p.requires_grad]],
+        kernels_a, compiled, reference,
+    ):  # fmt: skip
+        scale = ref.abs().max().clamp_min(1e-6)
+        err_mine = ((mine - ref).abs().max() / scale).item()
+        err_other = ((other - ref).abs().max() / scale).item()
+        print(f"{name}: kernels {err_mine:.2e}, compiled {err_other:.2e}")
+        assert err_mine <= 1.5 * err_other + 1e-4, (name, err_mine, err_other)
