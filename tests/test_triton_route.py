@@ -154,22 +154,116 @@ def test_the_routed_layer_uses_the_kernels_with_the_same_results(
         torch.testing.assert_close(mine, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize(("n", "e", "r", "t"), [(70, 8, 16, 4), (33, 6, 3, 3), (5, 3, 5, 2)])
+@pytest.mark.parametrize("weights", [False, True])
+def test_task_kernels_equal_the_task_router(
+    kernels: ModuleType, n: int, e: int, r: int, t: int, weights: bool
+) -> None:
+    """Routing by task through the kernel: the gates and choices of ``TaskRouter.route``,
+    the gated activations and their backward of :class:`RouteOp`'s plain forms."""
+    from moracl.experts.route_ops import AutogradRouteOp
+    from moracl.experts.routers import build_router
+    from moracl.experts.routers.config import RouterConfig
+
+    gen = torch.Generator().manual_seed(n + e)
+    router = build_router(RouterConfig(type="task", num_tasks=t, task_weights=weights), 4, e)
+    if weights:
+        assert router.task_logits is not None
+        with torch.no_grad():
+            router.task_logits.copy_(torch.randn(t, e, generator=gen))
+    router.set_expert_mask(t - 1, torch.arange(e) % 2 == 0)  # not a contiguous block
+    task_ids = torch.randint(0, t, (n,), generator=gen)
+    za = torch.randn(n, e * r, generator=gen)
+    want = router.route(za[:, :0], router.allowed_experts(task_ids), task_ids=task_ids)
+    zg, gates, chosen = kernels.task_gate_forward(
+        za, e * r, task_ids, router.expert_masks, router.task_logits
+    )
+    torch.testing.assert_close(gates, want.gates, rtol=1e-6, atol=1e-7)
+    assert torch.equal(chosen, want.chosen.expand(n, -1))
+    op = AutogradRouteOp(router, task_ids)
+    with torch.no_grad():
+        ref_zg, *_ = op.forward_gated(za, e * r)
+        grad_zg = torch.randn(n, e * r, generator=gen)
+        ref_gza, ref_zg2 = op.backward_gated(grad_zg, None, None, ())
+    torch.testing.assert_close(zg, ref_zg, rtol=1e-6, atol=1e-7)
+    gza, zg2 = kernels.gate_apply_backward(grad_zg, za, gates)
+    torch.testing.assert_close(gza, ref_gza, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(zg2, ref_zg2, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("weights", ["none", "frozen", "trained"])
+def test_the_task_routed_layer_uses_the_kernels_with_the_same_results(
+    kernels: ModuleType, monkeypatch: pytest.MonkeyPatch, weights: str
+) -> None:
+    """A task-routed mixture's fused node on a batch mixing tasks row by row: through the
+    kernels (interpreted here, as on CUDA) the same outputs, gates and gradients; trainable
+    task weights keep the autograd path (the kernels are not used)."""
+    from moracl import MoRALinear
+    from moracl.experts.mixture import MixtureConfig, RoutingContext
+    from moracl.experts.route_ops import TaskRouteOp
+    from moracl.experts.routers.config import RouterConfig
+
+    torch.manual_seed(0)
+    rc = RouterConfig(type="task", num_tasks=3, task_weights=weights != "none")
+    layer = MoRALinear(torch.nn.Linear(24, 20), MixtureConfig(rank=4, experts=6, router=rc))
+    mix = layer.adapter("default")
+    with torch.no_grad():
+        for p in mix.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+    if weights == "frozen":
+        mix.router.task_logits.requires_grad_(False)
+    x = torch.randn(4, 7, 24, requires_grad=True)
+    tids = torch.tensor([2, 0, 1, 2])
+    params = [x, *(p for p in mix.parameters() if p.requires_grad)]
+    g = torch.randn(4, 7, 20)
+
+    def step() -> tuple[torch.Tensor, ...]:
+        mix.context = RoutingContext(task_ids=tids)
+        try:
+            out = layer(x)
+            routed = mix.context.results[mix]
+        finally:
+            mix.context = None
+        grads = torch.autograd.grad((out * g).sum(), params)
+        return out, routed.gates, routed.chosen.expand_as(routed.gates), *grads
+
+    want = step()
+    calls = []
+
+    def spy(self: TaskRouteOp, zl: torch.Tensor, er: int) -> ModuleType | None:
+        calls.append(self.eligible())  # what _kernels checks besides the device
+        return kernels if calls[-1] else None
+
+    monkeypatch.setattr(TaskRouteOp, "_kernels", spy)
+    got = step()
+    assert calls == [weights != "trained"]
+    for mine, ref in zip(got, want):
+        torch.testing.assert_close(mine, ref, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("router", ["topk", "task"])
 def test_cuda_kernels_are_as_accurate_as_the_compiled_functions_and_repeat_bitwise(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, router: str
 ) -> None:
-    """On CUDA under bf16 autocast, a top-2 mixture's outputs, gates, auxiliary loss and
-    gradients through the kernels are as close to a float32 plain-autograd reference as the
-    compiled routing functions' (``MORACL_TRITON_ROUTING=0``), and two runs of the kernels
-    give bit-identical results (the blocks' sums are added in a fixed order, no atomics)."""
+    """On CUDA under bf16 autocast, a top-2 (or task-routed) mixture's outputs, gates,
+    auxiliary loss and gradients through the kernels are as close to a float32 plain-autograd
+    reference as the routing without them (``MORACL_TRITON_ROUTING=0``), and two runs of the
+    kernels give bit-identical results (sums in a fixed order, no atomics)."""
     from moracl import MoRALinear
     from moracl.adapters.fused import plain_autograd
     from moracl.experts.mixture import MixtureConfig, RoutingContext
     from moracl.experts.routers.config import RouterConfig
 
     torch.manual_seed(0)
-    cfg = MixtureConfig(rank=16, experts=8, router=RouterConfig(type="topk", k=2))
+    rc = (
+        RouterConfig(type="topk", k=2)
+        if router == "topk"
+        else RouterConfig(type="task", num_tasks=4)
+    )
+    cfg = MixtureConfig(rank=16, experts=8, router=rc)
+    tids = torch.tensor([3, 0, 2, 3], device="cuda") if router == "task" else None
     layer = MoRALinear(torch.nn.Linear(256, 384), cfg).cuda().train()
     mix = layer.adapter("default")
     with torch.no_grad():
@@ -180,7 +274,7 @@ def test_cuda_kernels_are_as_accurate_as_the_compiled_functions_and_repeat_bitwi
     g = torch.randn(4, 1000, 384, device="cuda")
 
     def step(bf16: bool = True) -> list[torch.Tensor]:
-        mix.context = RoutingContext()
+        mix.context = RoutingContext(task_ids=tids)
         torch.manual_seed(5)  # the same noise draws
         try:
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):

@@ -201,7 +201,9 @@ class _RoutedLoRALinear(torch.autograd.Function):
         grad_gates, grad_probs, *grad_aux = grads
         need_x, need_w, need_bias, need_a, need_b, need_r = ctx.needs_input_grad[:6]
         g2 = None if g is None else g.reshape(-1, g.shape[-1]).to(x2.dtype)  # (n, o)
-        grad_zg = None if g2 is None else torch.mm(g2, b).mul_(s)  # (n, e·r)
+        grad_zg = None  # (n, e·r): s · g B, scaled in the matmul's epilogue
+        if g2 is not None:
+            grad_zg = torch.addmm(g2.new_empty(()), g2, b, beta=0, alpha=s)  # input unread
         grad_zl, zg = op.backward_gated(grad_zg, grad_gates, grad_probs, tuple(grad_aux))
         grad_x = grad_w = grad_bias = grad_a = grad_b = grad_r = None
         if g2 is not None and zg is not None and need_b:

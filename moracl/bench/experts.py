@@ -185,11 +185,21 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="capture every method's whole step as a CUDA graph (moracl.cuda_graphs)",
     )
+    parser.add_argument(
+        "--kernels-ab",
+        type=int,
+        default=0,
+        metavar="ROUNDS",
+        help="A/B the Triton routing kernels: ROUNDS rounds of every method without them "
+        "(MORACL_TRITON_ROUTING=0), then with them, in this process",
+    )
     args = parser.parse_args(argv)
     device, size = device_and_size(args)
     if args.graphs and device.type != "cuda":
         parser.error(f"--graphs needs a CUDA device, got --device {device}")
     methods = args.methods or METHODS
+    if args.kernels_ab:
+        return _kernels_ab(size, methods, args, device)
     results = run(
         size, methods, args.rank, args.steps, args.warmup, device, args.compile, args.graphs
     )
@@ -217,6 +227,31 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"size": size, "device": machine(device), "results": results}, fh, indent=2)
+    return 0
+
+
+def _kernels_ab(size: str, methods: list[str], args: Any, device: torch.device) -> int:
+    """Alternate rounds without and with the Triton routing kernels; print ms per step."""
+    import os
+
+    rows = []
+    saved = os.environ.get("MORACL_TRITON_ROUTING")
+    try:
+        for round_ in range(args.kernels_ab):
+            for flag, label in (("0", "without"), ("1", "with")):
+                os.environ["MORACL_TRITON_ROUTING"] = flag
+                for r in run(
+                    size, methods, args.rank, args.steps, args.warmup, device, args.compile,
+                    args.graphs,
+                ):  # fmt: skip
+                    rows.append([str(round_ + 1), r["method"], label, f"{r['ms']:.2f}"])
+    finally:
+        if saved is None:
+            os.environ.pop("MORACL_TRITON_ROUTING", None)
+        else:
+            os.environ["MORACL_TRITON_ROUTING"] = saved
+    print(f"\n### routing kernels A/B, size {size}\n{machine(device)}\n")
+    print(markdown_table(["round", "method", "kernels", "ms/step"], rows))
     return 0
 
 

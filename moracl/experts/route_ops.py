@@ -42,7 +42,14 @@ from moracl.experts.routing import (
 if TYPE_CHECKING:
     from moracl.experts.routers.base import Router
 
-__all__ = ["AutogradRouteOp", "RouteOp", "TopKRouteOp", "topk_route_backward", "topk_route_forward"]
+__all__ = [
+    "AutogradRouteOp",
+    "RouteOp",
+    "TaskRouteOp",
+    "TopKRouteOp",
+    "topk_route_backward",
+    "topk_route_forward",
+]
 
 
 class RouteOp(ABC):
@@ -199,6 +206,84 @@ class AutogradRouteOp(RouteOp):
             indices=routed.indices,
             aux_losses=dict(zip(self.aux_names, aux)),
             aux_weights=routed.aux_weights,
+        )
+
+
+class TaskRouteOp(AutogradRouteOp):
+    """Routing by task id with fixed gates (no task weights that train now): on CUDA one
+    Triton kernel gathers each row's task mask and weights, takes their softmax and gates the
+    rank-space activations, and one kernel is the backward
+    (:func:`~moracl.experts.triton_route.task_gate_forward`); elsewhere, or with trainable task
+    weights, :class:`AutogradRouteOp` serves."""
+
+    def __init__(self, router: Router, task_ids: Tensor | None) -> None:
+        super().__init__(router, task_ids)
+        self._kernel_out: tuple[Tensor, Tensor, Tensor] | None = None  # za, gates, chosen
+
+    def eligible(self) -> bool:
+        """Whether the kernels may serve: task ids given (else the router's own errors) and
+        no task weights that train now (their gradient needs autograd)."""
+        return self.task_ids is not None and not (self.record and self._params)
+
+    def _kernels(self, zl: Tensor, er: int) -> Any:
+        if not self.eligible():
+            return None
+        if not zl.is_cuda or os.environ.get("MORACL_TRITON_ROUTING", "1") == "0":
+            return None
+        try:
+            from moracl.experts import triton_route
+        except ImportError:
+            return None
+        e = self.router.num_experts
+        return triton_route if triton_route.supports_task(zl, er, e) else None
+
+    def routes_gradient(self) -> bool:
+        return False if self._kernel_out is not None else super().routes_gradient()
+
+    def forward_gated(
+        self, zl: Tensor, er: int
+    ) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, ...]]:
+        kernels = self._kernels(zl, er)
+        if kernels is None:
+            return super().forward_gated(zl, er)
+        from moracl.experts.routers.base import check_task_ids
+
+        router: Any = self.router
+        assert self.task_ids is not None
+        check_task_ids(self.task_ids, router.num_tasks)
+        zg, gates, chosen = kernels.task_gate_forward(
+            zl, er, self.task_ids, router.expert_masks, router.task_logits
+        )
+        self.task_ids = None
+        self.aux_names = ()
+        self._kernel_out = (zl, gates, chosen)
+        return zg, gates, gates.detach(), ()
+
+    def backward_gated(
+        self,
+        grad_zg: Tensor | None,
+        grad_gates: Tensor | None,
+        grad_probs: Tensor | None,
+        grad_aux: tuple[Tensor | None, ...],
+    ) -> tuple[Tensor, Tensor | None]:
+        if self._kernel_out is None:
+            return super().backward_gated(grad_zg, grad_gates, grad_probs, grad_aux)
+        za, gates, _ = self._kernel_out
+        self._kernel_out = None
+        if grad_zg is None:
+            return torch.zeros_like(za), None
+        from moracl.experts import triton_route
+
+        grad_za, zg = triton_route.gate_apply_backward(grad_zg, za, gates)
+        return grad_za, zg
+
+    def result(self, gates: Tensor, probs: Tensor, aux: tuple[Tensor, ...]) -> RoutingResult:
+        if self._kernel_out is None and self._routed is not None:
+            return super().result(gates, probs, aux)
+        assert self._kernel_out is not None, "result before forward"
+        chosen = self._kernel_out[2]
+        return RoutingResult(
+            gates=gates, probs=probs, chosen=chosen, indices=None, aux_losses={}, aux_weights={}
         )
 
 

@@ -28,7 +28,15 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["GateForward", "gate_backward", "gate_forward", "supports"]
+__all__ = [
+    "GateForward",
+    "gate_apply_backward",
+    "gate_backward",
+    "gate_forward",
+    "supports",
+    "supports_task",
+    "task_gate_forward",
+]
 
 _LOWEST = tl.constexpr(-3.4028234663852886e38)  # float32's lowest: a masked score, as mask_logits
 _BLOCK_N = 32
@@ -223,6 +231,73 @@ def _bwd_kernel(  # type: ignore[no-untyped-def]
     tl.store(zg_ptr + rows64[:, None, None] * ER + off3, zg, mask=m3)
 
 
+@triton.jit
+def _task_fwd_kernel(  # type: ignore[no-untyped-def]
+    za_ptr, tid_ptr, mask_ptr, w_ptr, zg_ptr, gates_ptr, chosen_ptr,
+    n, stride_za,
+    ER: tl.constexpr, E: tl.constexpr, R: tl.constexpr, E_P: tl.constexpr,
+    R_P: tl.constexpr, HAS_W: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """Routing by task: each row's gates are the softmax of its task's weights (zeros
+    without ``HAS_W``) over the experts its task owns; then the gated activations."""
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < n
+    rows64 = rows.to(tl.int64)
+    cols = tl.arange(0, E_P)
+    cmask = cols < E
+    m2 = rmask[:, None] & cmask[None, :]
+    tid = tl.load(tid_ptr + rows64, mask=rmask, other=0).to(tl.int64)
+    trow = tid[:, None] * E + cols[None, :]  # (B, E_P) into the (t, e) tables
+    allowed = tl.load(mask_ptr + trow, mask=m2, other=0) != 0
+    if HAS_W:
+        scores = tl.load(w_ptr + trow, mask=m2, other=0.0).to(tl.float32)
+    else:
+        scores = tl.zeros((BLOCK_N, E_P), dtype=tl.float32)
+    pad = tl.where(cmask, 0.0, float("-inf"))[None, :]
+    filled = tl.where(allowed, scores, _LOWEST) + pad
+    ex = tl.exp(filled - tl.max(filled, axis=1)[:, None])
+    gates = tl.where(allowed, ex / tl.sum(ex, axis=1)[:, None], 0.0)
+    rr = tl.arange(0, R_P)
+    m3 = rmask[:, None, None] & cmask[None, :, None] & (rr < R)[None, None, :]
+    off3 = cols[None, :, None] * R + rr[None, None, :]
+    za = tl.load(za_ptr + rows64[:, None, None] * stride_za + off3, mask=m3, other=0.0)
+    zg = (za.to(tl.float32) * gates.to(za.dtype).to(tl.float32)[:, :, None]).to(za.dtype)
+    tl.store(zg_ptr + rows64[:, None, None] * ER + off3, zg, mask=m3)
+    out2 = rows64[:, None] * E + cols[None, :]
+    tl.store(gates_ptr + out2, gates, mask=m2)
+    tl.store(chosen_ptr + out2, allowed.to(tl.int8), mask=m2)
+
+
+@triton.jit
+def _gate_bwd_kernel(  # type: ignore[no-untyped-def]
+    gz_ptr, za_ptr, gates_ptr, gza_ptr, zg_ptr,
+    n, stride_gz, stride_za,
+    ER: tl.constexpr, E: tl.constexpr, R: tl.constexpr, E_P: tl.constexpr,
+    R_P: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """Fixed gates: ``∂za = ∂zg · gate`` and ``zg = za · gate`` recomputed."""
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < n
+    rows64 = rows.to(tl.int64)
+    cols = tl.arange(0, E_P)
+    cmask = cols < E
+    gates = tl.load(
+        gates_ptr + rows64[:, None] * E + cols[None, :], mask=rmask[:, None] & cmask[None, :],
+        other=0.0,
+    )  # fmt: skip
+    rr = tl.arange(0, R_P)
+    m3 = rmask[:, None, None] & cmask[None, :, None] & (rr < R)[None, None, :]
+    off3 = cols[None, :, None] * R + rr[None, None, :]
+    za = tl.load(za_ptr + rows64[:, None, None] * stride_za + off3, mask=m3, other=0.0)
+    gz = tl.load(gz_ptr + rows64[:, None, None] * stride_gz + off3, mask=m3, other=0.0)
+    g_c = gates.to(za.dtype).to(tl.float32)[:, :, None]
+    out3 = rows64[:, None, None] * ER + off3
+    tl.store(gza_ptr + out3, (gz.to(tl.float32) * g_c).to(za.dtype), mask=m3)
+    tl.store(zg_ptr + out3, (za.to(tl.float32) * g_c).to(za.dtype), mask=m3)
+
+
 class GateForward(NamedTuple):
     """What :func:`gate_forward` returns (and :func:`gate_backward` reads)."""
 
@@ -341,3 +416,50 @@ def gate_backward(
         HAS_GZ=grad_z is not None, BLOCK_N=_BLOCK_N,
     )  # fmt: skip
     return gzl, zg
+
+
+def supports_task(zl: Tensor, er: int, e: int) -> bool:
+    """Whether :func:`task_gate_forward` takes this routing: :func:`supports`' conditions,
+    with no logit columns (``zl`` is ``za (n, e·r)``)."""
+    return zl.shape[-1] == er and supports(zl, er, e, 1)
+
+
+def task_gate_forward(
+    za: Tensor, er: int, task_ids: Tensor, masks: Tensor, weights: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Routing by task of ``za (n, e·r)``: ``task_ids (n,)`` (checked by the caller),
+    ``masks (t, e)`` bool, each task's experts, ``weights (t, e)`` or ``None`` (uniform).
+
+    Returns ``zg (n, e·r)``, ``gates (n, e)`` float32 (a softmax of the task's weights over
+    its experts) and ``chosen (n, e)`` (the task's mask), as
+    :meth:`~moracl.experts.routers.task.TaskRouter.route` and the gating of
+    :meth:`~moracl.experts.route_ops.RouteOp.forward_gated`."""
+    n = za.shape[0]
+    e = masks.shape[-1]
+    zg = torch.empty(n, er, device=za.device, dtype=za.dtype)
+    gates = torch.empty(n, e, device=za.device, dtype=torch.float32)
+    chosen = torch.empty(n, e, device=za.device, dtype=torch.bool)
+    m = masks.contiguous().view(torch.uint8)
+    w = weights.detach().contiguous() if weights is not None else gates
+    _task_fwd_kernel[(triton.cdiv(n, _BLOCK_N),)](
+        za, task_ids.contiguous(), m, w, zg, gates, chosen.view(torch.int8),
+        n, za.stride(0),
+        ER=er, E=e, R=er // e, E_P=_pow2(e), R_P=_pow2(er // e),
+        HAS_W=weights is not None, BLOCK_N=_BLOCK_N,
+    )  # fmt: skip
+    return zg, gates, chosen
+
+
+def gate_apply_backward(grad_zg: Tensor, za: Tensor, gates: Tensor) -> tuple[Tensor, Tensor]:
+    """For fixed ``gates (n, e)`` (no gradient): ``∂L/∂za`` from ``∂L/∂zg (n, e·r)``, and
+    ``zg`` recomputed, both ``(n, e·r)`` in ``za``'s dtype."""
+    n, er = grad_zg.shape
+    e = gates.shape[-1]
+    grad_zg = grad_zg if grad_zg.stride(-1) == 1 else grad_zg.contiguous()
+    gza = torch.empty(n, er, device=za.device, dtype=za.dtype)
+    zg = torch.empty_like(gza)
+    _gate_bwd_kernel[(triton.cdiv(n, _BLOCK_N),)](
+        grad_zg, za, gates, gza, zg, n, grad_zg.stride(0), za.stride(0),
+        ER=er, E=e, R=er // e, E_P=_pow2(e), R_P=_pow2(er // e), BLOCK_N=_BLOCK_N,
+    )  # fmt: skip
+    return gza, zg

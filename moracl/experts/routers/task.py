@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from moracl.experts.route_ops import RouteOp, TaskRouteOp
 from moracl.experts.routers.base import Router, zero_padded
 from moracl.experts.routers.config import RouterConfig
 from moracl.experts.routing import RoutingResult, mask_logits, routing_dtype
@@ -59,6 +60,11 @@ class TaskRouter(Router):
 
     def logit_weights(self) -> Tensor:
         return self._no_weights  # (0, d)
+
+    def route_op(self, task_ids: Tensor | None = None) -> RouteOp:
+        """Routing by task inside the fused node (see
+        :class:`~moracl.experts.route_ops.TaskRouteOp`)."""
+        return TaskRouteOp(self, task_ids)
 
     def allowed_experts(self, task_ids: Tensor | None) -> Tensor:
         if task_ids is None:
