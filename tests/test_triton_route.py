@@ -17,6 +17,11 @@ from moracl.experts.route_ops import topk_gate_backward, topk_gate_forward
 
 pytest.importorskip("triton")
 
+DEV = "cuda" if torch.cuda.is_available() else "cpu"  # the interpreter reads CPU tensors
+on_cpu_only = pytest.mark.skipif(
+    torch.cuda.is_available(), reason="the CPU layer through interpreted kernels; GPU: see below"
+)
+
 
 @pytest.fixture(scope="module")
 def kernels() -> ModuleType:
@@ -46,7 +51,9 @@ def _case(n: int, e: int, r: int, noise: bool, per_token: bool, seed: int, dtype
         torch.tensor(0.7),  # ∂balance
         torch.tensor(-1.3),  # ∂z
     )
-    return zl, er, allowed, eps, grads
+    moved = [t.to(DEV) if t is not None else None for t in (zl, allowed, eps, *grads)]
+    zl, allowed, eps, *grads = moved
+    return zl, er, allowed, eps, tuple(grads)
 
 
 CASES = [  # n, e, r, k
@@ -109,6 +116,7 @@ def test_kernels_in_bfloat16_round_like_the_routing_functions(kernels: ModuleTyp
     torch.testing.assert_close(mine_zl[:, :er], ref_zl[:, :er])  # ∂za: one rounding step
 
 
+@on_cpu_only
 def test_the_routed_layer_uses_the_kernels_with_the_same_results(
     kernels: ModuleType, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -172,8 +180,9 @@ def test_task_kernels_equal_the_task_router(
         with torch.no_grad():
             router.task_logits.copy_(torch.randn(t, e, generator=gen))
     router.set_expert_mask(t - 1, torch.arange(e) % 2 == 0)  # not a contiguous block
-    task_ids = torch.randint(0, t, (n,), generator=gen)
-    za = torch.randn(n, e * r, generator=gen)
+    router = router.to(DEV)
+    task_ids = torch.randint(0, t, (n,), generator=gen).to(DEV)
+    za = torch.randn(n, e * r, generator=gen).to(DEV)
     want = router.route(za[:, :0], router.allowed_experts(task_ids), task_ids=task_ids)
     zg, gates, chosen = kernels.task_gate_forward(
         za, e * r, task_ids, router.expert_masks, router.task_logits
@@ -183,7 +192,7 @@ def test_task_kernels_equal_the_task_router(
     op = AutogradRouteOp(router, task_ids)
     with torch.no_grad():
         ref_zg, *_ = op.forward_gated(za, e * r)
-        grad_zg = torch.randn(n, e * r, generator=gen)
+        grad_zg = torch.randn(n, e * r, generator=gen).to(DEV)
         ref_gza, ref_zg2 = op.backward_gated(grad_zg, None, None, ())
     torch.testing.assert_close(zg, ref_zg, rtol=1e-6, atol=1e-7)
     gza, zg2 = kernels.gate_apply_backward(grad_zg, za, gates)
@@ -191,6 +200,7 @@ def test_task_kernels_equal_the_task_router(
     torch.testing.assert_close(zg2, ref_zg2, rtol=1e-6, atol=1e-7)
 
 
+@on_cpu_only
 @pytest.mark.parametrize("weights", ["none", "frozen", "trained"])
 def test_the_task_routed_layer_uses_the_kernels_with_the_same_results(
     kernels: ModuleType, monkeypatch: pytest.MonkeyPatch, weights: str

@@ -1,4 +1,5 @@
-"""Top-k routing and gating of a routed LoRA node as three Triton kernels (CUDA).
+"""Routing and gating of a routed LoRA node as Triton kernels (CUDA): top-k in three
+launches, routing by task in two.
 
 Shape legend: ``n`` tokens, ``e`` experts, ``r`` rank per expert, ``k`` chosen per token,
 ``l`` logit columns (``e``, or ``2e`` with the noise scales).
@@ -14,6 +15,10 @@ block of token rows in registers:
   finishes the balance and z losses;
 - :func:`gate_backward`: one kernel writes ``∂L/∂zl`` (the experts' columns and the logits'
   side by side, no concatenation) and ``zg`` recomputed for the up projection's gradient.
+
+Routing by task (fixed gates per task, :class:`~moracl.experts.route_ops.TaskRouteOp`) has a
+kernel of its own each way: :func:`task_gate_forward` gathers each row's task mask and weights,
+takes their softmax and gates ``za``; :func:`gate_apply_backward` is its backward.
 
 Top-k is ``k`` rounds of ``max`` with ties to the lower index, as
 :func:`~moracl.experts.routing.select_topk`.
