@@ -198,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.graphs and device.type != "cuda":
         parser.error(f"--graphs needs a CUDA device, got --device {device}")
     methods = args.methods or METHODS
+    if args.kernels_ab < 0:
+        parser.error(f"--kernels-ab takes a number of rounds >= 0, got {args.kernels_ab}")
     if args.kernels_ab:
         return _kernels_ab(size, methods, args, device)
     results = run(
