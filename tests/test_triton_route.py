@@ -61,6 +61,8 @@ CASES = [  # n, e, r, k
     (33, 5, 3, 3),
     (1, 4, 2, 1),
     (45, 16, 4, 4),
+    (20, 8, 128, 2),  # wide experts: fewer rows per program
+    (21, 3, 100, 3),
 ]
 
 
@@ -162,7 +164,9 @@ def test_the_routed_layer_uses_the_kernels_with_the_same_results(
         torch.testing.assert_close(mine, ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize(("n", "e", "r", "t"), [(70, 8, 16, 4), (33, 6, 3, 3), (5, 3, 5, 2)])
+@pytest.mark.parametrize(
+    ("n", "e", "r", "t"), [(70, 8, 16, 4), (33, 6, 3, 3), (5, 3, 5, 2), (19, 4, 200, 2)]
+)
 @pytest.mark.parametrize("weights", [False, True])
 def test_task_kernels_equal_the_task_router(
     kernels: ModuleType, n: int, e: int, r: int, t: int, weights: bool

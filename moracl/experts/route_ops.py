@@ -226,16 +226,10 @@ class TaskRouteOp(AutogradRouteOp):
         return self.task_ids is not None and not (self.record and self._params)
 
     def _kernels(self, zl: Tensor, er: int) -> Any:
-        if not self.eligible():
+        kernels = _triton_module(zl) if self.eligible() else None
+        if kernels is None or not kernels.supports_task(zl, er, self.router.num_experts):
             return None
-        if not zl.is_cuda or os.environ.get("MORACL_TRITON_ROUTING", "1") == "0":
-            return None
-        try:
-            from moracl.experts import triton_route
-        except ImportError:
-            return None
-        e = self.router.num_experts
-        return triton_route if triton_route.supports_task(zl, er, e) else None
+        return kernels
 
     def routes_gradient(self) -> bool:
         return False if self._kernel_out is not None else super().routes_gradient()
@@ -444,17 +438,22 @@ _FUNCTIONS: dict[str, Callable[..., Any]] = {
 }
 
 
-def _triton_gating(zl: Tensor, er: int, e: int, k: int) -> Any:
-    """The Triton kernels' module when they take this routing (:mod:`moracl.experts.
-    triton_route`: CUDA, Triton installed, ``MORACL_TRITON_ROUTING`` not ``0``), else
-    ``None``."""
+def _triton_module(zl: Tensor) -> Any:
+    """:mod:`moracl.experts.triton_route` for a CUDA ``zl`` when Triton is installed and
+    ``MORACL_TRITON_ROUTING`` is not ``0``, else ``None``."""
     if not zl.is_cuda or os.environ.get("MORACL_TRITON_ROUTING", "1") == "0":
         return None
     try:
         from moracl.experts import triton_route
-    except ImportError:  # no Triton: the compiled functions serve
+    except ImportError:  # no Triton: the compiled functions (or autograd) serve
         return None
-    return triton_route if triton_route.supports(zl, er, e, k) else None
+    return triton_route
+
+
+def _triton_gating(zl: Tensor, er: int, e: int, k: int) -> Any:
+    """The Triton kernels' module when they take this top-k routing, else ``None``."""
+    kernels = _triton_module(zl)
+    return kernels if kernels is not None and kernels.supports(zl, er, e, k) else None
 
 
 def _kernel(name: str, device: torch.device) -> Callable[..., Any]:

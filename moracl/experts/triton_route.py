@@ -44,7 +44,8 @@ __all__ = [
 ]
 
 _LOWEST = tl.constexpr(-3.4028234663852886e38)  # float32's lowest: a masked score, as mask_logits
-_BLOCK_N = 32
+_BLOCK_N = 32  # token rows per program, fewer for wide experts: see _rows_per_block
+_TILE = 4096  # elements of a program's (rows, e, r) tile
 
 
 @triton.jit
@@ -322,6 +323,12 @@ def _pow2(x: int) -> int:
     return max(1, triton.next_power_of_2(x))
 
 
+def _rows_per_block(e: int, r: int) -> int:
+    """Token rows per program: 32, fewer where ``e·r`` (padded to powers of two) is wide, so
+    that a program's ``(rows, e, r)`` tile stays within ``_TILE`` elements."""
+    return max(1, min(_BLOCK_N, _TILE // (_pow2(e) * _pow2(r))))
+
+
 def _allowed_arg(allowed: Tensor) -> tuple[Tensor, int]:
     """``allowed (n|1, e)`` as bytes with unit column stride, and its row stride (0 for one
     row shared by every token)."""
@@ -343,7 +350,7 @@ def supports(zl: Tensor, er: int, e: int, k: int) -> bool:
         and e > 0
         and er % e == 0
         and 0 < k <= min(e, 4)
-        and _pow2(e) * _pow2(er // e) <= 4096
+        and _pow2(e) * _pow2(er // e) <= _TILE
     )
 
 
@@ -359,7 +366,8 @@ def gate_forward(
     e_p, r_p, k_p = _pow2(e), _pow2(r), _pow2(k)
     dev = zl.device
     allowed_u8, stride_al = _allowed_arg(allowed)
-    blocks = triton.cdiv(n, _BLOCK_N)
+    rows = _rows_per_block(e, r)
+    blocks = triton.cdiv(n, rows)
     p_w = _pow2(2 * e_p + 2)
     zg = torch.empty(n, er, device=dev, dtype=zl.dtype)
     gates = torch.empty(n, e, device=dev, dtype=torch.float32)
@@ -373,7 +381,7 @@ def gate_forward(
         zl, noise_arg, allowed_u8, zg, gates, probs, chosen.view(torch.int8), indices, lse, part,
         n, zl.stride(0), stride_al,
         ER=er, E=e, R=r, E_P=e_p, R_P=r_p, K=k, K_P=k_p, P_W=p_w,
-        HAS_NOISE=noise is not None, NORMALIZE=normalize, BLOCK_N=_BLOCK_N,
+        HAS_NOISE=noise is not None, NORMALIZE=normalize, BLOCK_N=rows,
     )  # fmt: skip
     f = torch.empty(e, device=dev, dtype=torch.float32)
     balance, z, zscale = (torch.empty((), device=dev, dtype=torch.float32) for _ in range(3))
@@ -409,7 +417,8 @@ def gate_backward(
     dummy = fwd.gates
     gg = grad_gates.contiguous() if grad_gates is not None else dummy
     gp = grad_probs.contiguous() if grad_probs is not None else dummy
-    _bwd_kernel[(triton.cdiv(n, _BLOCK_N),)](
+    rows = _rows_per_block(e, r)
+    _bwd_kernel[(triton.cdiv(n, rows),)](
         grad_zg, zl, noise.contiguous() if noise is not None else dummy, allowed_u8,
         fwd.gates, fwd.probs, fwd.chosen.view(torch.int8), fwd.lse, fwd.f, fwd.zscale,
         gg, gp, grad_balance if grad_balance is not None else dummy,
@@ -418,7 +427,7 @@ def gate_backward(
         ER=er, E=e, R=r, E_P=_pow2(e), R_P=_pow2(r), L=width - er,
         HAS_NOISE=noise is not None, NORMALIZE=normalize, HAS_GG=grad_gates is not None,
         HAS_GP=grad_probs is not None, HAS_GB=grad_balance is not None,
-        HAS_GZ=grad_z is not None, BLOCK_N=_BLOCK_N,
+        HAS_GZ=grad_z is not None, BLOCK_N=rows,
     )  # fmt: skip
     return gzl, zg
 
@@ -446,11 +455,12 @@ def task_gate_forward(
     chosen = torch.empty(n, e, device=za.device, dtype=torch.bool)
     m = masks.contiguous().view(torch.uint8)
     w = weights.detach().contiguous() if weights is not None else gates
-    _task_fwd_kernel[(triton.cdiv(n, _BLOCK_N),)](
+    rows = _rows_per_block(e, er // e)
+    _task_fwd_kernel[(triton.cdiv(n, rows),)](
         za, task_ids.contiguous(), m, w, zg, gates, chosen.view(torch.int8),
         n, za.stride(0),
         ER=er, E=e, R=er // e, E_P=_pow2(e), R_P=_pow2(er // e),
-        HAS_W=weights is not None, BLOCK_N=_BLOCK_N,
+        HAS_W=weights is not None, BLOCK_N=rows,
     )  # fmt: skip
     return zg, gates, chosen
 
@@ -463,8 +473,9 @@ def gate_apply_backward(grad_zg: Tensor, za: Tensor, gates: Tensor) -> tuple[Ten
     grad_zg = grad_zg if grad_zg.stride(-1) == 1 else grad_zg.contiguous()
     gza = torch.empty(n, er, device=za.device, dtype=za.dtype)
     zg = torch.empty_like(gza)
-    _gate_bwd_kernel[(triton.cdiv(n, _BLOCK_N),)](
+    rows = _rows_per_block(e, er // e)
+    _gate_bwd_kernel[(triton.cdiv(n, rows),)](
         grad_zg, za, gates, gza, zg, n, grad_zg.stride(0), za.stride(0),
-        ER=er, E=e, R=er // e, E_P=_pow2(e), R_P=_pow2(er // e), BLOCK_N=_BLOCK_N,
+        ER=er, E=e, R=er // e, E_P=_pow2(e), R_P=_pow2(er // e), BLOCK_N=rows,
     )  # fmt: skip
     return gza, zg
