@@ -118,7 +118,13 @@ BENCH_SCENARIOS: dict[str, BenchScenario] = {
     "split-fashion/class": BenchScenario(  # lr 3e-3 suits every strategy here (6e-3: task)
         "split_fashion.yaml",
         "class",
-        (*_CLASS, "experts.rank=3", "experts.balance_head_epochs=10", "train.lr=3e-3"),
+        (
+            *_CLASS,
+            "experts.rank=3",
+            "experts.balance_head_epochs=10",
+            "experts.route_supervision=1.0",
+            "train.lr=3e-3",
+        ),
         _FASHION_QUICK,
     ),
     "digit-domains/domain": BenchScenario("digit_domains.yaml", "domain", (), _DIGITS_QUICK),

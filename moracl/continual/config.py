@@ -65,6 +65,14 @@ class ExpertsConfig:
     balance_head_lr: float = field(
         default=1e-3, metadata={"help": "learning rate of the balanced head fine-tuning"}
     )
+    route_supervision: float = field(
+        default=0.0,
+        metadata={
+            "help": "class-incremental: weight of a loss teaching each router to send a row "
+            "to the experts of the experience its class was learned in (replayed rows keep "
+            "old experiences' routes; 0: none)"
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.per_experience <= 0 or self.k <= 0:
@@ -90,6 +98,11 @@ class ExpertsConfig:
             )
         if self.rank < 0:
             raise ValueError(f"experts.rank must be >= 0 (0: adapter.rank), got {self.rank!r}")
+        if not self.route_supervision >= 0 or self.route_supervision == float("inf"):
+            raise ValueError(
+                f"experts.route_supervision must be a finite number >= 0, "
+                f"got {self.route_supervision!r}"
+            )
 
 
 @dataclass

@@ -52,6 +52,7 @@ class ContinualClassifier(MultiTaskModule):
         self.encoder = encoder
         self.multi_head = multi_head
         self.route_by_task = route_by_task
+        self.experience_classes = [list(c) for c in experience_classes]
         num_classes = 1 + max(c for classes in experience_classes for c in classes)
         self.num_classes = num_classes
         self.max_class_label = num_classes
@@ -67,6 +68,23 @@ class ContinualClassifier(MultiTaskModule):
         self.routed_tasks = 1  # tasks with experts; later task ids borrow the newest one's
         self.register_buffer("class_task", owner)
         self.register_buffer("seen", torch.zeros(num_classes, dtype=torch.bool))
+
+    def class_experience(self) -> Tensor:
+        """``(c,)`` the experience each class is learned in.
+
+        Raises:
+            ValueError: a class belongs to several experiences (domain-incremental streams).
+        """
+        owner = torch.full((self.num_classes,), -1, dtype=torch.long)
+        for t, classes in enumerate(self.experience_classes):
+            for c in classes:
+                if owner[c] >= 0:
+                    raise ValueError(
+                        f"class {c} is learned in experiences {int(owner[c])} and {t}: routing "
+                        f"by a class's experience needs each class in one experience"
+                    )
+                owner[c] = t
+        return owner
 
     def adaptation(self, experience: Any) -> None:
         """Mark the experience's classes as seen when training (Avalanche calls this before

@@ -194,8 +194,22 @@ def build_strategy(
                     )
                 )
             plugins.append(replay)
+        class_experience = None
+        if e.route_supervision:
+            if model.multi_head:
+                raise ValueError(
+                    f"experts.route_supervision={e.route_supervision} teaches routing without "
+                    f"task labels; this {config.scenario.setting!r} run routes by task: set it to 0"
+                )
+            class_experience = model.class_experience()
         return MoRAStrategy(
-            model=model, optimizer_factory=factory, growth=growth, plugins=plugins, **common
+            model=model,
+            optimizer_factory=factory,
+            growth=growth,
+            route_supervision=e.route_supervision,
+            class_experience=class_experience,
+            plugins=plugins,
+            **common,
         )
     if name == "naive":
         return FastTemplate(model=model, optimizer_factory=factory, **common)

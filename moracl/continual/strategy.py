@@ -36,6 +36,7 @@ __all__ = [
     "grow_experts",
     "materialize",
     "quiet_evaluator",
+    "routing_supervision_loss",
 ]
 
 OptimizerFactory = Callable[[nn.Module], Optimizer]
@@ -228,6 +229,33 @@ def grow_experts(model: ContinualClassifier, experience: int, growth: GrowthConf
             head.requires_grad_(False)
 
 
+def routing_supervision_loss(encoder: MoRAModel, row_experience: Tensor) -> Tensor:
+    """How far each mixture's router is from sending a row to the experts of the experience
+    the row's class was learned in: ``-log`` of the router's probability mass on that
+    experience's experts, averaged over tokens, then over mixtures (a scalar; zero when no
+    mixture routed rows of this batch).
+
+    Args:
+        encoder: the model after its forward (its :attr:`~MoRAModel.last_routing`).
+        row_experience: ``(b,)`` the experience of each batch row; a mixture that routed
+            ``n`` tokens takes the ``n / b`` tokens of a row to be consecutive.
+    """
+    b = row_experience.shape[0]
+    terms = []
+    for path, mixture in encoder.mixtures():
+        routed = encoder.last_routing.get(path)
+        if routed is None or routed.probs.shape[0] % b:
+            continue
+        probs = routed.probs  # (n, e)
+        owner = expert_experience(mixture).to(probs.device)  # (e,)
+        target = row_experience.repeat_interleave(probs.shape[0] // b)  # (n,)
+        mass = (probs * (owner[None, :] == target[:, None])).sum(-1)  # (n,)
+        terms.append(-torch.log(mass.clamp_min(1e-8)).mean())
+    if not terms:
+        return row_experience.new_zeros((), dtype=torch.float32)
+    return torch.stack(terms).mean()
+
+
 class MoRAStrategy(FastTemplate):
     """Mixture-of-adapter-experts continual learning on a :class:`ContinualClassifier`.
 
@@ -238,6 +266,10 @@ class MoRAStrategy(FastTemplate):
         model: the classifier; its encoder is a ``MoRAModel`` with mixtures.
         optimizer_factory: builds the optimiser over the parameters that train now.
         growth: what to add per experience.
+        route_supervision: weight of :func:`routing_supervision_loss` (0: none); needs
+            ``class_experience``.
+        class_experience: ``(c,)`` the experience each class of the stream is learned in
+            (classes unique to one experience, as in class-incremental streams).
         kwargs: ``SupervisedTemplate`` arguments (``train_mb_size``, ``train_epochs``,
             ``eval_mb_size``, ``device``, ``plugins``, ``evaluator``, ...).
     """
@@ -248,9 +280,18 @@ class MoRAStrategy(FastTemplate):
         model: ContinualClassifier,
         optimizer_factory: OptimizerFactory,
         growth: GrowthConfig,
+        route_supervision: float = 0.0,
+        class_experience: Tensor | None = None,
         **kwargs: Any,
     ) -> None:
+        if route_supervision < 0 or (route_supervision > 0 and class_experience is None):
+            raise ValueError(
+                f"route_supervision must be >= 0 and, when > 0, come with class_experience; "
+                f"got {route_supervision!r} and {class_experience!r}"
+            )
         self.growth = growth
+        self.route_supervision = route_supervision
+        self.class_experience = class_experience
         self.experiences_prepared = 1  # the initial experts serve experience 0
         super().__init__(model=model, optimizer_factory=optimizer_factory, **kwargs)
 
@@ -273,6 +314,9 @@ class MoRAStrategy(FastTemplate):
         encoder = self.model.encoder
         if self.is_training and isinstance(encoder, MoRAModel):
             loss = loss + encoder.aux_loss()
+            if self.route_supervision and self.class_experience is not None:
+                rows = self.class_experience.to(self.mb_y.device)[self.mb_y]  # (b,)
+                loss = loss + self.route_supervision * routing_supervision_loss(encoder, rows)
         return loss
 
 
