@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import nn
 
+from moracl.experts.per_sample import token_mask
+
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -308,7 +310,8 @@ class MiniLMTop(nn.Module):
             hidden, mask = hidden[:, :n], mask[:, :n]  # (b, n', d), (b, n')
         if len(self.layers):
             attn_mask = _bert_layer_mask(self.config, hidden, mask.to(torch.long))
-            hidden = _run_layers(self.layers, hidden, attn_mask)  # (b, n', d)
+            with token_mask(mask):  # routers that route per sample pool the real tokens
+                hidden = _run_layers(self.layers, hidden, attn_mask)  # (b, n', d)
         return mean_pool(hidden, mask)  # (b, d)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -82,6 +82,9 @@ class MoRAModel(nn.Module):
             p.requires_grad_(False)
         self.adapter_configs: dict[str, AdapterConfig | MixtureConfig] = {}
         self.last_routing: dict[str, RoutingResult] = {}
+        #: keep each mixture's router input of a forward in :attr:`last_router_inputs`
+        self.record_router_inputs = False
+        self.last_router_inputs: dict[str, Tensor] = {}
         self.adapter_targets: dict[str, list[str]] = {}
         self.saved_modules: list[str] = []
         self.active_adapters: tuple[str, ...] = ()
@@ -94,11 +97,15 @@ class MoRAModel(nn.Module):
     def forward(self, *args: Any, task_ids: Tensor | None = None, **kwargs: Any) -> Any:
         """Call the wrapped model; ``task_ids`` (one per batch row, or per token) route the
         mixtures.  Afterwards :attr:`last_routing` holds each mixture layer's routing and
-        :meth:`aux_loss` their weighted auxiliary loss."""
+        :meth:`aux_loss` their weighted auxiliary loss; with :attr:`record_router_inputs`,
+        :attr:`last_router_inputs` what each router read (the rows' means for a router per
+        sample)."""
         mixtures = {path: m for path, m in self.mixtures()}
         if not mixtures:
             return self.model(*args, **kwargs)
         ctx = RoutingContext(task_ids=task_ids)
+        if self.record_router_inputs:
+            ctx.router_inputs = {}
         for m in mixtures.values():
             m.context = ctx
         try:
@@ -107,6 +114,8 @@ class MoRAModel(nn.Module):
             for m in mixtures.values():
                 m.context = None
         self.last_routing = {p: ctx.results[m] for p, m in mixtures.items() if m in ctx.results}
+        inputs = ctx.router_inputs or {}
+        self.last_router_inputs = {p: inputs[m] for p, m in mixtures.items() if m in inputs}
         return out
 
     def mixtures(self) -> Iterator[tuple[str, Mixture]]:

@@ -111,6 +111,7 @@ def test_an_existing_run_is_not_overwritten(full_run) -> None:  # type: ignore[n
     [
         ({"strategies": ["moracl", "icarl"]}, "strategies must be distinct names among"),
         ({"experts": {"router": "magic"}}, "experts.router must be one of"),
+        ({"experts": {"route_per": "row"}}, r"experts.route_per must be one of \['token', "),
         ({"train": {"epochs": 0}}, "train.epochs must be > 0"),
         ({"bogus": 1}, "unknown key"),
     ],

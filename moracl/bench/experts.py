@@ -3,7 +3,8 @@ frozen floor, a single LoRA, the naive per-expert loop and PEFT, on the adapter 
 model (one process, same batch).
 
 Task routing gives each sequence a task (4 tasks owning 2 experts each) and is compared with
-a single LoRA of rank k·r = 32.
+a single LoRA of rank k·r = 32. ``top2-of-8-per-sample`` routes each sequence as a whole (by
+the mean of its tokens' inputs) instead of each token.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ METHODS = [
     "lora-r16",
     "lora-r32",
     "top2-of-8",
+    "top2-of-8-per-sample",
     "dynamic",
     "task",
     "hierarchical-2x4",
@@ -65,6 +67,7 @@ def _wrap(method: str, base: nn.Module, rank: int) -> nn.Module:
         return MoRAModel(base, LoRAConfig(rank=r, alpha=2.0 * r), target_modules=PROJECTIONS)
     routers = {
         "top2-of-8": RouterConfig(type="topk", k=2),
+        "top2-of-8-per-sample": RouterConfig(type="topk", k=2, per="sample"),
         "naive-top2-of-8": RouterConfig(type="topk", k=2),
         "mora-top2-of-8": RouterConfig(type="topk", k=2),
         "dynamic": RouterConfig(type="dynamic", top_p=0.5, max_experts=4),

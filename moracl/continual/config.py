@@ -43,6 +43,13 @@ class ExpertsConfig:
         default="auto", metadata={"help": "auto (task ids -> task, else topk), task or topk"}
     )
     k: int = field(default=1, metadata={"help": "experts per token for topk routing"})
+    route_per: str = field(
+        default="token",
+        metadata={
+            "help": "topk routing: token (each token routed on its own) or sample (a row's "
+            "tokens routed together, by the mean of their inputs)"
+        },
+    )
     rank: int = field(
         default=0,
         metadata={
@@ -65,6 +72,24 @@ class ExpertsConfig:
     balance_head_lr: float = field(
         default=1e-3, metadata={"help": "learning rate of the balanced head fine-tuning"}
     )
+    balance_router_epochs: int = field(
+        default=0,
+        metadata={
+            "help": "task-agnostic routing: passes of experience-balanced router fine-tuning "
+            "on the replay buffer after each experience (0: none; needs replay_size > 0)"
+        },
+    )
+    balance_router_lr: float = field(
+        default=1e-2, metadata={"help": "learning rate of the balanced router fine-tuning"}
+    )
+    teacher_forcing: bool = field(
+        default=False,
+        metadata={
+            "help": "class-incremental: train each row through the experts of its class's "
+            "experience; the routers learn that routing from route_supervision alone "
+            "(needs route_supervision > 0); evaluation routes by the routers"
+        },
+    )
     route_supervision: float = field(
         default=0.0,
         metadata={
@@ -84,12 +109,26 @@ class ExpertsConfig:
             raise ValueError(
                 f"experts.router must be one of ['auto', 'task', 'topk'], got {self.router!r}"
             )
+        if self.route_per not in ("token", "sample"):
+            raise ValueError(
+                f"experts.route_per must be one of ['token', 'sample'], got {self.route_per!r}"
+            )
         if self.replay_size < 0:
             raise ValueError(f"experts.replay_size must be >= 0, got {self.replay_size!r}")
         if self.balance_head_epochs < 0 or not self.balance_head_lr > 0:
             raise ValueError(
                 f"experts.balance_head_epochs must be >= 0 and experts.balance_head_lr > 0, "
                 f"got {self.balance_head_epochs!r} and {self.balance_head_lr!r}"
+            )
+        if self.balance_router_epochs < 0 or not self.balance_router_lr > 0:
+            raise ValueError(
+                f"experts.balance_router_epochs must be >= 0 and experts.balance_router_lr > 0, "
+                f"got {self.balance_router_epochs!r} and {self.balance_router_lr!r}"
+            )
+        if self.balance_router_epochs and not self.replay_size:
+            raise ValueError(
+                f"experts.balance_router_epochs={self.balance_router_epochs} fine-tunes the "
+                f"routers on the replay buffer: set experts.replay_size > 0 (got 0)"
             )
         if self.balance_head_epochs and not self.replay_size:
             raise ValueError(
@@ -102,6 +141,11 @@ class ExpertsConfig:
             raise ValueError(
                 f"experts.route_supervision must be a finite number >= 0, "
                 f"got {self.route_supervision!r}"
+            )
+        if self.teacher_forcing and not self.route_supervision:
+            raise ValueError(
+                "experts.teacher_forcing routes training rows by their class's experience, so "
+                "the routers learn only from experts.route_supervision: set it > 0 (got 0)"
             )
 
 

@@ -66,6 +66,9 @@ class ContinualClassifier(MultiTaskModule):
             self.heads = nn.ModuleList([nn.Linear(feature_dim, num_classes)])
             self.task_classes = [list(range(num_classes))]
         self.routed_tasks = 1  # tasks with experts; later task ids borrow the newest one's
+        #: ``(b,)`` set while training with teacher forcing: each row's experience, passed to
+        #: the encoder as task ids (its routers hold one expert mask per experience)
+        self.forced_routes: Tensor | None = None
         self.register_buffer("class_task", owner)
         self.register_buffer("seen", torch.zeros(num_classes, dtype=torch.bool))
 
@@ -94,7 +97,11 @@ class ContinualClassifier(MultiTaskModule):
             self.seen[list(experience.classes_in_this_experience)] = True
 
     def features(self, x: Tensor, task_labels: Tensor | None = None) -> Tensor:
-        """``(b, d)`` encoder features (routed by ``task_labels (b,)`` when configured)."""
+        """``(b, d)`` encoder features (routed by ``task_labels (b,)`` when configured, or by
+        :attr:`forced_routes` when set)."""
+        if self.forced_routes is not None and isinstance(self.encoder, MoRAModel):
+            forced: Tensor = self.encoder(x, task_ids=self.forced_routes)
+            return forced
         if self.route_by_task and isinstance(self.encoder, MoRAModel):
             if task_labels is None:
                 raise ValueError("this model routes by task: pass task_labels, one per row")

@@ -14,7 +14,13 @@ from avalanche.training.plugins import ReplayPlugin
 from avalanche.training.supervised import JointTraining
 
 from moracl.continual.model import ContinualClassifier
-from moracl.continual.strategy import FastTemplate, derive_seed, materialize
+from moracl.continual.strategy import (
+    FastTemplate,
+    derive_seed,
+    materialize,
+    routing_supervision_loss,
+)
+from moracl.model import MoRAModel
 
 __all__ = ["BalancedHeadPlugin", "FastJoint", "SeededReplayPlugin", "balanced_rows"]
 
@@ -81,38 +87,118 @@ class BalancedHeadPlugin(SupervisedPlugin):
     ``strategy.experience``, ``strategy.adapted_dataset``, ``strategy.train_mb_size``;
     writes the head's parameters.
 
+    With ``router_epochs`` the routers of a task-agnostic mixture are rebalanced first, the
+    same way: they alone train for ``router_epochs`` passes over the buffer, each row labelled
+    with the experience it was stored from, plus as many rows of the experience just learned
+    as the buffer holds per experience, on :func:`routing_supervision_loss`. A router trained
+    next to a small buffer favours the newest experience's experts as the head favours its
+    classes. With ``force_routes`` the rows run through their experience's experts meanwhile
+    (as training under teacher forcing does).
+
     Args:
         replay: the plugin whose buffer holds the earlier experiences.
-        epochs: passes over the balanced set (``> 0``).
+        epochs: passes over the balanced set for the head (0: the head is left as it is).
         lr: AdamW learning rate of the head.
-        seed: seeds the row draw and the batch order.
+        seed: seeds the row draws and the batch orders.
+        router_epochs: passes over the experience-balanced set for the routers (0: none).
+        router_lr: AdamW learning rate of the routers.
+        force_routes: route each row to its experience's experts while the routers train.
     """
 
-    def __init__(self, replay: ReplayPlugin, *, epochs: int, lr: float, seed: int = 0) -> None:
+    def __init__(
+        self,
+        replay: ReplayPlugin,
+        *,
+        epochs: int,
+        lr: float,
+        seed: int = 0,
+        router_epochs: int = 0,
+        router_lr: float = 1e-2,
+        force_routes: bool = False,
+    ) -> None:
         super().__init__()
-        if epochs <= 0 or not lr > 0:
-            raise ValueError(f"epochs and lr must be > 0, got {epochs!r} and {lr!r}")
+        if epochs < 0 or router_epochs < 0 or epochs + router_epochs == 0:
+            raise ValueError(
+                f"epochs and router_epochs must be >= 0, one of them > 0; got {epochs!r} and "
+                f"{router_epochs!r}"
+            )
+        if not lr > 0 or not router_lr > 0:
+            raise ValueError(f"lr and router_lr must be > 0, got {lr!r} and {router_lr!r}")
         self.replay = replay
         self.epochs = epochs
         self.lr = lr
         self.seed = seed
+        self.router_epochs = router_epochs
+        self.router_lr = router_lr
+        self.force_routes = force_routes
 
     def after_training_exp(self, strategy: Any, **kwargs: Any) -> None:
         model = strategy.model
         exp = strategy.experience.current_experience
         if not isinstance(model, ContinualClassifier) or model.multi_head or exp == 0:
             return
-        buffer = self.replay.storage_policy.buffer
-        if len(buffer) == 0:
+        groups = self.replay.storage_policy.buffer_groups  # experience -> its stored rows
+        parts = [(e, materialize(g.buffer)) for e, g in groups.items() if len(g.buffer)]
+        if not parts:
             return
-        x_old, y_old, _ = materialize(buffer)
+        x_old = torch.cat([p[0] for _, p in parts])
+        y_old = torch.cat([p[1] for _, p in parts])
         x_new, y_new, _ = materialize(strategy.adapted_dataset)
-        generator = torch.Generator().manual_seed(derive_seed(self.seed, "balance", exp))
-        rows = balanced_rows(y_old, y_new, generator)
         device = next(model.parameters()).device
-        x = torch.cat([x_old, x_new[rows]])
-        y = torch.cat([y_old, y_new[rows]]).to(device)
-        self.fit_head(model, x, y, strategy.train_mb_size, generator)
+        if self.router_epochs:
+            e_old = torch.cat([torch.full_like(p[1], e) for e, p in parts])
+            gen = torch.Generator().manual_seed(derive_seed(self.seed, "balance-routers", exp))
+            take = torch.randperm(len(y_new), generator=gen)[: len(y_old) // len(parts)]
+            x = torch.cat([x_old, x_new[take]])
+            rows_exp = torch.cat([e_old, torch.full_like(take, exp)]).to(device)
+            self.fit_routers(model, x, rows_exp, strategy.train_mb_size, gen)
+        if self.epochs:
+            generator = torch.Generator().manual_seed(derive_seed(self.seed, "balance", exp))
+            rows = balanced_rows(y_old, y_new, generator)
+            x = torch.cat([x_old, x_new[rows]])
+            y = torch.cat([y_old, y_new[rows]]).to(device)
+            self.fit_head(model, x, y, strategy.train_mb_size, generator)
+
+    def fit_routers(
+        self,
+        model: ContinualClassifier,
+        x: torch.Tensor,
+        experience: torch.Tensor,
+        batch_size: int,
+        generator: torch.Generator,
+    ) -> None:
+        """Train the routers of ``model``'s mixtures alone on ``x (n, ...)`` to send each row
+        to the experts of ``experience (n,)`` (:func:`routing_supervision_loss`)."""
+        encoder = model.encoder
+        if not isinstance(encoder, MoRAModel):
+            return
+        params = [
+            p for _, m in encoder.mixtures() for p in m.router.parameters() if p.requires_grad
+        ]
+        if not params:
+            return
+        device = experience.device
+        optimizer = torch.optim.AdamW(params, lr=self.router_lr, weight_decay=0.0)
+        recording = encoder.record_router_inputs
+        encoder.record_router_inputs = True
+        try:
+            for _ in range(self.router_epochs):
+                order = torch.randperm(len(experience), generator=generator).to(device)
+                for start in range(0, len(experience), batch_size):
+                    batch = order[start : start + batch_size]
+                    model.forced_routes = experience[batch] if self.force_routes else None
+                    with torch.no_grad():  # inputs without a graph: the routers alone train
+                        model.features(x[batch.cpu()].to(device))
+                    loss = routing_supervision_loss(encoder, experience[batch])
+                    grads = torch.autograd.grad(loss, params, allow_unused=True)
+                    for p, g in zip(params, grads):
+                        p.grad = g
+                    optimizer.step()
+        finally:
+            model.forced_routes = None
+            encoder.record_router_inputs = recording
+            for p in params:
+                p.grad = None
 
     def fit_head(
         self,

@@ -74,11 +74,19 @@ def _router(config: RunConfig, task_aware: bool) -> RouterConfig:
     if kind == "auto":
         kind = "task" if task_aware else "topk"
     if kind == "task":
+        if config.experts.route_per != "token":
+            raise ValueError(
+                f"experts.route_per={config.experts.route_per!r} applies to topk routing; this "
+                f"run routes by task id (experts.router={config.experts.router!r} with "
+                f"{'task' if task_aware else 'no task'} labels)"
+            )
         return RouterConfig(type="task", num_tasks=1, task_weights=True)
     k = min(config.experts.k, config.experts.per_experience)
     # top-1 gates renormalised over one expert are a constant 1: Switch's gate (the chosen
     # expert's probability) lets the task loss train the router
-    return RouterConfig(type="topk", k=k, noise=False, normalize=k > 1)
+    return RouterConfig(
+        type="topk", k=k, noise=False, normalize=k > 1, per=config.experts.route_per
+    )
 
 
 def expert_adapter(config: RunConfig, router: RouterConfig | None = None) -> AdapterConfig:
@@ -123,8 +131,13 @@ def build_model(name: str, config: RunConfig, encoder: nn.Module, info: Any) -> 
         )
     wrapped = MoRAModel(encoder, adapter, target_modules=targets)
     route = name == "moracl" and _router(config, task_aware).type == "task"
-    if route and hasattr(wrapped.model, "length_buckets"):
-        # per-row task ids need the rows in batch order: no regrouping by length
+    e = config.experts
+    by_row = route or (
+        name == "moracl" and (e.route_supervision > 0 or e.balance_router_epochs > 0)
+    )
+    if by_row and hasattr(wrapped.model, "length_buckets"):
+        # per-row task ids and per-row routing targets need every layer's tokens in batch
+        # order: no regrouping of the rows by length
         setattr(wrapped.model, "length_buckets", 1)  # noqa: B010
     return ContinualClassifier(
         wrapped,
@@ -187,12 +200,24 @@ def build_strategy(
         e = config.experts
         if e.replay_size:
             replay = SeededReplayPlugin(e.replay_size, seed=seed)
-            if e.balance_head_epochs:  # before replay: it reads the buffer of earlier experiences
-                plugins.append(
-                    BalancedHeadPlugin(
-                        replay, epochs=e.balance_head_epochs, lr=e.balance_head_lr, seed=seed
-                    )
+            if e.balance_router_epochs and model.multi_head:
+                raise ValueError(
+                    f"experts.balance_router_epochs={e.balance_router_epochs} teaches routing "
+                    f"without task labels; this {config.scenario.setting!r} run routes by task: "
+                    f"set it to 0"
                 )
+            if e.balance_head_epochs or e.balance_router_epochs:
+                # before replay: it reads the buffer of earlier experiences
+                balance = BalancedHeadPlugin(
+                    replay,
+                    epochs=e.balance_head_epochs,
+                    lr=e.balance_head_lr,
+                    seed=seed,
+                    router_epochs=e.balance_router_epochs,
+                    router_lr=e.balance_router_lr,
+                    force_routes=e.teacher_forcing,
+                )
+                plugins.append(balance)
             plugins.append(replay)
         class_experience = None
         if e.route_supervision:
@@ -208,6 +233,7 @@ def build_strategy(
             growth=growth,
             route_supervision=e.route_supervision,
             class_experience=class_experience,
+            teacher_forcing=e.teacher_forcing,
             plugins=plugins,
             **common,
         )

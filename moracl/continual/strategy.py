@@ -23,6 +23,7 @@ from torch.optim import Optimizer
 from moracl.adapters.base import AdapterConfig
 from moracl.continual.model import ContinualClassifier
 from moracl.experts.mixture import Mixture
+from moracl.experts.routers.base import LogitRouter
 from moracl.experts.routers.task import TaskRouter
 from moracl.model import MoRAModel
 
@@ -37,6 +38,7 @@ __all__ = [
     "materialize",
     "quiet_evaluator",
     "routing_supervision_loss",
+    "set_experience_masks",
 ]
 
 OptimizerFactory = Callable[[nn.Module], Optimizer]
@@ -231,29 +233,72 @@ def grow_experts(model: ContinualClassifier, experience: int, growth: GrowthConf
 
 def routing_supervision_loss(encoder: MoRAModel, row_experience: Tensor) -> Tensor:
     """How far each mixture's router is from sending a row to the experts of the experience
-    the row's class was learned in: ``-log`` of the router's probability mass on that
-    experience's experts, averaged over tokens, then over mixtures (a scalar; zero when no
-    mixture routed rows of this batch).
+    the row's class was learned in: ``-log`` of the probability mass the router's softmax
+    (over the experts its global mask allows) puts on that experience's experts, averaged
+    over the router's inputs (tokens, or rows for a router per sample), then over mixtures
+    (a scalar; zero when no mixture kept its input).
+
+    The router's clean logits are computed here from the inputs the encoder kept
+    (``encoder.record_router_inputs``), so the loss holds whether or not the forward routed
+    by the routers (see ``MoRAStrategy``'s ``teacher_forcing``); its gradient reaches the
+    routers and, through their inputs, the trainable layers below them.
 
     Args:
-        encoder: the model after its forward (its :attr:`~MoRAModel.last_routing`).
-        row_experience: ``(b,)`` the experience of each batch row; a mixture that routed
-            ``n`` tokens takes the ``n / b`` tokens of a row to be consecutive.
+        encoder: the model after its forward (its :attr:`~MoRAModel.last_router_inputs`).
+        row_experience: ``(b,)`` the experience of each batch row; a mixture whose router read
+            ``n`` inputs takes the ``n / b`` of a row to be consecutive, in batch order (an
+            encoder that regroups rows, such as :class:`~moracl.backbones.MiniLMTop` with
+            ``length_buckets > 1``, must not).
+
+    Raises:
+        ValueError: a router without learned logits, or one that read a number of inputs
+            that is not a multiple of ``b``.
     """
     b = row_experience.shape[0]
     terms = []
     for path, mixture in encoder.mixtures():
-        routed = encoder.last_routing.get(path)
-        if routed is None or routed.probs.shape[0] % b:
+        x = encoder.last_router_inputs.get(path)
+        if x is None:
             continue
-        probs = routed.probs  # (n, e)
-        owner = expert_experience(mixture).to(probs.device)  # (e,)
-        target = row_experience.repeat_interleave(probs.shape[0] // b)  # (n,)
-        mass = (probs * (owner[None, :] == target[:, None])).sum(-1)  # (n,)
-        terms.append(-torch.log(mass.clamp_min(1e-8)).mean())
+        router = mixture.router
+        if not isinstance(router, LogitRouter):
+            raise ValueError(
+                f"routing supervision teaches a router with learned logits; {path} has a "
+                f"{router.config.type!r} router"
+            )
+        if x.shape[0] % b:
+            raise ValueError(
+                f"{path} routed {x.shape[0]} tokens for {b} rows: routing supervision needs "
+                f"every row's tokens, rows in batch order (with MiniLMTop set length_buckets=1)"
+            )
+        logits = F.linear(x, router.weight.to(x.dtype)).float()  # (n, e) clean logits
+        allowed = router.global_mask.to(logits.device)  # (e,)
+        owner = expert_experience(mixture).to(logits.device)  # (e,)
+        target = row_experience.to(logits.device).repeat_interleave(x.shape[0] // b)  # (n,)
+        own = (owner[None, :] == target[:, None]) & allowed  # (n, e)
+        lowest = torch.finfo(logits.dtype).min
+        total = torch.logsumexp(logits.masked_fill(~allowed, lowest), dim=-1)  # (n,)
+        mass = torch.logsumexp(logits.masked_fill(~own, lowest), dim=-1)  # (n,) log of it
+        terms.append((total - mass).mean())
     if not terms:
         return row_experience.new_zeros((), dtype=torch.float32)
     return torch.stack(terms).mean()
+
+
+def set_experience_masks(model: ContinualClassifier, experiences: int) -> None:
+    """Give every mixture's learned router one expert-mask row per experience ``0 ..
+    experiences - 1``: the experts grown for it, so that task ids equal to a row's
+    experience route it to them (teacher forcing). Without task ids routing is unchanged."""
+    encoder = model.encoder
+    if not isinstance(encoder, MoRAModel):
+        return
+    for _, mixture in encoder.mixtures():
+        router = mixture.router
+        if not isinstance(router, LogitRouter):
+            continue
+        owner = expert_experience(mixture).to(router.global_mask.device)
+        for e in range(experiences):
+            router.set_expert_mask(e, owner == e)
 
 
 class MoRAStrategy(FastTemplate):
@@ -270,6 +315,10 @@ class MoRAStrategy(FastTemplate):
             ``class_experience``.
         class_experience: ``(c,)`` the experience each class of the stream is learned in
             (classes unique to one experience, as in class-incremental streams).
+        teacher_forcing: while training, route every row to the experts of its class's
+            experience (:func:`set_experience_masks`) instead of by the routers, which then
+            learn from ``route_supervision``'s loss alone; evaluation routes by the routers.
+            Needs ``route_supervision > 0``.
         kwargs: ``SupervisedTemplate`` arguments (``train_mb_size``, ``train_epochs``,
             ``eval_mb_size``, ``device``, ``plugins``, ``evaluator``, ...).
     """
@@ -282,6 +331,7 @@ class MoRAStrategy(FastTemplate):
         growth: GrowthConfig,
         route_supervision: float = 0.0,
         class_experience: Tensor | None = None,
+        teacher_forcing: bool = False,
         **kwargs: Any,
     ) -> None:
         if route_supervision < 0 or (route_supervision > 0 and class_experience is None):
@@ -289,11 +339,19 @@ class MoRAStrategy(FastTemplate):
                 f"route_supervision must be >= 0 and, when > 0, come with class_experience; "
                 f"got {route_supervision!r} and {class_experience!r}"
             )
+        if teacher_forcing and not route_supervision:
+            raise ValueError(
+                "teacher_forcing routes training rows by their experience, so the routers learn "
+                "only from route_supervision's loss: set route_supervision > 0 (got 0)"
+            )
         self.growth = growth
         self.route_supervision = route_supervision
         self.class_experience = class_experience
+        self.teacher_forcing = teacher_forcing
         self.experiences_prepared = 1  # the initial experts serve experience 0
         super().__init__(model=model, optimizer_factory=optimizer_factory, **kwargs)
+        if route_supervision and isinstance(model.encoder, MoRAModel):
+            model.encoder.record_router_inputs = True
 
     def prepare(self, experience: int) -> None:
         """Grow the model until it has the experts of ``experience`` (idempotent)."""
@@ -303,6 +361,19 @@ class MoRAStrategy(FastTemplate):
             grow_experts(model, self.experiences_prepared, self.growth)
             self.experiences_prepared += 1
         model.routed_tasks = max(model.routed_tasks, experience + 1)
+        if self.teacher_forcing:
+            set_experience_masks(model, experience + 1)
+
+    def forward(self) -> Any:
+        if not (self.is_training and self.teacher_forcing and self.class_experience is not None):
+            return super().forward()
+        model = self.model
+        assert isinstance(model, ContinualClassifier)
+        model.forced_routes = self.class_experience.to(self.mb_y.device)[self.mb_y]  # (b,)
+        try:
+            return super().forward()
+        finally:
+            model.forced_routes = None
 
     def model_adaptation(self, model: nn.Module | None = None) -> nn.Module:
         if self.is_training:

@@ -8,6 +8,7 @@ from moracl.experts.act import ACTOutput, AdaptiveComputation
 from moracl.experts.banks import BANKS, ExpertBank, LoRABank, MoRABank, build_bank
 from moracl.experts.losses import load_balance_loss, router_z_loss, routing_entropy
 from moracl.experts.mixture import ExpertGroup, Mixture, MixtureConfig, RoutingContext
+from moracl.experts.per_sample import token_mask
 from moracl.experts.routers import (
     ROUTERS,
     DynamicRouter,
@@ -51,4 +52,5 @@ __all__ = [
     "register_router",
     "router_z_loss",
     "routing_entropy",
+    "token_mask",
 ]

@@ -27,9 +27,11 @@ import moracl.experts.routers  # noqa: F401  (registers the router types)
 from moracl.adapters.base import Adapter, AdapterConfig, ParamRole
 from moracl.adapters.fused import routed_lora_linear
 from moracl.experts.banks import ExpertBank, LoRABank, build_bank
+from moracl.experts.per_sample import SampleRouteOp, expand_result, pool_weights
+from moracl.experts.route_ops import RouteOp
 from moracl.experts.routers.base import Router, build_router
 from moracl.experts.routers.config import RouterConfig
-from moracl.experts.routing import RoutingResult, concat_results
+from moracl.experts.routing import RoutingResult, concat_results, routing_dtype
 
 __all__ = ["ExpertGroup", "Mixture", "MixtureConfig", "RoutingContext"]
 
@@ -120,11 +122,24 @@ class RoutingContext:
         task_ids: ``(b,)`` one task id per batch row (or ``(n,)`` per token), or ``None``.
         results: filled by each mixture with its :class:`RoutingResult` (see
             :meth:`record`).
+        router_inputs: a dict to fill with each mixture's router input (see
+            :meth:`keep_input`), or ``None`` to keep none.
     """
 
     task_ids: Tensor | None = None
     results: dict[nn.Module, RoutingResult] = field(default_factory=dict)
+    router_inputs: dict[nn.Module, Tensor] | None = None
     _per_token: dict[tuple[int, ...], Tensor] = field(default_factory=dict)
+
+    def keep_input(self, mixture: nn.Module, routed: Tensor) -> None:
+        """Keep what ``mixture``'s router read: ``(n, i)`` tokens, or ``(b, i)`` samples' means
+        for a router per sample (calls concatenated in call order; in the graph, so a loss on
+        them reaches the layers below); only when :attr:`router_inputs` is a dict
+        (``MoRAModel.record_router_inputs``)."""
+        if self.router_inputs is None:
+            return
+        old = self.router_inputs.get(mixture)
+        self.router_inputs[mixture] = routed if old is None else torch.cat([old, routed])
 
     def record(self, mixture: nn.Module, result: RoutingResult) -> None:
         """Keep ``mixture``'s routing of this forward. A mixture called more than once (an
@@ -142,6 +157,20 @@ class RoutingContext:
         if key not in self._per_token:
             self._per_token[key] = token_task_ids(self.task_ids, lead)
         return self._per_token[key]
+
+
+def sample_task_ids(task_ids: Tensor | None, lead: torch.Size) -> Tensor | None:
+    """Per-row ``(b,)`` task ids, checked against an input with leading shape ``lead``, for a
+    router that routes per sample (``None`` passes through)."""
+    if task_ids is None:
+        return None
+    b = lead[0] if len(lead) else 1
+    if task_ids.ndim != 1 or task_ids.shape[0] != b:
+        raise ValueError(
+            f"per-sample routing needs one task id per batch row ({b}), got task_ids of shape "
+            f"{tuple(task_ids.shape)} for an input with leading shape {tuple(lead)}"
+        )
+    return task_ids
 
 
 def token_task_ids(task_ids: Tensor, lead: torch.Size) -> Tensor:
@@ -179,18 +208,47 @@ class Mixture(Adapter):
         return [b for b in self.banks if isinstance(b, ExpertBank)]
 
     # -- routing and compute ------------------------------------------------------------
+    @property
+    def per_sample(self) -> bool:
+        """Whether the router routes whole samples (``per="sample"``, see
+        :mod:`moracl.experts.per_sample`) rather than tokens."""
+        return self.router.config.per == "sample"
+
     def route(self, x: Tensor, task_ids: Tensor | None = None) -> RoutingResult:
-        """Gates for ``x (..., i)``; ``task_ids`` per batch row or per token."""
+        """Gates for ``x (..., i)``; ``task_ids`` per batch row or per token (per batch row
+        for a router that routes per sample)."""
+        if self.per_sample:
+            return self._route_samples(x, task_ids)
         x2 = x.reshape(-1, self.in_features)
         tid = None if task_ids is None else token_task_ids(task_ids, x.shape[:-1])
         return self.router(x2, task_ids=tid)
+
+    def _route_samples(self, x: Tensor, task_ids: Tensor | None) -> RoutingResult:
+        """Route each row of ``x (b, t..., i)`` by the mean of its tokens (padding left out
+        under a declared :func:`~moracl.experts.per_sample.token_mask`)."""
+        lead = x.shape[:-1]
+        pooled = self._pooled(x)  # (b, i)
+        result = self.router(pooled, task_ids=sample_task_ids(task_ids, lead))
+        if self.context is not None:
+            self.context.keep_input(self, pooled)
+        return expand_result(result, lead[1:].numel())
+
+    def _pooled(self, x: Tensor) -> Tensor:
+        """``(b, i)`` each row's mean token input (see :func:`pool_weights`)."""
+        w = pool_weights(x.shape[:-1], x.device, x.dtype)  # (b, t)
+        b, t = w.shape
+        return torch.einsum("bt,bti->bi", w, x.reshape(b, t, self.in_features))
 
     def _route_in_context(self, x: Tensor) -> RoutingResult:
         ctx = self.context
         if ctx is None:
             return self.route(x)
-        x2 = x.reshape(-1, self.in_features)
-        result = self.router(x2, task_ids=ctx.token_ids(x.shape[:-1]))
+        if self.per_sample:
+            result = self._route_samples(x, ctx.task_ids)
+        else:
+            x2 = x.reshape(-1, self.in_features)
+            result = self.router(x2, task_ids=ctx.token_ids(x.shape[:-1]))
+            ctx.keep_input(self, x2)
         ctx.record(self, result)
         return result
 
@@ -221,8 +279,17 @@ class Mixture(Adapter):
         a = rearrange(bank.lora_A, "e r i -> (e r) i")
         b = rearrange(bank.lora_B, "o e r -> o (e r)")
         ctx = self.context
-        task_ids = None if ctx is None else ctx.token_ids(x.shape[:-1])
-        op = self.router.route_op(task_ids)
+        op: RouteOp
+        if self.per_sample:
+            lead = x.shape[:-1]
+            w = pool_weights(lead, x.device, routing_dtype(x.dtype))  # (b, t)
+            tid = None if ctx is None else sample_task_ids(ctx.task_ids, lead)
+            op = SampleRouteOp(self.router.route_op(tid), w)
+        else:
+            op = self.router.route_op(None if ctx is None else ctx.token_ids(x.shape[:-1]))
+        if ctx is not None and ctx.router_inputs is not None:
+            x2 = x.reshape(-1, self.in_features)
+            ctx.keep_input(self, self._pooled(x) if self.per_sample else x2)
         r = self.router.logit_weights()
         out, gates, probs, aux = routed_lora_linear(x, weight, bias, a, b, r, bank.scaling, op)
         if ctx is not None:

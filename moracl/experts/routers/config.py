@@ -11,6 +11,7 @@ from typing import Any
 __all__ = ["RouterConfig"]
 
 _NESTED = ("outer", "inner")
+_PER = ("token", "sample")
 
 
 def _check_int(name: str, value: Any, minimum: int) -> None:
@@ -61,6 +62,10 @@ class RouterConfig:
             noise and loss weights); may be ``task`` or itself hierarchical.
         inner: ``hierarchical``: the expert router used inside each group (``None``: top-``k``
             with this config's noise and loss weights); may be hierarchical (more levels).
+        per: what one routing decision covers: ``token`` (each token routed on its own) or
+            ``sample`` (a batch row's tokens routed together, by the mean of their inputs;
+            see :mod:`moracl.experts.per_sample`). Routers with learned logits only, set on
+            the outermost config.
     """
 
     type: str = "topk"
@@ -77,6 +82,7 @@ class RouterConfig:
     groups: int = 0
     outer: RouterConfig | None = None
     inner: RouterConfig | None = None
+    per: str = "token"
 
     def __post_init__(self) -> None:
         from moracl.experts.routers.base import ROUTERS  # the registry imports this module
@@ -113,6 +119,14 @@ class RouterConfig:
                 raise ValueError(
                     f"{name} must be a RouterConfig, a mapping or None, got {type(value).__name__}"
                 )
+            nested = getattr(self, name)
+            if nested is not None and nested.per != "token":
+                raise ValueError(
+                    f"{name}.per={nested.per!r}: a hierarchical router routes all its levels "
+                    f"alike; set per on the outermost config"
+                )
+        if self.per not in _PER:
+            raise ValueError(f"per must be one of {list(_PER)}, got {self.per!r}")
         router_cls.check_config(self)
 
     @property

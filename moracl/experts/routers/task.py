@@ -53,6 +53,11 @@ class TaskRouter(Router):
             raise ValueError(
                 f"the task router needs num_tasks >= 1, got num_tasks={config.num_tasks}"
             )
+        if config.per != "token":
+            raise ValueError(
+                f"per={config.per!r}: the task router reads no input, it routes by task id "
+                f"(one per batch row or per token); per applies to routers with learned logits"
+            )
 
     @property
     def num_logits(self) -> int:
