@@ -185,3 +185,80 @@ def test_teacher_forcing_routes_training_rows_by_experience_and_evaluation_by_ro
         MoRAStrategy(model=model, optimizer_factory=sgd, growth=growth, teacher_forcing=True)
     with pytest.raises(ValueError, match="experts.teacher_forcing routes training rows"):
         ExpertsConfig(teacher_forcing=True)
+
+
+def test_domain_incremental_rows_are_labelled_with_their_experience() -> None:
+    """Where a class is in several experiences, moracl trains on each experience with its
+    rows' task labels set to the experience's index; the replay buffer, rebuilt as after
+    training, stores those rows; the stream itself is left unchanged."""
+    from moracl.continual.plugins import SeededReplayPlugin
+    from moracl.continual.strategy import MoRAStrategy, materialize
+    from scenarios.streams import tensor_benchmark
+
+    def part(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.randn(n, 6), torch.arange(n) % 2  # the same two classes everywhere
+
+    bench = tensor_benchmark([part(6), part(8), part(4)], [part(2)] * 3)
+    exps = list(bench.train_stream)
+    model = _grown_model(1)
+    strategy = MoRAStrategy(
+        model=model,
+        optimizer_factory=lambda m: torch.optim.SGD(m.parameters(), lr=0.1),
+        growth=GrowthConfig(adapter=AdapterConfig(kind="lora", rank=2)),
+        route_supervision=1.0,
+        experience_labels=True,
+    )
+    for i, exp in enumerate(exps):
+        x, y, t = materialize(strategy.training_experience(exp).dataset)
+        assert t.tolist() == [i] * len(y)
+        assert torch.equal(x, materialize(exp.dataset)[0])
+        assert set(materialize(exp.dataset)[2].tolist()) == {0}  # the stream is unchanged
+    replay = SeededReplayPlugin(9)
+    replay.rebuild(strategy, exps)
+    for e, group in replay.storage_policy.buffer_groups.items():
+        labels = materialize(group.buffer)[2]
+        assert len(labels) > 0 and set(labels.tolist()) == {e}
+    plain = MoRAStrategy(
+        model=_grown_model(1),
+        optimizer_factory=lambda m: torch.optim.SGD(m.parameters(), lr=0.1),
+        growth=GrowthConfig(adapter=AdapterConfig(kind="lora", rank=2)),
+    )
+    assert plain.training_experience(exps[1]) is exps[1]
+
+
+@pytest.mark.slow
+def test_a_teacher_forced_domain_incremental_run_resumes_exactly(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from moracl.config import from_dict
+    from moracl.continual.config import RunConfig
+    from moracl.continual.run import run_continual
+
+    def config(out: str) -> RunConfig:
+        data = {
+            "job": "run",
+            "scenario": {
+                "name": "digit-domains",
+                "options": {"per_class": 8, "test_per_class": 4},
+            },
+            "experts": {
+                "per_experience": 2,
+                "k": 2,
+                "rank": 2,
+                "router": "topk",
+                "replay_size": 20,
+                "route_supervision": 1.0,
+                "teacher_forcing": True,
+            },
+            "strategies": ["moracl"],
+            "train": {"epochs": 1, "batch_size": 16},
+            "output_dir": str(tmp_path / out),
+        }
+        return from_dict(RunConfig, data)
+
+    full = run_continual(config("full"), progress=False)
+    run_continual(config("resumed"), progress=False, stop_after=1)
+    resumed = run_continual(config("resumed"), progress=False, resume=True)
+    name = "moracl (experts)"
+    assert resumed.strategies[name].matrix == full.strategies[name].matrix
+    routing = full.strategies[name].routing
+    assert routing is not None and routing.task_inference_accuracy is not None
+    assert resumed.strategies[name].routing == routing

@@ -415,8 +415,17 @@ def loop_cost(
     from scenarios.streams import build_stream, load_encoder
 
     # no replay: the warm-up run would fill the buffer, and the template's timed runs would
-    # then train on more examples than the plain loop
-    config = replace(config, experts=replace(config.experts, replay_size=0, balance_head_epochs=0))
+    # then train on more examples than the plain loop; no routing supervision: the plain loop's
+    # loss is the cross-entropy plus the routers' auxiliary loss, and the template's must be too
+    experts = replace(
+        config.experts,
+        replay_size=0,
+        balance_head_epochs=0,
+        balance_router_epochs=0,
+        route_supervision=0.0,
+        teacher_forcing=False,
+    )
+    config = replace(config, experts=experts)
     sc = config.scenario
     stream = build_stream(sc.name, setting=sc.setting, seed=config.train.seed, **sc.options)
     torch.manual_seed(config.train.seed)

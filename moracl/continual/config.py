@@ -85,7 +85,7 @@ class ExpertsConfig:
     teacher_forcing: bool = field(
         default=False,
         metadata={
-            "help": "class-incremental: train each row through the experts of its class's "
+            "help": "without task labels: train each row through the experts of its "
             "experience; the routers learn that routing from route_supervision alone "
             "(needs route_supervision > 0); evaluation routes by the routers"
         },
@@ -93,9 +93,9 @@ class ExpertsConfig:
     route_supervision: float = field(
         default=0.0,
         metadata={
-            "help": "class-incremental: weight of a loss teaching each router to send a row "
-            "to the experts of the experience its class was learned in (replayed rows keep "
-            "old experiences' routes; 0: none)"
+            "help": "without task labels: weight of a loss teaching each router to send a "
+            "row to the experts of its experience (its class's in class-incremental streams; "
+            "the one it was trained or stored in otherwise; 0: none)"
         },
     )
 

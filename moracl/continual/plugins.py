@@ -51,8 +51,9 @@ class SeededReplayPlugin(ReplayPlugin):
         from avalanche.training.storage_policy import ExperienceBalancedBuffer
 
         self.storage_policy = ExperienceBalancedBuffer(max_size=self.mem_size, adaptive_size=True)
+        as_trained = getattr(strategy, "training_experience", lambda e: e)
         for exp in experiences:
-            self._update(strategy, exp)
+            self._update(strategy, as_trained(exp))
 
 
 def balanced_rows(

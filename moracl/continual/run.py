@@ -220,19 +220,24 @@ def build_strategy(
                 plugins.append(balance)
             plugins.append(replay)
         class_experience = None
+        experience_labels = False
         if e.route_supervision:
             if model.multi_head:
                 raise ValueError(
                     f"experts.route_supervision={e.route_supervision} teaches routing without "
                     f"task labels; this {config.scenario.setting!r} run routes by task: set it to 0"
                 )
-            class_experience = model.class_experience()
+            try:  # class-incremental: a row's experience is its class's
+                class_experience = model.class_experience()
+            except ValueError:  # domain-incremental: moracl labels each experience's rows
+                experience_labels = True
         return MoRAStrategy(
             model=model,
             optimizer_factory=factory,
             growth=growth,
             route_supervision=e.route_supervision,
             class_experience=class_experience,
+            experience_labels=experience_labels,
             teacher_forcing=e.teacher_forcing,
             plugins=plugins,
             **common,

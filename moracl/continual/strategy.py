@@ -232,8 +232,9 @@ def grow_experts(model: ContinualClassifier, experience: int, growth: GrowthConf
 
 
 def routing_supervision_loss(encoder: MoRAModel, row_experience: Tensor) -> Tensor:
-    """How far each mixture's router is from sending a row to the experts of the experience
-    the row's class was learned in: ``-log`` of the probability mass the router's softmax
+    """How far each mixture's router is from sending a row to the experts of the row's
+    experience (its class's, or the one it was trained in): ``-log`` of the probability mass
+    the router's softmax
     (over the experts its global mask allows) puts on that experience's experts, averaged
     over the router's inputs (tokens, or rows for a router per sample), then over mixtures
     (a scalar; zero when no mixture kept its input).
@@ -315,10 +316,14 @@ class MoRAStrategy(FastTemplate):
             ``class_experience``.
         class_experience: ``(c,)`` the experience each class of the stream is learned in
             (classes unique to one experience, as in class-incremental streams).
-        teacher_forcing: while training, route every row to the experts of its class's
-            experience (:func:`set_experience_masks`) instead of by the routers, which then
-            learn from ``route_supervision``'s loss alone; evaluation routes by the routers.
-            Needs ``route_supervision > 0``.
+        experience_labels: for streams where a class is in several experiences
+            (domain-incremental): train on each experience with its rows' task labels set to
+            the experience's index (:meth:`training_experience`; replayed rows keep theirs), so
+            that a row's experience is its task label; needs no ``class_experience``.
+        teacher_forcing: while training, route every row to the experts of its experience
+            (:func:`set_experience_masks`) instead of by the routers, which then learn from
+            ``route_supervision``'s loss alone; evaluation routes by the routers. Needs
+            ``route_supervision > 0``.
         kwargs: ``SupervisedTemplate`` arguments (``train_mb_size``, ``train_epochs``,
             ``eval_mb_size``, ``device``, ``plugins``, ``evaluator``, ...).
     """
@@ -331,13 +336,16 @@ class MoRAStrategy(FastTemplate):
         growth: GrowthConfig,
         route_supervision: float = 0.0,
         class_experience: Tensor | None = None,
+        experience_labels: bool = False,
         teacher_forcing: bool = False,
         **kwargs: Any,
     ) -> None:
-        if route_supervision < 0 or (route_supervision > 0 and class_experience is None):
+        known = class_experience is not None or experience_labels
+        if route_supervision < 0 or (route_supervision > 0 and not known):
             raise ValueError(
-                f"route_supervision must be >= 0 and, when > 0, come with class_experience; "
-                f"got {route_supervision!r} and {class_experience!r}"
+                f"route_supervision must be >= 0 and, when > 0, come with class_experience or "
+                f"experience_labels; got {route_supervision!r}, {class_experience!r} and "
+                f"{experience_labels!r}"
             )
         if teacher_forcing and not route_supervision:
             raise ValueError(
@@ -347,6 +355,7 @@ class MoRAStrategy(FastTemplate):
         self.growth = growth
         self.route_supervision = route_supervision
         self.class_experience = class_experience
+        self.experience_labels = experience_labels
         self.teacher_forcing = teacher_forcing
         self.experiences_prepared = 1  # the initial experts serve experience 0
         super().__init__(model=model, optimizer_factory=optimizer_factory, **kwargs)
@@ -364,12 +373,42 @@ class MoRAStrategy(FastTemplate):
         if self.teacher_forcing:
             set_experience_masks(model, experience + 1)
 
+    def training_experience(self, experience: Any) -> Any:
+        """``experience`` as this strategy trains on it: with ``experience_labels`` a copy
+        whose rows' task labels are its index (the replay buffer stores those rows, so
+        replayed rows keep the experience they came from); else ``experience`` itself."""
+        if not self.experience_labels:
+            return experience
+        import copy
+
+        data = experience.dataset
+        labelled = copy.copy(experience)
+        index = [int(experience.current_experience)] * len(data)
+        labelled._dataset = data.update_data_attribute("targets_task_labels", index)
+        return labelled
+
+    def train(self, experiences: Any, eval_streams: Any = None, **kwargs: Any) -> Any:
+        if isinstance(experiences, (list, tuple)):
+            experiences = [self.training_experience(e) for e in experiences]
+        else:
+            experiences = self.training_experience(experiences)
+        return super().train(experiences, eval_streams, **kwargs)
+
+    def row_experience(self) -> Tensor:
+        """``(b,)`` the experience of each row of the current mini-batch: its class's, or
+        with ``experience_labels`` its task label."""
+        if self.class_experience is not None:
+            return self.class_experience.to(self.mb_y.device)[self.mb_y]
+        if not self.experience_labels:
+            raise ValueError("a row's experience needs class_experience or experience_labels")
+        return self.mb_task_id.long()
+
     def forward(self) -> Any:
-        if not (self.is_training and self.teacher_forcing and self.class_experience is not None):
+        if not (self.is_training and self.teacher_forcing):
             return super().forward()
         model = self.model
         assert isinstance(model, ContinualClassifier)
-        model.forced_routes = self.class_experience.to(self.mb_y.device)[self.mb_y]  # (b,)
+        model.forced_routes = self.row_experience()  # (b,)
         try:
             return super().forward()
         finally:
@@ -385,8 +424,8 @@ class MoRAStrategy(FastTemplate):
         encoder = self.model.encoder
         if self.is_training and isinstance(encoder, MoRAModel):
             loss = loss + encoder.aux_loss()
-            if self.route_supervision and self.class_experience is not None:
-                rows = self.class_experience.to(self.mb_y.device)[self.mb_y]  # (b,)
+            if self.route_supervision:
+                rows = self.row_experience()  # (b,)
                 loss = loss + self.route_supervision * routing_supervision_loss(encoder, rows)
         return loss
 
