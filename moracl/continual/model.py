@@ -18,6 +18,7 @@ import torch
 from avalanche.models import MultiTaskModule
 from torch import Tensor, nn
 
+from moracl.continual.inference import GaussianTaskInference, input_features
 from moracl.model import MoRAModel
 
 __all__ = ["ContinualClassifier"]
@@ -34,6 +35,10 @@ class ContinualClassifier(MultiTaskModule):
         experience_classes: the global class ids of each experience.
         multi_head: one head per task (task-incremental) instead of one shared head.
         route_by_task: pass the task labels to the encoder as ``task_ids``.
+        task_inference: with ``route_by_task``, infers each row's task in evaluation mode
+            from what the encoder's first adapted layer reads (:func:`input_features`), in
+            place of the task labels given (class- and domain-incremental streams, whose
+            test rows carry none); training routes by the labels given.
     """
 
     class_task: Tensor  # (c,) the task owning each class (multi-head), else -1
@@ -47,8 +52,14 @@ class ContinualClassifier(MultiTaskModule):
         *,
         multi_head: bool,
         route_by_task: bool = False,
+        task_inference: GaussianTaskInference | None = None,
     ) -> None:
         super().__init__()
+        if task_inference is not None and not (route_by_task and isinstance(encoder, MoRAModel)):
+            raise ValueError(
+                "task_inference picks the task ids a MoRAModel encoder routes by: it needs "
+                "route_by_task=True and a MoRAModel encoder"
+            )
         self.encoder = encoder
         self.multi_head = multi_head
         self.route_by_task = route_by_task
@@ -69,6 +80,9 @@ class ContinualClassifier(MultiTaskModule):
         #: ``(b,)`` set while training with teacher forcing: each row's experience, passed to
         #: the encoder as task ids (its routers hold one expert mask per experience)
         self.forced_routes: Tensor | None = None
+        self.task_inference = task_inference
+        #: ``(b,)`` the tasks inferred in the last forward that inferred them
+        self.last_inferred: Tensor | None = None
         self.register_buffer("class_task", owner)
         self.register_buffer("seen", torch.zeros(num_classes, dtype=torch.bool))
 
@@ -96,13 +110,22 @@ class ContinualClassifier(MultiTaskModule):
         if self.training:
             self.seen[list(experience.classes_in_this_experience)] = True
 
-    def features(self, x: Tensor, task_labels: Tensor | None = None) -> Tensor:
+    def features(
+        self, x: Tensor, task_labels: Tensor | None = None, *, infer: bool | None = None
+    ) -> Tensor:
         """``(b, d)`` encoder features (routed by ``task_labels (b,)`` when configured, or by
-        :attr:`forced_routes` when set)."""
+        :attr:`forced_routes` when set). ``infer`` routes by the tasks :attr:`task_inference`
+        infers instead of ``task_labels``; by default it does so in evaluation mode once it
+        has statistics."""
         if self.forced_routes is not None and isinstance(self.encoder, MoRAModel):
             forced: Tensor = self.encoder(x, task_ids=self.forced_routes)
             return forced
         if self.route_by_task and isinstance(self.encoder, MoRAModel):
+            if infer is None:
+                ti = self.task_inference
+                infer = ti is not None and ti.ready and not self.training
+            if infer:
+                task_labels = self.infer_tasks(x)
             if task_labels is None:
                 raise ValueError("this model routes by task: pass task_labels, one per row")
             # a task not trained yet (evaluated for forward transfer) borrows the experts of
@@ -112,6 +135,18 @@ class ContinualClassifier(MultiTaskModule):
             return out
         feats: Tensor = self.encoder(x)
         return feats
+
+    def infer_tasks(self, x: Tensor) -> Tensor:
+        """``(b,)`` each row's task by :attr:`task_inference` (kept in :attr:`last_inferred`).
+
+        Raises:
+            ValueError: the model has no task inference.
+        """
+        if self.task_inference is None or not isinstance(self.encoder, MoRAModel):
+            raise ValueError("this model has no task_inference")
+        inferred = self.task_inference(input_features(self.encoder, x)).to(x.device)
+        self.last_inferred = inferred
+        return inferred
 
     def forward(self, x: Tensor, task_labels: Tensor | int | None = None) -> Any:
         """Logits ``(b, c)`` over the stream's classes.

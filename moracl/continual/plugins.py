@@ -13,6 +13,7 @@ from avalanche.core import SupervisedPlugin
 from avalanche.training.plugins import ReplayPlugin
 from avalanche.training.supervised import JointTraining
 
+from moracl.continual.inference import input_features
 from moracl.continual.model import ContinualClassifier
 from moracl.continual.strategy import (
     FastTemplate,
@@ -22,7 +23,13 @@ from moracl.continual.strategy import (
 )
 from moracl.model import MoRAModel
 
-__all__ = ["BalancedHeadPlugin", "FastJoint", "SeededReplayPlugin", "balanced_rows"]
+__all__ = [
+    "BalancedHeadPlugin",
+    "FastJoint",
+    "SeededReplayPlugin",
+    "TaskStatisticsPlugin",
+    "balanced_rows",
+]
 
 
 class SeededReplayPlugin(ReplayPlugin):
@@ -144,7 +151,8 @@ class BalancedHeadPlugin(SupervisedPlugin):
             return
         x_old = torch.cat([p[0] for _, p in parts])
         y_old = torch.cat([p[1] for _, p in parts])
-        x_new, y_new, _ = materialize(strategy.adapted_dataset)
+        t_old = torch.cat([p[2] for _, p in parts])
+        x_new, y_new, t_new = materialize(strategy.adapted_dataset)
         device = next(model.parameters()).device
         if self.router_epochs:
             e_old = torch.cat([torch.full_like(p[1], e) for e, p in parts])
@@ -158,7 +166,8 @@ class BalancedHeadPlugin(SupervisedPlugin):
             rows = balanced_rows(y_old, y_new, generator)
             x = torch.cat([x_old, x_new[rows]])
             y = torch.cat([y_old, y_new[rows]]).to(device)
-            self.fit_head(model, x, y, strategy.train_mb_size, generator)
+            tasks = torch.cat([t_old, t_new[rows]]).long()
+            self.fit_head(model, x, y, strategy.train_mb_size, generator, tasks)
 
     def fit_routers(
         self,
@@ -208,14 +217,26 @@ class BalancedHeadPlugin(SupervisedPlugin):
         y: torch.Tensor,
         batch_size: int,
         generator: torch.Generator,
+        tasks: torch.Tensor | None = None,
     ) -> None:
-        """Train ``model.heads[0]`` on ``x (n, ...)``, ``y (n,)`` with the rest fixed."""
+        """Train ``model.heads[0]`` on ``x (n, ...)``, ``y (n,)`` with the rest fixed; a
+        model that infers tasks computes the features through the experts of the rows'
+        ``tasks (n,)`` (their experiences, as in training)."""
         device = y.device
         was_training = model.training
         model.eval()
+        by_task = model.task_inference is not None and tasks is not None
+
+        def features(rows: slice) -> torch.Tensor:
+            xb = x[rows].to(device)
+            if by_task:
+                assert tasks is not None
+                return model.features(xb, tasks[rows].to(device), infer=False)
+            return model.features(xb)
+
         with torch.no_grad():
             feats = torch.cat(
-                [model.features(x[i : i + 256].to(device)) for i in range(0, len(x), 256)]
+                [features(slice(i, i + 256)) for i in range(0, len(x), 256)]
             )  # (n, d)
         model.train(was_training)
         head = model.heads[0]
@@ -230,6 +251,40 @@ class BalancedHeadPlugin(SupervisedPlugin):
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
+
+
+class TaskStatisticsPlugin(SupervisedPlugin):
+    """Adds the rows of each experience just trained on to the model's
+    :class:`~moracl.continual.inference.GaussianTaskInference` (features from
+    :func:`~moracl.continual.inference.input_features`, which the experts do not change).
+
+    Reads ``strategy.model`` (a :class:`ContinualClassifier` with ``task_inference``),
+    ``strategy.experience`` and ``strategy.adapted_dataset`` (the experience's own rows, not
+    the replayed ones); writes the statistics' buffers.
+
+    Args:
+        batch_size: rows per forward.
+    """
+
+    def __init__(self, *, batch_size: int = 256) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+        self.batch_size = batch_size
+
+    def after_training_exp(self, strategy: Any, **kwargs: Any) -> None:
+        model = strategy.model
+        if not isinstance(model, ContinualClassifier) or model.task_inference is None:
+            return
+        encoder = model.encoder
+        assert isinstance(encoder, MoRAModel)  # ContinualClassifier checks it
+        x, y, _ = materialize(strategy.adapted_dataset)
+        device = next(model.parameters()).device
+        exp = int(strategy.experience.current_experience)
+        for start in range(0, len(y), self.batch_size):
+            xb = x[start : start + self.batch_size].to(device)
+            feats = input_features(encoder, xb)  # (b, d)
+            model.task_inference.update(feats, exp, y[start : start + self.batch_size])
 
 
 class FastJoint(FastTemplate, JointTraining):  # type: ignore[misc]

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from moracl.adapters.base import AdapterConfig
 from moracl.continual.checkpoint import load_checkpoint, save_checkpoint
 from moracl.continual.config import STRATEGIES, RunConfig
+from moracl.continual.inference import GaussianTaskInference
 from moracl.continual.metrics import (
     AccuracyMatrix,
     Cost,
@@ -72,7 +73,7 @@ LABELS = {
 def _router(config: RunConfig, task_aware: bool) -> RouterConfig:
     kind = config.experts.router
     if kind == "auto":
-        kind = "task" if task_aware else "topk"
+        kind = "task" if task_aware or config.experts.task_inference == "gaussian" else "topk"
     if kind == "task":
         if config.experts.route_per != "token":
             raise ValueError(
@@ -118,6 +119,15 @@ def build_model(name: str, config: RunConfig, encoder: nn.Module, info: Any) -> 
     default: Any = encoder.default_targets
     targets = list(config.target_modules) or list(default)
     adapter: AdapterConfig | MixtureConfig = config.adapter
+    e = config.experts
+    infer = name == "moracl" and e.task_inference == "gaussian" and not task_aware
+    learned = e.learned_routing() if infer else []
+    if learned:
+        raise ValueError(
+            f"experts.task_inference='gaussian' routes test rows by the inferred experience, "
+            f"with no learned router: leave experts.{', experts.'.join(learned)} at the default "
+            f"or set experts.task_inference=router"
+        )
     if name == "moracl":
         router = _router(config, task_aware)
         expert = expert_adapter(config, router)
@@ -131,7 +141,6 @@ def build_model(name: str, config: RunConfig, encoder: nn.Module, info: Any) -> 
         )
     wrapped = MoRAModel(encoder, adapter, target_modules=targets)
     route = name == "moracl" and _router(config, task_aware).type == "task"
-    e = config.experts
     by_row = route or (
         name == "moracl" and (e.route_supervision > 0 or e.balance_router_epochs > 0)
     )
@@ -139,12 +148,19 @@ def build_model(name: str, config: RunConfig, encoder: nn.Module, info: Any) -> 
         # per-row task ids and per-row routing targets need every layer's tokens in batch
         # order: no regrouping of the rows by length
         setattr(wrapped.model, "length_buckets", 1)  # noqa: B010
+    inference = None
+    if infer:  # (task-incremental rows carry their task: nothing to infer)
+        classes = 1 + max(c for cs in info.experience_classes for c in cs)
+        inference = GaussianTaskInference(
+            len(info.experience_classes), classes, shrinkage=e.inference_shrinkage
+        )
     return ContinualClassifier(
         wrapped,
         int(getattr(encoder, "feature_dim")),  # noqa: B009
         info.experience_classes,
         multi_head=task_aware,
         route_by_task=route,
+        task_inference=inference,
     )
 
 
@@ -175,7 +191,11 @@ def build_strategy(
     """The strategy ``name`` over ``model`` (Avalanche plugins for the baselines)."""
     from avalanche.training.plugins import EWCPlugin, LwFPlugin
 
-    from moracl.continual.plugins import BalancedHeadPlugin, SeededReplayPlugin
+    from moracl.continual.plugins import (
+        BalancedHeadPlugin,
+        SeededReplayPlugin,
+        TaskStatisticsPlugin,
+    )
 
     t = config.train
     seed = derive_seed(t.seed, name)
@@ -231,6 +251,10 @@ def build_strategy(
                 class_experience = model.class_experience()
             except ValueError:  # domain-incremental: moracl labels each experience's rows
                 experience_labels = True
+        if model.task_inference is not None:
+            # trained through its experience's experts: a row's task label is its experience
+            experience_labels = True
+            plugins.insert(0, TaskStatisticsPlugin(batch_size=t.eval_batch_size))
         return MoRAStrategy(
             model=model,
             optimizer_factory=factory,
@@ -280,7 +304,8 @@ def evaluate(
 ) -> Evaluation:
     """Accuracy of ``model`` on each test experience ``(x, y, t)``; for mixtures also the
     mean expert usage per experience and, for task-agnostic routing, how often a token's top
-    expert was grown for the sample's own experience (task-inference accuracy).
+    expert was grown for the sample's own experience (task-inference accuracy; with
+    ``task_inference``, how often a row's inferred experience is its own).
 
     Under data parallelism the batches (the same as in one process) are dealt to the
     processes in turn and the counts summed, so every process returns the one-process
@@ -300,8 +325,12 @@ def evaluate(
         for b, (xb, yb, tb) in enumerate(TensorBatches((x, y, t), batch_size, shuffle=False)):
             if b % world != me:
                 continue
+            model.last_inferred = None
             logits = model(xb, tb)
             correct += int((logits.argmax(-1) == yb).sum())
+            if model.last_inferred is not None:  # rows routed by their inferred experience
+                hits += float((model.last_inferred == j).sum())
+                total += len(yb)
             for path, mixture in mixtures:
                 result = encoder.last_routing.get(path)
                 if result is None:
