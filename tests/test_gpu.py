@@ -101,3 +101,36 @@ def test_a_graphed_training_step_trains_like_eager() -> None:
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
     moved = [p for n, p in models[1].named_parameters() if "lora_B" in n]
     assert moved and all(p.abs().sum() > 0 for p in moved)
+
+
+def test_gaussian_task_inference_on_cuda_matches_the_cpu() -> None:
+    """Statistics, discriminants and the forward routed by the inferred task on CUDA against
+    the same model on the CPU (the statistics in float64 on both)."""
+    from moracl.continual.inference import GaussianTaskInference, input_features
+    from moracl.experts.mixture import MixtureConfig
+    from moracl.experts.routers.config import RouterConfig
+
+    base = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64))
+    router = RouterConfig(type="task", num_tasks=2, task_weights=True)
+    mixture = MixtureConfig(kind="lora", rank=4, experts=2, router=router)
+    model = MoRAModel(base, mixture, target_modules=["2"])
+    randomize_adapters(model, scale=0.05)
+    y = torch.randint(0, 4, (256,))
+    x = torch.randn(256, 32) + 2 * (y[:, None] >= 2)  # classes 2 and 3: experience 1
+    inference = GaussianTaskInference(2, 4)
+    feats = input_features(model, x)  # (256, 64): the input of layer "2"
+    for e in (0, 1):
+        rows = (y >= 2) == bool(e)
+        inference.update(feats[rows], e, y[rows])
+    queries = torch.randn(64, 32) + 2 * torch.randint(0, 2, (64, 1))
+    scores = inference.scores(input_features(model, queries))
+    tasks = scores.argmax(1)
+    want = model(queries, task_ids=tasks)
+    model.cuda()
+    inference.cuda()
+    assert inference.second.is_cuda
+    cuda_scores = inference.scores(input_features(model, queries.cuda()))
+    torch.testing.assert_close(cuda_scores.cpu(), scores, rtol=1e-5, atol=1e-4)
+    assert torch.equal(cuda_scores.argmax(1).cpu(), tasks)
+    got = model(queries.cuda(), task_ids=tasks.cuda())
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-4)
