@@ -404,6 +404,7 @@ def loop_cost(
     """Loop cost of moracl's strategy on the first experience of ``config``'s stream (with
     ``tiny_mlp``, on a frozen :class:`TinyMLP` instead of the stream's encoder)."""
     import scenarios  # noqa: F401  (registers the streams and encoders)
+    from moracl.continual.plugins import TaskStatisticsPlugin
     from moracl.continual.run import _optimizer_factory, build_model, build_strategy
     from scenarios.streams import build_stream, load_encoder
 
@@ -425,6 +426,9 @@ def loop_cost(
     encoder = TinyMLP().requires_grad_(False) if tiny_mlp else load_encoder(stream.info)
     model = build_model("moracl", config, encoder, stream.info)
     strategy = build_strategy("moracl", config, model, torch.device("cpu"))
+    # nor the task-inference statistics: a forward over the experience's rows after
+    # training, up to the first adapted layer, which the plain loop does not make
+    strategy.plugins = [p for p in strategy.plugins if not isinstance(p, TaskStatisticsPlugin)]
     first = next(iter(stream.benchmark.train_stream))
     return measure_loop_cost(
         name, strategy, first, optimizer_factory=_optimizer_factory(config), repeats=repeats
