@@ -19,14 +19,14 @@ BENCHES = {
 
 
 def _validate(args: argparse.Namespace) -> int:
-    import yaml
-
-    from moracl.config import load_config, to_dict
+    from moracl.config import dump_yaml, load_config, to_dict
+    from moracl.preflight import check_config
 
     config = load_config(args.config, args.overrides)
+    check_config(config, device=args.device)  # what the job checks before any work
     print(f"{args.config}: valid {type(config).__name__}")
     if args.show:
-        print(yaml.safe_dump(to_dict(config), sort_keys=False), end="")
+        print(dump_yaml(to_dict(config)), end="")
     return 0
 
 
@@ -65,21 +65,24 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from moracl.config import from_dict, load_config
+    from pathlib import Path
+
+    from moracl.config import load_config
     from moracl.continual.config import RunConfig
+    from moracl.continual.resume import resume_config
     from moracl.continual.run import run_continual
     from moracl.report import comparison_table
 
     if args.resume:
-        import json
-        from pathlib import Path
-
-        from moracl.continual.checkpoint import load_checkpoint
-
-        meta = load_checkpoint(args.resume).meta
-        config_data = json.loads(json.dumps(meta["results"]["config"]))
-        config_data["output_dir"] = str(Path(args.resume))
-        config = from_dict(RunConfig, config_data)
+        config_file, overrides = args.config, list(args.overrides)
+        if config_file is not None and "=" in config_file and not Path(config_file).is_file():
+            config_file, overrides = None, [config_file, *overrides]  # only overrides given
+        plan = resume_config(args.resume, config_file, overrides)
+        config = plan.config
+        for change in plan.applied:
+            print(f"resuming with {change}")
+        if plan.finished:
+            print(f"run already finished after experience {plan.done} of {plan.total}")
     else:
         if args.config is None:
             raise ValueError("moracl run needs a CONFIG file (or --resume RUN_DIR)")
@@ -95,12 +98,15 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from moracl.continual.metrics import RunResults
-    from moracl.report import comparison_table, write_report
+    from moracl.report import comparison_table, rebuild_report
 
-    path = write_report(args.run_dir)
-    print(comparison_table(RunResults.load(args.run_dir)))
-    print(f"report written to {path}")
+    done = rebuild_report(args.run_dir)
+    print(comparison_table(done.results))
+    for why in done.rebuilt_changed:
+        print(f"rebuilt: {why}")
+    if not done.verified:
+        print("note: no manifest.json in the run folder, so metrics.json was not verified")
+    print(f"report written to {done.report}")
     return 0
 
 
@@ -111,10 +117,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("validate", help="check a YAML config against the typed configs")
+    p = sub.add_parser(
+        "validate",
+        help="check a YAML config as its job does before any work (values, scenario, "
+        "output folder, device)",
+    )
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.lr=1e-3")
     p.add_argument("--show", action="store_true", help="print the resolved config")
+    p.add_argument(
+        "--device", default=None, help="also check this device exists (as moracl run --device)"
+    )
     p.set_defaults(func=_validate)
 
     p = sub.add_parser("finetune", help="adapt a frozen backbone to one classification task")
@@ -148,12 +161,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(error: BaseException) -> str:
+    """The message of ``error`` on one line; an ``OSError`` names its path."""
+    if isinstance(error, OSError) and error.filename is not None and error.strerror:
+        text = f"{error.filename}: {error.strerror}"
+        if error.filename2 is not None:
+            text += f" ({error.filename2})"
+    else:
+        text = str(error) or type(error).__name__
+    return " ".join(text.split())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``moracl`` command; returns the exit status.
+
+    Bad input never ends in a traceback: argparse reports bad arguments with the usage (exit
+    2); a config, an override, a path or a device the jobs refuse, and a missing optional
+    package, end in one line ``moracl: error: ...`` (exit 2); Ctrl-C ends in one line
+    (exit 130). Anything else is a bug and keeps its traceback.
+    """
     args = build_parser().parse_args(argv)
     try:
         code: int = args.func(args)
-    except (ValueError, FileNotFoundError, ImportError) as e:
-        print(f"moracl: error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("moracl: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, TypeError, OSError, ImportError) as e:
+        # ValueError/TypeError: bad config, override or value (NonFiniteError included);
+        # OSError: a path (missing, a folder, no permission, read-only, full disk)
+        print(f"moracl: error: {_one_line(e)}", file=sys.stderr)
         return 2
     finally:
         if "moracl.distributed" in sys.modules:  # leave the torchrun process group, if any

@@ -7,7 +7,11 @@ Adapter sections are polymorphic on their ``kind`` (see :class:`moracl.AdapterCo
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import math
+import os
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -19,13 +23,17 @@ from typing import Any, TypeVar, Union
 import yaml
 
 from moracl.adapters import AdapterConfig
-from moracl.continual.config import RunConfig
+from moracl.continual.config import SEED_MAX, RunConfig
 from moracl.distributed import DistributedConfig
 from moracl.experts.mixture import MixtureConfig
+from moracl.guard import OnNonFinite, check_int, check_number
 from moracl.registry import Registry
 
 __all__ = [
     "JOBS",
+    "SEED_MAX",
+    "ConfigDumper",
+    "ConfigLoader",
     "DataConfig",
     "FewShotDataConfig",
     "FinetuneConfig",
@@ -36,12 +44,30 @@ __all__ = [
     "MetaTestConfig",
     "TrainConfig",
     "apply_overrides",
+    "check_seed",
+    "dump_yaml",
     "from_dict",
     "load_config",
+    "parse_yaml",
     "to_dict",
 ]
 
 T = TypeVar("T")
+
+
+def check_seed(name: str, value: Any) -> int:
+    """``value`` if it is an integer seed in ``[0, SEED_MAX]``; else ``ValueError`` naming
+    ``name``."""
+    return check_int(name, value, ge=0, le=SEED_MAX)
+
+
+def _on_nonfinite(where: str, value: Any) -> OnNonFinite:
+    try:
+        return OnNonFinite(value)
+    except ValueError:
+        raise ValueError(
+            f"{where}.on_nonfinite must be one of {[m.value for m in OnNonFinite]}, got {value!r}"
+        ) from None
 
 
 @dataclass
@@ -55,14 +81,19 @@ class TrainConfig:
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     seed: int = field(default=0, metadata={"help": "seed for initialisation, sampling, dropout"})
     max_length: int = field(default=48, metadata={"help": "tokens per text"})
+    on_nonfinite: OnNonFinite = field(
+        default=OnNonFinite.STOP,
+        metadata={"help": "at a non-finite loss or gradient: stop (an error) or skip the step"},
+    )
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "max_length"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"train.{name} must be > 0, got {getattr(self, name)!r}")
+            check_int(f"train.{name}", getattr(self, name), gt=0)
         for name in ("lr", "head_lr"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"train.{name} must be > 0, got {getattr(self, name)!r}")
+            check_number(f"train.{name}", getattr(self, name), gt=0)
+        check_number("train.weight_decay", self.weight_decay, ge=0)
+        check_seed("train.seed", self.seed)
+        self.on_nonfinite = _on_nonfinite("train", self.on_nonfinite)
 
 
 @dataclass
@@ -75,11 +106,10 @@ class DataConfig:
     test_per_class: int = field(default=50, metadata={"help": "test examples per class"})
 
     def __post_init__(self) -> None:
-        if self.per_class <= 0 or self.test_per_class <= 0:
-            raise ValueError(
-                f"data.per_class and data.test_per_class must be > 0, "
-                f"got {self.per_class!r} and {self.test_per_class!r}"
-            )
+        check_int("data.per_class", self.per_class, gt=0)
+        check_int("data.test_per_class", self.test_per_class, gt=0)
+        if not isinstance(self.scenario, str):
+            raise ValueError(f"data.scenario must be a scenario name, got {self.scenario!r}")
 
 
 @dataclass
@@ -119,11 +149,17 @@ class FewShotDataConfig:
     )
 
     def __post_init__(self) -> None:
+        for name in ("ways", "shots", "queries"):
+            check_int(f"data.{name}", getattr(self, name))
         if self.ways < 2 or self.shots < 1 or self.queries < 1:
             raise ValueError(
                 f"need data.ways >= 2, data.shots >= 1 and data.queries >= 1; got "
                 f"{self.ways!r}, {self.shots!r}, {self.queries!r}"
             )
+        if not isinstance(self.options, Mapping) or not all(
+            isinstance(k, str) for k in self.options
+        ):
+            raise ValueError(f"data.options must map option names to values, got {self.options!r}")
 
 
 @dataclass
@@ -148,20 +184,31 @@ class MetaLearnConfig:
         default=25, metadata={"help": "validate every this many steps, keep the best (0: never)"}
     )
     val_episodes: int = field(default=200, metadata={"help": "meta-validation episodes"})
+    on_nonfinite: OnNonFinite = field(
+        default=OnNonFinite.STOP,
+        metadata={
+            "help": "at a non-finite meta-loss or gradient: stop (an error) or skip the step"
+        },
+    )
 
     def __post_init__(self) -> None:
-        if not self.inner_lr > 0:
-            raise ValueError(f"meta.inner_lr must be > 0, got {self.inner_lr!r}")
-        for name in ("inner_steps", "test_inner_steps", "steps", "val_every"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"meta.{name} must be >= 0, got {getattr(self, name)!r}")
-        if self.meta_batch < 1 or self.val_episodes < 2:
+        try:
+            self.algorithm = MetaAlgorithm(self.algorithm)
+        except ValueError:
             raise ValueError(
-                f"need meta.meta_batch >= 1 and meta.val_episodes >= 2; got "
-                f"{self.meta_batch!r}, {self.val_episodes!r}"
-            )
-        if self.chunk_size is not None and self.chunk_size < 1:
-            raise ValueError(f"meta.chunk_size must be >= 1 or null, got {self.chunk_size!r}")
+                f"meta.algorithm must be one of {[m.value for m in MetaAlgorithm]}, "
+                f"got {self.algorithm!r}"
+            ) from None
+        check_number("meta.inner_lr", self.inner_lr, gt=0)
+        for name in ("inner_steps", "test_inner_steps", "steps", "val_every"):
+            check_int(f"meta.{name}", getattr(self, name), ge=0)
+        check_int("meta.meta_batch", self.meta_batch, ge=1)
+        check_int("meta.val_episodes", self.val_episodes, ge=2)
+        if self.chunk_size is not None:
+            check_int("meta.chunk_size (or null)", self.chunk_size, ge=1)
+        if not isinstance(self.zero_head, bool):
+            raise ValueError(f"meta.zero_head must be true or false, got {self.zero_head!r}")
+        self.on_nonfinite = _on_nonfinite("meta", self.on_nonfinite)
 
 
 @dataclass
@@ -176,11 +223,18 @@ class MetaOptimConfig:
     sam_rho: float = field(default=0.0, metadata={"help": "SAM radius (0: no SAM)"})
 
     def __post_init__(self) -> None:
-        if not self.lr > 0 or self.weight_decay < 0 or self.sam_rho < 0:
+        from moracl.optim.optimizer import BASE_OPTIMIZERS
+
+        if not isinstance(self.base, str) or self.base not in BASE_OPTIMIZERS:
             raise ValueError(
-                f"need optim.lr > 0, optim.weight_decay >= 0 and optim.sam_rho >= 0; got "
-                f"{self.lr!r}, {self.weight_decay!r}, {self.sam_rho!r}"
+                f"optim.base must be one of {BASE_OPTIMIZERS.names()}, got {self.base!r}"
             )
+        check_number("optim.lr", self.lr, gt=0)
+        check_number("optim.weight_decay", self.weight_decay, ge=0)
+        check_number("optim.loraplus_ratio", self.loraplus_ratio, gt=0)
+        check_number("optim.sam_rho", self.sam_rho, ge=0)
+        if not isinstance(self.lars, bool):
+            raise ValueError(f"optim.lars must be true or false, got {self.lars!r}")
 
 
 @dataclass
@@ -196,13 +250,11 @@ class MetaTestConfig:
     finetune_lr: float = field(default=1e-2, metadata={"help": "its Adam learning rate"})
 
     def __post_init__(self) -> None:
-        if self.episodes < 2 or self.batch < 1 or self.finetune_steps < 0:
-            raise ValueError(
-                f"need test.episodes >= 2, test.batch >= 1 and test.finetune_steps >= 0; got "
-                f"{self.episodes!r}, {self.batch!r}, {self.finetune_steps!r}"
-            )
-        if not self.finetune_lr > 0:
-            raise ValueError(f"test.finetune_lr must be > 0, got {self.finetune_lr!r}")
+        check_int("test.episodes", self.episodes, ge=2)
+        check_int("test.batch", self.batch, ge=1)
+        check_int("test.finetune_steps", self.finetune_steps, ge=0)
+        check_number("test.finetune_lr", self.finetune_lr, gt=0)
+        check_seed("test.seed", self.seed)
 
 
 @dataclass
@@ -226,6 +278,9 @@ class MetaConfig:
     seed: int = field(default=0, metadata={"help": "seeds initialisation and task sampling"})
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     output_dir: str = field(default="out/meta", metadata={"help": "report, metrics, adapter"})
+
+    def __post_init__(self) -> None:
+        check_seed("seed", self.seed)
 
 
 JOBS: Registry[type] = Registry("job")
@@ -265,7 +320,7 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
             raise _fail(where, "a mapping with 'mixture: true'", value)
         try:
             return MixtureConfig.from_dict(value)
-        except (ValueError, TypeError) as e:
+        except (ValueError, TypeError) as e:  # a TypeError here is a malformed mapping
             raise ValueError(f"{where}: {e}") from None
     if isinstance(tp, type) and issubclass(tp, AdapterConfig):
         if isinstance(value, AdapterConfig):
@@ -274,14 +329,14 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
             raise _fail(where, "a mapping with a 'kind'", value)
         try:
             return AdapterConfig.from_dict(value)
-        except ValueError as e:
+        except (ValueError, TypeError) as e:  # a TypeError here is a malformed mapping
             raise ValueError(f"{where}: {e}") from None
     if dataclasses.is_dataclass(tp) and isinstance(tp, type):
         return from_dict(tp, value, where=where)
     if isinstance(tp, type) and issubclass(tp, Enum):
         try:
             return tp(value)
-        except ValueError:
+        except (ValueError, TypeError):
             raise _fail(where, f"one of {[m.value for m in tp]}", value) from None
     if origin in (list, Sequence, tuple):
         if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
@@ -292,6 +347,9 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
     if origin in (dict, Mapping):
         if not isinstance(value, Mapping):
             raise _fail(where, "a mapping", value)
+        bad = [k for k in value if not isinstance(k, str)]
+        if bad:
+            raise _fail(where, "a mapping with names (strings) as keys", value)
         return dict(value)
     if tp is bool:
         if not isinstance(value, bool):
@@ -302,14 +360,21 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
             raise _fail(where, "an integer", value)
         return value
     if tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+        number = value
+        if isinstance(value, str):  # e.g. a quoted "1e-4"
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 raise _fail(where, "a number", value) from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        elif isinstance(value, bool) or not isinstance(value, (int, float)):
             raise _fail(where, "a number", value)
-        return float(value)
+        try:
+            number = float(number)
+        except OverflowError:  # an integer beyond float's range
+            raise _fail(where, "a finite number", value) from None
+        if not math.isfinite(number):
+            raise _fail(where, "a finite number", value)
+        return number
     if tp is str:
         if not isinstance(value, str):
             raise _fail(where, "a string", value)
@@ -319,11 +384,12 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
 
 def from_dict(cls: type[T], data: Any, *, where: str = "") -> T:
     """Build dataclass ``cls`` from a mapping, recursively; unknown keys raise ``ValueError``
-    naming the valid ones, wrong types name the key, the value and what was expected."""
+    naming the valid ones, wrong types and values name the key, the value and what was
+    expected. Floats must be finite."""
     if not isinstance(data, Mapping):
         raise _fail(where, f"a mapping for {cls.__name__}", data)
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    unknown = sorted(set(data) - set(fields))
+    unknown = sorted((k for k in data if k not in fields), key=repr)
     if unknown:
         raise ValueError(
             f"{where or 'config'}: unknown key(s) {unknown}; valid keys: {sorted(fields)}"
@@ -333,7 +399,10 @@ def from_dict(cls: type[T], data: Any, *, where: str = "") -> T:
     try:
         return cls(**kwargs)
     except ValueError as e:
-        raise ValueError(f"{where or 'config'}: {e}") from None
+        message = str(e)
+        if where and message.startswith(f"{where}."):  # it names the key already
+            raise ValueError(message) from None
+        raise ValueError(f"{where or 'config'}: {message}") from None
 
 
 def to_dict(obj: Any) -> Any:
@@ -346,43 +415,122 @@ def to_dict(obj: Any) -> Any:
         return obj.value
     if isinstance(obj, (list, tuple)):
         return [to_dict(v) for v in obj]
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
     return obj
 
 
 # -- YAML and overrides -----------------------------------------------------------------------
 
+# YAML 1.1 (PyYAML) reads ``1e-1``, ``1E5``, ``-2e3`` and ``.5e1`` as strings: a float needs a
+# dot and a signed exponent there. Configs read them as YAML 1.2 and every user does: numbers.
+_FLOAT_1_2 = re.compile(
+    r"""^[-+]?(?:
+        [0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+   # 1e5, 1.5E-3, -2e3
+      | \.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?          # .5, .5e1, -.5
+    )$""",
+    re.X,
+)
 
-def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-    """A copy of ``data`` with dotted ``key=value`` overrides applied (values parsed as YAML)."""
-    out: dict[str, Any] = yaml.safe_load(yaml.safe_dump(data)) or {}
+
+class ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2 floats (``1e-1``, ``1E5``, ``-2e3``, ``.5e1``) and
+    duplicate keys refused; used wherever configs and overrides are parsed."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)  # type: ignore[no-untyped-call]
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError:  # an unhashable key: SafeLoader's own error names it
+                break
+            if duplicate:
+                mark = key_node.start_mark
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", mark)
+        return super().construct_mapping(node, deep=deep)
+
+
+class ConfigDumper(yaml.SafeDumper):
+    """PyYAML's safe dumper that quotes strings :class:`ConfigLoader` would read as numbers."""
+
+
+for _cls in (ConfigLoader, ConfigDumper):
+    _cls.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_1_2, list("-+0123456789."))
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """A YAML error on one line: the problem and where."""
+    if isinstance(e, yaml.MarkedYAMLError):
+        mark = e.problem_mark or e.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        return f"{e.problem or e.context}{where}"
+    return " ".join(str(e).split())
+
+
+def parse_yaml(text: str, what: str) -> Any:
+    """``text`` parsed with :class:`ConfigLoader`; ``ValueError`` naming ``what`` and the
+    problem's line and column if it is not valid YAML."""
+    try:
+        return yaml.load(text, Loader=ConfigLoader)  # a SafeLoader
+    except yaml.YAMLError as e:
+        raise ValueError(f"{what} is not valid YAML: {_yaml_problem(e)}") from None
+    except RecursionError:
+        raise ValueError(f"{what} is not a config: nested too deeply") from None
+
+
+def dump_yaml(data: Any) -> str:
+    """``data`` as YAML that :func:`parse_yaml` reads back unchanged."""
+    return yaml.dump(data, Dumper=ConfigDumper, sort_keys=False)
+
+
+def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """A copy of ``data`` with dotted ``key=value`` overrides applied (values parsed as YAML
+    by :class:`ConfigLoader`); ``data`` is left unchanged."""
+    out: dict[str, Any] = copy.deepcopy(dict(data))
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ValueError(f"override {item!r} is not of the form key=value (e.g. train.lr=1e-3)")
-        node = out
         parts = key.split(".")
+        if not all(parts):
+            raise ValueError(f"override {item!r}: {key!r} has an empty part; expected a.b.c=value")
+        node = out
         for p in parts[:-1]:
-            child = node.setdefault(p, {})
+            child = node.get(p)
+            if child is None:
+                child = node[p] = {}
             if not isinstance(child, dict):
                 raise ValueError(f"override {item!r}: {p!r} is not a section")
             node = child
-        node[parts[-1]] = yaml.safe_load(raw)
+        node[parts[-1]] = parse_yaml(raw, f"the value of override {item!r}")
     return out
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Any:
-    """Read ``path`` (YAML), apply ``overrides``, and build the config of its ``job``."""
+    """Read ``path`` (YAML), apply ``overrides``, and build the config of its ``job``.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not valid YAML (with the line and column), an unknown job or key, or a
+            value of the wrong type or out of range (naming the key, the value and what is
+            allowed).
+    """
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"no config file {p}")
     try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise ValueError(f"{p} is not valid YAML: {e}") from None
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{p} is not a UTF-8 text file") from None
+    data = parse_yaml(text, str(p))
     if not isinstance(data, dict):
         raise ValueError(f"{p}: expected a mapping at the top level, got {type(data).__name__}")
     data = apply_overrides(data, overrides)
     job = data.get("job")
     if job is None:
         raise ValueError(f"{p}: missing 'job'; expected one of {JOBS.names()}")
+    if not isinstance(job, str):
+        raise ValueError(f"{p}: job must be one of {JOBS.names()}, got {job!r}")
     return from_dict(JOBS.get(job), data)

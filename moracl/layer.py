@@ -13,11 +13,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moracl.adapters.base import Adapter, AdapterConfig, build_adapter
+from moracl.adapters.base import Adapter, AdapterConfig, build_adapter, check_adapter_fit
 from moracl.adapters.fused import fused_enabled
-from moracl.experts.mixture import Mixture, MixtureConfig
+from moracl.experts.mixture import Mixture, MixtureConfig, check_mixture_fit
 
-__all__ = ["MoRALayer", "MoRALinear", "is_conv1d", "is_linear_like"]
+__all__ = [
+    "MoRALayer",
+    "MoRALinear",
+    "adapter_dtype",
+    "build_layer_adapter",
+    "check_fit",
+    "is_conv1d",
+    "is_linear_like",
+    "linear_features",
+]
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -28,6 +37,49 @@ def is_conv1d(module: nn.Module) -> bool:
 def is_linear_like(module: nn.Module) -> bool:
     """True for the layer types moracl can adapt."""
     return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def linear_features(module: nn.Module) -> tuple[int, int]:
+    """``(d_in, d_out)`` of an ``nn.Linear`` or ``Conv1D`` (which stores its weight ``i × o``)."""
+    w: Tensor = module.weight  # type: ignore[assignment]
+    if is_conv1d(module):
+        return int(w.shape[0]), int(w.shape[1])
+    return int(w.shape[1]), int(w.shape[0])
+
+
+def adapter_dtype(weight_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of adapters on a layer whose frozen weight has ``weight_dtype`` (float32 for
+    half-precision bases, so the adapter trains in full precision)."""
+    return weight_dtype if weight_dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def check_fit(
+    in_features: int,
+    out_features: int,
+    config: AdapterConfig | MixtureConfig,
+    where: str = "a layer",
+) -> None:
+    """Raise ``ValueError`` naming ``where``, the value and the bound if ``config`` (one
+    adapter or a mixture) is out of range for an ``in_features -> out_features`` layer; nothing
+    is allocated (see :meth:`moracl.adapters.base.Adapter.check_fit` for the bounds)."""
+    if isinstance(config, MixtureConfig):
+        check_mixture_fit(in_features, out_features, config, where)
+    elif isinstance(config, AdapterConfig):
+        check_adapter_fit(in_features, out_features, config, where)
+    else:
+        raise TypeError(
+            f"config must be an AdapterConfig or MixtureConfig, got {type(config).__name__}"
+        )
+
+
+def build_layer_adapter(
+    in_features: int, out_features: int, config: AdapterConfig | MixtureConfig
+) -> Adapter:
+    """The adapter (or mixture) ``config`` describes for an ``in_features -> out_features``
+    layer, on the current default device (``torch.device("meta")`` builds shapes only)."""
+    if isinstance(config, MixtureConfig):
+        return Mixture(in_features, out_features, config)
+    return build_adapter(in_features, out_features, config)
 
 
 class MoRALayer(nn.Module):
@@ -81,12 +133,9 @@ class MoRALayer(nn.Module):
         if self.merged:
             raise RuntimeError("cannot add an adapter to a merged layer; unmerge() first")
         w = self.weight
-        adapter: Adapter
-        if isinstance(config, MixtureConfig):
-            adapter = Mixture(self.in_features, self.out_features, config)
-        else:
-            adapter = build_adapter(self.in_features, self.out_features, config)
-        dtype = w.dtype if w.dtype in (torch.float32, torch.float64) else torch.float32
+        check_fit(self.in_features, self.out_features, config)  # before any allocation
+        adapter = build_layer_adapter(self.in_features, self.out_features, config)
+        dtype = adapter_dtype(w.dtype)
         adapter.to(device=w.device, dtype=dtype)
         with torch.no_grad():
             adapter.initialize(w.detach())

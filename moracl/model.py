@@ -19,11 +19,13 @@ import torch
 from torch import Tensor, nn
 
 import moracl.adapters  # noqa: F401  (registers the adapter kinds)
+from moracl.adapter_files import check_header, expected_state, parse_layout
 from moracl.adapters.base import AdapterConfig, ParamRole
-from moracl.checkpoint import read_adapter, write_adapter
+from moracl.checkpoint import CONFIG_NAME, WEIGHTS_NAME, open_adapter, write_adapter
 from moracl.experts.mixture import Mixture, MixtureConfig, RoutingContext
 from moracl.experts.routing import RoutingResult, RoutingStats
-from moracl.layer import MoRALayer, MoRALinear
+from moracl.guard import assert_finite
+from moracl.layer import MoRALayer, MoRALinear, check_fit, linear_features
 from moracl.targets import ALL_LINEAR, TargetSpec, select_targets
 
 __all__ = ["MoRAModel"]
@@ -185,6 +187,8 @@ class MoRAModel(nn.Module):
             raise ValueError(f"adapter {name!r} already exists; have {list(self.adapter_configs)}")
         plain = _PlainView(self.model)
         paths = select_targets(plain, target_modules, exclude=self._exclude)
+        for path in paths:  # every layer is checked before any is changed or allocated
+            check_fit(*linear_features(plain.get_submodule(path)), config, f"layer {path!r}")
         for path in paths:
             layer = self.model.get_submodule(path)
             if not isinstance(layer, MoRALayer):
@@ -224,9 +228,13 @@ class MoRAModel(nn.Module):
             for layer, b in zip(layers, before):
                 layer.disabled = b
 
-    def _add_modules_to_save(self, names: Sequence[str]) -> None:
+    def _add_modules_to_save(self, names: Sequence[str], *, exact: bool = False) -> None:
         for name in names:
-            hits = [p for p, _ in self.model.named_modules() if p == name or p.endswith("." + name)]
+            hits = [
+                p
+                for p, _ in self.model.named_modules()
+                if p == name or (not exact and p.endswith("." + name))
+            ]
             if not hits:
                 raise ValueError(f"modules_to_save entry {name!r} matched no module")
             for path in hits:
@@ -374,34 +382,39 @@ class MoRAModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, directory: str | os.PathLike[str]) -> MoRAModel:
-        """Rebuild the adapters saved in ``directory`` on ``model`` and load their tensors."""
-        config, tensors = read_adapter(directory)
-        adapters = config.get("adapters") or {}
-        if not adapters:
-            raise ValueError(f"{directory}: the checkpoint holds no adapter")
-        (first, spec), *rest = adapters.items()
+        """Rebuild the adapters saved in ``directory`` on ``model`` and load their tensors.
+
+        Everything is checked before anything is allocated (see :mod:`moracl.adapter_files`):
+        the folder (no symbolic links, every file against ``checksums.json``), the config's
+        structure, each config's bounds on its layers, and every saved tensor's name, shape and
+        dtype against the model; then the tensors, which must be finite.  A refused folder
+        raises ``ValueError`` (``FileNotFoundError`` if missing) and is never written to."""
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"from_pretrained needs an nn.Module, got {type(model).__name__}")
+        folder = open_adapter(directory)
+        layout = parse_layout(folder.config, str(folder.path / CONFIG_NAME))
+        check_header(expected_state(model, layout), folder.header, str(folder.path / WEIGHTS_NAME))
+        tensors = folder.load_tensors()
+        first, *rest = layout.adapters
         new = cls(
             model,
-            _config_from_dict(spec["config"]),
-            target_modules=_exact(spec["targets"]),
-            adapter_name=first,
+            first.config,
+            target_modules=_exact(first.targets),
+            adapter_name=first.name,
             modules_to_save=[],
         )
-        for name, spec in rest:
-            new.add_adapter(
-                name,
-                _config_from_dict(spec["config"]),
-                target_modules=_exact(spec["targets"]),
-            )
-        for path in config.get("modules_to_save", []):
-            new._add_modules_to_save([path])
-        new.set_adapter(config.get("active") or [first])
+        for saved in rest:
+            new.add_adapter(saved.name, saved.config, target_modules=_exact(saved.targets))
+        new._add_modules_to_save(layout.modules_to_save, exact=True)
+        new.set_adapter(layout.active)
         new.load_adapter_tensors(tensors)
         return new
 
     @torch.no_grad()
     def load_adapter_tensors(self, tensors: dict[str, Tensor]) -> None:
-        """Copy saved tensors in, checking every name and shape first (nothing changes on error)."""
+        """Copy saved tensors in, checking every name, shape and dtype first and refusing
+        non-finite values (nothing changes on error)."""
+        assert_finite(tensors, "load_adapter_tensors")
         targets = self.adapter_state_dict()
         missing = sorted(set(targets) - set(tensors))
         extra = sorted(set(tensors) - set(targets))
@@ -416,6 +429,11 @@ class MoRAModel(nn.Module):
                     f"layer {layer!r}: saved tensor {key!r} has shape {tuple(t.shape)} "
                     "but the model's "
                     f"has shape {tuple(targets[key].shape)} (the base model's layer shapes differ)"
+                )
+            want = targets[key].dtype
+            if (t.dtype != want) and not (t.is_floating_point() and want.is_floating_point):
+                raise ValueError(
+                    f"saved tensor {key!r} has dtype {t.dtype} but the model's has {want}"
                 )
         for key, t in tensors.items():
             targets[key].copy_(t)
@@ -449,13 +467,7 @@ def _layers(model: nn.Module) -> Iterator[tuple[str, MoRALayer]]:
     return ((n, m) for n, m in model.named_modules() if isinstance(m, MoRALayer))
 
 
-def _config_from_dict(data: dict[str, Any]) -> AdapterConfig | MixtureConfig:
-    if data.get("mixture"):
-        return MixtureConfig.from_dict(data)
-    return AdapterConfig.from_dict(data)
-
-
-def _exact(paths: list[str]) -> str:
+def _exact(paths: Sequence[str]) -> str:
     import re
 
     return "|".join(re.escape(p) for p in paths)

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -39,7 +39,15 @@ from scenarios import images
 from scenarios._cache import cache_root, cached_arrays, json_digest
 from scenarios._image import check_count, image_inputs
 from scenarios._paths import require_python_package
-from scenarios.streams import SCENARIOS, Setting, Stream, StreamInfo, check_options
+from scenarios.streams import (
+    SCENARIOS,
+    ScenarioSpec,
+    Setting,
+    Stream,
+    StreamInfo,
+    check_options,
+    describe_scenario,
+)
 
 __all__ = ["DEFAULT_DOMAINS", "DOMAINS", "digit_domains", "mnist_digits", "sklearn_digits"]
 
@@ -100,14 +108,35 @@ def sklearn_digits() -> tuple[np.ndarray, np.ndarray]:
 
 
 def _check_domains(domains: object) -> tuple[str, ...]:
-    chosen = (domains,) if isinstance(domains, str) else tuple(domains)  # type: ignore[arg-type]
+    if isinstance(domains, str):
+        chosen: tuple[object, ...] = (domains,)
+    elif isinstance(domains, (list, tuple)):
+        chosen = tuple(domains)
+    else:
+        raise ValueError(
+            f"scenario {NAME!r}: domains={domains!r} must be a list of names among {list(DOMAINS)}"
+        )
     unknown = [d for d in chosen if d not in DOMAINS]
     if unknown or not chosen or len(set(chosen)) != len(chosen):
         raise ValueError(
             f"scenario {NAME!r}: domains={list(chosen)!r} must be distinct names among "
             f"{list(DOMAINS)}" + (f"; unknown: {unknown}" if unknown else "")
         )
-    return chosen
+    return tuple(str(d) for d in chosen)  # (all among DOMAINS)
+
+
+def _sizes(options: Mapping[str, Any]) -> tuple[tuple[str, ...], int, int | None, int]:
+    """The checked ``domains``, MNIST images per class and MNIST domain (``share``),
+    ``per_class`` and ``test_per_class`` of ``options``; reads no data."""
+    domains = _check_domains(options.get("domains", DEFAULT_DOMAINS))
+    mnist_domains = [d for d in domains if d.startswith("mnist")]
+    share = _MNIST_PER_CLASS // max(1, len(mnist_domains))
+    per_class = check_count(NAME, "per_class", options.get("per_class", 120), high=share)
+    test_per_class = check_count(
+        NAME, "test_per_class", options.get("test_per_class", 40), high=share, allow_none=False
+    )
+    assert test_per_class is not None  # narrows the type: allow_none=False
+    return domains, share, per_class, test_per_class
 
 
 def _split(
@@ -147,14 +176,8 @@ def digit_domains(*, setting: Setting | None = None, seed: int = 0, **options: A
             f"scenario {NAME!r} is domain-incremental: setting must be 'domain', "
             f"got {Setting(setting).value!r}"
         )
-    domains = _check_domains(options.get("domains", DEFAULT_DOMAINS))
+    domains, share, per_class, test_per_class = _sizes(options)
     mnist_domains = [d for d in domains if d.startswith("mnist")]
-    share = _MNIST_PER_CLASS // max(1, len(mnist_domains))
-    per_class = check_count(NAME, "per_class", options.get("per_class", 120), high=share)
-    test_per_class = check_count(
-        NAME, "test_per_class", options.get("test_per_class", 40), high=share, allow_none=False
-    )
-    assert test_per_class is not None  # narrows the type: allow_none=False
 
     parts: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = {}
     if mnist_domains:
@@ -195,6 +218,9 @@ def digit_domains(*, setting: Setting | None = None, seed: int = 0, **options: A
         licence="MNIST: CC BY-SA 3.0; UCI optical digits: CC BY 4.0",
     )
     return Stream(tensor_benchmark(train, test, task_labels=[0] * len(domains)), info)
+
+
+describe_scenario(NAME, ScenarioSpec((Setting.DOMAIN,), _OPTIONS, _sizes))
 
 
 def _labels(y: np.ndarray) -> torch.Tensor:

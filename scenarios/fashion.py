@@ -18,6 +18,8 @@ extra cache is kept.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +28,15 @@ import torch
 
 from scenarios import images
 from scenarios._image import check_count, image_inputs
-from scenarios.streams import SCENARIOS, Setting, Stream, StreamInfo, check_options
+from scenarios.streams import (
+    SCENARIOS,
+    ScenarioSpec,
+    Setting,
+    Stream,
+    StreamInfo,
+    check_options,
+    describe_scenario,
+)
 
 __all__ = ["fashion_class_order", "split_fashion"]
 
@@ -47,6 +57,27 @@ def _sample(labels: np.ndarray, classes: list[int], n: int | None, rng: Any) -> 
     """Sorted indices of ``n`` seeded draws of each class in ``classes`` (all with ``None``)."""
     picks = [rng.permutation(np.flatnonzero(labels == c))[:n] for c in classes]
     return np.sort(np.concatenate(picks))
+
+
+def _sizes(options: Mapping[str, Any]) -> tuple[int, int | None, int | None, Path]:
+    """The checked ``experiences``, ``per_class``, ``test_per_class`` and ``root`` of
+    ``options``; reads no data."""
+    experiences = options.get("experiences", 5)
+    if isinstance(experiences, bool) or not isinstance(experiences, int) or experiences < 1:
+        raise ValueError(f"scenario {NAME!r}: experiences={experiences!r} must divide 10")
+    if 10 % experiences:
+        raise ValueError(
+            f"scenario {NAME!r}: experiences={experiences} must divide the 10 classes "
+            f"evenly; expected one of [1, 2, 5, 10]"
+        )
+    per_class = check_count(NAME, "per_class", options.get("per_class", 1000), high=6000)
+    test_per_class = check_count(
+        NAME, "test_per_class", options.get("test_per_class", 500), high=1000
+    )
+    root = options.get("root")
+    if root is not None and not isinstance(root, (str, os.PathLike)):
+        raise ValueError(f"scenario {NAME!r}: root={root!r} must be a folder path")
+    return experiences, per_class, test_per_class, Path(root or images.FASHION_ROOT)
 
 
 @SCENARIOS.register(NAME)
@@ -72,19 +103,7 @@ def split_fashion(*, setting: Setting | None = None, seed: int = 0, **options: A
         raise ValueError(
             f"scenario {NAME!r} supports settings ['task', 'class'], got {setting.value!r}"
         )
-    experiences = options.get("experiences", 5)
-    if isinstance(experiences, bool) or not isinstance(experiences, int) or experiences < 1:
-        raise ValueError(f"scenario {NAME!r}: experiences={experiences!r} must divide 10")
-    if 10 % experiences:
-        raise ValueError(
-            f"scenario {NAME!r}: experiences={experiences} must divide the 10 classes "
-            f"evenly; expected one of [1, 2, 5, 10]"
-        )
-    per_class = check_count(NAME, "per_class", options.get("per_class", 1000), high=6000)
-    test_per_class = check_count(
-        NAME, "test_per_class", options.get("test_per_class", 500), high=1000
-    )
-    root = Path(options.get("root") or images.FASHION_ROOT)
+    experiences, per_class, test_per_class, root = _sizes(options)
 
     order = fashion_class_order(seed)
     size = 10 // experiences
@@ -115,3 +134,6 @@ def split_fashion(*, setting: Setting | None = None, seed: int = 0, **options: A
         licence="MIT",
     )
     return Stream(tensor_benchmark(train, test, task_labels=task_labels), info)
+
+
+describe_scenario(NAME, ScenarioSpec((Setting.TASK, Setting.CLASS), _OPTIONS, _sizes))

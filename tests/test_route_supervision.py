@@ -3,6 +3,8 @@ experts of the experience its class was learned in."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -15,6 +17,9 @@ from moracl.continual.model import ContinualClassifier
 from moracl.continual.strategy import GrowthConfig, grow_experts, routing_supervision_loss
 from moracl.experts.mixture import MixtureConfig
 from moracl.experts.routers.config import RouterConfig
+from tests.offline_data import needs_fashion_mnist
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def _grown_model(per_experience: int) -> ContinualClassifier:
@@ -74,7 +79,7 @@ def test_a_task_incremental_run_refuses_route_supervision(tmp_path) -> None:  # 
     from moracl.continual.run import build_strategy
 
     cfg = load_config(
-        "configs/split_fashion.yaml",
+        CONFIGS / "split_fashion.yaml",
         ["experts.route_supervision=1.0", f"output_dir={tmp_path}"],
     )
     model = _grown_model(1)
@@ -109,7 +114,7 @@ def test_supervised_routing_keeps_the_rows_in_batch_order(weight: float, buckets
     from scenarios.streams import Setting
 
     cfg = load_config(
-        "configs/wordnet_domains.yaml",
+        CONFIGS / "wordnet_domains.yaml",
         [
             "scenario.setting=class",
             "experts.task_inference=router",
@@ -140,13 +145,13 @@ def test_per_sample_routing_reaches_the_routers_and_refuses_task_routing() -> No
 
     info = SimpleNamespace(setting=Setting.CLASS, experience_classes=((0, 1), (2, 3)))
     cfg = load_config(
-        "configs/wordnet_domains.yaml",
+        CONFIGS / "wordnet_domains.yaml",
         ["scenario.setting=class", "experts.task_inference=router", "experts.route_per=sample"],
     )
     model = build_model("moracl", cfg, _Bucketing(), info)
     routers = [m.router.config for _, m in model.encoder.mixtures()]
     assert routers and all(r.type == "topk" and r.per == "sample" for r in routers)
-    cfg = load_config("configs/wordnet_domains.yaml", ["experts.route_per=sample"])
+    cfg = load_config(CONFIGS / "wordnet_domains.yaml", ["experts.route_per=sample"])
     task = SimpleNamespace(setting=Setting.TASK, experience_classes=((0, 1), (2, 3)))
     with pytest.raises(ValueError, match="experts.route_per='sample' applies to topk routing"):
         build_model("moracl", cfg, _Bucketing(), task)
@@ -232,6 +237,7 @@ def test_domain_incremental_rows_are_labelled_with_their_experience() -> None:
     assert plain.training_experience(exps[1]) is exps[1]
 
 
+@needs_fashion_mnist
 @pytest.mark.slow
 def test_a_teacher_forced_domain_incremental_run_resumes_exactly(tmp_path) -> None:  # type: ignore[no-untyped-def]
     from moracl.config import from_dict

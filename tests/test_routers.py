@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 
 import pytest
 import torch
@@ -460,7 +459,6 @@ def test_topk_compiles_without_graph_breaks() -> None:
     router = build_router(RouterConfig(k=2), 16, 8)
     x = torch.randn(32, 16)
     compiled = torch.compile(router, fullgraph=True)  # a host sync would break the graph
-    start = time.perf_counter()
     router.eval()
     res = compiled(x)
     assert torch.allclose(res.gates, router(x).gates, atol=1e-6)
@@ -469,7 +467,6 @@ def test_topk_compiles_without_graph_breaks() -> None:
     res.aux_loss.backward()
     assert torch.allclose(res.gates.sum(-1), torch.ones(32), atol=1e-6)
     assert router.noise_weight is not None and router.noise_weight.grad is not None
-    assert time.perf_counter() - start < 120
 
 
 @pytest.mark.gpu

@@ -20,6 +20,7 @@ from scenarios._cache import array_digest, cached_arrays, read_header
 from scenarios.digits import mnist_digits, sklearn_digits
 from scenarios.pretrain import load_pretrained, pretrain_cnn, pretrained_cnn, pretraining_split
 from scenarios.streams import ENCODERS, IMAGE_MEAN, IMAGE_STD, Setting, build_stream
+from tests.offline_data import needs_fashion_mnist
 
 TINY_FASHION = {"per_class": 12, "test_per_class": 6}
 TINY_DIGITS = {"per_class": 8, "test_per_class": 4}
@@ -355,6 +356,7 @@ def state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
+@needs_fashion_mnist
 def test_pretrain_bit_identical_and_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     a = pretrain_cnn(**QUICK, cache_dir=tmp_path / "a")
     b = pretrain_cnn(**QUICK, cache_dir=tmp_path / "b")
@@ -399,6 +401,7 @@ def _recipe(meta: dict[str, Any]) -> Any:
     return Recipe(**meta["recipe"])
 
 
+@needs_fashion_mnist
 def test_pretraining_split_is_disjoint_and_balanced() -> None:
     from scenarios.pretrain import RECIPES
 
@@ -410,7 +413,7 @@ def test_pretraining_split_is_disjoint_and_balanced() -> None:
         pretraining_split("cifar")
 
 
-@pytest.mark.parametrize("source", ["fashion", "mnist"])
+@pytest.mark.parametrize("source", [pytest.param("fashion", marks=needs_fashion_mnist), "mnist"])
 def test_pretrained_cnn_beats_chance_on_held_out(source: str, tmp_path: Path) -> None:
     result = pretrain_cnn(source, epochs=3, limit=2000, cache_dir=tmp_path)
     _, _, hx, hy = pretraining_split(source, _recipe(result.meta))
@@ -422,6 +425,7 @@ def test_pretrained_cnn_beats_chance_on_held_out(source: str, tmp_path: Path) ->
     assert accuracy > 0.6  # chance is 0.1
 
 
+@needs_fashion_mnist
 def test_frozen_encoder(tmp_path: Path) -> None:
     full = pretrain_cnn(**QUICK, cache_dir=tmp_path).model
     encoder = pretrained_cnn("fashion", epochs=1, limit=500, cache_dir=tmp_path)
@@ -433,6 +437,7 @@ def test_frozen_encoder(tmp_path: Path) -> None:
     assert {"cnn-fashion", "cnn-mnist"} <= set(ENCODERS.names())
 
 
+@needs_fashion_mnist
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("stream", "source", "floor"),

@@ -20,6 +20,7 @@ from moracl.continual.model import ContinualClassifier
 from moracl.experts.mixture import MixtureConfig
 from moracl.experts.per_sample import token_mask
 from moracl.experts.routers.config import RouterConfig
+from tests.offline_data import needs_fashion_mnist
 
 
 def _groups(n_per: int, groups: int, d: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -249,6 +250,7 @@ def _config(out: Path, setting: str = "class", **experts: object) -> RunConfig:
     return from_dict(RunConfig, data)
 
 
+@needs_fashion_mnist
 def test_a_task_incremental_run_routes_by_its_task_labels_with_nothing_to_infer() -> None:
     import scenarios  # noqa: F401
     from moracl.continual.run import build_model
@@ -272,6 +274,7 @@ def test_a_task_incremental_run_routes_by_its_task_labels_with_nothing_to_infer(
     assert not isinstance(model.encoder.adapter_configs["default"], MixtureConfig)
 
 
+@needs_fashion_mnist
 @pytest.mark.slow
 def test_a_run_keeps_every_training_rows_statistics_and_resumes_exactly(tmp_path: Path) -> None:
     import scenarios  # noqa: F401

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moracl.guard import check_number
+from moracl.parse_fields import check_field_types, check_string_keys, show
 from moracl.registry import Registry
 
 __all__ = [
@@ -28,6 +30,7 @@ __all__ = [
     "AdapterConfig",
     "ParamRole",
     "build_adapter",
+    "check_adapter_fit",
     "iter_param_roles",
     "register_adapter",
 ]
@@ -77,7 +80,7 @@ class AdapterConfig:
             if args:
                 raise TypeError("AdapterConfig takes keyword arguments only")
             kind = kwargs.get("kind", "lora")
-            sub = cls._kinds.get(kind)
+            sub = cls._kinds.get(kind) if isinstance(kind, str) else None
             if sub is None:
                 raise ValueError(
                     f"unknown adapter kind {kind!r}; expected one of {sorted(cls._kinds)}"
@@ -93,8 +96,7 @@ class AdapterConfig:
             raise ValueError(f"{type(self).__name__} has kind {expected!r}, got kind={self.kind!r}")
         if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank <= 0:
             raise ValueError(f"rank must be a positive integer, got {self.rank!r}")
-        if not 0.0 <= float(self.dropout) < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        check_number("dropout", self.dropout, ge=0.0, lt=1.0)  # finite, in [0, 1)
 
     @classmethod
     def check_keys(cls, data: Mapping[str, Any]) -> None:
@@ -109,9 +111,19 @@ class AdapterConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> AdapterConfig:
-        """Build the config of ``data['kind']`` from a plain mapping (e.g. parsed JSON or YAML)."""
-        if not isinstance(data, Mapping):
-            raise TypeError(f"an adapter config must be a mapping, got {type(data).__name__}")
+        """Build the config of ``data['kind']`` from a plain mapping (e.g. parsed JSON or YAML).
+
+        Anything malformed — not a mapping, a key that is not a string or not a field of the
+        kind, a value of the wrong JSON type — raises ``ValueError`` naming the key."""
+        data = check_string_keys(data, "an adapter config")
+        kind = data.get("kind", "lora")
+        sub = cls._kinds.get(kind) if isinstance(kind, str) else None
+        if sub is None:
+            raise ValueError(
+                f"unknown adapter kind {show(kind)}; expected one of {sorted(cls._kinds)}"
+            )
+        sub.check_keys(data)
+        check_field_types(sub, data)
         return AdapterConfig(**dict(data))
 
     def to_dict(self) -> dict[str, Any]:
@@ -154,6 +166,7 @@ class Adapter(nn.Module, ABC):
             raise ValueError(
                 f"an adapter needs positive layer sizes, got in={in_features}, out={out_features}"
             )
+        type(self).check_fit(in_features, out_features, config)  # before any allocation
         self.in_features = in_features
         self.out_features = out_features
         self.config = config
@@ -162,6 +175,28 @@ class Adapter(nn.Module, ABC):
         )
 
     # -- the interface -------------------------------------------------------------------
+    @classmethod
+    def check_fit(
+        cls, in_features: int, out_features: int, config: AdapterConfig, where: str = "a layer"
+    ) -> None:
+        """Raise ``ValueError`` naming ``where``, the value and the bound if ``config`` is out
+        of range for an ``in_features -> out_features`` layer; allocates nothing.
+
+        The default bound is LoRA's: ``rank <= max(d_in, d_out)``.  A rank above
+        ``min(d_in, d_out)`` adds parameters but no rank to ``ΔW = B A``; it is accepted (as
+        PEFT does) because ``all-linear`` targets often include a narrow output layer, but
+        beyond ``max(d_in, d_out)`` even the wider factor outgrows a dense square of the layer's
+        larger side, which only a mistake asks for (``rank=100000`` on a 384-wide encoder).
+        Kinds with another meaning of rank override it."""
+        bound = max(in_features, out_features)
+        if config.rank > bound:
+            raise ValueError(
+                f"{where} ({in_features} -> {out_features}): {config.kind} rank {config.rank} is "
+                f"out of range; expected 1 <= rank <= {bound} = max(d_in, d_out) (ranks above "
+                f"min(d_in, d_out) = {min(in_features, out_features)} add no rank to the update; "
+                f"lower adapter.rank or leave this layer out of target_modules)"
+            )
+
     @abstractmethod
     def delta(self, x: Tensor, *, weight: Tensor | None = None) -> Tensor:
         """The update for input ``x (..., i)``: a tensor ``(..., o)``."""
@@ -246,6 +281,14 @@ def register_adapter(name: str, config_cls: type[AdapterConfig]):  # type: ignor
         return cls
 
     return deco
+
+
+def check_adapter_fit(
+    in_features: int, out_features: int, config: AdapterConfig, where: str = "a layer"
+) -> None:
+    """:meth:`Adapter.check_fit` of ``config.kind``: ``ValueError`` naming ``where``, the value
+    and the bound when ``config`` does not fit an ``in_features -> out_features`` layer."""
+    ADAPTERS.get(config.kind).check_fit(in_features, out_features, config, where)
 
 
 def build_adapter(in_features: int, out_features: int, config: AdapterConfig) -> Adapter:

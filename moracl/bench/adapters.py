@@ -9,6 +9,7 @@ default without a GPU) is a small model that finishes in under a minute.
 
 from __future__ import annotations
 
+import argparse
 import json
 from collections.abc import Callable
 from typing import Any, cast
@@ -134,9 +135,16 @@ def run(
     return results
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The checked options of ``moracl bench adapters`` (a bad one: argparse's usage and
+    error, exit status 2)."""
     parser = bench_parser("moracl bench adapters", __doc__, METHODS, sorted(SIZES))
-    args = parser.parse_args(argv)
+    args: argparse.Namespace = parser.parse_args(argv)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     device, size = device_and_size(args)
     methods = args.methods or [m for m in METHODS if not m.startswith("peft") or _has_peft()]
     if device.type == "cpu":

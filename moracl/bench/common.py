@@ -13,7 +13,17 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["LlamaShape", "Timing", "build_llama", "machine", "markdown_table", "time_steps"]
+__all__ = [
+    "LlamaShape",
+    "Timing",
+    "build_llama",
+    "device_arg",
+    "machine",
+    "markdown_table",
+    "nonnegative_int",
+    "positive_int",
+    "time_steps",
+]
 
 
 @dataclass(frozen=True)
@@ -106,17 +116,54 @@ def machine(device: torch.device) -> str:
     return f"{name}; torch {torch.__version__}; Python {platform.python_version()}"
 
 
+def _int(text: str, low: int) -> int:
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """An argparse ``type``: an integer >= 1 (``--steps 0`` is an error naming the value)."""
+    return _int(text, 1)
+
+
+def nonnegative_int(text: str) -> int:
+    """An argparse ``type``: an integer >= 0."""
+    return _int(text, 0)
+
+
+def device_arg(text: str) -> str:
+    """An argparse ``type``: a device this machine has (``cpu``, ``cuda``, ``cuda:N``)."""
+    import argparse
+
+    from moracl.preflight import check_device
+
+    try:
+        check_device(text, what="device")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
 def bench_parser(prog: str, description: str | None, methods: list[str], sizes: list[str]):  # type: ignore[no-untyped-def]
     """The options every model benchmark shares: device, size, methods, rank, steps, json."""
     import argparse
 
     parser = argparse.ArgumentParser(prog=prog, description=description)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu"
+    )
     parser.add_argument("--size", choices=sizes, default=None, help="default: h100 on a GPU")
     parser.add_argument("--methods", nargs="+", default=None, choices=methods)
-    parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--rank", type=positive_int, default=16)
+    parser.add_argument("--steps", type=positive_int, default=10)
+    parser.add_argument("--warmup", type=nonnegative_int, default=3)
     parser.add_argument("--json", default=None, help="also write the results here")
     return parser
 

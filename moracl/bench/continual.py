@@ -44,7 +44,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from moracl.bench.common import markdown_table
+from moracl.bench.common import markdown_table, positive_int
 from moracl.bench.loopcost import LoopCost, measure_loop_cost
 from moracl.continual.config import STRATEGIES, RunConfig
 from moracl.continual.metrics import RunResults
@@ -484,8 +484,9 @@ def _machine() -> str:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Command-line entry: ``moracl bench continual`` / ``python -m moracl.bench.continual``."""
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The checked options of ``moracl bench continual`` (a bad one: argparse's usage and
+    error, exit status 2)."""
     doc = __doc__ or ""
     parser = argparse.ArgumentParser(prog="moracl bench continual", description=doc.split("\n")[0])
     parser.add_argument(
@@ -505,8 +506,10 @@ def main(argv: list[str] | None = None) -> int:
         action="store_false",
         help="run all strategies in this process (no per-strategy peak memory on CPU)",
     )
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--repeats", type=int, default=3, help="timed rounds of the loop cost")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
+    parser.add_argument(
+        "--repeats", type=positive_int, default=3, help="timed rounds of the loop cost"
+    )
     parser.add_argument("--no-loop-cost", dest="loop", action="store_false")
     parser.add_argument("--output-dir", default=None, help="run folders (default: a temp dir)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
@@ -515,6 +518,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--seeds must be >= 0, got {args.seeds}")
     if args.seeds is not None and len(set(args.seeds)) != len(args.seeds):
         parser.error(f"--seeds must be distinct (each writes its own run folder), got {args.seeds}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry: ``moracl bench continual`` / ``python -m moracl.bench.continual``."""
+    args = parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     out = Path(args.output_dir or tempfile.mkdtemp(prefix="moracl-bench-continual-"))

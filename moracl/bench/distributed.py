@@ -27,7 +27,16 @@ from typing import Any, cast
 import torch
 
 from moracl.bench.adapters import SIZES
-from moracl.bench.common import LlamaShape, build_llama, machine, markdown_table, time_steps
+from moracl.bench.common import (
+    LlamaShape,
+    build_llama,
+    device_arg,
+    machine,
+    markdown_table,
+    nonnegative_int,
+    positive_int,
+    time_steps,
+)
 
 SHAPES = {
     **SIZES,
@@ -95,37 +104,48 @@ def _launch(nproc: int, args: argparse.Namespace, out: Path) -> dict[str, Any]:
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The checked options of ``moracl bench distributed`` (a bad one: argparse's usage and
+    error, exit status 2)."""
     parser = argparse.ArgumentParser(
         prog="moracl bench distributed",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu"
+    )
     parser.add_argument(
         "--size", choices=sorted(SHAPES), default=None, help="default: h100 on GPUs, tiny on CPUs"
     )
-    parser.add_argument("--nproc", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--nproc", type=positive_int, nargs="+", default=[1, 2])
+    parser.add_argument("--rank", type=positive_int, default=16)
+    parser.add_argument("--steps", type=positive_int, default=10)
+    parser.add_argument("--warmup", type=nonnegative_int, default=3)
     parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    args: argparse.Namespace = parser.parse_args(argv)
     cuda = args.device.startswith("cuda")
     args.size = args.size or ("h100" if cuda else "tiny")
     if args.worker:
-        return _worker(args)
+        return args
     if cuda:
         have = torch.cuda.device_count()
         if max(args.nproc) > have:
-            raise ValueError(f"--nproc {max(args.nproc)} needs as many GPUs; this host has {have}")
+            parser.error(f"--nproc {max(args.nproc)} needs as many GPUs; this host has {have}")
     elif args.size != "tiny":
-        raise ValueError(
+        parser.error(
             f"--size {args.size} is the GPU benchmark; on CPUs run the gloo smoke test "
             f"(--device cpu --size tiny)"
         )
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        return _worker(args)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for n in args.nproc:

@@ -9,6 +9,7 @@ the mean of its tokens' inputs) instead of each token.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 from collections.abc import Callable
@@ -178,7 +179,9 @@ def run(
     return results
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The checked options of ``moracl bench experts`` (a bad one: argparse's usage and
+    error, exit status 2)."""
     parser = bench_parser("moracl bench experts", __doc__, METHODS, sorted(SIZES))
     parser.add_argument(
         "--compile", action="store_true", help="time torch.compile(model) for every method"
@@ -196,13 +199,19 @@ def main(argv: list[str] | None = None) -> int:
         help="A/B the Triton routing kernels: ROUNDS rounds of every method without them "
         "(MORACL_TRITON_ROUTING=0), then with them, in this process",
     )
-    args = parser.parse_args(argv)
-    device, size = device_and_size(args)
+    args: argparse.Namespace = parser.parse_args(argv)
+    device, _ = device_and_size(args)
     if args.graphs and device.type != "cuda":
         parser.error(f"--graphs needs a CUDA device, got --device {device}")
-    methods = args.methods or METHODS
     if args.kernels_ab < 0:
         parser.error(f"--kernels-ab takes a number of rounds >= 0, got {args.kernels_ab}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device, size = device_and_size(args)
+    methods = args.methods or METHODS
     if args.kernels_ab:
         return _kernels_ab(size, methods, args, device)
     results = run(

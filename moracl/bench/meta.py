@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,7 +41,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moracl.bench.common import free, machine, markdown_table, time_steps
+from moracl.bench.common import (
+    device_arg,
+    free,
+    machine,
+    markdown_table,
+    nonnegative_int,
+    positive_int,
+    time_steps,
+)
 
 __all__ = ["MODELS", "Workload", "build_model", "main", "markdown", "run"]
 
@@ -289,26 +298,36 @@ def markdown(result: dict[str, Any]) -> str:
     return head + "\n" + table
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Command-line entry: ``moracl bench meta`` / ``python -m moracl.bench.meta``."""
+def parse_args(argv: list[str] | None = None) -> Any:
+    """The checked options of ``moracl bench meta`` (an ``argparse.Namespace``; a bad one:
+    argparse's usage and error, exit status 2)."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="moracl bench meta", description=__doc__.split("\n")[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu"
+    )
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per round")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds")
-    parser.add_argument("--chunk-size", type=int, default=None, help="tasks per vmapped chunk")
+    parser.add_argument("--steps", type=positive_int, default=5, help="timed steps per round")
+    parser.add_argument("--warmup", type=nonnegative_int, default=2)
+    parser.add_argument("--repeats", type=positive_int, default=3, help="interleaved rounds")
+    parser.add_argument(
+        "--chunk-size", type=positive_int, default=None, help="tasks per vmapped chunk"
+    )
     parser.add_argument(
         "--linear-update",
         choices=["auto", "factored", "dense"],
         default="auto",
         help="moracl's inner update of full nn.Linear weights",
     )
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     parser.add_argument("--json", type=Path, default=None, help="also write the result here")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry: ``moracl bench meta`` / ``python -m moracl.bench.meta``."""
+    args = parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     try:
@@ -321,8 +340,9 @@ def main(argv: list[str] | None = None) -> int:
             chunk_size=args.chunk_size,
             linear_update=args.linear_update,
         )
-    except ValueError as err:
-        parser.error(str(err))
+    except ValueError as err:  # options that do not fit together
+        print(f"moracl bench meta: error: {err}", file=sys.stderr)
+        return 2
     print(markdown(result))
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)

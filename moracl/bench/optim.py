@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moracl.adapters.base import ParamRole
+from moracl.bench.common import device_arg, positive_int
 from moracl.optim import LarsConfig, MoRAOptimizer, SAMConfig
 
 __all__ = ["main", "run"]
@@ -304,28 +306,40 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Command-line entry: ``moracl bench optim`` / ``python -m moracl.bench.optim``."""
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The checked options of ``moracl bench optim`` (a bad one: argparse's usage and error,
+    exit status 2)."""
     parser = argparse.ArgumentParser(prog="moracl bench optim", description=__doc__.split("\n")[0])
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--device", type=device_arg, choices=["cpu", "cuda"], default="cpu")
     parser.add_argument(
-        "--steps", type=int, default=None, help="steps per timing (default: by device and size)"
+        "--steps",
+        type=positive_int,
+        default=None,
+        help="steps per timing (default: by device and size)",
     )
     parser.add_argument("--params-size", choices=sorted(PARAM_SIZES), default="small")
-    parser.add_argument("--repeats", type=int, default=5, help="timings per configuration")
+    parser.add_argument("--repeats", type=positive_int, default=5, help="timings per configuration")
     parser.add_argument(
-        "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
+        "--threads",
+        type=positive_int,
+        default=None,
+        help="torch CPU threads (default: torch's choice)",
     )
     parser.add_argument("--json", type=Path, default=None, help="also write the result here")
-    args = parser.parse_args(argv)
+    args: argparse.Namespace = parser.parse_args(argv)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry: ``moracl bench optim`` / ``python -m moracl.bench.optim``."""
+    args = parse_args(argv)
     if args.threads is not None:
-        if args.threads <= 0:
-            parser.error(f"--threads must be > 0, got {args.threads}")
         torch.set_num_threads(args.threads)
     try:
         result = run(args.device, args.steps, args.params_size, args.repeats)
-    except ValueError as err:
-        parser.error(str(err))
+    except ValueError as err:  # options that do not fit together
+        print(f"moracl bench optim: error: {err}", file=sys.stderr)
+        return 2
     print(markdown(result))
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,7 @@ import torch
 
 from moracl.bench import adapters, experts
 from moracl.bench.adapters import SIZES
-from moracl.bench.common import build_llama
+from moracl.bench.common import build_llama, device_arg, positive_int
 
 
 def _adapter_step(method: str, size: str, rank: int, device: torch.device) -> Callable[[], None]:
@@ -38,18 +38,27 @@ def _experts_step(method: str, size: str, rank: int, device: torch.device) -> Ca
     return step
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The checked options of ``moracl bench profile`` (a bad one: argparse's usage and
+    error, exit status 2)."""
     parser = argparse.ArgumentParser(prog="moracl bench profile", description=__doc__)
     parser.add_argument("--bench", choices=["adapters", "experts"], default="adapters")
     parser.add_argument("--method", default="moracl-lora")
     parser.add_argument("--size", choices=sorted(SIZES), default="cpu")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--rows", type=int, default=25)
-    args = parser.parse_args(argv)
+    parser.add_argument(
+        "--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu"
+    )
+    parser.add_argument("--rank", type=positive_int, default=16)
+    parser.add_argument("--rows", type=positive_int, default=25)
+    args: argparse.Namespace = parser.parse_args(argv)
     methods = adapters.METHODS if args.bench == "adapters" else experts.METHODS
     if args.method not in methods:
         parser.error(f"--method {args.method!r} is not one of {args.bench}' methods: {methods}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     device = torch.device(args.device)
     build = _adapter_step if args.bench == "adapters" else _experts_step
     step = build(args.method, args.size, args.rank, device)

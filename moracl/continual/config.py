@@ -7,18 +7,27 @@ from typing import Any
 
 from moracl.adapters.base import AdapterConfig
 from moracl.distributed import DistributedConfig
+from moracl.guard import OnNonFinite, check_int, check_number
 
 __all__ = [
+    "SEED_MAX",
+    "SETTINGS",
     "STRATEGIES",
     "BaselinesConfig",
     "ContinualTrainConfig",
     "ExpertsConfig",
     "RunConfig",
     "ScenarioConfig",
+    "check_routing",
+    "router_kind",
 ]
 
 #: strategy names a run may list, in the order runs report them
 STRATEGIES = ("moracl", "naive", "ewc", "lwf", "replay", "joint")
+#: the continual settings a scenario may have (``scenarios.streams.Setting``'s values)
+SETTINGS = ("task", "class", "domain")
+#: the largest seed a config takes (seeds go to torch, numpy and Python generators alike)
+SEED_MAX = 2**32 - 1
 
 
 @dataclass
@@ -32,6 +41,19 @@ class ScenarioConfig:
     options: dict[str, Any] = field(
         default_factory=dict, metadata={"help": "builder options (sizes, class lists, ...)"}
     )
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"scenario.name must be a scenario name, got {self.name!r}")
+        if self.setting is not None and self.setting not in SETTINGS:
+            raise ValueError(
+                f"scenario.setting must be one of {list(SETTINGS)} or null (the scenario's "
+                f"default), got {self.setting!r}"
+            )
+        if not isinstance(self.options, dict) or not all(isinstance(k, str) for k in self.options):
+            raise ValueError(
+                f"scenario.options must map option names to values, got {self.options!r}"
+            )
 
 
 @dataclass
@@ -125,6 +147,12 @@ class ExpertsConfig:
         return [k for k, v in learned.items() if v]
 
     def __post_init__(self) -> None:
+        # types and finiteness first; the ranges below keep their own messages
+        ints = ("per_experience", "k", "rank", "replay_size")
+        for name in (*ints, "balance_head_epochs", "balance_router_epochs"):
+            check_int(f"experts.{name}", getattr(self, name))
+        for name in ("balance_head_lr", "balance_router_lr", "inference_shrinkage"):
+            check_number(f"experts.{name}", getattr(self, name))
         if self.per_experience <= 0 or self.k <= 0:
             raise ValueError(
                 f"experts.per_experience and experts.k must be > 0, got "
@@ -176,6 +204,11 @@ class ExpertsConfig:
             raise ValueError(
                 f"experts.inference_shrinkage must be in [0, 1], got {self.inference_shrinkage!r}"
             )
+        for name in ("reuse_old", "freeze_heads", "teacher_forcing"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(
+                    f"experts.{name} must be true or false, got {getattr(self, name)!r}"
+                )
         if self.teacher_forcing and not self.route_supervision:
             raise ValueError(
                 "experts.teacher_forcing routes training rows by their class's experience, so "
@@ -193,8 +226,11 @@ class BaselinesConfig:
     replay_size: int = field(default=200, metadata={"help": "Replay buffer size (examples)"})
 
     def __post_init__(self) -> None:
-        if self.replay_size <= 0:
-            raise ValueError(f"baselines.replay_size must be > 0, got {self.replay_size!r}")
+        check_int("baselines.replay_size", self.replay_size, gt=0)
+        check_number("baselines.ewc_lambda", self.ewc_lambda, ge=0)
+        check_number("baselines.lwf_alpha", self.lwf_alpha, ge=0)
+        # LwF divides the logits by the temperature: 0 trains through NaN
+        check_number("baselines.lwf_temperature", self.lwf_temperature, gt=0)
 
 
 @dataclass
@@ -208,16 +244,27 @@ class ContinualTrainConfig:
     head_lr: float = field(default=3e-3, metadata={"help": "learning rate of the heads"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     seed: int = field(default=0, metadata={"help": "seeds data order, init and sampling"})
+    on_nonfinite: OnNonFinite = field(
+        default=OnNonFinite.STOP,
+        metadata={"help": "at a non-finite loss or gradient: stop (an error) or skip the step"},
+    )
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "eval_batch_size"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"train.{name} must be > 0, got {getattr(self, name)!r}")
+            check_int(f"train.{name}", getattr(self, name), gt=0)
         for name in ("lr", "head_lr"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"train.{name} must be > 0, got {getattr(self, name)!r}")
-        if self.seed < 0:
+            check_number(f"train.{name}", getattr(self, name), gt=0)
+        check_number("train.weight_decay", self.weight_decay, ge=0)
+        if isinstance(self.seed, int) and self.seed < 0:
             raise ValueError(f"train.seed must be >= 0, got {self.seed!r}")
+        check_int("train.seed", self.seed, ge=0, le=SEED_MAX)
+        try:
+            self.on_nonfinite = OnNonFinite(self.on_nonfinite)
+        except ValueError:
+            raise ValueError(
+                f"train.on_nonfinite must be one of {[m.value for m in OnNonFinite]}, "
+                f"got {self.on_nonfinite!r}"
+            ) from None
 
 
 @dataclass
@@ -240,9 +287,85 @@ class RunConfig:
     output_dir: str = field(default="out/run", metadata={"help": "the run folder"})
 
     def __post_init__(self) -> None:
+        if not isinstance(self.strategies, (list, tuple)) or not all(
+            isinstance(s, str) for s in self.strategies
+        ):
+            raise ValueError(
+                f"strategies must be distinct names among {list(STRATEGIES)}, "
+                f"got {self.strategies!r}"
+            )
         unknown = [s for s in self.strategies if s not in STRATEGIES]
         if unknown or not self.strategies or len(set(self.strategies)) != len(self.strategies):
             raise ValueError(
                 f"strategies must be distinct names among {list(STRATEGIES)}, "
                 f"got {self.strategies!r}"
             )
+
+
+def check_routing(config: RunConfig, *, task_aware: bool) -> None:
+    """Raise ``ValueError`` for an ``experts`` section that moracl's strategy cannot route in a
+    run with (``task_aware``) or without task labels; nothing to check without ``moracl``
+    among the strategies.
+
+    The rules, checked by ``moracl validate`` before a run and by the run itself where it
+    builds moracl's routers (:func:`moracl.continual.run.build_model`):
+
+    - gaussian task inference (without task labels) leaves no learned router: none of the
+      learned-routing keys (:meth:`ExpertsConfig.learned_routing`) may be set;
+    - ``route_per`` applies to top-k routing only, not to routing by task id;
+    - top-k routing picks among the experts of one experience at first: ``k`` may not
+      exceed ``per_experience``;
+    - with task labels the run routes by task: ``route_supervision`` and
+      ``balance_router_epochs`` teach routing without task labels and are refused.
+    """
+    if "moracl" not in config.strategies:
+        return
+    e = config.experts
+    if e.task_inference == "gaussian" and not task_aware:
+        learned = e.learned_routing()
+        if learned:
+            raise ValueError(
+                f"experts.task_inference='gaussian' routes test rows by the inferred experience, "
+                f"with no learned router: leave experts.{', experts.'.join(learned)} at the "
+                f"default or set experts.task_inference=router"
+            )
+    router_kind(config, task_aware=task_aware)
+    if task_aware and e.route_supervision:
+        raise ValueError(
+            f"experts.route_supervision={e.route_supervision} teaches routing without task "
+            f"labels; this run has task labels and routes by task: set it to 0"
+        )
+    if task_aware and e.balance_router_epochs:
+        raise ValueError(
+            f"experts.balance_router_epochs={e.balance_router_epochs} teaches routing without "
+            f"task labels; this run has task labels and routes by task: set it to 0"
+        )
+
+
+def router_kind(config: RunConfig, *, task_aware: bool) -> str:
+    """``"task"`` or ``"topk"``: how moracl's routers route in a run with (``task_aware``) or
+    without task labels (``experts.router=auto``: by task id with task labels or gaussian
+    task inference, else top-k).
+
+    Raises:
+        ValueError: ``experts.route_per`` set for routing by task id, or top-k routing with
+            ``experts.k`` above ``experts.per_experience`` (top-k routing starts with the
+            experts of the first experience).
+    """
+    e = config.experts
+    kind = e.router
+    if kind == "auto":
+        kind = "task" if task_aware or e.task_inference == "gaussian" else "topk"
+    if kind == "task" and e.route_per != "token":
+        raise ValueError(
+            f"experts.route_per={e.route_per!r} applies to topk routing; this run routes by "
+            f"task id (experts.router={e.router!r} with {'task' if task_aware else 'no task'} "
+            f"labels)"
+        )
+    if kind == "topk" and e.k > e.per_experience:
+        raise ValueError(
+            f"experts.k={e.k} exceeds experts.per_experience={e.per_experience}: top-k routing "
+            f"starts with the {e.per_experience} expert(s) of the first experience; set "
+            f"experts.k <= {e.per_experience} or add experts per experience"
+        )
+    return kind

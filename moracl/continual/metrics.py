@@ -349,16 +349,32 @@ class RoutingDiagnostics:
 
 @dataclass
 class StrategyResult:
-    """Everything measured for one strategy of a run."""
+    """Everything measured for one strategy of a run.
+
+    ``steps`` counts the training steps taken or skipped so far (every mini-batch, including
+    those of plugins' own fine-tuning loops), ``skipped_steps`` those skipped for a
+    non-finite loss or gradient (``train.on_nonfinite=skip``).
+    """
 
     name: str
     matrix: AccuracyMatrix
     cost: Cost
     routing: RoutingDiagnostics | None = None
+    steps: int = 0
+    skipped_steps: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip():
             raise ValueError(f"name={self.name!r}; expected a non-empty strategy name")
+        for key in ("steps", "skipped_steps"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{key}={value!r}; expected a non-negative int")
+        if self.skipped_steps > self.steps:
+            raise ValueError(
+                f"skipped_steps={self.skipped_steps} exceeds steps={self.steps}; expected at "
+                f"most as many skipped steps as steps"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: floats exact, NaN as ``None``."""
@@ -381,6 +397,7 @@ class StrategyResult:
             "matrix": self.matrix.to_dict(),
             "cost": cost,
             "routing": routing,
+            "training": {"steps": self.steps, "skipped_steps": self.skipped_steps},
         }
 
     @classmethod
@@ -405,11 +422,16 @@ class StrategyResult:
                 expert_usage=[_floats_from_json(row, "expert_usage") for row in usage],
                 task_inference_accuracy=r.get("task_inference_accuracy"),
             )
+        training = data.get("training") or {}  # absent from files of older versions
+        if not isinstance(training, dict):
+            raise ValueError(f"'training' = {training!r}; expected an object or null")
         return cls(
             name=_require(data, "name", str),
             matrix=AccuracyMatrix.from_dict(_require(data, "matrix", dict)),
             cost=cost,
             routing=routing,
+            steps=training.get("steps", 0),
+            skipped_steps=training.get("skipped_steps", 0),
         )
 
 
@@ -496,8 +518,12 @@ class RunResults:
         path = Path(run_dir) / METRICS_FILE
         if path.exists():
             RunResults.load(path)  # raises on a file we must not overwrite
+        from moracl.guard import NonFiniteError, finite_json
+
         try:
-            text = json.dumps(self.to_dict(), indent=2, allow_nan=False)
+            text = finite_json(self.to_dict(), f"results of {self.scenario!r}", indent=2)
+        except NonFiniteError:
+            raise
         except (TypeError, ValueError) as e:
             raise ValueError(f"results of {self.scenario!r} are not JSON-serialisable: {e}") from e
         write_text_atomic(path, text + "\n")

@@ -21,6 +21,7 @@ from moracl.continual.strategy import (
     materialize,
     routing_supervision_loss,
 )
+from moracl.guard import StepGuard
 from moracl.model import MoRAModel
 
 __all__ = [
@@ -92,8 +93,10 @@ class BalancedHeadPlugin(SupervisedPlugin):
     experience was added.
 
     Reads ``strategy.model`` (a :class:`ContinualClassifier` with one shared head),
-    ``strategy.experience``, ``strategy.adapted_dataset``, ``strategy.train_mb_size``;
-    writes the head's parameters.
+    ``strategy.experience``, ``strategy.adapted_dataset``, ``strategy.train_mb_size`` and,
+    on a :class:`FastTemplate`, its ``step_guard`` and ``where()`` (every step is checked
+    like the strategy's own: stopped or skipped at a non-finite loss or gradient); writes the
+    head's parameters.
 
     With ``router_epochs`` the routers of a task-agnostic mixture are rebalanced first, the
     same way: they alone train for ``router_epochs`` passes over the buffer, each row labelled
@@ -139,6 +142,10 @@ class BalancedHeadPlugin(SupervisedPlugin):
         self.router_epochs = router_epochs
         self.router_lr = router_lr
         self.force_routes = force_routes
+        #: checks every step; :meth:`after_training_exp` takes the strategy's
+        self.step_guard = StepGuard()
+        #: names the strategy and experience in messages
+        self.where = "balanced fine-tuning"
 
     def after_training_exp(self, strategy: Any, **kwargs: Any) -> None:
         model = strategy.model
@@ -154,6 +161,9 @@ class BalancedHeadPlugin(SupervisedPlugin):
         t_old = torch.cat([p[2] for _, p in parts])
         x_new, y_new, t_new = materialize(strategy.adapted_dataset)
         device = next(model.parameters()).device
+        # the strategy's step check and counts, and its name in messages
+        self.step_guard = getattr(strategy, "step_guard", None) or StepGuard()
+        self.where = strategy.where() if isinstance(strategy, FastTemplate) else f"experience {exp}"
         if self.router_epochs:
             e_old = torch.cat([torch.full_like(p[1], e) for e, p in parts])
             gen = torch.Generator().manual_seed(derive_seed(self.seed, "balance-routers", exp))
@@ -178,7 +188,8 @@ class BalancedHeadPlugin(SupervisedPlugin):
         generator: torch.Generator,
     ) -> None:
         """Train the routers of ``model``'s mixtures alone on ``x (n, ...)`` to send each row
-        to the experts of ``experience (n,)`` (:func:`routing_supervision_loss`)."""
+        to the experts of ``experience (n,)`` (:func:`routing_supervision_loss`); every step
+        is checked by :attr:`step_guard`."""
         encoder = model.encoder
         if not isinstance(encoder, MoRAModel):
             return
@@ -189,12 +200,16 @@ class BalancedHeadPlugin(SupervisedPlugin):
             return
         device = experience.device
         optimizer = torch.optim.AdamW(params, lr=self.router_lr, weight_decay=0.0)
+        guard, where = self.step_guard, f"{self.where}, balanced router fine-tuning"
+        named = [(f"{path}.router.{n}", p) for path, m in encoder.mixtures() for n, p in
+                 m.router.named_parameters() if p.requires_grad]  # fmt: skip
         recording = encoder.record_router_inputs
         encoder.record_router_inputs = True
         try:
-            for _ in range(self.router_epochs):
+            for epoch in range(self.router_epochs):
                 order = torch.randperm(len(experience), generator=generator).to(device)
-                for start in range(0, len(experience), batch_size):
+                skipped = guard.skipped
+                for step, start in enumerate(range(0, len(experience), batch_size)):
                     batch = order[start : start + batch_size]
                     model.forced_routes = experience[batch] if self.force_routes else None
                     with torch.no_grad():  # inputs without a graph: the routers alone train
@@ -203,7 +218,10 @@ class BalancedHeadPlugin(SupervisedPlugin):
                     grads = torch.autograd.grad(loss, params, allow_unused=True)
                     for p, g in zip(params, grads):
                         p.grad = g
-                    optimizer.step()
+                    place = f"{where}, epoch {epoch}, step {step}"
+                    if guard.check(loss, params, place, named=lambda: named) is not None:
+                        optimizer.step()
+                guard.warn_skipped(skipped, step + 1, f"{where}, epoch {epoch}")
         finally:
             model.forced_routes = None
             encoder.record_router_inputs = recording
@@ -221,7 +239,8 @@ class BalancedHeadPlugin(SupervisedPlugin):
     ) -> None:
         """Train ``model.heads[0]`` on ``x (n, ...)``, ``y (n,)`` with the rest fixed; a
         model that infers tasks computes the features through the experts of the rows'
-        ``tasks (n,)`` (their experiences, as in training)."""
+        ``tasks (n,)`` (their experiences, as in training); every step is checked by
+        :attr:`step_guard`."""
         device = y.device
         was_training = model.training
         model.eval()
@@ -240,17 +259,23 @@ class BalancedHeadPlugin(SupervisedPlugin):
             )  # (n, d)
         model.train(was_training)
         head = model.heads[0]
-        optimizer = torch.optim.AdamW(head.parameters(), lr=self.lr, weight_decay=0.0)
+        params = list(head.parameters())
+        optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=0.0)
+        guard, where = self.step_guard, f"{self.where}, balanced head fine-tuning"
         lowest = torch.finfo(feats.dtype).min
-        for _ in range(self.epochs):
+        for epoch in range(self.epochs):
             order = torch.randperm(len(y), generator=generator).to(device)
-            for start in range(0, len(y), batch_size):
+            skipped = guard.skipped
+            for step, start in enumerate(range(0, len(y), batch_size)):
                 batch = order[start : start + batch_size]
                 logits = head(feats[batch]).masked_fill(~model.seen[None], lowest)  # (b, c)
                 loss = F.cross_entropy(logits, y[batch])
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                optimizer.step()
+                place = f"{where}, epoch {epoch}, step {step}"
+                if guard.check(loss, params, place, named=head.named_parameters) is not None:
+                    optimizer.step()
+            guard.warn_skipped(skipped, step + 1, f"{where}, epoch {epoch}")
 
 
 class TaskStatisticsPlugin(SupervisedPlugin):
@@ -289,3 +314,9 @@ class TaskStatisticsPlugin(SupervisedPlugin):
 
 class FastJoint(FastTemplate, JointTraining):  # type: ignore[misc]
     """Joint training (all experiences at once: the upper reference) on the lean template."""
+
+    def experience_label(self) -> str:
+        """``"experiences 0-4 (joint)"``: Joint trains once, on all of them."""
+        exps = [int(e.current_experience) for e in getattr(self, "_experiences", [])]
+        span = f"{min(exps)}-{max(exps)}" if exps else "all"
+        return f"experiences {span} (joint)"

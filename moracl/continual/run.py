@@ -11,19 +11,22 @@ uninterrupted one does.
 from __future__ import annotations
 
 import copy
+import math
+import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from moracl.adapters.base import AdapterConfig
 from moracl.continual.checkpoint import load_checkpoint, save_checkpoint
-from moracl.continual.config import STRATEGIES, RunConfig
+from moracl.continual.config import STRATEGIES, RunConfig, router_kind
 from moracl.continual.inference import GaussianTaskInference
 from moracl.continual.metrics import (
     AccuracyMatrix,
@@ -35,6 +38,7 @@ from moracl.continual.metrics import (
 from moracl.continual.model import ContinualClassifier
 from moracl.continual.parallel import DataParallelPlugin
 from moracl.continual.strategy import (
+    EpochRecord,
     FastTemplate,
     GrowthConfig,
     MoRAStrategy,
@@ -53,7 +57,9 @@ from moracl.distributed import (
 )
 from moracl.experts.mixture import MixtureConfig
 from moracl.experts.routers.config import RouterConfig
+from moracl.guard import NonFiniteError, assert_finite
 from moracl.model import MoRAModel
+from moracl.runlock import lock_run_folder, process_rank
 
 __all__ = ["Evaluation", "build_strategy", "evaluate", "run_continual"]
 
@@ -71,18 +77,10 @@ LABELS = {
 
 
 def _router(config: RunConfig, task_aware: bool) -> RouterConfig:
-    kind = config.experts.router
-    if kind == "auto":
-        kind = "task" if task_aware or config.experts.task_inference == "gaussian" else "topk"
-    if kind == "task":
-        if config.experts.route_per != "token":
-            raise ValueError(
-                f"experts.route_per={config.experts.route_per!r} applies to topk routing; this "
-                f"run routes by task id (experts.router={config.experts.router!r} with "
-                f"{'task' if task_aware else 'no task'} labels)"
-            )
+    # task or topk; refuses route_per with task routing and k > per_experience (as validate)
+    if router_kind(config, task_aware=task_aware) == "task":
         return RouterConfig(type="task", num_tasks=1, task_weights=True)
-    k = min(config.experts.k, config.experts.per_experience)
+    k = config.experts.k  # at most per_experience (router_kind)
     # top-1 gates renormalised over one expert are a constant 1: Switch's gate (the chosen
     # expert's probability) lets the task loss train the router
     return RouterConfig(
@@ -206,6 +204,9 @@ def build_strategy(
         device=device,
         criterion=nn.CrossEntropyLoss(),
         loader_seed=seed,
+        name=LABELS.get(name, name),
+        job="moracl run",
+        on_nonfinite=t.on_nonfinite,
     )
     factory = _optimizer_factory(config)
     b = config.baselines
@@ -290,22 +291,27 @@ def build_strategy(
 
 @dataclass
 class Evaluation:
-    """Accuracy per test experience, with routing diagnostics when the model has mixtures."""
+    """Accuracy and mean cross-entropy per test experience, with routing diagnostics when
+    the model has mixtures."""
 
     accuracies: list[float]
     expert_usage: list[list[float]]
     task_inference: float | None
     experts_per_token: float | None
+    losses: list[float] = field(default_factory=list)
 
 
 @torch.no_grad()
 def evaluate(
     model: ContinualClassifier, tests: Sequence[tuple[Tensor, Tensor, Tensor]], batch_size: int
 ) -> Evaluation:
-    """Accuracy of ``model`` on each test experience ``(x, y, t)``; for mixtures also the
-    mean expert usage per experience and, for task-agnostic routing, how often a token's top
-    expert was grown for the sample's own experience (task-inference accuracy; with
-    ``task_inference``, how often a row's inferred experience is its own).
+    """Accuracy and mean cross-entropy of ``model`` on each test experience ``(x, y, t)``;
+    for mixtures also the mean expert usage per experience and, for task-agnostic routing,
+    how often a token's top expert was grown for the sample's own experience (task-inference
+    accuracy; with ``task_inference``, how often a row's inferred experience is its own).
+
+    The cross-entropy is that of the logits as the model gives them, summed in float64: a
+    class the model cannot predict yet (masked with the lowest float) costs about 3.4e38.
 
     Under data parallelism the batches (the same as in one process) are dealt to the
     processes in turn and the counts summed, so every process returns the one-process
@@ -317,17 +323,20 @@ def evaluate(
         raise TypeError(f"expected a MoRAModel encoder, got {type(encoder).__name__}")
     mixtures = list(encoder.mixtures())
     world, me = world_size(), rank()
-    corrects, uses, n_uses = [], [], []
+    corrects, uses, n_uses, loss_sums = [], [], [], []
     hits = total = 0.0
     epts = []
     for j, (x, y, t) in enumerate(tests):
         correct, use, n_use = 0, None, 0
+        loss_sum = torch.zeros((), dtype=torch.float64)
         for b, (xb, yb, tb) in enumerate(TensorBatches((x, y, t), batch_size, shuffle=False)):
             if b % world != me:
                 continue
             model.last_inferred = None
             logits = model(xb, tb)
             correct += int((logits.argmax(-1) == yb).sum())
+            ce = F.cross_entropy(logits.double(), yb.to(logits.device), reduction="sum")
+            loss_sum = loss_sum + ce.cpu()
             if model.last_inferred is not None:  # rows routed by their inferred experience
                 hits += float((model.last_inferred == j).sum())
                 total += len(yb)
@@ -346,6 +355,7 @@ def evaluate(
         corrects.append(correct)
         uses.append(use)
         n_uses.append(n_use)
+        loss_sums.append(loss_sum)
     model.train(was_training)
     epts_sum, epts_n = sum(epts), len(epts)
     if world > 1:
@@ -361,12 +371,12 @@ def evaluate(
             )
             for c, u, n in zip(corrects, uses, n_uses)
         ]
-        flat = all_reduce_sum(
-            torch.cat([*rows, torch.tensor([hits, total, epts_sum, float(epts_n)])])
-        )
+        tail = torch.tensor([hits, total, epts_sum, float(epts_n)], dtype=torch.float64)
+        flat = all_reduce_sum(torch.cat([*rows, torch.stack(loss_sums), tail]))
         hits, total, epts_sum = (float(v) for v in flat[-4:-1])
         epts_n = round(float(flat[-1]))
-        parts = flat[:-4].split(2 + experts)
+        loss_sums = list(flat[-4 - len(tests) : -4])
+        parts = flat[: -4 - len(tests)].split(2 + experts)
         corrects = [round(float(p[0])) for p in parts]
         n_uses = [round(float(p[1])) for p in parts]
         uses = [p[2:] if n else None for p, n in zip(parts, n_uses)]
@@ -376,6 +386,7 @@ def evaluate(
         expert_usage=usage,
         task_inference=hits / total if total else None,
         experts_per_token=epts_sum / epts_n if epts_n else None,
+        losses=[float(s) / len(y) for s, (_, y, _) in zip(loss_sums, tests)],
     )
 
 
@@ -431,35 +442,124 @@ def run_continual(
 
     Args:
         config: the run.
-        resume: continue from the newest checkpoint in ``config.output_dir``.
+        resume: continue from the newest checkpoint in ``config.output_dir``; ``config``
+            must be the run's saved config (:func:`moracl.continual.resume.resume_config`
+            gives it), up to the keys a resumed run may change. A finished run is not
+            trained again: its results are returned (and its report rebuilt if missing).
         progress: show progress bars.
         stop_after: stop after this experience (as if interrupted), for tests and demos.
         device: where to train (``cuda``: each process of a ``torchrun`` launch takes
             ``cuda:LOCAL_RANK``).
 
+    The run folder is locked for the whole run (:mod:`moracl.runlock`): a second job writing
+    there is refused at once, naming this one. Every output is covered by a checksum: the
+    checkpoints by their own (:mod:`moracl.continual.checkpoint`), ``metrics.json``, the
+    report, plots and logs by ``RUN_DIR/manifest.json``, rewritten after each checkpoint and
+    at the end.
+
     Launched by ``torchrun`` with more than one process, the run is data-parallel
     (:mod:`moracl.distributed`, ``config.distributed``): every global mini-batch is split
     across the processes, evaluation batches are dealt to them, and only rank 0 writes the
-    checkpoints, logs, metrics and report. A checkpoint holds no trace of the number of
-    processes, so ``resume`` works with any.
+    checkpoints, logs, metrics and report (and takes the lock). A checkpoint holds no trace
+    of the number of processes, so ``resume`` works with any.
 
     Raises:
-        ValueError: the output folder already holds a run and ``resume`` is off; a corrupt
-            checkpoint (left untouched); a config that does not match the stream.
+        RunFolderBusyError: another job holds the run folder.
+        ValueError: the output folder already holds a run (or another job's results) and
+            ``resume`` is off; a checkpoint that cannot be trusted or does not match
+            ``config`` (left untouched, as every file of the folder); a log changed since
+            the last checkpoint; a config that does not match the stream.
+        FileNotFoundError: ``resume`` and the folder has no checkpoint.
     """
+    from moracl.preflight import check_config
+
+    check_config(config, device=device)  # what moracl validate checks, before any work
+    with lock_run_folder(config.output_dir, "moracl run"):
+        return _run_locked(
+            config, resume=resume, progress=progress, stop_after=stop_after, device=device
+        )
+
+
+def _open_run_folder(run_dir: Path, config: RunConfig, resume: bool) -> tuple[Any, Any]:
+    """Refuse a folder this run must not write, or a checkpoint it must not resume from;
+    returns the verified checkpoint and its results so far (``(None, None)`` for a new run).
+    """
+    from moracl.continual.metrics import METRICS_FILE
+    from moracl.continual.resume import check_resume
+    from moracl.report import MANIFEST_FILE, REPORT_FILE, verify_run_manifest
+    from moracl.runlock import refuse_earlier_results
+
+    if not resume:
+        if os.path.lexists(run_dir / "checkpoints" / "latest.json"):
+            raise ValueError(
+                f"{run_dir} already holds a run; pass --resume to continue it or choose "
+                f"another output_dir"
+            )
+        refuse_earlier_results(run_dir, (METRICS_FILE, REPORT_FILE, MANIFEST_FILE), "moracl run")
+        return None, None
+    try:
+        ckpt = load_checkpoint(run_dir, tensors=False)  # every file verified, none loaded
+    except FileNotFoundError:
+        raise FileNotFoundError(f"nothing to resume: {run_dir} has no checkpoint") from None
+    labels = {n: LABELS[n] for n in STRATEGIES if n in config.strategies}
+    saved = check_resume(ckpt, config, labels)
+    if process_rank() == 0:  # the logs a resumed run appends to must be the run's own
+        verify_run_manifest(run_dir, append_only=True)
+    ckpt.load_tensors()
+    return ckpt, saved
+
+
+def _finished(run_dir: Path, saved: RunResults) -> RunResults:
+    """A resumed run whose checkpoint is after its last experience: nothing to train. Its
+    ``metrics.json``, report and manifest are rewritten from the verified checkpoint only
+    when they do not match it (a run interrupted after its last checkpoint)."""
+    from moracl.continual.metrics import METRICS_FILE
+    from moracl.report import write_report, write_run_manifest
+    from moracl.report.manifest import RunManifestError, verify_run_manifest
+
+    if process_rank() != 0:
+        return saved
+    try:
+        intact = (
+            RunResults.load(run_dir / METRICS_FILE).to_dict() == saved.to_dict()
+            and (run_dir / "report.md").is_file()
+            and not verify_run_manifest(run_dir).derived_changed
+            and (run_dir / "manifest.json").is_file()
+        )
+    except (FileNotFoundError, ValueError):  # RunManifestError included
+        intact = False
+    if not intact:
+        metrics = run_dir / METRICS_FILE
+        if metrics.exists():
+            try:
+                RunResults.load(metrics)
+            except ValueError:
+                raise RunManifestError(
+                    f"{metrics} is not this run's results file; refusing to replace it"
+                ) from None
+        saved.save(run_dir)
+        write_report(run_dir)
+        write_run_manifest(run_dir)
+    return saved
+
+
+def _run_locked(
+    config: RunConfig,
+    *,
+    resume: bool,
+    progress: bool,
+    stop_after: int | None,
+    device: str | torch.device,
+) -> RunResults:
+    """:func:`run_continual` with its folder locked."""
     import scenarios  # noqa: F401  (registers the streams and encoders)
-    from moracl.report import RunLogger, write_report
+    from moracl.report import RunLogger, write_report, write_run_manifest
     from scenarios.streams import build_stream, load_encoder
 
     run_dir = Path(config.output_dir)
-    has_run = (run_dir / "checkpoints" / "latest.json").exists()
-    if has_run and not resume:
-        raise ValueError(
-            f"{run_dir} already holds a run; pass --resume to continue it or choose another "
-            f"output_dir"
-        )
-    if resume and not has_run:
-        raise FileNotFoundError(f"nothing to resume: {run_dir} has no checkpoint")
+    ckpt, saved = _open_run_folder(run_dir, config, resume)
+    if saved is not None and ckpt.experience + 1 >= len(saved.experiences):
+        return _finished(run_dir, saved)
     env = init_distributed(config.distributed.backend, device)
     dev, main = env.device, env.is_main
     t = config.train
@@ -467,6 +567,11 @@ def run_continual(
     sc = config.scenario
     stream = build_stream(sc.name, setting=sc.setting, seed=t.seed, **sc.options)
     info = stream.info
+    if saved is not None and saved.experiences != list(info.experience_names):
+        raise ValueError(
+            f"{ckpt.folder}: the checkpoint's experiences {saved.experiences} are not the "
+            f"stream's {list(info.experience_names)}; refusing to resume from it"
+        )
     train_exps = list(stream.benchmark.train_stream)
     tests = [materialize(e.dataset) for e in stream.benchmark.test_stream]
     num_exp = len(train_exps)
@@ -501,10 +606,8 @@ def run_continual(
     routing: dict[str, RoutingDiagnostics] = {}
     epts: dict[str, float | None] = {n: None for n in names}
     start = 0
-    if resume:
-        ckpt = load_checkpoint(run_dir)
+    if ckpt is not None:
         start = ckpt.experience + 1
-        saved = RunResults.from_dict(ckpt.meta["results"])
         for n in names:
             r = saved.strategies[LABELS[n]]
             matrices[n] = r.matrix
@@ -519,7 +622,7 @@ def run_continual(
             ev = evaluate(s.model, tests, t.eval_batch_size)  # type: ignore[arg-type]
             matrices[n] = matrices[n].set_initial(ev.accuracies)
 
-    logger: Any = RunLogger(run_dir) if main else _NoLogger()
+    logger: Any = RunLogger(run_dir, resume_after=start - 1) if main else _NoLogger()
     bar = tqdm(
         total=(num_exp - start) * len(names), disable=not progress or not main, desc="moracl run"
     )
@@ -532,14 +635,29 @@ def run_continual(
                 torch.manual_seed(derive_seed(t.seed, n, i))
                 bar.set_postfix_str(f"{LABELS[n]} on experience {i}")
                 began = time.perf_counter()
-                strategy.train(train_exps if n == "joint" else train_exps[i])
+                strategy.epoch_listener = _EpochLog(
+                    logger, bar, LABELS[n], i, began - train_seconds[n]
+                )
+                try:
+                    strategy.train(train_exps if n == "joint" else train_exps[i])
+                finally:
+                    strategy.epoch_listener = None
+                # EWC's importances are squared gradients: finite steps can still overflow them
+                assert_finite(
+                    _plugin_tensors(strategy),
+                    f"moracl run: strategy {LABELS[n]!r}, experience {i}: its plugin state "
+                    f"overflowed (training diverged; lower the learning rate)",
+                )
                 trained = time.perf_counter()
                 ev = evaluate(strategy.model, tests, t.eval_batch_size)  # type: ignore[arg-type]
                 train_seconds[n] += trained - began
                 seconds[n] += time.perf_counter() - began
+                _check_eval_losses(LABELS[n], i, ev.losses)
                 matrices[n] = matrices[n].set_row(i, ev.accuracies)
-                for j, acc in enumerate(ev.accuracies):
-                    logger.log_eval(LABELS[n], after_experience=i, eval_experience=j, accuracy=acc)
+                for j, (acc, loss) in enumerate(zip(ev.accuracies, ev.losses)):
+                    logger.log_eval(
+                        LABELS[n], after_experience=i, eval_experience=j, accuracy=acc, loss=loss
+                    )
                 if ev.experts_per_token is not None:
                     epts[n] = ev.experts_per_token
                     routing[n] = RoutingDiagnostics(
@@ -565,6 +683,7 @@ def run_continual(
             if main:  # one writer; the others wait until the checkpoint is complete
                 save_checkpoint(run_dir, i, tensors, state, {"results": results.to_dict()})
                 results.save(run_dir)
+                write_run_manifest(run_dir)  # the run folder's outputs so far
             barrier()
             if stop_after is not None and i >= stop_after:
                 break
@@ -573,6 +692,7 @@ def run_continual(
         logger.close()
     if main:
         write_report(run_dir)
+        write_run_manifest(run_dir)  # the outputs as the run leaves them
     barrier()
     return results
 
@@ -580,11 +700,63 @@ def run_continual(
 class _NoLogger:
     """The run logger of the processes other than rank 0: writes nothing."""
 
+    def log_train(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def log_train_steps(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
     def log_eval(self, *args: Any, **kwargs: Any) -> None:
         pass
 
     def close(self) -> None:
         pass
+
+
+class _EpochLog:
+    """Logs each epoch a strategy ends (``logs/train.csv``, TensorBoard) and shows its loss
+    in the progress bar.
+
+    Args:
+        logger: the run's logger.
+        bar: the run's progress bar.
+        label: the strategy's display name.
+        experience: the run's experience being trained (Joint trains at the last one).
+        origin: ``time.perf_counter()`` at which the strategy's training time would have
+            started had it trained without a break (its train seconds so far subtracted).
+    """
+
+    def __init__(self, logger: Any, bar: Any, label: str, experience: int, origin: float):
+        self.logger, self.bar, self.label = logger, bar, label
+        self.experience, self.origin = experience, origin
+
+    def __call__(self, record: EpochRecord) -> None:
+        self.logger.log_train(
+            self.label,
+            experience=self.experience,
+            epoch=record.epoch,
+            step=record.step,
+            loss=record.loss,
+            lr=record.lr,
+            seconds=max(record.finished - self.origin, 0.0),
+        )
+        self.logger.log_train_steps(self.label, record.step_losses)
+        loss = "all steps skipped" if record.loss is None else f"loss {record.loss:.4f}"
+        skipped = f", {record.skipped} skipped" if record.skipped else ""
+        self.bar.set_postfix_str(
+            f"{self.label} on experience {self.experience}, epoch {record.epoch}: {loss}{skipped}"
+        )
+
+
+def _check_eval_losses(label: str, experience: int, losses: Sequence[float]) -> None:
+    """Raise :class:`NonFiniteError` if an evaluation loss is not finite (the model's
+    outputs are not: nothing of it may be logged or saved)."""
+    for j, loss in enumerate(losses):
+        if not math.isfinite(loss):
+            raise NonFiniteError(
+                f"moracl run: strategy {label!r} after experience {experience}: the evaluation "
+                f"loss on experience {j} is {loss}; the model's outputs are not finite"
+            )
 
 
 def _fill(
@@ -611,7 +783,12 @@ def _fill(
             peak_memory_bytes=peak,
         )
         results.strategies[LABELS[n]] = StrategyResult(
-            name=LABELS[n], matrix=matrices[n], cost=cost, routing=routing.get(n)
+            name=LABELS[n],
+            matrix=matrices[n],
+            cost=cost,
+            routing=routing.get(n),
+            steps=s.step_guard.steps,
+            skipped_steps=s.step_guard.skipped,
         )
 
 
@@ -622,6 +799,8 @@ def _plugin_state(strategy: FastTemplate, experts_per_token: float | None) -> di
     from avalanche.training.plugins import LwFPlugin
 
     state: dict[str, Any] = {"experts_per_token": experts_per_token}
+    state["steps"] = strategy.step_guard.steps  # the global step count of the logs
+    state["skipped_steps"] = strategy.step_guard.skipped
     if isinstance(strategy, MoRAStrategy):
         state["experiences_prepared"] = strategy.experiences_prepared
     for p in strategy.plugins:
@@ -669,6 +848,8 @@ def _restore(
     if isinstance(strategy, MoRAStrategy):
         strategy.prepare(int(state["experiences_prepared"]) - 1)
     strategy.clock.train_exp_counter = last + 1  # EWC reads it
+    strategy.step_guard.steps = int(state.get("steps", 0))  # absent from older checkpoints
+    strategy.step_guard.skipped = int(state.get("skipped_steps", 0))
     own = {k: v for k, v in tensors.items() if not k.startswith("ewc.")}
     missing, unexpected = model.load_state_dict(own, strict=False)
     if unexpected:

@@ -2,16 +2,24 @@
 baselines, all on one lean training template.
 
 Fields of the Avalanche strategy read and written here: ``model``, ``optimizer``,
-``experience``, ``adapted_dataset``, ``dataloader``, ``mb_output``, ``mb_y``,
-``train_mb_size``, ``eval_mb_size``, ``is_training``. Plugins of Avalanche (EWC, LwF, Replay,
-the evaluation plugin and its loggers) work unchanged on top.
+``experience``, ``adapted_dataset``, ``dataloader``, ``mb_output``, ``mb_y``, ``loss``,
+``clock``, ``train_mb_size``, ``eval_mb_size``, ``is_training``. Plugins of Avalanche (EWC,
+LwF, Replay, the evaluation plugin and its loggers) work unchanged on top.
+
+Every training step is guarded (:class:`~moracl.guard.StepGuard`): before the optimiser
+steps, the full loss (with every plugin's penalty) and the gradients are checked in one host
+sync; a non-finite value stops training with :class:`~moracl.guard.NonFiniteError` naming the
+strategy, experience, epoch and step, or (``on_nonfinite="skip"``) drops the step. Each epoch
+ends with an :class:`EpochRecord` (mean loss, global step, learning rate, skipped steps).
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
+import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -22,12 +30,15 @@ from torch.optim import Optimizer
 
 from moracl.adapters.base import AdapterConfig
 from moracl.continual.model import ContinualClassifier
+from moracl.distributed import all_reduce_sum, world_size
 from moracl.experts.mixture import Mixture
 from moracl.experts.routers.base import LogitRouter
 from moracl.experts.routers.task import TaskRouter
+from moracl.guard import OnNonFinite, StepGuard, assert_finite
 from moracl.model import MoRAModel
 
 __all__ = [
+    "EpochRecord",
     "FastTemplate",
     "GrowthConfig",
     "MoRAStrategy",
@@ -109,12 +120,55 @@ class TensorBatches:
                 yield [t[idx] for t in self.tensors]
 
 
+@dataclass
+class EpochRecord:
+    """One training epoch of a strategy.
+
+    Attributes:
+        epoch: the epoch within the experience (0-based).
+        step: the strategy's global step count at the end of the epoch (every mini-batch
+            trained since the strategy was built, skipped ones included).
+        loss: mean training loss (the full loss the optimiser saw) over the steps taken;
+            ``None`` when every step was skipped.
+        lr: learning rate of the first parameter group (the adapters').
+        steps: steps in the epoch (taken or skipped).
+        skipped: steps skipped for a non-finite loss or gradient.
+        step_losses: ``(global step, loss)`` of each step taken.
+        finished: ``time.perf_counter()`` at the end of the epoch.
+    """
+
+    epoch: int
+    step: int
+    loss: float | None
+    lr: float
+    steps: int
+    skipped: int
+    step_losses: list[tuple[int, float]] = field(default_factory=list)
+    finished: float = 0.0
+
+
 class FastTemplate(SupervisedTemplate):
     """A ``SupervisedTemplate`` with a fresh optimiser per experience (built by
-    ``optimizer_factory`` over the parameters that train now) and in-memory mini-batches.
+    ``optimizer_factory`` over the parameters that train now), in-memory mini-batches and a
+    guarded step (see the module docstring).
 
     A fresh optimiser per experience means no optimiser state crosses an experience boundary,
     so a checkpoint between experiences needs none.
+
+    Args:
+        model: the model.
+        optimizer_factory: builds the optimiser over the parameters that train now.
+        loader_seed: seeds the mini-batch order of each experience.
+        name: the strategy's name in messages and logs.
+        job: what runs it, prefixed to messages (``"moracl run"``; empty: nothing).
+        on_nonfinite: stop (raise) or skip the step at a non-finite loss or gradient.
+        kwargs: ``SupervisedTemplate`` arguments.
+
+    Attributes:
+        step_guard: the step check; ``step_guard.steps`` and ``step_guard.skipped`` count
+            every step and every skipped step since the strategy was built (a resumed run
+            restores them).
+        epoch_listener: called with the :class:`EpochRecord` of each epoch as it ends.
     """
 
     def __init__(
@@ -123,10 +177,18 @@ class FastTemplate(SupervisedTemplate):
         model: nn.Module,
         optimizer_factory: OptimizerFactory,
         loader_seed: int = 0,
+        name: str | None = None,
+        job: str = "",
+        on_nonfinite: OnNonFinite | str = OnNonFinite.STOP,
         **kwargs: Any,
     ) -> None:
         self.optimizer_factory = optimizer_factory
         self.loader_seed = loader_seed
+        self.name = name or type(self).__name__
+        self.job = job
+        self.step_guard = StepGuard(on_nonfinite, setting="train.on_nonfinite")
+        self.epoch_listener: Callable[[EpochRecord], None] | None = None
+        self._epoch_losses: list[tuple[int, float]] = []
         self._tensor_cache: dict[int, tuple[Any, tuple[Tensor, Tensor, Tensor]]] = {}
         if "evaluator" not in kwargs:
             kwargs["evaluator"] = quiet_evaluator()
@@ -153,6 +215,68 @@ class FastTemplate(SupervisedTemplate):
     def make_eval_dataloader(self, **kwargs: Any) -> None:
         data = materialize(self.adapted_dataset)
         self.dataloader = TensorBatches(data, self.eval_mb_size, shuffle=False)
+
+    # -- the guarded step -------------------------------------------------------------------
+
+    def experience_label(self) -> str:
+        """The experience being trained, for messages (``"experience 2"``)."""
+        return f"experience {self.experience.current_experience}"
+
+    def where(self) -> str:
+        """The strategy and experience, for messages: ``"moracl run: strategy 'Naive',
+        experience 1"``."""
+        prefix = f"{self.job}: " if self.job else ""
+        return f"{prefix}strategy {self.name!r}, {self.experience_label()}"
+
+    def _step_where(self) -> str:
+        return (
+            f"{self.where()}, epoch {self.clock.train_exp_epochs}, step "
+            f"{self.clock.train_epoch_iterations} (global step {self.step_guard.steps})"
+        )
+
+    def optimizer_step(self) -> None:
+        """Step the optimiser if the loss and every gradient are finite (see the module).
+
+        Under data parallelism the loss checked (and logged) is the mean of the processes'
+        losses and the gradients are already summed, so every process decides alike."""
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        loss = self.loss
+        world = world_size()
+        if world > 1:
+            loss = all_reduce_sum(loss.detach().float().clone()) / world
+        value = self.step_guard.check(
+            loss, params, self._step_where, named=self.model.named_parameters
+        )
+        if value is None:
+            return  # skipped: no update (the next iteration zeroes the gradients)
+        super().optimizer_step()
+        self._epoch_losses.append((self.step_guard.steps, value))
+
+    def training_epoch(self, **kwargs: Any) -> None:
+        """One epoch of Avalanche's loop, then its :class:`EpochRecord`."""
+        self._epoch_losses = []
+        steps, skipped = self.step_guard.steps, self.step_guard.skipped
+        super().training_epoch(**kwargs)
+        losses = [v for _, v in self._epoch_losses]
+        record = EpochRecord(
+            epoch=int(self.clock.train_exp_epochs),
+            step=self.step_guard.steps,
+            loss=math.fsum(losses) / len(losses) if losses else None,
+            lr=float(self.optimizer.param_groups[0]["lr"]),
+            steps=self.step_guard.steps - steps,
+            skipped=self.step_guard.skipped - skipped,
+            step_losses=self._epoch_losses,
+            finished=time.perf_counter(),
+        )
+        self._epoch_losses = []
+        self.step_guard.warn_skipped(skipped, record.steps, f"{self.where()}, epoch {record.epoch}")
+        if self.epoch_listener is not None:
+            self.epoch_listener(record)
+
+    def _after_training_exp(self, **kwargs: Any) -> None:
+        super()._after_training_exp(**kwargs)  # plugins (a head fine-tuning) run here
+        trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        assert_finite(trainable, f"{self.where()}: the parameters after training")
 
 
 @dataclass(frozen=True)

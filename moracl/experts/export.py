@@ -11,7 +11,6 @@ Shape legend: ``i``/``o`` layer sizes, ``R`` the exported rank.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -19,10 +18,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from moracl.checkpoint import atomic_write_bytes
+from moracl.checkpoint import CONFIG_NAME, WEIGHTS_NAME, safetensors_bytes, write_files
 from moracl.experts.banks import LoRABank, MoRABank
 from moracl.experts.mixture import Mixture
 from moracl.experts.routers.task import TaskRouter
+from moracl.guard import assert_finite, finite_json
 
 __all__ = ["task_gates", "task_lora_factors", "write_peft_lora"]
 
@@ -71,11 +71,10 @@ def write_peft_lora(
     fan_in_fan_out: bool = False,
 ) -> Path:
     """Save ``{module path: (A, B)}`` as a PEFT LoRA adapter (``adapter_config.json`` +
-    ``adapter_model.safetensors``) that ``peft.PeftModel.from_pretrained`` loads."""
-    from safetensors.torch import save_file
-
+    ``adapter_model.safetensors``) that ``peft.PeftModel.from_pretrained`` loads, with moracl's
+    ``checksums.json`` beside them (which PEFT ignores; :func:`moracl.checkpoint.verify_folder`
+    checks it).  Non-finite factors are refused before anything is written."""
     out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
     ranks = {path: int(a.shape[0]) for path, (a, _) in factors.items()}
     r0 = max(ranks.values())
     config: dict[str, Any] = {
@@ -94,10 +93,9 @@ def write_peft_lora(
     }
     tensors = {}
     for path, (a, b) in factors.items():
-        tensors[f"base_model.model.{path}.lora_A.weight"] = a.detach().float().contiguous().cpu()
-        tensors[f"base_model.model.{path}.lora_B.weight"] = b.detach().float().contiguous().cpu()
-    tmp = out / ".adapter_model.safetensors.tmp"
-    save_file(tensors, str(tmp))
-    os.replace(tmp, out / "adapter_model.safetensors")
-    atomic_write_bytes(out / "adapter_config.json", (json.dumps(config, indent=2) + "\n").encode())
-    return out
+        tensors[f"base_model.model.{path}.lora_A.weight"] = a.detach().float()
+        tensors[f"base_model.model.{path}.lora_B.weight"] = b.detach().float()
+    assert_finite(tensors, f"LoRA export to {out}")
+    text = finite_json(config, str(out / CONFIG_NAME), indent=2) + "\n"
+    files = {WEIGHTS_NAME: safetensors_bytes(tensors, None), CONFIG_NAME: text.encode()}
+    return write_files(out, files)

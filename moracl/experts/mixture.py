@@ -24,16 +24,25 @@ from einops import rearrange
 from torch import Tensor, nn
 
 import moracl.experts.routers  # noqa: F401  (registers the router types)
-from moracl.adapters.base import Adapter, AdapterConfig, ParamRole
+from moracl.adapters.base import Adapter, AdapterConfig, ParamRole, check_adapter_fit
 from moracl.adapters.fused import routed_lora_linear
-from moracl.experts.banks import ExpertBank, LoRABank, build_bank
+from moracl.experts.banks import BANKS, ExpertBank, LoRABank, build_bank
 from moracl.experts.per_sample import SampleRouteOp, expand_result, pool_weights
 from moracl.experts.route_ops import RouteOp
 from moracl.experts.routers.base import Router, build_router
 from moracl.experts.routers.config import RouterConfig
 from moracl.experts.routing import RoutingResult, concat_results, routing_dtype
+from moracl.parse_fields import check_field_types, check_string_keys, show
 
-__all__ = ["ExpertGroup", "Mixture", "MixtureConfig", "RoutingContext"]
+__all__ = [
+    "MAX_EXPERTS",
+    "MAX_TASKS",
+    "ExpertGroup",
+    "Mixture",
+    "MixtureConfig",
+    "RoutingContext",
+    "check_mixture_fit",
+]
 
 
 @dataclass(frozen=True)
@@ -71,12 +80,7 @@ class MixtureConfig:
             object.__setattr__(self, "options", tuple(sorted(self.options.items())))
         if isinstance(self.router, Mapping):
             object.__setattr__(self, "router", RouterConfig.from_dict(self.router))
-        groups = tuple(
-            g
-            if isinstance(g, ExpertGroup)
-            else ExpertGroup(AdapterConfig.from_dict(g["adapter"]), g["count"])
-            for g in self.groups
-        )
+        groups = tuple(_group_from_dict(g, f"groups[{i}]") for i, g in enumerate(self.groups))
         object.__setattr__(self, "groups", groups)
         if not groups and (not isinstance(self.experts, int) or self.experts <= 0):
             raise ValueError(f"experts must be a positive integer, got {self.experts!r}")
@@ -86,7 +90,14 @@ class MixtureConfig:
         """The banks this mixture starts with."""
         if self.groups:
             return list(self.groups)
-        adapter = AdapterConfig(kind=self.kind, rank=self.rank, **dict(self.options))
+        options = dict(self.options)
+        clash = sorted({"kind", "rank"} & set(options))
+        if clash:
+            raise ValueError(f"options must not repeat {clash}: set them on the mixture itself")
+        try:
+            adapter = AdapterConfig.from_dict({**options, "kind": self.kind, "rank": self.rank})
+        except ValueError as e:
+            raise ValueError(f"options: {e}") from None
         return [ExpertGroup(adapter, self.experts)]
 
     @property
@@ -106,12 +117,104 @@ class MixtureConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> MixtureConfig:
-        data = {k: v for k, v in data.items() if k != "mixture"}
+        """Build from a plain mapping (``to_dict``'s form, parsed JSON or YAML); anything
+        malformed raises ``ValueError`` naming the key and what was expected."""
+        data = dict(check_string_keys(data, "a mixture config"))
+        if data.pop("mixture", True) is not True:
+            raise ValueError("mixture must be true in a mixture config")
         valid = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - valid)
         if unknown:
             raise ValueError(f"unknown key(s) {unknown} for a mixture; valid keys: {sorted(valid)}")
+        check_field_types(cls, data, skip=("router", "options", "groups"))
+        if "router" in data and not isinstance(data["router"], RouterConfig):
+            try:
+                data["router"] = RouterConfig.from_dict(data["router"])
+            except ValueError as e:
+                raise ValueError(f"router: {e}") from None
+        if "options" in data and not isinstance(data["options"], tuple):
+            data["options"] = dict(check_string_keys(data["options"], "options"))
+        if "groups" in data:
+            groups = data["groups"]
+            if not isinstance(groups, (list, tuple)):
+                raise ValueError(
+                    f"groups must be a list of {{adapter, count}}, got {type(groups).__name__}"
+                )
+            data["groups"] = tuple(
+                _group_from_dict(g, f"groups[{i}]") for i, g in enumerate(groups)
+            )
         return cls(**data)
+
+
+def _group_from_dict(data: Any, where: str) -> ExpertGroup:
+    """An :class:`ExpertGroup` from ``{"adapter": {...}, "count": n}`` (or one already)."""
+    if isinstance(data, ExpertGroup):
+        return data
+    data = check_string_keys(data, where)
+    if set(data) != {"adapter", "count"}:
+        raise ValueError(
+            f"{where} must have exactly the keys ['adapter', 'count'], got {sorted(data)}"
+        )
+    count = data["count"]
+    if not isinstance(count, int) or isinstance(count, bool):
+        raise ValueError(f"{where}.count must be an integer, got {show(count)}")
+    adapter = data["adapter"]
+    if not isinstance(adapter, AdapterConfig):
+        try:
+            adapter = AdapterConfig.from_dict(adapter)
+        except ValueError as e:
+            raise ValueError(f"{where}.adapter: {e}") from None
+    return ExpertGroup(adapter, count)
+
+
+#: the most experts one mixture layer may hold (growth included): every bank computes every
+#: expert's slice for every token (dense masking), so cost grows with the expert count
+MAX_EXPERTS = 1024
+#: the most task rows a router's expert masks may have (each row holds one flag per expert)
+MAX_TASKS = 65536
+
+
+def _router_configs(config: RouterConfig, path: str = "router") -> list[tuple[str, RouterConfig]]:
+    out = [(path, config)]
+    for name in ("outer", "inner"):
+        nested = getattr(config, name)
+        if isinstance(nested, RouterConfig):
+            out += _router_configs(nested, f"{path}.{name}")
+    return out
+
+
+def check_mixture_fit(
+    in_features: int, out_features: int, config: MixtureConfig, where: str = "a layer"
+) -> None:
+    """Raise ``ValueError`` naming ``where``, the value and the bound if ``config`` does not
+    fit an ``in_features -> out_features`` layer; allocates nothing.
+
+    Each expert group's rank follows its kind's bound (:meth:`Adapter.check_fit`), the kinds
+    must have a stacked bank, the experts number at most :data:`MAX_EXPERTS` and the routers'
+    ``num_tasks`` at most :data:`MAX_TASKS`."""
+    for i, group in enumerate(config.expert_groups()):
+        if group.adapter.kind not in BANKS:
+            raise ValueError(
+                f"adapter kind {group.adapter.kind!r} cannot be a mixture expert; expected one "
+                f"of {sorted(BANKS)}"
+            )
+        check_adapter_fit(in_features, out_features, group.adapter, f"{where}, expert group {i}")
+    check_expert_count(config.num_experts, where)
+    for path, router in _router_configs(config.router):
+        if router.num_tasks > MAX_TASKS:
+            raise ValueError(
+                f"{where}: {path}.num_tasks={router.num_tasks} is out of range; expected "
+                f"num_tasks <= {MAX_TASKS}"
+            )
+
+
+def check_expert_count(count: int, where: str = "a layer") -> None:
+    """``ValueError`` naming ``where`` unless ``1 <= count <=`` :data:`MAX_EXPERTS`."""
+    if count > MAX_EXPERTS:
+        raise ValueError(
+            f"{where}: {count} experts is out of range; expected 1 <= experts <= "
+            f"{MAX_EXPERTS} per layer (every expert is computed for every token)"
+        )
 
 
 @dataclass
@@ -190,6 +293,7 @@ class Mixture(Adapter):
     """Experts (in banks) and a router on one layer; an :class:`Adapter` to the layer."""
 
     def __init__(self, in_features: int, out_features: int, config: MixtureConfig) -> None:
+        check_mixture_fit(in_features, out_features, config)  # before any allocation
         rank = config.expert_groups()[0].adapter.rank
         super().__init__(in_features, out_features, AdapterConfig(kind="lora", rank=rank))
         self.mixture_config = config
@@ -337,6 +441,9 @@ class Mixture(Adapter):
     # -- growth ---------------------------------------------------------------------------
     def grow(self, adapter: AdapterConfig, count: int) -> ExpertBank:
         """Append ``count`` new trainable experts (a new bank); the router grows with them."""
+        check_adapter_fit(self.in_features, self.out_features, adapter)
+        if isinstance(count, int) and not isinstance(count, bool):
+            check_expert_count(self.num_experts + count)
         p = next(self.banks.parameters())
         bank = build_bank(self.in_features, self.out_features, adapter, count).to(p.device, p.dtype)
         self.banks.append(bank)

@@ -148,7 +148,8 @@ def adapted_accuracy(
         steps: update steps on the support set (``>= 0``).
         update: e.g. :func:`sgd_update` or :func:`adam_update`.
         batch: episodes per vmapped chunk (``None``: all).
-    Returns: per-episode query accuracy ``(t,)`` float64.
+    Returns: per-episode query accuracy ``(t,)`` float64; NaN for an episode whose adapted
+        model gives non-finite logits.
     """
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
@@ -170,8 +171,10 @@ def adapted_accuracy(
         for step in range(1, steps + 1):
             g = grad(support_loss)(adapted)
             adapted, state = update(adapted, g, state, step)
-        pred = forward({**fixed, **adapted}, xq).argmax(dim=-1)  # (n_q,)
-        return (pred == yq).to(torch.float64).mean()
+        logits = forward({**fixed, **adapted}, xq)  # (n_q, N)
+        acc = (logits.argmax(dim=-1) == yq).to(torch.float64).mean()
+        # a diverged adaptation (non-finite logits) scores NaN, not a chance-level accuracy
+        return torch.where(torch.isfinite(logits).all(), acc, torch.full_like(acc, math.nan))
 
     with torch.no_grad():
         # randomness="different": a noisy router draws its own noise for every episode

@@ -27,14 +27,14 @@ method, in episode order) and ``adapter/`` (the meta-trained adapters and head).
 
 from __future__ import annotations
 
-import json
+import math
 import os
 import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -44,6 +44,7 @@ from moracl.adapters.base import ParamRole, iter_param_roles
 from moracl.config import MetaAlgorithm, MetaConfig, to_dict
 from moracl.distributed import (
     DataParallel,
+    all_reduce_sum,
     barrier,
     gather_objects,
     init_distributed,
@@ -52,6 +53,7 @@ from moracl.distributed import (
     rank,
     world_size,
 )
+from moracl.guard import NonFiniteError, StepGuard, assert_finite, finite_json
 from moracl.meta.baselines import (
     Summary,
     adam_update,
@@ -64,6 +66,8 @@ from moracl.meta.episodes import Episode
 from moracl.meta.maml import ANIL, MAML, MetaSGD
 from moracl.model import MoRAModel
 from moracl.optim import MoRAOptimizer, SAMConfig
+from moracl.preflight import check_first
+from moracl.runlock import exclusive_output_dir
 
 __all__ = ["METHODS", "FewShotClassifier", "MetaResult", "build_meta_model", "meta_learn"]
 
@@ -121,6 +125,8 @@ class MetaResult:
     seconds: dict[str, float]
     scenario: dict[str, Any]
     labels: dict[str, str] = field(default_factory=dict)
+    #: ``steps``, ``skipped_steps`` (``meta.on_nonfinite=skip``) and the meta-loss curve
+    training: dict[str, Any] = field(default_factory=dict)
 
     def table(self) -> str:
         """The meta-test results as a markdown table."""
@@ -172,10 +178,22 @@ def _heads(model: nn.Module) -> list[Tensor]:
     return [p for _, p, role in iter_param_roles(model) if role is ParamRole.HEAD]
 
 
+class _SkippedStep(Exception):
+    """Raised by the meta-training closure to drop a step (``meta.on_nonfinite=skip``)."""
+
+
 def _train(
     config: MetaConfig, maml: MAML, data: Any, progress: bool
-) -> tuple[list[dict[str, float]], int]:
-    """Meta-train in place; returns the validation curve and the step kept."""
+) -> tuple[list[dict[str, float]], int, dict[str, Any]]:
+    """Meta-train in place; returns the validation curve, the step kept and the training
+    record (``steps``, ``skipped_steps`` and ``loss``: the mean meta-loss of the steps taken
+    in each stretch of ``val_every`` steps, or of a tenth of the steps without validation).
+
+    Every outer step is checked before the update (``meta.on_nonfinite``): a non-finite
+    meta-loss or meta-gradient (in either of SAM's passes) raises
+    :class:`~moracl.guard.NonFiniteError` naming the step, or drops the step (the
+    parameters and the optimiser's state stay as they were). A validation score from
+    non-finite outputs, or non-finite parameters at the end, raise too."""
     m, o = config.meta, config.optim
     d = config.data
     train = data.sampler("train", ways=d.ways, shots=d.shots, queries=d.queries)
@@ -206,12 +224,20 @@ def _train(
     gen = torch.Generator().manual_seed(config.seed)
     curve: list[dict[str, float]] = []
     best = (-1.0, 0, [p.detach().clone() for p in params])
+    guard = StepGuard(
+        m.on_nonfinite, setting="meta.on_nonfinite", advice="lower meta.inner_lr or optim.lr"
+    )
+    interval = m.val_every or max(1, m.steps // 10)
+    losses: list[float] = []
+    loss_curve: list[dict[str, Any]] = []
 
     def validate(step: int) -> None:
         nonlocal best
         if val_eps is None:
             return
-        acc = float(_meta_accuracy(maml, val_eps, m.test_inner_steps, config.test.batch).mean())
+        accs = _meta_accuracy(maml, val_eps, m.test_inner_steps, config.test.batch)
+        _check_scores(accs, f"moracl meta: validation at step {step}")
+        acc = float(accs.mean())
         curve.append({"step": step, "val_accuracy": acc})
         if acc > best[0]:
             best = (acc, step, [p.detach().clone() for p in params])
@@ -225,29 +251,76 @@ def _train(
         batch = train.sample_batch(m.meta_batch, generator=gen)
         rows = local_rows(m.meta_batch)  # this process's tasks (all of them for one)
         share = (rows.stop - rows.start) / m.meta_batch
+        passes: list[float] = []  # each pass's (global) meta-loss
 
-        def closure(batch: Episode = batch, rows: slice = rows, share: float = share) -> Tensor:
+        def closure(
+            batch: Episode = batch,
+            rows: slice = rows,
+            share: float = share,
+            step: int = step,
+            passes: list[float] = passes,
+        ) -> Tensor:
             mine = [part[rows] for part in batch]
             loss = maml.meta_loss(mine, m.inner_steps, chunk_size=m.chunk_size)
             loss.backward()
             parallel.sync_gradients(share)
+            # every process decides on the same numbers: the global loss, synced gradients
+            checked = all_reduce_sum(loss.detach() * share) if world > 1 else loss
+            where = f"moracl meta: meta-training step {step}"
+            if passes:
+                where += " (SAM's second pass, at the perturbed weights)"
+            value = guard.check(checked, params, where, named=maml.named_parameters)
+            if value is None:
+                raise _SkippedStep
+            passes.append(value)
             return loss
 
-        loss = float(cast(Tensor, opt.step(closure)).detach())
+        try:
+            opt.step(closure)
+            taken = True
+        except (_SkippedStep, NonFiniteError) as error:
+            opt.zero_grad(set_to_none=True)
+            if passes and opt.sam is not None:  # SAM's second pass failed: undo its move
+                opt.second_step()  # back to w; no gradients, so no update
+            if isinstance(error, NonFiniteError):
+                raise
+            taken = False
         with torch.no_grad():
             for h in heads:
                 h.zero_()
-        bar.set_postfix(loss=f"{loss:.3f}")
+        if taken:
+            losses.append(passes[0])  # the loss at w (SAM's first pass)
+        shown = f"{passes[0]:.3f}" if taken else "skipped"
+        bar.set_postfix(loss=shown)
+        if step % interval == 0 or step == m.steps:
+            mean = math.fsum(losses) / len(losses) if losses else None
+            loss_curve.append({"step": step, "loss": mean})
+            losses = []
         if m.val_every and (step % m.val_every == 0 or step == m.steps):
             validate(step)
-            bar.set_postfix(loss=f"{loss:.3f}", val=f"{curve[-1]['val_accuracy']:.3f}")
+            bar.set_postfix(loss=shown, val=f"{curve[-1]['val_accuracy']:.3f}")
     bar.close()
-    if val_eps is None:
-        return curve, m.steps
-    with torch.no_grad():
-        for p, kept in zip(params, best[2]):
-            p.copy_(kept)
-    return curve, best[1]
+    guard.warn_skipped(0, m.steps, "moracl meta: meta-training")
+    training = {"steps": m.steps, "skipped_steps": guard.skipped, "loss": loss_curve}
+    if val_eps is not None:
+        with torch.no_grad():
+            for p, kept in zip(params, best[2]):
+                p.copy_(kept)
+    names = {n: p for n, p in maml.named_parameters() if p.requires_grad}
+    assert_finite(names, "moracl meta: the meta-trained parameters")
+    return curve, best[1] if val_eps is not None else m.steps, training
+
+
+def _check_scores(accuracies: Tensor, where: str) -> None:
+    """Raise :class:`NonFiniteError` if a per-episode accuracy is NaN (the adapted model's
+    outputs were not finite: its adaptation diverged)."""
+    bad = (~torch.isfinite(accuracies)).nonzero().flatten()
+    if bad.numel():
+        raise NonFiniteError(
+            f"{where}: episode {int(bad[0])} (of {accuracies.numel()}; {bad.numel()} in all) "
+            f"was scored from non-finite outputs: the per-episode adaptation diverged (lower "
+            f"meta.inner_lr or test.finetune_lr)"
+        )
 
 
 def _test(
@@ -306,8 +379,10 @@ def _write_text(path: Path, text: str) -> None:
         raise
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    _write_text(path, json.dumps(obj, indent=2) + "\n")
+def _json_text(path: Path, obj: Any) -> str:
+    """``obj`` as the JSON text of ``path``; :class:`~moracl.guard.NonFiniteError` (naming
+    the key) instead of a NaN or an infinity."""
+    return finite_json(obj, f"moracl meta: {path}", indent=2) + "\n"
 
 
 def _report(config: MetaConfig, result: MetaResult) -> str:
@@ -351,6 +426,10 @@ The paired rows are the mean per-episode difference between two methods on the s
 """
 
 
+@check_first  # what moracl validate checks, before the folder is locked or anything runs
+@exclusive_output_dir(
+    "moracl meta", results=("metrics.json", "report.md", "episodes.json", "adapter")
+)
 def meta_learn(config: MetaConfig, *, progress: bool = True) -> MetaResult:
     """Run the job of ``config``; writes the report, metrics and adapter in ``output_dir``.
 
@@ -379,12 +458,14 @@ def meta_learn(config: MetaConfig, *, progress: bool = True) -> MetaResult:
     trainable = sum(p.numel() for p in maml.parameters() if p.requires_grad)
 
     start = time.perf_counter()
-    curve, kept = _train(config, maml, data, progress)
+    curve, kept, training = _train(config, maml, data, progress)
     seconds["meta-training"] = time.perf_counter() - start
 
     start = time.perf_counter()
     accs = _test(config, maml, fresh, data, progress)
     seconds["meta-test"] = time.perf_counter() - start
+    for name, a in accs.items():
+        _check_scores(a, f"moracl meta: meta-test of {name!r}")
 
     if config.test.episodes < 600:
         warnings.warn(
@@ -410,15 +491,14 @@ def meta_learn(config: MetaConfig, *, progress: bool = True) -> MetaResult:
         seconds=seconds,
         scenario=data.describe(),
         labels=labels,
+        training=training,
     )
     if not is_main():  # rank 0 writes the outputs
         barrier()
         return result
     out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out / "adapter")
-    _write_json(out / "episodes.json", {"seed": config.test.seed, **result.accuracies})
-    _write_json(
+    episodes = _json_text(out / "episodes.json", {"seed": config.test.seed, **result.accuracies})
+    metrics = _json_text(
         out / "metrics.json",
         {
             "config": to_dict(config),
@@ -429,12 +509,19 @@ def meta_learn(config: MetaConfig, *, progress: bool = True) -> MetaResult:
             "paired_differences": {k: v.as_dict() for k, v in result.paired.items()},
             "validation": curve,
             "selected_step": kept,
+            "training": training,
             "trainable_parameters": trainable,
             "seconds": seconds,
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
         },
     )
+    adapted = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert_finite(adapted, "moracl meta: the adapter about to be saved")
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out / "adapter")
+    _write_text(out / "episodes.json", episodes)
+    _write_text(out / "metrics.json", metrics)
     _write_text(out / "report.md", _report(config, result))
     barrier()
     return result

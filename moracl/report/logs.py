@@ -4,11 +4,19 @@ Layout under ``RUN_DIR``:
 
 - ``logs/train.csv``: ``strategy, experience, epoch, step, loss, lr, seconds``;
 - ``logs/eval.csv``: ``strategy, after_experience, eval_experience, accuracy, loss``;
-- ``tensorboard/<strategy>/``: event files with ``train/loss``, ``train/lr`` (x: ``step``) and
-  ``eval/accuracy/exp_<j>``, ``eval/loss/exp_<j>`` (x: ``after_experience``).
+- ``tensorboard/<strategy>/``: event files with ``train/loss``, ``train/lr`` (x: ``step``),
+  ``train/step_loss`` (each step's loss, x: its step) and ``eval/accuracy/exp_<j>``,
+  ``eval/loss/exp_<j>`` (x: ``after_experience``).
 
 A new :class:`RunLogger` on an existing run appends: the CSV header is written only to a new
-(or empty) file, and TensorBoard adds a new event file next to the old ones.
+(or empty) file, and TensorBoard adds a new event file next to the old ones. A resumed run
+passes ``resume_after`` (the experience of its checkpoint): rows logged after it, by an
+experience that was interrupted before its checkpoint, are dropped first (the CSV files are
+rewritten atomically), so the resumed run's rows equal an uninterrupted run's. TensorBoard
+keeps the interrupted experience's events beside the new ones.
+
+Every number written is finite: a NaN or an infinity raises
+:class:`~moracl.guard.NonFiniteError` (naming the column) instead of reaching a file.
 """
 
 from __future__ import annotations
@@ -17,9 +25,13 @@ import csv
 import math
 import os
 import re
+import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
+
+from moracl.guard import NonFiniteError
 
 __all__ = ["EVAL_FIELDS", "TRAIN_FIELDS", "RunLogger"]
 
@@ -47,9 +59,66 @@ def _open_csv(path: Path, fields: tuple[str, ...]) -> tuple[IO[str], Any]:
     return fh, writer
 
 
-def _number(x: float | None) -> str:
-    """Exact text for a float (``repr``); empty for ``None``."""
-    return "" if x is None else repr(float(x))
+def _drop_rows_after(path: Path, fields: tuple[str, ...], column: str, last: int) -> None:
+    """Rewrite the CSV log ``path`` (atomically) without the rows whose ``column`` is above
+    ``last``; a torn final line (no newline: a write interrupted by a crash) goes too. A
+    missing or empty file, or one with nothing to drop, is left as it is.
+
+    Raises:
+        ValueError: the header is not ``fields``, or a row is malformed.
+    """
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    text = path.read_text(encoding="utf-8")
+    torn = not text.endswith("\n")
+    lines = text.splitlines(keepends=True)
+    if torn:
+        lines = lines[:-1]
+    rows = list(csv.reader(lines))
+    if not rows or tuple(rows[0]) != fields:
+        header = rows[0] if rows else []
+        raise ValueError(
+            f"{path} has the header {header}; expected {list(fields)} "
+            "(refusing to rewrite a different log)"
+        )
+    col = fields.index(column)
+    kept = [rows[0]]
+    for number, row in enumerate(rows[1:], start=2):
+        try:
+            if len(row) != len(fields):
+                raise ValueError
+            value = int(row[col])
+        except ValueError:
+            raise ValueError(
+                f"{path}, line {number}: {row!r} is not a row of {list(fields)} with an "
+                f"integer {column!r}"
+            ) from None
+        if value <= last:
+            kept.append(row)
+    if len(kept) == len(rows) and not torn:
+        return
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", newline="", encoding="utf-8") as fh:
+            csv.writer(fh).writerows(kept)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _number(x: float | None, column: str = "value") -> str:
+    """Exact text for a float (``repr``); empty for ``None``.
+
+    Raises:
+        NonFiniteError: ``x`` is NaN or infinite (``column`` names it).
+    """
+    if x is None:
+        return ""
+    value = float(x)
+    if not math.isfinite(value):
+        raise NonFiniteError(f"{column}={value}; refusing to log a non-finite number")
+    return repr(value)
 
 
 class RunLogger:
@@ -57,11 +126,29 @@ class RunLogger:
 
     Rows are flushed as they are written, so a crash loses nothing already logged. Use as a
     context manager, or call :meth:`close`.
+
+    Args:
+        run_dir: the run folder.
+        tensorboard: also write TensorBoard events.
+        resume_after: drop the rows of experiences after this one first (training rows by
+            ``experience``, evaluation rows by ``after_experience``): a resumed run passes its
+            checkpoint's experience, a new run ``-1`` (no rows of an aborted attempt are
+            kept); ``None`` keeps every row.
     """
 
-    def __init__(self, run_dir: str | os.PathLike[str], *, tensorboard: bool = True) -> None:
+    def __init__(
+        self,
+        run_dir: str | os.PathLike[str],
+        *,
+        tensorboard: bool = True,
+        resume_after: int | None = None,
+    ) -> None:
         self.run_dir = Path(run_dir)
         self.tensorboard = tensorboard
+        logs = self.run_dir / "logs"
+        if resume_after is not None:
+            _drop_rows_after(logs / "train.csv", TRAIN_FIELDS, "experience", resume_after)
+            _drop_rows_after(logs / "eval.csv", EVAL_FIELDS, "after_experience", resume_after)
         self._train_fh, self._train = _open_csv(self.run_dir / "logs" / "train.csv", TRAIN_FIELDS)
         try:
             self._eval_fh, self._eval = _open_csv(self.run_dir / "logs" / "eval.csv", EVAL_FIELDS)
@@ -91,22 +178,41 @@ class RunLogger:
         experience: int,
         epoch: int,
         step: int,
-        loss: float,
+        loss: float | None,
         lr: float,
         seconds: float,
     ) -> None:
-        """One training row: ``step`` is the strategy's global optimiser step and ``seconds``
-        the wall-clock time since the strategy started training."""
+        """One training row (an epoch's): ``step`` is the strategy's global step count,
+        ``loss`` the epoch's mean loss (``None``: no step was taken, an empty cell) and
+        ``seconds`` the strategy's training time so far (wall clock, evaluation excluded).
+
+        Raises:
+            NonFiniteError: a number is NaN or infinite (nothing is written).
+        """
         self._check_open()
-        self._train.writerow(
-            [strategy, int(experience), int(epoch), int(step), _number(loss), _number(lr),
-             _number(seconds)]
-        )  # fmt: skip
+        row = [strategy, int(experience), int(epoch), int(step), _number(loss, "loss"),
+               _number(lr, "lr"), _number(seconds, "seconds")]  # fmt: skip
+        self._train.writerow(row)
         self._train_fh.flush()
         if self.tensorboard:
             w = self._writer(strategy)
-            w.add_scalar("train/loss", float(loss), int(step))
+            if loss is not None:
+                w.add_scalar("train/loss", float(loss), int(step))
             w.add_scalar("train/lr", float(lr), int(step))
+
+    def log_train_steps(self, strategy: str, steps: Iterable[tuple[int, float]]) -> None:
+        """Each step's loss ``(global step, loss)`` as TensorBoard's ``train/step_loss`` (no
+        CSV rows; nothing without TensorBoard).
+
+        Raises:
+            NonFiniteError: a loss is NaN or infinite.
+        """
+        self._check_open()
+        if not self.tensorboard:
+            return
+        w = self._writer(strategy)
+        for step, loss in steps:
+            w.add_scalar("train/step_loss", float(_number(loss, "loss")), int(step))
 
     def log_eval(
         self,
@@ -118,22 +224,26 @@ class RunLogger:
         loss: float | None = None,
     ) -> None:
         """One evaluation: accuracy (in [0, 1]) on ``eval_experience`` after training through
-        ``after_experience``, i.e. ``R[after_experience][eval_experience]``."""
+        ``after_experience``, i.e. ``R[after_experience][eval_experience]``, and the mean
+        cross-entropy there (``None``: not measured, an empty cell).
+
+        Raises:
+            NonFiniteError: the loss is NaN or infinite (nothing is written).
+        """
         self._check_open()
         accuracy = float(accuracy)
         loss = None if loss is None else float(loss)
         if not 0.0 <= accuracy <= 1.0:
             raise ValueError(f"accuracy={accuracy!r}; expected a value in [0, 1]")
-        self._eval.writerow(
-            [strategy, int(after_experience), int(eval_experience), _number(accuracy),
-             _number(loss)]
-        )  # fmt: skip
+        row = [strategy, int(after_experience), int(eval_experience), _number(accuracy),
+               _number(loss, "loss")]  # fmt: skip
+        self._eval.writerow(row)
         self._eval_fh.flush()
         if self.tensorboard:
             w = self._writer(strategy)
             step = int(after_experience)
             w.add_scalar(f"eval/accuracy/exp_{eval_experience}", float(accuracy), step)
-            if loss is not None and not math.isnan(loss):
+            if loss is not None:
                 w.add_scalar(f"eval/loss/exp_{eval_experience}", float(loss), step)
 
     def flush(self) -> None:

@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 
 from moracl.adapters.base import AdapterConfig
+from moracl.guard import check_number
 
 
 @dataclass(frozen=True)
@@ -25,8 +26,10 @@ class LoRAConfig(AdapterConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not float(self.alpha) > 0:
-            raise ValueError(f"alpha must be > 0, got {self.alpha!r}")
+        check_number("alpha", self.alpha, gt=0)  # finite, > 0
+        for name in ("rslora", "freeze_a"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
 
     @property
     def scaling(self) -> float:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from moracl.adapters.base import Adapter, ParamRole
+from moracl.adapters.base import Adapter, AdapterConfig, ParamRole
 from moracl.adapters.mora.config import Compression, MoRAConfig, square_size
 from moracl.adapters.mora.fused import mora_sharing_linear
 from moracl.adapters.mora.operators import OPERATORS, Operator
@@ -18,6 +18,25 @@ class MoRA(Adapter):
     """High-rank square-matrix adapter; its compression is a named strategy."""
 
     config: MoRAConfig
+
+    @classmethod
+    def check_fit(
+        cls, in_features: int, out_features: int, config: AdapterConfig, where: str = "a layer"
+    ) -> None:
+        """MoRA of rank ``r`` has a rank-``r`` LoRA's parameter count, so LoRA's bound applies:
+        ``rank <= max(d_in, d_out)``, i.e. ``r̂ <= isqrt((d_in + d_out) · max(d_in, d_out))``
+        (``r̂`` may exceed ``d_in``: the compression pads cyclically)."""
+        bound = max(in_features, out_features)
+        if config.rank > bound:
+            comp = getattr(config, "compression", Compression.SHARING)
+            r_hat = square_size(in_features, out_features, config.rank, comp)
+            top = square_size(in_features, out_features, bound, comp)
+            raise ValueError(
+                f"{where} ({in_features} -> {out_features}): mora rank {config.rank} "
+                f"(r̂ = {r_hat}) is out of range; expected 1 <= rank <= {bound} = "
+                f"max(d_in, d_out), i.e. r̂ <= {top} (lower adapter.rank or leave this layer "
+                f"out of target_modules)"
+            )
 
     def __init__(self, in_features: int, out_features: int, config: MoRAConfig) -> None:
         super().__init__(in_features, out_features, config)

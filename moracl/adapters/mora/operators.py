@@ -113,9 +113,9 @@ class Rotation(Operator):
     def _tables(self, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
         """RoPE tables ``cos, sin (g, r̂)`` for block ``t`` at angles ``t · base^(-2k/r̂)``,
         computed in float64 and rounded once to ``dtype``."""
-        r = self.r_hat
-        inv_freq = 1.0 / self.base ** (torch.arange(0, r, 2, dtype=torch.float64) / r)
-        ang = torch.outer(torch.arange(self.groups, dtype=torch.float64), inv_freq)
+        r, cpu = self.r_hat, torch.device("cpu")  # explicit: also under torch.device("meta")
+        inv_freq = 1.0 / self.base ** (torch.arange(0, r, 2, dtype=torch.float64, device=cpu) / r)
+        ang = torch.outer(torch.arange(self.groups, dtype=torch.float64, device=cpu), inv_freq)
         ang = torch.cat([ang, ang], dim=-1)  # (g, r̂)
         return ang.cos().to(device, dtype), ang.sin().to(device, dtype)
 

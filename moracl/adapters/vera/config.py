@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from moracl.adapters.base import AdapterConfig
+from moracl.guard import check_int, check_number
 
 
 @dataclass(frozen=True)
@@ -19,3 +20,8 @@ class VeRAConfig(AdapterConfig):
     kind: str = "vera"
     projection_seed: int = 0
     d_initial: float = 0.1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_int("projection_seed", self.projection_seed, ge=0)
+        check_number("d_initial", self.d_initial)  # finite

@@ -10,7 +10,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from moracl.adapters.base import Adapter, ParamRole, linear
+from moracl.adapters.base import Adapter, AdapterConfig, ParamRole, linear
 from moracl.adapters.vera.config import VeRAConfig
 
 
@@ -28,6 +28,22 @@ class VeRA(Adapter):
     config: VeRAConfig
     vera_A: Tensor
     vera_B: Tensor
+
+    @classmethod
+    def check_fit(
+        cls, in_features: int, out_features: int, config: AdapterConfig, where: str = "a layer"
+    ) -> None:
+        """VeRA's rank sizes its frozen random projections and its trainable ``λ_d``; it is
+        meant to exceed LoRA's (e.g. 1024 on 768-wide layers), so the bound is
+        ``rank <= d_in + d_out``: the projections, ``rank · (d_in + d_out)`` numbers, then stay
+        within ``(d_in + d_out)²`` (at most a few times the layer's own weight)."""
+        bound = in_features + out_features
+        if config.rank > bound:
+            raise ValueError(
+                f"{where} ({in_features} -> {out_features}): vera rank {config.rank} is out of "
+                f"range; expected 1 <= rank <= {bound} = d_in + d_out (lower adapter.rank or "
+                f"leave this layer out of target_modules)"
+            )
 
     def __init__(self, in_features: int, out_features: int, config: VeRAConfig) -> None:
         super().__init__(in_features, out_features, config)

@@ -8,9 +8,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from moracl.parse_fields import check_field_types, check_string_keys
+
 __all__ = ["RouterConfig"]
 
 _NESTED = ("outer", "inner")
+#: the deepest nesting of router configs (a hierarchical router's outer/inner) accepted
+MAX_DEPTH = 8
 _PER = ("token", "sample")
 
 
@@ -136,14 +140,43 @@ class RouterConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> RouterConfig:
-        """Build from a plain mapping (parsed YAML/JSON); unknown keys raise ``ValueError``."""
-        if not isinstance(data, Mapping):
-            raise ValueError(f"a router config must be a mapping, got {type(data).__name__}")
+        """Build from a plain mapping (parsed YAML/JSON); unknown keys, values of the wrong
+        type and nesting (``outer``/``inner``) deeper than :data:`MAX_DEPTH` levels raise
+        ``ValueError`` naming the key path (``inner.inner.k``)."""
+        return cls._parse(data, "", 1)
+
+    @classmethod
+    def _parse(cls, data: Any, path: str, depth: int) -> RouterConfig:
+        if isinstance(data, RouterConfig):
+            return data
+        where = path.rstrip(".") or "a router config"
+        data = dict(check_string_keys(data, where))
         valid = sorted(f.name for f in dataclasses.fields(cls))
         unknown = sorted(set(data) - set(valid))
         if unknown:
-            raise ValueError(f"unknown router config key(s) {unknown}; valid keys: {valid}")
-        return cls(**dict(data))
+            raise ValueError(f"{path}unknown router config key(s) {unknown}; valid keys: {valid}")
+        check_field_types(cls, data, prefix=path, skip=_NESTED)
+        for name in _NESTED:
+            value = data.get(name)
+            if value is None or isinstance(value, RouterConfig):
+                continue
+            if not isinstance(value, Mapping):
+                raise ValueError(
+                    f"{path}{name} must be a router config (a mapping) or null, got "
+                    f"{type(value).__name__}"
+                )
+            if depth >= MAX_DEPTH:
+                raise ValueError(
+                    f"{path}{name}: routers nest at most {MAX_DEPTH} levels deep "
+                    f"(outer/inner of hierarchical routers)"
+                )
+            data[name] = cls._parse(value, f"{path}{name}.", depth + 1)
+        try:
+            return cls(**data)
+        except ValueError as e:
+            if not path:
+                raise
+            raise ValueError(f"{where}: {e}") from None
 
     def to_dict(self) -> dict[str, Any]:
         """A plain mapping (nested configs as mappings) that ``from_dict`` turns back."""
