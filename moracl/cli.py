@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 from collections.abc import Sequence
 
 BENCHES = {
@@ -180,6 +181,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     package, end in one line ``moracl: error: ...`` (exit 2); Ctrl-C ends in one line
     (exit 130). Anything else is a bug and keeps its traceback.
     """
+    # Avalanche imports qpsolvers (for GEM), which warns at import that no QP solver is
+    # installed; no moracl strategy solves a QP, so the line would only alarm users
+    warnings.filterwarnings("ignore", message="no QP solver found", category=UserWarning)
     args = build_parser().parse_args(argv)
     try:
         code: int = args.func(args)
