@@ -28,7 +28,6 @@ import json
 import math
 import os
 import stat
-import tempfile
 import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -40,6 +39,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import Tensor
 
+from moracl.files import write_atomic
 from moracl.guard import assert_finite, finite_json
 
 __all__ = [
@@ -48,7 +48,6 @@ __all__ = [
     "WEIGHTS_NAME",
     "AdapterFolder",
     "TensorInfo",
-    "atomic_write_bytes",
     "open_adapter",
     "parse_safetensors_header",
     "read_adapter",
@@ -90,21 +89,6 @@ MAX_DIMS = 8
 # -- writing ----------------------------------------------------------------------------------
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the new one, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _fsync_dir(directory: Path) -> None:
     """Make the renames into ``directory`` durable (where the platform allows it)."""
     try:
@@ -133,7 +117,7 @@ def write_manifest(directory: str | os.PathLike[str], files: Mapping[str, bytes]
         "algorithm": "sha256",
         "files": {name: _manifest_entry(data) for name, data in sorted(files.items())},
     }
-    atomic_write_bytes(out / MANIFEST_NAME, (json.dumps(body, indent=2) + "\n").encode())
+    write_atomic(out / MANIFEST_NAME, (json.dumps(body, indent=2) + "\n").encode())
     _fsync_dir(out)
     return out / MANIFEST_NAME
 
@@ -149,7 +133,7 @@ def write_files(directory: str | os.PathLike[str], files: Mapping[str, bytes]) -
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     for name, data in files.items():
-        atomic_write_bytes(out / name, data)
+        write_atomic(out / name, data)
     write_manifest(out, files)
     return out
 

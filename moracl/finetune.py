@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -37,6 +35,7 @@ from moracl.distributed import (
     local_rows,
     world_size,
 )
+from moracl.files import write_atomic
 from moracl.guard import StepGuard, assert_finite, finite_json
 from moracl.model import MoRAModel
 from moracl.preflight import check_first
@@ -348,7 +347,7 @@ def finetune(config: FinetuneConfig, *, progress: bool = True) -> FinetuneResult
         )
         _write_logs(out, {"adapters + head": train_log, "linear probe": probe_log})
         model.save_pretrained(out / "adapter")
-        _write_text(out / "metrics.json", text + "\n")
+        write_atomic(out / "metrics.json", text + "\n")
     barrier()
     return result
 
@@ -371,16 +370,3 @@ def _write_logs(out: Path, logs: dict[str, TrainLog]) -> None:
                     lr=e.lr,
                     seconds=e.seconds,
                 )
-
-
-def _write_text(path: Path, text: str) -> None:
-    """Write ``text`` atomically (a temporary file in the same folder, then a rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

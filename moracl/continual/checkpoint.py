@@ -40,6 +40,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 from torch import Tensor
 
+from moracl.files import write_atomic
 from moracl.guard import assert_finite, finite_json
 
 __all__ = [
@@ -132,20 +133,6 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _check_name(name: object) -> str:
     if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise CheckpointError(
@@ -220,7 +207,7 @@ def save_checkpoint(
         "experience": experience,
         "state_sha256": state_sha,
     }
-    _write_atomic(root / LATEST_FILE, finite_json(pointer, str(root / LATEST_FILE), indent=1))
+    write_atomic(root / LATEST_FILE, finite_json(pointer, str(root / LATEST_FILE), indent=1))
     _fsync(root)
     for old in root.iterdir():  # older checkpoints, and scratch folders of interrupted saves
         stale = old.name != final.name and old.name.startswith(("exp-", ".tmp-"))

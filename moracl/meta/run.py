@@ -28,8 +28,6 @@ method, in episode order) and ``adapter/`` (the meta-trained adapters and head).
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -53,6 +51,7 @@ from moracl.distributed import (
     rank,
     world_size,
 )
+from moracl.files import write_atomic
 from moracl.guard import NonFiniteError, StepGuard, assert_finite, finite_json
 from moracl.meta.baselines import (
     Summary,
@@ -367,18 +366,6 @@ def _test(
     return {name: torch.cat(parts) for name, parts in out.items()}
 
 
-def _write_text(path: Path, text: str) -> None:
-    """Write ``text`` atomically (a temporary file in the same folder, then a rename)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _json_text(path: Path, obj: Any) -> str:
     """``obj`` as the JSON text of ``path``; :class:`~moracl.guard.NonFiniteError` (naming
     the key) instead of a NaN or an infinity."""
@@ -520,8 +507,8 @@ def meta_learn(config: MetaConfig, *, progress: bool = True) -> MetaResult:
     assert_finite(adapted, "moracl meta: the adapter about to be saved")
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out / "adapter")
-    _write_text(out / "episodes.json", episodes)
-    _write_text(out / "metrics.json", metrics)
-    _write_text(out / "report.md", _report(config, result))
+    write_atomic(out / "episodes.json", episodes)
+    write_atomic(out / "metrics.json", metrics)
+    write_atomic(out / "report.md", _report(config, result))
     barrier()
     return result

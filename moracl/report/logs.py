@@ -22,15 +22,16 @@ Every number written is finite: a NaN or an infinity raises
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
 import re
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
+from moracl.files import write_atomic
 from moracl.guard import NonFiniteError
 
 __all__ = ["EVAL_FIELDS", "TRAIN_FIELDS", "RunLogger"]
@@ -97,14 +98,9 @@ def _drop_rows_after(path: Path, fields: tuple[str, ...], column: str, last: int
             kept.append(row)
     if len(kept) == len(rows) and not torn:
         return
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as fh:
-            csv.writer(fh).writerows(kept)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    buffer = io.StringIO(newline="")
+    csv.writer(buffer).writerows(kept)
+    write_atomic(path, buffer.getvalue())
 
 
 def _number(x: float | None, column: str = "value") -> str:
