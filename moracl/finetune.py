@@ -215,7 +215,9 @@ def _train(
             bar.update()
             bar.set_postfix(loss="skipped" if value is None else f"{value:.3f}")
         log.epochs.append(_epoch_loss(epoch, guard, losses, skipped, opt, began))
-        guard.warn_skipped(skipped, step + 1, f"moracl finetune: {desc}, epoch {epoch}")
+        guard.warn_skipped(
+            skipped, len(range(0, rows, tc.batch_size)), f"moracl finetune: {desc}, epoch {epoch}"
+        )
     bar.close()
     trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
     assert_finite(trained, f"moracl finetune: {desc}: the parameters after training")
@@ -287,7 +289,11 @@ def _linear_probe(
                 opt.step()
                 losses.append(value)
         log.epochs.append(_epoch_loss(epoch, guard, losses, skipped, opt, began))
-        guard.warn_skipped(skipped, step + 1, f"moracl finetune: linear probe, epoch {epoch}")
+        guard.warn_skipped(
+            skipped,
+            len(range(0, len(order), tc.batch_size)),
+            f"moracl finetune: linear probe, epoch {epoch}",
+        )
     assert_finite(dict(head.named_parameters()), "moracl finetune: the linear probe's head")
     log.steps, log.skipped = guard.steps, guard.skipped
     with torch.no_grad():

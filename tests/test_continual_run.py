@@ -43,16 +43,15 @@ def full_run(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyp
     return out, run_continual(_config(out), progress=False)
 
 
-def test_moracl_never_forgets_task_incrementally_while_naive_does(full_run) -> None:  # type: ignore[no-untyped-def]
+def test_moracl_never_forgets_task_incrementally(full_run) -> None:  # type: ignore[no-untyped-def]
     _, results = full_run
     moracl = results.strategies["moracl (experts)"].matrix
-    naive = results.strategies["Naive"].matrix
     # frozen old experts and heads, old tasks masked from new experts: bit-identical outputs
     assert moracl.bwt() == 0.0
     assert all(moracl.R[i][0] == moracl.R[0][0] for i in range(5))
-    # (how much Naive forgets depends on rounding: its BWT is -0.39 on one CPU, -0.06 on
-    # another; that its experience-0 weights move is checked exactly in the resume test)
-    assert naive.R[4][4] is not None
+    # how much Naive forgets depends on rounding (its BWT was -0.39 on one CPU, -0.06 on
+    # another); that its experience-0 weights move, and moracl's do not, is checked exactly in
+    # test_resume_ends_where_an_uninterrupted_run_ends
 
 
 def test_run_folder_has_metrics_report_plots_logs(full_run) -> None:  # type: ignore[no-untyped-def]

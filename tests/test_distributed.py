@@ -464,8 +464,10 @@ def test_more_processes_than_rows_is_refused() -> None:
         DistributedConfig(sam_first_pass="sometimes")
 
 
-def test_one_process_is_untouched() -> None:
+def test_one_process_is_untouched(monkeypatch: pytest.MonkeyPatch) -> None:
     """Without torchrun nothing joins a group, splits a batch or communicates."""
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)  # (a test runner launched by torchrun)
     assert not torch.distributed.is_initialized()
     env = distributed.init_distributed()
     assert (env.rank, env.world_size, env.backend) == (0, 1, None)

@@ -433,6 +433,21 @@ def test_validate_accepts_what_moracl_meta_accepts(
         agree("meta", config, changes)
 
 
+def test_the_fuzzed_base_configs_are_accepted_by_validate_and_every_job(
+    fuzz_scenario: None, fake_glosses: None, no_fewshot_data: None
+) -> None:
+    """The configs the fuzz tests vary are valid as they are: the agreement above cannot be
+    met by a validation that refuses everything."""
+    cases = [("run", RUN_CONFIG), ("finetune", FINETUNE_CONFIG), ("meta", META_CONFIG)]
+    for job, text in cases:
+        with fresh_dir() as tmp:
+            config = tmp / f"{job}.yaml"
+            config.write_text(text.replace("OUT", str(tmp / "out")))
+            checked = call(["validate", str(config)])
+            ran = call([job, str(config), "--quiet"])
+            assert checked.accepted and ran.accepted, (job, checked.err, ran.err)
+
+
 # -- config files themselves ------------------------------------------------------------------
 
 TEXTS = st.sampled_from(

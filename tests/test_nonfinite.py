@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moracl.guard import NonFiniteError, StepGuard, loss_and_gradient_peak
+from tests.offline_data import needs_fashion_mnist, needs_wordnet_minilm
 
 NAN = float("nan")
 
@@ -279,6 +280,7 @@ def _plain_loop(
     return losses
 
 
+@needs_fashion_mnist
 @pytest.mark.slow
 def test_a_diverging_run_stops_naming_where_and_leaves_nothing_nonfinite(tmp_path: Path) -> None:
     from moracl.continual.run import run_continual
@@ -294,6 +296,7 @@ def test_a_diverging_run_stops_naming_where_and_leaves_nothing_nonfinite(tmp_pat
     assert assert_nothing_nonfinite(out) > 0  # the logs at least
 
 
+@needs_fashion_mnist
 @pytest.mark.slow
 def test_skip_drops_exactly_the_bad_steps_counts_them_and_logs_the_mean_loss() -> None:
     from moracl.continual.strategy import derive_seed, materialize
@@ -335,6 +338,7 @@ def test_skip_drops_exactly_the_bad_steps_counts_them_and_logs_the_mean_loss() -
     assert [r.loss for r in records] == [math.fsum(e) / len(e) for e in reference]
 
 
+@needs_fashion_mnist
 @pytest.mark.slow
 def test_lwf_with_temperature_zero_is_stopped_by_the_guard() -> None:
     from avalanche.training.plugins import LwFPlugin
@@ -379,6 +383,7 @@ def logged_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path,
     yield out, made
 
 
+@needs_fashion_mnist
 @pytest.mark.slow
 def test_train_csv_holds_each_epochs_mean_loss_and_step(logged_run: Any) -> None:
     from moracl.continual.run import LABELS
@@ -410,6 +415,7 @@ def test_train_csv_holds_each_epochs_mean_loss_and_step(logged_run: Any) -> None
         assert result["training"] == {"steps": step, "skipped_steps": 0}
 
 
+@needs_fashion_mnist
 @pytest.mark.slow
 def test_eval_csv_loss_is_the_cross_entropy_on_each_test_experience(logged_run: Any) -> None:
     import scenarios  # noqa: F401
@@ -436,6 +442,7 @@ def test_eval_csv_loss_is_the_cross_entropy_on_each_test_experience(logged_run: 
             assert float(row["loss"]) == pytest.approx(direct, rel=1e-6), (name, j)
 
 
+@needs_fashion_mnist
 @pytest.mark.slow
 def test_a_resumed_run_logs_the_rows_of_an_uninterrupted_one(
     logged_run: Any, tmp_path: Path
@@ -492,7 +499,8 @@ def _finetune_config(*overrides: str) -> Any:
     from moracl.config import load_config
 
     return load_config(
-        "configs/wordnet_finetune.yaml", ["train.batch_size=8", "train.epochs=2", *overrides]
+        Path(__file__).resolve().parents[1] / "configs" / "wordnet_finetune.yaml",
+        ["train.batch_size=8", "train.epochs=2", *overrides],
     )
 
 
@@ -508,6 +516,7 @@ def _tiny_adapted() -> tuple[Any, Tensor, Tensor]:
     return model, torch.randn(30, 6, generator=g), torch.randint(0, 3, (30,), generator=g)
 
 
+@needs_wordnet_minilm
 def test_finetune_training_stops_at_a_non_finite_loss() -> None:
     from moracl.finetune import _train
 
@@ -519,6 +528,7 @@ def test_finetune_training_stops_at_a_non_finite_loss() -> None:
         _train(model, 30, lambda idx: {"x": x[idx]}, y, config, "adapters + head", False)
 
 
+@needs_wordnet_minilm
 def test_finetune_skip_leaves_the_weights_of_a_loop_without_that_step() -> None:
     from moracl.finetune import _train
 
@@ -567,6 +577,7 @@ def test_finetune_skip_leaves_the_weights_of_a_loop_without_that_step() -> None:
         assert torch.equal(ours[name], value), name
 
 
+@needs_wordnet_minilm
 def test_finetune_logs_each_loops_epochs(tmp_path: Path) -> None:
     from moracl.finetune import _train, _write_logs
 
@@ -587,6 +598,7 @@ def test_finetune_logs_each_loops_epochs(tmp_path: Path) -> None:
     assert float(rows[0]["lr"]) == config.train.lr
 
 
+@needs_wordnet_minilm
 @pytest.mark.slow
 def test_a_diverging_finetune_stops_and_writes_nothing(tmp_path: Path) -> None:
     from moracl.finetune import finetune

@@ -31,6 +31,7 @@ from moracl.report import (
     write_run_manifest,
 )
 from moracl.runlock import LOCK_FILE, RunFolderBusyError, RunLock
+from tests.offline_data import needs_fashion_mnist, needs_wordnet_minilm
 
 ROOT = Path(__file__).resolve().parents[1]
 LABELS = ["moracl (experts)", "Naive", "LwF"]
@@ -293,6 +294,7 @@ def test_report_of_no_run_or_a_busy_run_is_one_line(
 # -- finetune and meta output folders ------------------------------------------------------------
 
 
+@needs_wordnet_minilm
 def test_finetune_refuses_a_busy_folder_or_earlier_results(tmp_path: Path) -> None:
     from moracl.config import load_config
     from moracl.finetune import finetune
@@ -437,6 +439,7 @@ def _skip_ahead(data: dict[str, Any]) -> None:
     data["experience"] = 3
 
 
+@needs_fashion_mnist
 @pytest.mark.slow
 @pytest.mark.parametrize("edit", [_skip_ahead, _set_lr, _forge_accuracy, _drop_lwf])
 def test_an_edited_state_json_is_refused_before_anything_is_loaded(
@@ -474,6 +477,7 @@ def test_an_edited_state_json_is_refused_before_anything_is_loaded(
         ),
     ],
 )
+@needs_fashion_mnist
 def test_a_consistently_forged_checkpoint_fails_its_cross_checks(
     runs: dict[str, Path],
     tmp_path: Path,
@@ -488,6 +492,7 @@ def test_a_consistently_forged_checkpoint_fails_its_cross_checks(
     assert message in _refused(run, capsys)
 
 
+@needs_fashion_mnist
 @pytest.mark.slow
 def test_a_library_resume_with_another_config_is_refused(
     runs: dict[str, Path], tmp_path: Path
@@ -519,6 +524,7 @@ def test_a_library_resume_with_another_config_is_refused(
         ({"format": "moracl.continual.checkpoint/1"}, "did not checksum state.json"),
     ],
 )
+@needs_fashion_mnist
 def test_latest_json_cannot_point_elsewhere(
     runs: dict[str, Path],
     tmp_path: Path,
@@ -557,6 +563,7 @@ def _link_elsewhere(path: Path, outside: Path) -> None:
         "checkpoints/exp-1/naive.safetensors",
     ],
 )
+@needs_fashion_mnist
 def test_symbolic_links_on_the_read_path_are_refused(
     runs: dict[str, Path],
     tmp_path: Path,
@@ -571,6 +578,7 @@ def test_symbolic_links_on_the_read_path_are_refused(
     assert f"{run / target} is a symbolic link" in err
 
 
+@needs_fashion_mnist
 @pytest.mark.slow
 def test_resume_keeps_its_config(
     runs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
@@ -604,6 +612,7 @@ def test_resume_keeps_its_config(
     assert verify_run_manifest(run).verified and not (run / LOCK_FILE).exists()
 
 
+@needs_fashion_mnist
 @pytest.mark.slow
 def test_a_finished_run_resumed_says_so_and_prints_its_results(
     runs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
@@ -626,6 +635,7 @@ def test_a_finished_run_resumed_says_so_and_prints_its_results(
     assert verify_run_manifest(run).verified
 
 
+@needs_fashion_mnist
 @pytest.mark.slow
 def test_a_finished_run_verifies_and_reports(
     runs: dict[str, Path], capsys: pytest.CaptureFixture[str]
@@ -682,6 +692,7 @@ def _runner(out: Path, mode: str) -> subprocess.Popen[str]:
     return _child(RUNNER, config, mode, str(torch.get_num_threads()))
 
 
+@needs_fashion_mnist
 @pytest.mark.slow
 def test_a_second_run_into_a_running_folder_is_refused_and_the_first_finishes_intact(
     runs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
@@ -715,6 +726,7 @@ def test_a_second_run_into_a_running_folder_is_refused_and_the_first_finishes_in
     assert not (out / LOCK_FILE).exists()
 
 
+@needs_fashion_mnist
 @pytest.mark.slow
 def test_kill_9_after_a_checkpoint_then_resume_ends_bit_identically(
     runs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]

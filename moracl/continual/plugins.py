@@ -221,7 +221,8 @@ class BalancedHeadPlugin(SupervisedPlugin):
                     place = f"{where}, epoch {epoch}, step {step}"
                     if guard.check(loss, params, place, named=lambda: named) is not None:
                         optimizer.step()
-                guard.warn_skipped(skipped, step + 1, f"{where}, epoch {epoch}")
+                steps = len(range(0, len(experience), batch_size))
+                guard.warn_skipped(skipped, steps, f"{where}, epoch {epoch}")
         finally:
             model.forced_routes = None
             encoder.record_router_inputs = recording
@@ -275,7 +276,9 @@ class BalancedHeadPlugin(SupervisedPlugin):
                 place = f"{where}, epoch {epoch}, step {step}"
                 if guard.check(loss, params, place, named=head.named_parameters) is not None:
                     optimizer.step()
-            guard.warn_skipped(skipped, step + 1, f"{where}, epoch {epoch}")
+            guard.warn_skipped(
+                skipped, len(range(0, len(y), batch_size)), f"{where}, epoch {epoch}"
+            )
 
 
 class TaskStatisticsPlugin(SupervisedPlugin):

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from moracl.adapters.base import AdapterConfig
 from moracl.continual.checkpoint import load_checkpoint, save_checkpoint
-from moracl.continual.config import STRATEGIES, RunConfig, router_kind
+from moracl.continual.config import STRATEGIES, RunConfig, check_routing, router_kind
 from moracl.continual.inference import GaussianTaskInference
 from moracl.continual.metrics import (
     AccuracyMatrix,
@@ -119,14 +119,8 @@ def build_model(name: str, config: RunConfig, encoder: nn.Module, info: Any) -> 
     adapter: AdapterConfig | MixtureConfig = config.adapter
     e = config.experts
     infer = name == "moracl" and e.task_inference == "gaussian" and not task_aware
-    learned = e.learned_routing() if infer else []
-    if learned:
-        raise ValueError(
-            f"experts.task_inference='gaussian' routes test rows by the inferred experience, "
-            f"with no learned router: leave experts.{', experts.'.join(learned)} at the default "
-            f"or set experts.task_inference=router"
-        )
     if name == "moracl":
+        check_routing(config, task_aware=task_aware)  # what `moracl validate` checks too
         router = _router(config, task_aware)
         expert = expert_adapter(config, router)
         adapter = MixtureConfig(
@@ -211,6 +205,7 @@ def build_strategy(
     factory = _optimizer_factory(config)
     b = config.baselines
     if name == "moracl":
+        check_routing(config, task_aware=model.multi_head)
         growth = GrowthConfig(
             adapter=expert_adapter(config, _router(config, task_aware=model.multi_head)),
             experts=config.experts.per_experience,
@@ -221,12 +216,6 @@ def build_strategy(
         e = config.experts
         if e.replay_size:
             replay = SeededReplayPlugin(e.replay_size, seed=seed)
-            if e.balance_router_epochs and model.multi_head:
-                raise ValueError(
-                    f"experts.balance_router_epochs={e.balance_router_epochs} teaches routing "
-                    f"without task labels; this {config.scenario.setting!r} run routes by task: "
-                    f"set it to 0"
-                )
             if e.balance_head_epochs or e.balance_router_epochs:
                 # before replay: it reads the buffer of earlier experiences
                 balance = BalancedHeadPlugin(
@@ -243,11 +232,6 @@ def build_strategy(
         class_experience = None
         experience_labels = False
         if e.route_supervision:
-            if model.multi_head:
-                raise ValueError(
-                    f"experts.route_supervision={e.route_supervision} teaches routing without "
-                    f"task labels; this {config.scenario.setting!r} run routes by task: set it to 0"
-                )
             try:  # class-incremental: a row's experience is its class's
                 class_experience = model.class_experience()
             except ValueError:  # domain-incremental: moracl labels each experience's rows

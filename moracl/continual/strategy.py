@@ -237,13 +237,21 @@ class FastTemplate(SupervisedTemplate):
     def optimizer_step(self) -> None:
         """Step the optimiser if the loss and every gradient are finite (see the module).
 
-        Under data parallelism the loss checked (and logged) is the mean of the processes'
-        losses and the gradients are already summed, so every process decides alike."""
+        Under data parallelism the loss checked (and logged) is the global batch's: each
+        process's mean loss weighted by its share of the rows (the weights its gradients are
+        summed with), so every process decides alike and logs the one-process value."""
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         loss = self.loss
-        world = world_size()
-        if world > 1:
-            loss = all_reduce_sum(loss.detach().float().clone()) / world
+        if world_size() > 1:
+            from moracl.continual.parallel import DataParallelPlugin  # (it imports this module)
+
+            share = next((p.share for p in self.plugins if isinstance(p, DataParallelPlugin)), None)
+            if share is None:
+                raise ValueError(
+                    "a data-parallel strategy needs moracl's DataParallelPlugin (it splits each "
+                    "global batch and sums the gradients)"
+                )
+            loss = all_reduce_sum(loss.detach().float() * share)
         value = self.step_guard.check(
             loss, params, self._step_where, named=self.model.named_parameters
         )
