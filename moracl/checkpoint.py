@@ -23,11 +23,10 @@ compare the header with the model first (see :mod:`moracl.adapter_files`).
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import json
 import math
 import os
-import stat
 import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -39,7 +38,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import Tensor
 
-from moracl.files import write_atomic
+from moracl.files import UnsafeFileError, fsync_path, read_regular, sha256_bytes, write_atomic
 from moracl.guard import assert_finite, finite_json
 
 __all__ = [
@@ -89,22 +88,8 @@ MAX_DIMS = 8
 # -- writing ----------------------------------------------------------------------------------
 
 
-def _fsync_dir(directory: Path) -> None:
-    """Make the renames into ``directory`` durable (where the platform allows it)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _manifest_entry(data: bytes) -> dict[str, Any]:
-    return {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+    return {"sha256": sha256_bytes(data), "size": len(data)}
 
 
 def write_manifest(directory: str | os.PathLike[str], files: Mapping[str, bytes]) -> Path:
@@ -118,7 +103,8 @@ def write_manifest(directory: str | os.PathLike[str], files: Mapping[str, bytes]
         "files": {name: _manifest_entry(data) for name, data in sorted(files.items())},
     }
     write_atomic(out / MANIFEST_NAME, (json.dumps(body, indent=2) + "\n").encode())
-    _fsync_dir(out)
+    with contextlib.suppress(OSError):  # where the platform cannot sync a folder
+        fsync_path(out)  # makes the renames into it durable
     return out / MANIFEST_NAME
 
 
@@ -184,28 +170,21 @@ def strict_json(data: bytes | str, what: str) -> Any:
 
 
 def _read_regular(path: Path) -> bytes:
-    """The bytes of ``path``, refusing symbolic links and anything but a regular file (the
-    check and the read use one file descriptor)."""
+    """The bytes of ``path``, refusing symbolic links and anything but a regular file
+    (:func:`moracl.files.read_regular`), with the adapter folder's messages."""
     try:
-        st = os.lstat(path)
+        return read_regular(path)
     except FileNotFoundError:
         raise FileNotFoundError(f"{path} does not exist") from None
-    if stat.S_ISLNK(st.st_mode):
-        raise ValueError(
-            f"{path} is a symbolic link; an adapter folder must hold its files itself "
-            f"(copy the file in place of the link)"
-        )
-    if not stat.S_ISREG(st.st_mode):
-        raise ValueError(f"{path} is not a regular file")
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except UnsafeFileError as e:
+        if e.reason == "link":
+            raise ValueError(
+                f"{path} is a symbolic link; an adapter folder must hold its files itself "
+                f"(copy the file in place of the link)"
+            ) from None
+        raise ValueError(str(e)) from None
     except OSError as e:
         raise ValueError(f"{path} cannot be opened as a regular file: {e.strerror}") from None
-    with os.fdopen(fd, "rb") as fh:
-        st2 = os.fstat(fh.fileno())
-        if not stat.S_ISREG(st2.st_mode) or (st2.st_dev, st2.st_ino) != (st.st_dev, st.st_ino):
-            raise ValueError(f"{path} changed while it was opened; refusing to read it")
-        return fh.read()
 
 
 def _check_manifest(manifest: Any, where: Path) -> dict[str, tuple[str, int]]:
@@ -303,7 +282,7 @@ def verify_folder(
                 f"{path} has {len(data)} bytes but {MANIFEST_NAME} records {size}: the file was "
                 f"changed, truncated or half-written; refusing to load it"
             )
-        actual = hashlib.sha256(data).hexdigest()
+        actual = sha256_bytes(data)
         if actual != digest:
             raise ValueError(
                 f"{path} has SHA-256 {actual} but {MANIFEST_NAME} records {digest}: the file was "

@@ -26,7 +26,7 @@ from moracl.adapters import AdapterConfig
 from moracl.continual.config import SEED_MAX, RunConfig
 from moracl.distributed import DistributedConfig
 from moracl.experts.mixture import MixtureConfig
-from moracl.guard import OnNonFinite, check_int, check_number
+from moracl.guard import OnNonFinite, check_int, check_number, parse_on_nonfinite
 from moracl.registry import Registry
 
 __all__ = [
@@ -61,15 +61,6 @@ def check_seed(name: str, value: Any) -> int:
     return check_int(name, value, ge=0, le=SEED_MAX)
 
 
-def _on_nonfinite(where: str, value: Any) -> OnNonFinite:
-    try:
-        return OnNonFinite(value)
-    except ValueError:
-        raise ValueError(
-            f"{where}.on_nonfinite must be one of {[m.value for m in OnNonFinite]}, got {value!r}"
-        ) from None
-
-
 @dataclass
 class TrainConfig:
     """How to train."""
@@ -93,7 +84,7 @@ class TrainConfig:
             check_number(f"train.{name}", getattr(self, name), gt=0)
         check_number("train.weight_decay", self.weight_decay, ge=0)
         check_seed("train.seed", self.seed)
-        self.on_nonfinite = _on_nonfinite("train", self.on_nonfinite)
+        self.on_nonfinite = parse_on_nonfinite(self.on_nonfinite, "train.on_nonfinite")
 
 
 @dataclass
@@ -208,7 +199,7 @@ class MetaLearnConfig:
             check_int("meta.chunk_size (or null)", self.chunk_size, ge=1)
         if not isinstance(self.zero_head, bool):
             raise ValueError(f"meta.zero_head must be true or false, got {self.zero_head!r}")
-        self.on_nonfinite = _on_nonfinite("meta", self.on_nonfinite)
+        self.on_nonfinite = parse_on_nonfinite(self.on_nonfinite, "meta.on_nonfinite")
 
 
 @dataclass

@@ -3,8 +3,8 @@ asks for it) at the first non-finite loss or gradient, and no writer lets a NaN 
 infinity reach a file.
 
 A job names where it is (``strategy 'naive', experience 1, epoch 0, step 12``) and calls
-:func:`check_loss` / :func:`check_gradients` each step; writers call :func:`assert_finite`
-(tensors) and :func:`finite_json` (JSON text) before anything touches the disk.
+:meth:`StepGuard.check` each step; writers call :func:`assert_finite` (tensors) and
+:func:`finite_json` (JSON text) before anything touches the disk.
 """
 
 from __future__ import annotations
@@ -24,14 +24,12 @@ __all__ = [
     "OnNonFinite",
     "StepGuard",
     "assert_finite",
-    "check_gradients",
     "check_int",
-    "check_loss",
     "check_number",
     "finite_json",
     "first_nonfinite",
-    "gradients_finite",
     "loss_and_gradient_peak",
+    "parse_on_nonfinite",
 ]
 
 
@@ -45,6 +43,16 @@ class OnNonFinite(str, Enum):
 
     STOP = "stop"  # raise NonFiniteError: the run stops, nothing non-finite is written
     SKIP = "skip"  # drop the step (no update), count it, and go on
+
+
+def parse_on_nonfinite(value: Any, key: str) -> OnNonFinite:
+    """``value`` (a member or its name) as an :class:`OnNonFinite`; else ``ValueError`` naming
+    the config ``key``, the value and the choices."""
+    try:
+        return OnNonFinite(value)
+    except ValueError:
+        choices = [m.value for m in OnNonFinite]
+        raise ValueError(f"{key}={value!r}; expected one of {choices}") from None
 
 
 def _describe(value: Tensor) -> str:
@@ -78,40 +86,6 @@ def assert_finite(tensors: Mapping[str, Tensor], what: str) -> None:
         raise NonFiniteError(
             f"{what}: tensor {name!r} holds {value}; refusing to write or use non-finite values"
         )
-
-
-def check_loss(loss: Tensor | float, where: str) -> None:
-    """Raise :class:`NonFiniteError` naming ``where`` if ``loss`` is not finite.
-
-    ``where`` reads like ``"moracl run: strategy 'naive', experience 1, epoch 0, step 12"``.
-    """
-    value = float(loss.detach()) if isinstance(loss, Tensor) else float(loss)
-    if not math.isfinite(value):
-        raise NonFiniteError(
-            f"{where}: the training loss is {value}; training diverged (lower the learning "
-            f"rate, or set train.on_nonfinite=skip to drop such steps)"
-        )
-
-
-def check_gradients(params: Iterable[tuple[str, Tensor]], where: str) -> None:
-    """Raise :class:`NonFiniteError` naming ``where`` and the parameter if a gradient of
-    ``params`` (``(name, parameter)`` pairs) is not finite."""
-    grads = {name: p.grad for name, p in params if p.grad is not None}
-    found = first_nonfinite(grads)
-    if found is not None:
-        name, value = found
-        raise NonFiniteError(
-            f"{where}: the gradient of {name!r} holds {value}; training diverged (lower the "
-            f"learning rate, or set train.on_nonfinite=skip to drop such steps)"
-        )
-
-
-def gradients_finite(params: Iterable[Tensor]) -> bool:
-    """Whether every gradient of ``params`` is finite (one host sync for all of them)."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return True
-    return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
 
 
 def finite_json(data: Any, what: str, **dumps: Any) -> str:
@@ -246,11 +220,7 @@ class StepGuard:
         setting: str = "train.on_nonfinite",
         advice: str = "lower the learning rate",
     ) -> None:
-        try:
-            self.policy = OnNonFinite(on_nonfinite)
-        except ValueError:
-            choices = [m.value for m in OnNonFinite]
-            raise ValueError(f"on_nonfinite={on_nonfinite!r}; expected one of {choices}") from None
+        self.policy = parse_on_nonfinite(on_nonfinite, "on_nonfinite")
         self.setting = setting
         self.advice = advice
         self.steps = 0  # steps checked (taken or skipped)

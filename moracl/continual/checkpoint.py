@@ -23,8 +23,6 @@ tensors and numbers before anything touches the disk.
 
 from __future__ import annotations
 
-import errno
-import hashlib
 import json
 import os
 import re
@@ -40,7 +38,14 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 from torch import Tensor
 
-from moracl.files import write_atomic
+from moracl.files import (
+    UnsafeFileError,
+    fsync_path,
+    read_regular,
+    sha256_bytes,
+    sha256_file,
+    write_atomic,
+)
 from moracl.guard import assert_finite, finite_json
 
 __all__ = [
@@ -111,28 +116,6 @@ class Checkpoint:
         return self.tensors
 
 
-def sha256_bytes(data: bytes) -> str:
-    """The SHA-256 of ``data``, in hex."""
-    return hashlib.sha256(data).hexdigest()
-
-
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    """The SHA-256 of the file at ``path``, in hex."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _check_name(name: object) -> str:
     if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise CheckpointError(
@@ -186,14 +169,14 @@ def save_checkpoint(
             path = scratch / f"{name}.safetensors"
             save_file({k: v.detach().contiguous().cpu() for k, v in named.items()}, str(path))
             files[name] = sha256_file(path)
-            _fsync(path)
+            fsync_path(path)
         manifest = {**head, "files": files}
         text = finite_json(manifest, f"checkpoint after experience {experience}", indent=1)
         (scratch / STATE_FILE).write_text(text, encoding="utf-8")
-        _fsync(scratch / STATE_FILE)
+        fsync_path(scratch / STATE_FILE)
         state_sha = sha256_file(scratch / STATE_FILE)
         os.chmod(scratch, 0o755)
-        _fsync(scratch)
+        fsync_path(scratch)
         final = root / f"exp-{experience}"
         if final.exists():  # left by an interruption between its rename and latest.json
             shutil.rmtree(final)
@@ -208,7 +191,7 @@ def save_checkpoint(
         "state_sha256": state_sha,
     }
     write_atomic(root / LATEST_FILE, finite_json(pointer, str(root / LATEST_FILE), indent=1))
-    _fsync(root)
+    fsync_path(root)
     for old in root.iterdir():  # older checkpoints, and scratch folders of interrupted saves
         stale = old.name != final.name and old.name.startswith(("exp-", ".tmp-"))
         if stale and old.is_dir() and not old.is_symlink():
@@ -220,27 +203,21 @@ def save_checkpoint(
 
 
 def _read_regular(path: Path, what: str) -> bytes:
-    """The bytes of ``path``, which must be a regular file reached without a symbolic link."""
+    """The bytes of ``path``, which must be a regular file reached without a symbolic link
+    (:func:`moracl.files.read_regular`), or :class:`CheckpointError` naming ``what`` it is."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        return read_regular(path)
     except FileNotFoundError:
         raise CheckpointError(f"{path} is missing ({what})") from None
-    except OSError as e:
-        if e.errno == errno.ELOOP:
+    except UnsafeFileError as e:
+        if e.reason == "link":
             raise CheckpointError(
                 f"{path} is a symbolic link; a checkpoint's files must be regular files inside "
                 f"the run folder"
             ) from None
+        raise CheckpointError(f"{e} ({what})") from None
+    except OSError as e:
         raise CheckpointError(f"{path} cannot be read ({what}): {e.strerror}") from None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise CheckpointError(f"{path} is not a regular file ({what})")
-        chunks = []
-        while chunk := os.read(fd, 1 << 20):
-            chunks.append(chunk)
-        return b"".join(chunks)
-    finally:
-        os.close(fd)
 
 
 def _real_folder(path: Path, what: str) -> None:

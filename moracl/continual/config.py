@@ -7,7 +7,7 @@ from typing import Any
 
 from moracl.adapters.base import AdapterConfig
 from moracl.distributed import DistributedConfig
-from moracl.guard import OnNonFinite, check_int, check_number
+from moracl.guard import OnNonFinite, check_int, check_number, parse_on_nonfinite
 
 __all__ = [
     "SEED_MAX",
@@ -258,13 +258,7 @@ class ContinualTrainConfig:
         if isinstance(self.seed, int) and self.seed < 0:
             raise ValueError(f"train.seed must be >= 0, got {self.seed!r}")
         check_int("train.seed", self.seed, ge=0, le=SEED_MAX)
-        try:
-            self.on_nonfinite = OnNonFinite(self.on_nonfinite)
-        except ValueError:
-            raise ValueError(
-                f"train.on_nonfinite must be one of {[m.value for m in OnNonFinite]}, "
-                f"got {self.on_nonfinite!r}"
-            ) from None
+        self.on_nonfinite = parse_on_nonfinite(self.on_nonfinite, "train.on_nonfinite")
 
 
 @dataclass

@@ -246,11 +246,6 @@ def _floats_from_json(values: Any, name: str) -> list[float]:
     return out
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically (:func:`moracl.files.write_atomic`)."""
-    write_atomic(path, text)
-
-
 def _optional_float(x: float | None) -> float | None:
     return None if x is None or math.isnan(x) else float(x)
 
@@ -515,7 +510,7 @@ class RunResults:
             raise
         except (TypeError, ValueError) as e:
             raise ValueError(f"results of {self.scenario!r} are not JSON-serialisable: {e}") from e
-        write_text_atomic(path, text + "\n")
+        write_atomic(path, text + "\n")
         return path
 
     @classmethod

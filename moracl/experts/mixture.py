@@ -32,6 +32,7 @@ from moracl.experts.route_ops import RouteOp
 from moracl.experts.routers.base import Router, build_router
 from moracl.experts.routers.config import RouterConfig
 from moracl.experts.routing import RoutingResult, concat_results, routing_dtype
+from moracl.guard import check_int
 from moracl.parse_fields import check_field_types, check_string_keys, show
 
 __all__ = [
@@ -209,8 +210,11 @@ def check_mixture_fit(
 
 
 def check_expert_count(count: int, where: str = "a layer") -> None:
-    """``ValueError`` naming ``where`` unless ``1 <= count <=`` :data:`MAX_EXPERTS`."""
-    if count > MAX_EXPERTS:
+    """``ValueError`` naming ``where`` unless ``count`` is an integer (not a bool) with
+    ``1 <= count <=`` :data:`MAX_EXPERTS`."""
+    if not isinstance(count, int) or isinstance(count, bool):
+        raise ValueError(f"{where}: the number of experts must be an integer, got {count!r}")
+    if not 1 <= count <= MAX_EXPERTS:
         raise ValueError(
             f"{where}: {count} experts is out of range; expected 1 <= experts <= "
             f"{MAX_EXPERTS} per layer (every expert is computed for every token)"
@@ -442,8 +446,7 @@ class Mixture(Adapter):
     def grow(self, adapter: AdapterConfig, count: int) -> ExpertBank:
         """Append ``count`` new trainable experts (a new bank); the router grows with them."""
         check_adapter_fit(self.in_features, self.out_features, adapter)
-        if isinstance(count, int) and not isinstance(count, bool):
-            check_expert_count(self.num_experts + count)
+        check_expert_count(self.num_experts + check_int("count", count, ge=1))
         p = next(self.banks.parameters())
         bank = build_bank(self.in_features, self.out_features, adapter, count).to(p.device, p.dtype)
         self.banks.append(bank)

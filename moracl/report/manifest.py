@@ -12,8 +12,6 @@ must match exactly.
 
 from __future__ import annotations
 
-import errno
-import hashlib
 import json
 import os
 import re
@@ -22,7 +20,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from moracl.continual.metrics import METRICS_FILE, write_text_atomic
+from moracl.continual.metrics import METRICS_FILE
+from moracl.files import UnsafeFileError, sha256_regular, write_atomic
 from moracl.guard import finite_json
 
 __all__ = [
@@ -98,29 +97,11 @@ def _no_link(path: Path, root: Path) -> None:
 
 def _digest(path: Path, limit: int | None = None) -> tuple[str, int]:
     """SHA-256 and size of ``path`` (of its first ``limit`` bytes when given), read without
-    following a symbolic link."""
+    following a symbolic link (:func:`moracl.files.sha256_regular`)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError as e:
-        if e.errno == errno.ELOOP:
-            raise RunManifestError(f"{path} is a symbolic link") from None
-        raise
-    h, n = hashlib.sha256(), 0
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise RunManifestError(f"{path} is not a regular file")
-        while True:
-            want = 1 << 20 if limit is None else min(1 << 20, limit - n)
-            if want <= 0:
-                break
-            chunk = os.read(fd, want)
-            if not chunk:
-                break
-            h.update(chunk)
-            n += len(chunk)
-    finally:
-        os.close(fd)
-    return h.hexdigest(), n
+        return sha256_regular(path, limit)
+    except UnsafeFileError as e:
+        raise RunManifestError(str(e)) from None
 
 
 def write_run_manifest(run_dir: str | os.PathLike[str]) -> Path:
@@ -136,7 +117,7 @@ def write_run_manifest(run_dir: str | os.PathLike[str]) -> Path:
         files[rel] = entry
     data = {"format": MANIFEST_FORMAT, "files": files}
     path = root / MANIFEST_FILE
-    write_text_atomic(path, finite_json(data, str(path), indent=1) + "\n")
+    write_atomic(path, finite_json(data, str(path), indent=1) + "\n")
     return path
 
 

@@ -12,7 +12,8 @@ import math
 import os
 from pathlib import Path
 
-from moracl.continual.metrics import RunResults, StrategyResult, write_text_atomic
+from moracl.continual.metrics import RunResults, StrategyResult
+from moracl.files import write_atomic
 
 __all__ = ["REPORT_FILE", "comparison_table", "render_report", "write_report"]
 
@@ -278,5 +279,5 @@ def write_report(run_dir: str | os.PathLike[str], *, plots: bool = True) -> Path
         for name, p in files.expert_usage.items():
             links[f"expert usage: {name}"] = f"{PLOTS_DIR}/{p.name}"
     path = root / REPORT_FILE
-    write_text_atomic(path, render_report(results, links))
+    write_atomic(path, render_report(results, links))
     return path
