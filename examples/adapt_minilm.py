@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from moracl_scenarios.wordnet import wordnet_classification
 
 from moracl import AdapterConfig, MoRAModel
 from moracl.backbones import SentenceClassifier, encode_texts, load_minilm
-from scenarios.wordnet import wordnet_classification
 
 torch.manual_seed(0)
 categories = ["noun.animal", "noun.plant", "noun.artifact", "verb.motion"]

@@ -128,7 +128,7 @@ class MetaAlgorithm(str, Enum):
 
 @dataclass
 class FewShotDataConfig:
-    """N-way K-shot episodes of a few-shot scenario (``scenarios.fewshot.FEWSHOT``)."""
+    """N-way K-shot episodes of a few-shot scenario (``moracl_scenarios.fewshot.FEWSHOT``)."""
 
     scenario: str = field(default="wordnet-fewshot", metadata={"help": "few-shot scenario"})
     ways: int = field(default=5, metadata={"help": "N, classes per episode"})

@@ -108,7 +108,7 @@ def _task(config: FinetuneConfig) -> tuple[list[str], Tensor, list[str], Tensor,
         raise ValueError(
             f"unknown scenario {config.data.scenario!r} for finetune; expected 'wordnet-categories'"
         )
-    from scenarios.wordnet import wordnet_classification
+    from moracl_scenarios.wordnet import wordnet_classification
 
     train, test = wordnet_classification(
         config.data.categories,

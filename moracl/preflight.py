@@ -10,8 +10,8 @@ jobs accept and a bad config fails in a second, not after an hour of training.
   known choices), so a config built or changed in Python is held to the YAML rules;
 - the scenario: its name, its options (names and values) and, for a continual run, the
   setting (one the scenario supports; its default when none is given), through the
-  scenario registries' own checks (:func:`scenarios.streams.check_scenario`,
-  :func:`scenarios.fewshot.check_fewshot`), which the builders run too;
+  scenario registries' own checks (:func:`moracl_scenarios.streams.check_scenario`,
+  :func:`moracl_scenarios.fewshot.check_fewshot`), which the builders run too;
 - the rules that tie fields together and that the jobs enforce where they build their parts:
   moracl's routing against the run's setting (:func:`moracl.continual.config.check_routing`),
   the backbone against the scenario;
@@ -101,8 +101,8 @@ def check_first(fn: Callable[P, R]) -> Callable[P, R]:
 
 
 def _check_run(config: RunConfig) -> None:
-    import scenarios  # noqa: F401  (registers the streams)
-    from scenarios.streams import Setting, check_scenario
+    import moracl_scenarios  # noqa: F401  (registers the streams)
+    from moracl_scenarios.streams import Setting, check_scenario
 
     sc = config.scenario
     try:
@@ -125,7 +125,7 @@ def _check_finetune(config: FinetuneConfig) -> None:
             f"backbone={config.backbone!r} is not a finetune backbone; expected one of "
             f"{list(FINETUNE_BACKBONES)}"
         )
-    from scenarios.wordnet import LEXNAMES
+    from moracl_scenarios.wordnet import LEXNAMES
 
     if len(set(d.categories)) < 2 or len(set(d.categories)) != len(d.categories):
         raise ValueError(
@@ -140,9 +140,10 @@ def _check_finetune(config: FinetuneConfig) -> None:
 
 
 def _check_meta(config: MetaConfig) -> None:
-    import scenarios  # noqa: F401  (registers the few-shot scenarios)
+    import moracl_scenarios  # noqa: F401  (registers the few-shot scenarios)
+    from moracl_scenarios.fewshot import check_fewshot
+
     from moracl.meta.run import _BACKBONES  # the table meta_learn checks against
-    from scenarios.fewshot import check_fewshot
 
     d = config.data
     try:

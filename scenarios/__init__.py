@@ -4,12 +4,12 @@ Every source comes from a Debian or PyPI package installed beforehand; a missing
 error naming the package to install. Nothing here is imported by the ``moracl`` core.
 """
 
-from scenarios._image import image_inputs  # also registers cnn-mnist, cnn-fashion
-from scenarios.digits import digit_domains
-from scenarios.fashion import split_fashion
-from scenarios.fewshot import FEWSHOT, build_fewshot
-from scenarios.wordnet import LEXNAMES, load_wordnet_glosses, wordnet_classification
-from scenarios.wordnet_domains import wordnet_domains_stream  # also registers minilm
+from moracl_scenarios._image import image_inputs  # also registers cnn-mnist, cnn-fashion
+from moracl_scenarios.digits import digit_domains
+from moracl_scenarios.fashion import split_fashion
+from moracl_scenarios.fewshot import FEWSHOT, build_fewshot
+from moracl_scenarios.wordnet import LEXNAMES, load_wordnet_glosses, wordnet_classification
+from moracl_scenarios.wordnet_domains import wordnet_domains_stream  # also registers minilm
 
 __all__ = [
     "FEWSHOT",

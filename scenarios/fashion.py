@@ -8,7 +8,7 @@ each class are used (from the official train and test splits, which are disjoint
 
 Settings: ``task`` (the default; task label = experience index, one head per task) and
 ``class`` (task label 0; one head over all classes seen). Labels ``y`` are always the global
-Fashion-MNIST class ids (0..9, names in :data:`scenarios.images.FASHION_CLASSES`). The stream
+Fashion-MNIST class ids (0..9, names in :data:`moracl_scenarios.images.FASHION_CLASSES`). The stream
 uses the ``cnn-mnist`` encoder, pretrained on MNIST digits, which holds no clothing.
 
 Source: the Debian package ``dataset-fashion-mnist`` (``/usr/share/datasets/fashion-mnist``;
@@ -25,10 +25,9 @@ from typing import Any
 
 import numpy as np
 import torch
-
-from scenarios import images
-from scenarios._image import check_count, image_inputs
-from scenarios.streams import (
+from moracl_scenarios import images
+from moracl_scenarios._image import check_count, image_inputs
+from moracl_scenarios.streams import (
     SCENARIOS,
     ScenarioSpec,
     Setting,
@@ -90,7 +89,7 @@ def split_fashion(*, setting: Setting | None = None, seed: int = 0, **options: A
         test_per_class: test images per class (default 500; ``None``: all 1,000).
         root: folder of the IDX files (default ``/usr/share/datasets/fashion-mnist``).
 
-    Inputs ``x`` are float32 ``(1, 28, 28)`` normalised as in ``scenarios.streams``.
+    Inputs ``x`` are float32 ``(1, 28, 28)`` normalised as in ``moracl_scenarios.streams``.
 
     Raises:
         ValueError: an unknown option, a bad size, ``experiences`` not dividing 10, or the
@@ -119,7 +118,7 @@ def split_fashion(*, setting: Setting | None = None, seed: int = 0, **options: A
         train.append((image_inputs(x_train[tr]), torch.from_numpy(y_train[tr])))
         test.append((image_inputs(x_test[te]), torch.from_numpy(y_test[te])))
 
-    from scenarios.streams import tensor_benchmark  # imports avalanche
+    from moracl_scenarios.streams import tensor_benchmark  # imports avalanche
 
     task_labels = list(range(experiences)) if setting is Setting.TASK else [0] * experiences
     info = StreamInfo(

@@ -6,7 +6,7 @@ Two scenarios, registered in :data:`FEWSHOT`:
 
 - ``"wordnet-fewshot"``: WordNet glosses labelled with their 45 lexicographer categories
   (Debian ``wordnet-base``). Up to ``per_class`` distinct glosses per category are drawn
-  (seeded; repeated and ambiguous texts dropped as in :mod:`scenarios.wordnet`), and the 45
+  (seeded; repeated and ambiguous texts dropped as in :mod:`moracl_scenarios.wordnet`), and the 45
   categories are cut into disjoint meta-train / -val / -test splits by ``fractions``
   (27 / 9 / 9 by default, seeded by ``split_seed``). Features: the all-MiniLM-L6-v2 sentence
   embedding (mean pooling of the last layer, texts truncated to ``max_length`` tokens),
@@ -39,11 +39,11 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 import torch.nn.functional as F
+from moracl_scenarios._cache import cache_root, cached_arrays, json_digest
 from torch import Tensor, nn
 
 from moracl.meta.episodes import EpisodeSampler, split_classes
 from moracl.registry import Registry
-from scenarios._cache import cache_root, cached_arrays, json_digest
 
 __all__ = [
     "FEWSHOT",
@@ -230,7 +230,7 @@ class CNNTop(nn.Module):
 
 def _wordnet_rows(per_class: int, seed: int, need: int) -> tuple[list[str], np.ndarray]:
     """Up to ``per_class`` distinct glosses per category (rows sorted), their labels."""
-    from scenarios.wordnet import LEXNAMES, _eligible_rows, load_wordnet_glosses
+    from moracl_scenarios.wordnet import LEXNAMES, _eligible_rows, load_wordnet_glosses
 
     glosses = load_wordnet_glosses()
     labels = np.asarray(glosses.data.column("label").to_numpy(), dtype=np.int64)
@@ -299,7 +299,7 @@ def wordnet_fewshot(
         min_examples: fail unless every category has this many glosses (shots + queries).
         cache_dir: folder of the feature cache (default ``$MORACL_CACHE/fewshot``).
     """
-    from scenarios.wordnet import LEXNAMES
+    from moracl_scenarios.wordnet import LEXNAMES
 
     _check_wordnet(
         per_class=per_class,
@@ -424,7 +424,7 @@ def _check_digits_options(
 @torch.inference_mode()
 def _cnn_fc1(cnn: nn.Module, images: np.ndarray, batch_size: int = 512) -> np.ndarray:
     """``relu(fc1(...))`` of a SmallCNN for ``(n, 28, 28)`` uint8 images: ``(n, d)``."""
-    from scenarios._image import image_inputs
+    from moracl_scenarios._image import image_inputs
 
     x = image_inputs(images)  # (n, 1, 28, 28)
     outs = []
@@ -460,8 +460,8 @@ def digits_fewshot(
         sample_seed: seeds the train / val cut of MNIST.
         cache_dir: folder of the feature cache (default ``$MORACL_CACHE/fewshot``).
     """
-    from scenarios.digits import mnist_digits, sklearn_digits
-    from scenarios.pretrain import pretrained_cnn
+    from moracl_scenarios.digits import mnist_digits, sklearn_digits
+    from moracl_scenarios.pretrain import pretrained_cnn
 
     _check_digits_options(
         train_classes=train_classes,

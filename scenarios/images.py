@@ -19,8 +19,7 @@ import gzip
 from pathlib import Path
 
 import numpy as np
-
-from scenarios._paths import require_debian_path, require_python_package
+from moracl_scenarios._paths import require_debian_path, require_python_package
 
 __all__ = [
     "FASHION_CLASSES",

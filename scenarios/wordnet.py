@@ -40,8 +40,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 from datasets import ClassLabel, Dataset, Features, Value
-
-from scenarios._paths import require_debian_path
+from moracl_scenarios._paths import require_debian_path
 
 __all__ = [
     "LEXNAMES",

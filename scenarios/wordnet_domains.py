@@ -6,7 +6,7 @@ adjectives and adverbs (``adj.all``, ``adj.pert``, ``adj.ppl``, ``adv.all``). No
 categories are a seeded choice among those with at least :data:`MIN_GLOSSES` distinct glosses
 (``noun.Tops``, the unique beginners, is never chosen). Each class draws ``per_class`` training
 and ``test_per_class`` test glosses, deduplicated as in
-:func:`scenarios.wordnet.wordnet_classification`: a text appears once in the whole stream,
+:func:`moracl_scenarios.wordnet.wordnet_classification`: a text appears once in the whole stream,
 never under two labels, never in both train and test. ``adj.ppl`` has only 59 distinct glosses;
 when fewer than ``per_class + test_per_class`` are available the class keeps all of them,
 split in the same proportion (42 train and 17 test with the defaults).
@@ -14,7 +14,7 @@ split in the same proportion (42 train and 17 test with the defaults).
 Settings: ``task`` (default; task label = experience index) and ``class`` (task label 0).
 Labels are global class ids, in stream order.
 
-Inputs (see :mod:`scenarios.streams`): the all-MiniLM-L6-v2 encoder is split at layer
+Inputs (see :mod:`moracl_scenarios.streams`): the all-MiniLM-L6-v2 encoder is split at layer
 ``k = frozen_layers``; ``x`` is ``(L, d + 1)`` float32, the hidden states after the first ``k``
 layers with the attention mask as the last channel (``k = 0``: token ids on the mask,
 ``(2, L)`` int64). The frozen layers run once per text; their outputs are cached as
@@ -42,10 +42,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
-
-from moracl.backbones import MiniLMTop, encode_texts, load_minilm, minilm_path, minilm_prefix_states
-from scenarios.streams import (
+from moracl_scenarios.streams import (
     ENCODERS,
     SCENARIOS,
     ScenarioSpec,
@@ -56,13 +53,16 @@ from scenarios.streams import (
     describe_scenario,
     tensor_benchmark,
 )
-from scenarios.wordnet import (
+from moracl_scenarios.wordnet import (
     _DEFAULT_ROOT,
     LEXNAMES,
     _eligible_rows,
     load_wordnet_glosses,
     wordnet_classification,
 )
+from torch import nn
+
+from moracl.backbones import MiniLMTop, encode_texts, load_minilm, minilm_path, minilm_prefix_states
 
 __all__ = [
     "ADJ_ADV_CLASSES",

@@ -11,8 +11,7 @@ import importlib.util
 from pathlib import Path
 
 import pytest
-
-from scenarios.images import FASHION_ROOT
+from moracl_scenarios.images import FASHION_ROOT
 
 __all__ = ["needs_fashion_mnist", "needs_wordnet_minilm"]
 

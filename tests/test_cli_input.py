@@ -39,17 +39,17 @@ def refuse(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
 @pytest.fixture
 def no_work(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every job fails the test if it gets as far as reading data."""
-    import scenarios.fewshot
-    import scenarios.streams
-    import scenarios.wordnet
+    import moracl_scenarios.fewshot
+    import moracl_scenarios.streams
+    import moracl_scenarios.wordnet
 
     def forbidden(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("the job started work before refusing its input")
 
-    monkeypatch.setattr(scenarios.streams, "build_stream", forbidden)
-    monkeypatch.setattr(scenarios.fewshot, "build_fewshot", forbidden)
-    monkeypatch.setattr(scenarios.wordnet, "wordnet_classification", forbidden)
-    monkeypatch.setattr(scenarios.wordnet, "load_wordnet_glosses", forbidden)
+    monkeypatch.setattr(moracl_scenarios.streams, "build_stream", forbidden)
+    monkeypatch.setattr(moracl_scenarios.fewshot, "build_fewshot", forbidden)
+    monkeypatch.setattr(moracl_scenarios.wordnet, "wordnet_classification", forbidden)
+    monkeypatch.setattr(moracl_scenarios.wordnet, "load_wordnet_glosses", forbidden)
 
 
 def listing(folder: Path) -> list[str]:
@@ -303,8 +303,9 @@ def test_routing_rules_are_checked_up_front_as_where_the_run_builds_routers(
     pytest.importorskip("avalanche")
     from types import SimpleNamespace
 
+    from moracl_scenarios.streams import Setting
+
     from moracl.continual.run import build_model, build_strategy
-    from scenarios.streams import Setting
 
     out = f"output_dir={tmp_path / 'out'}"
     line = refuse(capsys, ["validate", str(path), *overrides, out])
@@ -322,8 +323,8 @@ def test_routing_rules_are_checked_up_front_as_where_the_run_builds_routers(
 def test_real_scenario_builders_refuse_what_their_specs_refuse() -> None:
     """The specs ``validate`` reads agree with the builders' own checks (which run before any
     data is read): every setting a spec leaves out, and bad option values."""
-    import scenarios  # noqa: F401  (registers the streams)
-    from scenarios.streams import SCENARIOS, SPECS, Setting, check_scenario
+    import moracl_scenarios  # noqa: F401  (registers the streams)
+    from moracl_scenarios.streams import SCENARIOS, SPECS, Setting, check_scenario
 
     assert {"split-fashion", "digit-domains", "wordnet-domains"} <= set(SPECS)
     for name, spec in SPECS.items():

@@ -1,4 +1,4 @@
-"""scenarios.fewshot: class splits, episodes, cached features against the backbones."""
+"""moracl_scenarios.fewshot: class splits, episodes, cached features against the backbones."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from moracl_scenarios import fewshot
+from moracl_scenarios.fewshot import FEWSHOT, SentenceNeck, build_fewshot
 
-from scenarios import fewshot
-from scenarios.fewshot import FEWSHOT, SentenceNeck, build_fewshot
 from tests.offline_data import needs_fashion_mnist
 
 HAS_WORDNET = Path("/usr/share/wordnet/data.noun").is_file()
@@ -115,9 +115,9 @@ def test_sentence_neck_without_adapters_is_the_normalised_embedding() -> None:
 @needs_fashion_mnist
 @needs_digits
 def test_digits_pools_are_cross_domain_and_features_match_the_cnn() -> None:
-    from scenarios._image import image_inputs
-    from scenarios.digits import mnist_digits, sklearn_digits
-    from scenarios.pretrain import pretrained_cnn
+    from moracl_scenarios._image import image_inputs
+    from moracl_scenarios.digits import mnist_digits, sklearn_digits
+    from moracl_scenarios.pretrain import pretrained_cnn
 
     data = build_fewshot("digits-fewshot")
     tr, va, te = (data.pools[s] for s in ("train", "val", "test"))

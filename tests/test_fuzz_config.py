@@ -164,7 +164,13 @@ def _check_size(options: Any) -> None:
 
 def fuzz_stream(*, setting: Any = None, seed: int = 0, **options: Any) -> Any:
     """Two experiences of 16-feature Gaussian rows, in any setting."""
-    from scenarios.streams import Setting, Stream, StreamInfo, check_options, tensor_benchmark
+    from moracl_scenarios.streams import (
+        Setting,
+        Stream,
+        StreamInfo,
+        check_options,
+        tensor_benchmark,
+    )
 
     check_options("fuzz-stream", options, ("size",))
     _check_size(options)
@@ -198,8 +204,9 @@ def fuzz_scenario(monkeypatch: pytest.MonkeyPatch) -> None:
     """The synthetic stream and its encoder registered, and the run stopped at its first
     evaluation (every strategy built by then)."""
     pytest.importorskip("avalanche")
+    from moracl_scenarios.streams import ENCODERS, SCENARIOS, SPECS, ScenarioSpec, Setting
+
     import moracl.continual.run as run
-    from scenarios.streams import ENCODERS, SCENARIOS, SPECS, ScenarioSpec, Setting
 
     spec = ScenarioSpec((Setting.TASK, Setting.CLASS, Setting.DOMAIN), ("size",), _check_size)
     monkeypatch.setitem(SCENARIOS._items, "fuzz-stream", fuzz_stream)
@@ -284,10 +291,10 @@ def fake_glosses(monkeypatch: pytest.MonkeyPatch) -> None:
     """A synthetic gloss table (40 distinct texts per category) in place of WordNet, and the
     job stopped where it would load MiniLM."""
     pytest.importorskip("datasets")
+    import moracl_scenarios.wordnet as wordnet
     from datasets import Dataset
 
     import moracl.backbones
-    import scenarios.wordnet as wordnet
 
     rows = [(lex, i) for i, lex in enumerate(wordnet.LEXNAMES) for _ in range(40)]
     table = Dataset.from_dict(
@@ -364,8 +371,8 @@ def test_validate_accepts_what_moracl_finetune_accepts(
 @pytest.fixture
 def no_fewshot_data(monkeypatch: pytest.MonkeyPatch) -> None:
     """Both few-shot builders stopped where they would read their data."""
-    import scenarios.fewshot as fewshot
-    import scenarios.pretrain as pretrain
+    import moracl_scenarios.fewshot as fewshot
+    import moracl_scenarios.pretrain as pretrain
 
     def stop(*args: Any, **kwargs: Any) -> Any:
         raise Reached

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from moracl_scenarios.fewshot import FEWSHOT, FewShotData, Pool
 from torch import Tensor, nn
 
 from moracl.cli import main
@@ -24,7 +25,6 @@ from moracl.meta.baselines import (
     summarize,
 )
 from moracl.meta.run import meta_learn
-from scenarios.fewshot import FEWSHOT, FewShotData, Pool
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

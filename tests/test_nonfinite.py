@@ -231,9 +231,10 @@ class Capture(SupervisedPlugin):
 
 def _build(config: RunConfig, name: str) -> tuple[Any, Any]:
     """The stream and strategy ``name`` of ``config``, as ``moracl run`` builds them."""
-    import scenarios  # noqa: F401
+    import moracl_scenarios  # noqa: F401
+    from moracl_scenarios.streams import build_stream, load_encoder
+
     from moracl.continual.run import build_model, build_strategy
-    from scenarios.streams import build_stream, load_encoder
 
     sc = config.scenario
     stream = build_stream(sc.name, setting=sc.setting, seed=config.train.seed, **sc.options)
@@ -418,10 +419,11 @@ def test_train_csv_holds_each_epochs_mean_loss_and_step(logged_run: Any) -> None
 @needs_fashion_mnist
 @pytest.mark.slow
 def test_eval_csv_loss_is_the_cross_entropy_on_each_test_experience(logged_run: Any) -> None:
-    import scenarios  # noqa: F401
+    import moracl_scenarios  # noqa: F401
+    from moracl_scenarios.streams import build_stream
+
     from moracl.continual.run import LABELS
     from moracl.continual.strategy import materialize
-    from scenarios.streams import build_stream
 
     out, made = logged_run
     rows = _rows(out / "logs" / "eval.csv")
@@ -640,7 +642,8 @@ class _LinearBody(nn.Module):
 
 @pytest.fixture
 def toy_linear(monkeypatch: pytest.MonkeyPatch) -> Callable[[], Any]:
-    from scenarios.fewshot import FEWSHOT
+    from moracl_scenarios.fewshot import FEWSHOT
+
     from tests.test_meta_job import toy_fewshot
 
     def make() -> Any:

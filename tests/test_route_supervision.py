@@ -109,9 +109,10 @@ def test_supervised_routing_keeps_the_rows_in_batch_order(weight: float, buckets
     routed tokens would no longer follow the batch's rows)."""
     from types import SimpleNamespace
 
+    from moracl_scenarios.streams import Setting
+
     from moracl.config import load_config
     from moracl.continual.run import build_model
-    from scenarios.streams import Setting
 
     cfg = load_config(
         CONFIGS / "wordnet_domains.yaml",
@@ -139,9 +140,10 @@ def test_tokens_that_do_not_fill_the_rows_are_refused() -> None:
 def test_per_sample_routing_reaches_the_routers_and_refuses_task_routing() -> None:
     from types import SimpleNamespace
 
+    from moracl_scenarios.streams import Setting
+
     from moracl.config import load_config
     from moracl.continual.run import build_model
-    from scenarios.streams import Setting
 
     info = SimpleNamespace(setting=Setting.CLASS, experience_classes=((0, 1), (2, 3)))
     cfg = load_config(
@@ -202,9 +204,10 @@ def test_domain_incremental_rows_are_labelled_with_their_experience() -> None:
     """Where a class is in several experiences, moracl trains on each experience with its
     rows' task labels set to the experience's index; the replay buffer, rebuilt as after
     training, stores those rows; the stream itself is left unchanged."""
+    from moracl_scenarios.streams import tensor_benchmark
+
     from moracl.continual.plugins import SeededReplayPlugin
     from moracl.continual.strategy import MoRAStrategy, materialize
-    from scenarios.streams import tensor_benchmark
 
     def part(n: int) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.randn(n, 6), torch.arange(n) % 2  # the same two classes everywhere

@@ -330,7 +330,8 @@ def test_meta_refuses_to_overwrite_an_earlier_job_or_share_a_busy_folder(tmp_pat
 
 @pytest.fixture
 def toy(monkeypatch: pytest.MonkeyPatch) -> None:
-    from scenarios.fewshot import FEWSHOT
+    from moracl_scenarios.fewshot import FEWSHOT
+
     from tests.test_meta_job import toy_fewshot
 
     monkeypatch.setitem(FEWSHOT._items, "toy", toy_fewshot)

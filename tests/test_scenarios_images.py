@@ -6,20 +6,25 @@ import json
 from pathlib import Path
 from typing import Any
 
+import moracl_scenarios  # noqa: F401  (registers the streams and encoders)
 import numpy as np
 import pytest
 import torch
+from moracl_scenarios import images
+from moracl_scenarios._cache import array_digest, cached_arrays, read_header
+from moracl_scenarios.digits import mnist_digits, sklearn_digits
+from moracl_scenarios.pretrain import (
+    load_pretrained,
+    pretrain_cnn,
+    pretrained_cnn,
+    pretraining_split,
+)
+from moracl_scenarios.streams import ENCODERS, IMAGE_MEAN, IMAGE_STD, Setting, build_stream
 from safetensors import safe_open
 from torch import nn
 
-import scenarios  # noqa: F401  (registers the streams and encoders)
 from moracl.backbones import SmallCNN
 from moracl.targets import select_targets
-from scenarios import images
-from scenarios._cache import array_digest, cached_arrays, read_header
-from scenarios.digits import mnist_digits, sklearn_digits
-from scenarios.pretrain import load_pretrained, pretrain_cnn, pretrained_cnn, pretraining_split
-from scenarios.streams import ENCODERS, IMAGE_MEAN, IMAGE_STD, Setting, build_stream
 from tests.offline_data import needs_fashion_mnist
 
 TINY_FASHION = {"per_class": 12, "test_per_class": 6}
@@ -383,7 +388,7 @@ def test_pretrain_bit_identical_and_cached(tmp_path: Path, monkeypatch: pytest.M
         assert 0.0 <= meta[key] <= 1.0
 
     # a second call reads the cache; force retrains, to the same bits
-    import scenarios.pretrain as pretrain
+    import moracl_scenarios.pretrain as pretrain
 
     real_train = pretrain._train
     monkeypatch.setattr(pretrain, "_train", lambda *a, **k: pytest.fail("retrained"))
@@ -396,14 +401,14 @@ def test_pretrain_bit_identical_and_cached(tmp_path: Path, monkeypatch: pytest.M
 
 
 def _recipe(meta: dict[str, Any]) -> Any:
-    from scenarios.pretrain import Recipe
+    from moracl_scenarios.pretrain import Recipe
 
     return Recipe(**meta["recipe"])
 
 
 @needs_fashion_mnist
 def test_pretraining_split_is_disjoint_and_balanced() -> None:
-    from scenarios.pretrain import RECIPES
+    from moracl_scenarios.pretrain import RECIPES
 
     tx, ty, hx, hy = pretraining_split("fashion", RECIPES["fashion"])
     assert len(ty) == 10_800 and len(hy) == 1_200
@@ -445,7 +450,7 @@ def test_frozen_encoder(tmp_path: Path) -> None:
 )
 def test_registered_encoders(stream: str, source: str, floor: float) -> None:
     """The default encoders (trained on first use, then cached) and their held-out accuracy."""
-    from scenarios.streams import load_encoder
+    from moracl_scenarios.streams import load_encoder
 
     built = build_stream(stream, per_class=2, test_per_class=1)
     encoder = load_encoder(built.info)

@@ -15,21 +15,22 @@ import torch
 
 pytest.importorskip("datasets", reason="needs the PyPI package 'datasets'")
 
+from moracl_scenarios import wordnet_domains as wd
+from moracl_scenarios.streams import ENCODERS, SCENARIOS, Setting, build_stream, load_encoder
+from moracl_scenarios.wordnet import load_wordnet_glosses
+from moracl_scenarios.wordnet_domains import (
+    ADJ_ADV_CLASSES,
+    WordNetDomainsOptions,
+    cached_prefix_states,
+    wordnet_domains_tensors,
+)
+
 from moracl.backbones import (
     MiniLMTop,
     encode_texts,
     load_minilm,
     mean_pool,
     minilm_prefix_states,
-)
-from scenarios import wordnet_domains as wd
-from scenarios.streams import ENCODERS, SCENARIOS, Setting, build_stream, load_encoder
-from scenarios.wordnet import load_wordnet_glosses
-from scenarios.wordnet_domains import (
-    ADJ_ADV_CLASSES,
-    WordNetDomainsOptions,
-    cached_prefix_states,
-    wordnet_domains_tensors,
 )
 
 from .conftest import tiny_bert

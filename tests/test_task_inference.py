@@ -252,9 +252,10 @@ def _config(out: Path, setting: str = "class", **experts: object) -> RunConfig:
 
 @needs_fashion_mnist
 def test_a_task_incremental_run_routes_by_its_task_labels_with_nothing_to_infer() -> None:
-    import scenarios  # noqa: F401
+    import moracl_scenarios  # noqa: F401
+    from moracl_scenarios.streams import build_stream, load_encoder
+
     from moracl.continual.run import build_model
-    from scenarios.streams import build_stream, load_encoder
 
     config = _config(Path("unused"), "task")
     stream = build_stream("split-fashion", setting="task", seed=0, per_class=4, test_per_class=2)
@@ -277,11 +278,12 @@ def test_a_task_incremental_run_routes_by_its_task_labels_with_nothing_to_infer(
 @needs_fashion_mnist
 @pytest.mark.slow
 def test_a_run_keeps_every_training_rows_statistics_and_resumes_exactly(tmp_path: Path) -> None:
-    import scenarios  # noqa: F401
+    import moracl_scenarios  # noqa: F401
+    from moracl_scenarios.streams import build_stream, load_encoder
+
     from moracl.continual.checkpoint import load_checkpoint
     from moracl.continual.run import run_continual
     from moracl.continual.strategy import materialize
-    from scenarios.streams import build_stream, load_encoder
 
     full = run_continual(_config(tmp_path / "full"), progress=False)
     out = tmp_path / "resumed"

@@ -10,10 +10,9 @@ import pytest
 pytest.importorskip("datasets", reason="needs the PyPI package 'datasets'")
 
 from datasets import Dataset
-
-from scenarios import wordnet as wn
-from scenarios._paths import require_debian_path, require_python_package
-from scenarios.wordnet import (
+from moracl_scenarios import wordnet as wn
+from moracl_scenarios._paths import require_debian_path, require_python_package
+from moracl_scenarios.wordnet import (
     LEXNAMES,
     load_wordnet_glosses,
     parse_data_file,

@@ -403,10 +403,11 @@ def loop_cost(
 ) -> LoopCost:
     """Loop cost of moracl's strategy on the first experience of ``config``'s stream (with
     ``tiny_mlp``, on a frozen :class:`TinyMLP` instead of the stream's encoder)."""
-    import scenarios  # noqa: F401  (registers the streams and encoders)
+    import moracl_scenarios  # noqa: F401  (registers the streams and encoders)
+    from moracl_scenarios.streams import build_stream, load_encoder
+
     from moracl.continual.plugins import TaskStatisticsPlugin
     from moracl.continual.run import _optimizer_factory, build_model, build_strategy
-    from scenarios.streams import build_stream, load_encoder
 
     # no replay: the warm-up run would fill the buffer, and the template's timed runs would
     # then train on more examples than the plain loop; no routing supervision: the plain loop's

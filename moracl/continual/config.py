@@ -24,7 +24,7 @@ __all__ = [
 
 #: strategy names a run may list, in the order runs report them
 STRATEGIES = ("moracl", "naive", "ewc", "lwf", "replay", "joint")
-#: the continual settings a scenario may have (``scenarios.streams.Setting``'s values)
+#: the continual settings a scenario may have (``moracl_scenarios.streams.Setting``'s values)
 SETTINGS = ("task", "class", "domain")
 #: the largest seed a config takes (seeds go to torch, numpy and Python generators alike)
 SEED_MAX = 2**32 - 1
@@ -32,7 +32,7 @@ SEED_MAX = 2**32 - 1
 
 @dataclass
 class ScenarioConfig:
-    """Which stream to learn (a name registered in ``scenarios.SCENARIOS``)."""
+    """Which stream to learn (a name registered in ``moracl_scenarios.SCENARIOS``)."""
 
     name: str = field(default="wordnet-domains", metadata={"help": "registered scenario name"})
     setting: str | None = field(

@@ -536,9 +536,10 @@ def _run_locked(
     device: str | torch.device,
 ) -> RunResults:
     """:func:`run_continual` with its folder locked."""
-    import scenarios  # noqa: F401  (registers the streams and encoders)
+    import moracl_scenarios  # noqa: F401  (registers the streams and encoders)
+    from moracl_scenarios.streams import build_stream, load_encoder
+
     from moracl.report import RunLogger, write_report, write_run_manifest
-    from scenarios.streams import build_stream, load_encoder
 
     run_dir = Path(config.output_dir)
     ckpt, saved = _open_run_folder(run_dir, config, resume)

@@ -424,7 +424,7 @@ def meta_learn(config: MetaConfig, *, progress: bool = True) -> MetaResult:
     meta-trains on its slice of every meta-batch's tasks (gradients summed, weighted by the
     slices' sizes: the one-process step), validation episodes and meta-test chunks are dealt
     to the processes and gathered, and rank 0 writes the outputs."""
-    from scenarios.fewshot import build_fewshot
+    from moracl_scenarios.fewshot import build_fewshot
 
     expected = _BACKBONES.get(config.data.scenario)
     if expected is not None and config.backbone != expected:
