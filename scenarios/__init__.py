@@ -4,7 +4,8 @@ Every source comes from a Debian or PyPI package installed beforehand; a missing
 error naming the package to install. Nothing here is imported by the ``moracl`` core.
 """
 
-from moracl_scenarios._image import image_inputs  # also registers cnn-mnist, cnn-fashion
+from moracl_scenarios import encoders  # noqa: F401  (registers cnn-mnist, cnn-fashion)
+from moracl_scenarios._image import image_inputs
 from moracl_scenarios.digits import digit_domains
 from moracl_scenarios.fashion import split_fashion
 from moracl_scenarios.fewshot import FEWSHOT, build_fewshot

@@ -17,7 +17,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import load_file, safe_open, save
+
+from moracl.files import write_atomic
 
 __all__ = [
     "array_digest",
@@ -70,15 +72,8 @@ def cached_arrays(
     """
     if not path.is_file():
         arrays = {k: np.ascontiguousarray(v) for k, v in build().items()}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file({k: torch.from_numpy(v) for k, v in arrays.items()}, tmp, metadata=dict(meta))
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        tensors = {k: torch.from_numpy(v) for k, v in arrays.items()}
+        write_atomic(path, save(tensors, metadata=dict(meta)))
         return arrays
     return {k: v.numpy() for k, v in load_file(path).items()}
 

