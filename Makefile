@@ -4,7 +4,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: setup demo test test-all lint format bench clean
+.PHONY: setup demo test test-slow test-all lint format bench clean
 
 setup:
 	bash .ci/setup.sh
@@ -14,8 +14,18 @@ demo: setup
 	$(PY) -m moracl run configs/wordnet_domains.yaml output_dir=out/demo train.epochs=2 \
 		scenario.options.per_class=60 scenario.options.test_per_class=30
 
+# `make test`: the quick suite (under 5 minutes on 2 cores); `make test-slow`: the tests
+# marked slow (end-to-end runs, several processes); `make test-all`: both. CI runs both.
+PYTEST := $(PY) -m pytest -p no:cacheprovider --durations=10
+
 test: setup
-	$(PY) -m pytest -m "not gpu" -p no:cacheprovider
+	$(PYTEST) -m "not gpu and not slow"
+
+test-slow: setup
+	$(PYTEST) -m "slow and not gpu"
+
+test-all: setup
+	$(PYTEST) -m "not gpu"
 
 lint: setup
 	$(PY) -m ruff check moracl scenarios tests examples
