@@ -114,3 +114,36 @@ def test_pyproject_lists_every_package() -> None:
     on_disk = {name for name, path in _modules().items() if path.name == "__init__.py"}
     assert set(config["packages"]) == on_disk
     assert config["package-dir"] == {"moracl_scenarios": "scenarios"}
+
+
+#: the front end: the command line and the jobs, which read config files and build data
+FRONT_END = ("moracl.cli", "moracl.jobs", "moracl.bench", "moracl.__main__")
+#: what the library (everything else in ``moracl``) never imports
+FRONT_END_ONLY = ("moracl_scenarios", "moracl.config", "moracl.cli", "moracl.jobs")
+
+
+def _within(module: str, prefixes: tuple[str, ...]) -> bool:
+    return any(module == p or module.startswith(p + ".") for p in prefixes)
+
+
+def _forbidden(module: str) -> tuple[str, ...]:
+    """What ``module`` must not import."""
+    if _within(module, FRONT_END) or not module.startswith("moracl"):
+        return ()
+    if _within(module, ("moracl_scenarios",)):
+        return FRONT_END_ONLY[1:]  # the data builds on the library, never on the front end
+    return FRONT_END_ONLY
+
+
+def test_library_imports_neither_the_data_nor_the_front_end() -> None:
+    """Only ``moracl.cli``, ``moracl.jobs`` (and the benchmarks, which drive jobs) import the
+    scenarios package, the config-file front end or the jobs; the library receives its stream
+    or episode builder. The scenarios build on the library, never on the front end."""
+    graph = import_graph()
+    wrong = sorted(
+        f"{module} imports {target}"
+        for module, targets in graph.items()
+        for target in targets
+        if _within(target, _forbidden(module))
+    )
+    assert not wrong, "\n".join(wrong)
