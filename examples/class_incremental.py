@@ -8,7 +8,7 @@ Run: python examples/class_incremental.py   (under a minute on two CPU cores)
 
 from moracl.config import from_dict
 from moracl.continual.config import RunConfig
-from moracl.continual.run import run_continual
+from moracl.jobs.continual import run as run_continual
 from moracl.report import comparison_table
 
 config = from_dict(
@@ -23,7 +23,8 @@ config = from_dict(
         "adapter": {"kind": "lora", "rank": 4, "alpha": 8.0},
         "experts": {
             "per_experience": 1,
-            "task_inference": "gaussian",  # pick a test image's expert by its inferred experience
+            # pick a test image's expert by its inferred experience
+            "routing": {"mode": "gaussian"},
             "replay_size": 200,  # the shared head sees old classes...
             "balance_head_epochs": 10,  # ...and is rebalanced on them after each experience
         },
@@ -35,7 +36,7 @@ config = from_dict(
 )
 results = run_continual(config, progress=False)
 print(comparison_table(results))
-routing = results.strategies["moracl (experts)"].routing
+routing = results.strategies["moracl"].routing
 assert routing is not None and routing.task_inference_accuracy is not None
 print(
     f"moracl infers a test image's experience {100 * routing.task_inference_accuracy:.1f} % "

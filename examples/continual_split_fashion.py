@@ -6,7 +6,7 @@ Run: python examples/continual_split_fashion.py   (about a minute on two CPU cor
 
 from moracl.config import from_dict
 from moracl.continual.config import RunConfig
-from moracl.continual.run import run_continual
+from moracl.jobs.continual import run as run_continual
 from moracl.report import comparison_table
 
 config = from_dict(
@@ -27,5 +27,5 @@ config = from_dict(
 )
 results = run_continual(config, progress=False)
 print(comparison_table(results))
-moracl = results.strategies["moracl (experts)"].matrix
+moracl = results.strategies["moracl"].matrix
 print(f"moracl BWT = {moracl.bwt():+.4f} (frozen, masked experts: exactly zero)")

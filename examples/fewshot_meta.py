@@ -17,7 +17,7 @@ from moracl.config import (
     MetaOptimConfig,
     MetaTestConfig,
 )
-from moracl.meta import meta_learn
+from moracl.jobs.meta import run
 
 config = MetaConfig(
     backbone="minilm",
@@ -35,6 +35,6 @@ config = MetaConfig(
     output_dir="out/fewshot_example",
 )
 
-result = meta_learn(config)
+result = run(config)  # checks the config, locks output_dir, writes the report
 print(result.table())
 print(f"report: {config.output_dir}/report.md")

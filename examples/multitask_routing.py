@@ -10,7 +10,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moracl import MixtureConfig, MoRAModel, MoRAOptimizer, MoRAScheduler, RouterConfig
+from moracl import (
+    AdapterConfig,
+    ExpertGroup,
+    MixtureConfig,
+    MoRAModel,
+    MoRAOptimizer,
+    MoRAScheduler,
+    RouterConfig,
+)
 
 torch.manual_seed(0)
 tasks, d = 3, 32
@@ -18,11 +26,9 @@ backbone = nn.Sequential(
     nn.Linear(d, 64), nn.GELU(), nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 1)
 )
 # 6 experts; the task router gives each task 2 of them and learns weights over them
+expert = AdapterConfig(kind="lora", rank=4, alpha=8.0)
 config = MixtureConfig(
-    kind="lora",
-    rank=4,
-    experts=6,
-    options={"alpha": 8.0},
+    groups=(ExpertGroup(expert, 6),),
     router=RouterConfig(type="task", num_tasks=tasks, task_weights=True),
 )
 model = MoRAModel(backbone, config, target_modules="all-linear")

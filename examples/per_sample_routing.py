@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moracl import MixtureConfig, MoRAModel, RouterConfig
+from moracl import AdapterConfig, ExpertGroup, MixtureConfig, MoRAModel, RouterConfig
 from moracl.experts import token_mask
 
 torch.manual_seed(0)
@@ -17,7 +17,8 @@ sources, d, length = 3, 16, 12
 backbone = nn.Sequential(nn.Linear(d, 32), nn.GELU(), nn.Linear(32, 1))
 # top-1 of 3 experts per sequence; Switch gates (normalize=False) let the task loss train it
 router = RouterConfig(type="topk", k=1, normalize=False, noise=False, per="sample")
-config = MixtureConfig(kind="lora", rank=4, experts=3, options={"alpha": 8.0}, router=router)
+experts = ExpertGroup(AdapterConfig(kind="lora", rank=4, alpha=8.0), 3)
+config = MixtureConfig(groups=(experts,), router=router)
 model = MoRAModel(backbone, config, target_modules=["0"])
 centres = torch.randn(sources, d) * 2  # each source's tokens lie around its own centre
 maps = torch.randn(sources, d)  # and each source maps a token to its target differently

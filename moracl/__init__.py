@@ -11,6 +11,7 @@ from moracl.adapters import (
     VeRAConfig,
 )
 from moracl.experts.act import ACTOutput, AdaptiveComputation
+from moracl.experts.backend import RoutingBackend, routing_backend
 from moracl.experts.mixture import ExpertGroup, Mixture, MixtureConfig
 from moracl.experts.routers.config import RouterConfig
 from moracl.layer import MoRALayer, MoRALinear
@@ -38,7 +39,9 @@ __all__ = [
     "MoRAScheduler",
     "ParamRole",
     "RouterConfig",
+    "RoutingBackend",
     "SAMConfig",
     "VeRAConfig",
     "__version__",
+    "routing_backend",
 ]

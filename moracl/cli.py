@@ -21,7 +21,7 @@ BENCHES = {
 
 def _validate(args: argparse.Namespace) -> int:
     from moracl.config import dump_yaml, load_config, to_dict
-    from moracl.preflight import check_config
+    from moracl.jobs import check_config
 
     config = load_config(args.config, args.overrides)
     check_config(config, device=args.device)  # what the job checks before any work
@@ -33,12 +33,12 @@ def _validate(args: argparse.Namespace) -> int:
 
 def _finetune(args: argparse.Namespace) -> int:
     from moracl.config import FinetuneConfig, load_config
-    from moracl.finetune import finetune
+    from moracl.jobs.finetune import run
 
     config = load_config(args.config, args.overrides)
     if not isinstance(config, FinetuneConfig):
         raise ValueError(f"{args.config} is a {config.job!r} config, not a 'finetune' one")
-    result = finetune(config, progress=not args.quiet)
+    result = run(config, progress=not args.quiet)
     from moracl.distributed import is_main
 
     if is_main():  # under torchrun the first process reports
@@ -49,12 +49,12 @@ def _finetune(args: argparse.Namespace) -> int:
 
 def _meta(args: argparse.Namespace) -> int:
     from moracl.config import MetaConfig, load_config
-    from moracl.meta.run import meta_learn
+    from moracl.jobs.meta import run
 
     config = load_config(args.config, args.overrides)
     if not isinstance(config, MetaConfig):
         raise ValueError(f"{args.config} is a {config.job!r} config, not a 'meta' one")
-    print(meta_learn(config, progress=not args.quiet).table())
+    print(run(config, progress=not args.quiet).table())
     print(f"report.md, metrics.json, episodes.json and adapter/ saved in {config.output_dir}")
     return 0
 
@@ -70,8 +70,7 @@ def _run(args: argparse.Namespace) -> int:
 
     from moracl.config import load_config
     from moracl.continual.config import RunConfig
-    from moracl.continual.resume import resume_config
-    from moracl.continual.run import run_continual
+    from moracl.jobs.continual import resume_config, run
     from moracl.report import comparison_table
 
     if args.resume:
@@ -90,9 +89,7 @@ def _run(args: argparse.Namespace) -> int:
         config = load_config(args.config, args.overrides)
         if not isinstance(config, RunConfig):
             raise ValueError(f"{args.config} is a {config.job!r} config, not a 'run' one")
-    results = run_continual(
-        config, resume=bool(args.resume), progress=not args.quiet, device=args.device
-    )
+    results = run(config, resume=bool(args.resume), progress=not args.quiet, device=args.device)
     print(comparison_table(results))
     print(f"run folder: {config.output_dir} (report.md, metrics.json, plots/, logs/)")
     return 0
@@ -190,8 +187,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("moracl: interrupted", file=sys.stderr)
         return 130
-    except (ValueError, TypeError, OSError, ImportError) as e:
-        # ValueError/TypeError: bad config, override or value (NonFiniteError included);
+    except (ValueError, OSError, ImportError) as e:
+        # ValueError: bad config, override or value (NonFiniteError included; the config
+        # parser turns a wrong type into a ValueError naming the key);
         # OSError: a path (missing, a folder, no permission, read-only, full disk)
         print(f"moracl: error: {_one_line(e)}", file=sys.stderr)
         return 2

@@ -44,6 +44,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from moracl.experts.losses import switch_balance
+
 if TYPE_CHECKING:
     from moracl.experts.routing import RoutingResult
 
@@ -450,9 +452,8 @@ def reduced_aux_loss(results: Sequence[RoutingResult]) -> Tensor:
     for r in results:
         for name, loss in r.aux_losses.items():
             if name == "balance":
-                n, e = r.probs.shape
-                p = r.probs.sum(0) / max(n, 1)  # (e,)
-                loss = e * (f_of[id(r)] * p).sum()
+                n = r.probs.shape[0]
+                loss = switch_balance(f_of[id(r)], r.probs.sum(0) / max(n, 1))
             total = total + r.aux_weights[name] * loss.float()
     return total
 

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "NamedParams",
     "NonFiniteError",
     "OnNonFinite",
     "StepGuard",
@@ -196,6 +197,7 @@ def loss_and_gradient_peak(loss: Tensor, params: Iterable[Tensor]) -> tuple[floa
 
 
 NamedParams = Callable[[], Iterable[tuple[str, Tensor]]]
+"""``named() -> (name, parameter) pairs``, e.g. ``model.named_parameters``."""
 
 
 class StepGuard:

@@ -74,11 +74,11 @@ def check_fit(
 
 def build_layer_adapter(
     in_features: int, out_features: int, config: AdapterConfig | MixtureConfig
-) -> Adapter:
+) -> Adapter | Mixture:
     """The adapter (or mixture) ``config`` describes for an ``in_features -> out_features``
     layer, on the current default device (``torch.device("meta")`` builds shapes only)."""
     if isinstance(config, MixtureConfig):
-        return Mixture(in_features, out_features, config)
+        return Mixture.from_config(in_features, out_features, config)
     return build_adapter(in_features, out_features, config)
 
 
@@ -122,11 +122,11 @@ class MoRALayer(nn.Module):
         return b
 
     # -- adapters -------------------------------------------------------------------------
-    def adapter(self, name: str) -> Adapter:
-        """The adapter called ``name`` on this layer."""
-        return cast(Adapter, self.adapters[name])
+    def adapter(self, name: str) -> Adapter | Mixture:
+        """The adapter (or mixture) called ``name`` on this layer."""
+        return cast("Adapter | Mixture", self.adapters[name])
 
-    def add_adapter(self, name: str, config: AdapterConfig | MixtureConfig) -> Adapter:
+    def add_adapter(self, name: str, config: AdapterConfig | MixtureConfig) -> Adapter | Mixture:
         """Create adapter ``name`` of ``config.kind`` on this layer (fp32 for half bases)."""
         if name in self.adapters:
             raise ValueError(f"adapter {name!r} already exists on this layer")

@@ -1,32 +1,15 @@
-"""One validation pass before any work: what ``moracl validate`` checks and what every job
-(``run``, ``finetune``, ``meta``) checks first, so that ``validate`` accepts exactly what the
-jobs accept and a bad config fails in a second, not after an hour of training.
-
-    check_config(load_config("configs/split_fashion.yaml"), device="cpu")
-
-:func:`check_config` checks, reading no data and building no model:
-
-- every field again, as :func:`moracl.config.from_dict` would (types, finite floats, ranges,
-  known choices), so a config built or changed in Python is held to the YAML rules;
-- the scenario: its name, its options (names and values) and, for a continual run, the
-  setting (one the scenario supports; its default when none is given), through the
-  scenario registries' own checks (:func:`moracl_scenarios.streams.check_scenario`,
-  :func:`moracl_scenarios.fewshot.check_fewshot`), which the builders run too;
-- the rules that tie fields together and that the jobs enforce where they build their parts:
-  moracl's routing against the run's setting (:func:`moracl.continual.config.check_routing`),
-  the backbone against the scenario;
-- the output folder: it can be created or written to (:func:`check_output_dir`);
-- the device, where one is given: it exists on this machine (:func:`check_device`).
-
-What only the data or the model can tell stays with the job: whether a scenario has enough
-examples for the sizes asked for, whether ``target_modules`` name layers of the backbone and
-whether an adapter's rank fits them.
+"""The checks every job makes before any work, whatever its data: its config's fields again,
+its output folder and its device (:func:`check_common`), and a decorator that runs them
+first (:func:`check_first`). What depends on the data (a scenario's name, options and
+setting; a backbone against a scenario) is checked by the job modules,
+:func:`moracl.jobs.check_config` dispatching to each.
 
 Every failure is a ``ValueError`` naming the key, the value and what is allowed.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import tempfile
@@ -36,51 +19,32 @@ from typing import Any, ParamSpec, TypeVar
 
 import torch
 
-from moracl.config import FinetuneConfig, MetaConfig, from_dict, to_dict
-from moracl.continual.config import RunConfig, check_routing
+from moracl.parse_fields import from_dict, to_dict
 
-__all__ = [
-    "FINETUNE_BACKBONES",
-    "FINETUNE_SCENARIOS",
-    "check_config",
-    "check_device",
-    "check_first",
-    "check_output_dir",
-]
+__all__ = ["check_common", "check_device", "check_first", "check_output_dir"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
 
-#: the scenarios and backbones ``moracl finetune`` knows (see :mod:`moracl.finetune`)
-FINETUNE_SCENARIOS = ("wordnet-categories",)
-FINETUNE_BACKBONES = ("minilm",)
 
+def check_common(config: Any, *, device: str | torch.device | None = None) -> None:
+    """Check what every job config has, reading no data and building no model:
 
-def check_config(config: Any, *, device: str | torch.device | None = None) -> None:
-    """Check ``config`` (a run, finetune or meta config) as its job does before any work.
-
-    Args:
-        config: a :class:`~moracl.continual.config.RunConfig`,
-            :class:`~moracl.config.FinetuneConfig` or :class:`~moracl.config.MetaConfig`.
-        device: the device the job will use (``cpu``, ``cuda``, ``cuda:N``); ``None``: not
-            checked.
+    - every field again, as :func:`moracl.parse_fields.from_dict` would (types, finite
+      floats, ranges, known choices), so a config built or changed in Python is held to the
+      YAML rules;
+    - the output folder: it can be created or written to (:func:`check_output_dir`);
+    - the device, where one is given: it exists on this machine (:func:`check_device`).
 
     Raises:
         ValueError: the first problem found, naming the key, the value and what is allowed.
-        TypeError: ``config`` is not one of the job configs.
+        TypeError: ``config`` is not a config dataclass with an ``output_dir``.
     """
-    if not isinstance(config, (RunConfig, FinetuneConfig, MetaConfig)):
-        raise TypeError(
-            f"expected a RunConfig, FinetuneConfig or MetaConfig, got {type(config).__name__}"
-        )
-    # every field again: a config built or changed in Python meets the YAML rules
-    from_dict(type(config), to_dict(config))
-    if isinstance(config, RunConfig):
-        _check_run(config)
-    elif isinstance(config, FinetuneConfig):
-        _check_finetune(config)
-    else:
-        _check_meta(config)
+    if not dataclasses.is_dataclass(config) or isinstance(config, type):
+        raise TypeError(f"expected a job config (a dataclass), got {type(config).__name__}")
+    if not hasattr(config, "output_dir"):
+        raise TypeError(f"expected a job config with an output_dir, got {type(config).__name__}")
+    from_dict(type(config), to_dict(config))  # every field again
     check_output_dir(config.output_dir)
     if device is not None:
         check_device(device)
@@ -88,74 +52,16 @@ def check_config(config: Any, *, device: str | torch.device | None = None) -> No
 
 def check_first(fn: Callable[P, R]) -> Callable[P, R]:
     """Decorate a job function whose first argument is its config (``config``): the config
-    is checked by :func:`check_config` before anything else runs (a lock or folder the job's
+    is checked by :func:`check_common` before anything else runs (a lock or folder the job's
     other decorators take included), with the job's ``device`` keyword when it has one."""
 
     @functools.wraps(fn)
     def checked(*args: P.args, **kwargs: P.kwargs) -> R:
         config = args[0] if args else kwargs.get("config")
-        check_config(config, device=kwargs.get("device"))  # type: ignore[arg-type]
+        check_common(config, device=kwargs.get("device"))  # type: ignore[arg-type]
         return fn(*args, **kwargs)
 
     return checked
-
-
-def _check_run(config: RunConfig) -> None:
-    import moracl_scenarios  # noqa: F401  (registers the streams)
-    from moracl_scenarios.streams import Setting, check_scenario
-
-    sc = config.scenario
-    try:
-        setting = check_scenario(sc.name, sc.setting, sc.options)
-    except ValueError as e:
-        raise ValueError(f"scenario: {e}") from None
-    if setting is not None:  # (a scenario without a spec: its builder decides)
-        check_routing(config, task_aware=setting is Setting.TASK)
-
-
-def _check_finetune(config: FinetuneConfig) -> None:
-    d = config.data
-    if d.scenario not in FINETUNE_SCENARIOS:
-        raise ValueError(
-            f"data.scenario={d.scenario!r} is not a finetune scenario; expected one of "
-            f"{list(FINETUNE_SCENARIOS)}"
-        )
-    if config.backbone not in FINETUNE_BACKBONES:
-        raise ValueError(
-            f"backbone={config.backbone!r} is not a finetune backbone; expected one of "
-            f"{list(FINETUNE_BACKBONES)}"
-        )
-    from moracl_scenarios.wordnet import LEXNAMES
-
-    if len(set(d.categories)) < 2 or len(set(d.categories)) != len(d.categories):
-        raise ValueError(
-            f"data.categories must name at least 2 distinct classes, got {d.categories!r}"
-        )
-    unknown = [c for c in d.categories if c not in LEXNAMES]
-    if unknown:
-        raise ValueError(
-            f"data.categories: unknown WordNet categories {unknown}; expected names among "
-            f"{list(LEXNAMES)}"
-        )
-
-
-def _check_meta(config: MetaConfig) -> None:
-    import moracl_scenarios  # noqa: F401  (registers the few-shot scenarios)
-    from moracl_scenarios.fewshot import check_fewshot
-
-    from moracl.meta.run import _BACKBONES  # the table meta_learn checks against
-
-    d = config.data
-    try:
-        check_fewshot(d.scenario, d.options)
-    except ValueError as e:
-        raise ValueError(f"data: {e}") from None
-    expected = _BACKBONES.get(d.scenario)
-    if expected is not None and config.backbone != expected:
-        raise ValueError(
-            f"scenario {d.scenario!r} uses the backbone {expected!r}, "
-            f"got backbone={config.backbone!r}"
-        )
 
 
 def check_output_dir(path: Any, what: str = "output_dir") -> Path:

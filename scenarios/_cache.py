@@ -23,6 +23,7 @@ from moracl.files import write_atomic
 
 __all__ = [
     "array_digest",
+    "cache_home",
     "cache_root",
     "cached_arrays",
     "json_digest",
@@ -31,13 +32,17 @@ __all__ = [
 ]
 
 
+def cache_home() -> Path:
+    """The one cache root: ``$MORACL_CACHE``, else ``~/.cache/moracl``."""
+    return Path(os.environ.get("MORACL_CACHE") or "~/.cache/moracl").expanduser()
+
+
 def cache_root(kind: str, cache_dir: str | Path | None = None) -> Path:
     """The folder for ``kind`` (e.g. ``"backbones"``): ``cache_dir`` if given, else
     ``$MORACL_CACHE/<kind>``, else ``~/.cache/moracl/<kind>``."""
     if cache_dir is not None:
         return Path(cache_dir).expanduser()
-    base = os.environ.get("MORACL_CACHE")
-    return (Path(base) if base else Path("~/.cache/moracl")).expanduser() / kind
+    return cache_home() / kind
 
 
 def json_digest(obj: object, length: int = 16) -> str:

@@ -32,7 +32,8 @@ from __future__ import annotations
 import hashlib
 import inspect
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -49,6 +50,7 @@ __all__ = [
     "FEWSHOT",
     "CNNTop",
     "FewShotData",
+    "FewShotRegistry",
     "Pool",
     "SentenceNeck",
     "build_fewshot",
@@ -123,7 +125,38 @@ class FewShotData:
 
 
 Builder = Callable[..., FewShotData]
-FEWSHOT: Registry[Builder] = Registry("few-shot scenario")
+
+
+class FewShotRegistry(Registry[Builder]):
+    """The few-shot scenarios by name (:meth:`get`, :meth:`names`, ``name in FEWSHOT``), and
+    scenarios that exist only inside a ``with`` block (:meth:`temporarily`)."""
+
+    @contextmanager
+    def temporarily(
+        self, name: str, builder: Builder, *, check: Callable[..., None] | None = None
+    ) -> Iterator[Builder]:
+        """Register ``builder`` as ``name`` (and ``check`` as its options' check, see
+        :data:`FEWSHOT_CHECKS`) until the block ends, e.g. a test's toy scenario::
+
+            with FEWSHOT.temporarily("toy", toy_fewshot):
+                run(config)
+
+        Raises:
+            ValueError: ``name`` is already registered.
+        """
+        if name in self:
+            raise ValueError(f"{self.what} {name!r} is already registered")
+        self.register(name)(builder)
+        if check is not None:
+            FEWSHOT_CHECKS[name] = check
+        try:
+            yield builder
+        finally:
+            self._items.pop(name, None)
+            FEWSHOT_CHECKS.pop(name, None)
+
+
+FEWSHOT = FewShotRegistry("few-shot scenario")
 
 
 def build_fewshot(name: str, **options: Any) -> FewShotData:

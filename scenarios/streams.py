@@ -19,11 +19,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from enum import Enum
 from typing import Any
 
 import torch
 
+from moracl.continual.config import Setting
 from moracl.registry import Registry
 
 __all__ = [
@@ -46,14 +46,6 @@ __all__ = [
 
 IMAGE_MEAN = 0.2
 IMAGE_STD = 0.33
-
-
-class Setting(str, Enum):
-    """How experiences relate (van de Ven & Tolias 2019)."""
-
-    TASK = "task"  # task labels given in training and test; one head per task
-    CLASS = "class"  # new classes per experience, no task labels at test time
-    DOMAIN = "domain"  # the same classes in a new input domain per experience
 
 
 @dataclass(frozen=True)

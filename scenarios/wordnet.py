@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import shutil
 import tempfile
@@ -40,6 +39,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 from datasets import ClassLabel, Dataset, Features, Value
+from moracl_scenarios._cache import cache_root
 from moracl_scenarios._paths import require_debian_path
 
 __all__ = [
@@ -189,8 +189,7 @@ def _check_pos(pos: Sequence[str] | str) -> tuple[str, ...]:
 
 
 def _default_cache_dir() -> Path:
-    base = os.environ.get("MORACL_CACHE")
-    return (Path(base) if base else Path("~/.cache/moracl")).expanduser() / "wordnet"
+    return cache_root("wordnet")
 
 
 def _cache_key(files: Sequence[Path], with_lemma: bool) -> str:

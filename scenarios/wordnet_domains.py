@@ -32,8 +32,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
@@ -42,6 +40,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from moracl_scenarios._cache import cache_home, cache_root
 from moracl_scenarios.streams import (
     ENCODERS,
     SCENARIOS,
@@ -63,6 +62,7 @@ from moracl_scenarios.wordnet import (
 from torch import nn
 
 from moracl.backbones import MiniLMTop, encode_texts, load_minilm, minilm_path, minilm_prefix_states
+from moracl.files import write_atomic
 
 __all__ = [
     "ADJ_ADV_CLASSES",
@@ -151,8 +151,7 @@ class WordNetDomainsOptions:
 
     def cache_base(self) -> Path:
         """The cache root: ``cache_dir``, else ``$MORACL_CACHE``, else ``~/.cache/moracl``."""
-        base = self.cache_dir or os.environ.get("MORACL_CACHE") or "~/.cache/moracl"
-        return Path(base).expanduser()
+        return Path(self.cache_dir).expanduser() if self.cache_dir else cache_home()
 
 
 @dataclass
@@ -300,15 +299,9 @@ def cached_prefix_states(
         ``(n, L, d + 1)`` float32: hidden states and the 0/1 attention mask as last channel.
     """
     from safetensors import SafetensorError
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file, save
 
-    folder = (
-        Path(cache_dir).expanduser()
-        if cache_dir is not None
-        else (
-            Path(os.environ.get("MORACL_CACHE") or "~/.cache/moracl").expanduser() / "minilm-prefix"
-        )
-    )
+    folder = cache_root("minilm-prefix", cache_dir)
     target = folder / f"prefix-{_prefix_key(texts, frozen_layers, max_length)}.safetensors"
     if target.is_file():
         try:
@@ -318,21 +311,12 @@ def cached_prefix_states(
     states = minilm_prefix_states(texts, frozen_layers, max_length, batch_size)  # (n, L, d+1)
     mask = states[..., -1].to(torch.uint8)  # (n, L)
     hidden = states[..., :-1][mask.bool()].to(torch.float16).contiguous()  # (t, d)
-    folder.mkdir(parents=True, exist_ok=True)
     meta = {
         "frozen_layers": str(frozen_layers),
         "max_length": str(max_length),
         "n": str(len(texts)),
     }
-    fd, scratch = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=folder)
-    os.close(fd)
-    try:
-        save_file({"hidden": hidden, "mask": mask}, scratch, metadata=meta)
-        os.chmod(scratch, 0o644)  # mkstemp makes it private; the cache is shared like any other
-        os.replace(scratch, target)  # atomic: readers never see a half-written file
-    finally:
-        if os.path.exists(scratch):
-            os.unlink(scratch)
+    write_atomic(target, save({"hidden": hidden, "mask": mask}, metadata=meta))
     return _unpack({"hidden": hidden, "mask": mask}, len(texts), max_length)
 
 

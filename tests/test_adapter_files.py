@@ -393,16 +393,18 @@ def test_a_refused_adapter_changes_no_layer() -> None:
 
 def test_mixture_bounds_experts_ranks_and_tasks() -> None:
     with pytest.raises(ValueError, match=rf"{MAX_EXPERTS + 1} experts is out of range"):
-        Mixture(8, 8, MixtureConfig(kind="lora", rank=1, experts=MAX_EXPERTS + 1))
+        Mixture.from_config(8, 8, MixtureConfig(kind="lora", rank=1, experts=MAX_EXPERTS + 1))
     with pytest.raises(ValueError, match=r"expert group 1 \(8 -> 8\): mora rank 9"):
         groups = (
             ExpertGroup(AdapterConfig(kind="lora", rank=2), 2),
             ExpertGroup(AdapterConfig(kind="mora", rank=9), 2),
         )
-        Mixture(8, 8, MixtureConfig(groups=groups))
+        Mixture.from_config(8, 8, MixtureConfig(groups=groups))
     with pytest.raises(ValueError, match=r"router.num_tasks=100000 is out of range"):
-        Mixture(8, 8, MixtureConfig(experts=2, router=RouterConfig(type="topk", num_tasks=10**5)))
-    mix = Mixture(8, 8, MixtureConfig(kind="lora", rank=1, experts=MAX_EXPERTS - 1))
+        Mixture.from_config(
+            8, 8, MixtureConfig(experts=2, router=RouterConfig(type="topk", num_tasks=10**5))
+        )
+    mix = Mixture.from_config(8, 8, MixtureConfig(kind="lora", rank=1, experts=MAX_EXPERTS - 1))
     with pytest.raises(ValueError, match=rf"{MAX_EXPERTS + 1} experts"):
         mix.grow(AdapterConfig(kind="lora", rank=1), 2)
     assert mix.num_experts == MAX_EXPERTS - 1

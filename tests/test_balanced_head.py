@@ -108,13 +108,13 @@ def _config(out: Path, epochs: int, **experts: object) -> RunConfig:
 def test_a_balanced_run_resumes_exactly_and_differs_from_an_unbalanced_one(
     tmp_path: Path,
 ) -> None:
-    from moracl.continual.run import run_continual
+    from moracl.jobs.continual import run as run_continual
 
     full = run_continual(_config(tmp_path / "full", 3), progress=False)
     out = tmp_path / "resumed"
     run_continual(_config(out, 3), progress=False, stop_after=1)
     resumed = run_continual(_config(out, 3), progress=False, resume=True)
-    name = "moracl (experts)"
+    name = "moracl"
     assert resumed.strategies[name].matrix == full.strategies[name].matrix
     saved = json.loads((out / "metrics.json").read_text())["strategies"][0]["matrix"]
     assert saved == full.strategies[name].matrix.to_dict()
@@ -183,7 +183,7 @@ def test_router_fine_tuning_changes_only_the_routers_and_learns_the_experiences(
         changed = not torch.equal(p, before[name])
         assert changed == (".router." in name), name  # experts, head, frozen layers untouched
         assert p.grad is None, name
-    assert model.forced_routes is None and not encoder.record_router_inputs  # restored
+    assert model._forced_routes is None and not encoder.record_router_inputs  # restored
 
 
 def test_router_fine_tuning_labels_buffer_rows_with_their_experience() -> None:
@@ -218,13 +218,14 @@ def test_router_fine_tuning_labels_buffer_rows_with_their_experience() -> None:
 
 
 def test_bad_router_balance_settings_are_refused(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="balance_router_epochs=2 fine-tunes the routers"):
-        from_dict(RunConfig, {"experts": {"balance_router_epochs": 2}, "output_dir": str(tmp_path)})
-    with pytest.raises(ValueError, match="balance_router_lr > 0, got 2 and 0"):
+    learned = {"mode": "learned", "balance_epochs": 2}
+    with pytest.raises(ValueError, match="routing.balance_epochs=2 fine-tunes the routers"):
+        from_dict(RunConfig, {"experts": {"routing": learned}, "output_dir": str(tmp_path)})
+    with pytest.raises(ValueError, match="balance_lr must be a finite number > 0, got 0"):
         from_dict(
             RunConfig,
             {
-                "experts": {"replay_size": 5, "balance_router_epochs": 2, "balance_router_lr": 0},
+                "experts": {"replay_size": 5, "routing": {**learned, "balance_lr": 0}},
                 "output_dir": str(tmp_path),
             },
         )
@@ -235,14 +236,15 @@ def test_bad_router_balance_settings_are_refused(tmp_path: Path) -> None:
 @needs_fashion_mnist
 @pytest.mark.slow
 def test_a_teacher_forced_run_with_router_balancing_resumes_exactly(tmp_path: Path) -> None:
-    from moracl.continual.run import run_continual
+    from moracl.jobs.continual import run as run_continual
 
-    routing = {"route_supervision": 1.0, "teacher_forcing": True, "balance_router_epochs": 2}
+    learned = {"mode": "learned", "supervision": 1.0, "teacher_forcing": True, "balance_epochs": 2}
+    routing: dict[str, object] = {"routing": learned}
     full = run_continual(_config(tmp_path / "full", 3, **routing), progress=False)
     out = tmp_path / "resumed"
     run_continual(_config(out, 3, **routing), progress=False, stop_after=1)
     resumed = run_continual(_config(out, 3, **routing), progress=False, resume=True)
-    name = "moracl (experts)"
+    name = "moracl"
     assert resumed.strategies[name].matrix == full.strategies[name].matrix
     routed = full.strategies[name].routing
     resumed_routing = resumed.strategies[name].routing

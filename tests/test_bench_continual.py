@@ -49,15 +49,19 @@ def _result(name: str, last_row: list[float], diag: list[float], trainable: int)
         wall_seconds=1.0,
         train_seconds=0.5,
     )
-    return StrategyResult(name=name, matrix=AccuracyMatrix(r, [0.1] * t), cost=cost)
+    label = LABELS[name]
+    return StrategyResult(name=name, label=label, matrix=AccuracyMatrix(r, [0.1] * t), cost=cost)
+
+
+LABELS = {"moracl": "moracl (experts)", "naive": "Naive", "replay": "Replay", "joint": "Joint"}
 
 
 def _results(setting: str, moracl_last: list[float], trainable: int = 10) -> RunResults:
     results = RunResults(scenario="s", setting=setting, seed=0, experiences=["a", "b", "c"])
-    results.add(_result("moracl (experts)", moracl_last, [0.9, 0.9, 0.9], trainable))
-    results.add(_result("Naive", [0.2, 0.3, 0.9], [0.9, 0.9, 0.9], 10))
-    results.add(_result("Replay", [0.7, 0.8, 0.9], [0.9, 0.9, 0.9], 10))
-    results.add(_result("Joint", [0.9, 0.9, 0.9], [0.9, 0.9, 0.9], 10))
+    results.add(_result("moracl", moracl_last, [0.9, 0.9, 0.9], trainable))
+    results.add(_result("naive", [0.2, 0.3, 0.9], [0.9, 0.9, 0.9], 10))
+    results.add(_result("replay", [0.7, 0.8, 0.9], [0.9, 0.9, 0.9], 10))
+    results.add(_result("joint", [0.9, 0.9, 0.9], [0.9, 0.9, 0.9], 10))
     return results
 
 
@@ -97,9 +101,11 @@ def test_seed_tables_report_mean_and_sample_sd_and_check_targets_on_the_means() 
     assert lines[2] == "| moracl (experts) | 75.0 ± 7.1 | -22.5 ± 10.6 | 22.5 ± 10.6 |"
     assert lines[4] == "| Replay | 80.0 ± 0.0 | -15.0 ± 0.0 | 15.0 ± 0.0 |"
     nan_bwt = _results("task", [0.8, 0.8, 0.9])
-    joint = nan_bwt.strategies["Joint"]  # Joint measures the last row only
+    joint = nan_bwt.strategies["joint"]  # Joint measures the last row only
     last_only = AccuracyMatrix([[math.nan] * 3, [math.nan] * 3, [0.9] * 3], [0.1] * 3)
-    nan_bwt.strategies["Joint"] = StrategyResult(name="Joint", matrix=last_only, cost=joint.cost)
+    nan_bwt.strategies["joint"] = StrategyResult(
+        name="joint", label="Joint", matrix=last_only, cost=joint.cost
+    )
     joint_row = seed_table([nan_bwt, nan_bwt]).splitlines()[5]
     assert joint_row == "| Joint | 90.0 ± 0.0 | n/a | n/a |"  # no diagonal: no BWT, no spread
     targets = {t.name: t for t in check_seed_targets(runs)}
@@ -166,17 +172,12 @@ def _tiny(key: str, out: Path, *extra: str) -> object:
 @pytest.mark.parametrize(
     ("key", "extra"),
     [
-        ("split-fashion/task", ("experts.router=topk",)),
-        ("split-fashion/class", ("experts.task_inference=router", "experts.router=topk")),
+        ("split-fashion/task", ("experts.routing={mode: learned}",)),
+        ("split-fashion/class", ("experts.routing={mode: learned}",)),
         # routing supervision is left out of the timed template, as replay is
         (
             "split-fashion/class",
-            (
-                "experts.task_inference=router",
-                "experts.router=topk",
-                "experts.route_supervision=1.0",
-                "experts.teacher_forcing=true",
-            ),
+            ("experts.routing={mode: learned, supervision: 1.0, teacher_forcing: true}",),
         ),
         ("split-fashion/class", ()),  # gaussian task inference: trained by experience
     ],
@@ -208,7 +209,7 @@ def test_isolated_strategies_match_one_shared_run(tmp_path: Path) -> None:
         torch.set_num_threads(threads)  # run_scenario sets it for this whole process
     other = _tiny("split-fashion/class", tmp_path / "iso", "strategies=[moracl,naive]")
     isolated = run_scenario(other, isolate=True, threads=1)  # type: ignore[arg-type]
-    assert list(isolated.strategies) == list(shared.strategies) == ["moracl (experts)", "Naive"]
+    assert list(isolated.strategies) == list(shared.strategies) == ["moracl", "naive"]
     for name, s in shared.strategies.items():
         assert isolated.strategies[name].matrix == s.matrix, name
         peak = isolated.strategies[name].cost.peak_memory_bytes

@@ -2,29 +2,31 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
 from moracl.bench import experts
+from moracl.experts.backend import RoutingBackend, current_routing_backend, routing_backend
 
 
-def test_kernels_ab_alternates_without_and_with_and_restores_the_switch(
+@pytest.mark.slow  # 20 s on 2 cores
+def test_kernels_ab_alternates_without_and_with_and_restores_the_backend(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("MORACL_TRITON_ROUTING", "keep")
-    seen: list[str | None] = []
+    seen: list[RoutingBackend | None] = []
     real_run = experts.run
 
     def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
-        seen.append(os.environ.get("MORACL_TRITON_ROUTING"))
+        seen.append(current_routing_backend())
         return real_run(*args, **kwargs)
 
     monkeypatch.setattr(experts, "run", spy)
     argv = ["--size", "cpu", "--device", "cpu", "--methods", "floor", "top2-of-8"]
-    assert experts.main([*argv, "--kernels-ab", "2", "--steps", "1", "--warmup", "1"]) == 0
-    assert seen == ["0", "1", "0", "1"]
-    assert os.environ["MORACL_TRITON_ROUTING"] == "keep"
+    with routing_backend("eager"):
+        assert experts.main([*argv, "--kernels-ab", "2", "--steps", "1", "--warmup", "1"]) == 0
+        assert current_routing_backend() is RoutingBackend.EAGER
+    compiled, triton = RoutingBackend.COMPILED, RoutingBackend.TRITON
+    assert seen == [compiled, triton, compiled, triton]
+    assert current_routing_backend() is None
     table = capsys.readouterr().out
     rows = [line for line in table.splitlines() if line.startswith("| ") and "ms/step" not in line]
     assert len(rows) == 8  # two rounds x two arms x two methods

@@ -14,7 +14,8 @@ import torch
 
 from moracl.cli import main
 from moracl.config import load_config
-from moracl.preflight import check_config, check_device, check_output_dir
+from moracl.jobs import check_config
+from moracl.preflight import check_device, check_output_dir
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 RUN = CONFIGS / "split_fashion.yaml"  # task setting by default, gaussian task inference
@@ -199,7 +200,11 @@ def test_a_cuda_index_the_machine_lacks_is_refused() -> None:
             "scenario.setting=domain",
             r"'split-fashion' supports the settings \['task', 'class'",
         ),
-        (RUN, "scenario.setting=sideways", "scenario.setting must be one of"),
+        (
+            RUN,
+            "scenario.setting=sideways",
+            r"scenario.setting: expected one of \[.task., .class., .domain.\]",
+        ),
         (RUN, "scenario.options.colour=1", r"unknown option\(s\) \['colour'\]; valid: \["),
         (RUN, "scenario.options.experiences=3", "experiences=3 must divide the 10 classes"),
         (DOMAINS, "scenario.setting=task", r"'digit-domains' supports the settings \['domain'\]"),
@@ -262,33 +267,29 @@ class _Encoder(torch.nn.Module):
     ("path", "overrides", "message"),
     [
         (
+            RUN,
+            ["scenario.setting=class", "experts.routing={mode: task}"],
+            r"experts.routing.mode=task routes each row by its task label, but this stream's",
+        ),
+        (
+            RUN,
+            ["experts.routing={mode: learned, supervision: 1}"],
+            r"routing.supervision=1.0 teaches routing without task labels; this run has task ",
+        ),
+        (
+            RUN,
+            ["experts.replay_size=5", "experts.routing={mode: learned, balance_epochs: 2}"],
+            "routing.balance_epochs=2 teaches routing without task labels; this run has task ",
+        ),
+        (
+            RUN,
+            ["experts.routing={mode: gaussian}"],
+            r"experts.routing.mode=gaussian infers the task of rows without task labels, but ",
+        ),
+        (
             DOMAINS,
-            ["experts.k=100"],
-            r"experts.k=100 exceeds experts.per_experience=2: .* set experts.k <= 2",
-        ),
-        (
-            RUN,
-            ["scenario.setting=class", "experts.route_supervision=1"],
-            r"task_inference='gaussian' .* leave experts.route_supervision at the default",
-        ),
-        (
-            RUN,
-            ["experts.task_inference=router", "experts.route_supervision=1"],
-            r"route_supervision=1.0 teaches routing without task labels; this ",
-        ),
-        (
-            RUN,
-            [
-                "experts.task_inference=router",
-                "experts.replay_size=5",
-                "experts.balance_router_epochs=2",
-            ],
-            "balance_router_epochs=2 teaches routing without task labels; this ",
-        ),
-        (
-            RUN,
-            ["experts.route_per=sample"],
-            r"experts.route_per='sample' applies to topk routing; this run routes by task id",
+            ["experts.routing={mode: task}"],
+            r"experts.routing.mode=task routes each row by its task label",
         ),
     ],
 )
@@ -305,7 +306,8 @@ def test_routing_rules_are_checked_up_front_as_where_the_run_builds_routers(
 
     from moracl_scenarios.streams import Setting
 
-    from moracl.continual.run import build_model, build_strategy
+    from moracl.continual.factory import build_model
+    from moracl.continual.strategies import build_strategy
 
     out = f"output_dir={tmp_path / 'out'}"
     line = refuse(capsys, ["validate", str(path), *overrides, out])

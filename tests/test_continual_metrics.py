@@ -218,7 +218,7 @@ def test_run_results_save_and_load(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == [METRICS_FILE]  # no temporary file left
     assert path.stat().st_mode & 0o777 == 0o644
     data = json.loads(path.read_text())
-    assert data["format"] == "moracl.continual.run" and data["version"] == 1
+    assert data["format"] == "moracl.continual.run" and data["version"] == 2
     assert RunResults.load(tmp_path) == run and RunResults.load(path) == run
     run.add(_strategy("Naive", 2, False))
     run.save(tmp_path)  # overwriting our own readable file is fine
@@ -265,8 +265,26 @@ def test_unreadable_metrics_file_raises_and_is_kept(tmp_path: Path, content: byt
 def test_version_error_names_both_versions(tmp_path: Path) -> None:
     data = _run().to_dict() | {"version": 99}
     (tmp_path / METRICS_FILE).write_text(json.dumps(data))
-    with pytest.raises(ValueError, match="version 99; this moracl reads version 1"):
+    with pytest.raises(ValueError, match="version 99; this moracl reads version 2"):
         RunResults.load(tmp_path)
+
+
+def test_results_of_the_label_keyed_version_are_refused_clearly(tmp_path: Path) -> None:
+    data = _run(MoE=_strategy("MoE", 0, True)).to_dict() | {"version": 1}
+    (tmp_path / METRICS_FILE).write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"version 1, written by an earlier moracl that keyed"):
+        RunResults.load(tmp_path)
+
+
+def test_a_strategy_keeps_its_registry_name_and_display_label() -> None:
+    base = _strategy("x", 0, False)
+    s = StrategyResult(name="moracl", label="moracl (experts)", matrix=base.matrix, cost=base.cost)
+    back = StrategyResult.from_dict(json.loads(json.dumps(s.to_dict())))
+    assert (back.name, back.label) == ("moracl", "moracl (experts)") and back == s
+    plain = StrategyResult(name="naive", matrix=s.matrix, cost=s.cost)
+    assert plain.label == "naive"  # no label: the name shows
+    run = _run(moracl=s)
+    assert list(run.strategies) == ["moracl"]
 
 
 def test_missing_metrics_file(tmp_path: Path) -> None:

@@ -37,7 +37,7 @@ def _config(out: Path, **train: object) -> RunConfig:
 
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
-    from moracl.continual.run import run_continual
+    from moracl.jobs.continual import run as run_continual
 
     out = tmp_path_factory.mktemp("full") / "run"
     return out, run_continual(_config(out), progress=False)
@@ -45,7 +45,7 @@ def full_run(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyp
 
 def test_moracl_never_forgets_task_incrementally(full_run) -> None:  # type: ignore[no-untyped-def]
     _, results = full_run
-    moracl = results.strategies["moracl (experts)"].matrix
+    moracl = results.strategies["moracl"].matrix
     # frozen old experts and heads, old tasks masked from new experts: bit-identical outputs
     assert moracl.bwt() == 0.0
     assert all(moracl.R[i][0] == moracl.R[0][0] for i in range(5))
@@ -62,13 +62,13 @@ def test_run_folder_has_metrics_report_plots_logs(full_run) -> None:  # type: ig
     assert list((out / "plots").glob("*.png"))
     # header + five strategies x 5 rows x 5 experiences + Joint's one row
     assert (out / "logs" / "eval.csv").read_text().count("\n") == 1 + 5 * 5 * 5 + 5
-    joint = results.strategies["Joint"].matrix
+    joint = results.strategies["joint"].matrix
     assert joint.measured_rows == [4]
 
 
 def test_resume_ends_where_an_uninterrupted_run_ends(full_run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     from moracl.cli import main
-    from moracl.continual.run import run_continual
+    from moracl.jobs.continual import run as run_continual
 
     full_out, _ = full_run
     out = tmp_path / "run"
@@ -92,7 +92,7 @@ def test_resume_ends_where_an_uninterrupted_run_ends(full_run, tmp_path: Path) -
 
 
 def test_corrupt_checkpoint_is_refused_and_left_alone(full_run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    from moracl.continual.run import run_continual
+    from moracl.jobs.continual import run as run_continual
 
     out = tmp_path / "run"
     shutil.copytree(full_run[0], out)
@@ -111,7 +111,7 @@ def test_corrupt_checkpoint_is_refused_and_left_alone(full_run, tmp_path: Path) 
 
 
 def test_an_existing_run_is_not_overwritten(full_run) -> None:  # type: ignore[no-untyped-def]
-    from moracl.continual.run import run_continual
+    from moracl.jobs.continual import run as run_continual
 
     with pytest.raises(ValueError, match="already holds a run"):
         run_continual(_config(full_run[0]), progress=False)
@@ -121,8 +121,15 @@ def test_an_existing_run_is_not_overwritten(full_run) -> None:  # type: ignore[n
     ("patch", "message"),
     [
         ({"strategies": ["moracl", "icarl"]}, "strategies must be distinct names among"),
-        ({"experts": {"router": "magic"}}, "experts.router must be one of"),
-        ({"experts": {"route_per": "row"}}, r"experts.route_per must be one of \['token', "),
+        (
+            {"experts": {"routing": {"mode": "magic"}}},
+            r"experts: routing: mode must be one of \['auto', 'task', 'learned', 'gaussian'\]",
+        ),
+        (
+            {"experts": {"routing": {"mode": "learned", "per": "row"}}},
+            r"experts: routing: per must be one of \['token', 'sample'\], got 'row'",
+        ),
+        ({"experts": {"router": "topk"}}, r"\['router'\] moved under experts.routing"),
         ({"train": {"epochs": 0}}, "train.epochs must be > 0"),
         ({"bogus": 1}, "unknown key"),
     ],
@@ -134,7 +141,7 @@ def test_bad_run_configs_name_the_valid_choices(patch: dict, message: str, tmp_p
 
 
 def test_unknown_scenario_lists_the_registered_ones(tmp_path: Path) -> None:
-    from moracl.continual.run import run_continual
+    from moracl.jobs.continual import run as run_continual
 
     config = from_dict(
         RunConfig, {"job": "run", "scenario": {"name": "cifar"}, "output_dir": str(tmp_path)}

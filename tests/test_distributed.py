@@ -81,11 +81,13 @@ def spawn(fn: Callable[..., Any], *args: Any, world: int = 2, tmp: Path) -> list
 
 def _mixture_model(blocks: bool = False) -> nn.Module:
     from moracl import MoRAModel, RouterConfig
-    from moracl.experts.mixture import MixtureConfig
+    from moracl.adapters import AdapterConfig
+    from moracl.experts.mixture import ExpertGroup, MixtureConfig
 
     torch.manual_seed(0)
     router = RouterConfig(type="topk", k=2, noise=False, balance_weight=0.1, z_weight=0.01)
-    config = MixtureConfig(kind="lora", rank=4, experts=4, router=router, options={"alpha": 8.0})
+    expert = AdapterConfig(kind="lora", rank=4, alpha=8.0)  # type: ignore[call-arg]
+    config = MixtureConfig(router=router, groups=(ExpertGroup(expert, 4),))
     base = _Blocks() if blocks else mlp()
     targets = ["layers.0", "layers.1"] if blocks else ["0", "2"]
     return MoRAModel(base, config, target_modules=targets)
@@ -212,7 +214,7 @@ def finetune_tiny() -> dict[str, Tensor]:
     batches of 7 (the last of 2: unequal shares), 2 epochs."""
     from moracl import AdapterConfig, MoRAModel
     from moracl.config import load_config
-    from moracl.finetune import _train
+    from moracl.jobs.finetune import train_model
 
     torch.manual_seed(0)
     model = MoRAModel(_Features().requires_grad_(False), AdapterConfig(rank=2, alpha=4.0))
@@ -222,7 +224,7 @@ def finetune_tiny() -> dict[str, Tensor]:
     config = load_config(
         CONFIGS / "wordnet_finetune.yaml", ["train.batch_size=7", "train.epochs=2"]
     )
-    _train(model, 30, lambda idx: {"x": x[idx]}, y, config, "finetune", False)  # type: ignore[arg-type]
+    train_model(model, lambda idx: {"x": x[idx]}, y, config.train, name="finetune")
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
@@ -264,6 +266,7 @@ def run_until(out: str, stop_after: int | None) -> dict[str, Any]:
     checkpoint's order, the trained tensors it held when the last checkpoint was written
     (rank 0 writes it, the other processes wait at the barrier holding theirs)."""
     import moracl.continual.run as run_module
+    from moracl.jobs.continual import run as run_job
 
     held: list[dict[str, Tensor]] = []
     trained_state = run_module.trained_state
@@ -276,7 +279,7 @@ def run_until(out: str, stop_after: int | None) -> dict[str, Any]:
     config = _run_config(Path(out))
     run_module.trained_state = spy  # type: ignore[assignment]
     try:
-        run_module.run_continual(config, progress=False, stop_after=stop_after)
+        run_job(config, progress=False, stop_after=stop_after)
     finally:
         run_module.trained_state = trained_state  # type: ignore[assignment]
     # one call per strategy at each checkpoint, in the order the checkpoint lists them
@@ -358,7 +361,7 @@ def test_run_checkpointed_by_two_processes_resumes_in_one(tmp_path: Path) -> Non
        computes both, so this holds on any machine)."""
     pytest.importorskip("avalanche")
     from moracl.continual.checkpoint import load_checkpoint
-    from moracl.continual.run import run_continual
+    from moracl.jobs.continual import run as run_continual
 
     split, whole = tmp_path / "split", tmp_path / "whole"
     ranks = spawn(run_until, str(split), 1, tmp=tmp_path)

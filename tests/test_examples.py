@@ -61,7 +61,7 @@ def test_class_incremental_example(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     runpy.run_path(str(EXAMPLES / "class_incremental.py"), run_name="__main__")
     metrics = json.loads((tmp_path / "out/example_class_incremental/metrics.json").read_text())
     by_name = {s["name"]: s for s in metrics["strategies"]}
-    inferred = by_name["moracl (experts)"]["routing"]["task_inference_accuracy"]
+    inferred = by_name["moracl"]["routing"]["task_inference_accuracy"]
     assert inferred > 0.5  # five experiences: chance is 0.2
 
 

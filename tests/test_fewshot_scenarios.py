@@ -47,6 +47,39 @@ def test_registry_and_option_errors() -> None:
         build_fewshot("wordnet-fewshot", per_clas=3)
 
 
+def test_a_temporary_scenario_is_built_checked_and_removed() -> None:
+    from moracl_scenarios.fewshot import FewShotData, Pool, check_fewshot
+
+    def toy(per_class: int = 3) -> FewShotData:
+        labels = torch.arange(4).repeat_interleave(per_class)
+        pool = Pool(torch.randn(labels.numel(), 2), labels, (0, 1, 2, 3))
+        return FewShotData(
+            "toy", {"train": pool, "val": pool, "test": pool}, ("a", "b", "c", "d"), 2,
+            torch.nn.Identity, "none", "all", "synthetic", "none",
+        )  # fmt: skip
+
+    def refuse_zero(per_class: int) -> None:
+        if per_class < 1:
+            raise ValueError(f"per_class={per_class} must be >= 1")
+
+    with FEWSHOT.temporarily("toy", toy, check=refuse_zero) as builder:
+        assert builder is toy and "toy" in FEWSHOT and "toy" in FEWSHOT.names()
+        assert FEWSHOT.get("toy") is toy
+        assert build_fewshot("toy", per_class=5).pools["test"].labels.numel() == 20
+        with pytest.raises(ValueError, match="per_class=0 must be >= 1"):
+            check_fewshot("toy", {"per_class": 0})
+        again = FEWSHOT.temporarily("toy", toy)
+        with pytest.raises(ValueError, match="'toy' is already registered"), again:
+            pass
+    assert "toy" not in FEWSHOT and "toy" not in FEWSHOT.names()
+    with pytest.raises(ValueError, match="unknown few-shot scenario 'toy'"):
+        build_fewshot("toy")
+    taken = FEWSHOT.temporarily("wordnet-fewshot", toy)
+    with pytest.raises(ValueError, match="'wordnet-fewshot' is already registered"), taken:
+        pass
+    assert FEWSHOT.get("wordnet-fewshot") is not toy
+
+
 @needs_wordnet
 @pytest.mark.usefixtures("fake_encoder")
 def test_wordnet_class_splits_are_disjoint_seeded_and_cover_the_45_categories(
@@ -115,7 +148,7 @@ def test_sentence_neck_without_adapters_is_the_normalised_embedding() -> None:
 @needs_fashion_mnist
 @needs_digits
 def test_digits_pools_are_cross_domain_and_features_match_the_cnn() -> None:
-    from moracl_scenarios._image import image_inputs
+    from moracl_scenarios import image_inputs
     from moracl_scenarios.digits import mnist_digits, sklearn_digits
     from moracl_scenarios.pretrain import pretrained_cnn
 

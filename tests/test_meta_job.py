@@ -6,6 +6,7 @@ import json
 import math
 import statistics
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from torch import Tensor, nn
 from moracl.cli import main
 from moracl.config import MetaAlgorithm, MetaConfig, from_dict, load_config, to_dict
 from moracl.experts.mixture import MixtureConfig
+from moracl.jobs.meta import run as run_meta
 from moracl.meta.baselines import (
     adam_update,
     adapted_accuracy,
@@ -24,7 +26,6 @@ from moracl.meta.baselines import (
     sgd_update,
     summarize,
 )
-from moracl.meta.run import meta_learn
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -74,9 +75,10 @@ def toy_fewshot() -> FewShotData:
 
 
 @pytest.fixture
-def toy(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(FEWSHOT._items, "toy", toy_fewshot)
+def toy() -> Iterator[None]:
     warnings.filterwarnings("ignore", "test.episodes=24 is below")
+    with FEWSHOT.temporarily("toy", toy_fewshot):
+        yield
 
 
 def tiny_config(out: Path, **meta: object) -> MetaConfig:
@@ -230,7 +232,7 @@ def test_adam_update_matches_torch_adam() -> None:
 # -- the job ---------------------------------------------------------------------------------
 @pytest.mark.usefixtures("toy")
 def test_job_end_to_end_metrics_match_the_saved_episodes(tmp_path: Path) -> None:
-    result = meta_learn(tiny_config(tmp_path / "a"), progress=False)
+    result = run_meta(tiny_config(tmp_path / "a"), progress=False)
     out = tmp_path / "a"
     assert {p.name for p in out.iterdir()} >= {"report.md", "metrics.json", "episodes.json"}
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
@@ -258,9 +260,9 @@ def test_job_end_to_end_metrics_match_the_saved_episodes(tmp_path: Path) -> None
 
 @pytest.mark.usefixtures("toy")
 def test_job_is_deterministic_and_the_baselines_ignore_meta_training(tmp_path: Path) -> None:
-    meta_learn(tiny_config(tmp_path / "a"), progress=False)
-    meta_learn(tiny_config(tmp_path / "b"), progress=False)
-    meta_learn(tiny_config(tmp_path / "c", steps=0, val_every=0), progress=False)
+    run_meta(tiny_config(tmp_path / "a"), progress=False)
+    run_meta(tiny_config(tmp_path / "b"), progress=False)
+    run_meta(tiny_config(tmp_path / "c", steps=0, val_every=0), progress=False)
     a, b, c = (json.loads((tmp_path / x / "episodes.json").read_text()) for x in "abc")
     assert a == b
     assert a["prototype"] == c["prototype"] and a["finetune"] == c["finetune"]
@@ -269,7 +271,7 @@ def test_job_is_deterministic_and_the_baselines_ignore_meta_training(tmp_path: P
 @pytest.mark.usefixtures("toy")
 @pytest.mark.parametrize("algorithm", ["fomaml", "metasgd", "anil"])
 def test_job_runs_every_algorithm(tmp_path: Path, algorithm: str) -> None:
-    result = meta_learn(tiny_config(tmp_path, algorithm=algorithm), progress=False)
+    result = run_meta(tiny_config(tmp_path, algorithm=algorithm), progress=False)
     assert set(result.summaries) == {"meta", "prototype", "finetune"}
 
 
@@ -279,7 +281,7 @@ def test_job_with_a_noisy_mixture_of_experts(tmp_path: Path) -> None:
     config.adapter = MixtureConfig.from_dict(
         {"kind": "lora", "rank": 2, "experts": 3, "router": {"type": "topk", "k": 1}}
     )
-    result = meta_learn(config, progress=False)
+    result = run_meta(config, progress=False)
     assert result.trainable_parameters > 0
 
 
@@ -288,7 +290,7 @@ def test_job_with_a_noisy_mixture_of_experts(tmp_path: Path) -> None:
 def test_meta_training_learns_on_the_toy_tasks(tmp_path: Path) -> None:
     """Twenty outer steps raise meta-validation accuracy above the untrained start."""
     config = tiny_config(tmp_path, steps=20, val_every=20, val_episodes=40)
-    result = meta_learn(config, progress=False)
+    result = run_meta(config, progress=False)
     start, end = (row["val_accuracy"] for row in result.validation)
     assert end > start + 0.05, (start, end)
 

@@ -234,7 +234,8 @@ def _build(config: RunConfig, name: str) -> tuple[Any, Any]:
     import moracl_scenarios  # noqa: F401
     from moracl_scenarios.streams import build_stream, load_encoder
 
-    from moracl.continual.run import build_model, build_strategy
+    from moracl.continual.factory import build_model
+    from moracl.continual.strategies import build_strategy
 
     sc = config.scenario
     stream = build_stream(sc.name, setting=sc.setting, seed=config.train.seed, **sc.options)
@@ -259,11 +260,11 @@ def _plain_loop(
 ) -> list[list[float]]:
     """The reference: the template's batches and optimiser, cross-entropy, ``backward``,
     ``step``, leaving out the steps in ``skip``; each epoch's losses of the steps taken."""
-    from moracl.continual.run import _optimizer_factory
+    from moracl.continual.factory import optimizer_factory
     from moracl.continual.strategy import TensorBatches
 
     model.train()
-    optimizer = _optimizer_factory(config)(model)
+    optimizer = optimizer_factory(config)(model)
     batches = TensorBatches(tensors, config.train.batch_size, shuffle=True, seed=seed)
     losses: list[list[float]] = []
     step = 0
@@ -284,7 +285,7 @@ def _plain_loop(
 @needs_fashion_mnist
 @pytest.mark.slow
 def test_a_diverging_run_stops_naming_where_and_leaves_nothing_nonfinite(tmp_path: Path) -> None:
-    from moracl.continual.run import run_continual
+    from moracl.jobs.continual import run as run_continual
 
     out = tmp_path / "run"
     config = run_config(out, ["moracl", "naive", "lwf"], lr=1e6, head_lr=1e6)
@@ -365,6 +366,7 @@ def test_lwf_with_temperature_zero_is_stopped_by_the_guard() -> None:
 def logged_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, dict[str, Any]]]:
     """An uninterrupted run whose strategies carry a :class:`Capture` plugin."""
     from moracl.continual import run as run_module
+    from moracl.jobs.continual import run as run_job
 
     out = tmp_path_factory.mktemp("logged") / "run"
     made: dict[str, Any] = {}
@@ -378,7 +380,7 @@ def logged_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path,
 
     run_module.build_strategy = build  # type: ignore[assignment]
     try:
-        run_module.run_continual(run_config(out, ["moracl", "naive", "joint"]), progress=False)
+        run_job(run_config(out, ["moracl", "naive", "joint"]), progress=False)
     finally:
         run_module.build_strategy = original  # type: ignore[assignment]
     yield out, made
@@ -387,13 +389,13 @@ def logged_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path,
 @needs_fashion_mnist
 @pytest.mark.slow
 def test_train_csv_holds_each_epochs_mean_loss_and_step(logged_run: Any) -> None:
-    from moracl.continual.run import LABELS
+    from moracl.continual.strategies import STRATEGY_REGISTRY
 
     out, made = logged_run
     rows = _rows(out / "logs" / "train.csv")
     last = 1  # two experiences; Joint trains once, at the last
     expected = [
-        (LABELS[n], i, e)
+        (STRATEGY_REGISTRY.get(n).label, i, e)
         for i in range(2)
         for n in ("moracl", "naive", "joint")
         if n != "joint" or i == last
@@ -402,7 +404,7 @@ def test_train_csv_holds_each_epochs_mean_loss_and_step(logged_run: Any) -> None
     assert [(r["strategy"], int(r["experience"]), int(r["epoch"])) for r in rows] == expected
     for name, strategy in made.items():
         capture = next(p for p in strategy.plugins if isinstance(p, Capture))
-        mine = [r for r in rows if r["strategy"] == LABELS[name]]
+        mine = [r for r in rows if r["strategy"] == STRATEGY_REGISTRY.get(name).label]
         step = 0
         for r in mine:
             trained = 0 if name == "joint" else int(r["experience"])
@@ -412,7 +414,8 @@ def test_train_csv_holds_each_epochs_mean_loss_and_step(logged_run: Any) -> None
             assert int(r["step"]) == step and float(r["lr"]) == 2e-2, r
         assert float(mine[-1]["seconds"]) > 0
         metrics = _strict_json((out / "metrics.json").read_text())
-        (result,) = [s for s in metrics["strategies"] if s["name"] == LABELS[name]]
+        (result,) = [s for s in metrics["strategies"] if s["name"] == name]
+        assert result["label"] == STRATEGY_REGISTRY.get(name).label
         assert result["training"] == {"steps": step, "skipped_steps": 0}
 
 
@@ -422,7 +425,7 @@ def test_eval_csv_loss_is_the_cross_entropy_on_each_test_experience(logged_run: 
     import moracl_scenarios  # noqa: F401
     from moracl_scenarios.streams import build_stream
 
-    from moracl.continual.run import LABELS
+    from moracl.continual.strategies import STRATEGY_REGISTRY
     from moracl.continual.strategy import materialize
 
     out, made = logged_run
@@ -438,7 +441,7 @@ def test_eval_csv_loss_is_the_cross_entropy_on_each_test_experience(logged_run: 
             (row,) = [
                 r
                 for r in rows
-                if r["strategy"] == LABELS[name]
+                if r["strategy"] == STRATEGY_REGISTRY.get(name).label
                 and (r["after_experience"], r["eval_experience"]) == ("1", str(j))
             ]
             assert float(row["loss"]) == pytest.approx(direct, rel=1e-6), (name, j)
@@ -450,6 +453,7 @@ def test_a_resumed_run_logs_the_rows_of_an_uninterrupted_one(
     logged_run: Any, tmp_path: Path
 ) -> None:
     from moracl.continual import run as run_module
+    from moracl.jobs.continual import run as run_job
 
     full, _ = logged_run
     out = tmp_path / "run"
@@ -466,14 +470,12 @@ def test_a_resumed_run_logs_the_rows_of_an_uninterrupted_one(
     run_module.build_strategy = build  # type: ignore[assignment]
     try:
         with pytest.raises(KeyboardInterrupt):
-            run_module.run_continual(run_config(out, ["moracl", "naive", "joint"]), progress=False)
+            run_job(run_config(out, ["moracl", "naive", "joint"]), progress=False)
     finally:
         run_module.build_strategy = original  # type: ignore[assignment]
     interrupted = _rows(out / "logs" / "train.csv")
     assert [r["experience"] for r in interrupted].count("1") == 3  # moracl's two, Naive's one
-    run_module.run_continual(
-        run_config(out, ["moracl", "naive", "joint"]), resume=True, progress=False
-    )
+    run_job(run_config(out, ["moracl", "naive", "joint"]), resume=True, progress=False)
 
     def without_seconds(path: Path) -> list[dict[str, str]]:
         return [{k: v for k, v in r.items() if k != "seconds"} for r in _rows(path)]
@@ -520,19 +522,19 @@ def _tiny_adapted() -> tuple[Any, Tensor, Tensor]:
 
 @needs_wordnet_minilm
 def test_finetune_training_stops_at_a_non_finite_loss() -> None:
-    from moracl.finetune import _train
+    from moracl.jobs.finetune import train_model
 
     model, x, y = _tiny_adapted()
     config = _finetune_config("train.lr=1e30", "train.head_lr=1e30")
     with pytest.raises(
         NonFiniteError, match=r"^moracl finetune: adapters \+ head, epoch \d+, step \d+: "
     ):
-        _train(model, 30, lambda idx: {"x": x[idx]}, y, config, "adapters + head", False)
+        train_model(model, lambda idx: {"x": x[idx]}, y, config.train, name="adapters + head")
 
 
 @needs_wordnet_minilm
 def test_finetune_skip_leaves_the_weights_of_a_loop_without_that_step() -> None:
-    from moracl.finetune import _train
+    from moracl.jobs.finetune import train_model
 
     config = _finetune_config("train.on_nonfinite=skip")
     model, x, y = _tiny_adapted()
@@ -546,7 +548,7 @@ def test_finetune_skip_leaves_the_weights_of_a_loop_without_that_step() -> None:
         return {"x": xb}
 
     with pytest.warns(RuntimeWarning, match="skipped 1 of 4 steps"):
-        log = _train(model, 30, batch, y, config, "adapters + head", False)
+        log = train_model(model, batch, y, config.train, name="adapters + head")
     assert (log.steps, log.skipped) == (8, 1)
     assert [e.skipped for e in log.epochs] == [1, 0]
     ours = _trainable(model)
@@ -581,16 +583,16 @@ def test_finetune_skip_leaves_the_weights_of_a_loop_without_that_step() -> None:
 
 @needs_wordnet_minilm
 def test_finetune_logs_each_loops_epochs(tmp_path: Path) -> None:
-    from moracl.finetune import _train, _write_logs
+    from moracl.jobs.finetune import train_model, write_logs
 
     model, x, y = _tiny_adapted()
     config = _finetune_config()
-    log = _train(model, 30, lambda idx: {"x": x[idx]}, y, config, "adapters + head", False)
+    log = train_model(model, lambda idx: {"x": x[idx]}, y, config.train, name="adapters + head")
     (tmp_path / "logs").mkdir()
     (tmp_path / "logs" / "train.csv").write_text(
         "strategy,experience,epoch,step,loss,lr,seconds\nold,0,0,1,1.0,0.1,1.0\n"
     )  # an earlier run's rows in the same folder: replaced
-    _write_logs(tmp_path, {"adapters + head": log})
+    write_logs(tmp_path, {"adapters + head": log})
     rows = _rows(tmp_path / "logs" / "train.csv")
     assert [(r["strategy"], r["epoch"], r["step"]) for r in rows] == [
         ("adapters + head", "0", "4"),
@@ -603,7 +605,7 @@ def test_finetune_logs_each_loops_epochs(tmp_path: Path) -> None:
 @needs_wordnet_minilm
 @pytest.mark.slow
 def test_a_diverging_finetune_stops_and_writes_nothing(tmp_path: Path) -> None:
-    from moracl.finetune import finetune
+    from moracl.jobs.finetune import run as finetune
 
     out = tmp_path / "ft"
     config = _finetune_config(
@@ -641,7 +643,7 @@ class _LinearBody(nn.Module):
 
 
 @pytest.fixture
-def toy_linear(monkeypatch: pytest.MonkeyPatch) -> Callable[[], Any]:
+def toy_linear() -> Iterator[Callable[[], Any]]:
     from moracl_scenarios.fewshot import FEWSHOT
 
     from tests.test_meta_job import toy_fewshot
@@ -649,16 +651,16 @@ def toy_linear(monkeypatch: pytest.MonkeyPatch) -> Callable[[], Any]:
     def make() -> Any:
         return dataclasses.replace(toy_fewshot(), make_body=_LinearBody)
 
-    monkeypatch.setitem(FEWSHOT._items, "toy", make)
     warnings.filterwarnings("ignore", "test.episodes=24 is below")
-    return make
+    with FEWSHOT.temporarily("toy", make):
+        yield make
 
 
 @pytest.mark.parametrize("val_every", [0, 2])
 def test_a_diverging_meta_run_stops_and_writes_nothing(
     toy_linear: Any, tmp_path: Path, val_every: int
 ) -> None:
-    from moracl.meta.run import meta_learn
+    from moracl.jobs.meta import run as meta_learn
     from tests.test_meta_job import tiny_config
 
     out = tmp_path / "meta"
@@ -678,7 +680,7 @@ def test_a_diverging_meta_run_stops_and_writes_nothing(
 def test_meta_test_refuses_to_score_diverged_adaptation(toy_linear: Any, tmp_path: Path) -> None:
     """Skipping every meta-training step keeps the start, but the test-time inner loop still
     diverges: its score is refused, not reported at chance level."""
-    from moracl.meta.run import meta_learn
+    from moracl.jobs.meta import run as meta_learn
     from tests.test_meta_job import tiny_config
 
     out = tmp_path / "meta"
@@ -696,14 +698,14 @@ def test_meta_skip_leaves_the_weights_of_the_step_before(
     toy_linear: Callable[[], Any], sam_rho: float
 ) -> None:
     """A skipped step (in SAM's first or second pass) changes no parameter."""
-    from moracl.meta.run import _algorithm, _train, build_meta_model
+    from moracl.meta.learn import EpisodeShape, build_meta_model, meta_algorithm, meta_train
     from tests.test_meta_job import tiny_config
 
     config = tiny_config(Path("unused"), val_every=0, steps=4, on_nonfinite="skip")
     config.optim = dataclasses.replace(config.optim, sam_rho=sam_rho)
     data = toy_linear()
-    model = build_meta_model(config, data)
-    maml = _algorithm(config, model)
+    model = build_meta_model(data, ways=config.data.ways, adapter=config.adapter, seed=config.seed)
+    maml = meta_algorithm(model, config.meta.algorithm, config.meta.inner_lr)
     passes = 2 if sam_rho else 1
     poisoned = passes * 2  # the last pass of step 2 (SAM: the second one, at w + e)
     starts: list[dict[str, Tensor]] = []
@@ -719,7 +721,16 @@ def test_meta_skip_leaves_the_weights_of_the_step_before(
 
     maml.meta_loss = poisoning  # type: ignore[method-assign]
     with pytest.warns(RuntimeWarning, match="skipped 1 of 4 steps"):
-        _, _, training = _train(config, maml, data, progress=False)
+        _, _, training = meta_train(
+            maml,
+            data,
+            shape=EpisodeShape(3, 2, 3),
+            meta=config.meta,
+            optim=config.optim,
+            seed=config.seed,
+            val_batch=config.test.batch,
+            progress=False,
+        )
     assert training["skipped_steps"] == 1 and training["steps"] == 4
     assert len(starts) == 4
     for name, value in starts[1].items():  # step 2 skipped: step 3 starts where step 2 did

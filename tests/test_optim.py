@@ -845,3 +845,115 @@ def test_deepcopy_keeps_the_chain() -> None:
     assert isinstance(opt2.base_optimizer, SAM) and opt2.sam is opt2.base_optimizer
     assert opt2.param_groups is opt2.base_optimizer.base_optimizer.param_groups
     assert opt2.group("lora_a")["params"][0] is model2.lora.A
+
+
+# -- the guarded step and epoch (moracl.train) --------------------------------------------------
+
+
+def _regression(seed: int = 0) -> tuple[nn.Linear, Tensor, Tensor]:
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    return nn.Linear(4, 3), torch.randn(12, 4, generator=g), torch.randint(0, 3, (12,), generator=g)
+
+
+def test_guarded_epoch_equals_a_plain_loop_without_the_skipped_step() -> None:
+    """``on_nonfinite=skip``: the loop's weights are those of a plain AdamW loop that never
+    took the poisoned step; the record counts and averages the steps taken."""
+    import warnings
+
+    from moracl.guard import StepGuard
+    from moracl.train import guarded_epoch
+
+    model, x, y = _regression()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    batches = [torch.arange(i, i + 4) for i in range(0, 12, 4)]
+
+    def step(idx: Tensor) -> Tensor:
+        xb = x[idx].clone()
+        if int(idx[0]) == 4:  # the second batch's inputs are NaN
+            xb[0, 0] = math.nan
+        loss = F.cross_entropy(model(xb), y[idx])
+        loss.backward()
+        return loss
+
+    guard = StepGuard("skip")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        record = guarded_epoch(
+            step, batches, optimizer=opt, params=list(model.parameters()), guard=guard,
+            where="toy, epoch 0", named=model.named_parameters,
+        )  # fmt: skip
+    assert any("skipped 1 of 3 steps" in str(w.message) for w in caught)
+    ref, _, _ = _regression()
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=0.1)
+    losses = []
+    for idx in (batches[0], batches[2]):
+        loss = F.cross_entropy(ref(x[idx]), y[idx])
+        ref_opt.zero_grad()
+        loss.backward()
+        ref_opt.step()
+        losses.append(float(loss.detach()))
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        assert torch.equal(p, q), name
+    assert (record.steps, record.skipped, record.step) == (3, 1, 3)
+    assert [s for s, _ in record.step_losses] == [1, 3]
+    assert record.loss == pytest.approx(sum(losses) / 2, rel=1e-6)
+    assert record.lr == 0.1
+
+
+def test_guarded_epoch_stops_naming_the_step() -> None:
+    from moracl.guard import NonFiniteError, StepGuard
+    from moracl.train import guarded_epoch
+
+    model, x, y = _regression()
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def step(idx: Tensor) -> Tensor:
+        loss = F.cross_entropy(model(x[idx]), y[idx]) * (math.inf if int(idx[0]) else 1.0)
+        loss.backward()
+        return loss
+
+    with pytest.raises(NonFiniteError, match=r"^toy, epoch 2, step 1: the training loss is inf"):
+        guarded_epoch(
+            step, [torch.arange(0, 6), torch.arange(6, 12)], optimizer=opt,
+            params=list(model.parameters()), guard=StepGuard("stop"), where="toy, epoch 2",
+        )  # fmt: skip
+    # the first step was taken, the second refused before its update
+    assert all(not torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("wrapped", [True, False])
+def test_guarded_step_skipped_in_sams_second_pass_leaves_the_weights(wrapped: bool) -> None:
+    """A SAM step whose second pass (at w + e) is non-finite is skipped: the weights are
+    back at w, unchanged, and the next step equals a fresh optimiser's first step."""
+    from moracl.guard import StepGuard
+    from moracl.train import guarded_step
+
+    model, x, y = _regression()
+    params = list(model.parameters())
+    if wrapped:
+        opt: torch.optim.Optimizer = MoRAOptimizer(
+            model, base="sgd", lr=0.1, sam=SAMConfig(rho=0.05)
+        )
+    else:
+        opt = SAM(torch.optim.SGD(params, lr=0.1), rho=0.05)
+    before = [p.detach().clone() for p in params]
+    calls = {"n": 0}
+
+    def step() -> Tensor:
+        calls["n"] += 1
+        loss = F.cross_entropy(model(x), y) * (math.nan if calls["n"] == 2 else 1.0)
+        loss.backward()
+        return loss
+
+    guard = StepGuard("skip")
+    assert guarded_step(step, optimizer=opt, params=params, guard=guard, where="toy") is None
+    assert calls["n"] == 2 and guard.skipped == 1
+    assert "SAM's second pass" in guard.last_skip
+    for p, b in zip(params, before):
+        assert torch.equal(p, b)
+    value = guarded_step(step, optimizer=opt, params=params, guard=guard, where="toy")
+    assert value == pytest.approx(float(F.cross_entropy(nn.functional.linear(x, *before), y)))
+    assert any(not torch.equal(p, b) for p, b in zip(params, before))

@@ -158,7 +158,7 @@ def test_task_masks_apply_per_row_and_per_token_ids_are_refused() -> None:
 def test_config_errors_and_round_trip() -> None:
     with pytest.raises(ValueError, match=r"per must be one of \['token', 'sample'\], got 'row'"):
         RouterConfig(per="row")
-    with pytest.raises(ValueError, match="task router reads no input"):
+    with pytest.raises(ValueError, match=r"\['per'\] for the task router; valid keys"):
         RouterConfig(type="task", num_tasks=2, per="sample")
     with pytest.raises(ValueError, match="inner.per='sample'.*outermost"):
         RouterConfig(type="hierarchical", groups=2, inner={"type": "topk", "per": "sample"})

@@ -12,7 +12,7 @@ from torch import nn
 pytest.importorskip("avalanche")
 
 from moracl import AdapterConfig, MoRAModel
-from moracl.continual.config import ExpertsConfig
+from moracl.continual.config import ExpertsConfig, LearnedRouting
 from moracl.continual.model import ContinualClassifier
 from moracl.continual.strategy import GrowthConfig, grow_experts, routing_supervision_loss
 from moracl.experts.mixture import MixtureConfig
@@ -65,10 +65,10 @@ def test_the_loss_is_minus_log_the_router_mass_on_the_rows_experience(per_experi
 
 
 def test_bad_settings_are_refused() -> None:
-    with pytest.raises(ValueError, match="experts.route_supervision must be a finite number >= 0"):
-        ExpertsConfig(route_supervision=-0.5)
-    with pytest.raises(ValueError, match="experts.route_supervision must be a finite number"):
-        ExpertsConfig(route_supervision=float("nan"))
+    with pytest.raises(ValueError, match="supervision must be a finite number >= 0, got -0.5"):
+        ExpertsConfig(routing=LearnedRouting(supervision=-0.5))
+    with pytest.raises(ValueError, match="supervision must be a finite number"):
+        ExpertsConfig(routing={"mode": "learned", "supervision": float("nan")})  # type: ignore[arg-type]
     shared = ContinualClassifier(nn.Linear(4, 4), 4, [[0, 1], [1, 2]], multi_head=False)
     with pytest.raises(ValueError, match="class 1 is learned in experiences 0 and 1"):
         shared.class_experience()
@@ -76,15 +76,15 @@ def test_bad_settings_are_refused() -> None:
 
 def test_a_task_incremental_run_refuses_route_supervision(tmp_path) -> None:  # type: ignore[no-untyped-def]
     from moracl.config import load_config
-    from moracl.continual.run import build_strategy
+    from moracl.continual.strategies import build_strategy
 
     cfg = load_config(
         CONFIGS / "split_fashion.yaml",
-        ["experts.route_supervision=1.0", f"output_dir={tmp_path}"],
+        ["experts.routing={mode: learned, supervision: 1.0}", f"output_dir={tmp_path}"],
     )
     model = _grown_model(1)
     model.multi_head = True
-    with pytest.raises(ValueError, match=r"experts.route_supervision=1.0 teaches routing"):
+    with pytest.raises(ValueError, match=r"experts.routing.supervision=1.0 teaches routing"):
         build_strategy("moracl", cfg, model, torch.device("cpu"))  # type: ignore[arg-type]
 
 
@@ -112,15 +112,13 @@ def test_supervised_routing_keeps_the_rows_in_batch_order(weight: float, buckets
     from moracl_scenarios.streams import Setting
 
     from moracl.config import load_config
-    from moracl.continual.run import build_model
+    from moracl.continual.factory import build_model
 
     cfg = load_config(
         CONFIGS / "wordnet_domains.yaml",
         [
             "scenario.setting=class",
-            "experts.task_inference=router",
-            "experts.router=topk",
-            f"experts.route_supervision={weight}",
+            f"experts.routing={{mode: learned, supervision: {weight}}}",
         ],
     )
     info = SimpleNamespace(setting=Setting.CLASS, experience_classes=((0, 1), (2, 3)))
@@ -143,20 +141,19 @@ def test_per_sample_routing_reaches_the_routers_and_refuses_task_routing() -> No
     from moracl_scenarios.streams import Setting
 
     from moracl.config import load_config
-    from moracl.continual.run import build_model
+    from moracl.continual.factory import build_model
 
     info = SimpleNamespace(setting=Setting.CLASS, experience_classes=((0, 1), (2, 3)))
     cfg = load_config(
         CONFIGS / "wordnet_domains.yaml",
-        ["scenario.setting=class", "experts.task_inference=router", "experts.route_per=sample"],
+        ["scenario.setting=class", "experts.routing={mode: learned, per: sample}"],
     )
     model = build_model("moracl", cfg, _Bucketing(), info)
     routers = [m.router.config for _, m in model.encoder.mixtures()]
     assert routers and all(r.type == "topk" and r.per == "sample" for r in routers)
-    cfg = load_config(CONFIGS / "wordnet_domains.yaml", ["experts.route_per=sample"])
-    task = SimpleNamespace(setting=Setting.TASK, experience_classes=((0, 1), (2, 3)))
-    with pytest.raises(ValueError, match="experts.route_per='sample' applies to topk routing"):
-        build_model("moracl", cfg, _Bucketing(), task)
+    # per applies to learned routers only: routing by task has no such key
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['per'\] for the auto routing mode"):
+        load_config(CONFIGS / "wordnet_domains.yaml", ["experts.routing.per=sample"])
 
 
 def test_teacher_forcing_routes_training_rows_by_experience_and_evaluation_by_router() -> None:
@@ -185,9 +182,8 @@ def test_teacher_forcing_routes_training_rows_by_experience_and_evaluation_by_ro
     rows = torch.tensor([0, 1, 2, 2, 1, 0])
     owner = expert_experience(next(iter(encoder.mixtures()))[1])  # (6,) the same per layer
     own = owner[None, :] == rows.repeat_interleave(3)[:, None]  # (18 tokens, 6 experts)
-    model.forced_routes = rows
-    model(x, torch.zeros(6, dtype=torch.long))
-    model.forced_routes = None
+    with model.forced_routes(rows):
+        model(x, torch.zeros(6, dtype=torch.long))
     for path, routed in encoder.last_routing.items():
         assert bool((routed.chosen <= own).all()) and bool(routed.chosen.any(-1).all()), path
     loss = float(routing_supervision_loss(encoder, rows).detach())
@@ -196,8 +192,8 @@ def test_teacher_forcing_routes_training_rows_by_experience_and_evaluation_by_ro
     assert any(not bool((r.chosen <= own).all()) for r in encoder.last_routing.values())
     with pytest.raises(ValueError, match="set route_supervision > 0"):
         MoRAStrategy(model=model, optimizer_factory=sgd, growth=growth, teacher_forcing=True)
-    with pytest.raises(ValueError, match="experts.teacher_forcing routes training rows"):
-        ExpertsConfig(teacher_forcing=True)
+    with pytest.raises(ValueError, match="teacher_forcing routes training rows by their"):
+        ExpertsConfig(routing=LearnedRouting(teacher_forcing=True))
 
 
 def test_domain_incremental_rows_are_labelled_with_their_experience() -> None:
@@ -245,7 +241,7 @@ def test_domain_incremental_rows_are_labelled_with_their_experience() -> None:
 def test_a_teacher_forced_domain_incremental_run_resumes_exactly(tmp_path) -> None:  # type: ignore[no-untyped-def]
     from moracl.config import from_dict
     from moracl.continual.config import RunConfig
-    from moracl.continual.run import run_continual
+    from moracl.jobs.continual import run as run_continual
 
     def config(out: str) -> RunConfig:
         data = {
@@ -256,12 +252,9 @@ def test_a_teacher_forced_domain_incremental_run_resumes_exactly(tmp_path) -> No
             },
             "experts": {
                 "per_experience": 2,
-                "k": 2,
                 "rank": 2,
-                "router": "topk",
+                "routing": {"mode": "learned", "k": 2, "supervision": 1.0, "teacher_forcing": True},
                 "replay_size": 20,
-                "route_supervision": 1.0,
-                "teacher_forcing": True,
             },
             "strategies": ["moracl"],
             "train": {"epochs": 1, "batch_size": 16},
@@ -272,7 +265,7 @@ def test_a_teacher_forced_domain_incremental_run_resumes_exactly(tmp_path) -> No
     full = run_continual(config("full"), progress=False)
     run_continual(config("resumed"), progress=False, stop_after=1)
     resumed = run_continual(config("resumed"), progress=False, resume=True)
-    name = "moracl (experts)"
+    name = "moracl"
     assert resumed.strategies[name].matrix == full.strategies[name].matrix
     routing = full.strategies[name].routing
     assert routing is not None and routing.task_inference_accuracy is not None

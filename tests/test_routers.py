@@ -16,6 +16,7 @@ from moracl.experts import (
     HierarchicalRouter,
     Router,
     RouterConfig,
+    RouterType,
     RoutingResult,
     TaskRouter,
     build_router,
@@ -68,8 +69,9 @@ def _call(router: Router, x: torch.Tensor) -> RoutingResult:
     return router(x, task_ids=_task_ids(x.shape[0], 2) if _needs_tasks(router) else None)
 
 
-def test_every_registered_router_is_in_the_table() -> None:
-    assert {c["type"] for c in CONFIGS} == set(ROUTERS.names())
+def test_every_built_in_router_is_in_the_table() -> None:
+    # routers registered from outside (test_extending.py) have tests of their own
+    assert {c["type"] for c in CONFIGS} == {t.value for t in RouterType} <= set(ROUTERS.names())
 
 
 # -- properties every router has -------------------------------------------------------------
@@ -389,12 +391,16 @@ def test_hierarchical_grows_by_whole_groups() -> None:
     [
         (lambda: build_router(RouterConfig(k=3), D, 2), r"k=3 .*number of experts \(2\)"),
         (lambda: RouterConfig(type="nope"), r"unknown router 'nope'; expected one of \["),
-        (lambda: RouterConfig.from_dict({"kk": 1}), r"\['kk'\]; valid keys: \["),
+        (
+            lambda: RouterConfig.from_dict({"kk": 1}),
+            r"\['kk'\] for the topk router; valid keys: \[",
+        ),
         (lambda: RouterConfig(k=0), "k must be an integer >= 1, got 0"),
-        (lambda: RouterConfig(top_p=1.5), "top_p must be in"),
+        (lambda: RouterConfig(type="dynamic", top_p=1.5), "top_p must be in"),
+        (lambda: RouterConfig(top_p=0.5), r"\['top_p'\] for the topk router; valid keys: \["),
         (lambda: RouterConfig(balance_weight=-1.0), "balance_weight"),
-        (lambda: RouterConfig(min_experts=3, max_experts=2), "max_experts=2"),
-        (lambda: RouterConfig(groups=2), "hierarchical router"),
+        (lambda: RouterConfig(type="dynamic", min_experts=3, max_experts=2), "max_experts=2"),
+        (lambda: RouterConfig(groups=2), r"\['groups'\] for the topk router; valid keys"),
         (lambda: RouterConfig(type="task"), "num_tasks >= 1"),
         (lambda: RouterConfig(type="hierarchical"), "groups >= 1"),
         (lambda: RouterConfig(type="hierarchical", groups=2, inner={"k": 0}), "k must be"),
@@ -537,8 +543,8 @@ def test_topk_closed_form_backward_equals_autograd(
     """The fused node's top-k routing (forward, and its backward written out) against
     autograd through :func:`topk_route`, in float64, for each output's gradient alone and
     all together; per-token masks include tokens with fewer than ``k`` allowed experts."""
-    from moracl.experts.route_ops import topk_route_backward, topk_route_forward
-    from moracl.experts.routers.topk import topk_route
+    from moracl.experts.gating import RouteGrads
+    from moracl.experts.routers.topk import topk_route, topk_route_backward, topk_route_forward
 
     gen = torch.Generator().manual_seed(k + 2 * noise + 4 * per_token)
     n, e = 12, 5
@@ -551,7 +557,8 @@ def test_topk_closed_form_backward_equals_autograd(
         allowed[1] = torch.tensor([True, False, False, False, False])  # fewer than k
     want = topk_route(logits, allowed, eps, None, k, normalize)
     with torch.no_grad():
-        got = topk_route_forward(logits, allowed, eps, k, normalize)
+        routed, saved = topk_route_forward(logits, allowed, eps, k, normalize)
+    got = (*routed[:4], None, None, None, None, *routed.aux)
     for i in (0, 1, 8, 9):  # gates, probs, balance, z
         torch.testing.assert_close(
             got[i], want[[0, 1, 4, 5][(0, 1, 8, 9).index(i)]], rtol=0, atol=1e-12
@@ -570,10 +577,8 @@ def test_topk_closed_form_backward_equals_autograd(
         )[0]
         chosen_grads = [grads[j] if j in used else None for j in range(4)]
         with torch.no_grad():
-            mine = topk_route_backward(
-                logits, allowed, eps, got[1], got[3], got[4], got[5], got[6], got[7],
-                *chosen_grads, normalize,
-            )  # fmt: skip
+            route_grads = RouteGrads(chosen_grads[0], chosen_grads[1], tuple(chosen_grads[2:]))
+            mine = topk_route_backward(saved, route_grads, normalize)
         torch.testing.assert_close(mine, ref, rtol=0, atol=1e-12)
 
 

@@ -13,7 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -159,7 +159,7 @@ def test_lock_in_one_process(tmp_path: Path) -> None:
 
 def _tiny_checkpoint(run: Path, experience: int = 1) -> None:
     tensors = {"naive": {"w": torch.arange(6.0).reshape(2, 3)}, "lwf": {"b": torch.ones(3)}}
-    state = {"naive": {"experts_per_token": None}, "lwf": {"lwf": {"expcount": 2}}}
+    state = {"naive": {"experts_per_token": None}, "lwf": {"plugins": {"lwf": {"expcount": 2}}}}
     save_checkpoint(run, experience, tensors, state, {"results": {"note": "tiny"}})
 
 
@@ -297,7 +297,7 @@ def test_report_of_no_run_or_a_busy_run_is_one_line(
 @needs_wordnet_minilm
 def test_finetune_refuses_a_busy_folder_or_earlier_results(tmp_path: Path) -> None:
     from moracl.config import load_config
-    from moracl.finetune import finetune
+    from moracl.jobs.finetune import run as finetune
 
     out = tmp_path / "ft"
     config = load_config(ROOT / "configs" / "wordnet_finetune.yaml", [f"output_dir={out}"])
@@ -314,7 +314,7 @@ def test_finetune_refuses_a_busy_folder_or_earlier_results(tmp_path: Path) -> No
 
 @pytest.mark.usefixtures("toy")
 def test_meta_refuses_to_overwrite_an_earlier_job_or_share_a_busy_folder(tmp_path: Path) -> None:
-    from moracl.meta.run import meta_learn
+    from moracl.jobs.meta import run as meta_learn
     from tests.test_meta_job import tiny_config
 
     out = tmp_path / "meta"
@@ -329,15 +329,16 @@ def test_meta_refuses_to_overwrite_an_earlier_job_or_share_a_busy_folder(tmp_pat
 
 
 @pytest.fixture
-def toy(monkeypatch: pytest.MonkeyPatch) -> None:
+def toy() -> Iterator[None]:
+    import warnings
+
     from moracl_scenarios.fewshot import FEWSHOT
 
     from tests.test_meta_job import toy_fewshot
 
-    monkeypatch.setitem(FEWSHOT._items, "toy", toy_fewshot)
-    import warnings
-
     warnings.filterwarnings("ignore", "test.episodes=24 is below")
+    with FEWSHOT.temporarily("toy", toy_fewshot):
+        yield
 
 
 # -- continual runs ------------------------------------------------------------------------------
@@ -355,7 +356,7 @@ def _config(out: Path) -> Any:
 
 
 def test_a_new_run_into_another_jobs_results_is_refused(tmp_path: Path) -> None:
-    from moracl.continual.run import run_continual
+    from moracl.jobs.continual import run as run_continual
 
     (tmp_path / "metrics.json").write_text('{"result": "of a finetune"}')
     before = _snapshot(tmp_path)
@@ -367,7 +368,7 @@ def test_a_new_run_into_another_jobs_results_is_refused(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A finished run and one interrupted after experience 1 (module-wide, copied by tests)."""
-    from moracl.continual.run import run_continual
+    from moracl.jobs.continual import run as run_continual
 
     base = tmp_path_factory.mktemp("runs")
     run_continual(_config(base / "full"), progress=False)
@@ -433,7 +434,7 @@ def _forge_accuracy(data: dict[str, Any]) -> None:
 
 
 def _drop_lwf(data: dict[str, Any]) -> None:
-    del data["state"]["lwf"]["lwf"]
+    del data["state"]["lwf"]["plugins"]["lwf"]
 
 
 def _skip_ahead(data: dict[str, Any]) -> None:
@@ -499,7 +500,7 @@ def test_a_library_resume_with_another_config_is_refused(
     runs: dict[str, Path], tmp_path: Path
 ) -> None:
     from moracl.continual.resume import ResumeConfigError
-    from moracl.continual.run import run_continual
+    from moracl.jobs.continual import run as run_continual
 
     run = _copy(runs, "part", tmp_path)
     config = _config(run)
@@ -523,6 +524,8 @@ def test_a_library_resume_with_another_config_is_refused(
         ({"experience": 3}, "experience=3 but folder='exp-1'"),
         ({"state_sha256": "0" * 64}, "state.json fails its checksum"),
         ({"format": "moracl.continual.checkpoint/1"}, "did not checksum state.json"),
+        ({"format": "moracl.continual.checkpoint/2"}, "hold Avalanche plugin internals"),
+        ({"format": "moracl.continual.checkpoint/3"}, "has flat routing keys (experts.router"),
     ],
 )
 @needs_fashion_mnist
@@ -665,6 +668,7 @@ import json, os, signal, sys
 import torch
 import moracl.continual.run as run
 from moracl.config import from_dict
+from moracl.jobs.continual import run as run_job
 from moracl.continual.config import RunConfig
 
 config = from_dict(RunConfig, json.loads(sys.argv[1]))
@@ -682,7 +686,7 @@ def save_and_wait(run_dir, experience, *args, **kwargs):
     return folder
 
 run.save_checkpoint = save_and_wait
-run.run_continual(config, progress=False)
+run_job(config, progress=False)
 """
 
 

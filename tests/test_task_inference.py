@@ -163,7 +163,7 @@ def _inferring_classifier() -> tuple[ContinualClassifier, torch.Tensor, torch.Te
         task_inference=inference,
     )
     model.seen[:] = True
-    model.routed_tasks = 2
+    model.route_tasks(2)
     x = torch.randn(64, 4)
     y = torch.randint(0, 4, (64,))
     x = x + 4 * (y[:, None] >= 2)  # experience 1's classes sit elsewhere
@@ -181,8 +181,8 @@ def test_evaluation_routes_by_the_inferred_experience_and_training_by_the_labels
     model.eval()
     zeros = torch.zeros_like(y)
     got = model(x, zeros)  # test rows without task labels
-    assert model.last_inferred is not None
-    inferred = model.last_inferred
+    inferred = model.take_inferred()
+    assert inferred is not None
     assert (inferred == truth).float().mean() > 0.9
     assert 0 < int(inferred.sum()) < len(y)
     by_hand = model.heads[0](model.encoder(x, task_ids=inferred))
@@ -191,13 +191,13 @@ def test_evaluation_routes_by_the_inferred_experience_and_training_by_the_labels
         model.features(x, truth, infer=False), model.encoder(x, task_ids=truth)
     )
     model.train()
-    model.last_inferred = None
+    assert model.take_inferred() is None  # taken above
     torch.testing.assert_close(model(x, truth), model.heads[0](model.encoder(x, task_ids=truth)))
-    assert model.last_inferred is None
+    assert model.take_inferred() is None  # training routes by the labels: nothing inferred
 
 
 def test_evaluation_reports_how_often_the_inferred_experience_is_right() -> None:
-    from moracl.continual.run import evaluate
+    from moracl.continual.evaluation import evaluate
 
     model, x, y = _inferring_classifier()
     tests = [
@@ -223,10 +223,11 @@ def test_a_classifier_without_task_routing_refuses_task_inference() -> None:
 
 
 def test_config_refuses_bad_task_inference_settings() -> None:
-    with pytest.raises(ValueError, match="one of \\['router', 'gaussian'\\], got 'lda'"):
-        ExpertsConfig(task_inference="lda")
-    with pytest.raises(ValueError, match="inference_shrinkage must be in"):
-        ExpertsConfig(task_inference="gaussian", inference_shrinkage=-0.1)
+    auto = {"mode": "auto", "without_task_labels": "lda"}
+    with pytest.raises(ValueError, match="one of \\['learned', 'gaussian'\\], got 'lda'"):
+        ExpertsConfig(routing=auto)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"shrinkage must be a finite number in \[0, 1\]"):
+        ExpertsConfig(routing={"mode": "gaussian", "shrinkage": -0.1})  # type: ignore[arg-type]
 
 
 def _config(out: Path, setting: str = "class", **experts: object) -> RunConfig:
@@ -240,7 +241,7 @@ def _config(out: Path, setting: str = "class", **experts: object) -> RunConfig:
         "experts": {
             "replay_size": 20,
             "balance_head_epochs": 2,
-            "task_inference": "gaussian",
+            "routing": {"mode": "auto", "without_task_labels": "gaussian"},
             **experts,
         },
         "strategies": ["moracl"],
@@ -255,7 +256,7 @@ def test_a_task_incremental_run_routes_by_its_task_labels_with_nothing_to_infer(
     import moracl_scenarios  # noqa: F401
     from moracl_scenarios.streams import build_stream, load_encoder
 
-    from moracl.continual.run import build_model
+    from moracl.continual.factory import build_model
 
     config = _config(Path("unused"), "task")
     stream = build_stream("split-fashion", setting="task", seed=0, per_class=4, test_per_class=2)
@@ -267,11 +268,14 @@ def test_a_task_incremental_run_routes_by_its_task_labels_with_nothing_to_infer(
     assert model.route_by_task and not model.multi_head
     assert isinstance(model.task_inference, GaussianTaskInference)
     assert model.task_inference.experiences == 5 and model.task_inference.classes == 10
-    learned = _config(Path("unused"), "class", route_supervision=1.0, teacher_forcing=True)
-    with pytest.raises(ValueError, match="experts.route_supervision, experts.teacher_forcing"):
-        build_model("moracl", learned, load_encoder(stream.info), stream.info)
+    gaussian = _config(Path("unused"), "class", routing={"mode": "gaussian"})
+    model = build_model("moracl", gaussian, load_encoder(stream.info), stream.info)
+    assert isinstance(model.task_inference, GaussianTaskInference) and model.route_by_task
+    by_task = _config(Path("unused"), "class", routing={"mode": "task"})
+    with pytest.raises(ValueError, match="mode=task routes each row by its task label, but"):
+        build_model("moracl", by_task, load_encoder(stream.info), stream.info)
     # the check is moracl's: a baseline with the same keys builds
-    model = build_model("naive", learned, load_encoder(stream.info), stream.info)
+    model = build_model("naive", by_task, load_encoder(stream.info), stream.info)
     assert not isinstance(model.encoder.adapter_configs["default"], MixtureConfig)
 
 
@@ -282,14 +286,14 @@ def test_a_run_keeps_every_training_rows_statistics_and_resumes_exactly(tmp_path
     from moracl_scenarios.streams import build_stream, load_encoder
 
     from moracl.continual.checkpoint import load_checkpoint
-    from moracl.continual.run import run_continual
     from moracl.continual.strategy import materialize
+    from moracl.jobs.continual import run as run_continual
 
     full = run_continual(_config(tmp_path / "full"), progress=False)
     out = tmp_path / "resumed"
     run_continual(_config(out), progress=False, stop_after=1)
     resumed = run_continual(_config(out), progress=False, resume=True)
-    name = "moracl (experts)"
+    name = "moracl"
     assert resumed.strategies[name].matrix == full.strategies[name].matrix
     routing = full.strategies[name].routing
     assert routing is not None and routing.task_inference_accuracy is not None

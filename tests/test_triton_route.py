@@ -12,8 +12,9 @@ from types import ModuleType
 import pytest
 import torch
 
-from moracl.experts import route_ops
-from moracl.experts.route_ops import topk_gate_backward, topk_gate_forward
+from moracl.experts.backend import routing_backend
+from moracl.experts.gating import RouteGrads
+from moracl.experts.routers.topk import topk_gate_backward, topk_gate_forward
 
 pytest.importorskip("triton")
 
@@ -21,6 +22,12 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"  # the interpreter reads CP
 on_cpu_only = pytest.mark.skipif(
     torch.cuda.is_available(), reason="the CPU layer through interpreted kernels; GPU: see below"
 )
+
+
+def router_ids(task_ids: torch.Tensor):  # type: ignore[no-untyped-def]
+    from moracl.experts.routers.base import TaskIds
+
+    return TaskIds.of(task_ids)
 
 
 @pytest.fixture(scope="module")
@@ -75,8 +82,9 @@ def test_kernels_equal_the_routing_functions_in_float32(
     normalize: bool,
 ) -> None:  # fmt: skip
     zl, er, allowed, eps, grads = _case(n, e, r, noise, per_token, n + e + k, torch.float32)
-    want = topk_gate_forward(zl, er, allowed, eps, k, normalize)
-    zg, gates, probs, chosen, indices, sm, f, lse, zw, balance, z = want
+    zg, routed, saved = topk_gate_forward(zl, er, allowed, eps, k, normalize)
+    gates, probs, chosen, indices, (balance, z) = routed
+    f, lse = saved.route.f, saved.route.lse
     got = kernels.gate_forward(zl, er, allowed, eps, k, normalize)
     assert torch.equal(got.chosen, chosen) and torch.equal(got.indices, indices)
     for mine, ref in [
@@ -86,32 +94,28 @@ def test_kernels_equal_the_routing_functions_in_float32(
         torch.testing.assert_close(mine, ref, rtol=1e-5, atol=1e-6)
     for used in ([0], [0, 1], [0, 2], [0, 3], [0, 4], [0, 1, 2, 3, 4]):
         g = [grads[j] if j in used else None for j in range(5)]
-        ref_zl, ref_zg = topk_gate_backward(
-            g[0], zl, er, gates, allowed, eps, probs, indices, sm, f, lse, zw, *g[1:], normalize
-        )
-        mine_zl, mine_zg = kernels.gate_backward(g[0], zl, er, allowed, eps, got, *g[1:], normalize)
+        route_grads = RouteGrads(g[1], g[2], (g[3], g[4]))
+        ref_zl, ref_zg = topk_gate_backward(saved, g[0], route_grads, normalize)
+        mine_zl, mine_zg = kernels.gate_backward(got, g[0], route_grads)
         torch.testing.assert_close(mine_zl, ref_zl, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(mine_zg, ref_zg, rtol=1e-5, atol=1e-6)
 
 
 def test_kernels_in_bfloat16_round_like_the_routing_functions(kernels: ModuleType) -> None:
     zl, er, allowed, eps, grads = _case(64, 8, 16, True, False, 0, torch.bfloat16)
-    want = topk_gate_forward(zl, er, allowed, eps, 2)
+    want_zg, want, saved = topk_gate_forward(zl, er, allowed, eps, 2)
     got = kernels.gate_forward(zl, er, allowed, eps, 2)
     assert got.zg.dtype == torch.bfloat16 and got.gates.dtype == torch.float32
-    torch.testing.assert_close(got.zg, want[0])  # bf16 tolerances: one rounding step
-    torch.testing.assert_close(got.gates, want[1], rtol=1e-5, atol=1e-6)
-    _zg, gates, probs, _chosen, indices, sm, f, lse, zw, _balance, _z = want
-    ref_zl, _ = topk_gate_backward(
-        grads[0], zl, er, gates, allowed, eps, probs, indices, sm, f, lse, zw, *grads[1:]
-    )
-    mine_zl, _ = kernels.gate_backward(grads[0], zl, er, allowed, eps, got, *grads[1:])
+    torch.testing.assert_close(got.zg, want_zg)  # bf16 tolerances: one rounding step
+    torch.testing.assert_close(got.gates, want.gates, rtol=1e-5, atol=1e-6)
+    route_grads = RouteGrads(grads[1], grads[2], (grads[3], grads[4]))
+    ref_zl, _ = topk_gate_backward(saved, grads[0], route_grads)
+    mine_zl, _ = kernels.gate_backward(got, grads[0], route_grads)
     assert mine_zl.dtype == torch.bfloat16
     # the logits' gradient: the kernel sums ∂zg · za in float32 where the functions round
     # the product to bf16 first, so both are held to float32 math on the same inputs
-    w32 = topk_gate_forward(zl.float(), er, allowed, eps, 2)
-    truth, _ = topk_gate_backward(grads[0].float(), zl.float(), er, *w32[1:2], allowed, eps,
-                                  *w32[2:3], *w32[4:9], *grads[1:])  # fmt: skip
+    _, _, saved32 = topk_gate_forward(zl.float(), er, allowed, eps, 2)
+    truth, _ = topk_gate_backward(saved32, grads[0].float(), route_grads)
     err_mine = (mine_zl[:, er:].float() - truth[:, er:]).abs().max()
     err_ref = (ref_zl[:, er:].float() - truth[:, er:]).abs().max()
     assert err_mine <= 1.5 * err_ref, (err_mine, err_ref)
@@ -121,7 +125,7 @@ def test_kernels_in_bfloat16_round_like_the_routing_functions(kernels: ModuleTyp
 @on_cpu_only
 def test_the_routed_layer_uses_the_kernels_with_the_same_results(
     kernels: ModuleType, monkeypatch: pytest.MonkeyPatch
-) -> None:
+) -> None:  # (the routing functions: the eager backend; the kernels: the triton one)
     """A top-2 mixture's fused node through the kernels (interpreted here, as on CUDA)
     gives the outputs, routing, auxiliary loss and gradients of the routing functions."""
     from moracl import MoRALinear
@@ -150,15 +154,18 @@ def test_the_routed_layer_uses_the_kernels_with_the_same_results(
         grads = torch.autograd.grad((out * g).sum() + 10 * routed.aux_loss, params)
         return out, routed.gates, routed.aux_loss, *grads
 
-    want = step()
+    with routing_backend("eager"):
+        want = step()
     calls = []
+    real = kernels.gate_forward
 
-    def gating(zl: torch.Tensor, er: int, e: int, k: int) -> ModuleType:
-        calls.append((zl.shape, er, e, k))
-        return kernels
+    def gate_forward(zl: torch.Tensor, er: int, allowed, noise, k: int, normalize: bool):  # type: ignore[no-untyped-def]
+        calls.append((zl.shape, er, allowed.shape[-1], k))
+        return real(zl, er, allowed, noise, k, normalize)
 
-    monkeypatch.setattr(route_ops, "_triton_gating", gating)
-    got = step()
+    monkeypatch.setattr(kernels, "gate_forward", gate_forward)
+    with routing_backend("triton"):
+        got = step()
     assert calls == [(torch.Size([33, 24 + 12]), 24, 6, 2)]
     for mine, ref in zip(got, want):
         torch.testing.assert_close(mine, ref, rtol=1e-5, atol=1e-5)
@@ -173,7 +180,7 @@ def test_task_kernels_equal_the_task_router(
 ) -> None:
     """Routing by task through the kernel: the gates and choices of ``TaskRouter.route``,
     the gated activations and their backward of :class:`RouteOp`'s plain forms."""
-    from moracl.experts.route_ops import AutogradRouteOp
+    from moracl.experts.backend import RoutingBackend
     from moracl.experts.routers import build_router
     from moracl.experts.routers.config import RouterConfig
 
@@ -193,11 +200,11 @@ def test_task_kernels_equal_the_task_router(
     )
     torch.testing.assert_close(gates, want.gates, rtol=1e-6, atol=1e-7)
     assert torch.equal(chosen, want.chosen.expand(n, -1))
-    op = AutogradRouteOp(router, task_ids)
+    gating = router.gating(router_ids(task_ids), RoutingBackend.EAGER)  # the plain forms
     with torch.no_grad():
-        ref_zg, *_ = op.forward_gated(za, e * r)
+        ref_zg, _, saved = gating.forward(za, e * r)
         grad_zg = torch.randn(n, e * r, generator=gen).to(DEV)
-        ref_gza, ref_zg2 = op.backward_gated(grad_zg, None, None, ())
+        ref_gza, ref_zg2, _ = gating.backward(saved, grad_zg, RouteGrads(None, None, ()))
     torch.testing.assert_close(zg, ref_zg, rtol=1e-6, atol=1e-7)
     gza, zg2 = kernels.gate_apply_backward(grad_zg, za, gates)
     torch.testing.assert_close(gza, ref_gza, rtol=1e-6, atol=1e-7)
@@ -214,7 +221,6 @@ def test_the_task_routed_layer_uses_the_kernels_with_the_same_results(
     task weights keep the autograd path (the kernels are not used)."""
     from moracl import MoRALinear
     from moracl.experts.mixture import MixtureConfig, RoutingContext
-    from moracl.experts.route_ops import TaskRouteOp
     from moracl.experts.routers.config import RouterConfig
 
     torch.manual_seed(0)
@@ -241,16 +247,19 @@ def test_the_task_routed_layer_uses_the_kernels_with_the_same_results(
         grads = torch.autograd.grad((out * g).sum(), params)
         return out, routed.gates, routed.chosen.expand_as(routed.gates), *grads
 
-    want = step()
+    with routing_backend("eager"):
+        want = step()
     calls = []
+    real = kernels.task_gate_forward
 
-    def spy(self: TaskRouteOp, zl: torch.Tensor, er: int) -> ModuleType | None:
-        calls.append(self.eligible())  # what _kernels checks besides the device
-        return kernels if calls[-1] else None
+    def spy(*args):  # type: ignore[no-untyped-def]
+        calls.append(True)
+        return real(*args)
 
-    monkeypatch.setattr(TaskRouteOp, "_kernels", spy)
-    got = step()
-    assert calls == [weights != "trained"]
+    monkeypatch.setattr(kernels, "task_gate_forward", spy)
+    with routing_backend("triton"):
+        got = step()
+    assert calls == ([True] if weights != "trained" else [])
     for mine, ref in zip(got, want):
         torch.testing.assert_close(mine, ref, rtol=1e-5, atol=1e-6)
 
@@ -263,7 +272,7 @@ def test_cuda_kernels_are_as_accurate_as_the_compiled_functions_and_repeat_bitwi
 ) -> None:
     """On CUDA under bf16 autocast, a top-2 (or task-routed) mixture's outputs, gates,
     auxiliary loss and gradients through the kernels are as close to a float32 plain-autograd
-    reference as the routing without them (``MORACL_TRITON_ROUTING=0``), and two runs of the
+    reference as the routing without them (the ``compiled`` backend), and two runs of the
     kernels give bit-identical results (sums in a fixed order, no atomics)."""
     from moracl import MoRALinear
     from moracl.adapters.fused import plain_autograd
@@ -299,11 +308,12 @@ def test_cuda_kernels_are_as_accurate_as_the_compiled_functions_and_repeat_bitwi
         grads = torch.autograd.grad((out.float() * g).sum() + 10 * routed.aux_loss, params)
         return [t.float() for t in (out, routed.gates, routed.aux_loss, *grads)]
 
-    kernels_a, kernels_b = step(), step()
+    with routing_backend("triton"):
+        kernels_a, kernels_b = step(), step()
     for u, v in zip(kernels_a, kernels_b):
         assert torch.equal(u, v)
-    monkeypatch.setenv("MORACL_TRITON_ROUTING", "0")
-    compiled = step()
+    with routing_backend("compiled"):
+        compiled = step()
     with plain_autograd():
         reference = step(bf16=False)
     for name, mine, other, ref in zip(

@@ -8,6 +8,7 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -105,14 +106,25 @@ def free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def machine(device: torch.device) -> str:
-    """One line naming the machine a table was measured on."""
+def _cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine(device: torch.device | str = "cpu") -> str:
+    """One line naming the machine a table was measured on (the GPU for a CUDA device, else
+    the CPU and torch's thread count), with the torch and Python versions."""
+    device = torch.device(device)
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
-        name = (
-            f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
-        )
+        name = f"{_cpu_name()}, {torch.get_num_threads()} torch threads"
     return f"{name}; torch {torch.__version__}; Python {platform.python_version()}"
 
 

@@ -8,7 +8,7 @@ quality targets checked, and the cost of the training loop.
 
 For each scenario (a config in ``configs/`` and a setting) every strategy of
 :data:`moracl.continual.config.STRATEGIES` runs on the same stream through
-:func:`moracl.continual.run.run_continual`. By default each strategy runs alone in a fresh
+:func:`moracl.jobs.continual.run`. By default each strategy runs alone in a fresh
 process, so that its peak memory (the process's peak resident set, ``ru_maxrss``: Python,
 torch, the stream and the strategy) is its own; the accuracies are the same as in one
 ``moracl run`` of all strategies, because every strategy seeds its own random streams.
@@ -44,9 +44,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from moracl.bench.common import markdown_table, positive_int
+from moracl.bench.common import machine, markdown_table, positive_int
 from moracl.bench.loopcost import LoopCost, measure_loop_cost
-from moracl.continual.config import STRATEGIES, RunConfig
+from moracl.continual.config import STRATEGIES, LearnedRouting, RunConfig
 from moracl.continual.metrics import RunResults
 
 __all__ = [
@@ -65,8 +65,9 @@ __all__ = [
 ]
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-MORACL = "moracl (experts)"
-JOINT = "Joint"
+#: the registry names of moracl and Joint (the keys of ``RunResults.strategies``)
+MORACL = "moracl"
+JOINT = "joint"
 MAX_RATIO = 1.3
 
 
@@ -108,7 +109,6 @@ _CLASS = (
     "experts.replay_size=200",
     "experts.balance_head_epochs=5",
     "experts.per_experience=1",
-    "experts.k=1",
 )
 
 #: ``scenario/setting`` -> how the benchmark runs it.
@@ -186,11 +186,11 @@ def _peak_rss() -> int:
 def _run_alone(config_data: dict[str, Any], threads: int | None) -> tuple[dict[str, Any], int]:
     """Child-process entry: run one config, return its results and the peak RSS."""
     from moracl.config import from_dict
-    from moracl.continual.run import run_continual
+    from moracl.jobs.continual import run
 
     if threads is not None:
         torch.set_num_threads(threads)
-    results = run_continual(from_dict(RunConfig, config_data), progress=False)
+    results = run(from_dict(RunConfig, config_data), progress=False)
     return results.to_dict(), _peak_rss()
 
 
@@ -201,16 +201,16 @@ def run_scenario(
 
     With ``isolate`` each strategy runs alone in a fresh process (``spawn``) and its
     ``peak_memory_bytes`` is that process's peak resident set; otherwise one
-    :func:`run_continual` in this process runs them all (peak memory is then only measured on
-    CUDA).
+    :func:`~moracl.jobs.continual.run` in this process runs them all (peak memory is then
+    only measured on CUDA).
     """
     from moracl.config import to_dict
-    from moracl.continual.run import run_continual
+    from moracl.jobs.continual import run
 
     if not isolate:
         if threads is not None:
             torch.set_num_threads(threads)
-        return run_continual(config, progress=False)
+        return run(config, progress=False)
     merged: RunResults | None = None
     context = multiprocessing.get_context("spawn")
     for name in [s for s in STRATEGIES if s in config.strategies]:
@@ -298,7 +298,7 @@ def check_seed_targets(runs: Sequence[RunResults]) -> list[Target]:
         targets.append(
             Target(
                 "ACC >= best baseline (not Joint)",
-                f"{_pts(acc)} vs {best} {_pts(means[best])}{extra}",
+                f"{_pts(acc)} vs {runs[0].strategies[best].label} {_pts(means[best])}{extra}",
                 acc >= means[best],
             )
         )
@@ -331,7 +331,7 @@ def seed_table(runs: Sequence[RunResults]) -> str:
         matrices = [r.strategies[name].matrix for r in runs]
         rows.append(
             [
-                name,
+                runs[0].strategies[name].label,
                 _spread([m.acc() for m in matrices]),
                 _spread([m.bwt() for m in matrices]),
                 _spread([m.forgetting() for m in matrices]),
@@ -355,11 +355,11 @@ def scenario_table(results: RunResults) -> str:
     targets, each met or not met."""
     header = ["strategy", "ACC", "BWT", "forgetting", "trainable %", "wall s", "peak memory"]
     rows = []
-    for name, s in results.strategies.items():
+    for s in results.strategies.values():
         m = s.matrix
         rows.append(
             [
-                name,
+                s.label,
                 _pts(m.acc()),
                 _pts(m.bwt()),
                 _pts(m.forgetting()),
@@ -406,23 +406,25 @@ def loop_cost(
     import moracl_scenarios  # noqa: F401  (registers the streams and encoders)
     from moracl_scenarios.streams import build_stream, load_encoder
 
+    from moracl.continual.factory import build_model, optimizer_factory
     from moracl.continual.plugins import TaskStatisticsPlugin
-    from moracl.continual.run import _optimizer_factory, build_model, build_strategy
+    from moracl.continual.strategies import build_strategy
 
     # no replay: the warm-up run would fill the buffer, and the template's timed runs would
     # then train on more examples than the plain loop; no routing supervision: the plain loop's
     # loss is the cross-entropy plus the routers' auxiliary loss, and the template's must be too
-    experts = replace(
-        config.experts,
-        replay_size=0,
-        balance_head_epochs=0,
-        balance_router_epochs=0,
-        route_supervision=0.0,
-        teacher_forcing=False,
-    )
+    routing = config.experts.routing
+    if isinstance(routing, LearnedRouting):
+        routing = routing.replace(supervision=0.0, teacher_forcing=False, balance_epochs=0)
+    experts = replace(config.experts, replay_size=0, balance_head_epochs=0, routing=routing)
     config = replace(config, experts=experts)
     sc = config.scenario
-    stream = build_stream(sc.name, setting=sc.setting, seed=config.train.seed, **sc.options)
+    stream = build_stream(
+        sc.name,
+        setting=None if sc.setting is None else sc.setting.value,
+        seed=config.train.seed,
+        **sc.options,
+    )
     torch.manual_seed(config.train.seed)
     encoder = TinyMLP().requires_grad_(False) if tiny_mlp else load_encoder(stream.info)
     model = build_model("moracl", config, encoder, stream.info)
@@ -432,7 +434,7 @@ def loop_cost(
     strategy.plugins = [p for p in strategy.plugins if not isinstance(p, TaskStatisticsPlugin)]
     first = next(iter(stream.benchmark.train_stream))
     return measure_loop_cost(
-        name, strategy, first, optimizer_factory=_optimizer_factory(config), repeats=repeats
+        name, strategy, first, optimizer_factory=optimizer_factory(config), repeats=repeats
     )
 
 
@@ -466,23 +468,6 @@ def loop_cost_table(rows: Sequence[LoopCost]) -> str:
 
 
 # -- command line ---------------------------------------------------------------------------
-
-
-def _machine() -> str:
-    import platform
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (
-        f"{cpu}, {torch.get_num_threads()} torch threads; torch {torch.__version__}; "
-        f"Python {platform.python_version()}"
-    )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -528,8 +513,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     out = Path(args.output_dir or tempfile.mkdtemp(prefix="moracl-bench-continual-"))
-    print(f"machine: {_machine()}\n")
-    report: dict[str, Any] = {"machine": _machine(), "quick": args.quick, "scenarios": {}}
+    print(f"machine: {machine()}\n")
+    report: dict[str, Any] = {"machine": machine(), "quick": args.quick, "scenarios": {}}
     configs: dict[str, RunConfig] = {}
     for key in args.scenarios:
         runs = []

@@ -30,6 +30,7 @@ from moracl.bench.common import (
     markdown_table,
     time_steps,
 )
+from moracl.files import write_atomic
 
 METHODS = [
     "floor",
@@ -46,13 +47,10 @@ METHODS = [
 ]
 
 
-def _no_fused(*args: Any) -> None:
-    return None
-
-
 def _wrap(method: str, base: nn.Module, rank: int) -> nn.Module:
-    from moracl import LoRAConfig, MoRAModel
-    from moracl.experts.mixture import MixtureConfig
+    from moracl import AdapterConfig, LoRAConfig, MoRAModel
+    from moracl.experts.backend import RoutingBackend
+    from moracl.experts.mixture import ExpertGroup, MixtureConfig
     from moracl.experts.routers.config import RouterConfig
 
     if method == "floor":
@@ -76,14 +74,11 @@ def _wrap(method: str, base: nn.Module, rank: int) -> nn.Module:
         "hierarchical-2x4": RouterConfig(type="hierarchical", groups=2, k=2),
     }
     kind = "mora" if method.startswith("mora") else "lora"
-    options = {} if kind == "mora" else {"alpha": 2 * rank}
-    cfg = MixtureConfig(kind=kind, rank=rank, experts=8, router=routers[method], options=options)
-    model = MoRAModel(base, cfg, target_modules=PROJECTIONS)
-    if method.startswith("naive"):
-        for _, mixture in model.mixtures():
-            mixture.mix = mixture.naive_delta  # type: ignore[method-assign]
-            mixture.fused_forward = _no_fused  # type: ignore[method-assign,assignment]
-    return model
+    options = {} if kind == "mora" else {"alpha": 2.0 * rank}
+    expert = AdapterConfig.from_dict({"kind": kind, "rank": rank, **options})
+    backend = RoutingBackend.NAIVE if method.startswith("naive") else RoutingBackend.AUTO
+    cfg = MixtureConfig(router=routers[method], groups=(ExpertGroup(expert, 8),), backend=backend)
+    return MoRAModel(base, cfg, target_modules=PROJECTIONS)
 
 
 def make_step(
@@ -173,8 +168,9 @@ def run(
         del step, params
     ref = {r["method"]: float(r["ms"]) for r in results}
     for r in results:
-        r["x_floor"] = float(r["ms"]) / ref["floor"] if "floor" in ref else float("nan")
-        r["x_lora"] = float(r["ms"]) / ref["lora-r16"] if "lora-r16" in ref else float("nan")
+        # None where the reference method was not run (the table prints a dash)
+        r["x_floor"] = float(r["ms"]) / ref["floor"] if "floor" in ref else None
+        r["x_lora"] = float(r["ms"]) / ref["lora-r16"] if "lora-r16" in ref else None
         r["tokens_per_s"] = shape.tokens / (float(r["ms"]) / 1e3)
     return results
 
@@ -197,7 +193,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0,
         metavar="ROUNDS",
         help="A/B the Triton routing kernels: ROUNDS rounds of every method without them "
-        "(MORACL_TRITON_ROUTING=0), then with them, in this process",
+        "(routing backend 'compiled'), then with them ('triton'), in this process",
     )
     args: argparse.Namespace = parser.parse_args(argv)
     device, _ = device_and_size(args)
@@ -224,8 +220,8 @@ def main(argv: list[str] | None = None) -> int:
         [
             r["method"],
             f"{r['ms']:.1f}",
-            f"{r['x_floor']:.2f}",
-            f"{r['x_lora']:.2f}",
+            "—" if r["x_floor"] is None else f"{r['x_floor']:.2f}",
+            "—" if r["x_lora"] is None else f"{r['x_lora']:.2f}",
             f"{r['tokens_per_s']:,.0f}",
             f"{r['peak_gib']:.2f}",
             f"{r['trainable']:,}",
@@ -239,31 +235,28 @@ def main(argv: list[str] | None = None) -> int:
         )
     )
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"size": size, "device": machine(device), "results": results}, fh, indent=2)
+        report = {"size": size, "device": machine(device), "results": results}
+        write_atomic(args.json, json.dumps(report, indent=2, allow_nan=False))
     return 0
 
 
 def _kernels_ab(size: str, methods: list[str], args: Any, device: torch.device) -> int:
-    """Alternate rounds without and with the Triton routing kernels; print ms per step."""
-    import os
+    """Alternate rounds without and with the Triton routing kernels (the routing backends
+    ``compiled`` and ``triton``); print ms per step."""
+    from moracl.experts.backend import RoutingBackend, routing_backend
 
     rows = []
-    saved = os.environ.get("MORACL_TRITON_ROUTING")
-    try:
-        for round_ in range(args.kernels_ab):
-            for flag, label in (("0", "without"), ("1", "with")):
-                os.environ["MORACL_TRITON_ROUTING"] = flag
+    for round_ in range(args.kernels_ab):
+        for backend, label in (
+            (RoutingBackend.COMPILED, "without"),
+            (RoutingBackend.TRITON, "with"),
+        ):
+            with routing_backend(backend):
                 for r in run(
                     size, methods, args.rank, args.steps, args.warmup, device, args.compile,
                     args.graphs,
                 ):  # fmt: skip
                     rows.append([str(round_ + 1), r["method"], label, f"{r['ms']:.2f}"])
-    finally:
-        if saved is None:
-            os.environ.pop("MORACL_TRITON_ROUTING", None)
-        else:
-            os.environ["MORACL_TRITON_ROUTING"] = saved
     print(f"\n### routing kernels A/B, size {size}\n{machine(device)}\n")
     print(markdown_table(["round", "method", "kernels", "ms/step"], rows))
     return 0

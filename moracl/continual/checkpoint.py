@@ -4,9 +4,11 @@ leaves a broken checkpoint behind and read so that nothing unverified is used.
 
 Layout of ``RUN_DIR/checkpoints/``:
 
-- ``exp-<i>/<strategy>.safetensors``: a strategy's tensors after experience ``i``;
+- ``exp-<i>/<strategy>.safetensors``: a strategy's tensors after experience ``i`` (its model's
+  trained tensors, and each checkpointed plugin's under ``plugins.<state key>.``);
 - ``exp-<i>/state.json``: the folder's manifest: ``experience`` (``i``), ``files`` (strategy
-  name -> SHA-256 of its safetensors file), ``state`` (per strategy, JSON-able plugin state)
+  name -> SHA-256 of its safetensors file), ``state`` (per strategy, JSON-able: step counts,
+  ``plugins``, each checkpointed plugin's values by its state key)
   and ``meta`` (the run's results so far, with its config);
 - ``latest.json``: ``folder`` (``exp-<i>``), ``experience`` and ``state_sha256``, the SHA-256
   of that folder's ``state.json``; replaced atomically once the folder is complete, after
@@ -59,7 +61,7 @@ __all__ = [
     "tensors_equal",
 ]
 
-CHECKPOINT_FORMAT = "moracl.continual.checkpoint/2"
+CHECKPOINT_FORMAT = "moracl.continual.checkpoint/4"
 STATE_FILE = "state.json"
 LATEST_FILE = "latest.json"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")  # a strategy name: no separator, no dot
@@ -248,6 +250,19 @@ def _format(data: dict[str, Any], path: Path) -> None:
     found = data.get("format")
     if found == CHECKPOINT_FORMAT:
         return
+    if found == "moracl.continual.checkpoint/3":
+        raise CheckpointError(
+            f"{path} was written by an earlier moracl (format {found!r}) whose saved config "
+            f"has flat routing keys (experts.router, experts.k, ...) and whose results are keyed "
+            f"by display label; resume it with that version, or start a new run in another "
+            f"output_dir"
+        )
+    if found == "moracl.continual.checkpoint/2":
+        raise CheckpointError(
+            f"{path} was written by an earlier moracl (format {found!r}) whose checkpoints hold "
+            f"Avalanche plugin internals instead of each plugin's own state; resume it with "
+            f"that version, or start a new run in another output_dir"
+        )
     if found == "moracl.continual.checkpoint/1":
         raise CheckpointError(
             f"{path} was written by an earlier moracl (format {found!r}) that did not checksum "

@@ -2,30 +2,64 @@
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from enum import Enum
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
+from moracl import parse_fields
 from moracl.adapters.base import AdapterConfig
 from moracl.distributed import DistributedConfig
+from moracl.experts.routers.config import RoutePer
 from moracl.guard import OnNonFinite, check_int, check_number, parse_on_nonfinite
+from moracl.parse_fields import check_field_types, check_string_keys
 
 __all__ = [
+    "MOVED_KEYS",
     "SEED_MAX",
-    "SETTINGS",
     "STRATEGIES",
+    "AutoRouting",
     "BaselinesConfig",
     "ContinualTrainConfig",
     "ExpertsConfig",
+    "GaussianRouting",
+    "LearnedRouting",
+    "RoutePer",
+    "RoutingMode",
+    "RoutingModeName",
     "RunConfig",
     "ScenarioConfig",
+    "Setting",
+    "TaskRouting",
+    "WithoutTaskLabels",
     "check_routing",
-    "router_kind",
 ]
 
-#: strategy names a run may list, in the order runs report them
+#: strategy names a run may list, in the order runs report them (the names of
+#: :data:`moracl.continual.strategies.STRATEGY_REGISTRY`)
 STRATEGIES = ("moracl", "naive", "ewc", "lwf", "replay", "joint")
-#: the continual settings a scenario may have (``moracl_scenarios.streams.Setting``'s values)
-SETTINGS = ("task", "class", "domain")
+
+
+class _Choice(str, Enum):
+    """A choice of the config: a ``str`` (YAML strings read as members) that prints as its
+    value, so ``f"scenario.setting={setting}"`` gives a valid override."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self.value), spec)
+
+
+class Setting(_Choice):
+    """The continual setting of a stream: which labels test rows carry."""
+
+    TASK = "task"  # task labels at test time: one head per task
+    CLASS = "class"  # no task labels; each class in one experience
+    DOMAIN = "domain"  # no task labels; every experience has the same classes
+
+
 #: the largest seed a config takes (seeds go to torch, numpy and Python generators alike)
 SEED_MAX = 2**32 - 1
 
@@ -35,7 +69,7 @@ class ScenarioConfig:
     """Which stream to learn (a name registered in ``moracl_scenarios.SCENARIOS``)."""
 
     name: str = field(default="wordnet-domains", metadata={"help": "registered scenario name"})
-    setting: str | None = field(
+    setting: Setting | None = field(
         default=None, metadata={"help": "task, class or domain (None: the scenario's default)"}
     )
     options: dict[str, Any] = field(
@@ -45,42 +79,338 @@ class ScenarioConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"scenario.name must be a scenario name, got {self.name!r}")
-        if self.setting is not None and self.setting not in SETTINGS:
-            raise ValueError(
-                f"scenario.setting must be one of {list(SETTINGS)} or null (the scenario's "
-                f"default), got {self.setting!r}"
-            )
+        if self.setting is not None and not isinstance(self.setting, Setting):
+            try:
+                self.setting = Setting(self.setting)
+            except ValueError:
+                raise ValueError(
+                    f"scenario.setting must be one of {[s.value for s in Setting]} or null "
+                    f"(the scenario's default), got {self.setting!r}"
+                ) from None
         if not isinstance(self.options, dict) or not all(isinstance(k, str) for k in self.options):
             raise ValueError(
                 f"scenario.options must map option names to values, got {self.options!r}"
             )
 
 
+class RoutingModeName(_Choice):
+    """The tag of ``experts.routing``: which routing variant a run uses."""
+
+    AUTO = "auto"  # by task with task labels, else as without_task_labels says
+    TASK = "task"  # by task id: each task owns its experts
+    LEARNED = "learned"  # learned top-k routers
+    GAUSSIAN = "gaussian"  # by the experience gaussian task inference picks
+
+
+class WithoutTaskLabels(_Choice):
+    """How ``mode: auto`` routes rows that carry no task label."""
+
+    LEARNED = "learned"  # learned top-k routers (one expert per token)
+    GAUSSIAN = "gaussian"  # gaussian task inference
+
+
+def _choice(enum: type[Enum], key: str, value: object) -> Any:
+    """``value`` as a member of ``enum``, or ``ValueError`` naming ``key`` and the choices."""
+    try:
+        return enum(value)
+    except ValueError:
+        raise ValueError(f"{key} must be one of {[m.value for m in enum]}, got {value!r}") from None
+
+
+def _check_flag(key: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{key} must be true or false, got {value!r}")
+
+
+def _set_number(config: object, key: str, **bounds: float) -> None:
+    """Check the number field ``key`` of a frozen ``config`` and store it as a float."""
+    object.__setattr__(config, key, check_number(key, getattr(config, key), **bounds))
+
+
+R = TypeVar("R", bound="RoutingMode")
+
+
+@dataclass(frozen=True)
+class RoutingMode:
+    """How moracl's mixtures route (``experts.routing``): one frozen variant per ``mode``.
+
+    ``RoutingMode(mode="learned", k=2)`` returns a :class:`LearnedRouting`, as
+    ``AdapterConfig(kind=...)`` does for adapters; each variant has only the fields it reads,
+    so a key of another variant (``k`` under ``mode: auto``) is refused with the valid keys.
+    :meth:`resolve` turns a variant into the routing of a run with or without task labels.
+
+    Args:
+        mode: the variant (:class:`RoutingModeName`; default ``auto``).
+    """
+
+    mode: RoutingModeName = RoutingModeName.AUTO
+
+    _modes: ClassVar[dict[RoutingModeName, type[RoutingMode]]] = {}
+
+    if TYPE_CHECKING:  # the variant's fields, as keywords (the dataclass makes __init__)
+
+        def __init__(self, *, mode: RoutingModeName | str = ..., **fields: Any) -> None: ...
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> RoutingMode:
+        if args:
+            raise TypeError("RoutingMode takes keyword arguments only")
+        if cls is RoutingMode:
+            cls = cls.variant(kwargs.get("mode", RoutingModeName.AUTO))
+        cls.check_keys(kwargs)
+        return super().__new__(cls)
+
+    @classmethod
+    def variant(cls, mode: object) -> type[RoutingMode]:
+        """The class of routing mode ``mode``; ``ValueError`` listing the modes."""
+        name = _choice(RoutingModeName, "mode", mode)
+        return cls._modes[name]
+
+    @classmethod
+    def check_keys(cls, data: Mapping[str, Any]) -> None:
+        """``ValueError`` for keys that are not fields of this mode's config."""
+        valid = sorted(f.name for f in dataclasses.fields(cls))
+        unknown = sorted(set(data) - set(valid), key=repr)
+        if unknown:
+            mode = _mode_of(cls)
+            what = f"the {mode.value} routing mode" if mode is not None else "a routing mode"
+            raise ValueError(f"unknown key(s) {unknown} for {what}; valid keys: {valid}")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mode", _choice(RoutingModeName, "mode", self.mode))
+        expected = _mode_of(type(self))
+        if expected is None:
+            raise TypeError("RoutingMode is a family: build a variant with RoutingMode(mode=...)")
+        if self.mode is not expected:
+            raise ValueError(
+                f"{type(self).__name__} has mode {expected.value!r}, got {self.mode!r}"
+            )
+
+    def resolve(self, *, task_aware: bool) -> TaskRouting | LearnedRouting | GaussianRouting:
+        """The routing of a run with (``task_aware``) or without task labels.
+
+        Raises:
+            ValueError: this mode cannot route such a run (naming the keys to change).
+        """
+        raise NotImplementedError
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RoutingMode:
+        """Build the variant of ``data['mode']`` (default ``auto``) from a plain mapping; an
+        unknown mode, a key that is not a field of the variant or a value of the wrong type
+        raises ``ValueError`` naming the key."""
+        data = check_string_keys(data, "a routing mode")
+        sub = cls.variant(data.get("mode", RoutingModeName.AUTO))
+        sub.check_keys(data)
+        check_field_types(sub, data)
+        return sub(**dict(data))
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain mapping (Enums as their values) that :meth:`from_dict` turns back."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = value.value if isinstance(value, Enum) else value
+        return out
+
+    def replace(self: R, **changes: Any) -> R:
+        """A copy with ``changes`` applied (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+
+def _mode_of(cls: type) -> RoutingModeName | None:
+    for name, sub in RoutingMode._modes.items():
+        if sub is cls:
+            return name
+    return None
+
+
+def _register_mode(name: RoutingModeName) -> Callable[[type[R]], type[R]]:
+    def deco(cls: type[R]) -> type[R]:
+        RoutingMode._modes[name] = cls
+        return cls
+
+    return deco
+
+
+@_register_mode(RoutingModeName.TASK)
+@dataclass(frozen=True)
+class TaskRouting(RoutingMode):
+    """Routing by task id: each task trains its own new experts (a stream with task labels).
+
+    Args:
+        reuse_old: a new task may also use the frozen experts of earlier tasks.
+    """
+
+    mode: RoutingModeName = RoutingModeName.TASK
+    reuse_old: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_flag("reuse_old", self.reuse_old)
+
+    def resolve(self, *, task_aware: bool) -> TaskRouting:
+        if not task_aware:
+            raise ValueError(
+                "experts.routing.mode=task routes each row by its task label, but this stream's "
+                "test rows carry none: set experts.routing.mode to auto, learned or gaussian"
+            )
+        return self
+
+
+@_register_mode(RoutingModeName.LEARNED)
+@dataclass(frozen=True)
+class LearnedRouting(RoutingMode):
+    """Learned top-k routers, with optional routing supervision and router fine-tuning.
+
+    Args:
+        k: experts per token (or per row, ``per: sample``); at most
+            ``experts.per_experience`` (top-k routing starts with one experience's experts).
+        per: ``token`` (each token routed on its own) or ``sample`` (a row's tokens routed
+            together, by the mean of their inputs).
+        supervision: without task labels, weight of a loss teaching each router to send a
+            row to the experts of its experience (its class's in class-incremental streams;
+            the one it was trained or stored in otherwise; 0: none).
+        teacher_forcing: train each row through the experts of its experience; the routers
+            learn that routing from ``supervision`` alone (needs ``supervision > 0``);
+            evaluation routes by the routers.
+        balance_epochs: passes of experience-balanced router fine-tuning on the replay
+            buffer after each experience (0: none; needs ``experts.replay_size > 0``).
+        balance_lr: learning rate of that fine-tuning.
+    """
+
+    mode: RoutingModeName = RoutingModeName.LEARNED
+    k: int = 1
+    per: RoutePer = RoutePer.TOKEN
+    supervision: float = 0.0
+    teacher_forcing: bool = False
+    balance_epochs: int = 0
+    balance_lr: float = 1e-2
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        object.__setattr__(self, "per", _choice(RoutePer, "per", self.per))
+        check_int("k", self.k, gt=0)
+        check_int("balance_epochs", self.balance_epochs, ge=0)
+        _set_number(self, "supervision", ge=0)
+        _set_number(self, "balance_lr", gt=0)
+        _check_flag("teacher_forcing", self.teacher_forcing)
+        if self.teacher_forcing and not self.supervision:
+            raise ValueError(
+                "teacher_forcing routes training rows by their experience, so the routers "
+                "learn only from experts.routing.supervision: set it > 0 (got 0)"
+            )
+
+    def resolve(self, *, task_aware: bool) -> LearnedRouting:
+        if task_aware and self.supervision:
+            raise ValueError(
+                f"experts.routing.supervision={self.supervision} teaches routing without task "
+                f"labels; this run has task labels: set it to 0 (or experts.routing.mode=task)"
+            )
+        if task_aware and self.balance_epochs:
+            raise ValueError(
+                f"experts.routing.balance_epochs={self.balance_epochs} teaches routing without "
+                f"task labels; this run has task labels: set it to 0 (or experts.routing.mode="
+                f"task)"
+            )
+        return self
+
+
+@_register_mode(RoutingModeName.GAUSSIAN)
+@dataclass(frozen=True)
+class GaussianRouting(RoutingMode):
+    """Gaussian task inference (a stream without task labels): linear discriminant analysis
+    over the first adapted layer's input, from running per-(experience, class) statistics of
+    every training row, picks a test row's experience, whose experts it runs through; training
+    routes each row by its experience.
+
+    Args:
+        reuse_old: a new experience may also use the frozen experts of earlier ones.
+        shrinkage: covariance shrinkage toward the identity, in ``[0, 1]``.
+    """
+
+    mode: RoutingModeName = RoutingModeName.GAUSSIAN
+    reuse_old: bool = True
+    shrinkage: float = 0.1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_flag("reuse_old", self.reuse_old)
+        _set_number(self, "shrinkage", ge=0, le=1)
+
+    def resolve(self, *, task_aware: bool) -> GaussianRouting:
+        if task_aware:
+            raise ValueError(
+                "experts.routing.mode=gaussian infers the task of rows without task labels, but "
+                "this stream's rows carry them: set experts.routing.mode=task, or mode=auto "
+                "with without_task_labels=gaussian for a config run in either setting"
+            )
+        return self
+
+
+@_register_mode(RoutingModeName.AUTO)
+@dataclass(frozen=True)
+class AutoRouting(RoutingMode):
+    """By task id where rows carry task labels; otherwise as ``without_task_labels`` says
+    (learned top-1 routers, or gaussian task inference).
+
+    Args:
+        reuse_old: routing by task (or by inferred task): a new experience may also use the
+            frozen experts of earlier ones.
+        without_task_labels: ``learned`` or ``gaussian`` (see :class:`WithoutTaskLabels`).
+        shrinkage: gaussian task inference's covariance shrinkage, in ``[0, 1]``.
+    """
+
+    mode: RoutingModeName = RoutingModeName.AUTO
+    reuse_old: bool = True
+    without_task_labels: WithoutTaskLabels = WithoutTaskLabels.LEARNED
+    shrinkage: float = 0.1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        key = "without_task_labels"
+        object.__setattr__(self, key, _choice(WithoutTaskLabels, key, self.without_task_labels))
+        _check_flag("reuse_old", self.reuse_old)
+        _set_number(self, "shrinkage", ge=0, le=1)
+
+    def resolve(self, *, task_aware: bool) -> TaskRouting | LearnedRouting | GaussianRouting:
+        if task_aware:
+            return TaskRouting(reuse_old=self.reuse_old)
+        if self.without_task_labels is WithoutTaskLabels.GAUSSIAN:
+            return GaussianRouting(reuse_old=self.reuse_old, shrinkage=self.shrinkage)
+        return LearnedRouting()
+
+
+#: the flat ``experts`` keys of earlier versions -> where each now lives
+MOVED_KEYS = {
+    "router": "experts.routing.mode (auto, task, learned or gaussian; topk is now learned)",
+    "k": "experts.routing.k (with experts.routing.mode=learned)",
+    "route_per": "experts.routing.per (with experts.routing.mode=learned)",
+    "route_supervision": "experts.routing.supervision (with experts.routing.mode=learned)",
+    "teacher_forcing": "experts.routing.teacher_forcing (with experts.routing.mode=learned)",
+    "balance_router_epochs": "experts.routing.balance_epochs (with experts.routing.mode=learned)",
+    "balance_router_lr": "experts.routing.balance_lr (with experts.routing.mode=learned)",
+    "reuse_old": "experts.routing.reuse_old (modes auto, task and gaussian)",
+    "task_inference": "experts.routing.without_task_labels (with experts.routing.mode=auto; "
+    "router is now learned), or experts.routing.mode=gaussian",
+    "inference_shrinkage": "experts.routing.shrinkage (modes auto and gaussian)",
+}
+
+
 @dataclass
 class ExpertsConfig:
-    """moracl's mixture: experts per experience, routing, freezing."""
+    """moracl's mixture: experts per experience, their rank, routing, freezing and replay."""
 
     per_experience: int = field(default=1, metadata={"help": "experts added per experience"})
-    router: str = field(
-        default="auto", metadata={"help": "auto (task ids -> task, else topk), task or topk"}
-    )
-    k: int = field(default=1, metadata={"help": "experts per token for topk routing"})
-    route_per: str = field(
-        default="token",
-        metadata={
-            "help": "topk routing: token (each token routed on its own) or sample (a row's "
-            "tokens routed together, by the mean of their inputs)"
-        },
-    )
     rank: int = field(
         default=0,
         metadata={
             "help": "rank of each expert (0: adapter.rank; alpha scales with it, and with k "
-            "for top-k routing with k > 1)"
+            "for learned routing with k > 1)"
         },
     )
-    reuse_old: bool = field(
-        default=True, metadata={"help": "task routing: new tasks may use frozen old experts"}
+    routing: RoutingMode = field(
+        default_factory=lambda: AutoRouting(),
+        metadata={"help": "how the mixtures route: a mode (auto, task, learned, gaussian)"},
     )
     freeze_heads: bool = field(default=True, metadata={"help": "freeze finished tasks' heads"})
     replay_size: int = field(default=0, metadata={"help": "replay buffer for moracl too (0: none)"})
@@ -94,94 +424,19 @@ class ExpertsConfig:
     balance_head_lr: float = field(
         default=1e-3, metadata={"help": "learning rate of the balanced head fine-tuning"}
     )
-    balance_router_epochs: int = field(
-        default=0,
-        metadata={
-            "help": "task-agnostic routing: passes of experience-balanced router fine-tuning "
-            "on the replay buffer after each experience (0: none; needs replay_size > 0)"
-        },
-    )
-    balance_router_lr: float = field(
-        default=1e-2, metadata={"help": "learning rate of the balanced router fine-tuning"}
-    )
-    teacher_forcing: bool = field(
-        default=False,
-        metadata={
-            "help": "without task labels: train each row through the experts of its "
-            "experience; the routers learn that routing from route_supervision alone "
-            "(needs route_supervision > 0); evaluation routes by the routers"
-        },
-    )
-    route_supervision: float = field(
-        default=0.0,
-        metadata={
-            "help": "without task labels: weight of a loss teaching each router to send a "
-            "row to the experts of its experience (its class's in class-incremental streams; "
-            "the one it was trained or stored in otherwise; 0: none)"
-        },
-    )
-    task_inference: str = field(
-        default="router",
-        metadata={
-            "help": "without task labels (class- and domain-incremental streams), how a test "
-            "row's experts are chosen: router (learned routers) or gaussian (the experts of "
-            "the experience inferred by linear discriminant analysis over what the first "
-            "adapted layer reads, from running class statistics of every training row; "
-            "training routes each row by its experience); unused where rows carry task labels"
-        },
-    )
-    inference_shrinkage: float = field(
-        default=0.1,
-        metadata={"help": "gaussian task inference: covariance shrinkage toward the identity"},
-    )
-
-    def learned_routing(self) -> list[str]:
-        """The keys set here that configure learned routers (none at their defaults)."""
-        learned = {
-            "router": self.router != "auto",
-            "route_per": self.route_per != "token",
-            "route_supervision": self.route_supervision > 0,
-            "teacher_forcing": self.teacher_forcing,
-            "balance_router_epochs": self.balance_router_epochs > 0,
-        }
-        return [k for k, v in learned.items() if v]
 
     def __post_init__(self) -> None:
-        # types and finiteness first; the ranges below keep their own messages
-        ints = ("per_experience", "k", "rank", "replay_size")
-        for name in (*ints, "balance_head_epochs", "balance_router_epochs"):
+        for name in ("per_experience", "rank", "replay_size", "balance_head_epochs"):
             check_int(f"experts.{name}", getattr(self, name))
-        for name in ("balance_head_lr", "balance_router_lr", "inference_shrinkage"):
-            check_number(f"experts.{name}", getattr(self, name))
-        if self.per_experience <= 0 or self.k <= 0:
-            raise ValueError(
-                f"experts.per_experience and experts.k must be > 0, got "
-                f"{self.per_experience!r} and {self.k!r}"
-            )
-        if self.router not in ("auto", "task", "topk"):
-            raise ValueError(
-                f"experts.router must be one of ['auto', 'task', 'topk'], got {self.router!r}"
-            )
-        if self.route_per not in ("token", "sample"):
-            raise ValueError(
-                f"experts.route_per must be one of ['token', 'sample'], got {self.route_per!r}"
-            )
+        check_number("experts.balance_head_lr", self.balance_head_lr)
+        if self.per_experience <= 0:
+            raise ValueError(f"experts.per_experience must be > 0, got {self.per_experience!r}")
         if self.replay_size < 0:
             raise ValueError(f"experts.replay_size must be >= 0, got {self.replay_size!r}")
         if self.balance_head_epochs < 0 or not self.balance_head_lr > 0:
             raise ValueError(
                 f"experts.balance_head_epochs must be >= 0 and experts.balance_head_lr > 0, "
                 f"got {self.balance_head_epochs!r} and {self.balance_head_lr!r}"
-            )
-        if self.balance_router_epochs < 0 or not self.balance_router_lr > 0:
-            raise ValueError(
-                f"experts.balance_router_epochs must be >= 0 and experts.balance_router_lr > 0, "
-                f"got {self.balance_router_epochs!r} and {self.balance_router_lr!r}"
-            )
-        if self.balance_router_epochs and not self.replay_size:
-            raise ValueError(
-                f"experts.balance_router_epochs={self.balance_router_epochs} fine-tunes the "
-                f"routers on the replay buffer: set experts.replay_size > 0 (got 0)"
             )
         if self.balance_head_epochs and not self.replay_size:
             raise ValueError(
@@ -190,30 +445,46 @@ class ExpertsConfig:
             )
         if self.rank < 0:
             raise ValueError(f"experts.rank must be >= 0 (0: adapter.rank), got {self.rank!r}")
-        if not self.route_supervision >= 0 or self.route_supervision == float("inf"):
+        _check_flag("experts.freeze_heads", self.freeze_heads)
+        if isinstance(self.routing, Mapping):
+            self.routing = RoutingMode.from_dict(self.routing)
+        if not isinstance(self.routing, RoutingMode):
             raise ValueError(
-                f"experts.route_supervision must be a finite number >= 0, "
-                f"got {self.route_supervision!r}"
+                f"experts.routing must be a routing mode (a mapping with a mode among "
+                f"{[m.value for m in RoutingModeName]}), got {self.routing!r}"
             )
-        if self.task_inference not in ("router", "gaussian"):
-            raise ValueError(
-                f"experts.task_inference must be one of ['router', 'gaussian'], got "
-                f"{self.task_inference!r}"
-            )
-        if not 0 <= self.inference_shrinkage <= 1:
-            raise ValueError(
-                f"experts.inference_shrinkage must be in [0, 1], got {self.inference_shrinkage!r}"
-            )
-        for name in ("reuse_old", "freeze_heads", "teacher_forcing"):
-            if not isinstance(getattr(self, name), bool):
+        r = self.routing
+        if isinstance(r, LearnedRouting):
+            if r.balance_epochs and not self.replay_size:
                 raise ValueError(
-                    f"experts.{name} must be true or false, got {getattr(self, name)!r}"
+                    f"experts.routing.balance_epochs={r.balance_epochs} fine-tunes the routers "
+                    f"on the replay buffer: set experts.replay_size > 0 (got 0)"
                 )
-        if self.teacher_forcing and not self.route_supervision:
-            raise ValueError(
-                "experts.teacher_forcing routes training rows by their class's experience, so "
-                "the routers learn only from experts.route_supervision: set it > 0 (got 0)"
-            )
+            if r.k > self.per_experience:
+                raise ValueError(
+                    f"experts.routing.k={r.k} exceeds experts.per_experience="
+                    f"{self.per_experience}: top-k routing starts with the {self.per_experience} "
+                    f"expert(s) of the first experience; set experts.routing.k <= "
+                    f"{self.per_experience} or add experts per experience"
+                )
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ExpertsConfig:
+        """Build from a plain mapping (the ``experts`` section); a key of earlier versions
+        (``k``, ``router``, ``task_inference``, ...) raises ``ValueError`` naming where it
+        moved (:data:`MOVED_KEYS`), other unknown keys the valid ones."""
+        data = check_string_keys(data, "experts")
+        moved = [k for k in MOVED_KEYS if k in data]
+        if moved:
+            where = "; ".join(f"{k} -> {MOVED_KEYS[k]}" for k in moved)
+            raise ValueError(f"key(s) {moved} moved under experts.routing, a routing mode: {where}")
+        try:
+            return parse_fields.from_dict(cls, data, where="experts")
+        except ValueError as e:  # the caller names the section: keep the rest of the path
+            message = str(e)
+            for prefix in ("experts: ", "experts."):
+                message = message.removeprefix(prefix)
+            raise ValueError(message) from None
 
 
 @dataclass
@@ -297,69 +568,12 @@ class RunConfig:
 
 
 def check_routing(config: RunConfig, *, task_aware: bool) -> None:
-    """Raise ``ValueError`` for an ``experts`` section that moracl's strategy cannot route in a
-    run with (``task_aware``) or without task labels; nothing to check without ``moracl``
-    among the strategies.
+    """Raise ``ValueError`` where ``experts.routing`` cannot route a run with
+    (``task_aware``) or without task labels (see each mode's
+    :meth:`~RoutingMode.resolve`); nothing to check without ``moracl`` among the strategies.
 
-    The rules, checked by ``moracl validate`` before a run and by the run itself where it
-    builds moracl's routers (:func:`moracl.continual.run.build_model`):
-
-    - gaussian task inference (without task labels) leaves no learned router: none of the
-      learned-routing keys (:meth:`ExpertsConfig.learned_routing`) may be set;
-    - ``route_per`` applies to top-k routing only, not to routing by task id;
-    - top-k routing picks among the experts of one experience at first: ``k`` may not
-      exceed ``per_experience``;
-    - with task labels the run routes by task: ``route_supervision`` and
-      ``balance_router_epochs`` teach routing without task labels and are refused.
+    ``moracl validate`` checks this before a run, and the run itself where it builds
+    moracl's routers (:func:`moracl.continual.factory.build_model`).
     """
-    if "moracl" not in config.strategies:
-        return
-    e = config.experts
-    if e.task_inference == "gaussian" and not task_aware:
-        learned = e.learned_routing()
-        if learned:
-            raise ValueError(
-                f"experts.task_inference='gaussian' routes test rows by the inferred experience, "
-                f"with no learned router: leave experts.{', experts.'.join(learned)} at the "
-                f"default or set experts.task_inference=router"
-            )
-    router_kind(config, task_aware=task_aware)
-    if task_aware and e.route_supervision:
-        raise ValueError(
-            f"experts.route_supervision={e.route_supervision} teaches routing without task "
-            f"labels; this run has task labels and routes by task: set it to 0"
-        )
-    if task_aware and e.balance_router_epochs:
-        raise ValueError(
-            f"experts.balance_router_epochs={e.balance_router_epochs} teaches routing without "
-            f"task labels; this run has task labels and routes by task: set it to 0"
-        )
-
-
-def router_kind(config: RunConfig, *, task_aware: bool) -> str:
-    """``"task"`` or ``"topk"``: how moracl's routers route in a run with (``task_aware``) or
-    without task labels (``experts.router=auto``: by task id with task labels or gaussian
-    task inference, else top-k).
-
-    Raises:
-        ValueError: ``experts.route_per`` set for routing by task id, or top-k routing with
-            ``experts.k`` above ``experts.per_experience`` (top-k routing starts with the
-            experts of the first experience).
-    """
-    e = config.experts
-    kind = e.router
-    if kind == "auto":
-        kind = "task" if task_aware or e.task_inference == "gaussian" else "topk"
-    if kind == "task" and e.route_per != "token":
-        raise ValueError(
-            f"experts.route_per={e.route_per!r} applies to topk routing; this run routes by "
-            f"task id (experts.router={e.router!r} with {'task' if task_aware else 'no task'} "
-            f"labels)"
-        )
-    if kind == "topk" and e.k > e.per_experience:
-        raise ValueError(
-            f"experts.k={e.k} exceeds experts.per_experience={e.per_experience}: top-k routing "
-            f"starts with the {e.per_experience} expert(s) of the first experience; set "
-            f"experts.k <= {e.per_experience} or add experts per experience"
-        )
-    return kind
+    if "moracl" in config.strategies:
+        config.experts.routing.resolve(task_aware=task_aware)

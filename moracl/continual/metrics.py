@@ -44,7 +44,7 @@ __all__ = [
 
 METRICS_FILE = "metrics.json"
 FORMAT = "moracl.continual.run"
-VERSION = 1
+VERSION = 2
 
 
 def _nan_mean(values: np.ndarray) -> float:
@@ -335,6 +335,9 @@ class RoutingDiagnostics:
 class StrategyResult:
     """Everything measured for one strategy of a run.
 
+    ``name`` is the strategy's registry name (``"ewc"``, as the config's ``strategies:``
+    lists it), the key of :attr:`RunResults.strategies`; ``label`` its display name in
+    tables and plots (``"EWC"``, the registry entry's label; the name when empty).
     ``steps`` counts the training steps taken or skipped so far (every mini-batch, including
     those of plugins' own fine-tuning loops), ``skipped_steps`` those skipped for a
     non-finite loss or gradient (``train.on_nonfinite=skip``).
@@ -346,10 +349,14 @@ class StrategyResult:
     routing: RoutingDiagnostics | None = None
     steps: int = 0
     skipped_steps: int = 0
+    label: str = ""
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip():
             raise ValueError(f"name={self.name!r}; expected a non-empty strategy name")
+        if not isinstance(self.label, str):
+            raise ValueError(f"label={self.label!r}; expected a display name (a string)")
+        self.label = self.label or self.name
         for key in ("steps", "skipped_steps"):
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
@@ -378,6 +385,7 @@ class StrategyResult:
             }
         return {
             "name": self.name,
+            "label": self.label,
             "matrix": self.matrix.to_dict(),
             "cost": cost,
             "routing": routing,
@@ -411,6 +419,7 @@ class StrategyResult:
             raise ValueError(f"'training' = {training!r}; expected an object or null")
         return cls(
             name=_require(data, "name", str),
+            label=_require(data, "label", str),
             matrix=AccuracyMatrix.from_dict(_require(data, "matrix", dict)),
             cost=cost,
             routing=routing,
@@ -424,7 +433,8 @@ class RunResults:
     """The results of one continual run: every strategy on the same stream.
 
     Saved as ``RUN_DIR/metrics.json`` (:meth:`save`, atomic) and read back with :meth:`load`;
-    the report is rebuilt from that file alone.
+    the report is rebuilt from that file alone. :attr:`strategies` is keyed by registry name
+    (``results.strategies["moracl"]``), in the order the run reports them.
     """
 
     scenario: str
@@ -476,6 +486,12 @@ class RunResults:
         if not isinstance(data, Mapping) or data.get("format") != FORMAT:
             found = data.get("format") if isinstance(data, Mapping) else type(data).__name__
             raise ValueError(f"format {found!r}; expected {FORMAT!r}")
+        if data.get("version") == 1:
+            raise ValueError(
+                f"{FORMAT} version 1, written by an earlier moracl that keyed strategies by "
+                f"their display label ('moracl (experts)'); this moracl reads version {VERSION} "
+                f"(keyed by registry name, 'moracl'): run the stream again to rebuild it"
+            )
         if data.get("version") != VERSION:
             raise ValueError(
                 f"{FORMAT} version {data.get('version')!r}; this moracl reads version {VERSION}"

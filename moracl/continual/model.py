@@ -11,7 +11,8 @@ losses apply unchanged.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -76,15 +77,45 @@ class ContinualClassifier(MultiTaskModule):
         else:
             self.heads = nn.ModuleList([nn.Linear(feature_dim, num_classes)])
             self.task_classes = [list(range(num_classes))]
-        self.routed_tasks = 1  # tasks with experts; later task ids borrow the newest one's
-        #: ``(b,)`` set while training with teacher forcing: each row's experience, passed to
-        #: the encoder as task ids (its routers hold one expert mask per experience)
-        self.forced_routes: Tensor | None = None
+        self._routed_tasks = 1  # tasks with experts; later task ids borrow the newest one's
+        self._forced_routes: Tensor | None = None  # see :meth:`forced_routes`
         self.task_inference = task_inference
-        #: ``(b,)`` the tasks inferred in the last forward that inferred them
-        self.last_inferred: Tensor | None = None
+        self._last_inferred: Tensor | None = None  # see :meth:`take_inferred`
         self.register_buffer("class_task", owner)
         self.register_buffer("seen", torch.zeros(num_classes, dtype=torch.bool))
+
+    @property
+    def routed_tasks(self) -> int:
+        """Tasks with experts of their own; a later task id borrows the newest one's."""
+        return self._routed_tasks
+
+    def route_tasks(self, tasks: int) -> None:
+        """Route task ids ``0 .. tasks - 1`` to their own experts (the count never shrinks).
+
+        Raises:
+            ValueError: ``tasks`` is not a positive integer.
+        """
+        if isinstance(tasks, bool) or not isinstance(tasks, int) or tasks < 1:
+            raise ValueError(f"tasks must be a positive integer, got {tasks!r}")
+        self._routed_tasks = max(self._routed_tasks, tasks)
+
+    @contextmanager
+    def forced_routes(self, experiences: Tensor | None) -> Iterator[None]:
+        """Inside the block, route every row through the experts of its experience
+        ``experiences (b,)`` (passed to the encoder as task ids; its routers hold one expert
+        mask per experience), as training under teacher forcing does; ``None``: unchanged."""
+        before = self._forced_routes
+        self._forced_routes = experiences
+        try:
+            yield
+        finally:
+            self._forced_routes = before
+
+    def take_inferred(self) -> Tensor | None:
+        """``(b,)`` the tasks inferred by the last forward that inferred them, or ``None``;
+        cleared by the call."""
+        inferred, self._last_inferred = self._last_inferred, None
+        return inferred
 
     def class_experience(self) -> Tensor:
         """``(c,)`` the experience each class is learned in.
@@ -114,11 +145,11 @@ class ContinualClassifier(MultiTaskModule):
         self, x: Tensor, task_labels: Tensor | None = None, *, infer: bool | None = None
     ) -> Tensor:
         """``(b, d)`` encoder features (routed by ``task_labels (b,)`` when configured, or by
-        :attr:`forced_routes` when set). ``infer`` routes by the tasks :attr:`task_inference`
-        infers instead of ``task_labels``; by default it does so in evaluation mode once it
-        has statistics."""
-        if self.forced_routes is not None and isinstance(self.encoder, MoRAModel):
-            forced: Tensor = self.encoder(x, task_ids=self.forced_routes)
+        the experiences given to :meth:`forced_routes`). ``infer`` routes by the tasks
+        :attr:`task_inference` infers instead of ``task_labels``; by default it does so in
+        evaluation mode once it has statistics."""
+        if self._forced_routes is not None and isinstance(self.encoder, MoRAModel):
+            forced: Tensor = self.encoder(x, task_ids=self._forced_routes)
             return forced
         if self.route_by_task and isinstance(self.encoder, MoRAModel):
             if infer is None:
@@ -130,14 +161,14 @@ class ContinualClassifier(MultiTaskModule):
                 raise ValueError("this model routes by task: pass task_labels, one per row")
             # a task not trained yet (evaluated for forward transfer) borrows the experts of
             # the newest trained task; its head is untrained
-            tid = task_labels.clamp_max(self.routed_tasks - 1)
+            tid = task_labels.clamp_max(self._routed_tasks - 1)
             out: Tensor = self.encoder(x, task_ids=tid)
             return out
         feats: Tensor = self.encoder(x)
         return feats
 
     def infer_tasks(self, x: Tensor) -> Tensor:
-        """``(b,)`` each row's task by :attr:`task_inference` (kept in :attr:`last_inferred`).
+        """``(b,)`` each row's task by :attr:`task_inference` (kept for :meth:`take_inferred`).
 
         Raises:
             ValueError: the model has no task inference.
@@ -145,7 +176,7 @@ class ContinualClassifier(MultiTaskModule):
         if self.task_inference is None or not isinstance(self.encoder, MoRAModel):
             raise ValueError("this model has no task_inference")
         inferred = self.task_inference(input_features(self.encoder, x)).to(x.device)
-        self.last_inferred = inferred
+        self._last_inferred = inferred
         return inferred
 
     def forward(self, x: Tensor, task_labels: Tensor | int | None = None) -> Any:

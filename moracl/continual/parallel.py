@@ -18,7 +18,7 @@ from typing import Any
 
 from avalanche.core import SupervisedPlugin
 
-from moracl.continual.strategy import TensorBatches
+from moracl.continual.batches import TensorBatches
 from moracl.distributed import (
     DataParallel,
     broadcast_rng_state,

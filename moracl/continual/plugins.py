@@ -15,6 +15,7 @@ from avalanche.training.supervised import JointTraining
 
 from moracl.continual.inference import input_features
 from moracl.continual.model import ContinualClassifier
+from moracl.continual.stateful import PluginState
 from moracl.continual.strategy import (
     FastTemplate,
     derive_seed,
@@ -23,6 +24,7 @@ from moracl.continual.strategy import (
 )
 from moracl.guard import StepGuard
 from moracl.model import MoRAModel
+from moracl.train import guarded_epoch
 
 __all__ = [
     "BalancedHeadPlugin",
@@ -41,15 +43,37 @@ class SeededReplayPlugin(ReplayPlugin):
     Reads ``strategy.experience``; writes ``strategy.dataloader`` (Avalanche's replay loader).
     """
 
+    state_key = "replay"
+
     def __init__(self, mem_size: int, *, seed: int = 0, **kwargs: Any) -> None:
         super().__init__(mem_size=mem_size, **kwargs)
         self.seed = seed
+        self.updates = 0  # experiences added to the buffer
 
     def _update(self, strategy: Any, experience: Any) -> None:
         policy: Any = self.storage_policy
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(derive_seed(self.seed, "replay", experience.current_experience))
             policy.post_adapt(strategy, experience)
+        self.updates += 1
+
+    def state_dict(self) -> PluginState:
+        """The number of experiences in the buffer (the buffer itself is rebuilt from them)."""
+        return PluginState(values={"experiences": self.updates})
+
+    def load_state_dict(self, state: PluginState, *, strategy: Any, trained: Sequence[Any]) -> None:
+        """Rebuild the buffer from the ``trained`` experiences (as many as the state says).
+
+        Raises:
+            ValueError: the state counts another number of experiences than ``trained``.
+        """
+        count = state.values.get("experiences")
+        if isinstance(count, bool) or count != len(trained):
+            raise ValueError(
+                f"replay.experiences={count!r}; expected {len(trained)}, the experiences "
+                f"trained so far"
+            )
+        self.rebuild(strategy, trained)
 
     def after_training_exp(self, strategy: Any, **kwargs: Any) -> None:
         self._update(strategy, strategy.experience)
@@ -59,6 +83,7 @@ class SeededReplayPlugin(ReplayPlugin):
         from avalanche.training.storage_policy import ExperienceBalancedBuffer
 
         self.storage_policy = ExperienceBalancedBuffer(max_size=self.mem_size, adaptive_size=True)
+        self.updates = 0
         as_trained = getattr(strategy, "training_experience", lambda e: e)
         for exp in experiences:
             self._update(strategy, as_trained(exp))
@@ -205,26 +230,34 @@ class BalancedHeadPlugin(SupervisedPlugin):
                  m.router.named_parameters() if p.requires_grad]  # fmt: skip
         recording = encoder.record_router_inputs
         encoder.record_router_inputs = True
+        forcing = self.force_routes
+
+        def step(batch: torch.Tensor) -> torch.Tensor:
+            forced = experience[batch] if forcing else None
+            # inputs without a graph: the routers alone train
+            with torch.no_grad(), model.forced_routes(forced):
+                model.features(x[batch.cpu()].to(device))
+            loss = routing_supervision_loss(encoder, experience[batch])
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            for p, g in zip(params, grads):
+                p.grad = g
+            return loss
+
         try:
             for epoch in range(self.router_epochs):
                 order = torch.randperm(len(experience), generator=generator).to(device)
-                skipped = guard.skipped
-                for step, start in enumerate(range(0, len(experience), batch_size)):
-                    batch = order[start : start + batch_size]
-                    model.forced_routes = experience[batch] if self.force_routes else None
-                    with torch.no_grad():  # inputs without a graph: the routers alone train
-                        model.features(x[batch.cpu()].to(device))
-                    loss = routing_supervision_loss(encoder, experience[batch])
-                    grads = torch.autograd.grad(loss, params, allow_unused=True)
-                    for p, g in zip(params, grads):
-                        p.grad = g
-                    place = f"{where}, epoch {epoch}, step {step}"
-                    if guard.check(loss, params, place, named=lambda: named) is not None:
-                        optimizer.step()
-                steps = len(range(0, len(experience), batch_size))
-                guard.warn_skipped(skipped, steps, f"{where}, epoch {epoch}")
+                batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+                guarded_epoch(
+                    step,
+                    batches,
+                    optimizer=optimizer,
+                    params=params,
+                    guard=guard,
+                    where=f"{where}, epoch {epoch}",
+                    epoch=epoch,
+                    named=lambda: named,
+                )
         finally:
-            model.forced_routes = None
             encoder.record_router_inputs = recording
             for p in params:
                 p.grad = None
@@ -264,20 +297,25 @@ class BalancedHeadPlugin(SupervisedPlugin):
         optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=0.0)
         guard, where = self.step_guard, f"{self.where}, balanced head fine-tuning"
         lowest = torch.finfo(feats.dtype).min
+
+        def step(batch: torch.Tensor) -> torch.Tensor:
+            logits = head(feats[batch]).masked_fill(~model.seen[None], lowest)  # (b, c)
+            loss = F.cross_entropy(logits, y[batch])
+            loss.backward()
+            return loss
+
         for epoch in range(self.epochs):
             order = torch.randperm(len(y), generator=generator).to(device)
-            skipped = guard.skipped
-            for step, start in enumerate(range(0, len(y), batch_size)):
-                batch = order[start : start + batch_size]
-                logits = head(feats[batch]).masked_fill(~model.seen[None], lowest)  # (b, c)
-                loss = F.cross_entropy(logits, y[batch])
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                place = f"{where}, epoch {epoch}, step {step}"
-                if guard.check(loss, params, place, named=head.named_parameters) is not None:
-                    optimizer.step()
-            guard.warn_skipped(
-                skipped, len(range(0, len(y), batch_size)), f"{where}, epoch {epoch}"
+            batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+            guarded_epoch(
+                step,
+                batches,
+                optimizer=optimizer,
+                params=params,
+                guard=guard,
+                where=f"{where}, epoch {epoch}",
+                epoch=epoch,
+                named=head.named_parameters,
             )
 
 

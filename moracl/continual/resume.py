@@ -1,10 +1,11 @@
 """Resuming a run honestly: a resumed run keeps the config it was started with, and its
 checkpoint must agree with itself and with that config before anything of it is used.
 
-- :func:`resume_config` gives the config to resume ``RUN_DIR`` with (``moracl run --resume``):
-  the saved one; a config file or overrides passed along are accepted where they equal the
-  saved values, applied where a change is safe (:data:`SAFE_ON_RESUME`), and refused
-  otherwise, naming each key with the saved and the given value.
+- :func:`moracl.jobs.continual.resume_config` gives the config to resume ``RUN_DIR`` with
+  (``moracl run --resume``): the saved one (:func:`saved_config`); a config file or
+  overrides passed along are accepted where they equal the saved values, applied where a
+  change is safe (:data:`SAFE_ON_RESUME`), and refused otherwise, naming each key with the
+  saved and the given value.
 - :func:`check_resume` cross-checks a verified checkpoint against the run about to continue:
   the same config (up to safe keys and ``output_dir``), a saved config that round-trips
   through :class:`RunConfig`, the same strategies and experiences, accuracy matrices with
@@ -21,9 +22,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from moracl.continual.checkpoint import Checkpoint, CheckpointError, load_checkpoint
+from moracl.continual.checkpoint import Checkpoint, CheckpointError
 from moracl.continual.config import RunConfig
 from moracl.continual.metrics import RunResults
+from moracl.parse_fields import from_dict, to_dict
 
 __all__ = [
     "SAFE_ON_RESUME",
@@ -32,7 +34,7 @@ __all__ = [
     "ResumePlan",
     "check_resume",
     "config_changes",
-    "resume_config",
+    "progress_of",
     "saved_config",
 ]
 
@@ -96,8 +98,6 @@ def _show(value: Any) -> str:
 
 def _plain(data: Any) -> Any:
     """``data`` as JSON sees it (tuples as lists, enums as values)."""
-    from moracl.config import to_dict
-
     return json.loads(json.dumps(to_dict(data)))
 
 
@@ -131,8 +131,6 @@ def saved_config(ckpt: Checkpoint, run_dir: str | os.PathLike[str]) -> RunConfig
         CheckpointError: the saved config is missing, invalid, or does not round-trip (a
             saved key that the typed config would read differently).
     """
-    from moracl.config import from_dict
-
     where = ckpt.folder / "state.json" if ckpt.folder is not None else Path(run_dir)
     results = ckpt.meta.get("results")
     data = results.get("config") if isinstance(results, dict) else None
@@ -152,57 +150,14 @@ def saved_config(ckpt: Checkpoint, run_dir: str | os.PathLike[str]) -> RunConfig
     return replace(config, output_dir=str(run_dir))
 
 
-def _progress(ckpt: Checkpoint) -> tuple[int, int]:
+def progress_of(ckpt: Checkpoint) -> tuple[int, int]:
+    """``(done, total)``: the experiences a checkpoint's run has trained, of its stream's."""
     results = ckpt.meta.get("results")
     experiences = results.get("experiences") if isinstance(results, dict) else None
     if not isinstance(experiences, list) or not experiences:
         where = ckpt.folder / "state.json" if ckpt.folder is not None else "checkpoint"
         raise CheckpointError(f"{where}: no list of experiences under meta.results")
     return ckpt.experience + 1, len(experiences)
-
-
-def resume_config(
-    run_dir: str | os.PathLike[str],
-    config_file: str | os.PathLike[str] | None = None,
-    overrides: Sequence[str] = (),
-) -> ResumePlan:
-    """How to resume ``run_dir``: its saved config, checked against a ``config_file`` and
-    dotted ``overrides`` given along (overrides apply to the file when one is given, else
-    to the saved config).
-
-    Raises:
-        FileNotFoundError: ``run_dir`` has no checkpoint.
-        CheckpointError: the checkpoint cannot be trusted (nothing is modified).
-        ResumeConfigError: a given value differs from the saved one on a key that a resumed
-            run cannot change (every such key is named, with both values).
-        ValueError: the config file is not a run config, or an override is malformed.
-    """
-    from moracl.config import apply_overrides, from_dict, load_config
-
-    folder = Path(run_dir)
-    ckpt = load_checkpoint(folder, tensors=False)
-    saved = saved_config(ckpt, folder)
-    done, total = _progress(ckpt)
-    changes: list[ConfigChange] = []
-    if config_file is not None:
-        given = load_config(Path(config_file), overrides)
-        if not isinstance(given, RunConfig):
-            raise ValueError(f"{config_file} is a {given.job!r} config, not a 'run' one")
-        if Path(given.output_dir).resolve() != folder.resolve():
-            changes.append(ConfigChange("output_dir", str(folder), given.output_dir))
-    elif overrides:
-        from moracl.config import to_dict
-
-        given = from_dict(RunConfig, apply_overrides(to_dict(saved), overrides))
-        if Path(given.output_dir).resolve() != folder.resolve():
-            changes.append(ConfigChange("output_dir", str(folder), given.output_dir))
-    else:
-        given = saved
-    changes += config_changes(saved, given)
-    refused = [c for c in changes if not c.safe]
-    if refused:
-        raise ResumeConfigError(folder, refused)
-    return ResumePlan(replace(given, output_dir=str(folder)), changes, done, total)
 
 
 def _fail(ckpt: Checkpoint, message: str) -> CheckpointError:
@@ -223,7 +178,8 @@ def check_resume(
         ckpt: the checkpoint (from :func:`load_checkpoint`).
         config: the run's config; it must equal the saved one up to ``output_dir`` and the
             keys of :data:`SAFE_ON_RESUME`.
-        strategies: the run's strategies, short name -> result label (``{"naive": "Naive"}``).
+        strategies: the run's strategies, registry name (the key of the saved results) ->
+            display label for messages (``{"naive": "Naive"}``).
         experiences: the stream's experience names, when the stream is built.
 
     Raises:
@@ -249,14 +205,13 @@ def check_resume(
     for kind, found in (("tensors", set(ckpt.strategies)), ("state", set(ckpt.state))):
         if found != names:
             raise _fail(ckpt, f"{kind} of strategies {sorted(found)}; the run has {sorted(names)}")
-    labels = set(strategies.values())
-    if set(results.strategies) != labels:
+    if set(results.strategies) != names:
         raise _fail(
-            ckpt, f"results of strategies {sorted(results.strategies)}; expected {sorted(labels)}"
+            ckpt, f"results of strategies {sorted(results.strategies)}; expected {sorted(names)}"
         )
     last = ckpt.experience
     for name, label in strategies.items():
-        matrix = results.strategies[label].matrix
+        matrix = results.strategies[name].matrix
         rows = list(range(last + 1))
         if name == "joint":  # trained once, on the whole stream, at the last experience
             rows = [t - 1] if last == t - 1 else []
@@ -282,7 +237,15 @@ def check_resume(
 
 
 def _check_strategy_state(ckpt: Checkpoint, name: str, state: dict[str, Any], last: int) -> None:
-    """The plugin state a strategy must carry after experience ``last``."""
+    """The state a strategy must carry after experience ``last``: its step counts, its
+    plugins' states (as objects), moracl's grown experiences and LwF's experience count."""
+    for key in ("steps", "skipped_steps"):
+        value = state.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise _fail(ckpt, f"{name}.{key}={value!r}; expected an integer >= 0")
+    plugins = state.get("plugins")
+    if not isinstance(plugins, dict) or not all(isinstance(v, dict) for v in plugins.values()):
+        raise _fail(ckpt, f"{name}.plugins must map plugin names to their state (objects)")
     if name == "moracl":
         prepared = state.get("experiences_prepared")
         if prepared != last + 1 or isinstance(prepared, bool):
@@ -292,9 +255,9 @@ def _check_strategy_state(ckpt: Checkpoint, name: str, state: dict[str, Any], la
                 f"{last} has {last + 1}",
             )
     if name == "lwf":
-        lwf = state.get("lwf")
-        if not isinstance(lwf, dict):
-            raise _fail(ckpt, "the state of 'lwf' lacks its LwF plugin state ('lwf')")
+        lwf = plugins.get("lwf")
+        if lwf is None:
+            raise _fail(ckpt, "the state of 'lwf' lacks its LwF plugin state (plugins.lwf)")
         count = lwf.get("expcount")
         if count != last + 1 or isinstance(count, bool):
             raise _fail(

@@ -1,5 +1,10 @@
-"""``moracl run``: moracl's strategy and the baselines on one stream, experience by experience,
-with the accuracy matrix, checkpoints after every experience, logs and the report.
+"""``moracl run``'s loop: moracl's strategy and the baselines on one stream, experience by
+experience, with the accuracy matrix, checkpoints after every experience, logs and the report.
+
+The caller (the continual job, :mod:`moracl.jobs.continual`, or a user) gives the stream and
+the encoder; :func:`run_continual` sets up a :class:`RunState` (new, or restored from the
+run's checkpoint), trains one experience at a time (:func:`train_experience`) and
+checkpoints after each (:func:`save_run_checkpoint`).
 
 Order: for each experience ``i``, every strategy trains on it (Joint only once, on the whole
 stream, at the last one) and is evaluated on every test experience, giving row ``i`` of its
@@ -10,25 +15,25 @@ uninterrupted one does.
 
 from __future__ import annotations
 
-import copy
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from moracl.adapters.base import AdapterConfig
-from moracl.continual.checkpoint import load_checkpoint, save_checkpoint
-from moracl.continual.config import STRATEGIES, RunConfig, check_routing, router_kind
-from moracl.continual.inference import GaussianTaskInference
+from moracl.continual.batches import derive_seed, materialize
+from moracl.continual.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from moracl.continual.config import STRATEGIES, RunConfig, Setting, check_routing
+from moracl.continual.evaluation import Evaluation, evaluate
+from moracl.continual.factory import StreamInfo, build_model
 from moracl.continual.metrics import (
+    METRICS_FILE,
     AccuracyMatrix,
     Cost,
     RoutingDiagnostics,
@@ -37,344 +42,100 @@ from moracl.continual.metrics import (
 )
 from moracl.continual.model import ContinualClassifier
 from moracl.continual.parallel import DataParallelPlugin
-from moracl.continual.strategy import (
-    EpochRecord,
-    FastTemplate,
-    GrowthConfig,
-    MoRAStrategy,
-    TensorBatches,
-    derive_seed,
-    expert_experience,
-    materialize,
-)
-from moracl.distributed import (
-    all_reduce_sum,
-    barrier,
-    init_distributed,
-    rank,
-    shard_backbone,
-    world_size,
-)
-from moracl.experts.mixture import MixtureConfig
-from moracl.experts.routers.config import RouterConfig
+from moracl.continual.stateful import PluginState, StatefulPlugin
+from moracl.continual.strategies import StrategyEntry, build_strategy, strategy_entry
+from moracl.continual.strategy import EpochRecord, FastTemplate, MoRAStrategy
+from moracl.distributed import barrier, init_distributed, shard_backbone
 from moracl.guard import NonFiniteError, assert_finite
 from moracl.model import MoRAModel
+from moracl.parse_fields import to_dict
+from moracl.preflight import check_common
+from moracl.report import RunLogger, write_report, write_run_manifest
 from moracl.runlock import lock_run_folder, process_rank
 
-__all__ = ["Evaluation", "build_strategy", "evaluate", "run_continual"]
+__all__ = [
+    "ContinualStream",
+    "Evaluation",
+    "RunState",
+    "StrategyProgress",
+    "evaluate",
+    "run_continual",
+    "save_run_checkpoint",
+    "train_experience",
+    "trained_state",
+]
 
-LABELS = {
-    "moracl": "moracl (experts)",
-    "naive": "Naive",
-    "ewc": "EWC",
-    "lwf": "LwF",
-    "replay": "Replay",
-    "joint": "Joint",
-}
-
-
-# -- models and strategies ------------------------------------------------------------------
-
-
-def _router(config: RunConfig, task_aware: bool) -> RouterConfig:
-    # task or topk; refuses route_per with task routing and k > per_experience (as validate)
-    if router_kind(config, task_aware=task_aware) == "task":
-        return RouterConfig(type="task", num_tasks=1, task_weights=True)
-    k = config.experts.k  # at most per_experience (router_kind)
-    # top-1 gates renormalised over one expert are a constant 1: Switch's gate (the chosen
-    # expert's probability) lets the task loss train the router
-    return RouterConfig(
-        type="topk", k=k, noise=False, normalize=k > 1, per=config.experts.route_per
-    )
+#: the prefix of a plugin's tensors in a strategy's checkpoint file
+PLUGIN_PREFIX = "plugins."
 
 
-def expert_adapter(config: RunConfig, router: RouterConfig | None = None) -> AdapterConfig:
-    """The configuration of each of moracl's experts: ``config.adapter`` at rank
-    ``experts.rank`` (when set), with ``alpha`` scaled alike so that ``alpha / rank`` (LoRA's
-    scaling) stays the adapter's.
+class ContinualStream(Protocol):
+    """A continual stream as the run reads it (``moracl_scenarios``' ``Stream`` is one): an
+    Avalanche benchmark (``train_stream``, ``test_stream``) and its description."""
 
-    Under a ``router`` that picks ``k > 1`` experts with gates renormalised to sum to 1,
-    ``alpha`` is also multiplied by ``k``: the ``k`` rank-``r`` experts of a token then add up
-    to the scale of one adapter of rank ``k·r`` (with gates summing to 1 they would give half
-    of it for ``k = 2``, and train at half its pace).
-    """
-    base = config.adapter
-    rank = config.experts.rank or base.rank
-    scale = rank / base.rank
-    if router is not None and router.type == "topk" and router.normalize and router.k > 1:
-        scale *= router.k
-    if rank == base.rank and scale == 1:
-        return base
-    data = {**base.to_dict(), "rank": rank}
-    if "alpha" in data:
-        data["alpha"] = float(data["alpha"]) * scale
-    return AdapterConfig.from_dict(data)
+    @property
+    def benchmark(self) -> Any: ...
 
-
-def build_model(name: str, config: RunConfig, encoder: nn.Module, info: Any) -> ContinualClassifier:
-    """The classifier of strategy ``name``: moracl gets a mixture, baselines one adapter."""
-    task_aware = info.setting.value == "task"
-    default: Any = encoder.default_targets
-    targets = list(config.target_modules) or list(default)
-    adapter: AdapterConfig | MixtureConfig = config.adapter
-    e = config.experts
-    infer = name == "moracl" and e.task_inference == "gaussian" and not task_aware
-    if name == "moracl":
-        check_routing(config, task_aware=task_aware)  # what `moracl validate` checks too
-        router = _router(config, task_aware)
-        expert = expert_adapter(config, router)
-        adapter = MixtureConfig(
-            kind=expert.kind,
-            experts=config.experts.per_experience,
-            router=router,
-            groups=(),
-            rank=expert.rank,
-            options={k: v for k, v in expert.to_dict().items() if k not in ("kind", "rank")},
-        )
-    wrapped = MoRAModel(encoder, adapter, target_modules=targets)
-    route = name == "moracl" and _router(config, task_aware).type == "task"
-    by_row = route or (
-        name == "moracl" and (e.route_supervision > 0 or e.balance_router_epochs > 0)
-    )
-    if by_row and hasattr(wrapped.model, "length_buckets"):
-        # per-row task ids and per-row routing targets need every layer's tokens in batch
-        # order: no regrouping of the rows by length
-        setattr(wrapped.model, "length_buckets", 1)  # noqa: B010
-    inference = None
-    if infer:  # (task-incremental rows carry their task: nothing to infer)
-        classes = 1 + max(c for cs in info.experience_classes for c in cs)
-        inference = GaussianTaskInference(
-            len(info.experience_classes), classes, shrinkage=e.inference_shrinkage
-        )
-    return ContinualClassifier(
-        wrapped,
-        int(getattr(encoder, "feature_dim")),  # noqa: B009
-        info.experience_classes,
-        multi_head=task_aware,
-        route_by_task=route,
-        task_inference=inference,
-    )
-
-
-def _optimizer_factory(config: RunConfig) -> Callable[[nn.Module], torch.optim.Optimizer]:
-    train = config.train
-
-    def build(model: nn.Module) -> torch.optim.Optimizer:
-        heads = [
-            p for n, p in model.named_parameters() if p.requires_grad and n.startswith("heads.")
-        ]
-        rest = [
-            p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("heads.")
-        ]
-        groups = [
-            {"params": rest, "lr": train.lr},
-            {"params": heads, "lr": train.head_lr},
-        ]
-        return torch.optim.AdamW(
-            [g for g in groups if g["params"]], weight_decay=train.weight_decay, foreach=True
-        )
-
-    return build
-
-
-def build_strategy(
-    name: str, config: RunConfig, model: ContinualClassifier, device: torch.device
-) -> FastTemplate:
-    """The strategy ``name`` over ``model`` (Avalanche plugins for the baselines)."""
-    from avalanche.training.plugins import EWCPlugin, LwFPlugin
-
-    from moracl.continual.plugins import (
-        BalancedHeadPlugin,
-        SeededReplayPlugin,
-        TaskStatisticsPlugin,
-    )
-
-    t = config.train
-    seed = derive_seed(t.seed, name)
-    common: dict[str, Any] = dict(
-        train_mb_size=t.batch_size,
-        train_epochs=t.epochs,
-        eval_mb_size=t.eval_batch_size,
-        device=device,
-        criterion=nn.CrossEntropyLoss(),
-        loader_seed=seed,
-        name=LABELS.get(name, name),
-        job="moracl run",
-        on_nonfinite=t.on_nonfinite,
-    )
-    factory = _optimizer_factory(config)
-    b = config.baselines
-    if name == "moracl":
-        check_routing(config, task_aware=model.multi_head)
-        growth = GrowthConfig(
-            adapter=expert_adapter(config, _router(config, task_aware=model.multi_head)),
-            experts=config.experts.per_experience,
-            reuse_old=config.experts.reuse_old,
-            freeze_heads=config.experts.freeze_heads,
-        )
-        plugins: list[Any] = []
-        e = config.experts
-        if e.replay_size:
-            replay = SeededReplayPlugin(e.replay_size, seed=seed)
-            if e.balance_head_epochs or e.balance_router_epochs:
-                # before replay: it reads the buffer of earlier experiences
-                balance = BalancedHeadPlugin(
-                    replay,
-                    epochs=e.balance_head_epochs,
-                    lr=e.balance_head_lr,
-                    seed=seed,
-                    router_epochs=e.balance_router_epochs,
-                    router_lr=e.balance_router_lr,
-                    force_routes=e.teacher_forcing,
-                )
-                plugins.append(balance)
-            plugins.append(replay)
-        class_experience = None
-        experience_labels = False
-        if e.route_supervision:
-            try:  # class-incremental: a row's experience is its class's
-                class_experience = model.class_experience()
-            except ValueError:  # domain-incremental: moracl labels each experience's rows
-                experience_labels = True
-        if model.task_inference is not None:
-            # trained through its experience's experts: a row's task label is its experience
-            experience_labels = True
-            plugins.insert(0, TaskStatisticsPlugin(batch_size=t.eval_batch_size))
-        return MoRAStrategy(
-            model=model,
-            optimizer_factory=factory,
-            growth=growth,
-            route_supervision=e.route_supervision,
-            class_experience=class_experience,
-            experience_labels=experience_labels,
-            teacher_forcing=e.teacher_forcing,
-            plugins=plugins,
-            **common,
-        )
-    if name == "naive":
-        return FastTemplate(model=model, optimizer_factory=factory, **common)
-    if name == "ewc":
-        return FastTemplate(
-            model=model, optimizer_factory=factory, plugins=[EWCPlugin(b.ewc_lambda)], **common
-        )
-    if name == "lwf":
-        plugin = LwFPlugin(alpha=b.lwf_alpha, temperature=b.lwf_temperature)
-        return FastTemplate(model=model, optimizer_factory=factory, plugins=[plugin], **common)
-    if name == "replay":
-        plugin = SeededReplayPlugin(b.replay_size, seed=seed)
-        return FastTemplate(model=model, optimizer_factory=factory, plugins=[plugin], **common)
-    if name == "joint":
-        from moracl.continual.plugins import FastJoint
-
-        return FastJoint(model=model, optimizer_factory=factory, **common)
-    raise ValueError(f"unknown strategy {name!r}; expected one of {list(LABELS)}")
-
-
-# -- evaluation -----------------------------------------------------------------------------
-
-
-@dataclass
-class Evaluation:
-    """Accuracy and mean cross-entropy per test experience, with routing diagnostics when
-    the model has mixtures."""
-
-    accuracies: list[float]
-    expert_usage: list[list[float]]
-    task_inference: float | None
-    experts_per_token: float | None
-    losses: list[float] = field(default_factory=list)
-
-
-@torch.no_grad()
-def evaluate(
-    model: ContinualClassifier, tests: Sequence[tuple[Tensor, Tensor, Tensor]], batch_size: int
-) -> Evaluation:
-    """Accuracy and mean cross-entropy of ``model`` on each test experience ``(x, y, t)``;
-    for mixtures also the mean expert usage per experience and, for task-agnostic routing,
-    how often a token's top expert was grown for the sample's own experience (task-inference
-    accuracy; with ``task_inference``, how often a row's inferred experience is its own).
-
-    The cross-entropy is that of the logits as the model gives them, summed in float64: a
-    class the model cannot predict yet (masked with the lowest float) costs about 3.4e38.
-
-    Under data parallelism the batches (the same as in one process) are dealt to the
-    processes in turn and the counts summed, so every process returns the one-process
-    result."""
-    was_training = model.training
-    model.eval()
-    encoder = model.encoder
-    if not isinstance(encoder, MoRAModel):
-        raise TypeError(f"expected a MoRAModel encoder, got {type(encoder).__name__}")
-    mixtures = list(encoder.mixtures())
-    world, me = world_size(), rank()
-    corrects, uses, n_uses, loss_sums = [], [], [], []
-    hits = total = 0.0
-    epts = []
-    for j, (x, y, t) in enumerate(tests):
-        correct, use, n_use = 0, None, 0
-        loss_sum = torch.zeros((), dtype=torch.float64)
-        for b, (xb, yb, tb) in enumerate(TensorBatches((x, y, t), batch_size, shuffle=False)):
-            if b % world != me:
-                continue
-            model.last_inferred = None
-            logits = model(xb, tb)
-            correct += int((logits.argmax(-1) == yb).sum())
-            ce = F.cross_entropy(logits.double(), yb.to(logits.device), reduction="sum")
-            loss_sum = loss_sum + ce.cpu()
-            if model.last_inferred is not None:  # rows routed by their inferred experience
-                hits += float((model.last_inferred == j).sum())
-                total += len(yb)
-            for path, mixture in mixtures:
-                result = encoder.last_routing.get(path)
-                if result is None:
-                    continue
-                u = result.stats.usage.float()
-                use = u if use is None or use.shape != u.shape else use + u
-                n_use += 1
-                epts.append(float(result.stats.experts_per_token))
-                if result.indices is not None and not model.route_by_task:
-                    owner = expert_experience(mixture)[result.indices[:, 0]]
-                    hits += float((owner == j).sum())
-                    total += owner.numel()
-        corrects.append(correct)
-        uses.append(use)
-        n_uses.append(n_use)
-        loss_sums.append(loss_sum)
-    model.train(was_training)
-    epts_sum, epts_n = sum(epts), len(epts)
-    if world > 1:
-        experts = mixtures[0][1].num_experts if mixtures else 0
-        rows = [
-            torch.cat(
-                [
-                    torch.tensor([float(c), float(n)]),
-                    u.cpu().double()
-                    if u is not None
-                    else torch.zeros(experts, dtype=torch.float64),
-                ]
-            )
-            for c, u, n in zip(corrects, uses, n_uses)
-        ]
-        tail = torch.tensor([hits, total, epts_sum, float(epts_n)], dtype=torch.float64)
-        flat = all_reduce_sum(torch.cat([*rows, torch.stack(loss_sums), tail]))
-        hits, total, epts_sum = (float(v) for v in flat[-4:-1])
-        epts_n = round(float(flat[-1]))
-        loss_sums = list(flat[-4 - len(tests) : -4])
-        parts = flat[: -4 - len(tests)].split(2 + experts)
-        corrects = [round(float(p[0])) for p in parts]
-        n_uses = [round(float(p[1])) for p in parts]
-        uses = [p[2:] if n else None for p, n in zip(parts, n_uses)]
-    usage = [[] if u is None else (u / max(n, 1)).tolist() for u, n in zip(uses, n_uses)]
-    return Evaluation(
-        accuracies=[c / len(y) for c, (_, y, _) in zip(corrects, tests)],
-        expert_usage=usage,
-        task_inference=hits / total if total else None,
-        experts_per_token=epts_sum / epts_n if epts_n else None,
-        losses=[float(s) / len(y) for s, (_, y, _) in zip(loss_sums, tests)],
-    )
+    @property
+    def info(self) -> StreamInfo: ...
 
 
 # -- state ----------------------------------------------------------------------------------
+
+
+@dataclass
+class StrategyProgress:
+    """One strategy of a run and what it measured so far."""
+
+    entry: StrategyEntry
+    strategy: FastTemplate
+    matrix: AccuracyMatrix
+    seconds: float = 0.0
+    train_seconds: float = 0.0
+    routing: RoutingDiagnostics | None = None
+    experts_per_token: float | None = None
+
+    @property
+    def model(self) -> ContinualClassifier:
+        """The strategy's classifier."""
+        model = self.strategy.model
+        if not isinstance(model, ContinualClassifier):
+            raise TypeError(f"expected a ContinualClassifier, got {type(model).__name__}")
+        return model
+
+
+@dataclass
+class RunState:
+    """A run between experiences: its strategies, data and results so far.
+
+    Attributes:
+        config: the run's config.
+        run_dir: the run folder.
+        train_exps: the stream's training experiences.
+        tests: each test experience as ``(x, y, t)`` tensors.
+        strategies: per strategy name (in the order runs report them), its progress.
+        results: the results file's content, rebuilt after each experience.
+        frozen: ids of the encoder's tensors (shared by every strategy, never saved).
+        backbone_parameters: the encoder's parameter count.
+        start: the first experience still to train.
+        main: this process writes the run folder (rank 0).
+    """
+
+    config: RunConfig
+    run_dir: Path
+    train_exps: list[Any]
+    tests: list[tuple[Tensor, Tensor, Tensor]]
+    strategies: dict[str, StrategyProgress]
+    results: RunResults
+    frozen: set[int]
+    backbone_parameters: int
+    start: int = 0
+    main: bool = True
+    logger: Any = field(default=None)
+
+    @property
+    def num_experiences(self) -> int:
+        return len(self.train_exps)
 
 
 def _frozen_ids(encoder: nn.Module) -> set[int]:
@@ -390,8 +151,172 @@ def trained_state(model: nn.Module, frozen: set[int]) -> dict[str, Tensor]:
     return out
 
 
-def _count(model: nn.Module, frozen: set[int]) -> int:
-    return sum(p.numel() for p in model.parameters() if id(p) not in frozen)
+def _stateful(strategy: FastTemplate) -> list[StatefulPlugin]:
+    plugins = [p for p in strategy.plugins if isinstance(p, StatefulPlugin)]
+    keys = [p.state_key for p in plugins]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"strategy {strategy.name!r} has plugins sharing a state key: {keys}")
+    return plugins
+
+
+def plugin_states(strategy: FastTemplate) -> dict[str, PluginState]:
+    """Each checkpointed plugin's state, by its ``state_key``."""
+    return {p.state_key: p.state_dict() for p in _stateful(strategy)}
+
+
+def _plugin_tensors(states: dict[str, PluginState]) -> dict[str, Tensor]:
+    return {
+        f"{PLUGIN_PREFIX}{key}.{name}": t
+        for key, s in states.items()
+        for name, t in s.tensors.items()
+    }
+
+
+# -- setup ----------------------------------------------------------------------------------
+
+
+def _check_stream(config: RunConfig, info: StreamInfo) -> None:
+    """The config's scenario and routing against the stream it is given."""
+    setting = Setting(getattr(info.setting, "value", info.setting))
+    wanted = config.scenario.setting
+    if wanted is not None and wanted is not setting:
+        raise ValueError(
+            f"scenario.setting={wanted.value!r} but the stream given is {setting.value!r}"
+        )
+    check_routing(config, task_aware=setting is Setting.TASK)
+
+
+def _setup(
+    config: RunConfig,
+    stream: ContinualStream,
+    encoder: nn.Module,
+    dev: torch.device,
+    ckpt: Checkpoint | None,
+    saved: RunResults | None,
+    world: int,
+) -> RunState:
+    """Build every strategy; a resumed run restores them from ``ckpt``, a new one measures
+    their initial accuracies."""
+    info = stream.info
+    if saved is not None and saved.experiences != list(info.experience_names):
+        where = ckpt.folder if ckpt is not None else config.output_dir
+        raise ValueError(
+            f"{where}: the checkpoint's experiences {saved.experiences} are not the "
+            f"stream's {list(info.experience_names)}; refusing to resume from it"
+        )
+    train_exps = list(stream.benchmark.train_stream)
+    tests = [materialize(e.dataset) for e in stream.benchmark.test_stream]
+    encoder = encoder.to(dev)
+    frozen = _frozen_ids(encoder)
+    backbone = sum(p.numel() for p in encoder.parameters())
+    t = config.train
+    progress: dict[str, StrategyProgress] = {}
+    for name in [n for n in STRATEGIES if n in config.strategies]:
+        torch.manual_seed(derive_seed(t.seed, name, "init"))
+        model = build_model(name, config, encoder, info).to(dev)
+        if config.distributed.shard_backbone:
+            frozen |= {id(p) for p in shard_backbone(model.encoder)}
+        strategy = build_strategy(name, config, model, dev)
+        if world > 1:
+            strategy.plugins.append(DataParallelPlugin(bucket_mb=config.distributed.bucket_mb))
+        matrix = AccuracyMatrix.empty(len(train_exps))
+        progress[name] = StrategyProgress(strategy_entry(name), strategy, matrix)
+    results = RunResults(
+        scenario=info.name,
+        setting=Setting(getattr(info.setting, "value", info.setting)).value,
+        seed=t.seed,
+        experiences=list(info.experience_names),
+        config=to_dict(config),
+    )
+    state = RunState(
+        config, Path(config.output_dir), train_exps, tests, progress, results, frozen, backbone
+    )
+    if ckpt is not None and saved is not None:
+        state.start = ckpt.experience + 1
+        for name, p in progress.items():
+            r = saved.strategies[name]
+            p.matrix, p.routing = r.matrix, r.routing
+            p.seconds, p.train_seconds = r.cost.wall_seconds, r.cost.train_seconds
+            p.experts_per_token = ckpt.state[name].get("experts_per_token")
+            _restore(
+                p.strategy, name, ckpt.tensors[name], ckpt.state[name], train_exps, ckpt.experience
+            )
+    else:
+        for p in progress.values():
+            ev = evaluate(p.model, tests, t.eval_batch_size)
+            p.matrix = p.matrix.set_initial(ev.accuracies)
+    return state
+
+
+# -- one experience -------------------------------------------------------------------------
+
+
+def train_experience(state: RunState, i: int, bar: Any) -> None:
+    """Train every strategy on experience ``i`` (Joint on the whole stream at the last
+    one), evaluate it on every test experience and log row ``i`` of its matrix."""
+    t = state.config.train
+    last = state.num_experiences - 1
+    for name, p in state.strategies.items():
+        label, strategy = p.entry.label, p.strategy
+        if p.entry.trains_once and i < last:
+            bar.update()
+            continue
+        torch.manual_seed(derive_seed(t.seed, name, i))
+        bar.set_postfix_str(f"{label} on experience {i}")
+        began = time.perf_counter()
+        strategy.epoch_listener = _EpochLog(state.logger, bar, label, i, began - p.train_seconds)
+        try:
+            strategy.train(state.train_exps if p.entry.trains_once else state.train_exps[i])
+        finally:
+            strategy.epoch_listener = None
+        # EWC's importances are squared gradients: finite steps can still overflow them
+        assert_finite(
+            _plugin_tensors(plugin_states(strategy)),
+            f"moracl run: strategy {label!r}, experience {i}: its plugin state overflowed "
+            f"(training diverged; lower the learning rate)",
+        )
+        trained = time.perf_counter()
+        ev = evaluate(p.model, state.tests, t.eval_batch_size)
+        p.train_seconds += trained - began
+        p.seconds += time.perf_counter() - began
+        _check_eval_losses(label, i, ev.losses)
+        p.matrix = p.matrix.set_row(i, ev.accuracies)
+        for j, (acc, loss) in enumerate(zip(ev.accuracies, ev.losses)):
+            state.logger.log_eval(
+                label, after_experience=i, eval_experience=j, accuracy=acc, loss=loss
+            )
+        if ev.experts_per_token is not None:
+            p.experts_per_token = ev.experts_per_token
+            p.routing = RoutingDiagnostics(
+                expert_usage=ev.expert_usage, task_inference_accuracy=ev.task_inference
+            )
+        bar.update()
+    _fill_results(state)
+
+
+def _fill_results(state: RunState) -> None:
+    peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
+    for p in state.strategies.values():
+        model = p.model
+        cost = Cost(
+            trainable_parameters=sum(
+                q.numel() for q in model.parameters() if id(q) not in state.frozen
+            ),
+            backbone_parameters=state.backbone_parameters,
+            active_parameters_per_token=_active_per_token(model, p.experts_per_token),
+            wall_seconds=p.seconds,
+            train_seconds=p.train_seconds,
+            peak_memory_bytes=peak,
+        )
+        state.results.strategies[p.entry.name] = StrategyResult(
+            name=p.entry.name,
+            label=p.entry.label,
+            matrix=p.matrix,
+            cost=cost,
+            routing=p.routing,
+            steps=p.strategy.step_guard.steps,
+            skipped_steps=p.strategy.step_guard.skipped,
+        )
 
 
 def _active_per_token(model: ContinualClassifier, experts_per_token: float | None) -> float:
@@ -411,23 +336,106 @@ def _active_per_token(model: ContinualClassifier, experts_per_token: float | Non
     return total + head
 
 
+def _check_eval_losses(label: str, experience: int, losses: Sequence[float]) -> None:
+    """Raise :class:`NonFiniteError` if an evaluation loss is not finite (the model's
+    outputs are not: nothing of it may be logged or saved)."""
+    for j, loss in enumerate(losses):
+        if not math.isfinite(loss):
+            raise NonFiniteError(
+                f"moracl run: strategy {label!r} after experience {experience}: the evaluation "
+                f"loss on experience {j} is {loss}; the model's outputs are not finite"
+            )
+
+
+# -- checkpoints ----------------------------------------------------------------------------
+
+
+def save_run_checkpoint(state: RunState, i: int) -> None:
+    """Checkpoint every strategy after experience ``i`` (rank 0 writes it, with the results
+    and the manifest; the other processes wait until it is complete)."""
+    values: dict[str, Any] = {}
+    tensors: dict[str, dict[str, Tensor]] = {}
+    for name, p in state.strategies.items():
+        strategy = p.strategy
+        plugins = plugin_states(strategy)
+        entry: dict[str, Any] = {
+            "experts_per_token": p.experts_per_token,
+            "steps": strategy.step_guard.steps,  # the global step count of the logs
+            "skipped_steps": strategy.step_guard.skipped,
+            "plugins": {key: s.values for key, s in plugins.items()},
+        }
+        if isinstance(strategy, MoRAStrategy):
+            entry["experiences_prepared"] = strategy.experiences_prepared
+        values[name] = entry
+        tensors[name] = {**trained_state(strategy.model, state.frozen), **_plugin_tensors(plugins)}
+    if state.main:
+        save_checkpoint(state.run_dir, i, tensors, values, {"results": state.results.to_dict()})
+        state.results.save(state.run_dir)
+        write_run_manifest(state.run_dir)  # the run folder's outputs so far
+    barrier()
+
+
+def _restore(
+    strategy: FastTemplate,
+    name: str,
+    tensors: dict[str, Tensor],
+    state: dict[str, Any],
+    train_exps: list[Any],
+    last: int,
+) -> None:
+    """Put a strategy back in the state it had after experience ``last``."""
+    model = strategy.model
+    if isinstance(strategy, MoRAStrategy):
+        strategy.prepare(int(state["experiences_prepared"]) - 1)
+    strategy.clock.train_exp_counter = last + 1  # EWC reads it
+    strategy.step_guard.steps = int(state["steps"])
+    strategy.step_guard.skipped = int(state["skipped_steps"])
+    own = {k: v for k, v in tensors.items() if not k.startswith(PLUGIN_PREFIX)}
+    missing, unexpected = model.load_state_dict(own, strict=False)
+    if unexpected:
+        raise ValueError(f"checkpoint of {name!r} has tensors the model lacks: {unexpected[:5]}")
+    current = dict(model.state_dict(keep_vars=True))
+    lost = [k for k in missing if current[k].requires_grad]
+    if lost:
+        raise ValueError(f"checkpoint of {name!r} lacks trainable tensors: {lost[:5]}")
+    saved_plugins = state.get("plugins", {})
+    for plugin in _stateful(strategy):
+        key = plugin.state_key
+        prefix = f"{PLUGIN_PREFIX}{key}."
+        plugin.load_state_dict(
+            PluginState(
+                tensors={k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)},
+                values=dict(saved_plugins.get(key, {})),
+            ),
+            strategy=strategy,
+            trained=train_exps[: last + 1],
+        )
+
+
 # -- the run --------------------------------------------------------------------------------
 
 
 def run_continual(
     config: RunConfig,
     *,
+    stream: ContinualStream,
+    encoder: nn.Module,
     resume: bool = False,
     progress: bool = True,
     stop_after: int | None = None,
     device: str | torch.device = "cpu",
 ) -> RunResults:
-    """Run ``config``; returns the results (also in ``RUN_DIR/metrics.json``).
+    """Run ``config`` on ``stream`` over ``encoder``; returns the results (also in
+    ``RUN_DIR/metrics.json``).
 
     Args:
         config: the run.
+        stream: the stream to learn (``config.scenario`` describes it; the continual job,
+            :func:`moracl.jobs.continual.run`, builds it from there).
+        encoder: the frozen feature encoder (``feature_dim``, ``default_targets``), shared
+            by every strategy; moved to the run's device.
         resume: continue from the newest checkpoint in ``config.output_dir``; ``config``
-            must be the run's saved config (:func:`moracl.continual.resume.resume_config`
+            must be the run's saved config (:func:`moracl.jobs.continual.resume_config`
             gives it), up to the keys a resumed run may change. A finished run is not
             trained again: its results are returned (and its report rebuilt if missing).
         progress: show progress bars.
@@ -449,26 +457,36 @@ def run_continual(
 
     Raises:
         RunFolderBusyError: another job holds the run folder.
-        ValueError: the output folder already holds a run (or another job's results) and
-            ``resume`` is off; a checkpoint that cannot be trusted or does not match
-            ``config`` (left untouched, as every file of the folder); a log changed since
-            the last checkpoint; a config that does not match the stream.
+        ValueError: a config that fails its checks or does not match the stream; the output
+            folder already holds a run (or another job's results) and ``resume`` is off; a
+            checkpoint that cannot be trusted or does not match ``config`` (left untouched,
+            as every file of the folder); a log changed since the last checkpoint.
         FileNotFoundError: ``resume`` and the folder has no checkpoint.
     """
-    from moracl.preflight import check_config
-
-    check_config(config, device=device)  # what moracl validate checks, before any work
+    check_common(config, device=device)  # fields, output folder, device: before any work
+    _check_stream(config, stream.info)
     with lock_run_folder(config.output_dir, "moracl run"):
         return _run_locked(
-            config, resume=resume, progress=progress, stop_after=stop_after, device=device
+            config,
+            stream,
+            encoder,
+            resume=resume,
+            progress=progress,
+            stop_after=stop_after,
+            device=device,
         )
 
 
-def _open_run_folder(run_dir: Path, config: RunConfig, resume: bool) -> tuple[Any, Any]:
+def _labels(config: RunConfig) -> dict[str, str]:
+    return {n: strategy_entry(n).label for n in STRATEGIES if n in config.strategies}
+
+
+def _open_run_folder(
+    run_dir: Path, config: RunConfig, resume: bool
+) -> tuple[Checkpoint | None, RunResults | None]:
     """Refuse a folder this run must not write, or a checkpoint it must not resume from;
     returns the verified checkpoint and its results so far (``(None, None)`` for a new run).
     """
-    from moracl.continual.metrics import METRICS_FILE
     from moracl.continual.resume import check_resume
     from moracl.report import MANIFEST_FILE, REPORT_FILE, verify_run_manifest
     from moracl.runlock import refuse_earlier_results
@@ -485,8 +503,7 @@ def _open_run_folder(run_dir: Path, config: RunConfig, resume: bool) -> tuple[An
         ckpt = load_checkpoint(run_dir, tensors=False)  # every file verified, none loaded
     except FileNotFoundError:
         raise FileNotFoundError(f"nothing to resume: {run_dir} has no checkpoint") from None
-    labels = {n: LABELS[n] for n in STRATEGIES if n in config.strategies}
-    saved = check_resume(ckpt, config, labels)
+    saved = check_resume(ckpt, config, _labels(config))
     if process_rank() == 0:  # the logs a resumed run appends to must be the run's own
         verify_run_manifest(run_dir, append_only=True)
     ckpt.load_tensors()
@@ -497,8 +514,6 @@ def _finished(run_dir: Path, saved: RunResults) -> RunResults:
     """A resumed run whose checkpoint is after its last experience: nothing to train. Its
     ``metrics.json``, report and manifest are rewritten from the verified checkpoint only
     when they do not match it (a run interrupted after its last checkpoint)."""
-    from moracl.continual.metrics import METRICS_FILE
-    from moracl.report import write_report, write_run_manifest
     from moracl.report.manifest import RunManifestError, verify_run_manifest
 
     if process_rank() != 0:
@@ -529,6 +544,8 @@ def _finished(run_dir: Path, saved: RunResults) -> RunResults:
 
 def _run_locked(
     config: RunConfig,
+    stream: ContinualStream,
+    encoder: nn.Module,
     *,
     resume: bool,
     progress: bool,
@@ -536,150 +553,34 @@ def _run_locked(
     device: str | torch.device,
 ) -> RunResults:
     """:func:`run_continual` with its folder locked."""
-    import moracl_scenarios  # noqa: F401  (registers the streams and encoders)
-    from moracl_scenarios.streams import build_stream, load_encoder
-
-    from moracl.report import RunLogger, write_report, write_run_manifest
-
     run_dir = Path(config.output_dir)
     ckpt, saved = _open_run_folder(run_dir, config, resume)
-    if saved is not None and ckpt.experience + 1 >= len(saved.experiences):
+    if ckpt is not None and saved is not None and ckpt.experience + 1 >= len(saved.experiences):
         return _finished(run_dir, saved)
     env = init_distributed(config.distributed.backend, device)
-    dev, main = env.device, env.is_main
-    t = config.train
-    torch.manual_seed(t.seed)
-    sc = config.scenario
-    stream = build_stream(sc.name, setting=sc.setting, seed=t.seed, **sc.options)
-    info = stream.info
-    if saved is not None and saved.experiences != list(info.experience_names):
-        raise ValueError(
-            f"{ckpt.folder}: the checkpoint's experiences {saved.experiences} are not the "
-            f"stream's {list(info.experience_names)}; refusing to resume from it"
-        )
-    train_exps = list(stream.benchmark.train_stream)
-    tests = [materialize(e.dataset) for e in stream.benchmark.test_stream]
-    num_exp = len(train_exps)
-
-    encoder = load_encoder(info).to(dev)
-    frozen = _frozen_ids(encoder)
-    backbone = sum(p.numel() for p in encoder.parameters())
-    names: list[str] = [n for n in STRATEGIES if n in config.strategies]
-    strategies: dict[str, FastTemplate] = {}
-    for name in names:
-        torch.manual_seed(derive_seed(t.seed, name, "init"))
-        model = build_model(name, config, encoder, info).to(dev)
-        if config.distributed.shard_backbone:
-            frozen |= {id(p) for p in shard_backbone(model.encoder)}
-        strategies[name] = build_strategy(name, config, model, dev)
-        if env.world_size > 1:
-            plugin = DataParallelPlugin(bucket_mb=config.distributed.bucket_mb)
-            strategies[name].plugins.append(plugin)
-
-    from moracl.config import to_dict
-
-    results = RunResults(
-        scenario=info.name,
-        setting=info.setting.value,
-        seed=t.seed,
-        experiences=list(info.experience_names),
-        config=to_dict(config),
-    )
-    matrices = {n: AccuracyMatrix.empty(num_exp) for n in names}
-    seconds = {n: 0.0 for n in names}
-    train_seconds = {n: 0.0 for n in names}
-    routing: dict[str, RoutingDiagnostics] = {}
-    epts: dict[str, float | None] = {n: None for n in names}
-    start = 0
-    if ckpt is not None:
-        start = ckpt.experience + 1
-        for n in names:
-            r = saved.strategies[LABELS[n]]
-            matrices[n] = r.matrix
-            seconds[n] = r.cost.wall_seconds
-            train_seconds[n] = r.cost.train_seconds
-            if r.routing is not None:
-                routing[n] = r.routing
-            epts[n] = ckpt.state[n].get("experts_per_token")
-            _restore(strategies[n], n, ckpt.tensors[n], ckpt.state[n], train_exps, ckpt.experience)
-    else:
-        for n, s in strategies.items():
-            ev = evaluate(s.model, tests, t.eval_batch_size)  # type: ignore[arg-type]
-            matrices[n] = matrices[n].set_initial(ev.accuracies)
-
-    logger: Any = RunLogger(run_dir, resume_after=start - 1) if main else _NoLogger()
+    state = _setup(config, stream, encoder, env.device, ckpt, saved, env.world_size)
+    state.main = env.is_main
+    state.logger = RunLogger(run_dir, resume_after=state.start - 1) if env.is_main else _NoLogger()
+    names = len(state.strategies)
     bar = tqdm(
-        total=(num_exp - start) * len(names), disable=not progress or not main, desc="moracl run"
+        total=(state.num_experiences - state.start) * names,
+        disable=not progress or not env.is_main,
+        desc="moracl run",
     )
     try:
-        for i in range(start, num_exp):
-            for n, strategy in strategies.items():
-                if n == "joint" and i < num_exp - 1:
-                    bar.update()
-                    continue
-                torch.manual_seed(derive_seed(t.seed, n, i))
-                bar.set_postfix_str(f"{LABELS[n]} on experience {i}")
-                began = time.perf_counter()
-                strategy.epoch_listener = _EpochLog(
-                    logger, bar, LABELS[n], i, began - train_seconds[n]
-                )
-                try:
-                    strategy.train(train_exps if n == "joint" else train_exps[i])
-                finally:
-                    strategy.epoch_listener = None
-                # EWC's importances are squared gradients: finite steps can still overflow them
-                assert_finite(
-                    _plugin_tensors(strategy),
-                    f"moracl run: strategy {LABELS[n]!r}, experience {i}: its plugin state "
-                    f"overflowed (training diverged; lower the learning rate)",
-                )
-                trained = time.perf_counter()
-                ev = evaluate(strategy.model, tests, t.eval_batch_size)  # type: ignore[arg-type]
-                train_seconds[n] += trained - began
-                seconds[n] += time.perf_counter() - began
-                _check_eval_losses(LABELS[n], i, ev.losses)
-                matrices[n] = matrices[n].set_row(i, ev.accuracies)
-                for j, (acc, loss) in enumerate(zip(ev.accuracies, ev.losses)):
-                    logger.log_eval(
-                        LABELS[n], after_experience=i, eval_experience=j, accuracy=acc, loss=loss
-                    )
-                if ev.experts_per_token is not None:
-                    epts[n] = ev.experts_per_token
-                    routing[n] = RoutingDiagnostics(
-                        expert_usage=ev.expert_usage, task_inference_accuracy=ev.task_inference
-                    )
-                bar.update()
-            _fill(
-                results,
-                strategies,
-                matrices,
-                seconds,
-                train_seconds,
-                routing,
-                epts,
-                frozen,
-                backbone,
-            )
-            state = {n: _plugin_state(s, epts[n]) for n, s in strategies.items()}
-            tensors = {
-                n: {**trained_state(s.model, frozen), **_plugin_tensors(s)}
-                for n, s in strategies.items()
-            }
-            if main:  # one writer; the others wait until the checkpoint is complete
-                save_checkpoint(run_dir, i, tensors, state, {"results": results.to_dict()})
-                results.save(run_dir)
-                write_run_manifest(run_dir)  # the run folder's outputs so far
-            barrier()
+        for i in range(state.start, state.num_experiences):
+            train_experience(state, i, bar)
+            save_run_checkpoint(state, i)
             if stop_after is not None and i >= stop_after:
                 break
     finally:
         bar.close()
-        logger.close()
-    if main:
+        state.logger.close()
+    if env.is_main:
         write_report(run_dir)
         write_run_manifest(run_dir)  # the outputs as the run leaves them
     barrier()
-    return results
+    return state.results
 
 
 class _NoLogger:
@@ -731,130 +632,3 @@ class _EpochLog:
         self.bar.set_postfix_str(
             f"{self.label} on experience {self.experience}, epoch {record.epoch}: {loss}{skipped}"
         )
-
-
-def _check_eval_losses(label: str, experience: int, losses: Sequence[float]) -> None:
-    """Raise :class:`NonFiniteError` if an evaluation loss is not finite (the model's
-    outputs are not: nothing of it may be logged or saved)."""
-    for j, loss in enumerate(losses):
-        if not math.isfinite(loss):
-            raise NonFiniteError(
-                f"moracl run: strategy {label!r} after experience {experience}: the evaluation "
-                f"loss on experience {j} is {loss}; the model's outputs are not finite"
-            )
-
-
-def _fill(
-    results: RunResults,
-    strategies: dict[str, FastTemplate],
-    matrices: dict[str, AccuracyMatrix],
-    seconds: dict[str, float],
-    train_seconds: dict[str, float],
-    routing: dict[str, RoutingDiagnostics],
-    epts: dict[str, float | None],
-    frozen: set[int],
-    backbone: int,
-) -> None:
-    peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
-    for n, s in strategies.items():
-        model = s.model
-        assert isinstance(model, ContinualClassifier)
-        cost = Cost(
-            trainable_parameters=_count(model, frozen),
-            backbone_parameters=backbone,
-            active_parameters_per_token=_active_per_token(model, epts[n]),
-            wall_seconds=seconds[n],
-            train_seconds=train_seconds[n],
-            peak_memory_bytes=peak,
-        )
-        results.strategies[LABELS[n]] = StrategyResult(
-            name=LABELS[n],
-            matrix=matrices[n],
-            cost=cost,
-            routing=routing.get(n),
-            steps=s.step_guard.steps,
-            skipped_steps=s.step_guard.skipped,
-        )
-
-
-# -- plugin state for checkpoints -------------------------------------------------------------
-
-
-def _plugin_state(strategy: FastTemplate, experts_per_token: float | None) -> dict[str, Any]:
-    from avalanche.training.plugins import LwFPlugin
-
-    state: dict[str, Any] = {"experts_per_token": experts_per_token}
-    state["steps"] = strategy.step_guard.steps  # the global step count of the logs
-    state["skipped_steps"] = strategy.step_guard.skipped
-    if isinstance(strategy, MoRAStrategy):
-        state["experiences_prepared"] = strategy.experiences_prepared
-    for p in strategy.plugins:
-        if isinstance(p, LwFPlugin):
-            state["lwf"] = {
-                "expcount": p.lwf.expcount,
-                "classes": {
-                    str(k): sorted(int(c) for c in v) for k, v in p.lwf.prev_classes_by_task.items()
-                },
-            }
-    return state
-
-
-def _plugin_tensors(strategy: FastTemplate) -> dict[str, Tensor]:
-    from avalanche.training.plugins import EWCPlugin
-
-    out: dict[str, Tensor] = {}
-    for p in strategy.plugins:
-        if isinstance(p, EWCPlugin):
-            for exp, params in p.saved_params.items():
-                for k, v in params.items():
-                    out[f"ewc.saved.{exp}.{k}"] = v.data.detach().clone()
-            for exp, params in p.importances.items():
-                for k, v in params.items():
-                    out[f"ewc.importance.{exp}.{k}"] = v.data.detach().clone()
-    return out
-
-
-def _restore(
-    strategy: FastTemplate,
-    name: str,
-    tensors: dict[str, Tensor],
-    state: dict[str, Any],
-    train_exps: list[Any],
-    last: int,
-) -> None:
-    """Put a strategy back in the state it had after experience ``last``."""
-    from avalanche.training.plugins import EWCPlugin, LwFPlugin
-    from avalanche.training.utils import ParamData
-
-    from moracl.continual.plugins import SeededReplayPlugin
-
-    model = strategy.model
-    assert isinstance(model, ContinualClassifier)
-    if isinstance(strategy, MoRAStrategy):
-        strategy.prepare(int(state["experiences_prepared"]) - 1)
-    strategy.clock.train_exp_counter = last + 1  # EWC reads it
-    strategy.step_guard.steps = int(state.get("steps", 0))  # absent from older checkpoints
-    strategy.step_guard.skipped = int(state.get("skipped_steps", 0))
-    own = {k: v for k, v in tensors.items() if not k.startswith("ewc.")}
-    missing, unexpected = model.load_state_dict(own, strict=False)
-    if unexpected:
-        raise ValueError(f"checkpoint of {name!r} has tensors the model lacks: {unexpected[:5]}")
-    current = dict(model.state_dict(keep_vars=True))
-    lost = [k for k in missing if current[k].requires_grad]
-    if lost:
-        raise ValueError(f"checkpoint of {name!r} lacks trainable tensors: {lost[:5]}")
-    for p in strategy.plugins:
-        if isinstance(p, EWCPlugin):
-            for key, value in tensors.items():
-                if key.startswith("ewc."):
-                    _, kind, exp, pname = key.split(".", 3)
-                    store = p.saved_params if kind == "saved" else p.importances
-                    store[int(exp)][pname] = ParamData(pname, init_tensor=value.clone())
-        if isinstance(p, LwFPlugin) and "lwf" in state:
-            p.lwf.expcount = int(state["lwf"]["expcount"])
-            p.lwf.prev_classes_by_task = {
-                int(k): set(v) for k, v in state["lwf"]["classes"].items()
-            }
-            p.lwf.prev_model = copy.deepcopy(model)
-        if isinstance(p, SeededReplayPlugin):
-            p.rebuild(strategy, train_exps[: last + 1])

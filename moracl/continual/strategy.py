@@ -15,10 +15,9 @@ ends with an :class:`EpochRecord` (mean loss, global step, learning rate, skippe
 
 from __future__ import annotations
 
-import hashlib
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +28,9 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from moracl.adapters.base import AdapterConfig
+from moracl.continual.batches import TensorBatches, derive_seed, materialize
 from moracl.continual.model import ContinualClassifier
+from moracl.continual.parallel import DataParallelPlugin
 from moracl.distributed import all_reduce_sum, world_size
 from moracl.experts.mixture import Mixture
 from moracl.experts.routers.base import LogitRouter
@@ -55,25 +56,6 @@ __all__ = [
 OptimizerFactory = Callable[[nn.Module], Optimizer]
 
 
-def derive_seed(*parts: object) -> int:
-    """A 31-bit seed from any parts (stable across processes, unlike ``hash``)."""
-    digest = hashlib.sha256(repr(parts).encode()).digest()
-    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
-
-
-def materialize(dataset: Any, batch_size: int = 4096) -> tuple[Tensor, Tensor, Tensor]:
-    """All ``(x, y, t)`` of an Avalanche dataset as three stacked tensors, in order."""
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=False, collate_fn=dataset.collate_fn
-    )
-    xs, ys, ts = [], [], []
-    for x, y, t in loader:
-        xs.append(x)
-        ys.append(y)
-        ts.append(t)
-    return torch.cat(xs), torch.cat(ys).long(), torch.cat(ts).long()
-
-
 def quiet_evaluator() -> Any:
     """An Avalanche evaluation plugin with no metrics and no loggers (runs compute their
     accuracy matrix directly); pass your own ``evaluator`` for Avalanche's metrics."""
@@ -84,40 +66,6 @@ def quiet_evaluator() -> Any:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         return EvaluationPlugin(loggers=[])
-
-
-class TensorBatches:
-    """Mini-batches ``[x, y, t]`` of in-memory tensors, reshuffled each pass by a seeded
-    generator: what a ``DataLoader`` over an Avalanche dataset yields, without the per-sample
-    indexing cost."""
-
-    def __init__(
-        self,
-        tensors: tuple[Tensor, Tensor, Tensor],
-        batch_size: int,
-        *,
-        shuffle: bool,
-        seed: int = 0,
-    ) -> None:
-        if batch_size <= 0:
-            raise ValueError(f"batch_size must be > 0, got {batch_size!r}")
-        self.tensors = tensors
-        self.batch_size = batch_size
-        self.shuffle = shuffle
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def __len__(self) -> int:
-        return -(-len(self.tensors[0]) // self.batch_size)
-
-    def __iter__(self) -> Iterator[list[Tensor]]:
-        n = len(self.tensors[0])
-        order = torch.randperm(n, generator=self.generator) if self.shuffle else None
-        for start in range(0, n, self.batch_size):
-            if order is None:
-                yield [t[start : start + self.batch_size] for t in self.tensors]
-            else:
-                idx = order[start : start + self.batch_size]
-                yield [t[idx] for t in self.tensors]
 
 
 @dataclass
@@ -243,8 +191,6 @@ class FastTemplate(SupervisedTemplate):
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         loss = self.loss
         if world_size() > 1:
-            from moracl.continual.parallel import DataParallelPlugin  # (it imports this module)
-
             share = next((p.share for p in self.plugins if isinstance(p, DataParallelPlugin)), None)
             if share is None:
                 raise ValueError(
@@ -323,7 +269,7 @@ class GrowthConfig:
 def expert_experience(mixture: Mixture) -> Tensor:
     """``(e,)`` the experience each expert of ``mixture`` was grown for (its bank's index:
     experience 0 has the initial bank, every growth adds one)."""
-    owners = [torch.full((b.num_experts,), i) for i, b in enumerate(mixture._banks())]
+    owners = [torch.full((b.num_experts,), i) for i, b in enumerate(mixture.expert_banks())]
     return torch.cat(owners)
 
 
@@ -343,7 +289,7 @@ def grow_experts(model: ContinualClassifier, experience: int, growth: GrowthConf
     for _, mixture in mixtures:
         old = mixture.num_experts
         mixture.freeze_experts()
-        newest = mixture._banks()[-1]
+        newest = mixture.expert_banks()[-1]
         bank = mixture.grow(growth.adapter, growth.experts)
         same = type(bank) is type(newest) and bank.config == newest.config
         if growth.warm_start and same and bank.num_experts == newest.num_experts:
@@ -501,7 +447,7 @@ class MoRAStrategy(FastTemplate):
         while self.experiences_prepared <= experience:
             grow_experts(model, self.experiences_prepared, self.growth)
             self.experiences_prepared += 1
-        model.routed_tasks = max(model.routed_tasks, experience + 1)
+        model.route_tasks(experience + 1)
         if self.teacher_forcing:
             set_experience_masks(model, experience + 1)
 
@@ -540,11 +486,8 @@ class MoRAStrategy(FastTemplate):
             return super().forward()
         model = self.model
         assert isinstance(model, ContinualClassifier)
-        model.forced_routes = self.row_experience()  # (b,)
-        try:
+        with model.forced_routes(self.row_experience()):  # (b,)
             return super().forward()
-        finally:
-            model.forced_routes = None
 
     def model_adaptation(self, model: nn.Module | None = None) -> nn.Module:
         if self.is_training:

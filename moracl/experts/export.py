@@ -19,8 +19,8 @@ import torch
 from torch import Tensor
 
 from moracl.checkpoint import CONFIG_NAME, WEIGHTS_NAME, safetensors_bytes, write_files
-from moracl.experts.banks import LoRABank, MoRABank
 from moracl.experts.mixture import Mixture
+from moracl.experts.routers.config import type_name
 from moracl.experts.routers.task import TaskRouter
 from moracl.guard import assert_finite, finite_json
 
@@ -33,7 +33,7 @@ def task_gates(mixture: Mixture, task_id: int) -> Tensor:
     if not isinstance(mixture.router, TaskRouter):
         raise ValueError(
             f"only task-routed mixtures have a fixed update per task; this layer's router is "
-            f"{mixture.router.config.type!r}"
+            f"{type_name(mixture.router.config.type)!r}"
         )
     x = torch.zeros(1, mixture.in_features, device=mixture.router.expert_masks.device)
     return mixture.router(x, task_ids=torch.tensor([task_id], device=x.device)).gates[0]
@@ -45,19 +45,14 @@ def task_lora_factors(mixture: Mixture, task_id: int) -> tuple[Tensor, Tensor]:
     experts with zero gate are left out."""
     gates = task_gates(mixture, task_id)
     downs, ups, start = [], [], 0
-    for bank in mixture._banks():
+    for bank in mixture.expert_banks():
         for j in range(bank.num_experts):
             g = gates[start + j]
             if g == 0:
                 continue
-            if isinstance(bank, LoRABank):
-                downs.append(bank.lora_A[j])  # (r, i)
-                ups.append(bank.lora_B[:, j] * (g * bank.scaling))  # (o, r)
-            elif isinstance(bank, MoRABank):
-                downs.append(bank.M[j] @ bank.op.compress.to(bank.M.dtype))  # (r̂, i)
-                ups.append(bank.op.decompress.to(bank.M.dtype) * g)  # (o, r̂)
-            else:
-                raise ValueError(f"cannot export experts of kind {bank.config.kind!r}")
+            down, up = bank.expert_factors(j)  # (R_j, i), (o, R_j)
+            downs.append(down)
+            ups.append(up * g)
         start += bank.num_experts
     if not downs:
         raise ValueError(f"task {task_id} routes to no expert on this layer")

@@ -3,35 +3,42 @@
 Shape legend: ``n`` tokens (leading dims flattened), ``i``/``o`` layer sizes, ``e`` experts.
 
 ``y = x Wᵀ + b + Σ_e g_e(x) · delta_e(x)`` with ``g`` the router's sparse gates.  Experts live
-in banks of stacked parameters (one bank per kind and growth step); each bank is one
-dense-masked computation (see :mod:`moracl.experts.banks`), so the forward has static shapes,
-no token dispatch and no host synchronisation.
+in banks of stacked parameters (one bank per kind and growth step, see
+:mod:`moracl.experts.banks`); each bank is one dense-masked computation, so the forward has
+static shapes, no token dispatch and no host synchronisation.  How the routing runs is the
+:class:`~moracl.experts.backend.RoutingBackend` (config, or :func:`routing_backend`).
 
 Per-call context — task ids, and where to put the routing result — reaches the mixture
-through :class:`RoutingContext`, which the model wrapper installs before a forward and removes
-after it (see ``MoRAModel.forward``); nothing is stored on the mixture during ``forward``.
+through :class:`~moracl.experts.context.RoutingContext`, which the model wrapper installs
+before a forward and removes after it (see ``MoRAModel.forward``); nothing is stored on the
+mixture during ``forward``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from einops import rearrange
 from torch import Tensor, nn
 
+import moracl.adapters
 import moracl.experts.routers  # noqa: F401  (registers the router types)
-from moracl.adapters.base import Adapter, AdapterConfig, ParamRole, check_adapter_fit
-from moracl.adapters.fused import routed_lora_linear
-from moracl.experts.banks import BANKS, ExpertBank, LoRABank, build_bank
-from moracl.experts.per_sample import SampleRouteOp, expand_result, pool_weights
-from moracl.experts.route_ops import RouteOp
-from moracl.experts.routers.base import Router, build_router
-from moracl.experts.routers.config import RouterConfig
-from moracl.experts.routing import RoutingResult, concat_results, routing_dtype
+from moracl.adapters.base import AdapterConfig, ParamRole, check_adapter_fit
+from moracl.adapters.fused import fused_enabled
+from moracl.experts.backend import RoutingBackend, resolve_backend
+from moracl.experts.banks import BANKS, ExpertBank, build_bank
+from moracl.experts.context import RoutingContext, sample_task_ids, token_task_ids
+from moracl.experts.gating import Gating
+from moracl.experts.per_sample import SampleGating, expand_result, pool_weights
+from moracl.experts.routed_lora import routed_lora_linear
+from moracl.experts.routers.base import Router, TaskIds, as_task_ids
+from moracl.experts.routers.config import RoutePer, RouterConfig
+from moracl.experts.routers.registry import build_router
+from moracl.experts.routing import RoutingResult, routing_dtype
 from moracl.guard import check_int
 from moracl.parse_fields import check_field_types, check_string_keys, show
 
@@ -63,27 +70,39 @@ class MixtureConfig:
     """A mixture of adapter experts, configured like a single adapter.
 
     ``MixtureConfig(kind="lora", rank=16, experts=8, router=RouterConfig(type="topk", k=2))``
-    gives 8 LoRA experts of rank 16; ``options`` are extra fields of the expert kind's config
-    (e.g. ``{"alpha": 32}``).  For experts of several kinds give ``groups`` instead, e.g.
-    ``(ExpertGroup(AdapterConfig(kind="lora", rank=16), 6),
-    ExpertGroup(AdapterConfig(kind="mora", rank=16), 2))``.
+    gives 8 LoRA experts of rank 16 with the kind's default settings.  For other settings of
+    the experts (``alpha``, ...) or experts of several kinds give ``groups`` instead, e.g.
+    ``(ExpertGroup(AdapterConfig(kind="lora", rank=16, alpha=32), 6),
+    ExpertGroup(AdapterConfig(kind="mora", rank=16), 2))``; ``kind``, ``rank`` and ``experts``
+    are then unused.
+
+    Args:
+        kind: the experts' adapter kind (one with a stacked bank: ``lora``, ``mora``).
+        rank: the experts' rank.
+        experts: how many.
+        router: the router (:class:`~moracl.experts.routers.config.RouterConfig`).
+        groups: the experts as typed groups (overrides ``kind``, ``rank``, ``experts``).
+        backend: how the routing runs (:class:`~moracl.experts.backend.RoutingBackend`).
     """
 
     kind: str = "lora"
     rank: int = 8
     experts: int = 4
     router: RouterConfig = field(default_factory=RouterConfig)
-    options: Mapping[str, Any] | tuple[tuple[str, Any], ...] = ()
     groups: tuple[ExpertGroup, ...] = ()
+    backend: RoutingBackend = RoutingBackend.AUTO
 
     def __post_init__(self) -> None:
-        if isinstance(self.options, Mapping):
-            object.__setattr__(self, "options", tuple(sorted(self.options.items())))
         if isinstance(self.router, Mapping):
             object.__setattr__(self, "router", RouterConfig.from_dict(self.router))
+        if not isinstance(self.router, RouterConfig):
+            raise ValueError(f"router must be a RouterConfig, got {type(self.router).__name__}")
         groups = tuple(_group_from_dict(g, f"groups[{i}]") for i, g in enumerate(self.groups))
         object.__setattr__(self, "groups", groups)
-        if not groups and (not isinstance(self.experts, int) or self.experts <= 0):
+        object.__setattr__(self, "backend", RoutingBackend.parse(self.backend))
+        if not groups and (
+            not isinstance(self.experts, int) or isinstance(self.experts, bool) or self.experts <= 0
+        ):
             raise ValueError(f"experts must be a positive integer, got {self.experts!r}")
         self.expert_groups()  # validates the expert configs
 
@@ -91,14 +110,7 @@ class MixtureConfig:
         """The banks this mixture starts with."""
         if self.groups:
             return list(self.groups)
-        options = dict(self.options)
-        clash = sorted({"kind", "rank"} & set(options))
-        if clash:
-            raise ValueError(f"options must not repeat {clash}: set them on the mixture itself")
-        try:
-            adapter = AdapterConfig.from_dict({**options, "kind": self.kind, "rank": self.rank})
-        except ValueError as e:
-            raise ValueError(f"options: {e}") from None
+        adapter = AdapterConfig.from_dict({"kind": self.kind, "rank": self.rank})
         return [ExpertGroup(adapter, self.experts)]
 
     @property
@@ -112,29 +124,31 @@ class MixtureConfig:
             "rank": self.rank,
             "experts": self.experts,
             "router": self.router.to_dict(),
-            "options": dict(self.options),
             "groups": [{"adapter": g.adapter.to_dict(), "count": g.count} for g in self.groups],
+            "backend": self.backend.value,
         }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> MixtureConfig:
         """Build from a plain mapping (``to_dict``'s form, parsed JSON or YAML); anything
-        malformed raises ``ValueError`` naming the key and what was expected."""
+        malformed raises ``ValueError`` naming the key and what was expected.
+
+        The key ``options`` of earlier forms (extra fields of the experts' config) is read as
+        one typed group: ``groups=[{adapter: {kind, rank, **options}, count: experts}]``."""
         data = dict(check_string_keys(data, "a mixture config"))
         if data.pop("mixture", True) is not True:
             raise ValueError("mixture must be true in a mixture config")
+        options = data.pop("options", None)
         valid = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - valid)
         if unknown:
             raise ValueError(f"unknown key(s) {unknown} for a mixture; valid keys: {sorted(valid)}")
-        check_field_types(cls, data, skip=("router", "options", "groups"))
+        check_field_types(cls, data, skip=("router", "groups"))
         if "router" in data and not isinstance(data["router"], RouterConfig):
             try:
                 data["router"] = RouterConfig.from_dict(data["router"])
             except ValueError as e:
                 raise ValueError(f"router: {e}") from None
-        if "options" in data and not isinstance(data["options"], tuple):
-            data["options"] = dict(check_string_keys(data["options"], "options"))
         if "groups" in data:
             groups = data["groups"]
             if not isinstance(groups, (list, tuple)):
@@ -144,7 +158,25 @@ class MixtureConfig:
             data["groups"] = tuple(
                 _group_from_dict(g, f"groups[{i}]") for i, g in enumerate(groups)
             )
+        if options:
+            data["groups"] = _options_group(data, options)
         return cls(**data)
+
+
+def _options_group(data: dict[str, Any], options: Any) -> tuple[ExpertGroup, ...]:
+    """The typed group an earlier form's ``options`` describe."""
+    options = dict(check_string_keys(options, "options"))
+    clash = sorted({"kind", "rank"} & set(options))
+    if clash:
+        raise ValueError(f"options must not repeat {clash}: set them on the mixture itself")
+    if data.get("groups"):
+        raise ValueError("options and groups both configure the experts; give groups only")
+    kind, rank = data.get("kind", "lora"), data.get("rank", 8)
+    try:
+        adapter = AdapterConfig.from_dict({**options, "kind": kind, "rank": rank})
+    except ValueError as e:
+        raise ValueError(f"options: {e}") from None
+    return (ExpertGroup(adapter, data.get("experts", 4)),)
 
 
 def _group_from_dict(data: Any, where: str) -> ExpertGroup:
@@ -177,7 +209,7 @@ MAX_TASKS = 65536
 
 def _router_configs(config: RouterConfig, path: str = "router") -> list[tuple[str, RouterConfig]]:
     out = [(path, config)]
-    for name in ("outer", "inner"):
+    for name in config.nested:
         nested = getattr(config, name)
         if isinstance(nested, RouterConfig):
             out += _router_configs(nested, f"{path}.{name}")
@@ -221,98 +253,72 @@ def check_expert_count(count: int, where: str = "a layer") -> None:
         )
 
 
-@dataclass
-class RoutingContext:
-    """What the model wrapper hands its mixtures for one forward.
+class Mixture(nn.Module):
+    """Experts (in banks) and a router on one layer.
 
-    Attributes:
-        task_ids: ``(b,)`` one task id per batch row (or ``(n,)`` per token), or ``None``.
-        results: filled by each mixture with its :class:`RoutingResult` (see
-            :meth:`record`).
-        router_inputs: a dict to fill with each mixture's router input (see
-            :meth:`keep_input`), or ``None`` to keep none.
+    Build one from a config with :meth:`from_config`, or from its parts:
+    ``Mixture(banks=[...], router=router)``.  To its layer it offers what an adapter does
+    (:meth:`fused_forward`, ``forward(x, base_out, weight=, bias=)``, :meth:`delta`,
+    :meth:`param_roles`, ...).
+
+    Args:
+        banks: the expert banks, in expert order (all of one ``in -> out`` layer).
+        router: routes over the banks' experts together.
+        backend: how the routing runs (:func:`~moracl.experts.backend.routing_backend`
+            overrides it for a block).
     """
 
-    task_ids: Tensor | None = None
-    results: dict[nn.Module, RoutingResult] = field(default_factory=dict)
-    router_inputs: dict[nn.Module, Tensor] | None = None
-    _per_token: dict[tuple[int, ...], Tensor] = field(default_factory=dict)
+    needs_weight: ClassVar[bool] = False
 
-    def keep_input(self, mixture: nn.Module, routed: Tensor) -> None:
-        """Keep what ``mixture``'s router read: ``(n, i)`` tokens, or ``(b, i)`` samples' means
-        for a router per sample (calls concatenated in call order; in the graph, so a loss on
-        them reaches the layers below); only when :attr:`router_inputs` is a dict
-        (``MoRAModel.record_router_inputs``)."""
-        if self.router_inputs is None:
-            return
-        old = self.router_inputs.get(mixture)
-        self.router_inputs[mixture] = routed if old is None else torch.cat([old, routed])
+    def __init__(
+        self,
+        *,
+        banks: Sequence[ExpertBank],
+        router: Router,
+        backend: RoutingBackend = RoutingBackend.AUTO,
+    ) -> None:
+        super().__init__()
+        banks = list(banks)
+        if not banks or not all(isinstance(b, ExpertBank) for b in banks):
+            raise ValueError(f"banks must be a non-empty list of ExpertBank, got {banks!r}")
+        shapes = {(b.in_features, b.out_features) for b in banks}
+        if len(shapes) != 1:
+            raise ValueError(
+                f"the banks must share one layer shape (in, out), got {sorted(shapes)}"
+            )
+        if not isinstance(router, Router):
+            raise ValueError(f"router must be a Router, got {type(router).__name__}")
+        ((self.in_features, self.out_features),) = shapes
+        total = sum(b.num_experts for b in banks)
+        if router.num_experts != total or router.in_features != self.in_features:
+            raise ValueError(
+                f"the router routes {router.num_experts} experts of {router.in_features} inputs; "
+                f"the banks hold {total} experts of {self.in_features} inputs"
+            )
+        self.banks = nn.ModuleList(banks)
+        self.router = router
+        self.backend = RoutingBackend.parse(backend)
+        self.context: RoutingContext | None = None
 
-    def record(self, mixture: nn.Module, result: RoutingResult) -> None:
-        """Keep ``mixture``'s routing of this forward. A mixture called more than once (an
-        encoder running groups of rows separately, a block repeated) gets the calls' tokens
-        concatenated in call order (:func:`~moracl.experts.routing.concat_results`)."""
-        old = self.results.get(mixture)
-        self.results[mixture] = result if old is None else concat_results(old, result)
-
-    def token_ids(self, lead: torch.Size) -> Tensor | None:
-        """The task ids per token for an input with leading shape ``lead``; one tensor per
-        shape, shared by every layer (so its range is checked once per forward)."""
-        if self.task_ids is None:
-            return None
-        key = tuple(lead)
-        if key not in self._per_token:
-            self._per_token[key] = token_task_ids(self.task_ids, lead)
-        return self._per_token[key]
-
-
-def sample_task_ids(task_ids: Tensor | None, lead: torch.Size) -> Tensor | None:
-    """Per-row ``(b,)`` task ids, checked against an input with leading shape ``lead``, for a
-    router that routes per sample (``None`` passes through)."""
-    if task_ids is None:
-        return None
-    b = lead[0] if len(lead) else 1
-    if task_ids.ndim != 1 or task_ids.shape[0] != b:
-        raise ValueError(
-            f"per-sample routing needs one task id per batch row ({b}), got task_ids of shape "
-            f"{tuple(task_ids.shape)} for an input with leading shape {tuple(lead)}"
-        )
-    return task_ids
-
-
-def token_task_ids(task_ids: Tensor, lead: torch.Size) -> Tensor:
-    """Per-row ``(b,)`` (or per-token) task ids -> one per token ``(n,)`` for input ``lead``."""
-    n = lead.numel()
-    if task_ids.ndim == 1 and task_ids.shape[0] == n:
-        return task_ids
-    if task_ids.ndim == 1 and len(lead) >= 1 and task_ids.shape[0] == lead[0]:
-        return task_ids.view(-1, *([1] * (len(lead) - 1))).expand(lead).reshape(n)
-    raise ValueError(
-        f"task_ids of shape {tuple(task_ids.shape)} fit neither the batch ({lead[0]} rows) nor "
-        f"the tokens ({n}) of an input with leading shape {tuple(lead)}"
-    )
-
-
-class Mixture(Adapter):
-    """Experts (in banks) and a router on one layer; an :class:`Adapter` to the layer."""
-
-    def __init__(self, in_features: int, out_features: int, config: MixtureConfig) -> None:
+    @classmethod
+    def from_config(cls, in_features: int, out_features: int, config: MixtureConfig) -> Mixture:
+        """The mixture ``config`` describes on an ``in_features -> out_features`` layer."""
         check_mixture_fit(in_features, out_features, config)  # before any allocation
-        rank = config.expert_groups()[0].adapter.rank
-        super().__init__(in_features, out_features, AdapterConfig(kind="lora", rank=rank))
-        self.mixture_config = config
-        self.banks = nn.ModuleList(
+        banks = [
             build_bank(in_features, out_features, g.adapter, g.count)
             for g in config.expert_groups()
+        ]
+        router = build_router(
+            config.router, in_features, sum(g.count for g in config.expert_groups())
         )
-        self.router: Router = build_router(config.router, in_features, self.num_experts)
-        self.context: RoutingContext | None = None
+        return cls(banks=banks, router=router, backend=config.backend)
 
     @property
     def num_experts(self) -> int:
-        return sum(b.num_experts for b in self._banks())
+        return sum(b.num_experts for b in self.expert_banks())
 
-    def _banks(self) -> list[ExpertBank]:
+    def expert_banks(self) -> list[ExpertBank]:
+        """The banks, in expert order."""
         return [b for b in self.banks if isinstance(b, ExpertBank)]
 
     # -- routing and compute ------------------------------------------------------------
@@ -320,26 +326,24 @@ class Mixture(Adapter):
     def per_sample(self) -> bool:
         """Whether the router routes whole samples (``per="sample"``, see
         :mod:`moracl.experts.per_sample`) rather than tokens."""
-        return self.router.config.per == "sample"
+        return getattr(self.router.config, "per", RoutePer.TOKEN) is RoutePer.SAMPLE
 
-    def route(self, x: Tensor, task_ids: Tensor | None = None) -> RoutingResult:
-        """Gates for ``x (..., i)``; ``task_ids`` per batch row or per token (per batch row
-        for a router that routes per sample)."""
-        if self.per_sample:
-            return self._route_samples(x, task_ids)
-        x2 = x.reshape(-1, self.in_features)
-        tid = None if task_ids is None else token_task_ids(task_ids, x.shape[:-1])
-        return self.router(x2, task_ids=tid)
-
-    def _route_samples(self, x: Tensor, task_ids: Tensor | None) -> RoutingResult:
-        """Route each row of ``x (b, t..., i)`` by the mean of its tokens (padding left out
-        under a declared :func:`~moracl.experts.per_sample.token_mask`)."""
+    def route(self, x: Tensor, task_ids: Tensor | TaskIds | None = None) -> RoutingResult:
+        """Gates for ``x (..., i)`` through the router's own ``route`` (the ``naive``
+        backend's routing); ``task_ids`` per batch row or per token (per batch row for a
+        router that routes per sample)."""
         lead = x.shape[:-1]
-        pooled = self._pooled(x)  # (b, i)
-        result = self.router(pooled, task_ids=sample_task_ids(task_ids, lead))
-        if self.context is not None:
-            self.context.keep_input(self, pooled)
-        return expand_result(result, lead[1:].numel())
+        if self.per_sample:
+            ids = None
+            if task_ids is not None:
+                ids = as_task_ids(
+                    task_ids if isinstance(task_ids, TaskIds) else sample_task_ids(task_ids, lead)
+                )
+            return expand_result(self.router(self._pooled(x), task_ids=ids), lead[1:].numel())
+        tid: Tensor | TaskIds | None = task_ids
+        if isinstance(task_ids, Tensor):
+            tid = token_task_ids(task_ids, lead)
+        return self.router(x.reshape(-1, self.in_features), task_ids=tid)
 
     def _pooled(self, x: Tensor) -> Tensor:
         """``(b, i)`` each row's mean token input (see :func:`pool_weights`)."""
@@ -347,24 +351,27 @@ class Mixture(Adapter):
         b, t = w.shape
         return torch.einsum("bt,bti->bi", w, x.reshape(b, t, self.in_features))
 
-    def _route_in_context(self, x: Tensor) -> RoutingResult:
+    def _task_ids(self, lead: torch.Size) -> TaskIds | None:
         ctx = self.context
         if ctx is None:
-            return self.route(x)
-        if self.per_sample:
-            result = self._route_samples(x, ctx.task_ids)
-        else:
-            x2 = x.reshape(-1, self.in_features)
-            result = self.router(x2, task_ids=ctx.token_ids(x.shape[:-1]))
-            ctx.keep_input(self, x2)
-        ctx.record(self, result)
-        return result
+            return None
+        return ctx.sample_ids(lead) if self.per_sample else ctx.token_ids(lead)
+
+    def _keep_input(self, x: Tensor) -> None:
+        ctx = self.context
+        if ctx is not None and ctx.router_inputs is not None:
+            routed = self._pooled(x) if self.per_sample else x.reshape(-1, self.in_features)
+            ctx.keep_input(self, routed)
+
+    def _record(self, result: RoutingResult) -> None:
+        if self.context is not None:
+            self.context.record(self, result)
 
     def mix(self, x: Tensor, gates: Tensor) -> Tensor:
         """``Σ_e gates[:, e] · delta_e(x)`` for ``x (..., i)``, ``gates (n, e)``: ``(..., o)``."""
         x2 = x.reshape(-1, self.in_features)
         out, start = None, 0
-        for bank in self._banks():
+        for bank in self.expert_banks():
             part = bank.delta(x2, gates[:, start : start + bank.num_experts])
             out = part if out is None else out + part
             start += bank.num_experts
@@ -372,45 +379,61 @@ class Mixture(Adapter):
         return out.view(*x.shape[:-1], self.out_features)
 
     def delta(self, x: Tensor, *, weight: Tensor | None = None) -> Tensor:
-        result = self._route_in_context(x)
-        return self.mix(self._input(x, self._dtype()), result.gates)
+        """The update for ``x (..., i)``, routed in this forward's context: ``(..., o)``."""
+        lead = x.shape[:-1]
+        result = self.route(x, self._task_ids(lead))
+        self._keep_input(x)
+        self._record(result)
+        x = _cast(x, self._dtype())
+        if resolve_backend(self.backend, x.device) is RoutingBackend.NAIVE:
+            return self.naive_delta(x, result.gates)
+        return self.mix(x, result.gates)
+
+    def _fusable(self) -> ExpertBank | None:
+        banks = self.expert_banks()
+        if len(banks) == 1 and banks[0].fusable:
+            return banks[0]
+        return None
 
     def fused_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor | None:
-        """One LoRA bank (the common case): the frozen matmul, the router and the gated
-        experts in one autograd node (see :func:`moracl.adapters.fused.routed_lora_linear`)."""
-        banks = self._banks()
-        if len(banks) != 1 or not isinstance(banks[0], LoRABank):
+        """The whole output ``x Wᵀ + b + Σ_e g_e(x) · delta_e(x)`` as the backend computes it:
+        one LoRA bank under a backend other than ``naive`` runs the frozen matmul, the router
+        and the gated experts in one autograd node (:mod:`moracl.experts.routed_lora`);
+        ``None`` otherwise (the layer then adds :meth:`delta`)."""
+        bank = self._fusable()
+        backend = resolve_backend(self.backend, x.device)
+        if bank is None or backend is RoutingBackend.NAIVE or not fused_enabled():
             return None
-        if self.training and self.mixture_config.expert_groups()[0].adapter.dropout > 0:
-            return None
-        bank = banks[0]
-        a = rearrange(bank.lora_A, "e r i -> (e r) i")
-        b = rearrange(bank.lora_B, "o e r -> o (e r)")
-        ctx = self.context
-        op: RouteOp
+        lora_a, lora_b = bank.get_parameter("lora_A"), bank.get_parameter("lora_B")
+        a = rearrange(lora_a, "e r i -> (e r) i")
+        b = rearrange(lora_b, "o e r -> o (e r)")
+        scaling = float(getattr(bank, "scaling"))  # noqa: B009  (a fusable bank's LoRA scale)
+        lead = x.shape[:-1]
+        gating: Gating = self.router.gating(self._task_ids(lead), backend)
         if self.per_sample:
-            lead = x.shape[:-1]
-            w = pool_weights(lead, x.device, routing_dtype(x.dtype))  # (b, t)
-            tid = None if ctx is None else sample_task_ids(ctx.task_ids, lead)
-            op = SampleRouteOp(self.router.route_op(tid), w)
-        else:
-            op = self.router.route_op(None if ctx is None else ctx.token_ids(x.shape[:-1]))
-        if ctx is not None and ctx.router_inputs is not None:
-            x2 = x.reshape(-1, self.in_features)
-            ctx.keep_input(self, self._pooled(x) if self.per_sample else x2)
+            gating = SampleGating(gating, pool_weights(lead, x.device, routing_dtype(x.dtype)))
+        self._keep_input(x)
         r = self.router.logit_weights()
-        out, gates, probs, aux = routed_lora_linear(x, weight, bias, a, b, r, bank.scaling, op)
-        if ctx is not None:
-            ctx.record(self, op.result(gates, probs, aux))
+        out, routed = routed_lora_linear(x, weight, bias, a, b, r, scaling, gating)
+        if self.context is not None:
+            aux = dict(zip(gating.aux_names, routed.aux))
+            result = self.router.result(
+                routed.gates, routed.probs, routed.chosen, routed.indices, aux
+            )
+            self.context.record(self, result)
         return out
 
     def forward(
         self, x: Tensor, base_out: Tensor, *, weight: Tensor, bias: Tensor | None
     ) -> Tensor:
+        """``base_out (..., o)`` plus this mixture's update for ``x (..., i)``."""
         return base_out + self.delta(x, weight=weight).to(base_out.dtype)
 
     def _dtype(self) -> torch.dtype:
         return next(self.banks.parameters()).dtype
+
+    def initialize(self, weight: Tensor) -> None:
+        """Nothing to derive from the frozen weight (experts start as their kinds do)."""
 
     # -- dense forms ----------------------------------------------------------------------
     def delta_weight(self, weight: Tensor | None = None, gates: Tensor | None = None) -> Tensor:
@@ -423,7 +446,7 @@ class Mixture(Adapter):
                 f"gates must have shape ({self.num_experts},), got {tuple(gates.shape)}"
             )
         total, start = None, 0
-        for bank in self._banks():
+        for bank in self.expert_banks():
             for j in range(bank.num_experts):
                 w = gates[start + j] * bank.expert_weight(j)
                 total = w if total is None else total + w
@@ -436,9 +459,9 @@ class Mixture(Adapter):
         x2 = x.reshape(-1, self.in_features)
         out = torch.zeros(x2.shape[0], self.out_features, dtype=x2.dtype, device=x2.device)
         start = 0
-        for bank in self._banks():
+        for bank in self.expert_banks():
             for j in range(bank.num_experts):
-                out = out + gates[:, start + j, None] * bank.expert_delta(x2, j)
+                out = out + gates[:, start + j, None].to(x2.dtype) * bank.expert_delta(x2, j)
             start += bank.num_experts
         return out.view(*x.shape[:-1], self.out_features)
 
@@ -455,18 +478,31 @@ class Mixture(Adapter):
 
     def freeze_experts(self) -> None:
         """Freeze every existing expert (their tensors then never change)."""
-        for bank in self._banks():
+        for bank in self.expert_banks():
             bank.frozen = True
             bank.requires_grad_(False)
 
     def is_trainable(self, name: str) -> bool:
+        """Whether parameter ``name`` trains while this mixture is active."""
         if name.startswith("banks."):
-            return not self._banks()[int(name.split(".")[1])].frozen
+            return not self.expert_banks()[int(name.split(".")[1])].frozen
         return True
 
+    def num_parameters(self, trainable_only: bool = True) -> int:
+        """Number of (trainable) parameters of this mixture."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
     def param_roles(self) -> dict[str, ParamRole]:
+        """Empty: the banks and the router tag their own parameters."""
         return {}
 
     def extra_repr(self) -> str:
-        kinds = [f"{b.config.kind}×{b.num_experts}" for b in self._banks()]
+        kinds = [f"{b.config.kind}×{b.num_experts}" for b in self.expert_banks()]
         return f"in={self.in_features}, out={self.out_features}, experts={kinds}"
+
+
+def _cast(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """``x`` in the experts' dtype unless autocast casts it."""
+    if x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
+        return x.to(dtype)
+    return x

@@ -7,7 +7,7 @@ A router configured with ``per="sample"`` routes the mean of a sample's token in
 every token of the sample gets that routing.  Routers score inputs linearly (``x Wᵀ``), so
 the router's logits of the mean input are the mean of its tokens' logits: a mixture that
 computes per-token logits in its own matmul (the fused node) pools those instead
-(:class:`SampleRouteOp`), at no extra pass over the activations.
+(:class:`SampleGating`), at no extra pass over the activations.
 
 Padding.  Inputs padded to a common length carry positions that are not tokens; a model that
 knows its padding declares it for the duration of a forward with :func:`token_mask`, and
@@ -20,15 +20,16 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
-from moracl.experts.route_ops import RouteOp
+from moracl.experts.gating import Gating, Routed, RouteGrads
 from moracl.experts.routing import RoutingResult
 
 __all__ = [
-    "SampleRouteOp",
+    "SampleGating",
     "current_token_mask",
     "expand_result",
     "pool_weights",
@@ -100,75 +101,61 @@ def expand_result(result: RoutingResult, t: int) -> RoutingResult:
     )
 
 
-class SampleRouteOp(RouteOp):
+class SampleSaved(NamedTuple):
+    """What :class:`SampleGating`'s backward reads."""
+
+    dtype: torch.dtype  # the logits' dtype
+    inner: Any  # the inner gating's record
+
+
+class SampleGating(Gating):
     """Per-sample routing on per-token logits: pool ``logits (n, l)`` to ``(b, l)`` with
     ``weights (b, t)`` (in the routing dtype), route the samples with ``inner`` (built for
-    ``b`` rows), and give every token its sample's gates and probabilities.  Backward: the
-    tokens' gradients summed per sample, through ``inner``, then spread back over the tokens
-    by their weights."""
+    ``b`` rows), and give every token its sample's routing.  Backward: the tokens' gradients
+    summed per sample, through ``inner``, then spread back over the tokens by their
+    weights."""
 
-    def __init__(self, inner: RouteOp, weights: Tensor) -> None:
+    def __init__(self, inner: Gating, weights: Tensor) -> None:
         self.inner = inner
         self.weights = weights  # (b, t)
-        self.aux_names = ()
-        self._sample: tuple[Tensor, Tensor] | None = None  # gates, probs (b, e)
-        self._dtype = weights.dtype  # the logits' dtype, set by forward
+        self.aux_names = inner.aux_names
 
-    @property
-    def _shape(self) -> tuple[int, int]:
+    def inputs(self) -> tuple[Tensor, ...]:
+        return self.inner.inputs()
+
+    def route(self, logits: Tensor) -> tuple[Routed, SampleSaved]:
         b, t = self.weights.shape
-        return b, t
-
-    def forward(self, logits: Tensor) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
-        b, t = self._shape
         if logits.shape[0] != b * t:
             raise ValueError(
                 f"per-sample routing of {b} samples of {t} tokens got logits for "
                 f"{logits.shape[0]} tokens"
             )
-        self._dtype = logits.dtype
         w = self.weights  # in the routing dtype (at least float32)
         pooled = torch.einsum("bt,btl->bl", w, logits.view(b, t, -1).to(w.dtype))  # (b, l)
-        gates, probs, aux = self.inner.forward(pooled)  # (b, e) each
-        self.aux_names = self.inner.aux_names
-        self._sample = (gates, probs)
-        return expand_rows(gates, t), expand_rows(probs, t), aux
+        routed, saved = self.inner.route(pooled)  # (b, e) each
+        indices = None if routed.indices is None else expand_rows(routed.indices, t)
+        expanded = Routed(
+            expand_rows(routed.gates, t),
+            expand_rows(routed.probs, t),
+            expand_rows(routed.chosen, t),
+            indices,
+            routed.aux,
+        )
+        return expanded, SampleSaved(logits.dtype, saved)
 
-    def backward(
-        self,
-        grad_gates: Tensor | None,
-        grad_probs: Tensor | None,
-        grad_aux: tuple[Tensor | None, ...],
-    ) -> Tensor:
-        b, t = self._shape
+    def routes_gradient(self, saved: SampleSaved) -> bool:
+        return self.inner.routes_gradient(saved.inner)
+
+    def route_backward(
+        self, saved: SampleSaved, grads: RouteGrads
+    ) -> tuple[Tensor, tuple[Tensor | None, ...]]:
+        b, t = self.weights.shape
 
         def per_sample(g: Tensor | None) -> Tensor | None:
             return None if g is None else g.view(b, t, -1).sum(1)  # (b, e)
 
-        grad = self.inner.backward(per_sample(grad_gates), per_sample(grad_probs), grad_aux)
+        inner = RouteGrads(per_sample(grads.gates), per_sample(grads.probs), grads.aux)
+        grad, input_grads = self.inner.route_backward(saved.inner, inner)
         w = self.weights.to(grad.dtype)
-        return (w[:, :, None] * grad[:, None, :]).reshape(b * t, -1).to(self._dtype)  # (n, l)
-
-    def routes_gradient(self) -> bool:
-        return self.inner.routes_gradient()
-
-    def inputs(self) -> tuple[Tensor, ...]:
-        return self.inner.inputs()
-
-    def input_grads(self) -> tuple[Tensor | None, ...]:
-        return self.inner.input_grads()
-
-    def result(self, gates: Tensor, probs: Tensor, aux: tuple[Tensor, ...]) -> RoutingResult:
-        """The tokens' routing: the node's ``gates``, ``probs (n, e)`` (so gradients reach the
-        routing through them), the samples' choices repeated per token."""
-        assert self._sample is not None, "result before forward"
-        t = self._shape[1]
-        sample = self.inner.result(*self._sample, aux)
-        return RoutingResult(
-            gates=gates,
-            probs=probs,
-            chosen=expand_rows(sample.chosen, t),
-            indices=None if sample.indices is None else expand_rows(sample.indices, t),
-            aux_losses=sample.aux_losses,
-            aux_weights=sample.aux_weights,
-        )
+        spread = (w[:, :, None] * grad[:, None, :]).reshape(b * t, -1)  # (n, l)
+        return spread.to(saved.dtype), input_grads

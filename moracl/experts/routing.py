@@ -71,7 +71,12 @@ def _one_hot(indices: Tensor, e: int) -> Tensor:
 
 def scatter_k(indices: Tensor, values: Tensor, e: int) -> Tensor:
     """``(n, e)`` zeros with ``values (n, k)`` at ``indices (n, k)`` (distinct per row); for
-    bool ``values`` the marked columns.  Elementwise, so a compiler fuses it."""
+    bool ``values`` the marked columns.  Under ``torch.compile`` elementwise (one-hot
+    products, which the compiler fuses with the rest of the routing), else one ``scatter``
+    (fewer kernels when run eagerly); the two give the same values bit for bit."""
+    if not torch.compiler.is_compiling():
+        out = values.new_zeros((*indices.shape[:-1], e))
+        return out.scatter(-1, indices, values)
     hot = _one_hot(indices, e)
     if values.dtype == torch.bool:
         return (hot & values[..., None]).any(-2)
@@ -79,7 +84,10 @@ def scatter_k(indices: Tensor, values: Tensor, e: int) -> Tensor:
 
 
 def gather_k(x: Tensor, indices: Tensor) -> Tensor:
-    """``x (n|1, e)`` at ``indices (n, k)``: ``(n, k)``, as ``x.gather(-1, indices)``."""
+    """``x (n|1, e)`` at ``indices (n, k)``: ``(n, k)``, as ``x.gather(-1, indices)``
+    (elementwise under ``torch.compile``, as :func:`scatter_k`; the same values)."""
+    if not torch.compiler.is_compiling():
+        return x.expand(indices.shape[0], -1).gather(-1, indices)
     hot = _one_hot(indices, x.shape[-1])
     if x.dtype == torch.bool:
         return (hot & x[..., None, :]).any(-1)

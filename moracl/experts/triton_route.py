@@ -4,8 +4,9 @@ launches, routing by task in two.
 Shape legend: ``n`` tokens, ``e`` experts, ``r`` rank per expert, ``k`` chosen per token,
 ``l`` logit columns (``e``, or ``2e`` with the noise scales).
 
-The same values as :func:`~moracl.experts.route_ops.topk_gate_forward` and
-:func:`~moracl.experts.route_ops.topk_gate_backward` (tested against them), computed per
+The same values as :func:`~moracl.experts.routers.topk.topk_gate_forward` and
+:func:`~moracl.experts.routers.topk.topk_gate_backward` (tested against them; the balance and
+z losses are those of :mod:`moracl.experts.losses`, computed fused), computed per
 block of token rows in registers:
 
 - :func:`gate_forward`: one kernel reads each row of ``zl (n, e·r + l)`` once and writes the
@@ -16,7 +17,7 @@ block of token rows in registers:
 - :func:`gate_backward`: one kernel writes ``∂L/∂zl`` (the experts' columns and the logits'
   side by side, no concatenation) and ``zg`` recomputed for the up projection's gradient.
 
-Routing by task (fixed gates per task, :class:`~moracl.experts.route_ops.TaskRouteOp`) has a
+Routing by task (fixed gates per task, :class:`~moracl.experts.routers.task.TaskGating`) has a
 kernel of its own each way: :func:`task_gate_forward` gathers each row's task mask and weights,
 takes their softmax and gates ``za``; :func:`gate_apply_backward` is its backward.
 
@@ -32,6 +33,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from moracl.experts.gating import RouteGrads
 
 __all__ = [
     "GateForward",
@@ -305,8 +308,14 @@ def _gate_bwd_kernel(  # type: ignore[no-untyped-def]
 
 
 class GateForward(NamedTuple):
-    """What :func:`gate_forward` returns (and :func:`gate_backward` reads)."""
+    """What :func:`gate_forward` returns (and :func:`gate_backward` reads): its inputs, then
+    its outputs."""
 
+    zl: Tensor  # (n, e·r + l)
+    er: int
+    allowed: Tensor  # (n|1, e) bool
+    noise: Tensor | None  # (n, e)
+    normalize: bool
     zg: Tensor  # (n, e·r) gated activations, zl's dtype
     gates: Tensor  # (n, e) float32
     probs: Tensor  # (n, e) float32
@@ -339,11 +348,11 @@ def _allowed_arg(allowed: Tensor) -> tuple[Tensor, int]:
 
 
 def supports(zl: Tensor, er: int, e: int, k: int) -> bool:
-    """Whether the kernels take this routing: a CUDA ``zl`` of a 16- or 32-bit float dtype,
-    rows contiguous, ``e·r`` split evenly, ``k ≤ e`` (and sizes a block of rows fits)."""
+    """Whether the kernels take this routing: ``zl`` of a 16- or 32-bit float dtype, rows
+    contiguous, ``e·r`` split evenly, ``k ≤ e`` (and sizes a block of rows fits); the device
+    is the caller's choice (CUDA, or the CPU in Triton's interpreter)."""
     return (
-        zl.is_cuda
-        and zl.dtype in (torch.bfloat16, torch.float16, torch.float32)
+        zl.dtype in (torch.bfloat16, torch.float16, torch.float32)
         and zl.dim() == 2
         and zl.stride(1) == 1
         and zl.shape[0] > 0
@@ -359,7 +368,7 @@ def gate_forward(
 ) -> GateForward:
     """Route the logit columns of ``zl (n, e·r + l)`` under ``allowed (n|1, e)`` with ``noise
     (n, e)`` (or ``None``) and gate its first ``e·r`` columns: the values of
-    :func:`~moracl.experts.route_ops.topk_gate_forward`."""
+    :func:`~moracl.experts.routers.topk.topk_gate_forward`."""
     n = zl.shape[0]
     e = allowed.shape[-1]
     r = er // e
@@ -389,24 +398,19 @@ def gate_forward(
         part, f, balance, z, zscale, blocks, float(n),
         E=e, E_P=e_p, P_W=p_w, SHARED=allowed.shape[0] == 1, BLOCK_B=64,
     )  # fmt: skip
-    return GateForward(zg, gates, probs, chosen, indices, lse, f, balance, z, zscale)
+    return GateForward(
+        zl, er, allowed, noise, normalize, zg, gates, probs, chosen, indices, lse, f, balance, z,
+        zscale,
+    )  # fmt: skip
 
 
-def gate_backward(
-    grad_zg: Tensor,
-    zl: Tensor,
-    er: int,
-    allowed: Tensor,
-    noise: Tensor | None,
-    fwd: GateForward,
-    grad_gates: Tensor | None,
-    grad_probs: Tensor | None,
-    grad_balance: Tensor | None,
-    grad_z: Tensor | None,
-    normalize: bool = True,
-) -> tuple[Tensor, Tensor]:
-    """``∂L/∂zl (n, e·r + l)`` and ``zg (n, e·r)`` recomputed: the values of
-    :func:`~moracl.experts.route_ops.topk_gate_backward`."""
+def gate_backward(fwd: GateForward, grad_zg: Tensor, grads: RouteGrads) -> tuple[Tensor, Tensor]:
+    """``∂L/∂zl (n, e·r + l)`` and ``zg (n, e·r)`` recomputed from ``∂L/∂zg`` and the routing
+    outputs' gradients (``grads.aux``: balance, z): the values of
+    :func:`~moracl.experts.routers.topk.topk_gate_backward`."""
+    zl, er, allowed, noise, normalize = fwd.zl, fwd.er, fwd.allowed, fwd.noise, fwd.normalize
+    grad_gates, grad_probs = grads.gates, grads.probs
+    grad_balance, grad_z = grads.aux
     n, width = zl.shape
     e = allowed.shape[-1]
     r = er // e
@@ -447,7 +451,7 @@ def task_gate_forward(
     Returns ``zg (n, e·r)``, ``gates (n, e)`` float32 (a softmax of the task's weights over
     its experts) and ``chosen (n, e)`` (the task's mask), as
     :meth:`~moracl.experts.routers.task.TaskRouter.route` and the gating of
-    :meth:`~moracl.experts.route_ops.RouteOp.forward_gated`."""
+    :meth:`~moracl.experts.gating.Gating.forward`."""
     n = za.shape[0]
     e = masks.shape[-1]
     zg = torch.empty(n, er, device=za.device, dtype=za.dtype)

@@ -109,11 +109,11 @@ def _share(s: StrategyResult) -> str:
 def comparison_table(results: RunResults) -> str:
     """One markdown row per strategy; accuracies and their differences in points (one decimal)."""
     rows = []
-    for name, s in results.strategies.items():
+    for s in results.strategies.values():
         m = s.matrix
         rows.append(
             [
-                _cell(name),
+                _cell(s.label),
                 points(m.acc()),
                 points(m.average_incremental_accuracy()),
                 points(m.bwt()),
@@ -166,7 +166,7 @@ def _routing(s: StrategyResult, experiences: list[str]) -> list[str]:
         return []
     tia = r.task_inference_accuracy
     lines = [
-        f"### {_cell(s.name)}",
+        f"### {_cell(s.label)}",
         "",
         f"Task inference accuracy: {MISSING if tia is None else points(tia) + '%'}",
         "",
@@ -193,10 +193,10 @@ def _progress(results: RunResults) -> list[str]:
     """A note for each strategy still running (its final row not measured yet)."""
     t = len(results.experiences)
     notes = []
-    for name, s in results.strategies.items():
+    for s in results.strategies.values():
         if t - 1 not in s.matrix.measured_rows:
             k = s.matrix.last_completed
-            note = f"- {_cell(name)}: evaluated after {k + 1} of {t} experiences"
+            note = f"- {_cell(s.label)}: evaluated after {k + 1} of {t} experiences"
             if k >= 0:
                 so_far = s.matrix.upto(k)
                 note += (
@@ -226,8 +226,8 @@ def render_report(results: RunResults, plots: dict[str, str] | None = None) -> s
         _table(
             ["strategy", "forgetting (first − last)"],
             [
-                [_cell(n), points(s.matrix.forgetting_first_minus_last())]
-                for n, s in results.strategies.items()
+                [_cell(s.label), points(s.matrix.forgetting_first_minus_last())]
+                for s in results.strategies.values()
             ],
         ),
         "",
@@ -239,7 +239,7 @@ def render_report(results: RunResults, plots: dict[str, str] | None = None) -> s
         "",
     ]
     for s in results.strategies.values():
-        lines += [f"### {_cell(s.name)}", "", _matrix_table(s, results.experiences), ""]
+        lines += [f"### {_cell(s.label)}", "", _matrix_table(s, results.experiences), ""]
     routed = [s for s in results.strategies.values() if s.routing is not None]
     if routed:
         lines += ["## Routing", ""]
@@ -274,10 +274,11 @@ def write_report(run_dir: str | os.PathLike[str], *, plots: bool = True) -> Path
             links["ACC and BWT"] = f"{PLOTS_DIR}/{files.summary.name}"
         if files.accuracy_curves is not None:
             links["accuracy per experience"] = f"{PLOTS_DIR}/{files.accuracy_curves.name}"
+        label = {n: s.label for n, s in results.strategies.items()}
         for name, p in files.accuracy_matrices.items():
-            links[f"accuracy matrix: {name}"] = f"{PLOTS_DIR}/{p.name}"
+            links[f"accuracy matrix: {label[name]}"] = f"{PLOTS_DIR}/{p.name}"
         for name, p in files.expert_usage.items():
-            links[f"expert usage: {name}"] = f"{PLOTS_DIR}/{p.name}"
+            links[f"expert usage: {label[name]}"] = f"{PLOTS_DIR}/{p.name}"
     path = root / REPORT_FILE
     write_atomic(path, render_report(results, links))
     return path

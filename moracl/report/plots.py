@@ -15,6 +15,7 @@ interactive backend is left alone). File names depend only on the strategy names
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import re
@@ -25,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from moracl.continual.metrics import RunResults
+from moracl.files import write_atomic
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -84,13 +86,10 @@ def _margins(fig: Figure, left: float, right: float, bottom: float, top: float) 
 
 
 def _save(fig: Figure, path: Path) -> Path:
-    """Save as PNG through a temporary file in the same folder, then rename."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        fig.savefig(tmp, format="png", dpi=_DPI)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Save as PNG, atomically (:func:`moracl.files.write_atomic`)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=_DPI)
+    write_atomic(path, buffer.getvalue())
     return path
 
 
@@ -146,7 +145,7 @@ def _curves_figure(results: RunResults) -> Figure:
             ax.plot(x, 100 * values[:, j], marker="o", markersize=3, label=exp)
         ax.set_xticks(x, labels=steps)
         ax.set_ylim(-2, 102)
-        ax.set_title(name, fontsize=10)
+        ax.set_title(results.strategies[name].label, fontsize=10)
         if k % cols == 0:
             ax.set_ylabel("accuracy (%)")
         else:
@@ -176,6 +175,7 @@ def _usage_figure(name: str, usage: list[list[float]], tasks: list[str]) -> Figu
 
 def _summary_figure(results: RunResults) -> Figure:
     names = list(results.strategies)
+    labels = [results.strategies[n].label for n in names]
     acc = [100 * results.strategies[n].matrix.acc() for n in names]
     bwt = [100 * results.strategies[n].matrix.bwt() for n in names]
     x = np.arange(len(names))
@@ -190,7 +190,7 @@ def _summary_figure(results: RunResults) -> Figure:
             y = 0.0 if math.isnan(v) else v
             ax.text(xi + dx, y, label, ha="center", va="bottom" if y >= 0 else "top", fontsize=7)
     ax.axhline(0.0, color="black", linewidth=0.6)
-    ax.set_xticks(x, labels=_short(names), rotation=20, ha="right")
+    ax.set_xticks(x, labels=_short(labels), rotation=20, ha="right")
     ax.set_ylabel("points")
     ax.set_title(f"{results.scenario}: ACC and BWT", fontsize=10)
     ax.legend(fontsize=8)
@@ -206,13 +206,13 @@ def write_plots(results: RunResults, out_dir: str | os.PathLike[str]) -> PlotFil
         return files
     slugs = plot_slugs(list(results.strategies))
     for name, s in results.strategies.items():
-        fig = _matrix_figure(name, s.matrix.R, s.matrix.b, results.experiences)
+        fig = _matrix_figure(s.label, s.matrix.R, s.matrix.b, results.experiences)
         path = out / f"accuracy_matrix_{slugs[name]}.png"
         files.accuracy_matrices[name] = _save(fig, path)
     files.accuracy_curves = _save(_curves_figure(results), out / "accuracy_curves.png")
     for name, s in results.strategies.items():
         if s.routing is not None and any(s.routing.expert_usage):
-            fig = _usage_figure(name, s.routing.expert_usage, results.experiences)
+            fig = _usage_figure(s.label, s.routing.expert_usage, results.experiences)
             files.expert_usage[name] = _save(fig, out / f"expert_usage_{slugs[name]}.png")
     files.summary = _save(_summary_figure(results), out / "summary_acc_bwt.png")
     return files

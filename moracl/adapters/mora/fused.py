@@ -19,7 +19,7 @@ from torch.autograd.function import once_differentiable
 
 from moracl.adapters.fused import compute_dtype
 
-__all__ = ["compress", "fold", "mora_sharing_linear", "tile_add_"]
+__all__ = ["compress", "fold", "mora_sharing_linear", "tile", "tile_add_"]
 
 
 def fold(t: Tensor, period: int) -> Tensor:
@@ -41,6 +41,13 @@ def tile_add_(dst: Tensor, src: Tensor) -> Tensor:
     if rem:
         dst[:, k * period :].add_(src[:, :rem])
     return dst
+
+
+def tile(z: Tensor, length: int) -> Tensor:
+    """Sharing's decompression ``(N, r) -> (N, length)``: ``y[k] = z[k mod r]`` (a repeat,
+    differentiable)."""
+    reps = -(-length // z.shape[1])
+    return z.repeat(1, reps)[:, :length] if reps > 1 else z[:, :length]
 
 
 def compress(x: Tensor, r: int) -> Tensor:

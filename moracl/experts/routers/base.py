@@ -17,10 +17,10 @@ new experts (a task keeps the experts it was trained with) and the global mask `
 
 from __future__ import annotations
 
-import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, ClassVar
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -28,71 +28,84 @@ from torch import Tensor, nn
 
 from moracl.adapters.base import ParamRole
 from moracl.cuda_graphs import capturing
-from moracl.experts.routers.config import RouterConfig
+from moracl.experts.backend import RoutingBackend
+from moracl.experts.gating import Gating, ReplayGating
+from moracl.experts.routers.config import LogitRouterConfig, RouterConfig, type_name
 from moracl.experts.routing import RoutingResult, routing_dtype
-from moracl.registry import Registry
-
-if TYPE_CHECKING:
-    from moracl.experts.route_ops import RouteOp
 
 __all__ = [
-    "ROUTERS",
     "LogitRouter",
     "Router",
-    "build_router",
+    "TaskIds",
+    "as_task_ids",
     "check_task_ids",
     "noisy_scores",
-    "register_router",
+    "zero_padded",
 ]
 
 #: Standard deviation of a fresh router weight: small, so routing starts near uniform.
 INIT_STD = 1e-2
 
 
-#: task-id tensors already read back: tensor -> its largest id (one host sync per tensor, so
-#: the layers of a model that share one per-token task-id tensor sync once per forward)
-_CHECKED: dict[int, tuple[weakref.ref[Tensor], int]] = {}
+@dataclass(frozen=True)
+class TaskIds:
+    """Task ids of ``n`` tokens, checked once: ``ids (n,)`` integers >= 0 and ``high`` the
+    largest (``None`` where it was not read back: while ``torch.compile`` traces or a CUDA
+    graph is captured).  Build one with :meth:`of`; the routers of every layer of a forward
+    then compare ``high`` to their task count without another host sync (the mixtures' shared
+    :class:`~moracl.experts.mixture.RoutingContext` makes one per input shape)."""
 
+    ids: Tensor
+    high: int | None
 
-def _checked_max(task_ids: Tensor) -> int | None:
-    entry = _CHECKED.get(id(task_ids))
-    return entry[1] if entry is not None and entry[0]() is task_ids else None
+    @classmethod
+    def of(cls, task_ids: Tensor | TaskIds) -> TaskIds:
+        """``task_ids`` checked (an integer ``(n,)`` tensor, no id below 0).
 
-
-def _remember(task_ids: Tensor, hi: int) -> None:
-    key = id(task_ids)
-    _CHECKED[key] = (weakref.ref(task_ids, lambda _ref: _CHECKED.pop(key, None)), hi)
-
-
-def check_task_ids(task_ids: Tensor, num_tasks: int) -> None:
-    """Raise unless ``task_ids`` is an integer ``(n,)`` tensor with values in ``[0, t)``.
-
-    The range check reads two numbers back from the device, so eager mode on an accelerator
-    pays one host sync; it is skipped while ``torch.compile`` traces and while a CUDA graph
-    is captured (see :mod:`moracl.cuda_graphs`).
-    """
-    if not isinstance(task_ids, Tensor):
-        raise TypeError(f"task_ids must be a tensor, got {type(task_ids).__name__}")
-    if task_ids.dtype == torch.bool or task_ids.is_floating_point() or task_ids.is_complex():
-        raise TypeError(f"task_ids must be an integer tensor, got dtype {task_ids.dtype}")
-    if task_ids.ndim != 1:
-        raise ValueError(
-            f"task_ids must have shape (n,), one task id per token, got {tuple(task_ids.shape)}"
-        )
-    if torch.compiler.is_compiling() or task_ids.numel() == 0 or capturing():
-        return
-    hi = _checked_max(task_ids)  # the same tensor, already read back by another router
-    lo = 0
-    if hi is None:
+        The range check reads two numbers back from the device, so eager mode on an
+        accelerator pays one host sync; it is skipped while ``torch.compile`` traces and
+        while a CUDA graph is captured (see :mod:`moracl.cuda_graphs`).
+        """
+        if isinstance(task_ids, TaskIds):
+            return task_ids
+        if not isinstance(task_ids, Tensor):
+            raise TypeError(f"task_ids must be a tensor, got {type(task_ids).__name__}")
+        if task_ids.dtype == torch.bool or task_ids.is_floating_point() or task_ids.is_complex():
+            raise TypeError(f"task_ids must be an integer tensor, got dtype {task_ids.dtype}")
+        if task_ids.ndim != 1:
+            raise ValueError(
+                f"task_ids must have shape (n,), one task id per token, got {tuple(task_ids.shape)}"
+            )
+        if torch.compiler.is_compiling() or task_ids.numel() == 0 or capturing():
+            return cls(task_ids, None)
         lo, hi = torch.stack([task_ids.min(), task_ids.max()]).tolist()
-        if lo >= 0:
-            _remember(task_ids, hi)
-    if lo < 0 or hi >= num_tasks:
-        bad = lo if lo < 0 else hi
-        raise ValueError(
-            f"task id {bad} out of range; expected 0 <= task id < {num_tasks} "
-            f"(the router has expert masks for {num_tasks} task(s))"
-        )
+        if lo < 0:
+            raise ValueError(f"task id {lo} out of range; expected 0 <= task id")
+        return cls(task_ids, int(hi))
+
+    def check(self, num_tasks: int) -> None:
+        """``ValueError`` unless every id is below ``num_tasks`` (no host sync)."""
+        if self.high is not None and self.high >= num_tasks:
+            raise ValueError(
+                f"task id {self.high} out of range; expected 0 <= task id < {num_tasks} "
+                f"(the router has expert masks for {num_tasks} task(s))"
+            )
+
+    def __len__(self) -> int:
+        return int(self.ids.shape[0])
+
+
+def as_task_ids(task_ids: Tensor | TaskIds | None) -> TaskIds | None:
+    """``task_ids`` as a checked :class:`TaskIds` (``None`` passes through)."""
+    return None if task_ids is None else TaskIds.of(task_ids)
+
+
+def check_task_ids(task_ids: Tensor | TaskIds, num_tasks: int) -> TaskIds:
+    """Raise unless ``task_ids`` is an integer ``(n,)`` tensor with values in ``[0, t)``;
+    returns them checked (see :meth:`TaskIds.of`)."""
+    checked = TaskIds.of(task_ids)
+    checked.check(num_tasks)
+    return checked
 
 
 class Router(nn.Module, ABC):
@@ -121,16 +134,6 @@ class Router(nn.Module, ABC):
         self.register_buffer("global_mask", torch.ones(num_experts, dtype=torch.bool))
 
     # -- the interface -------------------------------------------------------------------
-    @classmethod
-    def check_config(cls, config: RouterConfig) -> None:
-        """Type-specific validation of ``config``, raising ``ValueError`` (called by it)."""
-        if config.groups or config.outer is not None or config.inner is not None:
-            raise ValueError(
-                f"groups, outer and inner configure the hierarchical router; router "
-                f"{config.type!r} got groups={config.groups}, outer={config.outer}, "
-                f"inner={config.inner}"
-            )
-
     @property
     @abstractmethod
     def num_logits(self) -> int:
@@ -146,7 +149,7 @@ class Router(nn.Module, ABC):
         logits: Tensor,
         allowed: Tensor,
         *,
-        task_ids: Tensor | None = None,
+        task_ids: Tensor | TaskIds | None = None,
         active: Tensor | None = None,
     ) -> RoutingResult:
         """Route given the experts each token may use.
@@ -159,8 +162,17 @@ class Router(nn.Module, ABC):
             active: ``(n,)`` bool tokens the auxiliary losses count (``None``: all).
         """
 
+    def loss_weights(self) -> dict[str, float]:
+        """The auxiliary losses this router returns: name -> weight (in their order)."""
+        return self.config.loss_weights
+
+    @property
+    def aux_names(self) -> tuple[str, ...]:
+        """The names of the auxiliary losses this router returns."""
+        return tuple(self.loss_weights())
+
     # -- calling ---------------------------------------------------------------------------
-    def forward(self, x: Tensor, *, task_ids: Tensor | None = None) -> RoutingResult:
+    def forward(self, x: Tensor, *, task_ids: Tensor | TaskIds | None = None) -> RoutingResult:
         """Route ``x (n, d)``; ``task_ids (n,)`` picks each token's expert mask."""
         if x.ndim != 2 or x.shape[-1] != self.in_features:
             raise ValueError(
@@ -169,35 +181,42 @@ class Router(nn.Module, ABC):
         logits = F.linear(x, self.logit_weights())  # (n, d) -> (n, l)
         return self.route_logits(logits, task_ids=task_ids)
 
-    def route_logits(self, logits: Tensor, *, task_ids: Tensor | None = None) -> RoutingResult:
+    def route_logits(
+        self, logits: Tensor, *, task_ids: Tensor | TaskIds | None = None
+    ) -> RoutingResult:
         """Route precomputed ``logits (n, l)`` = ``x @ logit_weights().T`` under this router's
         masks (for a mixture that computes them in its own matmul)."""
         if logits.ndim != 2 or logits.shape[-1] != self.num_logits:
             raise ValueError(
                 f"router logits must have shape (n, {self.num_logits}), got {tuple(logits.shape)}"
             )
-        if task_ids is not None and task_ids.shape[0] != logits.shape[0]:
+        tids = as_task_ids(task_ids)
+        if tids is not None and len(tids) != logits.shape[0]:
             raise ValueError(
                 f"task_ids must have one entry per token ({logits.shape[0]}), "
-                f"got shape {tuple(task_ids.shape)}"
+                f"got shape {tuple(tids.ids.shape)}"
             )
-        return self.route(logits, self.allowed_experts(task_ids), task_ids=task_ids)
+        return self.route(logits, self.allowed_experts(tids), task_ids=tids)
 
-    def route_op(self, task_ids: Tensor | None = None) -> RouteOp:
-        """This router's routing of one forward as a :class:`~moracl.experts.route_ops.RouteOp`
-        for a node that computes the logits ``x @ logit_weights().T`` itself; ``task_ids
-        (n,)`` as in :meth:`route_logits`."""
-        from moracl.experts.route_ops import AutogradRouteOp
+    def gating(self, task_ids: TaskIds | None, backend: RoutingBackend) -> Gating:
+        """This router's routing of one forward inside a fused node that computes the logits
+        ``x @ logit_weights().T`` itself (see :mod:`moracl.experts.gating`), for a concrete
+        ``backend``: by default its :meth:`route_logits` replayed under autograd; router
+        kinds with a closed form or kernels override it."""
+        params = tuple(p for p in self.parameters() if p.requires_grad)
 
-        return AutogradRouteOp(self, task_ids)
+        def route(logits: Tensor) -> RoutingResult:
+            return self.route_logits(logits, task_ids=task_ids)
 
-    def allowed_experts(self, task_ids: Tensor | None) -> Tensor:
+        return ReplayGating(route, self.aux_names, params)
+
+    def allowed_experts(self, task_ids: Tensor | TaskIds | None) -> Tensor:
         """``(n, e)`` each token's task mask, or ``(1, e)`` the global mask when there are no
         task ids or no task rows (task ids are then ignored)."""
         if task_ids is None or self.num_tasks == 0:
             return self.global_mask[None]  # (1, e)
-        check_task_ids(task_ids, self.num_tasks)
-        return self.expert_masks[task_ids.to(self.expert_masks.device)]  # (n, e)
+        tids = check_task_ids(task_ids, self.num_tasks)
+        return self.expert_masks[tids.ids.to(self.expert_masks.device)]  # (n, e)
 
     # -- masks and growth -------------------------------------------------------------------
     @property
@@ -259,7 +278,7 @@ class Router(nn.Module, ABC):
         """This module's own parameters (not its sub-routers'), all ``ParamRole.ROUTER``."""
         return {name: ParamRole.ROUTER for name, _ in self.named_parameters(recurse=False)}
 
-    def _result(
+    def result(
         self,
         gates: Tensor,
         probs: Tensor,
@@ -267,7 +286,8 @@ class Router(nn.Module, ABC):
         indices: Tensor | None,
         aux_losses: dict[str, Tensor],
     ) -> RoutingResult:
-        weights = self.config.loss_weights
+        """A :class:`RoutingResult` with this router's loss weights."""
+        weights = self.loss_weights()
         return RoutingResult(
             gates=gates,
             probs=probs,
@@ -279,7 +299,7 @@ class Router(nn.Module, ABC):
 
     def extra_repr(self) -> str:
         return (
-            f"type={self.config.type!r}, in_features={self.in_features}, "
+            f"type={type_name(self.config.type)!r}, in_features={self.in_features}, "
             f"experts={self.num_experts}, tasks={self.num_tasks}"
         )
 
@@ -296,10 +316,12 @@ class LogitRouter(Router):
     uses_noise: ClassVar[bool] = False
     noise_weight: nn.Parameter | None
 
-    def __init__(self, config: RouterConfig, in_features: int, num_experts: int) -> None:
+    config: LogitRouterConfig
+
+    def __init__(self, config: LogitRouterConfig, in_features: int, num_experts: int) -> None:
         super().__init__(config, in_features, num_experts)
         self.weight = nn.Parameter(torch.randn(num_experts, in_features) * INIT_STD)  # (e, d)
-        if self.uses_noise and config.noise:
+        if self.uses_noise and getattr(config, "noise", False):
             self.noise_weight = nn.Parameter(torch.zeros(num_experts, in_features))  # (e, d)
         else:
             self.register_parameter("noise_weight", None)
@@ -348,18 +370,3 @@ def zero_padded(p: nn.Parameter, n_new: int, dim: int = 0) -> nn.Parameter:
     shape[dim] = n_new
     data = torch.cat([p.detach(), p.new_zeros(shape)], dim=dim)
     return nn.Parameter(data, requires_grad=p.requires_grad)
-
-
-ROUTERS: Registry[type[Router]] = Registry("router")
-
-
-def register_router(name: str):  # type: ignore[no-untyped-def]
-    """Class decorator registering a :class:`Router` subclass under ``name``."""
-    return ROUTERS.register(name)
-
-
-def build_router(config: RouterConfig, in_features: int, num_experts: int) -> Router:
-    """The router ``config.type`` over ``num_experts`` experts of ``in_features`` inputs."""
-    if not isinstance(config, RouterConfig):
-        raise TypeError(f"config must be a RouterConfig, got {type(config).__name__}")
-    return ROUTERS.get(config.type)(config, in_features, num_experts)

@@ -6,15 +6,70 @@ Shape legend: ``n`` tokens, ``e`` experts.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 from torch import Tensor
 
 from moracl.experts.losses import load_balance_loss, router_z_loss
-from moracl.experts.routers.base import LogitRouter, noisy_scores
-from moracl.experts.routers.config import RouterConfig
+from moracl.experts.routers.base import LogitRouter, TaskIds, noisy_scores
+from moracl.experts.routers.config import (
+    LogitRouterConfig,
+    RouterType,
+    check_bool,
+    check_int,
+    check_weight,
+)
+from moracl.experts.routers.registry import register_router
 from moracl.experts.routing import RoutingResult, mask_logits
 
-__all__ = ["DynamicRouter", "dynamic_route", "top_p_gates"]
+__all__ = ["DynamicRouter", "DynamicRouterConfig", "dynamic_route", "top_p_gates"]
+
+
+@dataclass(frozen=True)
+class DynamicRouterConfig(LogitRouterConfig):
+    """Top-p routing.
+
+    Args:
+        top_p: keep the smallest set of most probable experts whose probability reaches
+            ``top_p``, in ``(0, 1]``.
+        min_experts: at least this many experts per token.
+        max_experts: at most this many (``None``: all).
+        noise: learned input-dependent noise on the logits while training.
+        balance_weight: weight of the Switch load-balance loss.
+    """
+
+    router_type: ClassVar[RouterType] = RouterType.DYNAMIC
+
+    type: RouterType = RouterType.DYNAMIC
+    top_p: float = 0.5
+    min_experts: int = 1
+    max_experts: int | None = None
+    noise: bool = True
+    balance_weight: float = 0.01
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if (
+            not isinstance(self.top_p, (int, float))
+            or isinstance(self.top_p, bool)
+            or not 0.0 < self.top_p <= 1.0
+        ):
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        check_int("min_experts", self.min_experts, 1)
+        if self.max_experts is not None:
+            check_int("max_experts", self.max_experts, 1)
+            if self.max_experts < self.min_experts:
+                raise ValueError(
+                    f"max_experts={self.max_experts} must be >= min_experts={self.min_experts}"
+                )
+        check_bool("noise", self.noise)
+        check_weight("balance_weight", self.balance_weight)
+
+    @property
+    def loss_weights(self) -> dict[str, float]:
+        return {"balance": float(self.balance_weight), "z": float(self.z_weight)}
 
 
 def top_p_gates(
@@ -63,14 +118,16 @@ def dynamic_route(
     return gates, probs, chosen, indices, balance, z
 
 
+@register_router(RouterType.DYNAMIC, DynamicRouterConfig)
 class DynamicRouter(LogitRouter):
     """Top-p routing with ``min_experts``/``max_experts``; noisy while training with
     ``config.noise``; ``balance`` (over all assignments) and ``z`` losses.  The experts per
     token are in ``stats.experts_per_token``."""
 
     uses_noise = True
+    config: DynamicRouterConfig
 
-    def __init__(self, config: RouterConfig, in_features: int, num_experts: int) -> None:
+    def __init__(self, config: DynamicRouterConfig, in_features: int, num_experts: int) -> None:
         if isinstance(num_experts, int):
             for name in ("min_experts", "max_experts"):
                 value = getattr(config, name)
@@ -91,7 +148,7 @@ class DynamicRouter(LogitRouter):
         logits: Tensor,
         allowed: Tensor,
         *,
-        task_ids: Tensor | None = None,
+        task_ids: Tensor | TaskIds | None = None,
         active: Tensor | None = None,
     ) -> RoutingResult:
         cfg = self.config
@@ -104,4 +161,4 @@ class DynamicRouter(LogitRouter):
             cfg.min_experts,
             self.max_experts,
         )
-        return self._result(gates, probs, chosen, indices, {"balance": balance, "z": z})
+        return self.result(gates, probs, chosen, indices, {"balance": balance, "z": z})

