@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
@@ -43,6 +44,21 @@ class Registry(Generic[T]):
 
     def names(self) -> list[str]:
         return sorted(self._items)
+
+    @contextmanager
+    def temporarily(self, name: str, obj: T) -> Iterator[T]:
+        """Register ``obj`` as ``name`` until the block ends (a test's toy component, say).
+
+        Raises:
+            ValueError: ``name`` is already registered.
+        """
+        if name in self._items:
+            raise ValueError(f"{self.what} {name!r} is already registered")
+        self._items[name] = obj
+        try:
+            yield obj
+        finally:
+            self._items.pop(name, None)
 
     def __contains__(self, name: object) -> bool:
         return name in self._items

@@ -132,7 +132,7 @@ class FewShotRegistry(Registry[Builder]):
     scenarios that exist only inside a ``with`` block (:meth:`temporarily`)."""
 
     @contextmanager
-    def temporarily(
+    def temporarily(  # type: ignore[override]
         self, name: str, builder: Builder, *, check: Callable[..., None] | None = None
     ) -> Iterator[Builder]:
         """Register ``builder`` as ``name`` (and ``check`` as its options' check, see
@@ -144,16 +144,13 @@ class FewShotRegistry(Registry[Builder]):
         Raises:
             ValueError: ``name`` is already registered.
         """
-        if name in self:
-            raise ValueError(f"{self.what} {name!r} is already registered")
-        self.register(name)(builder)
-        if check is not None:
-            FEWSHOT_CHECKS[name] = check
-        try:
-            yield builder
-        finally:
-            self._items.pop(name, None)
-            FEWSHOT_CHECKS.pop(name, None)
+        with super().temporarily(name, builder):
+            if check is not None:
+                FEWSHOT_CHECKS[name] = check
+            try:
+                yield builder
+            finally:
+                FEWSHOT_CHECKS.pop(name, None)
 
 
 FEWSHOT = FewShotRegistry("few-shot scenario")

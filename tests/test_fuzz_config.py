@@ -200,7 +200,7 @@ def fuzz_stream(*, setting: Any = None, seed: int = 0, **options: Any) -> Any:
 
 
 @pytest.fixture
-def fuzz_scenario(monkeypatch: pytest.MonkeyPatch) -> None:
+def fuzz_scenario(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """The synthetic stream and its encoder registered, and the run stopped at its first
     evaluation (every strategy built by then)."""
     pytest.importorskip("avalanche")
@@ -209,14 +209,17 @@ def fuzz_scenario(monkeypatch: pytest.MonkeyPatch) -> None:
     import moracl.continual.run as run
 
     spec = ScenarioSpec((Setting.TASK, Setting.CLASS, Setting.DOMAIN), ("size",), _check_size)
-    monkeypatch.setitem(SCENARIOS._items, "fuzz-stream", fuzz_stream)
     monkeypatch.setitem(SPECS, "fuzz-stream", spec)
-    monkeypatch.setitem(ENCODERS._items, "fuzz-tiny", lambda info: TinyEncoder())
 
     def stop(*args: Any, **kwargs: Any) -> Any:
         raise Reached
 
     monkeypatch.setattr(run, "evaluate", stop)
+    with (
+        SCENARIOS.temporarily("fuzz-stream", fuzz_stream),
+        ENCODERS.temporarily("fuzz-tiny", lambda info: TinyEncoder()),
+    ):
+        yield
 
 
 RUN_CONFIG = """\

@@ -312,7 +312,7 @@ def test_full_weight_mlp_meta_gradients_match_learn2learn(
     model = make_mlp()
     tasks = make_tasks()
     maml = MAML(model, inner_lr=0.4, first_order=first_order, linear_update=update)
-    factored = maml._factored_linears(maml.meta_parameters(), tasks[0], inner_steps=3)
+    factored = maml.factored_linears(maml.meta_parameters(), tasks[0], inner_steps=3)
     expected = {"dense": set(), "factored": {"0.weight", "2.weight", "4.weight"}}[update]
     assert set(factored.modules) == expected
     loss = maml.meta_loss(tasks, inner_steps=3, chunk_size=chunk_size)
@@ -331,17 +331,17 @@ def test_auto_factors_only_the_layers_where_it_is_cheaper() -> None:
     maml = MAML(model, inner_lr=0.4)
     xs = torch.randn(2, 3, 64)
     # rank k·r = 2 steps · 3 rows = 6: 6·96 < 64·32, 6·40 < 32·8, but 6·11 >= 8·3
-    assert set(maml._factored_linears(maml.meta_parameters(), xs, inner_steps=2).modules) == {
+    assert set(maml.factored_linears(maml.meta_parameters(), xs, inner_steps=2).modules) == {
         "0.weight",
         "2.weight",
     }
     # 5 steps: rank 15, 15·96 < 64·32 but 15·40 >= 32·8
-    assert set(maml._factored_linears(maml.meta_parameters(), xs, inner_steps=5).modules) == {
+    assert set(maml.factored_linears(maml.meta_parameters(), xs, inner_steps=5).modules) == {
         "0.weight"
     }
     assert (
         not MAML(model, 0.4, linear_update="dense")
-        ._factored_linears(maml.meta_parameters(), xs, 2)
+        .factored_linears(maml.meta_parameters(), xs, 2)
         .modules
     )
 
@@ -372,7 +372,7 @@ def test_factored_updates_over_token_dimensions_shared_layers_and_metasgd() -> N
         (MetaSGD(make_mlp(), 0.4, linear_update="factored"), set()),
     ]
     for maml, factored in cases:
-        rows = maml._factored_linears(maml.meta_parameters(), xs, inner_steps=2)
+        rows = maml.factored_linears(maml.meta_parameters(), xs, inner_steps=2)
         assert set(rows.modules) == factored and all(r == 8 for r in rows.rows.values())
         params = [p for p in maml.parameters() if p.requires_grad]
         vm = maml.meta_loss((xs, ys, xq, yq), inner_steps=2, loss_fn=loss_fn)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
@@ -131,7 +132,7 @@ R = TypeVar("R", bound="RoutingMode")
 
 
 @dataclass(frozen=True)
-class RoutingMode:
+class RoutingMode(ABC):
     """How moracl's mixtures route (``experts.routing``): one frozen variant per ``mode``.
 
     ``RoutingMode(mode="learned", k=2)`` returns a :class:`LearnedRouting`, as
@@ -185,13 +186,13 @@ class RoutingMode:
                 f"{type(self).__name__} has mode {expected.value!r}, got {self.mode!r}"
             )
 
+    @abstractmethod
     def resolve(self, *, task_aware: bool) -> TaskRouting | LearnedRouting | GaussianRouting:
         """The routing of a run with (``task_aware``) or without task labels.
 
         Raises:
             ValueError: this mode cannot route such a run (naming the keys to change).
         """
-        raise NotImplementedError
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> RoutingMode:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -37,6 +37,7 @@ from moracl.experts.routers.base import LogitRouter
 from moracl.experts.routers.task import TaskRouter
 from moracl.guard import OnNonFinite, StepGuard, assert_finite
 from moracl.model import MoRAModel
+from moracl.train import EpochRecord
 
 __all__ = [
     "EpochRecord",
@@ -66,33 +67,6 @@ def quiet_evaluator() -> Any:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         return EvaluationPlugin(loggers=[])
-
-
-@dataclass
-class EpochRecord:
-    """One training epoch of a strategy.
-
-    Attributes:
-        epoch: the epoch within the experience (0-based).
-        step: the strategy's global step count at the end of the epoch (every mini-batch
-            trained since the strategy was built, skipped ones included).
-        loss: mean training loss (the full loss the optimiser saw) over the steps taken;
-            ``None`` when every step was skipped.
-        lr: learning rate of the first parameter group (the adapters').
-        steps: steps in the epoch (taken or skipped).
-        skipped: steps skipped for a non-finite loss or gradient.
-        step_losses: ``(global step, loss)`` of each step taken.
-        finished: ``time.perf_counter()`` at the end of the epoch.
-    """
-
-    epoch: int
-    step: int
-    loss: float | None
-    lr: float
-    steps: int
-    skipped: int
-    step_losses: list[tuple[int, float]] = field(default_factory=list)
-    finished: float = 0.0
 
 
 class FastTemplate(SupervisedTemplate):

@@ -188,7 +188,7 @@ class MAML(nn.Module):
             new[n] = params[n] - lrs[n] * g
         return new
 
-    def _factored_linears(
+    def factored_linears(
         self, params: dict[str, Tensor], xs: Tensor, inner_steps: int
     ) -> FactoredLinears:
         """The adapted ``nn.Linear`` layers whose inner updates :meth:`meta_loss` keeps in
@@ -268,7 +268,7 @@ class MAML(nn.Module):
                 f"{[xs.shape[0], ys.shape[0], xq.shape[0], yq.shape[0]]}"
             )
         params = self.meta_parameters()
-        factored = self._factored_linears(params, xs, inner_steps)
+        factored = self.factored_linears(params, xs, inner_steps)
         dense_names = tuple(n for n in self.inner_names if n not in factored.modules)
         first_order = self.first_order
         lrs = self.step_sizes()
