@@ -116,8 +116,9 @@ def _matrix_figure(name: str, R: np.ndarray, b: np.ndarray, experiences: list[st
     t = len(experiences)
     values = np.vstack([b[None, :], R])  # (T+1, T)
     rows = ["initial"] + [f"after {e}" for e in experiences]
-    fig = _new_figure(1.9 + 0.75 * t, 1.3 + 0.4 * (t + 1))
-    _margins(fig, left=1.4, right=0.2, bottom=1.0, top=0.35)
+    # the left margin holds a row label of up to 20 characters ("after adjectives+ad…")
+    fig = _new_figure(2.3 + 0.75 * t, 1.6 + 0.4 * (t + 1))
+    _margins(fig, left=1.8, right=0.2, bottom=1.3, top=0.35)
     ax = fig.add_subplot()
     _heatmap(ax, values, rows, experiences)
     ax.set_xlabel("evaluated experience j")
@@ -164,8 +165,8 @@ def _usage_figure(name: str, usage: list[list[float]], tasks: list[str]) -> Figu
         values[t, : len(row)] = row
     rows = tasks if len(tasks) == len(usage) else [f"task {t}" for t in range(len(usage))]
     vmax = max(1.0, float(np.nanmax(values)))
-    fig = _new_figure(1.7 + 0.55 * n_exp, 1.2 + 0.4 * len(usage))
-    _margins(fig, left=1.2, right=0.2, bottom=0.7, top=0.35)
+    fig = _new_figure(2.3 + 0.55 * n_exp, 1.2 + 0.4 * len(usage))
+    _margins(fig, left=1.8, right=0.2, bottom=0.7, top=0.35)  # row labels up to 20 characters
     ax = fig.add_subplot()
     _heatmap(ax, values, rows, [f"e{e}" for e in range(n_exp)], vmax=vmax)
     ax.set_xlabel("expert")
