@@ -71,7 +71,13 @@ def spawn(fn: Callable[..., Any], *args: Any, world: int = 2, tmp: Path) -> list
     import torch.multiprocessing as mp
 
     out = str(tmp / f"result-{fn.__name__}.pt")
-    mp.spawn(_worker, args=(world, _free_port(), fn, args, out), nprocs=world, join=True)
+    for attempt in range(3):  # the free port can be taken between its probe and its use
+        try:
+            mp.spawn(_worker, args=(world, _free_port(), fn, args, out), nprocs=world, join=True)
+            break
+        except mp.ProcessRaisedException as e:
+            if "address already in use" not in str(e).lower() or attempt == 2:
+                raise
     result: list[Any] = torch.load(out, weights_only=False)
     return result
 
