@@ -10,7 +10,6 @@ default without a GPU) is a small model that finishes in under a minute.
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -22,12 +21,17 @@ from moracl.bench.common import (
     LlamaShape,
     bench_parser,
     build_llama,
+    command_argv,
     device_and_size,
     free,
     machine,
     markdown_table,
+    record_meta,
     time_steps,
+    write_record,
 )
+
+__all__ = ["METHODS", "SIZES", "caveats", "main", "markdown", "parse_args", "run"]
 
 SIZES = {
     "h100": LlamaShape(),
@@ -130,7 +134,8 @@ def run(
         del model, base, step, embeds
     floor = next((float(r["ms"]) for r in results if r["method"] == "floor"), None)
     for r in results:
-        r["x_floor"] = float(r["ms"]) / floor if floor else float("nan")
+        # None where the floor was not run (the table prints a dash)
+        r["x_floor"] = float(r["ms"]) / floor if floor else None
         r["tokens_per_s"] = int(r["tokens"]) / (float(r["ms"]) / 1e3)
     return results
 
@@ -143,35 +148,64 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    device, size = device_and_size(args)
-    methods = args.methods or [m for m in METHODS if not m.startswith("peft") or _has_peft()]
-    if device.type == "cpu":
-        torch.manual_seed(0)
-    results = run(size, methods, args.rank, args.steps, args.warmup, device)
-    shape = SIZES[size]
-    print(
-        f"\n### adapters, size {size}: {shape}, r={args.rank}, "
-        f"{'bf16 autocast' if device.type == 'cuda' else 'fp32'}\n{machine(device)}\n"
-    )
+def markdown(result: dict[str, Any], machine_line: str | None = None) -> str:
+    """The benchmark's table from its ``--json`` results: a heading naming the size, shape,
+    rank and precision (and the machine, when ``machine_line`` is given), then one row per
+    method."""
     rows = [
         [
             r["method"],
             f"{r['ms']:.1f}",
-            f"{r['x_floor']:.2f}",
+            "—" if r["x_floor"] is None else f"{r['x_floor']:.2f}",
             f"{r['tokens_per_s']:,.0f}",
             f"{r['peak_gib']:.2f}",
             f"{r['trainable']:,}",
         ]
-        for r in results
+        for r in result["results"]
     ]
-    print(
-        markdown_table(["method", "ms/step", "× floor", "tokens/s", "peak GiB", "trainable"], rows)
+    head = (
+        f"### adapters, size {result['size']}: {result['shape']}, r={result['rank']}, "
+        f"{result['precision']}"
     )
+    table = markdown_table(
+        ["method", "ms/step", "× floor", "tokens/s", "peak GiB", "trainable"], rows
+    )
+    return f"{head}\n{machine_line}\n\n{table}" if machine_line else f"{head}\n\n{table}"
+
+
+def caveats(size: str, steps: int, warmup: int) -> list[str]:
+    """The record's own caveats (here and in the experts benchmark): how the times were
+    taken, and what a CPU run stands for."""
+    notes = [
+        f"median of {steps} steps after {warmup} warm-up steps; methods timed one after "
+        "another in one process"
+    ]
+    if size == "cpu":
+        notes.append("size cpu: a small model on the CPU, a smoke test of the GPU benchmark")
+    return notes
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = command_argv(argv)
+    args = parse_args(argv)
+    device, size = device_and_size(args)
+    meta = record_meta("adapters", argv, device=device) if args.json else {}
+    methods = args.methods or [m for m in METHODS if not m.startswith("peft") or _has_peft()]
+    if device.type == "cpu":
+        torch.manual_seed(0)
+    rows = run(size, methods, args.rank, args.steps, args.warmup, device)
+    result = {
+        "size": size,
+        "shape": str(SIZES[size]),
+        "rank": args.rank,
+        "precision": "bf16 autocast" if device.type == "cuda" else "fp32",
+        "device": machine(device),
+        "results": rows,
+    }
+    print("\n" + markdown(result, machine(device)))
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"size": size, "device": machine(device), "results": results}, fh, indent=2)
+        notes = [*caveats(size, args.steps, args.warmup), *args.caveats]
+        write_record(args.json, "adapters", meta, result, caveats=notes)
     return 0
 
 

@@ -1,10 +1,19 @@
-"""Shared helpers for the benchmarks: timing, memory, model construction, tables."""
+"""Shared helpers for the benchmarks: timing, memory, model construction, tables, and the
+record every benchmark's ``--json`` file carries."""
 
 from __future__ import annotations
 
+import argparse
+import datetime
 import gc
+import json
+import math
+import os
 import platform
+import shlex
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -15,16 +24,30 @@ import torch
 from torch import nn
 
 __all__ = [
+    "RECORD_KEYS",
     "LlamaShape",
     "Timing",
+    "add_caveat_arg",
     "build_llama",
+    "command_argv",
     "device_arg",
+    "git_commit",
     "machine",
     "markdown_table",
     "nonnegative_int",
     "positive_int",
+    "record",
+    "record_meta",
     "time_steps",
+    "write_record",
 ]
+
+#: the repository holding this package (when it runs from a checkout)
+REPO = Path(__file__).resolve().parents[2]
+#: what the record's ``meta`` holds, in order
+RECORD_KEYS = ("commit", "date", "machine", "command", "torch", "caveats")
+#: paths a benchmark run writes itself, left out of the ``-dirty`` check
+_OWN_OUTPUTS = ("moracl/bench/results", "moracl/bench/RESULTS.md")
 
 
 @dataclass(frozen=True)
@@ -129,8 +152,6 @@ def machine(device: torch.device | str = "cpu") -> str:
 
 
 def _int(text: str, low: int) -> int:
-    import argparse
-
     try:
         value = int(text)
     except ValueError:
@@ -152,8 +173,6 @@ def nonnegative_int(text: str) -> int:
 
 def device_arg(text: str) -> str:
     """An argparse ``type``: a device this machine has (``cpu``, ``cuda``, ``cuda:N``)."""
-    import argparse
-
     from moracl.preflight import check_device
 
     try:
@@ -163,10 +182,24 @@ def device_arg(text: str) -> str:
     return text
 
 
-def bench_parser(prog: str, description: str | None, methods: list[str], sizes: list[str]):  # type: ignore[no-untyped-def]
-    """The options every model benchmark shares: device, size, methods, rank, steps, json."""
-    import argparse
+def add_caveat_arg(parser: argparse.ArgumentParser) -> None:
+    """``--caveat TEXT`` (repeatable): a caveat of the measurement for the ``--json`` record
+    (what the command cannot know, such as "timings on a shared machine")."""
+    parser.add_argument(
+        "--caveat",
+        dest="caveats",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="a caveat for the --json record (repeatable), e.g. 'timings on a shared machine'",
+    )
 
+
+def bench_parser(
+    prog: str, description: str | None, methods: list[str], sizes: list[str]
+) -> argparse.ArgumentParser:
+    """The options every model benchmark shares: device, size, methods, rank, steps, json,
+    caveats."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument(
         "--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu"
@@ -177,6 +210,7 @@ def bench_parser(prog: str, description: str | None, methods: list[str], sizes: 
     parser.add_argument("--steps", type=positive_int, default=10)
     parser.add_argument("--warmup", type=nonnegative_int, default=3)
     parser.add_argument("--json", default=None, help="also write the results here")
+    add_caveat_arg(parser)
     return parser
 
 
@@ -190,3 +224,110 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+# -- the record of a measurement --------------------------------------------------------------
+
+
+def _git(root: Path, *args: str) -> str:
+    """``git -C root args`` (read only: no optional locks, so no index refresh is written)."""
+    done = subprocess.run(
+        ["git", "-C", str(root), *args],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+        env={**os.environ, "GIT_OPTIONAL_LOCKS": "0"},
+    )
+    return done.stdout
+
+
+def git_commit(root: str | Path = REPO) -> str:
+    """The short hash of the commit checked out in ``root``, with ``-dirty`` when its files
+    differ from that commit (tracked changes or untracked files; the benchmark results and
+    RESULTS.md, which the benchmarks write, aside); ``"unknown"`` when ``root`` is not the top
+    of a git work tree (an installed package) or git is missing. ``$MORACL_BENCH_COMMIT``,
+    when set, is returned as it is (a copy of the tree measured elsewhere, without ``.git``)."""
+    given = os.environ.get("MORACL_BENCH_COMMIT")
+    if given:  # a copy of the tree without its git folder (a remote machine) names it
+        return given
+    root = Path(root).resolve()
+    try:
+        if Path(_git(root, "rev-parse", "--show-toplevel").strip()).resolve() != root:
+            return "unknown"  # an installed copy inside some other repository
+        head = _git(root, "rev-parse", "--short", "HEAD").strip()
+        excluded = [f":(exclude){p}" for p in _OWN_OUTPUTS]
+        status = _git(root, "status", "--porcelain", "--", ".", *excluded)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head + ("-dirty" if status.strip() else "")
+
+
+def command_argv(argv: Sequence[str] | None) -> list[str]:
+    """The options a benchmark's ``main`` was given (``sys.argv[1:]`` when ``None``)."""
+    return list(sys.argv[1:] if argv is None else argv)
+
+
+def record_meta(
+    name: str,
+    argv: Sequence[str],
+    *,
+    device: torch.device | str = "cpu",
+    caveats: Sequence[str] = (),
+) -> dict[str, Any]:
+    """What a benchmark record says about its measurement (keys :data:`RECORD_KEYS`).
+
+    Args:
+        name: the benchmark (``moracl bench NAME``).
+        argv: its options, as given.
+        device: where it measured (:func:`machine` names it).
+        caveats: what a reader should keep in mind (the benchmark's own, then the user's).
+    """
+    date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    return {
+        "commit": git_commit(),
+        "date": date,
+        "machine": machine(device),
+        "command": shlex.join(["moracl", "bench", name, *argv]),
+        "torch": torch.__version__,
+        "caveats": [str(c) for c in caveats],
+    }
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with every non-finite float (NaN, ±inf) replaced by ``None`` (JSON's null)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def record(name: str, meta: dict[str, Any], results: Any) -> dict[str, Any]:
+    """``{"benchmark": name, "meta": meta, "results": results}``, the shape of every
+    benchmark's ``--json`` file (non-finite numbers as ``null``)."""
+    return {"benchmark": name, "meta": meta, "results": _finite(results)}
+
+
+def write_record(
+    path: str | Path,
+    name: str,
+    meta: dict[str, Any],
+    results: Any,
+    *,
+    caveats: Sequence[str] = (),
+) -> None:
+    """Write the record of one measurement to ``path`` (atomically; folders created).
+
+    Args:
+        meta: :func:`record_meta`, taken when the measurement began (the commit and date of
+            the code that ran).
+        caveats: appended to ``meta``'s.
+    """
+    from moracl.files import write_atomic
+
+    meta = {**meta, "caveats": [*meta["caveats"], *(str(c) for c in caveats)]}
+    text = json.dumps(record(name, meta, results), indent=2, allow_nan=False)
+    write_atomic(path, text + "\n")

@@ -29,14 +29,20 @@ import torch
 from moracl.bench.adapters import SIZES
 from moracl.bench.common import (
     LlamaShape,
+    add_caveat_arg,
     build_llama,
+    command_argv,
     device_arg,
     machine,
     markdown_table,
     nonnegative_int,
     positive_int,
+    record_meta,
     time_steps,
+    write_record,
 )
+
+__all__ = ["SHAPES", "main", "markdown", "parse_args"]
 
 SHAPES = {
     **SIZES,
@@ -123,6 +129,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=positive_int, default=10)
     parser.add_argument("--warmup", type=nonnegative_int, default=3)
     parser.add_argument("--json", default=None, help="also write the results here")
+    add_caveat_arg(parser)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
     args: argparse.Namespace = parser.parse_args(argv)
@@ -142,19 +149,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args.worker:
-        return _worker(args)
-    results = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for n in args.nproc:
-            results.append(_launch(n, args, Path(tmp) / f"n{n}.json"))
-    base = results[0]["tokens_per_s"] / results[0]["processes"]
-    shape = SHAPES[args.size]
-    print(
-        f"\n### distributed, top2-of-8, size {args.size}: {shape}, r={args.rank}, "
-        f"per-process batch {shape.batch}x{shape.seq}\n{results[0]['device']}\n"
+def markdown(result: dict[str, Any], machine_line: str | None = None) -> str:
+    """The benchmark's table from its ``--json`` results: a heading naming the size, shape,
+    rank and batch (and the machine, when ``machine_line`` is given), then one row per process
+    count with tokens/s and the scaling over the first row's."""
+    rows_in = result["results"]
+    base = rows_in[0]["tokens_per_s"] / rows_in[0]["processes"]
+    shape = result["shape"]
+    head = (
+        f"### distributed, top2-of-8, size {result['size']}: {shape}, r={result['rank']}, "
+        f"per-process batch {result['batch']}"
     )
     rows = [
         [
@@ -165,15 +169,42 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['tokens_per_s'] / base / r['processes']:.0%}",
             f"{r['peak_gib']:.2f}",
         ]
-        for r in results
+        for r in rows_in
     ]
-    print(
-        markdown_table(
-            ["processes", "ms/step", "tokens/s", "scaling", "efficiency", "peak GiB"], rows
-        )
+    table = markdown_table(
+        ["processes", "ms/step", "tokens/s", "scaling", "efficiency", "peak GiB"], rows
     )
+    return f"{head}\n{machine_line}\n\n{table}" if machine_line else f"{head}\n\n{table}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = command_argv(argv)
+    args = parse_args(argv)
+    if args.worker:
+        return _worker(args)
+    meta = record_meta("distributed", argv, device=args.device) if args.json else {}
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in args.nproc:
+            results.append(_launch(n, args, Path(tmp) / f"n{n}.json"))
+    shape = SHAPES[args.size]
+    result = {
+        "size": args.size,
+        "shape": str(shape),
+        "rank": args.rank,
+        "batch": f"{shape.batch}x{shape.seq}",
+        "results": results,
+    }
+    print("\n" + markdown(result, results[0]["device"]))
     if args.json:
-        Path(args.json).write_text(json.dumps({"size": args.size, "results": results}, indent=2))
+        notes = [
+            f"median of {args.steps} steps after {args.warmup} warm-up steps, timed by the "
+            "first process; weak scaling (each process keeps the batch)"
+        ]
+        if not args.device.startswith("cuda"):
+            notes.append("gloo on CPU processes: a smoke test of the GPU benchmark")
+        notes += args.caveats
+        write_record(args.json, "distributed", meta, result, caveats=notes)
     return 0
 
 

@@ -11,26 +11,29 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 from collections.abc import Callable
 from typing import Any, cast
 
 import torch
 from torch import nn
 
-from moracl.bench.adapters import SIZES
+from moracl.bench.adapters import SIZES, caveats
 from moracl.bench.common import (
     PROJECTIONS,
     LlamaShape,
     bench_parser,
     build_llama,
+    command_argv,
     device_and_size,
     free,
     machine,
     markdown_table,
+    record_meta,
     time_steps,
+    write_record,
 )
-from moracl.files import write_atomic
+
+__all__ = ["METHODS", "main", "make_step", "markdown", "parse_args", "run"]
 
 METHODS = [
     "floor",
@@ -204,18 +207,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    device, size = device_and_size(args)
-    methods = args.methods or METHODS
-    if args.kernels_ab:
-        return _kernels_ab(size, methods, args, device)
-    results = run(
-        size, methods, args.rank, args.steps, args.warmup, device, args.compile, args.graphs
-    )
-    mode = "torch.compile(model)" if args.compile else "eager"
-    mode += ", CUDA graph of the whole step" if args.graphs else ""
-    print(f"\n### experts, size {size}: {SIZES[size]}, r={args.rank}, {mode}\n{machine(device)}\n")
+def markdown(result: dict[str, Any], machine_line: str | None = None) -> str:
+    """The benchmark's table from its ``--json`` results: a heading naming the size, shape,
+    rank and mode (and the machine, when ``machine_line`` is given), then one row per
+    method."""
     rows = [
         [
             r["method"],
@@ -226,17 +221,42 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['peak_gib']:.2f}",
             f"{r['trainable']:,}",
         ]
-        for r in results
+        for r in result["results"]
     ]
-    print(
-        markdown_table(
-            ["method", "ms/step", "× floor", "× LoRA r16", "tokens/s", "peak GiB", "trainable"],
-            rows,
-        )
+    head = (
+        f"### experts, size {result['size']}: {result['shape']}, r={result['rank']}, "
+        f"{result['mode']}"
     )
+    table = markdown_table(
+        ["method", "ms/step", "× floor", "× LoRA r16", "tokens/s", "peak GiB", "trainable"],
+        rows,
+    )
+    return f"{head}\n{machine_line}\n\n{table}" if machine_line else f"{head}\n\n{table}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = command_argv(argv)
+    args = parse_args(argv)
+    device, size = device_and_size(args)
+    meta = record_meta("experts", argv, device=device) if args.json else {}
+    methods = args.methods or METHODS
+    if args.kernels_ab:
+        return _kernels_ab(size, methods, args, device)
+    rows = run(size, methods, args.rank, args.steps, args.warmup, device, args.compile, args.graphs)
+    mode = "torch.compile(model)" if args.compile else "eager"
+    mode += ", CUDA graph of the whole step" if args.graphs else ""
+    result = {
+        "size": size,
+        "shape": str(SIZES[size]),
+        "rank": args.rank,
+        "mode": mode,
+        "device": machine(device),
+        "results": rows,
+    }
+    print("\n" + markdown(result, machine(device)))
     if args.json:
-        report = {"size": size, "device": machine(device), "results": results}
-        write_atomic(args.json, json.dumps(report, indent=2, allow_nan=False))
+        notes = [*caveats(size, args.steps, args.warmup), *args.caveats]
+        write_record(args.json, "experts", meta, result, caveats=notes)
     return 0
 
 

@@ -29,7 +29,6 @@ of ``torch.profiler`` (a separate, untimed step).
 from __future__ import annotations
 
 import itertools
-import json
 import sys
 import warnings
 from collections.abc import Callable
@@ -42,16 +41,20 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moracl.bench.common import (
+    add_caveat_arg,
+    command_argv,
     device_arg,
     free,
     machine,
     markdown_table,
     nonnegative_int,
     positive_int,
+    record_meta,
     time_steps,
+    write_record,
 )
 
-__all__ = ["MODELS", "Workload", "build_model", "main", "markdown", "run"]
+__all__ = ["MODELS", "Workload", "build_model", "main", "markdown", "parse_args", "run"]
 
 MODELS = ("mlp", "mlp-small", "adapter")
 _SHAPES = {
@@ -322,14 +325,17 @@ def parse_args(argv: list[str] | None = None) -> Any:
     )
     parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     parser.add_argument("--json", type=Path, default=None, help="also write the result here")
+    add_caveat_arg(parser)
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry: ``moracl bench meta`` / ``python -m moracl.bench.meta``."""
+    argv = command_argv(argv)
     args = parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    meta = record_meta("meta", argv, device=args.device) if args.json else {}
     try:
         result = run(
             args.device,
@@ -345,8 +351,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(markdown(result))
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        notes = [
+            "random tasks (Gaussian inputs, fixed labels): a measure of speed and memory, "
+            "not of what is learnt",
+            *args.caveats,
+        ]
+        write_record(args.json, "meta", meta, result, caveats=notes)
     return 0
 
 

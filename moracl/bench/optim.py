@@ -20,7 +20,6 @@ On CUDA the timing uses events between ``synchronize`` calls.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections.abc import Callable
@@ -33,10 +32,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moracl.adapters.base import ParamRole
-from moracl.bench.common import device_arg, positive_int
+from moracl.bench.common import (
+    add_caveat_arg,
+    command_argv,
+    device_arg,
+    positive_int,
+    record_meta,
+    write_record,
+)
 from moracl.optim import LarsConfig, MoRAOptimizer, SAMConfig
 
-__all__ = ["main", "run"]
+__all__ = ["main", "markdown", "parse_args", "run"]
 
 # (layers, d, rank): four adapted projections per layer
 PARAM_SIZES: dict[str, tuple[int, int, int]] = {"small": (12, 768, 8), "large": (32, 4096, 16)}
@@ -326,15 +332,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="torch CPU threads (default: torch's choice)",
     )
     parser.add_argument("--json", type=Path, default=None, help="also write the result here")
+    add_caveat_arg(parser)
     args: argparse.Namespace = parser.parse_args(argv)
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry: ``moracl bench optim`` / ``python -m moracl.bench.optim``."""
+    argv = command_argv(argv)
     args = parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    meta = record_meta("optim", argv, device=args.device) if args.json else {}
     try:
         result = run(args.device, args.steps, args.params_size, args.repeats)
     except ValueError as err:  # options that do not fit together
@@ -342,8 +351,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(markdown(result))
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        notes = [
+            f"best (minimum) of {result['repeats']} interleaved rounds per configuration: "
+            "the least each step took, not its typical time",
+            *args.caveats,
+        ]
+        write_record(args.json, "optim", meta, result, caveats=notes)
     return 0
 
 
