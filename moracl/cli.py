@@ -16,6 +16,7 @@ BENCHES = {
     "meta": "moracl.bench.meta",
     "optim": "moracl.bench.optim",
     "profile": "moracl.bench.profile",
+    "report": "moracl.bench.report",
 }
 
 
@@ -89,9 +90,65 @@ def _run(args: argparse.Namespace) -> int:
         config = load_config(args.config, args.overrides)
         if not isinstance(config, RunConfig):
             raise ValueError(f"{args.config} is a {config.job!r} config, not a 'run' one")
-    results = run(config, resume=bool(args.resume), progress=not args.quiet, device=args.device)
+    evaluate_test = True
+    if args.resume:  # a run that left its test split alone (a sweep's trial) goes on so
+        from moracl.continual.metrics import METRICS_FILE, RunResults
+
+        metrics = Path(args.resume) / METRICS_FILE
+        evaluate_test = RunResults.load(metrics).test_evaluated if metrics.is_file() else True
+    results = run(
+        config,
+        resume=bool(args.resume),
+        progress=not args.quiet,
+        device=args.device,
+        evaluate_test=evaluate_test,
+    )
     print(comparison_table(results))
     print(f"run folder: {config.output_dir} (report.md, metrics.json, plots/, logs/)")
+    return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from moracl.jobs.sweep import plan_sweep, run_sweep
+    from moracl.jobs.sweep_space import overrides_text
+    from moracl.report.sweep import format_score, render_table
+
+    if args.seed is not None and args.trials is None:
+        raise ValueError(f"--seed {args.seed} applies to a random search; give --trials N too")
+    plan = plan_sweep(
+        args.config,
+        args.grid,
+        trials=args.trials,
+        seed=0 if args.seed is None else args.seed,
+        sets=args.sets,
+        output_dir=args.output_dir,
+        metric=args.metric,
+        strategy=args.strategy,
+        select_experiences=args.select_experiences,
+        device=args.device,
+    )
+    result = run_sweep(
+        plan,
+        jobs=args.jobs,
+        resume=args.resume,
+        retry_failed=args.retry_failed,
+        progress=not args.quiet,
+        on_event=None if args.quiet else lambda line: print(line, flush=True),
+        final=args.final,
+    )
+    chosen, sel = result.chosen, plan.selection
+    overrides = overrides_text(chosen.overrides)
+    print(
+        f"chosen: trial {chosen.number:03d} ({overrides}), {sel.label} "
+        f"{format_score(chosen.score, sel.kind)}"
+    )
+    final = result.state.final
+    if final is not None and final.table is not None:
+        print(render_table(final.table))
+    print(
+        f"sweep folder: {result.sweep_dir} (sweep.md, sweep.png, sweep.json, chosen.yaml); "
+        f"run the chosen config with: {plan.job.command} {result.chosen_config}"
+    )
     return 0
 
 
@@ -152,6 +209,68 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_run)
+
+    p = sub.add_parser(
+        "sweep",
+        help="grid or random search over config keys, ranked on validation; the chosen "
+        "config then runs once more, reading the test split",
+    )
+    p.add_argument("config", help="a YAML config with job: finetune, meta or run")
+    p.add_argument(
+        "--grid",
+        nargs="+",
+        action="extend",
+        required=True,
+        metavar="KEY=V1,V2",
+        help="swept keys and their values, parsed as YAML (e.g. adapter.rank=4,8,16 "
+        "train.lr=1e-3,3e-3); every combination is a trial",
+    )
+    p.add_argument(
+        "--trials", type=int, help="random search: N distinct combinations drawn from the grid"
+    )
+    p.add_argument("--seed", type=int, help="the seed of a random search (default 0)")
+    p.add_argument(
+        "--set",
+        dest="sets",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="KEY=VALUE",
+        help="fixed overrides of every trial (e.g. strategies=[moracl])",
+    )
+    p.add_argument(
+        "--metric",
+        help="the validation metric ranked (run: acc, average_incremental_accuracy, bwt, fwt, "
+        "forgetting, forgetting_first_minus_last; default: the job's validation accuracy)",
+    )
+    p.add_argument(
+        "--strategy",
+        help="run: the strategy ranked (default: the config's first strategy); 'mean': the "
+        "mean over the strategies that train on every experience, for settings they share",
+    )
+    p.add_argument(
+        "--select-experiences",
+        type=int,
+        metavar="K",
+        help="run: trials train experiences 0..K-1 only and are ranked on those "
+        "(Chaudhry et al. 2019); the final run trains the whole stream",
+    )
+    p.add_argument("--jobs", type=int, default=1, help="trials run at once, each in a process")
+    p.add_argument(
+        "--no-final",
+        dest="final",
+        action="store_false",
+        help="rank only: no final run with the test split (its numbers come from elsewhere, "
+        "e.g. moracl bench continual over seeds)",
+    )
+    p.add_argument("--output-dir", help="the sweep folder (default: the config's output_dir-sweep)")
+    p.add_argument(
+        "--resume", action="store_true", help="continue the sweep in --output-dir (must exist)"
+    )
+    p.add_argument("--retry-failed", action="store_true", help="run failed trials again")
+    p.add_argument("--device", default="cpu", help="run: cpu or cuda")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or trial lines")
+    p.set_defaults(func=_sweep)
 
     p = sub.add_parser("report", help="rebuild report.md and plots of a run from its metrics.json")
     p.add_argument("run_dir", help="the run's folder (holding metrics.json)")

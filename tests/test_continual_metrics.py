@@ -218,7 +218,7 @@ def test_run_results_save_and_load(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == [METRICS_FILE]  # no temporary file left
     assert path.stat().st_mode & 0o777 == 0o644
     data = json.loads(path.read_text())
-    assert data["format"] == "moracl.continual.run" and data["version"] == 2
+    assert data["format"] == "moracl.continual.run" and data["version"] == 3
     assert RunResults.load(tmp_path) == run and RunResults.load(path) == run
     run.add(_strategy("Naive", 2, False))
     run.save(tmp_path)  # overwriting our own readable file is fine
@@ -265,7 +265,7 @@ def test_unreadable_metrics_file_raises_and_is_kept(tmp_path: Path, content: byt
 def test_version_error_names_both_versions(tmp_path: Path) -> None:
     data = _run().to_dict() | {"version": 99}
     (tmp_path / METRICS_FILE).write_text(json.dumps(data))
-    with pytest.raises(ValueError, match="version 99; this moracl reads version 2"):
+    with pytest.raises(ValueError, match=r"version 99; this moracl reads versions \[2, 3\]"):
         RunResults.load(tmp_path)
 
 

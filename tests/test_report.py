@@ -276,3 +276,73 @@ def test_results_json_is_strict(tmp_path: Path) -> None:
     json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
     assert json.loads(text)["strategies"][2]["matrix"]["R"][0] == [None, None, None]
     assert math.isnan(RunResults.load(tmp_path).strategies["Joint"].matrix.R[0, 0])
+
+
+def _with_validation(test_evaluated: bool = True) -> RunResults:
+    """``_results()`` with a validation matrix per strategy (ACC 0.5, BWT -0.5) and
+    MoE early-stopped."""
+    from moracl.continual.metrics import StoppingRecord
+
+    base = _results()
+    val = AccuracyMatrix([[0.9, 0.1, 0.2], [0.6, 0.8, 0.3], [0.2, 0.5, 0.8]], [0.1, 0.2, 0.3])
+    stopped = [StoppingRecord(i, 1, 3, True, "val_loss", 0.5) for i in range(3)]
+    strategies = {}
+    for name, s in base.strategies.items():
+        strategies[name] = StrategyResult(
+            s.name,
+            s.matrix if test_evaluated else None,
+            s.cost,
+            s.routing,
+            label=s.label,
+            validation=val,
+            early_stopping=stopped if name.startswith("MoE") else [],
+        )
+    config = {"scenario": {"val_share": 0.1}, "train": {"early_stopping": {"patience": 2}}}
+    return RunResults(
+        base.scenario,
+        base.setting,
+        base.seed,
+        base.experiences,
+        config=config,
+        strategies=strategies,
+        test_evaluated=test_evaluated,
+    )
+
+
+def test_report_puts_validation_and_test_side_by_side(tmp_path: Path) -> None:
+    _with_validation().save(tmp_path)
+    text = write_report(tmp_path).read_text()
+    assert "**Model selection uses validation only.**" in text
+    assert "10% of each class's training rows" in text
+    row = _parse_table(text, "strategy")[0]
+    assert list(row)[:5] == ["strategy", "val ACC", "test ACC", "val BWT", "test BWT"]
+    # val: ACC (0.2 + 0.5 + 0.8) / 3 = 0.5, BWT ((0.2 - 0.9) + (0.5 - 0.8)) / 2 = -0.5;
+    # test: the hand-computed R3 numbers
+    assert [float(row[c]) for c in ("val ACC", "test ACC", "val BWT", "test BWT")] == [
+        50.0, 65.0, -50.0, -20.0,
+    ]  # fmt: skip
+    assert float(row["test FWT"]) == 2.5 and float(row["test forgetting (max)"]) == 25.0
+    stopping = _parse_table(text.split("## Early stopping", 1)[1], "strategy")
+    assert [r["strategy"] for r in stopping] == ["MoE | top-2"]
+    assert stopping[0]["0: noun"] == "1 / 3"
+    section = text.split("### MoE \\| top-2", 1)[1]
+    test_matrix = _parse_table(section.split("Test:", 1)[1], "after \\ evaluated on")
+    val_matrix = _parse_table(section.split("Validation:", 1)[1], "after \\ evaluated on")
+    assert float(test_matrix[1]["noun"]) == 80.0 and float(val_matrix[1]["noun"]) == 90.0
+    assert (tmp_path / "plots" / "validation_matrix_moe_top-2.png").is_file()
+    assert "(plots/validation_matrix_moe_top-2.png)" in text
+
+
+def test_report_of_a_run_that_never_read_its_test_split(tmp_path: Path) -> None:
+    _with_validation(test_evaluated=False).save(tmp_path)
+    text = write_report(tmp_path).read_text()
+    assert "**The test split was not evaluated**" in text
+    row = _parse_table(text, "strategy")[0]
+    assert [c for c in row if "ACC" in c or "BWT" in c] == [
+        "val ACC",
+        "val BWT",
+        "val avg inc. ACC",
+    ]
+    assert float(row["val ACC"]) == 50.0 and "test" not in " ".join(row)
+    assert "Test:" not in text and not (tmp_path / "plots" / "validation_matrix_naive.png").exists()
+    assert RunResults.load(tmp_path).strategies["Naive"].matrix is None

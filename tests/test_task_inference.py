@@ -286,6 +286,7 @@ def test_a_run_keeps_every_training_rows_statistics_and_resumes_exactly(tmp_path
     from moracl_scenarios.streams import build_stream, load_encoder
 
     from moracl.continual.checkpoint import load_checkpoint
+    from moracl.continual.splits import split_stream
     from moracl.continual.strategy import materialize
     from moracl.jobs.continual import run as run_continual
 
@@ -298,8 +299,10 @@ def test_a_run_keeps_every_training_rows_statistics_and_resumes_exactly(tmp_path
     routing = full.strategies[name].routing
     assert routing is not None and routing.task_inference_accuracy is not None
     assert resumed.strategies[name].routing == routing
-    # the saved statistics are those of every training row, from the frozen layers
+    # the saved statistics are those of every training row (the validation rows, a tenth of
+    # each class's, held out), from the frozen layers
     stream = build_stream("split-fashion", setting="class", seed=0, per_class=20, test_per_class=10)
+    held_out = split_stream(list(stream.benchmark.train_stream), 0.1, seed=0)
     frozen = load_encoder(stream.info)
     encoder = MoRAModel(
         frozen,
@@ -309,7 +312,9 @@ def test_a_run_keeps_every_training_rows_statistics_and_resumes_exactly(tmp_path
     want = GaussianTaskInference(5, 10)
     for e, exp in enumerate(stream.benchmark.train_stream):
         x, y, _ = materialize(exp.dataset)
-        want.update(input_features(encoder, x), e, y)
+        rows = held_out.indices[e][0]
+        want.update(input_features(encoder, x[rows]), e, y[rows])
+    assert set(want.counts[want.counts > 0].tolist()) == {18.0}  # 20 rows a class, 2 held out
     saved = load_checkpoint(tmp_path / "full").tensors["moracl"]
     for key in ("sums", "counts", "second"):
         torch.testing.assert_close(saved[f"task_inference.{key}"], getattr(want, key))

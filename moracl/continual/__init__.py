@@ -6,6 +6,7 @@ from moracl.continual.metrics import (
     Cost,
     RoutingDiagnostics,
     RunResults,
+    StoppingRecord,
     StrategyResult,
 )
 
@@ -15,5 +16,6 @@ __all__ = [
     "Cost",
     "RoutingDiagnostics",
     "RunResults",
+    "StoppingRecord",
     "StrategyResult",
 ]

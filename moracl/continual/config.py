@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 from moracl import parse_fields
 from moracl.adapters.base import AdapterConfig
 from moracl.distributed import DistributedConfig
+from moracl.early_stopping import EarlyStoppingConfig
 from moracl.experts.routers.config import RoutePer
 from moracl.guard import OnNonFinite, check_int, check_number, parse_on_nonfinite
 from moracl.parse_fields import check_field_types, check_string_keys
@@ -76,10 +77,18 @@ class ScenarioConfig:
     options: dict[str, Any] = field(
         default_factory=dict, metadata={"help": "builder options (sizes, class lists, ...)"}
     )
+    val_share: float = field(
+        default=0.1,
+        metadata={
+            "help": "share of each class's training rows of each experience held out for "
+            "validation (seeded by train.seed; 0: no validation split)"
+        },
+    )
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"scenario.name must be a scenario name, got {self.name!r}")
+        self.val_share = check_number("scenario.val_share", self.val_share, ge=0, lt=1)
         if self.setting is not None and not isinstance(self.setting, Setting):
             try:
                 self.setting = Setting(self.setting)
@@ -240,14 +249,19 @@ class TaskRouting(RoutingMode):
 
     Args:
         reuse_old: a new task may also use the frozen experts of earlier tasks.
+        adopt_newer: after each experience an old task may take a newer task's routing when
+            its own validation split scores higher with it (backward transfer chosen on
+            validation; :mod:`moracl.continual.transfer`).
     """
 
     mode: RoutingModeName = RoutingModeName.TASK
     reuse_old: bool = True
+    adopt_newer: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_flag("reuse_old", self.reuse_old)
+        _check_flag("adopt_newer", self.adopt_newer)
 
     def resolve(self, *, task_aware: bool) -> TaskRouting:
         if not task_aware:
@@ -327,15 +341,18 @@ class GaussianRouting(RoutingMode):
     Args:
         reuse_old: a new experience may also use the frozen experts of earlier ones.
         shrinkage: covariance shrinkage toward the identity, in ``[0, 1]``.
+        adopt_newer: as :class:`TaskRouting`'s, for the experience rows.
     """
 
     mode: RoutingModeName = RoutingModeName.GAUSSIAN
     reuse_old: bool = True
     shrinkage: float = 0.1
+    adopt_newer: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_flag("reuse_old", self.reuse_old)
+        _check_flag("adopt_newer", self.adopt_newer)
         _set_number(self, "shrinkage", ge=0, le=1)
 
     def resolve(self, *, task_aware: bool) -> GaussianRouting:
@@ -359,25 +376,30 @@ class AutoRouting(RoutingMode):
             frozen experts of earlier ones.
         without_task_labels: ``learned`` or ``gaussian`` (see :class:`WithoutTaskLabels`).
         shrinkage: gaussian task inference's covariance shrinkage, in ``[0, 1]``.
+        adopt_newer: routing by task (or by inferred task): see :class:`TaskRouting`.
     """
 
     mode: RoutingModeName = RoutingModeName.AUTO
     reuse_old: bool = True
     without_task_labels: WithoutTaskLabels = WithoutTaskLabels.LEARNED
     shrinkage: float = 0.1
+    adopt_newer: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
         key = "without_task_labels"
         object.__setattr__(self, key, _choice(WithoutTaskLabels, key, self.without_task_labels))
         _check_flag("reuse_old", self.reuse_old)
+        _check_flag("adopt_newer", self.adopt_newer)
         _set_number(self, "shrinkage", ge=0, le=1)
 
     def resolve(self, *, task_aware: bool) -> TaskRouting | LearnedRouting | GaussianRouting:
         if task_aware:
-            return TaskRouting(reuse_old=self.reuse_old)
+            return TaskRouting(reuse_old=self.reuse_old, adopt_newer=self.adopt_newer)
         if self.without_task_labels is WithoutTaskLabels.GAUSSIAN:
-            return GaussianRouting(reuse_old=self.reuse_old, shrinkage=self.shrinkage)
+            return GaussianRouting(
+                reuse_old=self.reuse_old, shrinkage=self.shrinkage, adopt_newer=self.adopt_newer
+            )
         return LearnedRouting()
 
 
@@ -520,6 +542,14 @@ class ContinualTrainConfig:
         default=OnNonFinite.STOP,
         metadata={"help": "at a non-finite loss or gradient: stop (an error) or skip the step"},
     )
+    early_stopping: EarlyStoppingConfig | None = field(
+        default=None,
+        metadata={
+            "help": "stop each experience's training when its validation metric stops "
+            "improving and keep the best epoch's weights (None: train every epoch; epochs is "
+            "then the maximum)"
+        },
+    )
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "eval_batch_size"):
@@ -531,6 +561,17 @@ class ContinualTrainConfig:
             raise ValueError(f"train.seed must be >= 0, got {self.seed!r}")
         check_int("train.seed", self.seed, ge=0, le=SEED_MAX)
         self.on_nonfinite = parse_on_nonfinite(self.on_nonfinite, "train.on_nonfinite")
+        if isinstance(self.early_stopping, Mapping):
+            self.early_stopping = parse_fields.from_dict(
+                EarlyStoppingConfig, self.early_stopping, where="train.early_stopping"
+            )
+        if self.early_stopping is not None and not isinstance(
+            self.early_stopping, EarlyStoppingConfig
+        ):
+            raise ValueError(
+                f"train.early_stopping must be null or a mapping of patience, metric and "
+                f"min_delta, got {self.early_stopping!r}"
+            )
 
 
 @dataclass
@@ -565,6 +606,12 @@ class RunConfig:
             raise ValueError(
                 f"strategies must be distinct names among {list(STRATEGIES)}, "
                 f"got {self.strategies!r}"
+            )
+        if self.train.early_stopping is not None and self.scenario.val_share == 0:
+            raise ValueError(
+                "train.early_stopping watches each experience's validation split, but "
+                "scenario.val_share=0 holds none out: set scenario.val_share > 0 (e.g. 0.1) or "
+                "train.early_stopping=null"
             )
 
 

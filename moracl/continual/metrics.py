@@ -11,6 +11,12 @@ experiences) and ``b[j]`` the accuracy of the initial model on experience ``j``.
 - forgetting (max-based) = mean_{j<T-1} (max_{l<T-1} R[l][j] - R[T-1][j])
 - forgetting (first - last, Avalanche's ``StreamForgetting``) = mean_{j<T-1} (R[j][j] - R[T-1][j])
 
+A run measures two such matrices per strategy: on the test experiences (``StrategyResult.matrix``)
+and on the validation splits held out of the training experiences
+(``StrategyResult.validation``). Model selection reads the validation matrix only; a run made
+for selection may leave the test split alone (``RunResults.test_evaluated`` false, every
+``matrix`` ``None``).
+
 Missing measurements are NaN. A matrix row is either fully measured or entirely NaN (a run in
 progress has NaN rows after the current experience; a joint-training baseline has only its
 last row). Every metric is computed over the full ``T`` and is NaN when an entry its formula
@@ -39,12 +45,16 @@ __all__ = [
     "Cost",
     "RoutingDiagnostics",
     "RunResults",
+    "StoppingRecord",
     "StrategyResult",
 ]
 
 METRICS_FILE = "metrics.json"
 FORMAT = "moracl.continual.run"
-VERSION = 2
+#: version 3 added the validation matrix, early stopping and ``test_evaluated``; version 2
+#: files still load (no validation, test evaluated)
+VERSION = 3
+READABLE_VERSIONS = (2, 3)
 
 
 def _nan_mean(values: np.ndarray) -> float:
@@ -332,6 +342,68 @@ class RoutingDiagnostics:
 
 
 @dataclass
+class StoppingRecord:
+    """Early stopping on one experience of a strategy (Joint: on the whole stream, recorded
+    at the last experience).
+
+    ``best_epoch`` is the epoch (0-based) whose weights were kept, ``epochs_run`` the epochs
+    trained, ``stopped_early`` whether training stopped before ``train.epochs``, ``metric``
+    the validation metric watched (``val_loss`` or ``val_acc``) and ``best_value`` its value
+    at the best epoch.
+    """
+
+    experience: int
+    best_epoch: int
+    epochs_run: int
+    stopped_early: bool
+    metric: str
+    best_value: float | None = None
+
+    def __post_init__(self) -> None:
+        for key in ("experience", "best_epoch", "epochs_run"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"early_stopping.{key}={value!r}; expected an int >= 0")
+        if self.best_epoch >= self.epochs_run:
+            raise ValueError(
+                f"early_stopping.best_epoch={self.best_epoch} but epochs_run={self.epochs_run}; "
+                f"expected the best epoch among those run"
+            )
+        if not isinstance(self.stopped_early, bool):
+            raise ValueError(
+                f"early_stopping.stopped_early={self.stopped_early!r}; expected a bool"
+            )
+        if self.metric not in ("val_loss", "val_acc"):
+            raise ValueError(f"early_stopping.metric={self.metric!r}; expected val_loss or val_acc")
+        v = self.best_value
+        if v is not None:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f"early_stopping.best_value={v!r}; expected a finite number")
+            self.best_value = float(v)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "experience": self.experience,
+            "best_epoch": self.best_epoch,
+            "epochs_run": self.epochs_run,
+            "stopped_early": self.stopped_early,
+            "metric": self.metric,
+            "best_value": self.best_value,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> StoppingRecord:
+        return cls(
+            experience=_require(data, "experience", int),
+            best_epoch=_require(data, "best_epoch", int),
+            epochs_run=_require(data, "epochs_run", int),
+            stopped_early=_require(data, "stopped_early", bool),
+            metric=_require(data, "metric", str),
+            best_value=data.get("best_value"),
+        )
+
+
+@dataclass
 class StrategyResult:
     """Everything measured for one strategy of a run.
 
@@ -341,15 +413,32 @@ class StrategyResult:
     ``steps`` counts the training steps taken or skipped so far (every mini-batch, including
     those of plugins' own fine-tuning loops), ``skipped_steps`` those skipped for a
     non-finite loss or gradient (``train.on_nonfinite=skip``).
+
+    ``matrix`` is the accuracy matrix on the test experiences (``None``: the run did not
+    evaluate the test split), ``validation`` the one on the validation splits,
+    ``R_val[i][j]`` = accuracy on experience ``j``'s validation split after training through
+    ``i`` (``None``: the run held out no validation split). ``early_stopping`` has one
+    :class:`StoppingRecord` per experience trained with early stopping (empty without it).
     """
 
     name: str
-    matrix: AccuracyMatrix
+    matrix: AccuracyMatrix | None
     cost: Cost
     routing: RoutingDiagnostics | None = None
     steps: int = 0
     skipped_steps: int = 0
     label: str = ""
+    validation: AccuracyMatrix | None = None
+    early_stopping: list[StoppingRecord] = field(default_factory=list)
+
+    @property
+    def measured(self) -> AccuracyMatrix:
+        """The test matrix, or the validation matrix of a run that did not evaluate the test
+        split (what a run in progress has measured so far)."""
+        m = self.matrix if self.matrix is not None else self.validation
+        if m is None:
+            raise ValueError(f"strategy {self.name!r} has neither a test nor a validation matrix")
+        return m
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip():
@@ -366,6 +455,25 @@ class StrategyResult:
                 f"skipped_steps={self.skipped_steps} exceeds steps={self.steps}; expected at "
                 f"most as many skipped steps as steps"
             )
+        if self.matrix is None and self.validation is None:
+            raise ValueError(
+                f"strategy {self.name!r}: matrix and validation are both None; expected a test "
+                f"or a validation accuracy matrix"
+            )
+        for key in ("matrix", "validation"):
+            value = getattr(self, key)
+            if value is not None and not isinstance(value, AccuracyMatrix):
+                raise ValueError(f"{key}={value!r}; expected an AccuracyMatrix or None")
+        if (
+            self.matrix is not None
+            and self.validation is not None
+            and self.matrix.num_experiences != self.validation.num_experiences
+        ):
+            raise ValueError(
+                f"strategy {self.name!r}: a {self.matrix.num_experiences}-experience test matrix "
+                f"but a {self.validation.num_experiences}-experience validation matrix"
+            )
+        self.early_stopping = list(self.early_stopping)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: floats exact, NaN as ``None``."""
@@ -386,10 +494,12 @@ class StrategyResult:
         return {
             "name": self.name,
             "label": self.label,
-            "matrix": self.matrix.to_dict(),
+            "matrix": None if self.matrix is None else self.matrix.to_dict(),
+            "validation": None if self.validation is None else self.validation.to_dict(),
             "cost": cost,
             "routing": routing,
             "training": {"steps": self.steps, "skipped_steps": self.skipped_steps},
+            "early_stopping": [r.to_dict() for r in self.early_stopping],
         }
 
     @classmethod
@@ -417,15 +527,38 @@ class StrategyResult:
         training = data.get("training") or {}  # absent from files of older versions
         if not isinstance(training, dict):
             raise ValueError(f"'training' = {training!r}; expected an object or null")
+        stopping = data.get("early_stopping") or []  # absent from version 2
+        if not isinstance(stopping, list):
+            raise ValueError(f"'early_stopping' = {stopping!r}; expected a list or null")
         return cls(
             name=_require(data, "name", str),
             label=_require(data, "label", str),
-            matrix=AccuracyMatrix.from_dict(_require(data, "matrix", dict)),
+            matrix=_optional_matrix(data, "matrix"),
             cost=cost,
             routing=routing,
             steps=training.get("steps", 0),
             skipped_steps=training.get("skipped_steps", 0),
+            validation=_optional_matrix(data, "validation"),
+            early_stopping=[StoppingRecord.from_dict(_object(r)) for r in stopping],
         )
+
+
+def _object(value: Any) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{value!r}; expected an object")
+    return value
+
+
+def _optional_matrix(data: Mapping[str, Any], key: str) -> AccuracyMatrix | None:
+    """``data[key]`` as an accuracy matrix; ``None`` for null or (validation) absent."""
+    if key == "matrix":
+        _require(data, key, (dict, type(None)))  # present in every version
+    value = data.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ValueError(f"{key!r} = {value!r}; expected an object or null")
+    return AccuracyMatrix.from_dict(value)
 
 
 @dataclass
@@ -435,6 +568,8 @@ class RunResults:
     Saved as ``RUN_DIR/metrics.json`` (:meth:`save`, atomic) and read back with :meth:`load`;
     the report is rebuilt from that file alone. :attr:`strategies` is keyed by registry name
     (``results.strategies["moracl"]``), in the order the run reports them.
+    ``test_evaluated`` is false for a run that never read its test split (every strategy's
+    ``matrix`` is then ``None`` and its ``validation`` matrix holds what was measured).
     """
 
     scenario: str
@@ -443,6 +578,7 @@ class RunResults:
     experiences: list[str]
     config: dict[str, Any] = field(default_factory=dict)
     strategies: dict[str, StrategyResult] = field(default_factory=dict)
+    test_evaluated: bool = True
 
     def __post_init__(self) -> None:
         if not self.experiences:
@@ -451,17 +587,28 @@ class RunResults:
         self.scenario = str(getattr(self.scenario, "value", self.scenario))
         self.setting = str(getattr(self.setting, "value", self.setting))
         self.experiences = [str(e) for e in self.experiences]
+        if not isinstance(self.test_evaluated, bool):
+            raise ValueError(f"test_evaluated={self.test_evaluated!r}; expected true or false")
         for key, result in self.strategies.items():
             self._check(key, result)
 
     def _check(self, key: str, result: StrategyResult) -> None:
         if key != result.name:
             raise ValueError(f"strategy stored under {key!r} is named {result.name!r}")
-        t = result.matrix.num_experiences
+        t = result.measured.num_experiences
         if t != len(self.experiences):
             raise ValueError(
                 f"strategy {key!r} has a {t}x{t} accuracy matrix; expected "
                 f"{len(self.experiences)} experiences ({self.experiences})"
+            )
+        if self.test_evaluated and result.matrix is None:
+            raise ValueError(
+                f"strategy {key!r} has no test accuracy matrix, but test_evaluated is true"
+            )
+        if not self.test_evaluated and result.matrix is not None:
+            raise ValueError(
+                f"strategy {key!r} has a test accuracy matrix, but test_evaluated is false (the "
+                f"run never read its test split)"
             )
 
     def add(self, result: StrategyResult) -> None:
@@ -478,6 +625,7 @@ class RunResults:
             "seed": self.seed,
             "experiences": list(self.experiences),
             "config": self.config,
+            "test_evaluated": self.test_evaluated,
             "strategies": [s.to_dict() for s in self.strategies.values()],
         }
 
@@ -492,9 +640,10 @@ class RunResults:
                 f"their display label ('moracl (experts)'); this moracl reads version {VERSION} "
                 f"(keyed by registry name, 'moracl'): run the stream again to rebuild it"
             )
-        if data.get("version") != VERSION:
+        if data.get("version") not in READABLE_VERSIONS:
             raise ValueError(
-                f"{FORMAT} version {data.get('version')!r}; this moracl reads version {VERSION}"
+                f"{FORMAT} version {data.get('version')!r}; this moracl reads versions "
+                f"{list(READABLE_VERSIONS)}"
             )
         strategies = [StrategyResult.from_dict(s) for s in _require(data, "strategies", list)]
         names = [s.name for s in strategies]
@@ -507,6 +656,7 @@ class RunResults:
             experiences=_require(data, "experiences", list),
             config=_require(data, "config", dict),
             strategies={s.name: s for s in strategies},
+            test_evaluated=data.get("test_evaluated", True),  # absent from version 2
         )
 
     def save(self, run_dir: str | os.PathLike[str]) -> Path:

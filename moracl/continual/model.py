@@ -79,6 +79,7 @@ class ContinualClassifier(MultiTaskModule):
             self.task_classes = [list(range(num_classes))]
         self._routed_tasks = 1  # tasks with experts; later task ids borrow the newest one's
         self._forced_routes: Tensor | None = None  # see :meth:`forced_routes`
+        self._given_tasks = False  # see :meth:`given_tasks`
         self.task_inference = task_inference
         self._last_inferred: Tensor | None = None  # see :meth:`take_inferred`
         self.register_buffer("class_task", owner)
@@ -110,6 +111,18 @@ class ContinualClassifier(MultiTaskModule):
             yield
         finally:
             self._forced_routes = before
+
+    @contextmanager
+    def given_tasks(self) -> Iterator[None]:
+        """Inside the block, route by the task labels given, in evaluation mode too (no
+        :attr:`task_inference`): a row labelled with its experience runs through that
+        experience's experts, as in training."""
+        before = self._given_tasks
+        self._given_tasks = True
+        try:
+            yield
+        finally:
+            self._given_tasks = before
 
     def take_inferred(self) -> Tensor | None:
         """``(b,)`` the tasks inferred by the last forward that inferred them, or ``None``;
@@ -154,7 +167,7 @@ class ContinualClassifier(MultiTaskModule):
         if self.route_by_task and isinstance(self.encoder, MoRAModel):
             if infer is None:
                 ti = self.task_inference
-                infer = ti is not None and ti.ready and not self.training
+                infer = ti is not None and ti.ready and not self.training and not self._given_tasks
             if infer:
                 task_labels = self.infer_tasks(x)
             if task_labels is None:

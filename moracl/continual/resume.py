@@ -39,7 +39,9 @@ __all__ = [
 ]
 
 #: keys a resumed run may change: what the run does at a non-finite step, and how processes
-#: exchange gradients (a checkpoint holds no trace of the number of processes)
+#: exchange gradients (a checkpoint holds no trace of the number of processes). Every other
+#: key is refused, among them ``scenario.val_share`` (it changes the training rows) and
+#: ``train.early_stopping`` (it changes how each experience trains).
 SAFE_ON_RESUME = frozenset({"train.on_nonfinite", "distributed.backend", "distributed.bucket_mb"})
 
 
@@ -127,6 +129,9 @@ def config_changes(saved: RunConfig, given: RunConfig) -> list[ConfigChange]:
 def saved_config(ckpt: Checkpoint, run_dir: str | os.PathLike[str]) -> RunConfig:
     """The config a checkpoint's run was started with, its ``output_dir`` set to ``run_dir``.
 
+    A config saved before runs held out validation splits has no ``scenario.val_share``:
+    its run trained on every row, so it is read as ``scenario.val_share=0``.
+
     Raises:
         CheckpointError: the saved config is missing, invalid, or does not round-trip (a
             saved key that the typed config would read differently).
@@ -136,6 +141,9 @@ def saved_config(ckpt: Checkpoint, run_dir: str | os.PathLike[str]) -> RunConfig
     data = results.get("config") if isinstance(results, dict) else None
     if not isinstance(data, dict):
         raise CheckpointError(f"{where}: no saved run config under meta.results.config")
+    scenario = data.get("scenario")
+    if isinstance(scenario, dict) and "val_share" not in scenario:
+        data = {**data, "scenario": {**scenario, "val_share": 0.0}}
     try:
         config = from_dict(RunConfig, data)
     except (ValueError, TypeError) as e:
@@ -210,20 +218,39 @@ def check_resume(
             ckpt, f"results of strategies {sorted(results.strategies)}; expected {sorted(names)}"
         )
     last = ckpt.experience
+    held_out = saved.scenario.val_share > 0
     for name, label in strategies.items():
-        matrix = results.strategies[name].matrix
+        result = results.strategies[name]
         rows = list(range(last + 1))
         if name == "joint":  # trained once, on the whole stream, at the last experience
             rows = [t - 1] if last == t - 1 else []
-        measured = [i for i in range(t) if not all(math.isnan(x) for x in matrix.R[i])]
-        if measured != rows or not all(math.isfinite(x) for i in rows for x in matrix.R[i]):
+        for what, matrix, expected in (
+            ("", result.matrix, results.test_evaluated),
+            ("validation ", result.validation, held_out),
+        ):
+            if (matrix is not None) != expected:
+                has = "has" if matrix is not None else "lacks"
+                kind = what or "test "
+                raise _fail(ckpt, f"the results of {label!r} {has} a {kind}accuracy matrix")
+            if matrix is None:
+                continue
+            measured = [i for i in range(t) if not all(math.isnan(x) for x in matrix.R[i])]
+            if measured != rows or not all(math.isfinite(x) for i in rows for x in matrix.R[i]):
+                raise _fail(
+                    ckpt,
+                    f"the {what}accuracy matrix of {label!r} has rows {measured}; a run "
+                    f"checkpointed after experience {last} has the complete rows {rows}",
+                )
+            if not all(math.isfinite(x) for x in matrix.b):
+                raise _fail(ckpt, f"the initial {what}accuracies of {label!r} are incomplete")
+        stopped = [r.experience for r in result.early_stopping]
+        if stopped != (rows if saved.train.early_stopping is not None else []):
             raise _fail(
                 ckpt,
-                f"the accuracy matrix of {label!r} has rows {measured}; a run checkpointed "
-                f"after experience {last} has the complete rows {rows}",
+                f"the early-stopping records of {label!r} cover experiences {stopped}; a run "
+                f"checkpointed after experience {last} has "
+                f"{rows if saved.train.early_stopping is not None else []}",
             )
-        if not all(math.isfinite(x) for x in matrix.b):
-            raise _fail(ckpt, f"the initial accuracies of {label!r} are incomplete")
         state = ckpt.state[name]
         if not isinstance(state, dict):
             raise _fail(ckpt, f"state of {name!r} is not an object")

@@ -6,11 +6,18 @@ the encoder; :func:`run_continual` sets up a :class:`RunState` (new, or restored
 run's checkpoint), trains one experience at a time (:func:`train_experience`) and
 checkpoints after each (:func:`save_run_checkpoint`).
 
+Validation: before anything trains, a seeded share of each training experience's rows
+(``scenario.val_share``, per class) is held out (:mod:`moracl.continual.splits`); the
+strategies and all their plugins see only the rest. With ``train.early_stopping`` each
+strategy stops each experience's training on its validation split
+(:mod:`moracl.continual.stopping`). Model selection reads the validation matrices only; with
+``evaluate_test=False`` the stream's test experiences are never read.
+
 Order: for each experience ``i``, every strategy trains on it (Joint only once, on the whole
-stream, at the last one) and is evaluated on every test experience, giving row ``i`` of its
-accuracy matrix; then one checkpoint holds every strategy's state. Each (strategy,
-experience) pair seeds its own random streams, so a resumed run ends exactly where an
-uninterrupted one does.
+stream, at the last one) and is evaluated on every validation split and every test
+experience, giving row ``i`` of its validation and test accuracy matrices; then one checkpoint
+holds every strategy's state. Each (strategy, experience) pair seeds its own random streams,
+so a resumed run ends exactly where an uninterrupted one does.
 """
 
 from __future__ import annotations
@@ -38,13 +45,17 @@ from moracl.continual.metrics import (
     Cost,
     RoutingDiagnostics,
     RunResults,
+    StoppingRecord,
     StrategyResult,
 )
 from moracl.continual.model import ContinualClassifier
 from moracl.continual.parallel import DataParallelPlugin
+from moracl.continual.splits import Split, split_stream
 from moracl.continual.stateful import PluginState, StatefulPlugin
+from moracl.continual.stopping import EarlyStoppingPlugin
 from moracl.continual.strategies import StrategyEntry, build_strategy, strategy_entry
 from moracl.continual.strategy import EpochRecord, FastTemplate, MoRAStrategy
+from moracl.continual.transfer import adopt_newer_routes
 from moracl.distributed import barrier, init_distributed, shard_backbone
 from moracl.guard import NonFiniteError, assert_finite
 from moracl.model import MoRAModel
@@ -71,7 +82,8 @@ PLUGIN_PREFIX = "plugins."
 
 class ContinualStream(Protocol):
     """A continual stream as the run reads it (``moracl_scenarios``' ``Stream`` is one): an
-    Avalanche benchmark (``train_stream``, ``test_stream``) and its description."""
+    Avalanche benchmark (``train_stream``, ``test_stream``; the latter is not read by a run
+    with ``evaluate_test=False``) and its description."""
 
     @property
     def benchmark(self) -> Any: ...
@@ -85,15 +97,21 @@ class ContinualStream(Protocol):
 
 @dataclass
 class StrategyProgress:
-    """One strategy of a run and what it measured so far."""
+    """One strategy of a run and what it measured so far: its test ``matrix`` (``None``
+    when the run does not evaluate the test split), its ``validation`` matrix (``None``
+    without a validation split), its early-stopping records and its early-stopping plugin
+    (``None`` without ``train.early_stopping``)."""
 
     entry: StrategyEntry
     strategy: FastTemplate
-    matrix: AccuracyMatrix
+    matrix: AccuracyMatrix | None
+    validation: AccuracyMatrix | None = None
     seconds: float = 0.0
     train_seconds: float = 0.0
     routing: RoutingDiagnostics | None = None
     experts_per_token: float | None = None
+    stopping: list[StoppingRecord] = field(default_factory=list)
+    stopper: EarlyStoppingPlugin | None = None
 
     @property
     def model(self) -> ContinualClassifier:
@@ -111,20 +129,23 @@ class RunState:
     Attributes:
         config: the run's config.
         run_dir: the run folder.
-        train_exps: the stream's training experiences.
-        tests: each test experience as ``(x, y, t)`` tensors.
+        train_exps: the stream's training experiences without their validation rows.
+        tests: each test experience as ``(x, y, t)`` tensors (``None``: the run does not
+            evaluate the test split, which it never reads).
         strategies: per strategy name (in the order runs report them), its progress.
         results: the results file's content, rebuilt after each experience.
         frozen: ids of the encoder's tensors (shared by every strategy, never saved).
         backbone_parameters: the encoder's parameter count.
         start: the first experience still to train.
         main: this process writes the run folder (rank 0).
+        validation: each experience's validation split as ``(x, y, t)`` tensors (empty:
+            ``scenario.val_share`` is 0).
     """
 
     config: RunConfig
     run_dir: Path
     train_exps: list[Any]
-    tests: list[tuple[Tensor, Tensor, Tensor]]
+    tests: list[Split] | None
     strategies: dict[str, StrategyProgress]
     results: RunResults
     frozen: set[int]
@@ -132,6 +153,7 @@ class RunState:
     start: int = 0
     main: bool = True
     logger: Any = field(default=None)
+    validation: list[Split] = field(default_factory=list)
 
     @property
     def num_experiences(self) -> int:
@@ -194,9 +216,11 @@ def _setup(
     ckpt: Checkpoint | None,
     saved: RunResults | None,
     world: int,
+    evaluate_test: bool = True,
 ) -> RunState:
-    """Build every strategy; a resumed run restores them from ``ckpt``, a new one measures
-    their initial accuracies."""
+    """Hold out the validation splits and build every strategy; a resumed run restores
+    them from ``ckpt``, a new one measures their initial accuracies (on the test
+    experiences only with ``evaluate_test``, which otherwise are never read)."""
     info = stream.info
     if saved is not None and saved.experiences != list(info.experience_names):
         where = ckpt.folder if ckpt is not None else config.output_dir
@@ -204,12 +228,15 @@ def _setup(
             f"{where}: the checkpoint's experiences {saved.experiences} are not the "
             f"stream's {list(info.experience_names)}; refusing to resume from it"
         )
-    train_exps = list(stream.benchmark.train_stream)
-    tests = [materialize(e.dataset) for e in stream.benchmark.test_stream]
+    t = config.train
+    held_out = split_stream(stream.benchmark.train_stream, config.scenario.val_share, t.seed)
+    train_exps, validation = held_out.train, held_out.validation
+    tests = None
+    if evaluate_test:
+        tests = [materialize(e.dataset) for e in stream.benchmark.test_stream]
     encoder = encoder.to(dev)
     frozen = _frozen_ids(encoder)
     backbone = sum(p.numel() for p in encoder.parameters())
-    t = config.train
     progress: dict[str, StrategyProgress] = {}
     for name in [n for n in STRATEGIES if n in config.strategies]:
         torch.manual_seed(derive_seed(t.seed, name, "init"))
@@ -219,23 +246,37 @@ def _setup(
         strategy = build_strategy(name, config, model, dev)
         if world > 1:
             strategy.plugins.append(DataParallelPlugin(bucket_mb=config.distributed.bucket_mb))
-        matrix = AccuracyMatrix.empty(len(train_exps))
-        progress[name] = StrategyProgress(strategy_entry(name), strategy, matrix)
+        stopper = None
+        if t.early_stopping is not None:
+            # first: the best weights are back before any other plugin's after_training_exp
+            stopper = EarlyStoppingPlugin(t.early_stopping, batch_size=t.eval_batch_size)
+            strategy.plugins.insert(0, stopper)
+        empty = AccuracyMatrix.empty(len(train_exps))
+        progress[name] = StrategyProgress(
+            strategy_entry(name),
+            strategy,
+            matrix=empty if tests is not None else None,
+            validation=empty if validation else None,
+            stopper=stopper,
+        )
     results = RunResults(
         scenario=info.name,
         setting=Setting(getattr(info.setting, "value", info.setting)).value,
         seed=t.seed,
         experiences=list(info.experience_names),
         config=to_dict(config),
+        test_evaluated=tests is not None,
     )
     state = RunState(
         config, Path(config.output_dir), train_exps, tests, progress, results, frozen, backbone
     )
+    state.validation = validation
     if ckpt is not None and saved is not None:
         state.start = ckpt.experience + 1
         for name, p in progress.items():
             r = saved.strategies[name]
-            p.matrix, p.routing = r.matrix, r.routing
+            p.matrix, p.validation, p.routing = r.matrix, r.validation, r.routing
+            p.stopping = list(r.early_stopping)
             p.seconds, p.train_seconds = r.cost.wall_seconds, r.cost.train_seconds
             p.experts_per_token = ckpt.state[name].get("experts_per_token")
             _restore(
@@ -243,8 +284,13 @@ def _setup(
             )
     else:
         for p in progress.values():
-            ev = evaluate(p.model, tests, t.eval_batch_size)
-            p.matrix = p.matrix.set_initial(ev.accuracies)
+            if p.matrix is not None and tests is not None:
+                p.matrix = p.matrix.set_initial(
+                    evaluate(p.model, tests, t.eval_batch_size).accuracies
+                )
+            if p.validation is not None:
+                ev = evaluate(p.model, validation, t.eval_batch_size)
+                p.validation = p.validation.set_initial(ev.accuracies)
     return state
 
 
@@ -253,7 +299,8 @@ def _setup(
 
 def train_experience(state: RunState, i: int, bar: Any) -> None:
     """Train every strategy on experience ``i`` (Joint on the whole stream at the last
-    one), evaluate it on every test experience and log row ``i`` of its matrix."""
+    one), evaluate it on every validation split and test experience and log row ``i`` of
+    its matrices."""
     t = state.config.train
     last = state.num_experiences - 1
     for name, p in state.strategies.items():
@@ -265,10 +312,20 @@ def train_experience(state: RunState, i: int, bar: Any) -> None:
         bar.set_postfix_str(f"{label} on experience {i}")
         began = time.perf_counter()
         strategy.epoch_listener = _EpochLog(state.logger, bar, label, i, began - p.train_seconds)
+        if p.stopper is not None:
+            p.stopper.watch(state.validation if p.entry.trains_once else [state.validation[i]], i)
+            p.stopper.epoch_listener = _ValidationLog(state.logger, label, i)
         try:
             strategy.train(state.train_exps if p.entry.trains_once else state.train_exps[i])
         finally:
             strategy.epoch_listener = None
+            if p.stopper is not None:
+                p.stopper.epoch_listener = None
+        if p.stopper is not None and p.stopper.last is not None:
+            p.stopping.append(p.stopper.last)
+            state.logger.log_early_stopping(label, p.stopper.last)
+        if isinstance(strategy, MoRAStrategy) and _adopts_newer(state.config) and state.validation:
+            adopt_newer_routes(p.model, i, state.validation, batch_size=t.eval_batch_size)
         # EWC's importances are squared gradients: finite steps can still overflow them
         assert_finite(
             _plugin_tensors(plugin_states(strategy)),
@@ -276,22 +333,40 @@ def train_experience(state: RunState, i: int, bar: Any) -> None:
             f"(training diverged; lower the learning rate)",
         )
         trained = time.perf_counter()
-        ev = evaluate(p.model, state.tests, t.eval_batch_size)
+        ev_val = ev = None
+        if p.validation is not None:
+            ev_val = evaluate(p.model, state.validation, t.eval_batch_size)
+        if p.matrix is not None and state.tests is not None:
+            ev = evaluate(p.model, state.tests, t.eval_batch_size)
         p.train_seconds += trained - began
         p.seconds += time.perf_counter() - began
-        _check_eval_losses(label, i, ev.losses)
-        p.matrix = p.matrix.set_row(i, ev.accuracies)
-        for j, (acc, loss) in enumerate(zip(ev.accuracies, ev.losses)):
-            state.logger.log_eval(
-                label, after_experience=i, eval_experience=j, accuracy=acc, loss=loss
-            )
-        if ev.experts_per_token is not None:
+        if ev_val is not None and p.validation is not None:
+            _check_eval_losses(label, i, ev_val.losses, "validation split")
+            p.validation = p.validation.set_row(i, ev_val.accuracies)
+            for j, (acc, loss) in enumerate(zip(ev_val.accuracies, ev_val.losses)):
+                state.logger.log_validation(
+                    label, after_experience=i, eval_experience=j, accuracy=acc, loss=loss
+                )
+        if ev is not None and p.matrix is not None:
+            _check_eval_losses(label, i, ev.losses, "test experience")
+            p.matrix = p.matrix.set_row(i, ev.accuracies)
+            for j, (acc, loss) in enumerate(zip(ev.accuracies, ev.losses)):
+                state.logger.log_eval(
+                    label, after_experience=i, eval_experience=j, accuracy=acc, loss=loss
+                )
+        ev = ev if ev is not None else ev_val  # routing diagnostics: test, else validation
+        if ev is not None and ev.experts_per_token is not None:
             p.experts_per_token = ev.experts_per_token
             p.routing = RoutingDiagnostics(
                 expert_usage=ev.expert_usage, task_inference_accuracy=ev.task_inference
             )
         bar.update()
     _fill_results(state)
+
+
+def _adopts_newer(config: RunConfig) -> bool:
+    """Whether moracl's routing lets old tasks adopt newer routing rows (``adopt_newer``)."""
+    return bool(getattr(config.experts.routing, "adopt_newer", False))
 
 
 def _fill_results(state: RunState) -> None:
@@ -316,6 +391,8 @@ def _fill_results(state: RunState) -> None:
             routing=p.routing,
             steps=p.strategy.step_guard.steps,
             skipped_steps=p.strategy.step_guard.skipped,
+            validation=p.validation,
+            early_stopping=list(p.stopping),
         )
 
 
@@ -336,14 +413,16 @@ def _active_per_token(model: ContinualClassifier, experts_per_token: float | Non
     return total + head
 
 
-def _check_eval_losses(label: str, experience: int, losses: Sequence[float]) -> None:
+def _check_eval_losses(
+    label: str, experience: int, losses: Sequence[float], what: str = "experience"
+) -> None:
     """Raise :class:`NonFiniteError` if an evaluation loss is not finite (the model's
-    outputs are not: nothing of it may be logged or saved)."""
+    outputs are not: nothing of it may be logged or saved); ``what`` names the data."""
     for j, loss in enumerate(losses):
         if not math.isfinite(loss):
             raise NonFiniteError(
                 f"moracl run: strategy {label!r} after experience {experience}: the evaluation "
-                f"loss on experience {j} is {loss}; the model's outputs are not finite"
+                f"loss on {what} {j} is {loss}; the model's outputs are not finite"
             )
 
 
@@ -424,6 +503,7 @@ def run_continual(
     progress: bool = True,
     stop_after: int | None = None,
     device: str | torch.device = "cpu",
+    evaluate_test: bool = True,
 ) -> RunResults:
     """Run ``config`` on ``stream`` over ``encoder``; returns the results (also in
     ``RUN_DIR/metrics.json``).
@@ -442,6 +522,11 @@ def run_continual(
         stop_after: stop after this experience (as if interrupted), for tests and demos.
         device: where to train (``cuda``: each process of a ``torchrun`` launch takes
             ``cuda:LOCAL_RANK``).
+        evaluate_test: evaluate every strategy on the test experiences; ``False`` never reads
+            ``stream.benchmark.test_stream`` (a run for model selection: the initial
+            accuracies and every row are measured on the validation splits only, every
+            ``StrategyResult.matrix`` is ``None`` and ``RunResults.test_evaluated`` false).
+            A resumed run must pass the value it was started with.
 
     The run folder is locked for the whole run (:mod:`moracl.runlock`): a second job writing
     there is refused at once, naming this one. Every output is covered by a checksum: the
@@ -460,11 +545,20 @@ def run_continual(
         ValueError: a config that fails its checks or does not match the stream; the output
             folder already holds a run (or another job's results) and ``resume`` is off; a
             checkpoint that cannot be trusted or does not match ``config`` (left untouched,
-            as every file of the folder); a log changed since the last checkpoint.
+            as every file of the folder); a log changed since the last checkpoint;
+            ``evaluate_test=False`` with ``scenario.val_share=0`` (nothing would be
+            measured); a resumed run whose ``evaluate_test`` differs from its start's.
         FileNotFoundError: ``resume`` and the folder has no checkpoint.
     """
     check_common(config, device=device)  # fields, output folder, device: before any work
     _check_stream(config, stream.info)
+    if not isinstance(evaluate_test, bool):
+        raise ValueError(f"evaluate_test={evaluate_test!r}; expected True or False")
+    if not evaluate_test and config.scenario.val_share == 0:
+        raise ValueError(
+            "evaluate_test=False measures the run on its validation splits only, but "
+            "scenario.val_share=0 holds none out: set scenario.val_share > 0 (e.g. 0.1)"
+        )
     with lock_run_folder(config.output_dir, "moracl run"):
         return _run_locked(
             config,
@@ -474,6 +568,7 @@ def run_continual(
             progress=progress,
             stop_after=stop_after,
             device=device,
+            evaluate_test=evaluate_test,
         )
 
 
@@ -482,7 +577,7 @@ def _labels(config: RunConfig) -> dict[str, str]:
 
 
 def _open_run_folder(
-    run_dir: Path, config: RunConfig, resume: bool
+    run_dir: Path, config: RunConfig, resume: bool, evaluate_test: bool = True
 ) -> tuple[Checkpoint | None, RunResults | None]:
     """Refuse a folder this run must not write, or a checkpoint it must not resume from;
     returns the verified checkpoint and its results so far (``(None, None)`` for a new run).
@@ -504,10 +599,30 @@ def _open_run_folder(
     except FileNotFoundError:
         raise FileNotFoundError(f"nothing to resume: {run_dir} has no checkpoint") from None
     saved = check_resume(ckpt, config, _labels(config))
+    _check_test_evaluation(run_dir, saved, evaluate_test)
     if process_rank() == 0:  # the logs a resumed run appends to must be the run's own
         verify_run_manifest(run_dir, append_only=True)
     ckpt.load_tensors()
     return ckpt, saved
+
+
+def _check_test_evaluation(run_dir: Path, saved: RunResults, evaluate_test: bool) -> None:
+    """Refuse to resume a run with another ``evaluate_test`` than it was started with: its
+    test matrices would have rows missing (or rows a run for selection must not have)."""
+    if saved.test_evaluated == evaluate_test:
+        return
+    if evaluate_test:
+        raise ValueError(
+            f"{run_dir} was run with evaluate_test=False: it never read its test split, so "
+            f"the test rows of the experiences it trained are missing; resume it with "
+            f"evaluate_test=False, or run its config again in a new output_dir with the test "
+            f"split evaluated"
+        )
+    raise ValueError(
+        f"{run_dir} was run with the test split evaluated; resuming it with "
+        f"evaluate_test=False would leave its later test rows missing: resume it with "
+        f"evaluate_test=True"
+    )
 
 
 def _finished(run_dir: Path, saved: RunResults) -> RunResults:
@@ -551,14 +666,15 @@ def _run_locked(
     progress: bool,
     stop_after: int | None,
     device: str | torch.device,
+    evaluate_test: bool = True,
 ) -> RunResults:
     """:func:`run_continual` with its folder locked."""
     run_dir = Path(config.output_dir)
-    ckpt, saved = _open_run_folder(run_dir, config, resume)
+    ckpt, saved = _open_run_folder(run_dir, config, resume, evaluate_test)
     if ckpt is not None and saved is not None and ckpt.experience + 1 >= len(saved.experiences):
         return _finished(run_dir, saved)
     env = init_distributed(config.distributed.backend, device)
-    state = _setup(config, stream, encoder, env.device, ckpt, saved, env.world_size)
+    state = _setup(config, stream, encoder, env.device, ckpt, saved, env.world_size, evaluate_test)
     state.main = env.is_main
     state.logger = RunLogger(run_dir, resume_after=state.start - 1) if env.is_main else _NoLogger()
     names = len(state.strategies)
@@ -595,8 +711,30 @@ class _NoLogger:
     def log_eval(self, *args: Any, **kwargs: Any) -> None:
         pass
 
+    def log_validation(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def log_validation_epoch(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def log_early_stopping(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
     def close(self) -> None:
         pass
+
+
+class _ValidationLog:
+    """Logs the validation loss and accuracy early stopping measures after each epoch
+    (``logs/validation_epochs.csv``, TensorBoard)."""
+
+    def __init__(self, logger: Any, label: str, experience: int) -> None:
+        self.logger, self.label, self.experience = logger, label, experience
+
+    def __call__(self, epoch: int, loss: float, accuracy: float) -> None:
+        self.logger.log_validation_epoch(
+            self.label, experience=self.experience, epoch=epoch, loss=loss, accuracy=accuracy
+        )
 
 
 class _EpochLog:

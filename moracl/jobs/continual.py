@@ -79,9 +79,14 @@ def run(
     progress: bool = True,
     stop_after: int | None = None,
     device: str | torch.device = "cpu",
+    evaluate_test: bool = True,
 ) -> RunResults:
     """Check ``config`` (as ``moracl validate`` does), build its stream and encoder, and run
-    it (:func:`~moracl.continual.run.run_continual`, whose arguments these are)."""
+    it (:func:`~moracl.continual.run.run_continual`, whose arguments these are).
+
+    ``evaluate_test=False`` is a run for model selection: the stream's test experiences are
+    never read (the builder still makes them; the run does not touch them), and the results
+    hold validation matrices only."""
     from_dict(RunConfig, to_dict(config))  # the checks of moracl validate, in its order
     check(config)
     check_common(config, device=device)
@@ -94,6 +99,7 @@ def run(
         progress=progress,
         stop_after=stop_after,
         device=device,
+        evaluate_test=evaluate_test,
     )
 
 

@@ -3,10 +3,18 @@
 Layout under ``RUN_DIR``:
 
 - ``logs/train.csv``: ``strategy, experience, epoch, step, loss, lr, seconds``;
-- ``logs/eval.csv``: ``strategy, after_experience, eval_experience, accuracy, loss``;
+- ``logs/eval.csv``: ``strategy, after_experience, eval_experience, accuracy, loss`` on the
+  test experiences (header only when the run does not evaluate the test split);
+- ``logs/validation.csv``: the same on the validation splits;
+- ``logs/validation_epochs.csv``: ``strategy, experience, epoch, loss, accuracy``, the
+  validation metrics early stopping measures after each epoch;
+- ``logs/early_stopping.csv``: ``strategy, experience, best_epoch, epochs_run,
+  stopped_early, metric, best_value``, one row per experience trained with early stopping;
 - ``tensorboard/<strategy>/``: event files with ``train/loss``, ``train/lr`` (x: ``step``),
-  ``train/step_loss`` (each step's loss, x: its step) and ``eval/accuracy/exp_<j>``,
-  ``eval/loss/exp_<j>`` (x: ``after_experience``).
+  ``train/step_loss`` (each step's loss, x: its step), ``eval/accuracy/exp_<j>``,
+  ``eval/loss/exp_<j>``, ``validation/accuracy/exp_<j>``, ``validation/loss/exp_<j>`` (x:
+  ``after_experience``) and ``early_stopping/loss/exp_<i>``,
+  ``early_stopping/accuracy/exp_<i>`` (x: epoch).
 
 A new :class:`RunLogger` on an existing run appends: the CSV header is written only to a new
 (or empty) file, and TensorBoard adds a new event file next to the old ones. A resumed run
@@ -31,13 +39,39 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
+from moracl.continual.metrics import StoppingRecord
 from moracl.files import write_atomic
 from moracl.guard import NonFiniteError
 
-__all__ = ["EVAL_FIELDS", "TRAIN_FIELDS", "RunLogger"]
+__all__ = [
+    "EVAL_FIELDS",
+    "STOPPING_FIELDS",
+    "TRAIN_FIELDS",
+    "VALIDATION_EPOCH_FIELDS",
+    "RunLogger",
+]
 
 TRAIN_FIELDS = ("strategy", "experience", "epoch", "step", "loss", "lr", "seconds")
 EVAL_FIELDS = ("strategy", "after_experience", "eval_experience", "accuracy", "loss")
+VALIDATION_EPOCH_FIELDS = ("strategy", "experience", "epoch", "loss", "accuracy")
+STOPPING_FIELDS = (
+    "strategy",
+    "experience",
+    "best_epoch",
+    "epochs_run",
+    "stopped_early",
+    "metric",
+    "best_value",
+)
+
+#: each log file, its columns and the column a resumed run drops later rows by
+_LOGS = {
+    "train": ("train.csv", TRAIN_FIELDS, "experience"),
+    "eval": ("eval.csv", EVAL_FIELDS, "after_experience"),
+    "validation": ("validation.csv", EVAL_FIELDS, "after_experience"),
+    "validation_epochs": ("validation_epochs.csv", VALIDATION_EPOCH_FIELDS, "experience"),
+    "early_stopping": ("early_stopping.csv", STOPPING_FIELDS, "experience"),
+}
 
 
 def _open_csv(path: Path, fields: tuple[str, ...]) -> tuple[IO[str], Any]:
@@ -143,16 +177,23 @@ class RunLogger:
         self.tensorboard = tensorboard
         logs = self.run_dir / "logs"
         if resume_after is not None:
-            _drop_rows_after(logs / "train.csv", TRAIN_FIELDS, "experience", resume_after)
-            _drop_rows_after(logs / "eval.csv", EVAL_FIELDS, "after_experience", resume_after)
-        self._train_fh, self._train = _open_csv(self.run_dir / "logs" / "train.csv", TRAIN_FIELDS)
+            for name, fields, column in _LOGS.values():
+                _drop_rows_after(logs / name, fields, column, resume_after)
+        self._files: dict[str, tuple[IO[str], Any]] = {}
         try:
-            self._eval_fh, self._eval = _open_csv(self.run_dir / "logs" / "eval.csv", EVAL_FIELDS)
+            for key, (name, fields, _) in _LOGS.items():
+                self._files[key] = _open_csv(logs / name, fields)
         except BaseException:
-            self._train_fh.close()
+            for fh, _ in self._files.values():
+                fh.close()
             raise
         self._writers: dict[str, Any] = {}
         self._closed = False
+
+    def _write(self, key: str, row: list[Any]) -> None:
+        fh, writer = self._files[key]
+        writer.writerow(row)
+        fh.flush()
 
     def _check_open(self) -> None:
         if self._closed:
@@ -188,8 +229,7 @@ class RunLogger:
         self._check_open()
         row = [strategy, int(experience), int(epoch), int(step), _number(loss, "loss"),
                _number(lr, "lr"), _number(seconds, "seconds")]  # fmt: skip
-        self._train.writerow(row)
-        self._train_fh.flush()
+        self._write("train", row)
         if self.tensorboard:
             w = self._writer(strategy)
             if loss is not None:
@@ -219,13 +259,42 @@ class RunLogger:
         accuracy: float,
         loss: float | None = None,
     ) -> None:
-        """One evaluation: accuracy (in [0, 1]) on ``eval_experience`` after training through
-        ``after_experience``, i.e. ``R[after_experience][eval_experience]``, and the mean
-        cross-entropy there (``None``: not measured, an empty cell).
+        """One evaluation on a test experience: accuracy (in [0, 1]) on ``eval_experience``
+        after training through ``after_experience``, i.e.
+        ``R[after_experience][eval_experience]``, and the mean cross-entropy there
+        (``None``: not measured, an empty cell).
 
         Raises:
             NonFiniteError: the loss is NaN or infinite (nothing is written).
         """
+        self._evaluation("eval", strategy, after_experience, eval_experience, accuracy, loss)
+
+    def log_validation(
+        self,
+        strategy: str,
+        *,
+        after_experience: int,
+        eval_experience: int,
+        accuracy: float,
+        loss: float | None = None,
+    ) -> None:
+        """One evaluation on a validation split (as :meth:`log_eval`, in
+        ``logs/validation.csv``): ``R_val[after_experience][eval_experience]``.
+
+        Raises:
+            NonFiniteError: the loss is NaN or infinite (nothing is written).
+        """
+        self._evaluation("validation", strategy, after_experience, eval_experience, accuracy, loss)
+
+    def _evaluation(
+        self,
+        key: str,
+        strategy: str,
+        after_experience: int,
+        eval_experience: int,
+        accuracy: float,
+        loss: float | None,
+    ) -> None:
         self._check_open()
         accuracy = float(accuracy)
         loss = None if loss is None else float(loss)
@@ -233,14 +302,41 @@ class RunLogger:
             raise ValueError(f"accuracy={accuracy!r}; expected a value in [0, 1]")
         row = [strategy, int(after_experience), int(eval_experience), _number(accuracy),
                _number(loss, "loss")]  # fmt: skip
-        self._eval.writerow(row)
-        self._eval_fh.flush()
+        self._write(key, row)
         if self.tensorboard:
             w = self._writer(strategy)
             step = int(after_experience)
-            w.add_scalar(f"eval/accuracy/exp_{eval_experience}", float(accuracy), step)
+            w.add_scalar(f"{key}/accuracy/exp_{eval_experience}", float(accuracy), step)
             if loss is not None:
-                w.add_scalar(f"eval/loss/exp_{eval_experience}", float(loss), step)
+                w.add_scalar(f"{key}/loss/exp_{eval_experience}", float(loss), step)
+
+    def log_validation_epoch(
+        self, strategy: str, *, experience: int, epoch: int, loss: float, accuracy: float
+    ) -> None:
+        """The validation loss and accuracy early stopping measured after ``epoch`` of
+        ``experience`` (Joint: the last experience; its validation data are every split).
+
+        Raises:
+            NonFiniteError: a number is NaN or infinite (nothing is written).
+        """
+        self._check_open()
+        accuracy = float(accuracy)
+        if not 0.0 <= accuracy <= 1.0:
+            raise ValueError(f"accuracy={accuracy!r}; expected a value in [0, 1]")
+        row = [strategy, int(experience), int(epoch), _number(loss, "loss"), _number(accuracy)]
+        self._write("validation_epochs", row)
+        if self.tensorboard:
+            w = self._writer(strategy)
+            w.add_scalar(f"early_stopping/loss/exp_{experience}", float(loss), int(epoch))
+            w.add_scalar(f"early_stopping/accuracy/exp_{experience}", accuracy, int(epoch))
+
+    def log_early_stopping(self, strategy: str, record: StoppingRecord) -> None:
+        """What early stopping did on one experience (its best epoch, kept)."""
+        self._check_open()
+        row = [strategy, record.experience, record.best_epoch, record.epochs_run,
+               str(record.stopped_early).lower(), record.metric,
+               _number(record.best_value, "best_value")]  # fmt: skip
+        self._write("early_stopping", row)
 
     def flush(self) -> None:
         """Push buffered TensorBoard events to disk (CSV rows are flushed as written)."""
@@ -255,8 +351,8 @@ class RunLogger:
         for w in self._writers.values():
             w.close()
         self._writers.clear()
-        self._train_fh.close()
-        self._eval_fh.close()
+        for fh, _ in self._files.values():
+            fh.close()
 
     def __enter__(self) -> RunLogger:
         return self

@@ -1,8 +1,14 @@
 """The markdown report of a continual run, rebuilt from ``metrics.json`` alone.
 
-``comparison_table`` gives the one table that compares the strategies; ``write_report`` writes
-``RUN_DIR/report.md`` (title, table, definitions, accuracy matrices, routing, plots) and the
-figures in ``RUN_DIR/plots/``.
+``comparison_table`` gives the one table that compares the strategies, validation and test
+side by side; ``write_report`` writes ``RUN_DIR/report.md`` (title, how the run selects,
+table, early stopping, definitions, accuracy matrices, routing, plots) and the figures in
+``RUN_DIR/plots/``.
+
+A run that held out validation splits reports each metric twice, as ``val ...`` (on the
+validation splits) and ``test ...``; a run that never read its test split reports the
+validation numbers only and says so; a run without validation splits (and files written
+before runs had them) keeps the plain column names (``ACC``, ``BWT``, ...), on the test split.
 """
 
 from __future__ import annotations
@@ -10,9 +16,11 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from moracl.continual.metrics import RunResults, StrategyResult
+from moracl.continual.metrics import AccuracyMatrix, RunResults, StrategyResult
 from moracl.files import write_atomic
 
 __all__ = ["REPORT_FILE", "comparison_table", "render_report", "write_report"]
@@ -20,6 +28,7 @@ __all__ = ["REPORT_FILE", "comparison_table", "render_report", "write_report"]
 REPORT_FILE = "report.md"
 MISSING = "n/a"
 
+#: the columns of a run without validation splits (its metrics are on the test split)
 COLUMNS = [
     "strategy",
     "ACC",
@@ -32,6 +41,21 @@ COLUMNS = [
     "wall time",
     "peak memory",
 ]
+COST_COLUMNS = COLUMNS[6:]
+
+#: a split a run measured: its column prefix and how to read a strategy's matrix on it
+Split = tuple[str, Callable[[StrategyResult], AccuracyMatrix | None]]
+VALIDATION: Split = ("val", lambda s: s.validation)
+TEST: Split = ("test", lambda s: s.matrix)
+
+#: metric name -> how it is computed from an accuracy matrix
+METRICS: dict[str, Callable[[AccuracyMatrix], float]] = {
+    "ACC": AccuracyMatrix.acc,
+    "avg inc. ACC": AccuracyMatrix.average_incremental_accuracy,
+    "BWT": AccuracyMatrix.bwt,
+    "FWT": AccuracyMatrix.fwt,
+    "forgetting (max)": AccuracyMatrix.forgetting,
+}
 
 # (column, formula) exactly as in DESIGN.md "Metric definitions".
 DEFINITIONS = [
@@ -106,26 +130,120 @@ def _share(s: StrategyResult) -> str:
     return f"{count(s.cost.trainable_parameters)} ({pct})"
 
 
+def _splits(results: RunResults) -> list[Split]:
+    """The splits ``results`` measured, validation first."""
+    held_out = any(s.validation is not None for s in results.strategies.values())
+    return [*([VALIDATION] if held_out else []), *([TEST] if results.test_evaluated else [])]
+
+
+def _metric(s: StrategyResult, split: Split, name: str) -> str:
+    m = split[1](s)
+    return MISSING if m is None else points(METRICS[name](m))
+
+
 def comparison_table(results: RunResults) -> str:
-    """One markdown row per strategy; accuracies and their differences in points (one decimal)."""
+    """One markdown row per strategy; accuracies and their differences in points (one
+    decimal). With validation splits: ``val ACC``, ``test ACC``, ``val BWT``, ``test BWT``,
+    then average incremental accuracy, FWT and max-based forgetting on the test split (on
+    the validation splits when the test split was not evaluated), then the costs."""
+    splits = _splits(results)
+    if [p for p, _ in splits] == ["test"]:  # no validation: the plain names, as ever
+        columns = [(name, TEST, name) for name in METRICS]
+    else:
+        last = splits[-1]
+        columns = [(f"{p} {n}", (p, f), n) for n in ("ACC", "BWT") for p, f in splits]
+        columns += [(f"{last[0]} {n}", last, n) for n in METRICS if n not in ("ACC", "BWT")]
     rows = []
     for s in results.strategies.values():
-        m = s.matrix
         rows.append(
             [
                 _cell(s.label),
-                points(m.acc()),
-                points(m.average_incremental_accuracy()),
-                points(m.bwt()),
-                points(m.fwt()),
-                points(m.forgetting()),
+                *(_metric(s, split, name) for _, split, name in columns),
                 _share(s),
                 count(s.cost.active_parameters_per_token),
                 duration(s.cost.wall_seconds),
                 memory(s.cost.peak_memory_bytes),
             ]
         )
-    return _table(COLUMNS, rows)
+    return _table(["strategy", *(c for c, _, _ in columns), *COST_COLUMNS], rows)
+
+
+def _val_share(results: RunResults) -> Any:
+    scenario = results.config.get("scenario")
+    return scenario.get("val_share") if isinstance(scenario, dict) else None
+
+
+def _stopping_rule(results: RunResults) -> Any:
+    train = results.config.get("train")
+    return train.get("early_stopping") if isinstance(train, dict) else None
+
+
+def _selection(results: RunResults) -> list[str]:
+    """How the run's numbers may be used for model selection, in a few sentences."""
+    held_out = any(s.validation is not None for s in results.strategies.values())
+    lines = []
+    if held_out:
+        share = _val_share(results)
+        amount = f"{100 * share:g}% of" if isinstance(share, (int, float)) else "a share of"
+        rule = _stopping_rule(results)
+        stopping = ""
+        if isinstance(rule, dict):
+            stopping = (
+                f" Early stopping watched `{rule.get('metric')}` on the validation split of the "
+                f"experience being trained (patience {rule.get('patience')}, min_delta "
+                f"{rule.get('min_delta')}) and kept the best epoch's weights."
+            )
+        test = (
+            " `test` columns are on the test split, which no choice of the run reads."
+            if results.test_evaluated
+            else ""
+        )
+        lines.append(
+            f"**Model selection uses validation only.** `val` columns are measured on "
+            f"validation splits: {amount} each class's training rows of every experience, held "
+            f"out before training (seeded by `train.seed`); no strategy trains on them."
+            f"{stopping}{test}"
+        )
+    else:
+        lines.append(
+            "No validation split was held out (`scenario.val_share` 0): these numbers are on "
+            "the test split and are not fit for choosing hyperparameters."
+        )
+    if not results.test_evaluated:
+        lines.append(
+            "**The test split was not evaluated** (a run for model selection): every number "
+            "in this report is on the validation splits."
+        )
+    out: list[str] = []
+    for line in lines:
+        out += [line, ""]
+    return out
+
+
+def _early_stopping(results: RunResults) -> list[str]:
+    """A table of each strategy's best epoch and epochs run per experience."""
+    stopped = [s for s in results.strategies.values() if s.early_stopping]
+    if not stopped:
+        return []
+    experiences = results.experiences
+    rows = []
+    for s in stopped:
+        by_exp = {r.experience: r for r in s.early_stopping}
+        cells = []
+        for i in range(len(experiences)):
+            r = by_exp.get(i)
+            cells.append("" if r is None else f"{r.best_epoch} / {r.epochs_run}")
+        rows.append([_cell(s.label), *cells])
+    header = ["strategy", *(f"{i}: {_cell(e)}" for i, e in enumerate(experiences))]
+    return [
+        "## Early stopping",
+        "",
+        "Best epoch (0-based, its weights kept) / epochs run, per experience trained (Joint: "
+        "once, on the whole stream, on every validation split):",
+        "",
+        _table(header, rows),
+        "",
+    ]
 
 
 def _definitions() -> list[str]:
@@ -133,7 +251,9 @@ def _definitions() -> list[str]:
         "## Definitions",
         "",
         "`R[i][j]` = accuracy on experience `j` after training through experience `i` "
-        "(0-based, `T` experiences), plus `b[j]` = accuracy of the initial model.",
+        "(0-based, `T` experiences), plus `b[j]` = accuracy of the initial model. `test` "
+        "metrics read `R` on the test experiences, `val` metrics the same formulas on each "
+        "experience's validation split (`R_val`).",
         "",
         _table(["column", "definition"], [[c, f"`{f}`"] for c, f in DEFINITIONS], left=2),
         "",
@@ -152,12 +272,25 @@ def _definitions() -> list[str]:
     return lines
 
 
-def _matrix_table(s: StrategyResult, experiences: list[str]) -> str:
+def _matrix_table(m: AccuracyMatrix, experiences: list[str]) -> str:
     header = ["after \\ evaluated on", *(_cell(e) for e in experiences)]
-    rows = [["initial (b)", *(points(x) for x in s.matrix.b)]]
+    rows = [["initial (b)", *(points(x) for x in m.b)]]
     for i, e in enumerate(experiences):
-        rows.append([f"{i}: {_cell(e)}", *(points(x) for x in s.matrix.R[i])])
+        rows.append([f"{i}: {_cell(e)}", *(points(x) for x in m.R[i])])
     return _table(header, rows)
+
+
+def _matrices(s: StrategyResult, experiences: list[str]) -> list[str]:
+    """The strategy's test matrix, then its validation matrix (each when measured)."""
+    both = s.matrix is not None and s.validation is not None
+    lines = [f"### {_cell(s.label)}", ""]
+    for title, m in (("Test", s.matrix), ("Validation", s.validation)):
+        if m is None:
+            continue
+        if both or m is s.validation:
+            lines += [f"{title}:", ""]
+        lines += [_matrix_table(m, experiences), ""]
+    return lines
 
 
 def _routing(s: StrategyResult, experiences: list[str]) -> list[str]:
@@ -194,11 +327,12 @@ def _progress(results: RunResults) -> list[str]:
     t = len(results.experiences)
     notes = []
     for s in results.strategies.values():
-        if t - 1 not in s.matrix.measured_rows:
-            k = s.matrix.last_completed
+        m = s.measured
+        if t - 1 not in m.measured_rows:
+            k = m.last_completed
             note = f"- {_cell(s.label)}: evaluated after {k + 1} of {t} experiences"
             if k >= 0:
-                so_far = s.matrix.upto(k)
+                so_far = m.upto(k)
                 note += (
                     f"; as if the stream ended at `{_cell(results.experiences[k])}`: "
                     f"ACC {points(so_far.acc())}, BWT {points(so_far.bwt())}, "
@@ -219,18 +353,14 @@ def render_report(results: RunResults, plots: dict[str, str] | None = None) -> s
         *_progress(results),
         "## Results",
         "",
+        *_selection(results),
         comparison_table(results),
         "",
         "Avalanche's forgetting (first − last), reported separately:",
         "",
-        _table(
-            ["strategy", "forgetting (first − last)"],
-            [
-                [_cell(s.label), points(s.matrix.forgetting_first_minus_last())]
-                for s in results.strategies.values()
-            ],
-        ),
+        _forgetting_table(results),
         "",
+        *_early_stopping(results),
         *_definitions(),
         "",
         "## Accuracy matrices",
@@ -239,7 +369,7 @@ def render_report(results: RunResults, plots: dict[str, str] | None = None) -> s
         "",
     ]
     for s in results.strategies.values():
-        lines += [f"### {_cell(s.label)}", "", _matrix_table(s, results.experiences), ""]
+        lines += _matrices(s, results.experiences)
     routed = [s for s in results.strategies.values() if s.routing is not None]
     if routed:
         lines += ["## Routing", ""]
@@ -261,6 +391,23 @@ def render_report(results: RunResults, plots: dict[str, str] | None = None) -> s
     return "\n".join(lines)
 
 
+def _forgetting_table(results: RunResults) -> str:
+    splits = _splits(results)
+    plain = [p for p, _ in splits] == ["test"]
+    header = ["strategy"] + [
+        "forgetting (first − last)" if plain else f"{p} forgetting (first − last)"
+        for p, _ in splits
+    ]
+    rows = []
+    for s in results.strategies.values():
+        cells = []
+        for _, read in splits:
+            m = read(s)
+            cells.append(MISSING if m is None else points(m.forgetting_first_minus_last()))
+        rows.append([_cell(s.label), *cells])
+    return _table(header, rows)
+
+
 def write_report(run_dir: str | os.PathLike[str], *, plots: bool = True) -> Path:
     """Rebuild ``run_dir/report.md`` (and ``run_dir/plots/*.png``) from ``metrics.json``."""
     root = Path(run_dir)
@@ -275,8 +422,11 @@ def write_report(run_dir: str | os.PathLike[str], *, plots: bool = True) -> Path
         if files.accuracy_curves is not None:
             links["accuracy per experience"] = f"{PLOTS_DIR}/{files.accuracy_curves.name}"
         label = {n: s.label for n, s in results.strategies.items()}
+        kind = "accuracy matrix" if results.test_evaluated else "validation accuracy matrix"
         for name, p in files.accuracy_matrices.items():
-            links[f"accuracy matrix: {label[name]}"] = f"{PLOTS_DIR}/{p.name}"
+            links[f"{kind}: {label[name]}"] = f"{PLOTS_DIR}/{p.name}"
+        for name, p in files.validation_matrices.items():
+            links[f"validation accuracy matrix: {label[name]}"] = f"{PLOTS_DIR}/{p.name}"
         for name, p in files.expert_usage.items():
             links[f"expert usage: {label[name]}"] = f"{PLOTS_DIR}/{p.name}"
     path = root / REPORT_FILE

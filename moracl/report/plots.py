@@ -3,14 +3,18 @@
 Figures are drawn with matplotlib's object API on the Agg canvas (no ``pyplot``, so a user's
 interactive backend is left alone). File names depend only on the strategy names:
 
-- ``accuracy_matrix_<strategy>.png``: heatmap of ``R`` (rows: after training through
-  experience ``i``; columns: evaluated experience ``j``) with the initial accuracies ``b`` as
-  the first row, every measured cell annotated in points;
+- ``accuracy_matrix_<strategy>.png``: heatmap of ``R`` on the test split (on the validation
+  splits when the run did not evaluate it; rows: after training through experience ``i``;
+  columns: evaluated experience ``j``) with the initial accuracies ``b`` as the first row,
+  every measured cell annotated in points;
+- ``validation_matrix_<strategy>.png``: the same on the validation splits, for a run that
+  evaluated both;
 - ``accuracy_curves.png``: one panel per strategy, the accuracy on each experience ``j``
-  against the training step (``init``, then after each experience);
+  against the training step (``init``, then after each experience), test split as above;
 - ``expert_usage_<strategy>.png``: tasks × experts heatmap of the routing shares, for the
   strategies that report routing;
-- ``summary_acc_bwt.png``: ACC and BWT bars across strategies.
+- ``summary_acc_bwt.png``: ACC and BWT bars across strategies (validation and test side by
+  side when the run measured both).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from moracl.continual.metrics import RunResults
+from moracl.continual.metrics import AccuracyMatrix, RunResults
 from moracl.files import write_atomic
 
 if TYPE_CHECKING:
@@ -45,10 +49,11 @@ class PlotFiles:
     accuracy_curves: Path | None = None
     expert_usage: dict[str, Path] = field(default_factory=dict)
     summary: Path | None = None
+    validation_matrices: dict[str, Path] = field(default_factory=dict)
 
     def all(self) -> list[Path]:
         """Every path, in a fixed order."""
-        paths = [*self.accuracy_matrices.values()]
+        paths = [*self.accuracy_matrices.values(), *self.validation_matrices.values()]
         paths += [p for p in (self.accuracy_curves,) if p is not None]
         paths += [*self.expert_usage.values()]
         paths += [p for p in (self.summary,) if p is not None]
@@ -112,7 +117,9 @@ def _heatmap(
             ax.text(j, i, f"{100 * v:.1f}", ha="center", va="center", color=color, fontsize=8)
 
 
-def _matrix_figure(name: str, R: np.ndarray, b: np.ndarray, experiences: list[str]) -> Figure:
+def _matrix_figure(
+    name: str, R: np.ndarray, b: np.ndarray, experiences: list[str], what: str = "accuracy"
+) -> Figure:
     t = len(experiences)
     values = np.vstack([b[None, :], R])  # (T+1, T)
     rows = ["initial"] + [f"after {e}" for e in experiences]
@@ -122,7 +129,7 @@ def _matrix_figure(name: str, R: np.ndarray, b: np.ndarray, experiences: list[st
     ax = fig.add_subplot()
     _heatmap(ax, values, rows, experiences)
     ax.set_xlabel("evaluated experience j")
-    ax.set_title(f"{name}: accuracy (%)", fontsize=10)
+    ax.set_title(f"{name}: {what} (%)", fontsize=10)
     return fig
 
 
@@ -140,7 +147,7 @@ def _curves_figure(results: RunResults) -> Figure:
     for k, name in enumerate(names):
         ax = fig.add_subplot(nrows, cols, k + 1, sharey=first)
         first = first or ax
-        m = results.strategies[name].matrix
+        m = results.strategies[name].measured
         values = np.vstack([m.b[None, :], m.R])  # (T+1, T): step × experience
         for j, exp in enumerate(results.experiences):
             ax.plot(x, 100 * values[:, j], marker="o", markersize=3, label=exp)
@@ -154,7 +161,8 @@ def _curves_figure(results: RunResults) -> Figure:
     handles, labels = fig.axes[0].get_legend_handles_labels()
     h = fig.get_size_inches()[1]
     fig.legend(handles, _short(labels), loc="lower center", ncols=min(t, 6), fontsize=8)
-    fig.supxlabel("after training experience (init: initial model)", y=0.5 / h, fontsize=9)
+    split = "" if results.test_evaluated else ", validation splits"
+    fig.supxlabel(f"after training experience (init: initial model{split})", y=0.5 / h, fontsize=9)
     return fig
 
 
@@ -174,19 +182,40 @@ def _usage_figure(name: str, usage: list[list[float]], tasks: list[str]) -> Figu
     return fig
 
 
+def _summary_series(results: RunResults) -> list[tuple[str, list[float]]]:
+    """``(legend label, value per strategy in points)`` of each bar series."""
+    strategies = list(results.strategies.values())
+    splits: list[tuple[str, list[AccuracyMatrix | None]]] = []
+    if any(s.validation is not None for s in strategies):
+        splits.append(("val ", [s.validation for s in strategies]))
+    if results.test_evaluated:
+        splits.append(("test ", [s.matrix for s in strategies]))
+    if len(splits) == 1 and splits[0][0] == "test ":
+        splits = [("", splits[0][1])]
+    series = []
+    for metric in ("ACC", "BWT"):
+        for prefix, matrices in splits:
+            values = [
+                math.nan if m is None else 100 * (m.acc() if metric == "ACC" else m.bwt())
+                for m in matrices
+            ]
+            series.append((f"{prefix}{metric}", values))
+    return series
+
+
 def _summary_figure(results: RunResults) -> Figure:
     names = list(results.strategies)
     labels = [results.strategies[n].label for n in names]
-    acc = [100 * results.strategies[n].matrix.acc() for n in names]
-    bwt = [100 * results.strategies[n].matrix.bwt() for n in names]
+    series = _summary_series(results)
     x = np.arange(len(names))
-    fig = _new_figure(1.4 + 0.9 * len(names), 3.2)
+    width = 0.8 / len(series)
+    fig = _new_figure(1.4 + 0.45 * len(series) * len(names), 3.2)
     _margins(fig, left=0.7, right=0.2, bottom=0.9, top=0.35)
     ax = fig.add_subplot()
-    ax.bar(x - 0.2, np.nan_to_num(acc), width=0.4, label="ACC")
-    ax.bar(x + 0.2, np.nan_to_num(bwt), width=0.4, label="BWT")
-    for xi, a, w in zip(x, acc, bwt):
-        for dx, v in ((-0.2, a), (0.2, w)):
+    for k, (legend, values) in enumerate(series):
+        dx = (k - (len(series) - 1) / 2) * width
+        ax.bar(x + dx, np.nan_to_num(values), width=width, label=legend)
+        for xi, v in zip(x, values):
             label = "n/a" if math.isnan(v) else f"{v:.1f}"
             y = 0.0 if math.isnan(v) else v
             ax.text(xi + dx, y, label, ha="center", va="bottom" if y >= 0 else "top", fontsize=7)
@@ -207,9 +236,16 @@ def write_plots(results: RunResults, out_dir: str | os.PathLike[str]) -> PlotFil
         return files
     slugs = plot_slugs(list(results.strategies))
     for name, s in results.strategies.items():
-        fig = _matrix_figure(s.label, s.matrix.R, s.matrix.b, results.experiences)
+        m = s.measured
+        what = "accuracy" if s.matrix is not None else "validation accuracy"
+        fig = _matrix_figure(s.label, m.R, m.b, results.experiences, what)
         path = out / f"accuracy_matrix_{slugs[name]}.png"
         files.accuracy_matrices[name] = _save(fig, path)
+        if s.matrix is not None and s.validation is not None:
+            v = s.validation
+            fig = _matrix_figure(s.label, v.R, v.b, results.experiences, "validation accuracy")
+            path = out / f"validation_matrix_{slugs[name]}.png"
+            files.validation_matrices[name] = _save(fig, path)
     files.accuracy_curves = _save(_curves_figure(results), out / "accuracy_curves.png")
     for name, s in results.strategies.items():
         if s.routing is not None and any(s.routing.expert_usage):
