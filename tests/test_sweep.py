@@ -558,3 +558,27 @@ def test_selecting_more_experiences_than_the_stream_has_stops_the_sweep(
             sets=["strategies=[naive]"],
             select_experiences=4,
         )
+
+
+def test_mean_ranks_on_the_strategies_mean_and_no_final_reads_no_test(run_config: Path) -> None:
+    """``strategy="mean"``: the mean validation ACC of the strategies that train on every
+    experience (Joint aside), computed here by hand; ``final=False``: no run reads the test
+    split and no final folder is made."""
+    from moracl.continual.metrics import RunResults
+    from moracl.jobs.sweep import plan_sweep, run_sweep
+
+    out = run_config.parent / "sweep-mean"
+    grid = ["train.lr=0.001,0.05", "strategies=[moracl,naive,joint]"]
+    plan = plan_sweep(run_config, grid, output_dir=out, strategy="mean", select_experiences=2)
+    result = run_sweep(plan, final=False)
+    assert result.final is None and result.state.final is None
+    assert not (out / "final").exists()
+    for t in result.state.trials:
+        trial = RunResults.load(out / t.folder)
+        assert trial.test_evaluated is False
+        by_hand = [trial.strategies[n].validation.upto(1).acc() for n in ("moracl", "naive")]  # type: ignore[union-attr]
+        assert t.score == pytest.approx(sum(by_hand) / 2)
+    best = max(result.state.trials, key=lambda t: (t.score, -t.number))
+    assert result.chosen.number == best.number
+    assert (out / "chosen.yaml").is_file()
+    assert "no final run" in (out / "sweep.md").read_text()

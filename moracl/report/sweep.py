@@ -19,6 +19,7 @@ import json
 import math
 import os
 import shlex
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -206,7 +207,12 @@ def render_sweep_report(data: Mapping[str, Any]) -> str:
         f"# Sweep: moracl {data['job']} on {data['config_file']}",
         "",
         f"Trials ranked by **{label}** ({direction} is better; ties go to the earlier trial).",
-        "No trial read the test split: only the final run of the chosen config did, once.",
+        "No trial read the test split"
+        + (
+            ": only the final run of the chosen config did, once."
+            if data.get("final") is not None
+            else ", and no final run has (yet)."
+        ),
         "",
         f"- search: {_search(data)}",
         f"- fixed overrides: {sets}",
@@ -377,7 +383,8 @@ def plot_sweep(data: Mapping[str, Any]) -> Figure | None:
             ax.tick_params(labelleft=False)
     unfinished = len(data["trials"]) - len(done) - len(failed)
     note = f" ({unfinished} trials not finished, not shown)" if unfinished else ""
-    fig.suptitle(f"{sel['label']}{note}", fontsize=10)
+    width = max(30, int(12 * (0.8 + 3.4 * cols)))  # characters that fit across the figure
+    fig.suptitle(textwrap.fill(f"{sel['label']}{note}", width), fontsize=10)
     handles, labels = fig.axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncols=len(labels), fontsize=8)
     return fig
