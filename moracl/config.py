@@ -19,6 +19,7 @@ import yaml
 from moracl.adapters import AdapterConfig
 from moracl.continual.config import SEED_MAX, RunConfig
 from moracl.distributed import DistributedConfig
+from moracl.early_stopping import EarlyStoppingConfig
 from moracl.experts.mixture import MixtureConfig
 from moracl.guard import OnNonFinite, check_int, check_number, parse_on_nonfinite
 from moracl.meta.config import MetaAlgorithm, MetaLearnConfig, MetaOptimConfig, MetaTestConfig
@@ -31,6 +32,7 @@ __all__ = [
     "ConfigDumper",
     "ConfigLoader",
     "DataConfig",
+    "EarlyStoppingConfig",
     "FewShotDataConfig",
     "FinetuneConfig",
     "MetaAlgorithm",
@@ -72,6 +74,13 @@ class TrainConfig:
         default=OnNonFinite.STOP,
         metadata={"help": "at a non-finite loss or gradient: stop (an error) or skip the step"},
     )
+    early_stopping: EarlyStoppingConfig | None = field(
+        default=None,
+        metadata={
+            "help": "stop training when the validation metric stops improving and keep the "
+            "best epoch's weights (null: train every epoch; epochs is then the maximum)"
+        },
+    )
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "max_length"):
@@ -81,6 +90,17 @@ class TrainConfig:
         check_number("train.weight_decay", self.weight_decay, ge=0)
         check_seed("train.seed", self.seed)
         self.on_nonfinite = parse_on_nonfinite(self.on_nonfinite, "train.on_nonfinite")
+        if isinstance(self.early_stopping, Mapping):
+            self.early_stopping = from_dict(
+                EarlyStoppingConfig, self.early_stopping, where="train.early_stopping"
+            )
+        if self.early_stopping is not None and not isinstance(
+            self.early_stopping, EarlyStoppingConfig
+        ):
+            raise ValueError(
+                f"train.early_stopping must be null or a mapping of patience, metric and "
+                f"min_delta, got {self.early_stopping!r}"
+            )
 
 
 @dataclass
@@ -91,12 +111,26 @@ class DataConfig:
     categories: list[str] = field(default_factory=list, metadata={"help": "class names"})
     per_class: int = field(default=100, metadata={"help": "training examples per class"})
     test_per_class: int = field(default=50, metadata={"help": "test examples per class"})
+    val_share: float = field(
+        default=0.1,
+        metadata={
+            "help": "share of each class's training examples held out for validation "
+            "(seeded by train.seed; 0: no validation split)"
+        },
+    )
 
     def __post_init__(self) -> None:
         check_int("data.per_class", self.per_class, gt=0)
         check_int("data.test_per_class", self.test_per_class, gt=0)
         if not isinstance(self.scenario, str):
             raise ValueError(f"data.scenario must be a scenario name, got {self.scenario!r}")
+        self.val_share = check_number("data.val_share", self.val_share, ge=0, lt=1)
+        if self.val_share > 0 and self.per_class < 2:
+            raise ValueError(
+                f"data.val_share={self.val_share:g} needs data.per_class >= 2 (every class "
+                f"keeps a training example), got data.per_class={self.per_class}; raise "
+                f"data.per_class or set data.val_share=0"
+            )
 
 
 @dataclass
@@ -111,6 +145,18 @@ class FinetuneConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     output_dir: str = field(default="out/finetune", metadata={"help": "where the adapter is saved"})
+
+    def __post_init__(self) -> None:
+        if (
+            isinstance(self.train, TrainConfig)
+            and isinstance(self.data, DataConfig)
+            and self.train.early_stopping is not None
+            and self.data.val_share == 0
+        ):
+            raise ValueError(
+                "train.early_stopping watches the validation split, but data.val_share=0 "
+                "holds none out: set data.val_share > 0 (e.g. 0.1) or train.early_stopping=null"
+            )
 
 
 @dataclass

@@ -238,10 +238,15 @@ def fit_classifier(
     where: str,
     data_parallel: bool = False,
     progress: bool = False,
+    after_epoch: Callable[[EpochRecord], bool] | None = None,
 ) -> TrainLog:
     """Train ``model``'s trainable parameters with cross-entropy for ``epochs`` passes over
     ``labels (n,)`` in random batches of ``batch_size`` rows (the order seeded by ``seed``);
     ``logits(idx)`` gives the model's ``(b, c)`` outputs for the rows ``idx (b,)``.
+
+    ``after_epoch(record)`` runs after each epoch (e.g. a validation pass feeding
+    :class:`~moracl.early_stopping.EarlyStopping`); ``True`` ends training there, so
+    ``epochs`` is then the maximum. The next epoch's batch order does not depend on it.
 
     Every step is checked before the update (:func:`guarded_epoch`, messages naming
     ``where``, the epoch and the step), and so are the parameters at the end.
@@ -301,6 +306,8 @@ def fit_classifier(
             after_step=shown,
         )
         log.epochs.append(record)
+        if after_epoch is not None and after_epoch(record):
+            break
     bar.close()
     trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
     assert_finite(trained, f"{where}: the parameters after training")

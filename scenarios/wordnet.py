@@ -290,6 +290,7 @@ def wordnet_classification(
     with_lemma: bool = False,
     root: str | Path = _DEFAULT_ROOT,
     cache_dir: str | Path | None = None,
+    build_test: bool = True,
 ) -> tuple[Dataset, Dataset]:
     """A seeded, class-balanced train/test split of the glosses of ``categories``.
 
@@ -299,7 +300,11 @@ def wordnet_classification(
     twice. Each category then draws ``per_class + test_per_class`` rows with a generator
     seeded by ``(seed, lexname id)``, so its rows do not depend on which other categories
     are asked for; the first ``per_class`` go to train, the rest to test, so the splits are
-    disjoint. Each split's rows are then shuffled with ``seed``.
+    disjoint. Each split's rows are then shuffled with ``seed`` (train first).
+
+    With ``build_test=False`` (a run that must not read the test split) the rows are drawn
+    alike, so the training split is the same row for row, but the test split is not built:
+    an empty table (no row, the same columns) stands in its place.
 
     Args:
         categories: distinct names from :data:`LEXNAMES`, e.g. ``["noun.animal", "noun.plant"]``.
@@ -307,6 +312,7 @@ def wordnet_classification(
         test_per_class: test rows per category (at least 0).
         seed: the random seed; the same arguments give the same rows in the same order.
         with_lemma, root, cache_dir: passed to :func:`load_wordnet_glosses`.
+        build_test: build the test split (``False``: an empty table in its place).
 
     Returns:
         ``(train, test)`` with ``K * per_class`` and ``K * test_per_class`` rows.
@@ -358,4 +364,7 @@ def wordnet_classification(
         columns["label"] = remap[np.asarray(columns["label"], dtype=np.int64)].tolist()
         return Dataset.from_dict(columns, features=features)
 
-    return subset(train_rows), subset(test_rows)
+    train = subset(train_rows)
+    if not build_test:
+        return train, subset([np.zeros(0, dtype=np.int64)])
+    return train, subset(test_rows)

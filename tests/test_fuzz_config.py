@@ -362,8 +362,13 @@ FINETUNE_KEYS: dict[str, st.SearchStrategy[str]] = {
         ["[noun.act, noun.plant]", "[verb.motion, adj.all, noun.food]"],
         ["[noun.act]", "[noun.act, noun.act]", "[noun.bogus, verb.motion]", "noun.act"],
     ),
-    "data.per_class": values(["1", "20"], ["0", "-1", "x", "1.5"]),
+    "data.per_class": values(["2", "20"], ["0", "-1", "x", "1.5", "1"]),  # 1: no validation row
     "data.test_per_class": values(["1", "20"], ["0", "x"]),
+    "data.val_share": numbers(["0", "0.1", "0.5", "1e-1"], ["1", "-0.1"], NOT_FINITE, NOT_NUMBERS),
+    "train.early_stopping": values(
+        ["null", "{patience: 2}", "{patience: 1, metric: val_acc, min_delta: 0.01}"],
+        ["{patience: 0}", "{metric: loss}", "{min_delta: -1}", "{patiense: 2}", "5"],
+    ),
     "backbone": values(["minilm"], ["bert", "cnn-fashion"]),
     "output_dir": values(["''", "/dev/null", "null"]),
     "distributed.backend": values(["auto", "gloo"], ["mpi"]),

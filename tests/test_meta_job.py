@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import statistics
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -26,6 +28,7 @@ from moracl.meta.baselines import (
     sgd_update,
     summarize,
 )
+from moracl.meta.learn import EpisodeShape, build_meta_model, meta_algorithm, meta_learn
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -298,3 +301,82 @@ def test_meta_training_learns_on_the_toy_tasks(tmp_path: Path) -> None:
 def test_cli_meta_refuses_other_jobs(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["meta", str(CONFIGS / "wordnet_finetune.yaml")]) == 2
     assert "not a 'meta' one" in capsys.readouterr().err
+
+
+# -- model selection without the test split ------------------------------------------------------
+class NoTestData(FewShotData):
+    """The toy scenario, whose test classes raise when an episode of them is drawn."""
+
+    def sampler(self, split: str, *, ways: int, shots: int, queries: int) -> Any:
+        if split == "test":
+            raise AssertionError("a meta-test episode was drawn")
+        return super().sampler(split, ways=ways, shots=shots, queries=queries)
+
+
+def no_test_fewshot() -> FewShotData:
+    toy = toy_fewshot()
+    return NoTestData(**{f.name: getattr(toy, f.name) for f in dataclasses.fields(toy)})
+
+
+@pytest.mark.usefixtures("toy")
+def test_a_run_without_the_test_split_draws_no_test_episode(tmp_path: Path) -> None:
+    full = run_meta(tiny_config(tmp_path / "full"), progress=False)
+    with FEWSHOT.temporarily("toy-no-test", no_test_fewshot):
+        guarded = tiny_config(tmp_path / "guard")
+        guarded.data.scenario = "toy-no-test"
+        with pytest.raises(AssertionError, match="meta-test episode was drawn"):  # it bites
+            run_meta(guarded, progress=False)
+        config = tiny_config(tmp_path / "trial")
+        config.data.scenario = "toy-no-test"
+        trial = run_meta(config, progress=False, evaluate_test=False)
+    assert not trial.evaluated_test and full.evaluated_test
+    assert trial.summaries == {} and trial.accuracies == {} and trial.paired == {}
+    # the same meta-training and selection as the run that meta-tests
+    assert trial.validation == full.validation and trial.selected_step == full.selected_step
+    best = max(row["val_accuracy"] for row in full.validation)
+    assert trial.best_validation_accuracy == full.best_validation_accuracy == best
+    out = tmp_path / "trial"
+    assert not (out / "episodes.json").exists() and (out / "adapter").is_dir()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["test_split"] == "not evaluated" and metrics["results"] == {}
+    assert metrics["best_validation_accuracy"] == best
+    assert json.loads((tmp_path / "full" / "metrics.json").read_text())["test_split"] == "evaluated"
+    report = (out / "report.md").read_text()
+    assert "No meta-test episode was\ndrawn" in report and "Only 24 test episodes" not in report
+    assert "meta-test not run" in trial.table()
+
+
+@pytest.mark.usefixtures("toy")
+def test_the_kept_parameters_score_the_best_validation_accuracy() -> None:
+    """meta_learn keeps the parameters of its best meta-validation check (not the last):
+    rescored on the same validation episodes, they give ``best_validation_accuracy``."""
+    config = tiny_config(Path("unused"), steps=6, val_every=2)
+    d, m = config.data, config.meta
+    shape = EpisodeShape(ways=d.ways, shots=d.shots, queries=d.queries)
+    source = toy_fewshot()
+    model = build_meta_model(source, ways=d.ways, adapter=config.adapter, seed=config.seed)
+    result = meta_learn(
+        model, source, shape=shape, meta=m, optim=config.optim, test=config.test,
+        seed=config.seed, progress=False, evaluate_test=False,
+    )  # fmt: skip
+    curve = {row["step"]: row["val_accuracy"] for row in result.validation}
+    assert result.selected_step != m.steps  # the best check is not the last one: teeth
+    assert result.best_validation_accuracy == curve[result.selected_step] == max(curve.values())
+    maml = meta_algorithm(model, m.algorithm, m.inner_lr)
+    episodes = shape.sampler(source, "val").sample_batch(
+        m.val_episodes, generator=torch.Generator().manual_seed(config.seed + 1)
+    )
+    again = adapted_accuracy(
+        maml.functional_forward, maml.meta_parameters(), maml.inner_names, episodes,
+        steps=m.test_inner_steps, update=sgd_update(maml.step_sizes()), batch=config.test.batch,
+    )  # fmt: skip
+    assert float(again.mean()) == pytest.approx(result.best_validation_accuracy, abs=1e-12)
+
+
+@pytest.mark.usefixtures("toy")
+def test_without_validation_no_best_accuracy_and_no_test_free_run(tmp_path: Path) -> None:
+    result = run_meta(tiny_config(tmp_path / "a", val_every=0), progress=False)
+    assert result.best_validation_accuracy is None and result.selected_step == 4
+    with pytest.raises(ValueError, match=r"meta.val_every=0 never validates"):
+        run_meta(tiny_config(tmp_path / "b", val_every=0), progress=False, evaluate_test=False)
+    assert not (tmp_path / "b").exists()

@@ -267,6 +267,24 @@ def test_real_split_is_deterministic_by_seed(real_cache: Path) -> None:
 
 
 @needs_wordnet
+def test_real_split_without_building_the_test_split(real_cache: Path) -> None:
+    """``build_test=False`` (a run that must not read the test split) trains on the rows, in
+    the order, of a call that builds it, and builds no test row."""
+    cats = ["noun.food", "verb.weather", "adj.ppl"]
+
+    def draw(build_test: bool) -> tuple[Dataset, Dataset]:
+        return wordnet_classification(
+            cats, per_class=12, test_per_class=6, seed=4, cache_dir=real_cache,
+            build_test=build_test,
+        )  # fmt: skip
+
+    (train, test), (alone, none) = draw(True), draw(False)
+    assert col(alone, "offset") == col(train, "offset") and len(test) == 18
+    assert col(alone, "text") == col(train, "text") and col(alone, "label") == col(train, "label")
+    assert len(none) == 0 and none.features == test.features
+
+
+@needs_wordnet
 def test_real_split_errors(real_cache: Path) -> None:
     with pytest.raises(ValueError, match=r"'noun\.motive' has 42 distinct glosses.* = 50"):
         wordnet_classification(

@@ -453,7 +453,8 @@ def run_sweep(
             )
         sel = plan.selection
         chosen = min(done, key=lambda t: sel.sort_key(float(t.score or 0.0), t.number))
-        result, notes = None, []
+        result: Any = None
+        notes: list[str] = []
         try:
             if final:
                 result, notes = run.final_run(chosen)

@@ -230,9 +230,17 @@ def _finetune_summary(result: Any, selection: Selection) -> ResultTable:
     return ResultTable(
         columns=(("model", "text"), ("test accuracy", "accuracy"), ("validation", "accuracy")),
         rows=(
-            ("untrained head (chance level)", result.untrained_accuracy, None),
-            ("linear probe on the frozen backbone", result.probe_accuracy, None),
-            ("adapters + head", result.adapted_accuracy, float(result.validation_accuracy)),
+            (
+                "untrained head (chance level)",
+                result.untrained_accuracy,
+                result.untrained_validation_accuracy,
+            ),
+            (
+                "linear probe on the frozen backbone",
+                result.probe_accuracy,
+                result.probe_validation_accuracy,
+            ),
+            ("adapters + head", result.adapted_accuracy, result.validation_accuracy),
         ),
     )
 
@@ -259,6 +267,11 @@ def _meta_check(config: Any) -> None:
 
 
 def _meta_select(config: Any, request: SelectionRequest) -> Selection:
+    if getattr(config.meta, "val_every", 1) == 0:
+        raise ValueError(
+            "meta.val_every=0 measures no meta-validation accuracy, so a sweep cannot rank "
+            "its trials; set meta.val_every to a positive number of steps"
+        )
     return _only_metric(
         "best_validation_accuracy", "best meta-validation accuracy", "meta", request
     )

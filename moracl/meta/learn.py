@@ -18,7 +18,8 @@ best parameters are kept. With ``zero_head`` the head's meta-initialisation stay
 (reset after each outer step), so every task starts from a head that favours no class.
 
 Meta-test draws ``test.episodes`` seeded episodes from the test classes and scores, on exactly
-these episodes:
+these episodes (``meta_learn(..., evaluate_test=False)``, a run for model selection, skips it:
+no test episode is drawn):
 
 - ``meta``: the meta-trained adapters and head, adapted per episode by ``test_inner_steps``
   inner-loop steps (the algorithm's own update, e.g. Meta-SGD's learned step sizes);
@@ -185,7 +186,18 @@ def meta_algorithm(model: nn.Module, algorithm: MetaAlgorithm, inner_lr: float) 
 
 @dataclass
 class MetaResult:
-    """What meta-learning measured (accuracies are fractions)."""
+    """What meta-learning measured (accuracies are fractions).
+
+    Attributes:
+        summaries, accuracies, paired: the meta-test of each of :data:`METHODS` (summary and
+            per-episode accuracies) and the paired differences; empty when the test split
+            was not evaluated (``evaluated_test`` false).
+        validation: the meta-validation curve, ``{"step", "val_accuracy"}`` rows.
+        selected_step: the outer step whose parameters were kept.
+        best_validation_accuracy: the meta-validation accuracy of the parameters kept (the
+            best of the curve); ``None`` without validation (``meta.val_every=0``: the last
+            parameters are kept).
+    """
 
     summaries: dict[str, Summary]
     accuracies: dict[str, list[float]]
@@ -198,9 +210,19 @@ class MetaResult:
     labels: dict[str, str] = field(default_factory=dict)
     #: ``steps``, ``skipped_steps`` (``meta.on_nonfinite=skip``) and the meta-loss curve
     training: dict[str, Any] = field(default_factory=dict)
+    best_validation_accuracy: float | None = None
+    evaluated_test: bool = True
 
     def table(self) -> str:
-        """The meta-test results as a markdown table."""
+        """The meta-test results as a markdown table (a sentence when the test split was
+        not evaluated)."""
+        if not self.evaluated_test:
+            best = self.best_validation_accuracy
+            kept = "no validation" if best is None else f"{100 * best:.2f} %"
+            return (
+                f"meta-test not run: the test classes were not sampled (a run for model "
+                f"selection); best meta-validation accuracy {kept} at step {self.selected_step}"
+            )
         rows = ["| method | accuracy | 95 % CI | episodes |", "|---|---|---|---|"]
         for name in METHODS:
             s = self.summaries[name]
@@ -218,13 +240,21 @@ class MetaResult:
 
 class MetaTraining(NamedTuple):
     """What :func:`meta_train` did: the validation curve (``step``, ``val_accuracy``), the
-    step whose parameters were kept, and the training record (``steps``, ``skipped_steps``
+    step whose parameters were kept (the best of the curve, the earliest among equals; the
+    last step without validation), and the training record (``steps``, ``skipped_steps``
     and ``loss``: the mean meta-loss of the steps taken in each stretch of ``val_every``
     steps, or of a tenth of the steps without validation)."""
 
     validation: list[dict[str, float]]
     selected_step: int
     training: dict[str, Any]
+
+    @property
+    def best_accuracy(self) -> float | None:
+        """The meta-validation accuracy of the parameters kept (``None`` without
+        validation)."""
+        kept = [row["val_accuracy"] for row in self.validation if row["step"] == self.selected_step]
+        return kept[0] if kept else None
 
 
 def _episodes(sampler: EpisodeBatches, n: int, seed: int) -> Episode:
@@ -458,12 +488,17 @@ def meta_learn(
     seed: int = 0,
     distributed: DistributedConfig | None = None,
     progress: bool = True,
+    evaluate_test: bool = True,
 ) -> MetaResult:
     """Meta-train ``model`` (from :func:`build_meta_model`) in place on ``source``
     (:func:`meta_train`), then meta-test it beside the baselines (:func:`meta_test`).
 
+    ``evaluate_test=False`` (a run for model selection) stops after meta-training: no
+    episode of ``source``'s ``"test"`` classes is drawn and the meta-test results are empty.
+
     Returns:
-        The :class:`MetaResult`; its ``seconds`` hold ``meta-training`` and ``meta-test``.
+        The :class:`MetaResult`; its ``seconds`` hold ``meta-training`` and ``meta-test``
+        (the latter only when the test split is evaluated).
 
     Raises:
         NonFiniteError: meta-training diverged (``meta.on_nonfinite=stop``), or an episode
@@ -487,6 +522,21 @@ def meta_learn(
         progress=progress,
     )
     seconds["meta-training"] = time.perf_counter() - start
+    result = MetaResult(
+        summaries={},
+        accuracies={},
+        paired={},
+        validation=trained.validation,
+        selected_step=trained.selected_step,
+        trainable_parameters=trainable,
+        seconds=seconds,
+        scenario=source.describe(),
+        training=trained.training,
+        best_validation_accuracy=trained.best_accuracy,
+        evaluated_test=evaluate_test,
+    )
+    if not evaluate_test:
+        return result
 
     start = time.perf_counter()
     accs = meta_test(
@@ -507,23 +557,15 @@ def meta_learn(
             f"test.episodes={test.episodes} is below the 600 episodes reports use",
             stacklevel=2,
         )
-    labels = {
+    result.labels = {
         "meta": f"meta-trained adapters ({meta.algorithm.value}, "
         f"{meta.test_inner_steps} inner steps)",
         "prototype": "prototype classifier on the frozen backbone",
         "finetune": f"fresh adapters fine-tuned per episode ({test.finetune_steps} Adam steps)",
     }
-    return MetaResult(
-        summaries={name: summarize(a) for name, a in accs.items()},
-        accuracies={name: a.tolist() for name, a in accs.items()},
-        paired={
-            f"meta − {b}": summarize(accs["meta"] - accs[b]) for b in ("prototype", "finetune")
-        },
-        validation=trained.validation,
-        selected_step=trained.selected_step,
-        trainable_parameters=trainable,
-        seconds=seconds,
-        scenario=source.describe(),
-        labels=labels,
-        training=trained.training,
-    )
+    result.summaries = {name: summarize(a) for name, a in accs.items()}
+    result.accuracies = {name: a.tolist() for name, a in accs.items()}
+    result.paired = {
+        f"meta − {b}": summarize(accs["meta"] - accs[b]) for b in ("prototype", "finetune")
+    }
+    return result
