@@ -74,16 +74,17 @@ def test_variants_hold_typed_choices_and_round_trip() -> None:
     [
         (
             {"mode": "auto", "k": 2},
-            r"unknown key\(s\) \['k'\] for the auto routing mode; valid keys: \['mode', "
-            r"'reuse_old', 'shrinkage', 'without_task_labels'\]",
+            r"unknown key\(s\) \['k'\] for the auto routing mode; valid keys: \['adopt_newer', "
+            r"'mode', 'reuse_old', 'shrinkage', 'without_task_labels'\]",
         ),
         (
             {"mode": "task", "shrinkage": 0.1},
-            r"\['shrinkage'\] for the task routing mode; valid keys: \['mode', 'reuse_old'\]",
+            r"\['shrinkage'\] for the task routing mode; valid keys: \['adopt_newer', 'mode', "
+            r"'reuse_old'\]",
         ),
         (
             {"mode": "gaussian", "per": "sample"},
-            r"\['per'\] for the gaussian routing mode; valid keys: \['mode', 'reuse_old', 'shr",
+            r"\['per'\] for the gaussian routing mode; valid keys: \['adopt_newer', 'mode', 'reu",
         ),
         (
             {"mode": "learned", "reuse_old": True},
@@ -167,9 +168,11 @@ def test_a_mode_the_stream_cannot_route_is_refused_where_moracl_runs(
 
 def test_the_configs_keep_their_routing() -> None:
     wordnet = load_config(RUN).experts.routing
-    assert wordnet == AutoRouting(without_task_labels="gaussian")  # type: ignore[arg-type]
+    assert wordnet == AutoRouting(without_task_labels="gaussian", reuse_old=False)  # type: ignore[arg-type]
     digits = load_config(CONFIGS / "digit_domains.yaml").experts.routing
     assert digits == LearnedRouting(k=2, supervision=1.0)
     fashion = load_config(CONFIGS / "split_fashion.yaml").experts.routing
-    assert fashion.resolve(task_aware=False) == GaussianRouting()
-    assert fashion.resolve(task_aware=True) == TaskRouting()
+    assert fashion.resolve(task_aware=False) == GaussianRouting(reuse_old=False)
+    assert fashion.resolve(task_aware=True) == TaskRouting(reuse_old=False)
+    for name in ("wordnet_domains_class.yaml", "split_fashion_class.yaml"):
+        assert load_config(CONFIGS / name).experts.routing == GaussianRouting()
