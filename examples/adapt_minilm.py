@@ -43,7 +43,7 @@ with torch.no_grad():
     acc = (model(**batch).argmax(-1) == torch.tensor(test["label"][:])).float().mean()
 print(f"test accuracy {100 * acc:.1f} %")
 
-model.save_pretrained("out/example_adapter")  # adapter_config.json + adapter_model.safetensors
+model.save_pretrained("out/example_adapter")  # moracl_config.json + adapter_model.safetensors
 again = MoRAModel.from_pretrained(classifier, "out/example_adapter")
 plain = model.merge_and_unload()  # an ordinary nn.Module with the update folded into W
 with torch.no_grad():

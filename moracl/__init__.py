@@ -1,5 +1,7 @@
 """moracl: continual and multi-task learning with mixtures of adapter experts on PyTorch."""
 
+import warnings
+
 from moracl.adapters import (
     Adapter,
     AdapterConfig,
@@ -19,6 +21,12 @@ from moracl.model import MoRAModel
 from moracl.optim import MoRAOptimizer, MoRAScheduler, SAMConfig
 
 __version__ = "0.1.0"
+
+# Avalanche imports qpsolvers (for GEM), which warns at import that no QP solver is installed;
+# no moracl strategy solves a QP. Only that message of that module is ignored.
+warnings.filterwarnings(
+    "ignore", message="no QP solver found", category=UserWarning, module="qpsolvers"
+)
 
 __all__ = [
     "ACTOutput",

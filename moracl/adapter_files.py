@@ -25,7 +25,7 @@ from torch import nn
 from moracl.adapters.base import AdapterConfig
 from moracl.checkpoint import TensorInfo
 from moracl.experts.mixture import MixtureConfig
-from moracl.layer import build_layer_adapter, check_fit, is_linear_like, linear_features
+from moracl.layer import MoRALayer, build_layer_adapter, check_fit, is_linear_like, linear_features
 from moracl.parse_fields import check_string_keys, show
 
 __all__ = [
@@ -38,7 +38,7 @@ __all__ = [
     "parse_layout",
 ]
 
-#: the keys of a moracl ``adapter_config.json``
+#: the keys of a moracl ``moracl_config.json``
 LAYOUT_KEYS = ("format", "version", "adapters", "active", "modules_to_save", "base_model")
 
 
@@ -60,7 +60,8 @@ class SavedAdapter:
 
 @dataclass(frozen=True)
 class SavedLayout:
-    """What ``adapter_config.json`` declares (``adapters`` in saved order)."""
+    """What ``moracl_config.json`` declares (``adapters`` in saved order); a PEFT folder is
+    read into the same form (:func:`moracl.peft_files.read_peft`)."""
 
     adapters: tuple[SavedAdapter, ...]
     active: tuple[str, ...]
@@ -125,17 +126,20 @@ def parse_layout(config: Mapping[str, Any], where: str) -> SavedLayout:
 
 
 def _module(model: nn.Module, path: str, key: str) -> nn.Module:
+    """The module at ``path`` as in the plain model (an adapted layer's base)."""
     try:
-        return model.get_submodule(path)
+        module = model.get_submodule(path)
     except AttributeError:
         raise ValueError(f"{key} names layer {path!r}, which the model does not have") from None
+    return module.base_layer if isinstance(module, MoRALayer) else module
 
 
 @torch.no_grad()
 def expected_state(model: nn.Module, layout: SavedLayout) -> dict[str, TensorSpec]:
     """The name, shape and dtype of every tensor ``MoRAModel.from_pretrained`` would load
-    into ``model`` (a plain model) for ``layout``; checks each config against its layers
-    first and allocates nothing (the adapters are built on the meta device)."""
+    into ``model`` for ``layout`` (an adapted layer counts as its base layer); checks each
+    config against its layers first and allocates nothing (the adapters are built on the meta
+    device)."""
     out: dict[str, TensorSpec] = {}
     for adapter in layout.adapters:
         for path in adapter.targets:

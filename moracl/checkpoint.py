@@ -1,6 +1,10 @@
-"""Adapter folders: ``adapter_config.json`` + ``adapter_model.safetensors`` + a checksum
+"""Adapter folders: ``moracl_config.json`` + ``adapter_model.safetensors`` + a checksum
 manifest ``checksums.json``, written atomically (temporary file, then rename; the manifest
 last), never pickles.
+
+The config is named ``moracl_config.json`` so that a moracl folder is never mistaken for a
+PEFT one (PEFT's config is ``adapter_config.json``, see :mod:`moracl.peft_files`); folders
+written by earlier moracl versions, with a moracl-layout ``adapter_config.json``, still load.
 
 Reading checks everything before any tensor is created:
 
@@ -27,6 +31,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -43,11 +48,14 @@ from moracl.guard import assert_finite, finite_json
 
 __all__ = [
     "CONFIG_NAME",
+    "LEGACY_CONFIG_NAME",
     "MANIFEST_NAME",
     "WEIGHTS_NAME",
     "AdapterFolder",
     "TensorInfo",
+    "config_name",
     "open_adapter",
+    "open_folder",
     "parse_safetensors_header",
     "read_adapter",
     "safetensors_bytes",
@@ -58,7 +66,9 @@ __all__ = [
     "write_manifest",
 ]
 
-CONFIG_NAME = "adapter_config.json"
+CONFIG_NAME = "moracl_config.json"
+#: the config name of moracl folders written before ``moracl_config.json`` (and PEFT's)
+LEGACY_CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 MANIFEST_NAME = "checksums.json"
 FORMAT = "moracl.adapter"
@@ -114,10 +124,18 @@ def safetensors_bytes(tensors: Mapping[str, Tensor], metadata: dict[str, str] | 
     return save_safetensors(plain, metadata=metadata)
 
 
-def write_files(directory: str | os.PathLike[str], files: Mapping[str, bytes]) -> Path:
-    """Write ``files`` (name -> bytes) atomically one by one, then their manifest."""
+def write_files(
+    directory: str | os.PathLike[str], files: Mapping[str, bytes], *, stale: Iterable[str] = ()
+) -> Path:
+    """Write ``files`` (name -> bytes) atomically one by one, then their manifest.
+
+    ``stale`` names files that describe the weights being replaced (another format's config):
+    they are removed first, so the folder never pairs the new weights with an old config."""
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
+    for name in stale:
+        if name not in files and os.path.lexists(out / name):
+            (out / name).unlink()
     for name, data in files.items():
         write_atomic(out / name, data)
     write_manifest(out, files)
@@ -138,7 +156,8 @@ def write_adapter(
     body = {"format": FORMAT, "version": VERSION, **config}
     text = finite_json(body, f"{out / CONFIG_NAME}", indent=2, sort_keys=True) + "\n"
     weights = safetensors_bytes(tensors, {"format": FORMAT})
-    return write_files(out, {WEIGHTS_NAME: weights, CONFIG_NAME: text.encode()})
+    files = {WEIGHTS_NAME: weights, CONFIG_NAME: text.encode()}
+    return write_files(out, files, stale=[LEGACY_CONFIG_NAME])
 
 
 # -- reading ----------------------------------------------------------------------------------
@@ -228,14 +247,15 @@ def _check_manifest(manifest: Any, where: Path) -> dict[str, tuple[str, int]]:
 
 
 def verify_folder(
-    directory: str | os.PathLike[str], required: Iterable[str] = ()
+    directory: str | os.PathLike[str], required: Iterable[str] = (), *, unverified_ok: bool = False
 ) -> dict[str, bytes]:
     """Check ``directory`` against its ``checksums.json`` and return the verified bytes of
     every file it lists (and of each ``required`` file, which must be listed).
 
     Raises ``FileNotFoundError`` for a missing folder or required file, ``ValueError`` for a
     symbolic link, a listed file that is missing or differs (naming it and both checksums), or
-    a malformed manifest.  Without a manifest, warns naming the folder and returns the
+    a malformed manifest.  Without a manifest, warns naming the folder (unless
+    ``unverified_ok``: folders of tools that write no manifest, such as PEFT) and returns the
     required files unverified.  Files the manifest does not list are left unread, with a
     warning naming them.  Nothing is ever written.
     """
@@ -259,6 +279,8 @@ def verify_folder(
                 f"no {name} in {src} (expected a folder written by save_pretrained)"
             )
     if MANIFEST_NAME not in entries:
+        if unverified_ok:
+            return {name: _read_regular(src / name) for name in required}
         warnings.warn(
             f"{src} has no {MANIFEST_NAME} (written by an older moracl?): its files cannot be "
             f"verified; save it again to add checksums",
@@ -289,7 +311,9 @@ def verify_folder(
                 f"changed or corrupted; refusing to load it"
             )
         out[name] = data
-    extra = [n for n in entries if n != MANIFEST_NAME and n not in listed]
+    extra = [
+        n for n in entries if n != MANIFEST_NAME and n not in listed and not _COMPANION.fullmatch(n)
+    ]
     if extra:
         warnings.warn(
             f"{src} holds {extra}, which {MANIFEST_NAME} does not cover; they are ignored",
@@ -297,6 +321,15 @@ def verify_folder(
             stacklevel=3,
         )
     return out
+
+
+#: files that ``transformers.Trainer`` and tokenizers write beside an adapter in a checkpoint
+#: folder (``checkpoint-N``): expected there, so not warned about (they are still never read)
+_COMPANION = re.compile(
+    r"optimizer\.pt|scheduler\.pt|scaler\.pt|rng_state(_\d+)?\.pth|trainer_state\.json|"
+    r"training_args\.bin|tokenizer(_config)?\.json|special_tokens_map\.json|vocab\.(txt|json)|"
+    r"merges\.txt|added_tokens\.json|chat_template\.jinja|spiece\.model|README\.md"
+)
 
 
 @dataclass(frozen=True)
@@ -403,6 +436,16 @@ class AdapterFolder:
     config: dict[str, Any]
     header: dict[str, TensorInfo]
     weights: bytes
+    config_name: str = CONFIG_NAME
+
+    @property
+    def config_path(self) -> Path:
+        """Where the config was read from (for messages)."""
+        return self.path / self.config_name
+
+    @property
+    def weights_path(self) -> Path:
+        return self.path / WEIGHTS_NAME
 
     def load_tensors(self) -> dict[str, Tensor]:
         """The saved tensors (at most the file's size in memory), refusing non-finite ones."""
@@ -419,26 +462,56 @@ class AdapterFolder:
         return tensors
 
 
-def open_adapter(directory: str | os.PathLike[str]) -> AdapterFolder:
-    """Check the adapter folder ``directory`` (links, checksums, config, safetensors header:
-    see the module docstring) and return it, without creating any tensor."""
+def config_name(directory: str | os.PathLike[str]) -> str:
+    """The config file of the moracl folder ``directory``: ``moracl_config.json``, or
+    ``adapter_config.json`` for a folder of an earlier moracl (or PEFT's); raises
+    ``FileNotFoundError`` naming both when it has neither (or is not a folder)."""
     src = Path(directory)
-    files = verify_folder(src, (CONFIG_NAME, WEIGHTS_NAME))
-    cfg_path = src / CONFIG_NAME
-    config = strict_json(files[CONFIG_NAME], str(cfg_path))
-    if not isinstance(config, dict) or config.get("format") != FORMAT:
+    for name in (CONFIG_NAME, LEGACY_CONFIG_NAME):
+        if os.path.lexists(src / name):
+            return name
+    raise FileNotFoundError(
+        f"no {CONFIG_NAME} or {LEGACY_CONFIG_NAME} in {src} (expected a folder written by "
+        f"save_pretrained)"
+    )
+
+
+def open_folder(
+    directory: str | os.PathLike[str], config_file: str, *, unverified_ok: bool = False
+) -> AdapterFolder:
+    """Check ``directory``'s ``config_file`` (strict JSON, an object) and weights (links,
+    checksums, the safetensors header) and return them, without creating any tensor; the
+    config's contents are the caller's to check."""
+    src = Path(directory)
+    files = verify_folder(src, (config_file, WEIGHTS_NAME), unverified_ok=unverified_ok)
+    cfg_path = src / config_file
+    config = strict_json(files[config_file], str(cfg_path))
+    if not isinstance(config, dict):
+        raise ValueError(f"{cfg_path} is not a JSON object")
+    weights = files[WEIGHTS_NAME]
+    header = parse_safetensors_header(weights, str(src / WEIGHTS_NAME))
+    return AdapterFolder(src, config, header, weights, config_file)
+
+
+def open_adapter(directory: str | os.PathLike[str]) -> AdapterFolder:
+    """Check the moracl adapter folder ``directory`` (links, checksums, config, safetensors
+    header: see the module docstring) and return it, without creating any tensor."""
+    folder = open_folder(directory, config_name(directory))
+    config, cfg_path = folder.config, folder.config_path
+    if "peft_type" in config and "format" not in config:
+        raise ValueError(
+            f"{cfg_path} is a PEFT adapter config (peft_type={config['peft_type']!r}), not a "
+            f"moracl one: load it with MoRAModel.from_peft (or MoRAModel.from_pretrained)"
+        )
+    if config.get("format") != FORMAT:
         raise ValueError(
             f"{cfg_path} is not a moracl adapter config (format={config.get('format')!r})"
-            if isinstance(config, dict)
-            else f"{cfg_path} is not a JSON object"
         )
     if config.get("version") != VERSION:
         raise ValueError(
             f"{cfg_path} has version {config.get('version')!r}; this moracl reads {VERSION}"
         )
-    weights = files[WEIGHTS_NAME]
-    header = parse_safetensors_header(weights, str(src / WEIGHTS_NAME))
-    return AdapterFolder(src, config, header, weights)
+    return folder
 
 
 def read_adapter(directory: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, Tensor]]:

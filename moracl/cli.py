@@ -7,6 +7,7 @@ import importlib
 import sys
 import warnings
 from collections.abc import Sequence
+from typing import Any
 
 BENCHES = {
     "adapters": "moracl.bench.adapters",
@@ -21,14 +22,24 @@ BENCHES = {
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from moracl.config import dump_yaml, load_config, to_dict
+    from moracl.config import JOBS, dump_yaml, load_config, to_dict
     from moracl.jobs import check_config
+    from moracl.parse_fields import describe_config
 
+    if args.config is None:  # --doc --job NAME: the keys of a job's config, at their defaults
+        if args.job is None or not args.doc or args.overrides:
+            raise ValueError("moracl validate needs a CONFIG file (or --doc --job NAME alone)")
+        print(describe_config(JOBS.get(args.job)()), end="")
+        return 0
+    if args.job is not None:
+        raise ValueError(f"--job {args.job} goes with --doc and no CONFIG; the file names its job")
     config = load_config(args.config, args.overrides)
     check_config(config, device=args.device)  # what the job checks before any work
     print(f"{args.config}: valid {type(config).__name__}")
     if args.show:
         print(dump_yaml(to_dict(config)), end="")
+    if args.doc:
+        print(describe_config(config), end="")
     return 0
 
 
@@ -165,11 +176,28 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plot_attention(args: argparse.Namespace) -> int:
+    from moracl.report.attention import plot_adapter_attention
+
+    path = plot_adapter_attention(
+        args.adapter_dir,
+        args.text,
+        args.out,
+        model=args.model,
+        task_id=args.task,
+        layers=args.layers,
+        heads=args.heads,
+    )
+    print(f"attention maps (adapters off, on, difference) written to {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="moracl",
         description="Continual and multi-task learning with mixtures of adapter experts.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser(
@@ -177,9 +205,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="check a YAML config as its job does before any work (values, scenario, "
         "output folder, device)",
     )
-    p.add_argument("config")
-    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.lr=1e-3")
+    p.add_argument("config", nargs="?", help="a YAML config (optional with --doc --job)")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        help="dotted key=value overrides, e.g. train.lr=1e-3; ~key deletes a key",
+    )
     p.add_argument("--show", action="store_true", help="print the resolved config")
+    p.add_argument(
+        "--doc",
+        action="store_true",
+        help="list every key of the config with its value, type, default and help",
+    )
+    p.add_argument(
+        "--job", help="with --doc and no CONFIG: list the keys of this job (finetune, meta, run)"
+    )
     p.add_argument(
         "--device", default=None, help="also check this device exists (as moracl run --device)"
     )
@@ -275,7 +315,92 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="rebuild report.md and plots of a run from its metrics.json")
     p.add_argument("run_dir", help="the run's folder (holding metrics.json)")
     p.set_defaults(func=_report)
+
+    p = sub.add_parser("plot", help="figures of a saved adapter")
+    plots = p.add_subparsers(dest="figure", required=True)
+    p = plots.add_parser(
+        "attention",
+        help="attention maps of a text with the adapter off and on, and their difference",
+    )
+    p.add_argument(
+        "adapter_dir", help="a folder written by save_pretrained (e.g. a run's adapter/)"
+    )
+    p.add_argument("--text", required=True, help="the text whose attention is drawn")
+    p.add_argument(
+        "--model",
+        help="the base model: a local Hugging Face model folder (with its tokenizer) or "
+        "'minilm' (default: minilm for an adapter saved by moracl finetune)",
+    )
+    p.add_argument("--task", type=int, help="the task to route a task-routed mixture to")
+    p.add_argument(
+        "--layers", help="layers drawn, e.g. 0,1 or 0-3 (default: all, or the 6 that changed most)"
+    )
+    p.add_argument(
+        "--heads", help="heads drawn, e.g. 0-3 (default: all, or the 4 that changed most)"
+    )
+    p.add_argument("--out", default="attention.png", help="the PNG file (default: %(default)s)")
+    p.set_defaults(func=_plot_attention)
+    _add_plugin_option(parser)
     return parser
+
+
+_PLUGIN_HELP = (
+    "import this module first (repeatable), so the scenarios, encoders and components it "
+    "registers can be named in the config; installed entry points 'moracl.plugins' load by "
+    "themselves"
+)
+
+
+def _add_plugin_option(parser: argparse.ArgumentParser, depth: int = 0) -> None:
+    """``--plugin MODULE`` on ``parser`` and on every subcommand below it: before or after
+    the subcommand's name (one ``dest`` per level, so no level overwrites another's)."""
+    parser.add_argument(
+        "--plugin",
+        dest=f"plugins_{depth}",
+        action="append",
+        metavar="MODULE",
+        default=[] if depth == 0 else argparse.SUPPRESS,
+        help=_PLUGIN_HELP,
+    )
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):  # (aliases share a parser)
+                _add_plugin_option(child, depth + 1)
+
+
+def _load_plugins(args: argparse.Namespace) -> None:
+    """Import the ``--plugin`` modules (every level's, in order) and the installed ones."""
+    from moracl.plugins import load_plugins
+
+    levels = sorted(int(k.split("_")[1]) for k in vars(args) if k.startswith("plugins_"))
+    load_plugins([name for depth in levels for name in getattr(args, f"plugins_{depth}")])
+
+
+def _version() -> str:
+    """The installed package's version (its metadata), else ``moracl.__version__``."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("moracl")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        import moracl
+
+        return str(moracl.__version__)
+
+
+def _show_notes(show: Any) -> Any:
+    """A ``warnings.showwarning`` printing a :class:`~moracl.config.ConfigNote` as one
+    ``moracl: note:`` line on stderr and handing other warnings to ``show``."""
+
+    def showwarning(message: Any, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+        from moracl.config import ConfigNote
+
+        if issubclass(category, ConfigNote):
+            print(f"moracl: note: {message}", file=sys.stderr)
+        else:
+            show(message, category, *args, **kwargs)
+
+    return showwarning
 
 
 def _one_line(error: BaseException) -> str:
@@ -297,12 +422,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     package, end in one line ``moracl: error: ...`` (exit 2); Ctrl-C ends in one line
     (exit 130). Anything else is a bug and keeps its traceback.
     """
-    # Avalanche imports qpsolvers (for GEM), which warns at import that no QP solver is
-    # installed; no moracl strategy solves a QP, so the line would only alarm users
-    warnings.filterwarnings("ignore", message="no QP solver found", category=UserWarning)
     args = build_parser().parse_args(argv)
     try:
-        code: int = args.func(args)
+        with warnings.catch_warnings():  # restores the filters and showwarning at the end
+            from moracl.config import ConfigNote
+
+            warnings.simplefilter("always", ConfigNote)  # every note, each time
+            warnings.showwarning = _show_notes(warnings.showwarning)
+            _load_plugins(args)  # before the config is read: what they register counts
+            code: int = args.func(args)
     except KeyboardInterrupt:
         print("moracl: interrupted", file=sys.stderr)
         return 130

@@ -8,8 +8,12 @@ Adapter sections are polymorphic on their ``kind`` (see :class:`moracl.AdapterCo
 from __future__ import annotations
 
 import copy
+import dataclasses
 import re
-from collections.abc import Mapping, Sequence
+import types
+import typing
+import warnings
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -17,20 +21,23 @@ from typing import Any, TypeVar
 import yaml
 
 from moracl.adapters import AdapterConfig
-from moracl.continual.config import SEED_MAX, RunConfig
+from moracl.continual.config import SEED_MAX, RoutingMode, RoutingModeName, RunConfig
 from moracl.distributed import DistributedConfig
 from moracl.early_stopping import EarlyStoppingConfig
 from moracl.experts.mixture import MixtureConfig
+from moracl.experts.routers.config import RouterConfig, RouterType
 from moracl.guard import OnNonFinite, check_int, check_number, parse_on_nonfinite
 from moracl.meta.config import MetaAlgorithm, MetaLearnConfig, MetaOptimConfig, MetaTestConfig
-from moracl.parse_fields import from_dict, to_dict
+from moracl.parse_fields import from_dict, parse_value, to_dict
 from moracl.registry import Registry
 
 __all__ = [
     "JOBS",
     "SEED_MAX",
+    "TAGGED_FAMILIES",
     "ConfigDumper",
     "ConfigLoader",
+    "ConfigNote",
     "DataConfig",
     "EarlyStoppingConfig",
     "FewShotDataConfig",
@@ -40,6 +47,7 @@ __all__ = [
     "MetaLearnConfig",
     "MetaOptimConfig",
     "MetaTestConfig",
+    "TaggedFamily",
     "TrainConfig",
     "apply_overrides",
     "check_seed",
@@ -286,26 +294,211 @@ def dump_yaml(data: Any) -> str:
     return yaml.dump(data, Dumper=ConfigDumper, sort_keys=False)
 
 
+class ConfigNote(UserWarning):
+    """A change an override made besides the one it names: the keys of a config section that
+    the section's new kind (``adapter.kind=lora``, ``experts.routing.mode=task``) does not
+    have, dropped. The ``moracl`` command prints it as one ``moracl: note:`` line."""
+
+
+@dataclass(frozen=True)
+class TaggedFamily:
+    """A config family whose variant a tag field picks (``AdapterConfig`` by ``kind``).
+
+    Args:
+        tag: the field naming the variant.
+        variant: the variant's class for a tag value (``ValueError`` for an unknown one).
+        default: the tag's value when a section leaves it out.
+    """
+
+    tag: str
+    variant: Callable[[Any], type]
+    default: Any
+
+
+def _adapter_variant(kind: Any) -> type:
+    return type(AdapterConfig(kind=kind))  # the kind's config class, with its defaults
+
+
+#: the tagged config families: changing a section's tag by an override drops its keys that the
+#: new variant lacks (:func:`apply_overrides`)
+TAGGED_FAMILIES: dict[type, TaggedFamily] = {
+    AdapterConfig: TaggedFamily("kind", _adapter_variant, "lora"),
+    RouterConfig: TaggedFamily("type", RouterConfig.variant, RouterType.TOPK.value),
+    RoutingMode: TaggedFamily("mode", RoutingMode.variant, RoutingModeName.AUTO.value),
+}
+
+
+def _family(tp: Any) -> TaggedFamily | None:
+    if isinstance(tp, type):
+        for base in tp.__mro__:
+            if base in TAGGED_FAMILIES:
+                return TAGGED_FAMILIES[base]
+    return None
+
+
+def _pick(tp: Any, node: Any) -> Any:
+    """The member of annotation ``tp`` that ``node`` parses as (``tp`` unless a union)."""
+    if typing.get_origin(tp) not in (typing.Union, types.UnionType):
+        return tp
+    members = [a for a in typing.get_args(tp) if a is not type(None)]
+    if len(members) == 1:
+        return members[0]
+    for member in members:  # in the order the parser tries them
+        try:
+            parse_value(member, node)
+        except (ValueError, TypeError):
+            continue
+        return member
+    return None
+
+
+def _section_type(root: type, data: Mapping[str, Any], path: tuple[str, ...]) -> Any:
+    """The declared type of the section of ``data`` at ``path`` (a dataclass or a tagged
+    family), following the variants ``data`` picks; ``None`` when the schema does not say."""
+    tp: Any = root
+    node: Any = data
+    for part in path:
+        family = _family(tp)
+        if family is not None:
+            try:
+                tp = family.variant(node.get(family.tag, family.default))
+            except ValueError:
+                return None
+        if not (isinstance(tp, type) and dataclasses.is_dataclass(tp)):
+            return None
+        hint = _field_hints(tp).get(part)
+        node = node.get(part) if isinstance(node, Mapping) else None
+        if hint is None or not isinstance(node, Mapping):
+            return None
+        tp = _pick(hint, node)
+    return tp
+
+
+def _field_hints(cls: type) -> dict[str, Any]:
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in typing.get_type_hints(cls).items() if k in names}
+
+
+def _dropped_by_tag(
+    root: type,
+    data: Mapping[str, Any],
+    path: tuple[str, ...],
+    value: Any,
+    kept: set[tuple[str, ...]],
+) -> list[str]:
+    """The keys of the section at ``path[:-1]`` that setting its tag ``path[-1]`` to ``value``
+    leaves without a field: keys of the current variant that the new one lacks, except
+    those the overrides set (``kept`` holds their paths; they are still checked)."""
+    section, tag = path[:-1], path[-1]
+    tp = _section_type(root, data, section)
+    family = _family(tp)
+    node: Any = data
+    for part in section:
+        node = node.get(part) if isinstance(node, Mapping) else None
+    if family is None or family.tag != tag or not isinstance(node, Mapping):
+        return []
+    try:
+        old = family.variant(node.get(tag, family.default))
+        new = family.variant(value)
+    except ValueError:  # an unknown kind: the parser names the valid ones
+        return []
+    old_fields = {f.name for f in dataclasses.fields(old)}
+    new_fields = {f.name for f in dataclasses.fields(new)}
+    return [
+        key
+        for key in node
+        if key in old_fields
+        and key not in new_fields
+        and not any(p[: len(section) + 1] == (*section, key) for p in kept)
+    ]
+
+
+@dataclass(frozen=True)
+class _Override:
+    text: str
+    path: tuple[str, ...]
+    value: Any = None
+    delete: bool = False
+
+
+def _parse_override(item: str) -> _Override:
+    if not isinstance(item, str):
+        raise ValueError(f"an override must be a string key=value or ~key, got {item!r}")
+    delete = item.startswith("~")
+    key, sep, raw = item.removeprefix("~").partition("=")
+    if delete and sep:
+        raise ValueError(f"override {item!r}: ~key deletes a key and takes no value")
+    if (not delete and not sep) or not key:
+        raise ValueError(
+            f"override {item!r} is not of the form key=value (e.g. train.lr=1e-3) or ~key "
+            f"(e.g. ~adapter.compression, deleting a key)"
+        )
+    parts = tuple(key.split("."))
+    if not all(parts):
+        raise ValueError(f"override {item!r}: {key!r} has an empty part; expected a.b.c")
+    if delete:
+        return _Override(item, parts, delete=True)
+    return _Override(item, parts, parse_yaml(raw, f"the value of override {item!r}"))
+
+
+def _delete(data: dict[str, Any], op: _Override) -> None:
+    node: Any = data
+    for depth, part in enumerate(op.path):
+        if not isinstance(node, dict) or part not in node:
+            where = ".".join(op.path[:depth]) or "the top level"
+            keys = sorted(node) if isinstance(node, dict) else []
+            raise ValueError(
+                f"override {op.text!r}: the config has no key {'.'.join(op.path)!r} to delete "
+                f"(keys at {where}: {keys})"
+            )
+        if depth == len(op.path) - 1:
+            del node[part]
+        else:
+            node = node[part]
+
+
+def _schema(data: Mapping[str, Any]) -> type | None:
+    job = data.get("job")
+    return JOBS.get(job) if isinstance(job, str) and job in JOBS.names() else None
+
+
 def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-    """A copy of ``data`` with dotted ``key=value`` overrides applied (values parsed as YAML
-    by :class:`ConfigLoader`); ``data`` is left unchanged."""
+    """A copy of ``data`` with overrides applied, in order; ``data`` is left unchanged.
+
+    ``key=value`` sets a dotted key (the value parsed as YAML by :class:`ConfigLoader`);
+    ``~key`` deletes one (``ValueError`` naming it when the config has no such key). When
+    ``data`` names a registered ``job``, setting the tag of a tagged section
+    (:data:`TAGGED_FAMILIES`: ``adapter.kind=lora``, ``experts.routing.mode=task``, a router's
+    ``type``) drops that section's keys the new variant does not have, with a
+    :class:`ConfigNote` warning naming them; keys the same overrides set are kept, so the
+    parser still checks them (a typo still fails)."""
     out: dict[str, Any] = copy.deepcopy(dict(data))
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"override {item!r} is not of the form key=value (e.g. train.lr=1e-3)")
-        parts = key.split(".")
-        if not all(parts):
-            raise ValueError(f"override {item!r}: {key!r} has an empty part; expected a.b.c=value")
+    ops = [_parse_override(item) for item in overrides]
+    kept = {op.path for op in ops if not op.delete}
+    job = next((op.value for op in reversed(ops) if op.path == ("job",) and not op.delete), None)
+    root = _schema({"job": job} if job is not None else out)
+    for op in ops:
+        if op.delete:
+            _delete(out, op)
+            continue
         node = out
-        for p in parts[:-1]:
+        for p in op.path[:-1]:
             child = node.get(p)
             if child is None:
                 child = node[p] = {}
             if not isinstance(child, dict):
-                raise ValueError(f"override {item!r}: {p!r} is not a section")
+                raise ValueError(f"override {op.text!r}: {p!r} is not a section")
             node = child
-        node[parts[-1]] = parse_yaml(raw, f"the value of override {item!r}")
+        if root is not None:
+            dropped = _dropped_by_tag(root, out, op.path, op.value, kept)
+            for key in dropped:
+                del node[key]
+            if dropped:
+                section = ".".join(op.path[:-1])
+                names = ", ".join(f"{section}.{k}" for k in dropped)
+                what = f"{op.path[-1]} {op.value!r} has no such key" + ("s" if dropped[1:] else "")
+                warnings.warn(f"{op.text}: dropped {names} ({what})", ConfigNote, stacklevel=2)
+        node[op.path[-1]] = op.value
     return out
 
 

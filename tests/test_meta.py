@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moracl import AdapterConfig, MoRAModel
+from moracl.adapters.fused import plain_autograd
 from moracl.meta import ANIL, MAML, EpisodeSampler, MetaSGD, split_classes
 
 with warnings.catch_warnings():
@@ -102,11 +103,38 @@ def test_models_on_the_fused_path_meta_learn_with_plain_autograd() -> None:
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
-def test_the_fused_backward_refuses_to_be_differentiated() -> None:
-    layer = make_model(dropout=0.0).train()
+def test_the_fused_lora_backward_is_differentiable_as_plain_autograd() -> None:
+    """A gradient penalty through the fused LoRA node (leaf weights, ``create_graph=True``)
+    gives plain autograd's second-order gradients."""
+    model = make_model(dropout=0.0).train()
     x = torch.randn(4, D_IN, dtype=torch.float64, requires_grad=True)
-    out = layer(x).square().sum()
-    (g,) = torch.autograd.grad(out, x, create_graph=True)
+    params = trainable(model)
+
+    def penalty_grads() -> tuple[Tensor, ...]:
+        out = model(x).square().sum()
+        grads = torch.autograd.grad(out, [x, *params], create_graph=True)
+        return torch.autograd.grad(sum(g.square().sum() for g in grads), params)
+
+    seen, stack = set(), [model(x).grad_fn]
+    while stack:  # the graph's nodes: the layers took their fused nodes
+        fn = stack.pop()
+        if fn is not None and fn not in seen:
+            seen.add(fn)
+            stack.extend(f for f, _ in fn.next_functions)
+    assert "_LoRALinearBackward" in {type(fn).__name__ for fn in seen}
+    fused = penalty_grads()
+    with plain_autograd():
+        plain = penalty_grads()
+    for a, b in zip(fused, plain):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_the_fused_mora_backward_refuses_to_be_differentiated_on_leaf_weights() -> None:
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(D_IN, HIDDEN)).double()
+    model = MoRAModel(base, AdapterConfig(kind="mora", rank=2)).train()
+    x = torch.randn(4, D_IN, dtype=torch.float64, requires_grad=True)
+    (g,) = torch.autograd.grad(model(x).square().sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable|differentiate twice"):
         g.sum().backward()
 

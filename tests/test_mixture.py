@@ -295,3 +295,22 @@ def test_a_layer_called_twice_reports_the_routing_of_both_calls() -> None:
         want = (6 * first.aux_losses[name] + 9 * second.aux_losses[name]) / 15
         torch.testing.assert_close(got.aux_losses[name], want, rtol=0, atol=1e-12)
     torch.testing.assert_close(model.aux_loss(), got.aux_loss.float(), rtol=1e-6, atol=0)
+
+
+def test_merged_task_model_in_float64_equals_the_routed_forward() -> None:
+    """A float64 model's task update is read in float64 (the router is not fed float32)."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 2)).double()
+    config = MixtureConfig(
+        groups=(ExpertGroup(AdapterConfig(kind="lora", rank=2), 4),),
+        router=RouterConfig(type="task", num_tasks=2, task_weights=True),
+    )
+    model = MoRAModel(base, config).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_()
+    x = torch.randn(3, 8, dtype=torch.float64)
+    for t in (0, 1):
+        routed = model(x, task_ids=torch.full((3,), t))
+        torch.testing.assert_close(model.merged_task_model(t)(x), routed, rtol=0, atol=1e-12)

@@ -157,7 +157,7 @@ def test_save_then_load_is_bit_exact(tmp_path, options: dict) -> None:  # type: 
     randomize_adapters(model)
     model.save_pretrained(tmp_path / "adapter")
     files = sorted(p.name for p in (tmp_path / "adapter").iterdir())
-    assert files == ["adapter_config.json", "adapter_model.safetensors", "checksums.json"]
+    assert files == ["adapter_model.safetensors", "checksums.json", "moracl_config.json"]
     again = MoRAModel.from_pretrained(base, tmp_path / "adapter")
     for k, v in model.adapter_state_dict().items():
         assert torch.equal(v, again.adapter_state_dict()[k]), k
@@ -176,7 +176,7 @@ def test_several_adapters_and_heads_round_trip(tmp_path) -> None:  # type: ignor
     with torch.no_grad():
         model.model[2].weight.add_(1.0)
     model.save_pretrained(tmp_path)
-    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    cfg = json.loads((tmp_path / "moracl_config.json").read_text())
     assert set(cfg["adapters"]) == {"default", "extra"} and cfg["modules_to_save"] == ["2"]
     again = MoRAModel.from_pretrained(base, tmp_path)
     x = torch.randn(3, 24)
@@ -221,3 +221,44 @@ def test_target_that_matches_nothing_lists_modules() -> None:
         MoRAModel(tiny_llama(), AdapterConfig(kind="lora", rank=2), target_modules=["qq_proj"])
     with pytest.raises(ValueError, match="not nn.Linear/Conv1D"):
         MoRAModel(tiny_llama(), AdapterConfig(kind="lora", rank=2), target_modules=["self_attn"])
+
+
+# -- the declared forward signature ---------------------------------------------------------
+
+
+def test_forward_declares_the_wrapped_parameters_and_task_ids() -> None:
+    import inspect
+
+    base = tiny_gpt2()
+    model = MoRAModel(base, AdapterConfig(kind="lora", rank=2), target_modules=["c_attn"])
+    declared = list(inspect.signature(model.forward).parameters)
+    wrapped = list(inspect.signature(base.forward).parameters)
+    assert isinstance(model, MoRAModel) and type(model).__name__ == "MoRAModel"
+    assert declared[: len(wrapped) - 1] == wrapped[:-1] and wrapped[-1] == "kwargs"
+    assert declared[-2:] == ["task_ids", "kwargs"]
+    plain = MoRAModel(mlp(), AdapterConfig(kind="lora", rank=2))
+    assert list(inspect.signature(plain.forward).parameters) == ["input", "task_ids"]
+    assert type(plain) is not type(model)  # one class per wrapped class
+    again = MoRAModel(mlp(), AdapterConfig(kind="lora", rank=4))
+    assert type(again) is type(plain)
+
+
+def test_copies_and_pickles_keep_the_signature_and_outputs(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import inspect
+    import pickle
+
+    model = MoRAModel(tiny_gpt2(), AdapterConfig(kind="lora", rank=2), target_modules=["c_attn"])
+    randomize_adapters(model)
+    for other in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert type(other) is type(model)
+        assert inspect.signature(other.forward) == inspect.signature(model.forward)
+        with torch.no_grad():
+            assert torch.equal(_logits(other), _logits(model))
+
+
+def test_compiled_model_matches_eager() -> None:
+    model = MoRAModel(mlp(), AdapterConfig(kind="lora", rank=2))
+    randomize_adapters(model)
+    x = torch.randn(3, 24, generator=torch.Generator().manual_seed(0))
+    compiled = torch.compile(model, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-6)

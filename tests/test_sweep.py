@@ -582,3 +582,24 @@ def test_mean_ranks_on_the_strategies_mean_and_no_final_reads_no_test(run_config
     assert result.chosen.number == best.number
     assert (out / "chosen.yaml").is_file()
     assert "no final run" in (out / "sweep.md").read_text()
+
+
+def test_a_swept_kind_drops_the_old_kinds_keys(tmp_path: Path) -> None:
+    """``--grid adapter.kind=lora,mora`` on a MoRA config: the LoRA trial loses MoRA's
+    ``compression``, as the override ``adapter.kind=lora`` does on the command line."""
+    root = Path(__file__).resolve().parents[1]
+    plan = plan_sweep(
+        root / "configs/wordnet_finetune.yaml",
+        ["adapter.kind=lora,mora"],
+        output_dir=tmp_path / "s",
+    )
+    kinds = {}
+    for combo in plan.combinations:
+        config = plan.config_for(combo, tmp_path / "trial")
+        kinds[combo["adapter.kind"]] = config.adapter
+    assert type(kinds["lora"]).__name__ == "LoRAConfig"
+    assert not hasattr(kinds["lora"], "compression")
+    assert (
+        kinds["mora"].compression
+        == load_config(root / "configs/wordnet_finetune.yaml").adapter.compression
+    )

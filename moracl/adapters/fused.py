@@ -10,6 +10,17 @@ What the fused nodes save against plain autograd:
   separate accumulation pass over ``(N, o)`` or ``(N, i)``;
 - scalars (LoRA's ``s``) are applied to rank-space tensors, never to ``(N, o)`` tensors;
 - only ``x`` (shared with the caller) and rank-space tensors are saved.
+
+Higher-order gradients. Meta-learning differentiates through gradients; the fused nodes step
+aside by themselves where it does:
+- adapter weights that are computed tensors rather than leaf parameters (learn2learn's
+  ``MAML.clone()`` and ``adapt()``, a functional inner-loop update) take plain autograd
+  (:func:`fused_enabled` given the weights);
+- the LoRA node's backward, run with ``create_graph=True`` (a gradient penalty, a
+  Hessian-vector product), recomputes its rank-space product in the graph and is itself
+  differentiable; the fast path is unchanged when no graph of the gradient is built.
+Whatever else needs them (``torch.func`` transforms, a MoRA node's second backward on leaf
+weights) runs inside :func:`plain_autograd`.
 """
 
 from __future__ import annotations
@@ -21,7 +32,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
+from torch.nn import functional as F
 
 __all__ = [
     "accumulate_input_grad",
@@ -30,14 +41,19 @@ __all__ = [
     "fused_enabled",
     "lora_linear",
     "plain_autograd",
+    "plain_lora_linear",
 ]
 
 _FUSED: ContextVar[bool] = ContextVar("moracl_fused", default=True)
 
 
-def fused_enabled() -> bool:
+def fused_enabled(*weights: Tensor | None) -> bool:
     """Whether adapted layers may use their fused nodes (see :func:`plain_autograd`); never
-    while ``torch.compile`` traces, where plain operations let the compiler fuse them."""
+    while ``torch.compile`` traces, where plain operations let the compiler fuse them, nor
+    when one of the adapter ``weights`` given is a computed tensor (not a leaf): a learner's
+    adapted weights in meta-learning, whose second-order gradients need plain autograd."""
+    if any(w is not None and not w.is_leaf for w in weights):
+        return False
     return _FUSED.get() and not torch.compiler.is_compiling()
 
 
@@ -94,9 +110,23 @@ def accumulate_input_grad(g: Tensor, weight: Tensor, gz: Tensor, a: Tensor) -> T
     return (g @ weight).addmm_(gz, a)
 
 
+def plain_lora_linear(
+    x: Tensor, weight: Tensor, bias: Tensor | None, a: Tensor, b: Tensor, s: float
+) -> Tensor:
+    """``x Wᵀ + b + (s · x Aᵀ) Bᵀ`` ``(..., o)`` in plain autograd (differentiable to any
+    order), as the unfused LoRA layer computes it, in ``x``'s dtype."""
+    dt = x.dtype
+    z = F.linear(x, a.to(dt)) * s  # (..., r)
+    return F.linear(x, weight, bias) + F.linear(z, b.to(dt))  # (..., o)
+
+
 class _LoRALinear(torch.autograd.Function):
     """``out = x Wᵀ + b + s · (x Aᵀ) Bᵀ`` with frozen ``W``, ``b``; ``A``, ``B`` are cast to the
-    compute dtype inside the node and their gradients returned in the parameters' dtype."""
+    compute dtype inside the node and their gradients returned in the parameters' dtype.
+
+    The inputs are saved as given (``x`` is shared with the caller, ``A`` and ``B`` are
+    parameters), so that a backward with ``create_graph=True`` can differentiate through
+    them (:meth:`_differentiable_backward`)."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -107,36 +137,65 @@ class _LoRALinear(torch.autograd.Function):
         a_c, b_c = a.to(dt), b.to(dt)
         z = x2 @ a_c.t()  # (N, r)
         out = frozen_plus_update(z, b_c, s, bias, x2, weight)  # (N, o)
-        ctx.save_for_backward(x2, weight, a_c, b_c, z)
-        ctx.s, ctx.x_shape, ctx.a_dtype, ctx.b_dtype = s, x.shape, a.dtype, b.dtype
+        ctx.save_for_backward(x, weight, bias, a, b, z)
+        ctx.s = s
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
-    @once_differentiable
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        x2, weight, a, b, z = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: the gradient itself is differentiated
+            return _LoRALinear._differentiable_backward(ctx, g)
+        x, weight, _, a_p, b_p, z = ctx.saved_tensors
         s = ctx.s
+        x2 = x.reshape(-1, x.shape[-1])  # (N, i)
+        a, b = a_p.to(x.dtype), b_p.to(x.dtype)
         g2 = g.reshape(-1, g.shape[-1]).to(x2.dtype)  # (N, o)
         need_x, need_w, need_bias, need_a, need_b, _ = ctx.needs_input_grad
         gz = torch.addmm(z, g2, b, beta=0, alpha=s)  # s · g B: (N, r), scaled in the epilogue
         grad_x = grad_w = grad_bias = grad_a = grad_b = None
         if need_b:
-            grad_b = torch.addmm(b, g2.t(), z, beta=0, alpha=s).to(ctx.b_dtype)  # (o, r)
+            grad_b = torch.addmm(b, g2.t(), z, beta=0, alpha=s).to(b_p.dtype)  # (o, r)
         if need_a:
-            grad_a = (gz.t() @ x2).to(ctx.a_dtype)  # (r, i)
+            grad_a = (gz.t() @ x2).to(a_p.dtype)  # (r, i)
         if need_x:
-            grad_x = accumulate_input_grad(g2, weight, gz, a).view(ctx.x_shape)  # (N, i)
+            grad_x = accumulate_input_grad(g2, weight, gz, a).view(x.shape)  # (N, i)
         if need_w:
             grad_w = g2.t() @ x2
         if need_bias:
             grad_bias = g2.sum(0)
         return grad_x, grad_w, grad_bias, grad_a, grad_b, None
 
+    @staticmethod
+    def _differentiable_backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
+        """The gradients as differentiable functions of ``g`` and the saved inputs: the
+        rank-space product ``z`` is recomputed in the graph (the forward's copy has none)."""
+        x, weight, _, a_p, b_p, _ = ctx.saved_tensors
+        s = ctx.s
+        x2 = x.reshape(-1, x.shape[-1])  # (N, i)
+        a, b = a_p.to(x.dtype), b_p.to(x.dtype)  # (r, i), (o, r)
+        g2 = g.reshape(-1, g.shape[-1]).to(x2.dtype)  # (N, o)
+        need_x, need_w, need_bias, need_a, need_b, _ = ctx.needs_input_grad
+        gz = (g2 @ b) * s  # (N, r)
+        grad_x = grad_w = grad_bias = grad_a = grad_b = None
+        if need_b:
+            grad_b = (g2.t() @ (x2 @ a.t()) * s).to(b_p.dtype)  # (o, r)
+        if need_a:
+            grad_a = (gz.t() @ x2).to(a_p.dtype)  # (r, i)
+        if need_x:
+            grad_x = (g2 @ weight + gz @ a).view(x.shape)  # (N, i)
+        if need_w:
+            grad_w = g2.t() @ x2  # (o, i)
+        if need_bias:
+            grad_bias = g2.sum(0)  # (o,)
+        return grad_x, grad_w, grad_bias, grad_a, grad_b, None
+
 
 def lora_linear(
     x: Tensor, weight: Tensor, bias: Tensor | None, a: Tensor, b: Tensor, s: float
 ) -> Tensor:
-    """``x Wᵀ + b + s · x Aᵀ Bᵀ`` as one autograd node, in the layer's compute dtype.
+    """``x Wᵀ + b + s · x Aᵀ Bᵀ`` as one autograd node, in the layer's compute dtype; in plain
+    autograd (:func:`plain_lora_linear`) where ``a`` or ``b`` is a computed tensor (see
+    :func:`fused_enabled`).
 
     Args:
         x: ``(..., i)``; weight: ``(o × i)``; bias: ``(o,)`` or None; a: ``(r × i)``;
@@ -146,5 +205,7 @@ def lora_linear(
     dt = compute_dtype(x)
     if bias is not None and bias.dtype != dt:
         bias = bias.to(dt)
+    if not fused_enabled(a, b):
+        return plain_lora_linear(x.to(dt), weight.to(dt), bias, a, b, s)
     out: Tensor = _LoRALinear.apply(x.to(dt), weight.to(dt), bias, a, b, s)
     return out

@@ -315,7 +315,9 @@ class RoutingDiagnostics:
     """Routing statistics of a strategy with experts.
 
     ``expert_usage[t][e]`` is the fraction of task ``t``'s tokens routed to expert ``e`` (rows
-    may differ in length when experts grow; with top-k routing a row sums to k).
+    may differ in length when experts grow; a row sums to the experts per token: k with
+    top-k routing, every allowed expert with task routing). :meth:`expert_shares` divides
+    each row by its sum: each expert's share of the task's routings, what the report shows.
     ``task_inference_accuracy`` is the share of test samples whose task the router inferred
     correctly, or ``None`` when task ids are given.
     """
@@ -339,6 +341,20 @@ class RoutingDiagnostics:
             if not isinstance(acc, (int, float)) or not 0.0 <= acc <= 1.0:
                 raise ValueError(f"task_inference_accuracy={acc!r}; expected None or [0, 1]")
             self.task_inference_accuracy = float(acc)
+
+    def experts_per_token(self) -> list[float]:
+        """Per task, the mean number of experts a token is routed to (its usage row's sum)."""
+        return [math.fsum(row) for row in self.expert_usage]
+
+    def expert_shares(self) -> list[list[float]]:
+        """``shares[t][e]``: expert ``e``'s share of task ``t``'s routings, ``usage[t][e] /
+        sum(usage[t])`` (a token routed to ``k`` experts counts ``1/k`` for each, so a row
+        sums to 1; a row of zeros stays zeros). With uniform gates over the chosen experts,
+        as task routing has, this is also the expert's share of the routing weight."""
+        shares = []
+        for row, total in zip(self.expert_usage, self.experts_per_token()):
+            shares.append([x / total if total > 0 else 0.0 for x in row])
+        return shares
 
 
 @dataclass

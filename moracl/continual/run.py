@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -70,6 +71,7 @@ __all__ = [
     "RunState",
     "StrategyProgress",
     "evaluate",
+    "progress_text",
     "run_continual",
     "save_run_checkpoint",
     "train_experience",
@@ -311,7 +313,8 @@ def train_experience(state: RunState, i: int, bar: Any) -> None:
         torch.manual_seed(derive_seed(t.seed, name, i))
         bar.set_postfix_str(f"{label} on experience {i}")
         began = time.perf_counter()
-        strategy.epoch_listener = _EpochLog(state.logger, bar, label, i, began - p.train_seconds)
+        epochs = _EpochLog(state.logger, bar, label, i, began - p.train_seconds)
+        strategy.epoch_listener = epochs
         if p.stopper is not None:
             p.stopper.watch(state.validation if p.entry.trains_once else [state.validation[i]], i)
             p.stopper.epoch_listener = _ValidationLog(state.logger, label, i)
@@ -354,6 +357,8 @@ def train_experience(state: RunState, i: int, bar: Any) -> None:
                 state.logger.log_eval(
                     label, after_experience=i, eval_experience=j, accuracy=acc, loss=loss
                 )
+        stopped = p.stopper.last if p.stopper is not None else None
+        _progress_line(bar, state, i, label, epochs.losses, stopped, ev_val, ev, began)
         ev = ev if ev is not None else ev_val  # routing diagnostics: test, else validation
         if ev is not None and ev.experts_per_token is not None:
             p.experts_per_token = ev.experts_per_token
@@ -362,6 +367,62 @@ def train_experience(state: RunState, i: int, bar: Any) -> None:
             )
         bar.update()
     _fill_results(state)
+
+
+def progress_text(
+    experience: int,
+    experiences: int,
+    label: str,
+    losses: Sequence[float | None],
+    seen: dict[str, float],
+    seconds: float,
+    stopped: StoppingRecord | None = None,
+) -> str:
+    """One progress line of a strategy's experience, e.g. ``[moracl] exp 2/5 EWC: loss
+    0.912 0.533 0.412 (3 epochs), seen acc val 81.0% test 78.5%, 12.3 s``.
+
+    Args:
+        experience: the experience trained (0-based; the line counts from 1).
+        experiences: the experiences of the stream.
+        label: the strategy's display name.
+        losses: the mean training loss of each epoch (``None``: every step skipped).
+        seen: split name -> mean accuracy over the experiences seen so far, in ``[0, 1]``.
+        seconds: the strategy's time on this experience (training and evaluation).
+        stopped: early stopping's record, when it watched this experience.
+    """
+    text = " ".join("skipped" if x is None else f"{x:.3f}" for x in losses) or "none"
+    epochs = f"{len(losses)} epoch" + ("" if len(losses) == 1 else "s")
+    if stopped is not None:
+        epochs += f", kept epoch {stopped.best_epoch + 1}"
+    line = f"[moracl] exp {experience + 1}/{experiences} {label}: loss {text} ({epochs})"
+    if seen:
+        line += ", seen acc " + " ".join(f"{k} {100 * v:.1f}%" for k, v in seen.items())
+    return f"{line}, {seconds:.1f} s"
+
+
+def _progress_line(
+    bar: Any,
+    state: RunState,
+    i: int,
+    label: str,
+    losses: Sequence[float | None],
+    stopped: StoppingRecord | None,
+    ev_val: Evaluation | None,
+    ev: Evaluation | None,
+    began: float,
+) -> None:
+    """Write :func:`progress_text` above the progress bar (stderr) unless it is off."""
+    if getattr(bar, "disable", True):  # --quiet, or not the main process
+        return
+    seen = {
+        name: sum(e.accuracies[: i + 1]) / (i + 1)
+        for name, e in (("val", ev_val), ("test", ev))
+        if e is not None
+    }
+    line = progress_text(
+        i, state.num_experiences, label, losses, seen, time.perf_counter() - began, stopped
+    )
+    bar.write(line, file=sys.stderr)
 
 
 def _adopts_newer(config: RunConfig) -> bool:
@@ -753,6 +814,7 @@ class _EpochLog:
     def __init__(self, logger: Any, bar: Any, label: str, experience: int, origin: float):
         self.logger, self.bar, self.label = logger, bar, label
         self.experience, self.origin = experience, origin
+        self.losses: list[float | None] = []  # each epoch's mean loss, for the progress line
 
     def __call__(self, record: EpochRecord) -> None:
         self.logger.log_train(
@@ -765,6 +827,7 @@ class _EpochLog:
             seconds=max(record.finished - self.origin, 0.0),
         )
         self.logger.log_train_steps(self.label, record.step_losses)
+        self.losses.append(record.loss)
         loss = "all steps skipped" if record.loss is None else f"loss {record.loss:.4f}"
         skipped = f", {record.skipped} skipped" if record.skipped else ""
         self.bar.set_postfix_str(

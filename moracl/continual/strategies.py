@@ -3,7 +3,8 @@ name: each entry builds its Avalanche strategy over a classifier and carries the
 run's results and report show.
 
 Every strategy trains on the lean template (:class:`~moracl.continual.strategy.FastTemplate`)
-with the run's optimiser, batch sizes and non-finite policy; the baselines add Avalanche's
+with the run's optimiser, batch sizes, non-finite policy and a quiet evaluator (the run
+computes its accuracy matrix itself); the baselines add Avalanche's
 plugins (in their checkpointable form, :mod:`moracl.continual.stateful`).
 """
 
@@ -27,7 +28,7 @@ from moracl.continual.plugins import (
     TaskStatisticsPlugin,
 )
 from moracl.continual.stateful import CheckpointedEWCPlugin, CheckpointedLwFPlugin
-from moracl.continual.strategy import FastTemplate, GrowthConfig, MoRAStrategy
+from moracl.continual.strategy import FastTemplate, GrowthConfig, MoRAStrategy, quiet_evaluator
 from moracl.registry import Registry
 
 __all__ = ["STRATEGY_REGISTRY", "StrategyEntry", "build_strategy", "strategy_entry"]
@@ -175,5 +176,7 @@ def build_strategy(
         name=entry.label,
         job="moracl run",
         on_nonfinite=t.on_nonfinite,
+        # the run computes its accuracy matrix itself: no Avalanche metrics or loggers
+        evaluator=quiet_evaluator(),
     )
     return entry.build(config, model, common)

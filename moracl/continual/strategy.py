@@ -6,6 +6,17 @@ Fields of the Avalanche strategy read and written here: ``model``, ``optimizer``
 ``clock``, ``train_mb_size``, ``eval_mb_size``, ``is_training``. Plugins of Avalanche (EWC,
 LwF, Replay, the evaluation plugin and its loggers) work unchanged on top.
 
+Both strategies take Avalanche's usual arguments: ``MoRAStrategy(model=..., optimizer=...,
+criterion=..., train_mb_size=..., train_epochs=..., eval_mb_size=..., device=...,
+plugins=..., evaluator=...)``, keyword-only as Avalanche 0.6's own strategies; so
+``MoRAStrategy(model, optimizer, ...)`` works as ``Naive(model, optimizer, ...)`` does
+(Avalanche maps the positional arguments, with its deprecation warning). The optimiser is
+either a torch optimiser (kept, and updated before each experience as Avalanche updates any
+strategy's optimiser: see :meth:`FastTemplate.make_optimizer`) or an ``optimizer_factory``
+building a fresh one per experience (moracl's own runs). Without ``evaluator`` Avalanche's
+default evaluation plugin (accuracy and loss, printed by its interactive logger) reports;
+moracl's runs pass :func:`quiet_evaluator`.
+
 Every training step is guarded (:class:`~moracl.guard.StepGuard`): before the optimiser
 steps, the full loss (with every plugin's penalty) and the gradients are checked in one host
 sync; a non-finite value stops training with :class:`~moracl.guard.NonFiniteError` naming the
@@ -19,7 +30,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +56,9 @@ __all__ = [
     "GrowthConfig",
     "MoRAStrategy",
     "TensorBatches",
+    "check_classifier",
+    "check_optimizer",
+    "default_growth",
     "derive_seed",
     "expert_experience",
     "grow_experts",
@@ -58,8 +72,9 @@ OptimizerFactory = Callable[[nn.Module], Optimizer]
 
 
 def quiet_evaluator() -> Any:
-    """An Avalanche evaluation plugin with no metrics and no loggers (runs compute their
-    accuracy matrix directly); pass your own ``evaluator`` for Avalanche's metrics."""
+    """An Avalanche evaluation plugin with no metrics and no loggers, which moracl's runs pass
+    (they compute their accuracy matrix directly); a strategy built without ``evaluator``
+    reports with Avalanche's default one instead."""
     import warnings
 
     from avalanche.training.plugins import EvaluationPlugin
@@ -69,22 +84,63 @@ def quiet_evaluator() -> Any:
         return EvaluationPlugin(loggers=[])
 
 
-class FastTemplate(SupervisedTemplate):
-    """A ``SupervisedTemplate`` with a fresh optimiser per experience (built by
-    ``optimizer_factory`` over the parameters that train now), in-memory mini-batches and a
-    guarded step (see the module docstring).
+def check_optimizer(
+    optimizer: Optimizer | None, optimizer_factory: OptimizerFactory | None, strategy: str
+) -> None:
+    """Check that a strategy got exactly one of a torch optimiser and an optimiser factory.
 
-    A fresh optimiser per experience means no optimiser state crosses an experience boundary,
-    so a checkpoint between experiences needs none.
+    Raises:
+        TypeError: neither, or ``optimizer`` is not a ``torch.optim.Optimizer``.
+        ValueError: both.
+    """
+    if optimizer is not None and optimizer_factory is not None:
+        raise ValueError(
+            f"{strategy} takes an optimizer or an optimizer_factory, not both; got "
+            f"{type(optimizer).__name__} and {optimizer_factory!r}"
+        )
+    if optimizer is None and optimizer_factory is None:
+        raise TypeError(
+            f"{strategy} needs an optimizer: pass a torch optimizer over the model's "
+            f"parameters ({strategy}(model, torch.optim.SGD(model.parameters(), lr=0.01), "
+            f"...)) or optimizer_factory=<function of the model returning one>"
+        )
+    if optimizer is not None and not isinstance(optimizer, Optimizer):
+        hint = (
+            " (a function building one goes to optimizer_factory=)" if callable(optimizer) else ""
+        )
+        raise TypeError(
+            f"{strategy}'s optimizer must be a torch.optim.Optimizer, got "
+            f"{type(optimizer).__name__}{hint}"
+        )
+
+
+class FastTemplate(SupervisedTemplate):
+    """A ``SupervisedTemplate`` with in-memory mini-batches and a guarded step (see the module
+    docstring), training with a torch optimiser or a fresh one per experience.
+
+    With ``optimizer_factory``, each experience gets a fresh optimiser over the parameters
+    that train now: no optimiser state crosses an experience boundary, so a checkpoint
+    between experiences needs none (moracl's runs). With an ``optimizer`` instance, that
+    optimiser trains throughout and is updated before each experience as Avalanche does
+    (:meth:`make_optimizer`).
 
     Args:
         model: the model.
-        optimizer_factory: builds the optimiser over the parameters that train now.
+        optimizer: a torch optimiser over the model's parameters (Avalanche's usual form);
+            exclusive with ``optimizer_factory``.
+        optimizer_factory: builds the optimiser over the parameters that train now, once
+            per experience.
         loader_seed: seeds the mini-batch order of each experience.
         name: the strategy's name in messages and logs.
         job: what runs it, prefixed to messages (``"moracl run"``; empty: nothing).
         on_nonfinite: stop (raise) or skip the step at a non-finite loss or gradient.
-        kwargs: ``SupervisedTemplate`` arguments.
+        kwargs: ``SupervisedTemplate`` arguments (``criterion``, ``train_mb_size``,
+            ``train_epochs``, ``eval_mb_size``, ``device``, ``plugins``, ``evaluator``, ...);
+            without ``evaluator``, Avalanche's default one.
+
+    Raises:
+        TypeError: no optimiser, or ``optimizer`` is not a ``torch.optim.Optimizer``.
+        ValueError: both ``optimizer`` and ``optimizer_factory``.
 
     Attributes:
         step_guard: the step check; ``step_guard.steps`` and ``step_guard.skipped`` count
@@ -97,28 +153,46 @@ class FastTemplate(SupervisedTemplate):
         self,
         *,
         model: nn.Module,
-        optimizer_factory: OptimizerFactory,
+        optimizer: Optimizer | None = None,
+        optimizer_factory: OptimizerFactory | None = None,
         loader_seed: int = 0,
         name: str | None = None,
         job: str = "",
         on_nonfinite: OnNonFinite | str = OnNonFinite.STOP,
         **kwargs: Any,
     ) -> None:
+        check_optimizer(optimizer, optimizer_factory, type(self).__name__)
         self.optimizer_factory = optimizer_factory
         self.loader_seed = loader_seed
         self.name = name or type(self).__name__
         self.job = job
-        self.step_guard = StepGuard(on_nonfinite, setting="train.on_nonfinite")
+        # the choice's name in messages: the config key in moracl's runs, else the argument
+        setting = "train.on_nonfinite" if job else "on_nonfinite"
+        self.step_guard = StepGuard(on_nonfinite, setting=setting)
         self.epoch_listener: Callable[[EpochRecord], None] | None = None
         self._epoch_losses: list[tuple[int, float]] = []
         self._tensor_cache: dict[int, tuple[Any, tuple[Tensor, Tensor, Tensor]]] = {}
-        if "evaluator" not in kwargs:
-            kwargs["evaluator"] = quiet_evaluator()
-        super().__init__(model=model, optimizer=optimizer_factory(model), **kwargs)
+        if optimizer_factory is not None:
+            optimizer = optimizer_factory(model)
+        super().__init__(model=model, optimizer=optimizer, **kwargs)
 
     def make_optimizer(self, **kwargs: Any) -> None:
+        """Before each experience (after the model grew): with ``optimizer_factory``, a fresh
+        optimiser over the parameters that train now.
+
+        With an optimiser instance, Avalanche's update
+        (:func:`avalanche.models.dynamic_optimizers.update_optimizer`): the instance stays
+        (learning-rate schedulers bound to it keep working) with its state; a parameter the
+        model replaced takes its predecessor's place, a new one (new experts) joins the
+        parameter group of its parent module's parameters (Avalanche raises where those span
+        several groups: pass ``optimizer_factory`` then). Parameters frozen since (old
+        experts) stay in the optimiser but get no gradient, so it never moves them.
+        """
+        if self.optimizer_factory is None:
+            super().make_optimizer(**kwargs)
+            return
         self.optimizer = self.optimizer_factory(self.model)
-        self.optimized_param_id: dict[str, Any] = {}
+        self.optimized_param_id: dict[str, Any] | None = {}
 
     def _tensors(self, dataset: Any) -> tuple[Tensor, Tensor, Tensor]:
         key = id(dataset)
@@ -354,16 +428,77 @@ def set_experience_masks(model: ContinualClassifier, experiences: int) -> None:
             router.set_expert_mask(e, owner == e)
 
 
+def check_classifier(model: Any, strategy: str) -> ContinualClassifier:
+    """``model`` if it is a :class:`ContinualClassifier` over a ``MoRAModel`` with mixtures of
+    experts (what :class:`MoRAStrategy` grows).
+
+    Raises:
+        TypeError: another model, with how to build the one expected.
+        ValueError: an encoder without mixtures of experts.
+    """
+    build = (
+        "ContinualClassifier(MoRAModel(encoder, MixtureConfig(...), target_modules=[...]), "
+        "feature_dim, experience_classes, multi_head=False) (from moracl.continual import "
+        "ContinualClassifier; from moracl import MoRAModel, MixtureConfig), where encoder maps "
+        "x to (b, feature_dim) features and experience_classes lists each experience's class "
+        "ids ([e.classes_in_this_experience for e in benchmark.train_stream])"
+    )
+    if not isinstance(model, ContinualClassifier):
+        what = "a MoRAModel" if isinstance(model, MoRAModel) else type(model).__name__
+        raise TypeError(f"{strategy} trains a ContinualClassifier, got {what}; build one: {build}")
+    encoder = model.encoder
+    if not isinstance(encoder, MoRAModel):
+        raise TypeError(
+            f"{strategy} grows the experts of a MoRAModel encoder, got a "
+            f"{type(encoder).__name__} encoder; build the classifier as {build}"
+        )
+    if not any(True for _ in encoder.mixtures()):
+        raise ValueError(
+            f"{strategy} grows mixtures of experts, but the MoRAModel encoder has none: build "
+            f"it with a MixtureConfig adapter (MoRAModel(encoder, MixtureConfig(kind='lora', "
+            f"rank=4, experts=1, router=TopKRouterConfig(k=1)), ...), from moracl import "
+            f"MixtureConfig; from moracl.experts import TopKRouterConfig), or train its single "
+            f"adapter with FastTemplate"
+        )
+    return model
+
+
+def default_growth(model: ContinualClassifier) -> GrowthConfig:
+    """Grow as the model started: per experience, as many experts as the newest bank of its
+    first mixture holds, configured alike (the other fields at :class:`GrowthConfig`'s
+    defaults)."""
+    encoder = cast(MoRAModel, check_classifier(model, "default_growth").encoder)
+    _, mixture = next(iter(encoder.mixtures()))
+    newest = mixture.expert_banks()[-1]
+    return GrowthConfig(adapter=newest.config, experts=newest.num_experts)
+
+
 class MoRAStrategy(FastTemplate):
     """Mixture-of-adapter-experts continual learning on a :class:`ContinualClassifier`.
 
     Before each experience after the first, :func:`grow_experts` adds and masks experts; the
-    loss adds the routers' weighted auxiliary losses to the cross-entropy.
+    loss adds the routers' weighted auxiliary losses to ``criterion``'s loss (cross-entropy by
+    default).
+
+    In Avalanche's usual form::
+
+        strategy = MoRAStrategy(model=model,
+                                optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3),
+                                train_mb_size=32, train_epochs=1, eval_mb_size=64)
+        for experience in benchmark.train_stream:
+            strategy.train(experience)
+            results = strategy.eval(benchmark.test_stream)
 
     Args:
-        model: the classifier; its encoder is a ``MoRAModel`` with mixtures.
-        optimizer_factory: builds the optimiser over the parameters that train now.
-        growth: what to add per experience.
+        model: the classifier; its encoder is a ``MoRAModel`` with mixtures
+            (:func:`check_classifier`).
+        optimizer: a torch optimiser over the model's parameters (see
+            :meth:`FastTemplate.make_optimizer` for how new experts join it); exclusive with
+            ``optimizer_factory``.
+        optimizer_factory: builds the optimiser over the parameters that train now, once per
+            experience.
+        growth: what to add per experience; ``None``: :func:`default_growth` (as many experts
+            as the model started with, configured alike).
         route_supervision: weight of :func:`routing_supervision_loss` (0: none); needs
             ``class_experience``.
         class_experience: ``(c,)`` the experience each class of the stream is learned in
@@ -384,14 +519,19 @@ class MoRAStrategy(FastTemplate):
         self,
         *,
         model: ContinualClassifier,
-        optimizer_factory: OptimizerFactory,
-        growth: GrowthConfig,
+        optimizer: Optimizer | None = None,
+        optimizer_factory: OptimizerFactory | None = None,
+        growth: GrowthConfig | None = None,
         route_supervision: float = 0.0,
         class_experience: Tensor | None = None,
         experience_labels: bool = False,
         teacher_forcing: bool = False,
         **kwargs: Any,
     ) -> None:
+        check_classifier(model, type(self).__name__)
+        check_optimizer(optimizer, optimizer_factory, type(self).__name__)
+        if growth is not None and not isinstance(growth, GrowthConfig):
+            raise TypeError(f"growth must be a GrowthConfig or None, got {type(growth).__name__}")
         known = class_experience is not None or experience_labels
         if route_supervision < 0 or (route_supervision > 0 and not known):
             raise ValueError(
@@ -404,20 +544,21 @@ class MoRAStrategy(FastTemplate):
                 "teacher_forcing routes training rows by their experience, so the routers learn "
                 "only from route_supervision's loss: set route_supervision > 0 (got 0)"
             )
-        self.growth = growth
+        self.growth = growth if growth is not None else default_growth(model)
         self.route_supervision = route_supervision
         self.class_experience = class_experience
         self.experience_labels = experience_labels
         self.teacher_forcing = teacher_forcing
         self.experiences_prepared = 1  # the initial experts serve experience 0
-        super().__init__(model=model, optimizer_factory=optimizer_factory, **kwargs)
+        super().__init__(
+            model=model, optimizer=optimizer, optimizer_factory=optimizer_factory, **kwargs
+        )
         if route_supervision and isinstance(model.encoder, MoRAModel):
             model.encoder.record_router_inputs = True
 
     def prepare(self, experience: int) -> None:
         """Grow the model until it has the experts of ``experience`` (idempotent)."""
-        model = self.model
-        assert isinstance(model, ContinualClassifier)
+        model = check_classifier(self.model, type(self).__name__)
         while self.experiences_prepared <= experience:
             grow_experts(model, self.experiences_prepared, self.growth)
             self.experiences_prepared += 1
@@ -459,7 +600,10 @@ class MoRAStrategy(FastTemplate):
         if not (self.is_training and self.teacher_forcing):
             return super().forward()
         model = self.model
-        assert isinstance(model, ContinualClassifier)
+        if not isinstance(model, ContinualClassifier):  # replaced since __init__'s check
+            raise TypeError(
+                f"MoRAStrategy trains a ContinualClassifier, got {type(model).__name__}"
+            )
         with model.forced_routes(self.row_experience()):  # (b,)
             return super().forward()
 
@@ -469,7 +613,7 @@ class MoRAStrategy(FastTemplate):
         return super().model_adaptation(model)
 
     def criterion(self) -> Tensor:
-        loss = F.cross_entropy(self.mb_output, self.mb_y)
+        loss: Tensor = self._criterion(self.mb_output, self.mb_y)
         encoder = self.model.encoder
         if self.is_training and isinstance(encoder, MoRAModel):
             loss = loss + encoder.aux_loss()

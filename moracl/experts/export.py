@@ -13,16 +13,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor
 
-from moracl.checkpoint import CONFIG_NAME, WEIGHTS_NAME, safetensors_bytes, write_files
 from moracl.experts.mixture import Mixture
 from moracl.experts.routers.config import type_name
 from moracl.experts.routers.task import TaskRouter
-from moracl.guard import assert_finite, finite_json
+from moracl.peft_files import write_lora_folder
 
 __all__ = ["task_gates", "task_lora_factors", "write_peft_lora"]
 
@@ -35,7 +33,10 @@ def task_gates(mixture: Mixture, task_id: int) -> Tensor:
             f"only task-routed mixtures have a fixed update per task; this layer's router is "
             f"{type_name(mixture.router.config.type)!r}"
         )
-    x = torch.zeros(1, mixture.in_features, device=mixture.router.expert_masks.device)
+    dtype = next(
+        (p.dtype for p in mixture.parameters() if p.is_floating_point()), torch.get_default_dtype()
+    )  # a float64 model routes in float64
+    x = torch.zeros(1, mixture.in_features, device=mixture.router.expert_masks.device, dtype=dtype)
     return mixture.router(x, task_ids=torch.tensor([task_id], device=x.device)).gates[0]
 
 
@@ -68,29 +69,6 @@ def write_peft_lora(
     """Save ``{module path: (A, B)}`` as a PEFT LoRA adapter (``adapter_config.json`` +
     ``adapter_model.safetensors``) that ``peft.PeftModel.from_pretrained`` loads, with moracl's
     ``checksums.json`` beside them (which PEFT ignores; :func:`moracl.checkpoint.verify_folder`
-    checks it).  Non-finite factors are refused before anything is written."""
-    out = Path(directory)
-    ranks = {path: int(a.shape[0]) for path, (a, _) in factors.items()}
-    r0 = max(ranks.values())
-    config: dict[str, Any] = {
-        "peft_type": "LORA",
-        "task_type": None,
-        "r": r0,
-        "lora_alpha": r0,
-        "rank_pattern": {p: r for p, r in ranks.items() if r != r0},
-        "alpha_pattern": {p: r for p, r in ranks.items() if r != r0},
-        "target_modules": sorted(factors),
-        "lora_dropout": 0.0,
-        "bias": "none",
-        "fan_in_fan_out": fan_in_fan_out,
-        "inference_mode": True,
-        "base_model_name_or_path": None,
-    }
-    tensors = {}
-    for path, (a, b) in factors.items():
-        tensors[f"base_model.model.{path}.lora_A.weight"] = a.detach().float()
-        tensors[f"base_model.model.{path}.lora_B.weight"] = b.detach().float()
-    assert_finite(tensors, f"LoRA export to {out}")
-    text = finite_json(config, str(out / CONFIG_NAME), indent=2) + "\n"
-    files = {WEIGHTS_NAME: safetensors_bytes(tensors, None), CONFIG_NAME: text.encode()}
-    return write_files(out, files)
+    checks it).  Non-finite factors are refused before anything is written
+    (:func:`moracl.peft_files.write_lora_folder`)."""
+    return write_lora_folder(directory, factors, fan_in_fan_out=fan_in_fan_out)

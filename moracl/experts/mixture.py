@@ -402,9 +402,12 @@ class Mixture(nn.Module):
         ``None`` otherwise (the layer then adds :meth:`delta`)."""
         bank = self._fusable()
         backend = resolve_backend(self.backend, x.device)
-        if bank is None or backend is RoutingBackend.NAIVE or not fused_enabled():
+        if bank is None or backend is RoutingBackend.NAIVE:
             return None
-        lora_a, lora_b = bank.get_parameter("lora_A"), bank.get_parameter("lora_B")
+        # a learn2learn clone holds computed tensors, not parameters: plain autograd for it
+        lora_a, lora_b = getattr(bank, "lora_A"), getattr(bank, "lora_B")  # noqa: B009
+        if not fused_enabled(lora_a, lora_b):
+            return None
         a = rearrange(lora_a, "e r i -> (e r) i")
         b = rearrange(lora_b, "o e r -> o (e r)")
         scaling = float(getattr(bank, "scaling"))  # noqa: B009  (a fusable bank's LoRA scale)

@@ -30,14 +30,16 @@ from moracl.continual.resume import (
     saved_config,
 )
 from moracl.continual.run import run_continual
+from moracl.experts.banks import BANKS
 from moracl.preflight import check_common
 
 __all__ = ["build_stream", "check", "resume_config", "run"]
 
 
 def check(config: RunConfig) -> None:
-    """Check what only the scenario registry can tell, reading no data: the scenario's name,
-    its options and its setting (one the scenario supports; its default when none is given),
+    """Check what the config's own parsing cannot, reading no data: that moracl's experts can
+    be of the adapter's kind, and against the scenario registry the scenario's name, its
+    options and its setting (one the scenario supports; its default when none is given),
     and moracl's routing against that setting.
 
     Raises:
@@ -46,6 +48,12 @@ def check(config: RunConfig) -> None:
     """
     if not isinstance(config, RunConfig):
         raise TypeError(f"expected a RunConfig, got {type(config).__name__}")
+    kind = config.adapter.kind
+    if "moracl" in config.strategies and kind not in BANKS:  # moracl's experts are a bank
+        raise ValueError(
+            f"adapter kind {kind!r} cannot be a mixture expert; expected one of {sorted(BANKS)} "
+            f"(or leave moracl out of strategies)"
+        )
     import moracl_scenarios  # noqa: F401  (registers the streams)
     from moracl_scenarios.streams import check_scenario
 

@@ -7,19 +7,19 @@ from __future__ import annotations
 
 import os
 import shlex
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from moracl.config import JOBS, apply_overrides, from_dict, parse_yaml, to_dict
+from moracl.config import JOBS, ConfigNote, apply_overrides, from_dict, parse_yaml, to_dict
 from moracl.jobs.sweep_kinds import SWEEP_JOBS, Selection, SelectionRequest, SweepJob
 from moracl.jobs.sweep_space import (
     SearchSpace,
     check_key,
     format_override,
     overrides_text,
-    set_key,
 )
 from moracl.jobs.sweep_state import SweepState, TrialRecord
 from moracl.preflight import check_output_dir
@@ -63,9 +63,11 @@ class SweepPlan:
 
     def config_for(self, overrides: Mapping[str, Any], folder: str | os.PathLike[str]) -> Any:
         """The config of a trial: the base with ``overrides`` applied, writing to ``folder``."""
-        data = dict(self.base_data)
-        for key, value in overrides.items():
-            data = set_key(data, key, value)
+        with warnings.catch_warnings():  # a swept kind drops the old kind's keys, as a
+            warnings.simplefilter("ignore", ConfigNote)  # command-line override does
+            data = apply_overrides(
+                self.base_data, [format_override(k, v) for k, v in overrides.items()]
+            )
         data["output_dir"] = str(folder)
         return from_dict(JOBS.get(self.job_name), data)
 

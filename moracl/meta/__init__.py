@@ -27,7 +27,7 @@ from moracl.meta.learn import (
 )
 from moracl.meta.lowrank import LinearUpdate
 from moracl.meta.maml import ANIL, MAML, Learner, MetaSGD
-from moracl.meta.taskdata import TaskDatasetSampler, episode_from_task
+from moracl.meta.taskdata import TaskDatasetSampler, episode_from_task, split_task
 
 __all__ = [
     "ANIL",
@@ -61,5 +61,6 @@ __all__ = [
     "prototype_logits",
     "sgd_update",
     "split_classes",
+    "split_task",
     "summarize",
 ]

@@ -18,6 +18,13 @@ Two ways to run it::
     query_loss = loss_fn(learner(xq), yq)
 
     meta_loss = maml.meta_loss((xs, ys, xq, yq), inner_steps=5)   # vmapped over tasks
+    meta_loss = maml.meta_loss(taskset.sample(), inner_steps=5, shots=1)  # a learn2learn task
+
+The learner takes whatever the model takes (``learner(input_ids, attention_mask=mask)`` for
+a Hugging Face model). learn2learn's own ``l2l.algorithms.MAML`` works on a ``MoRAModel``
+too, second order included (with ``allow_nograd=True``, since the backbone is frozen): the
+fused adapter nodes step aside for its cloned, computed weights
+(:func:`moracl.adapters.fused.fused_enabled`).
 
 Shapes: ``t`` tasks, ``n_s`` / ``n_q`` support / query examples, ``...`` an example's features.
 
@@ -49,6 +56,7 @@ from moracl.adapters.base import ParamRole, iter_param_roles
 from moracl.adapters.fused import plain_autograd
 from moracl.layer import MoRALayer
 from moracl.meta.lowrank import FactoredLinears, LinearUpdate, linear_candidates
+from moracl.meta.taskdata import split_task
 
 __all__ = [
     "ANIL",
@@ -170,11 +178,11 @@ class MAML(nn.Module):
                 raise ValueError(f"layer {path!r} is merged; unmerge() it before MAML")
 
     # -- the functional model ---------------------------------------------------------------
-    def functional_forward(self, params: dict[str, Tensor], x: Tensor) -> Any:
-        """The model on ``x`` with ``params`` in place of its trainable parameters, in
-        :meth:`meta_mode`."""
+    def functional_forward(self, params: dict[str, Tensor], *args: Any, **kwargs: Any) -> Any:
+        """The model on ``*args, **kwargs`` (``x``, or ``input_ids, attention_mask=...``) with
+        ``params`` in place of its trainable parameters, in :meth:`meta_mode`."""
         with self.meta_mode():
-            return functional_call(self.module, params, (x,))
+            return functional_call(self.module, params, args, kwargs)
 
     def inner_step(
         self,
@@ -229,10 +237,11 @@ class MAML(nn.Module):
         """A light learner starting at the current meta-parameters (in the autograd graph)."""
         return Learner(self, self.meta_parameters())
 
-    def forward(self, x: Tensor) -> Any:
-        """The model with its current (meta-)parameters, in meta mode."""
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The model on ``*args, **kwargs`` with its current (meta-)parameters, in meta
+        mode."""
         with self.meta_mode():
-            return self.module(x)
+            return self.module(*args, **kwargs)
 
     # -- batched over tasks ---------------------------------------------------------------
     def meta_loss(
@@ -242,19 +251,39 @@ class MAML(nn.Module):
         loss_fn: LossFn = F.cross_entropy,
         *,
         chunk_size: int | None = None,
+        shots: int | None = None,
     ) -> Tensor:
         """The mean query loss over tasks after ``inner_steps`` adaptation steps per task.
 
         Args:
-            task_batch: ``(xs (t, n_s, ...), ys (t, n_s), xq (t, n_q, ...), yq (t, n_q))``.
+            task_batch: ``(xs (t, n_s, ...), ys (t, n_s), xq (t, n_q, ...), yq (t, n_q))``; or
+                one learn2learn task ``[x (n, ...), y (n,)]`` (``taskset.sample()``, a list or
+                a tuple), split with ``shots`` as ``partition_task`` splits it
+                (:func:`~moracl.meta.taskdata.split_task`).
             inner_steps: SGD steps on each task's support set (``>= 0``).
             loss_fn: ``loss_fn(outputs, targets) -> scalar``, applied per task.
             chunk_size: tasks per vmapped chunk (``None``: all at once).
+            shots: for a ``[x, y]`` task: support examples per class (the rest are queries).
         Returns: a scalar; ``backward()`` gives the meta-gradients.
         """
+        if len(task_batch) == 2:
+            if shots is None:
+                raise ValueError(
+                    "a task [x, y] (learn2learn's taskset.sample()) is split into support and "
+                    "query sets by class: pass shots=K, the support examples per class (the "
+                    "rest are queries, as in learn2learn.data.utils.partition_task)"
+                )
+            episode = split_task(task_batch[0], task_batch[1], shots=shots)
+            task_batch = [t.unsqueeze(0) for t in episode]  # one task: (1, ...)
+        elif shots is not None:
+            raise ValueError(
+                f"shots splits a task [x, y]; (xs, ys, xq, yq) is split already (got shots="
+                f"{shots!r} with a sequence of {len(task_batch)})"
+            )
         if len(task_batch) != 4:
             raise ValueError(
-                f"task_batch must be (xs, ys, xq, yq), got a sequence of {len(task_batch)}"
+                f"task_batch must be (xs, ys, xq, yq) or a task [x, y], got a sequence of "
+                f"{len(task_batch)}"
             )
         xs, ys, xq, yq = task_batch
         if inner_steps < 0:
@@ -403,9 +432,10 @@ class Learner:
         """A learner continuing from this one's adapted parameters."""
         return Learner(self.maml, self.params)
 
-    def __call__(self, x: Tensor) -> Any:
-        """The model on ``x (n, ...)`` with the adapted parameters."""
-        return self.maml.functional_forward(self.params, x)
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """The model on ``*args, **kwargs`` (``x (n, ...)``, or a Hugging Face model's
+        ``input_ids, attention_mask=...``) with the adapted parameters."""
+        return self.maml.functional_forward(self.params, *args, **kwargs)
 
 
 def _append(factors: tuple[Tensor, Tensor] | None, h: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from moracl.meta.episodes import Episode
 
-__all__ = ["TaskDatasetSampler", "TaskSource", "episode_from_task"]
+__all__ = ["TaskDatasetSampler", "TaskSource", "episode_from_task", "split_task"]
 
 
 class TaskSource(Protocol):
@@ -60,6 +60,33 @@ def episode_from_task(x: Tensor, y: Tensor, *, ways: int, shots: int, queries: i
     ys = torch.arange(ways, device=y.device).repeat_interleave(shots)
     yq = torch.arange(ways, device=y.device).repeat_interleave(queries)
     return Episode(x[s_idx], ys, x[q_idx], yq)
+
+
+def split_task(x: Tensor, y: Tensor, *, shots: int) -> Episode:
+    """Split one sampled task ``x (n, ...)``, ``y (n,)`` (a learn2learn ``taskset.sample()``)
+    into support and query sets as ``learn2learn.data.utils.partition_task(x, y, shots)``
+    does: per class, in the order of the sorted labels, the first ``shots`` examples (in task
+    order) are the support set and the rest the queries. Labels are renumbered ``0..N-1`` in
+    sorted order (unchanged when the taskset ends with ``RemapLabels``).
+
+    Raises:
+        ValueError: ``shots < 1``, or classes with unequal counts or no query left.
+    """
+    if isinstance(shots, bool) or not isinstance(shots, int) or shots < 1:
+        raise ValueError(f"shots must be an integer >= 1, got {shots!r}")
+    y = torch.as_tensor(y)
+    if y.dim() != 1 or x.shape[0] != y.shape[0]:
+        raise ValueError(
+            f"expected x (n, ...) and labels (n,), got {tuple(x.shape)} and {tuple(y.shape)}"
+        )
+    labels, counts = torch.unique(y, return_counts=True)  # sorted
+    if bool((counts != counts[0]).any()) or int(counts[0]) <= shots:
+        raise ValueError(
+            f"a task split with shots={shots} needs the same number of examples (more than "
+            f"{shots}) in every class; got classes {labels.tolist()} with {counts.tolist()}"
+        )
+    queries = int(counts[0]) - shots
+    return episode_from_task(x, y, ways=labels.numel(), shots=shots, queries=queries)
 
 
 class TaskDatasetSampler:

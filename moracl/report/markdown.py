@@ -309,14 +309,15 @@ def _routing(s: StrategyResult, experiences: list[str]) -> list[str]:
         same = len(experiences) == len(r.expert_usage)
         names = experiences if same else [f"task {t}" for t in range(len(r.expert_usage))]
         rows = []
-        for name, row in zip(names, r.expert_usage):
+        for name, row, per_token in zip(names, r.expert_shares(), r.experts_per_token()):
             padded = list(row) + [float("nan")] * (n_exp - len(row))
-            rows.append([_cell(name), *(points(x) for x in padded)])
+            rows.append([_cell(name), *(points(x) for x in padded), f"{per_token:.2f}"])
         lines += [
-            "Share of each task's tokens routed to each expert (%; n/a: the expert did not "
-            "exist yet):",
+            "Each expert's share of a task's routings (%; a token routed to k experts counts "
+            "1/k for each, so a row sums to 100; n/a: the expert did not exist yet), and the "
+            "experts a token is routed to:",
             "",
-            _table(["task", *(f"e{e}" for e in range(n_exp))], rows),
+            _table(["task", *(f"e{e}" for e in range(n_exp)), "experts per token"], rows),
             "",
         ]
     return lines

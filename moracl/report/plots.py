@@ -11,10 +11,14 @@ interactive backend is left alone). File names depend only on the strategy names
   evaluated both;
 - ``accuracy_curves.png``: one panel per strategy, the accuracy on each experience ``j``
   against the training step (``init``, then after each experience), test split as above;
-- ``expert_usage_<strategy>.png``: tasks × experts heatmap of the routing shares, for the
-  strategies that report routing;
-- ``summary_acc_bwt.png``: ACC and BWT bars across strategies (validation and test side by
-  side when the run measured both).
+- ``expert_usage_<strategy>.png``: tasks × experts heatmap of each expert's share of a
+  task's routings (:meth:`~moracl.continual.metrics.RoutingDiagnostics.expert_shares`: a row
+  sums to 100 %), for the strategies that report routing;
+- ``summary_acc_bwt.png``: ACC and BWT bars across strategies, one panel each with its own
+  scale (validation and test side by side when the run measured both).
+
+Heatmaps carry a colour bar over the fixed range 0-100 %; figures use matplotlib's
+constrained layout, so long strategy and experience names are not clipped.
 """
 
 from __future__ import annotations
@@ -29,13 +33,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from moracl.continual.metrics import AccuracyMatrix, RunResults
+from moracl.continual.metrics import AccuracyMatrix, RoutingDiagnostics, RunResults
 from moracl.files import write_atomic
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["PLOTS_DIR", "PlotFiles", "plot_slugs", "write_plots"]
+__all__ = ["PLOTS_DIR", "PlotFiles", "plot_slugs", "usage_matrix", "write_plots"]
 
 PLOTS_DIR = "plots"
 _DPI = 90
@@ -79,56 +83,54 @@ def _new_figure(width: float, height: float) -> Figure:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(width, height), dpi=_DPI)
+    fig = Figure(figsize=(width, height), dpi=_DPI, layout="constrained")
     FigureCanvasAgg(fig)
     return fig
 
 
-def _margins(fig: Figure, left: float, right: float, bottom: float, top: float) -> None:
-    """Fixed margins in inches (a layout engine would draw every figure twice)."""
-    w, h = fig.get_size_inches()
-    fig.subplots_adjust(left=left / w, right=1 - right / w, bottom=bottom / h, top=1 - top / h)
-
-
 def _save(fig: Figure, path: Path) -> Path:
-    """Save as PNG, atomically (:func:`moracl.files.write_atomic`)."""
+    """Save as PNG, atomically (:func:`moracl.files.write_atomic`); the bounding box is
+    that of everything drawn, so no label is cut off."""
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=_DPI)
+    fig.savefig(buffer, format="png", dpi=_DPI, bbox_inches="tight", pad_inches=0.08)
     write_atomic(path, buffer.getvalue())
     return path
 
 
-def _short(names: list[str], limit: int = 14) -> list[str]:
+def _short(names: list[str], limit: int = 24) -> list[str]:
     return [n if len(n) <= limit else n[: limit - 1] + "…" for n in names]
 
 
 def _heatmap(
-    ax: Any, values: np.ndarray, rows: list[str], cols: list[str], vmax: float = 1.0
+    fig: Figure, ax: Any, values: np.ndarray, rows: list[str], cols: list[str], label: str
 ) -> None:
-    """Annotated heatmap of ``values (rows, cols)`` in points; NaN cells stay blank."""
+    """Annotated heatmap of ``values (rows, cols)`` in points (0-100, the colour bar's fixed
+    range, labelled ``label``); NaN cells stay blank."""
     masked = np.ma.masked_invalid(values)
-    ax.imshow(masked, cmap="viridis", vmin=0.0, vmax=vmax, aspect="auto")
-    ax.set_xticks(range(len(cols)), labels=_short(cols), rotation=30, ha="right")
-    ax.set_yticks(range(len(rows)), labels=_short(rows, 20))
+    image = ax.imshow(masked, cmap="viridis", vmin=0.0, vmax=100.0, aspect="auto")
+    bar = fig.colorbar(image, ax=ax, shrink=0.9, pad=0.02)
+    bar.set_label(label, fontsize=8)
+    bar.ax.tick_params(labelsize=7)
+    ax.set_xticks(range(len(cols)), labels=_short(cols), rotation=30, ha="right", fontsize=8)
+    ax.set_yticks(range(len(rows)), labels=_short(rows, 30), fontsize=8)
     small = len(cols) <= 12 and len(rows) <= 13
     for (i, j), v in np.ndenumerate(values):
         if small and not math.isnan(v):
-            color = "black" if v > 0.6 * vmax else "white"
-            ax.text(j, i, f"{100 * v:.1f}", ha="center", va="center", color=color, fontsize=8)
+            color = "black" if v > 60.0 else "white"
+            ax.text(j, i, f"{v:.1f}", ha="center", va="center", color=color, fontsize=8)
 
 
 def _matrix_figure(
     name: str, R: np.ndarray, b: np.ndarray, experiences: list[str], what: str = "accuracy"
 ) -> Figure:
     t = len(experiences)
-    values = np.vstack([b[None, :], R])  # (T+1, T)
+    values = 100 * np.vstack([b[None, :], R])  # (T+1, T), points
     rows = ["initial"] + [f"after {e}" for e in experiences]
-    # the left margin holds a row label of up to 20 characters ("after adjectives+ad…")
-    fig = _new_figure(2.3 + 0.75 * t, 1.6 + 0.4 * (t + 1))
-    _margins(fig, left=1.8, right=0.2, bottom=1.3, top=0.35)
+    fig = _new_figure(3.4 + 0.75 * t, 1.9 + 0.4 * (t + 1))
     ax = fig.add_subplot()
-    _heatmap(ax, values, rows, experiences)
-    ax.set_xlabel("evaluated experience j")
+    _heatmap(fig, ax, values, rows, experiences, f"{what} (%)")
+    ax.set_xlabel("evaluated experience j", fontsize=9)
+    ax.set_ylabel("model after training", fontsize=9)
     ax.set_title(f"{name}: {what} (%)", fontsize=10)
     return fig
 
@@ -138,9 +140,7 @@ def _curves_figure(results: RunResults) -> Figure:
     t = len(results.experiences)
     cols = min(3, len(names))
     nrows = math.ceil(len(names) / cols)
-    fig = _new_figure(0.6 + 3.0 * cols, 0.9 + 2.4 * nrows)
-    _margins(fig, left=0.6, right=0.15, bottom=1.0, top=0.3)
-    fig.subplots_adjust(wspace=0.08, hspace=0.55)
+    fig = _new_figure(0.6 + 3.0 * cols, 1.2 + 2.4 * nrows)
     first = None
     steps = ["init", *[str(i) for i in range(t)]]
     x = np.arange(t + 1)
@@ -159,26 +159,34 @@ def _curves_figure(results: RunResults) -> Figure:
         else:
             ax.tick_params(labelleft=False)
     handles, labels = fig.axes[0].get_legend_handles_labels()
-    h = fig.get_size_inches()[1]
-    fig.legend(handles, _short(labels), loc="lower center", ncols=min(t, 6), fontsize=8)
+    fig.legend(handles, _short(labels), loc="outside upper center", ncols=min(t, 4), fontsize=8)
     split = "" if results.test_evaluated else ", validation splits"
-    fig.supxlabel(f"after training experience (init: initial model{split})", y=0.5 / h, fontsize=9)
+    fig.supxlabel(f"after training experience (init: initial model{split})", fontsize=9)
     return fig
 
 
-def _usage_figure(name: str, usage: list[list[float]], tasks: list[str]) -> Figure:
-    n_exp = max(len(row) for row in usage)
-    values = np.full((len(usage), n_exp), np.nan)  # (tasks, experts), NaN: not there yet
-    for t, row in enumerate(usage):
-        values[t, : len(row)] = row
-    rows = tasks if len(tasks) == len(usage) else [f"task {t}" for t in range(len(usage))]
-    vmax = max(1.0, float(np.nanmax(values)))
-    fig = _new_figure(2.3 + 0.55 * n_exp, 1.2 + 0.4 * len(usage))
-    _margins(fig, left=1.8, right=0.2, bottom=0.7, top=0.35)  # row labels up to 20 characters
+def usage_matrix(routing: RoutingDiagnostics) -> np.ndarray:
+    """``(tasks, experts)`` the expert-usage figure shows: each expert's share of a task's
+    routings in points (a row sums to 100; NaN: the expert did not exist yet), from
+    :meth:`~moracl.continual.metrics.RoutingDiagnostics.expert_shares`."""
+    shares = routing.expert_shares()
+    n_exp = max((len(row) for row in shares), default=0)
+    values = np.full((len(shares), n_exp), np.nan)  # (tasks, experts)
+    for t, row in enumerate(shares):
+        values[t, : len(row)] = 100 * np.asarray(row, dtype=float)
+    return values
+
+
+def _usage_figure(name: str, routing: RoutingDiagnostics, tasks: list[str]) -> Figure:
+    values = usage_matrix(routing)  # (tasks, experts)
+    n_tasks, n_exp = values.shape
+    rows = tasks if len(tasks) == n_tasks else [f"task {t}" for t in range(n_tasks)]
+    fig = _new_figure(3.4 + 0.55 * n_exp, 1.6 + 0.4 * n_tasks)
     ax = fig.add_subplot()
-    _heatmap(ax, values, rows, [f"e{e}" for e in range(n_exp)], vmax=vmax)
-    ax.set_xlabel("expert")
-    ax.set_title(f"{name}: expert usage (%)", fontsize=10)
+    _heatmap(fig, ax, values, rows, [f"e{e}" for e in range(n_exp)], "share of routings (%)")
+    ax.set_xlabel("expert", fontsize=9)
+    ax.set_ylabel("task", fontsize=9)
+    ax.set_title(f"{name}: each expert's share of a task's routings (%)", fontsize=10)
     return fig
 
 
@@ -204,26 +212,36 @@ def _summary_series(results: RunResults) -> list[tuple[str, list[float]]]:
 
 
 def _summary_figure(results: RunResults) -> Figure:
+    """ACC and BWT in two panels, each with its own scale (BWT is often a few points)."""
     names = list(results.strategies)
     labels = [results.strategies[n].label for n in names]
     series = _summary_series(results)
     x = np.arange(len(names))
-    width = 0.8 / len(series)
-    fig = _new_figure(1.4 + 0.45 * len(series) * len(names), 3.2)
-    _margins(fig, left=0.7, right=0.2, bottom=0.9, top=0.35)
-    ax = fig.add_subplot()
-    for k, (legend, values) in enumerate(series):
-        dx = (k - (len(series) - 1) / 2) * width
-        ax.bar(x + dx, np.nan_to_num(values), width=width, label=legend)
-        for xi, v in zip(x, values):
-            label = "n/a" if math.isnan(v) else f"{v:.1f}"
-            y = 0.0 if math.isnan(v) else v
-            ax.text(xi + dx, y, label, ha="center", va="bottom" if y >= 0 else "top", fontsize=7)
-    ax.axhline(0.0, color="black", linewidth=0.6)
-    ax.set_xticks(x, labels=_short(labels), rotation=20, ha="right")
-    ax.set_ylabel("points")
-    ax.set_title(f"{results.scenario}: ACC and BWT", fontsize=10)
-    ax.legend(fontsize=8)
+    per_panel = max(1, len(series) // 2)
+    width = 0.8 / per_panel
+    fig = _new_figure(max(7.0, 2.0 + 0.9 * per_panel * len(names)), 3.6)
+    axes = fig.subplots(1, 2)
+    for ax, metric in zip(axes, ("ACC", "BWT")):
+        mine = [(legend, values) for legend, values in series if legend.endswith(metric)]
+        for k, (legend, values) in enumerate(mine):
+            dx = (k - (len(mine) - 1) / 2) * width
+            prefix = legend.removesuffix(metric).strip()
+            color = f"C{k}"
+            ax.bar(x + dx, np.nan_to_num(values), width=width, label=prefix or metric, color=color)
+            for xi, v in zip(x, values):
+                text = "n/a" if math.isnan(v) else f"{v:.1f}"
+                y = 0.0 if math.isnan(v) else v
+                va = "bottom" if y >= 0 else "top"
+                ax.text(xi + dx, y, text, ha="center", va=va, fontsize=7)
+        ax.axhline(0.0, color="black", linewidth=0.6)
+        ax.set_xticks(x, labels=_short(labels), rotation=30, ha="right", fontsize=8)
+        ax.set_ylabel("points", fontsize=9)
+        what = "ACC (final mean accuracy)" if metric == "ACC" else "BWT (backward transfer)"
+        ax.set_title(what, fontsize=10)
+        ax.margins(y=0.15)  # room for the value labels
+        if len(mine) > 1:
+            ax.legend(fontsize=8)
+    fig.suptitle(f"{results.scenario}: ACC and BWT", fontsize=10)
     return fig
 
 
@@ -249,7 +267,7 @@ def write_plots(results: RunResults, out_dir: str | os.PathLike[str]) -> PlotFil
     files.accuracy_curves = _save(_curves_figure(results), out / "accuracy_curves.png")
     for name, s in results.strategies.items():
         if s.routing is not None and any(s.routing.expert_usage):
-            fig = _usage_figure(s.label, s.routing.expert_usage, results.experiences)
+            fig = _usage_figure(s.label, s.routing, results.experiences)
             files.expert_usage[name] = _save(fig, out / f"expert_usage_{slugs[name]}.png")
     files.summary = _save(_summary_figure(results), out / "summary_acc_bwt.png")
     return files

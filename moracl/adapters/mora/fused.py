@@ -16,10 +16,18 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
+from torch.nn import functional as F
 
-from moracl.adapters.fused import compute_dtype
+from moracl.adapters.fused import compute_dtype, fused_enabled
 
-__all__ = ["compress", "fold", "mora_sharing_linear", "tile", "tile_add_"]
+__all__ = [
+    "compress",
+    "fold",
+    "mora_sharing_linear",
+    "plain_mora_sharing_linear",
+    "tile",
+    "tile_add_",
+]
 
 
 def fold(t: Tensor, period: int) -> Tensor:
@@ -109,9 +117,27 @@ class _MoRASharingLinear(torch.autograd.Function):
         return grad_x, grad_w, grad_bias, grad_m
 
 
+def plain_mora_sharing_linear(x: Tensor, weight: Tensor, bias: Tensor | None, m: Tensor) -> Tensor:
+    """The frozen layer plus MoRA-sharing's update ``(..., i) -> (..., o)`` in plain autograd
+    (differentiable to any order)."""
+    x2 = x.reshape(-1, x.shape[-1])  # (N, i)
+    out = F.linear(x2, weight, bias)  # (N, o)
+    z = compress(x2, m.shape[0]) @ m.t()  # (N, r)
+    out = out + tile(z, out.shape[1])  # (N, o)
+    return out.view(*x.shape[:-1], out.shape[-1])
+
+
 def mora_sharing_linear(x: Tensor, weight: Tensor, bias: Tensor | None, m: Tensor) -> Tensor:
-    """The frozen layer plus MoRA-sharing's update as one node: ``(..., i) -> (..., o)``."""
+    """The frozen layer plus MoRA-sharing's update as one node: ``(..., i) -> (..., o)``; in
+    plain autograd (:func:`plain_mora_sharing_linear`) where ``m`` is a computed tensor (a
+    learner's adapted weight in meta-learning, see
+    :func:`~moracl.adapters.fused.fused_enabled`).
+
+    The node's backward is not differentiable: a second-order gradient through a leaf ``m``
+    (a gradient penalty) needs :func:`~moracl.adapters.fused.plain_autograd`."""
     dt = compute_dtype(x)
     bias = None if bias is None else bias.to(dt)
+    if not fused_enabled(m):
+        return plain_mora_sharing_linear(x.to(dt), weight.to(dt), bias, m.to(dt))
     out: Tensor = _MoRASharingLinear.apply(x.to(dt), weight.to(dt), bias, m.to(dt))
     return out
