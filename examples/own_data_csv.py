@@ -38,7 +38,13 @@ config = from_dict(
             },
         },
         "adapter": {"kind": "lora", "rank": 4, "alpha": 8.0},
-        "experts": {"per_experience": 1, "routing": {"mode": "gaussian", "reuse_old": True}},
+        "experts": {
+            "per_experience": 1,
+            "routing": {"mode": "gaussian", "reuse_old": True},
+            "freeze_heads": True,  # as the class-incremental configs (configs/SELECTION.md)
+            "replay_size": 30,
+            "balance_head_epochs": 10,
+        },
         "strategies": ["moracl", "naive", "replay"],
         "baselines": {"replay_size": 30},
         "train": {"epochs": 2, "batch_size": 16, "lr": 3e-3, "head_lr": 1e-2},

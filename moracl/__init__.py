@@ -1,5 +1,6 @@
 """moracl: continual and multi-task learning with mixtures of adapter experts on PyTorch."""
 
+import logging
 import warnings
 
 from moracl.adapters import (
@@ -27,6 +28,18 @@ __version__ = "0.1.0"
 warnings.filterwarnings(
     "ignore", message="no QP solver found", category=UserWarning, module="qpsolvers"
 )
+
+
+class _DropEnumRegistration(logging.Filter):
+    """Drops the note torch's pytree logs when torchao (imported by transformers whenever it is
+    installed) registers its enums: a deprecation of ``register_constant`` on enums inside
+    torchao, nothing a user can act on. Only that message of that logger is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "register_constant() on Enum subclasses" not in record.getMessage()
+
+
+logging.getLogger("torch.utils._pytree").addFilter(_DropEnumRegistration())
 
 __all__ = [
     "ACTOutput",

@@ -13,6 +13,7 @@ BENCHES = {
     "adapters": "moracl.bench.adapters",
     "continual": "moracl.bench.continual",
     "distributed": "moracl.bench.distributed",
+    "dylora": "moracl.bench.dylora",
     "experts": "moracl.bench.experts",
     "meta": "moracl.bench.meta",
     "optim": "moracl.bench.optim",

@@ -29,6 +29,7 @@ from moracl.experts.routers.config import RouterConfig, RouterType
 from moracl.guard import OnNonFinite, check_int, check_number, parse_on_nonfinite
 from moracl.meta.config import MetaAlgorithm, MetaLearnConfig, MetaOptimConfig, MetaTestConfig
 from moracl.parse_fields import from_dict, parse_value, to_dict
+from moracl.quant import BaseQuantization
 from moracl.registry import Registry
 
 __all__ = [
@@ -149,12 +150,21 @@ class FinetuneConfig:
     backbone: str = field(default="minilm", metadata={"help": "registered backbone name"})
     adapter: AdapterConfig = field(default_factory=lambda: AdapterConfig(kind="mora", rank=8))
     target_modules: list[str] = field(default_factory=lambda: ["query", "value"])
+    quantize_base: BaseQuantization | None = field(
+        default=None,
+        metadata={
+            "help": "store the frozen backbone's linear layers in 4-bit (nf4: QLoRA, needs "
+            "torchao); null: full precision"
+        },
+    )
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     output_dir: str = field(default="out/finetune", metadata={"help": "where the adapter is saved"})
 
     def __post_init__(self) -> None:
+        if self.quantize_base is not None:
+            self.quantize_base = BaseQuantization.parse(self.quantize_base)
         if (
             isinstance(self.train, TrainConfig)
             and isinstance(self.data, DataConfig)

@@ -188,7 +188,9 @@ class MoRALayer(nn.Module):
             out: Tensor = self.base_layer(x)
             return out
         w, b = self.weight, self.bias
-        if len(self.active) == 1 and fused_enabled():
+        # a quantised weight (moracl.quant: torchao's NF4Tensor) runs through its own F.linear,
+        # which keeps it 4-bit for the backward; the fused nodes read plain tensors only
+        if len(self.active) == 1 and fused_enabled() and type(w) in (Tensor, nn.Parameter):
             fused = self.adapter(self.active[0]).fused_forward(x, w, b)
             if fused is not None:
                 return fused

@@ -8,13 +8,8 @@ weight memory; merging writes new weight tensors and leaves the shared ones unto
 from __future__ import annotations
 
 import copy
-import dataclasses
-import difflib
-import inspect
-import itertools
 import os
-import types
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any, Self, SupportsIndex, cast
@@ -25,42 +20,28 @@ from torch import Tensor, nn
 import moracl.adapters  # noqa: F401  (registers the adapter kinds)
 from moracl.adapter_files import SavedLayout, check_header, expected_state, parse_layout
 from moracl.adapters.base import AdapterConfig, ParamRole
-from moracl.checkpoint import WEIGHTS_NAME, open_adapter, write_adapter
-from moracl.experts.context import sample_task_ids, token_task_ids
+from moracl.checkpoint import open_adapter, write_adapter
 from moracl.experts.mixture import Mixture, MixtureConfig, RoutingContext
-from moracl.experts.routers.base import TaskIds
 from moracl.experts.routing import RoutingResult, RoutingStats
 from moracl.guard import assert_finite
 from moracl.layer import MoRALayer, MoRALinear, check_fit, linear_features
-from moracl.peft_files import (
-    FolderFormat,
-    check_moracl_representable,
-    folder_format,
-    load_adapter_folder,
-    read_peft,
-    save_peft,
-    set_vera_projections,
-)
+from moracl.load_checks import check_loadable, read_saved_adapter
+from moracl.model_signature import MissingAttribute, signature_class
+from moracl.module_tree import PlainView, adapted_layers_of, set_submodule, structural_copy
+from moracl.peft_layout import FolderFormat, exact_pattern, folder_format
+from moracl.peft_read import load_adapter_folder, read_peft, set_vera_projections
+from moracl.peft_write import check_moracl_representable, save_peft
+from moracl.quant import dequantize_base
+from moracl.routing_rows import RowsContext, row_ids
 from moracl.targets import ALL_LINEAR, TargetSpec, select_targets
 
 __all__ = ["MoRAModel"]
-
-
-def structural_copy(model: nn.Module) -> nn.Module:
-    """New module objects, same parameter and buffer tensors (tied weights stay tied)."""
-    memo: dict[int, Any] = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
-    return copy.deepcopy(model, memo)
 
 
 def _data_parallel() -> bool:
     """Whether a process group of more than one process is running (cheap to ask)."""
     dist = torch.distributed
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
-    parent, _, child = path.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, child, module)
 
 
 class MoRAModel(nn.Module):
@@ -89,11 +70,11 @@ class MoRAModel(nn.Module):
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Self:
         """An instance of ``cls``'s subclass whose ``forward`` declares the parameters of the
-        wrapped model's ``forward`` (see :func:`_signature_class`)."""
+        wrapped model's ``forward`` (see :func:`moracl.model_signature.signature_class`)."""
         model = args[0] if args else kwargs.get("model")
         made: type[MoRAModel] = cls
         if isinstance(model, nn.Module) and not isinstance(model, MoRAModel):
-            made = _signature_class(cls, type(model))
+            made = signature_class(cls, type(model))
         return super().__new__(made)  # type: ignore[return-value]
 
     def __reduce_ex__(self, protocol: SupportsIndex) -> str | tuple[Any, ...]:
@@ -109,7 +90,7 @@ class MoRAModel(nn.Module):
         super().__setstate__(state)
         wrapped = self._modules.get("model")
         if wrapped is not None and type(self)._signature_base is None:
-            self.__class__ = _signature_class(type(self), type(wrapped))
+            self.__class__ = signature_class(type(self), type(wrapped))
 
     def __init__(
         self,
@@ -156,7 +137,7 @@ class MoRAModel(nn.Module):
         if not mixtures:
             return self.model(*args, **kwargs)
         ctx = (
-            _RowsContext(task_ids=self._routed_ids)
+            RowsContext(task_ids=self._routed_ids)
             if task_ids is None and self._routed_ids is not None
             else RoutingContext(task_ids=task_ids)
         )
@@ -202,8 +183,8 @@ class MoRAModel(nn.Module):
                 "route() needs an active mixture of experts to route; the active adapters "
                 f"{list(self.active_adapters)} have none"
             )
-        ids = _row_ids(task_ids, next(self.parameters()).device)
-        block = _RowsContext(task_ids=ids, keep_results=False)
+        ids = row_ids(task_ids, next(self.parameters()).device)
+        block = RowsContext(task_ids=ids, keep_results=False)
         before = [m.context for m in mixtures]
         outer = self._routed_ids
         self._routed_ids = ids
@@ -255,7 +236,7 @@ class MoRAModel(nn.Module):
             return getattr(wrapped, name)
         except AttributeError:
             pass
-        raise _MissingAttribute(self, wrapped, name) from None
+        raise MissingAttribute(self, wrapped, name) from None
 
     # -- adapters -------------------------------------------------------------------------
     def adapted_layers(self) -> Iterator[tuple[str, MoRALayer]]:
@@ -280,7 +261,7 @@ class MoRAModel(nn.Module):
             raise ValueError(f"adapter names are non-empty strings without dots, got {name!r}")
         if name in self.adapter_configs:
             raise ValueError(f"adapter {name!r} already exists; have {list(self.adapter_configs)}")
-        plain = _PlainView(self.model)
+        plain = PlainView(self.model)
         paths = select_targets(plain, target_modules, exclude=self._exclude)
         for path in paths:  # every layer is checked before any is changed or allocated
             check_fit(*linear_features(plain.get_submodule(path)), config, f"layer {path!r}")
@@ -290,7 +271,7 @@ class MoRAModel(nn.Module):
                 layer = MoRALinear(layer)  # freezes the layer ...
                 if path in self.saved_modules:  # ... unless it is a trained module_to_save
                     layer.base_layer.requires_grad_(True)
-                _set_submodule(self.model, path, layer)
+                set_submodule(self.model, path, layer)
             layer.add_adapter(name, config)
         self.adapter_configs[name] = config
         self.adapter_targets[name] = paths
@@ -375,32 +356,12 @@ class MoRAModel(nn.Module):
             load_adapter_folder(self, directory, adapter_name)
             self.set_adapter(self.active_adapters)  # the new adapter: inactive, frozen
             return list(self.adapter_targets[adapter_name])
-        folder = open_adapter(directory)
-        where = str(folder.config_path)
-        layout = parse_layout(folder.config, where)
-        names = [a.name for a in layout.adapters]
-        if saved_name is None and len(names) > 1:
-            raise ValueError(f"{where} holds adapters {names}; pick one with saved_name=")
-        picked = [a for a in layout.adapters if saved_name in (None, a.name)]
-        if not picked:
-            raise ValueError(f"{where} has no adapter {saved_name!r}; it holds {names}")
-        if layout.modules_to_save:
-            raise ValueError(
-                f"{where} also saves modules_to_save {list(layout.modules_to_save)}; load_adapter "
-                "adds adapters only (load the folder with MoRAModel.from_pretrained instead)"
-            )
-        if adapter_name in self.adapter_configs:
-            raise ValueError(
-                f"adapter {adapter_name!r} already exists; have {list(self.adapter_configs)}"
-            )
-        saved = picked[0]
-        renamed = dataclasses.replace(saved, name=adapter_name)
-        old, new = f".adapters.{saved.name}.", f".adapters.{adapter_name}."
-        header = {k.replace(old, new): v for k, v in folder.header.items() if old in k}
-        expected = expected_state(_PlainView(self.model), SavedLayout((renamed,), (), ()))
-        check_header(expected, header, str(folder.path / WEIGHTS_NAME))
-        tensors = {k.replace(old, new): t for k, t in folder.load_tensors().items() if old in k}
-        paths = self.add_adapter(adapter_name, saved.config, target_modules=_exact(saved.targets))
+        saved, tensors = read_saved_adapter(
+            PlainView(self.model), directory, adapter_name, saved_name, self.adapter_configs
+        )
+        paths = self.add_adapter(
+            adapter_name, saved.config, target_modules=exact_pattern(saved.targets)
+        )
         targets = self.adapter_state_dict([adapter_name])
         for key, t in tensors.items():
             targets[key].copy_(t)
@@ -424,7 +385,7 @@ class MoRAModel(nn.Module):
                 if isinstance(layer, MoRALayer):  # adapted too: the copy becomes its base
                     layer.base_layer = fresh
                 else:
-                    _set_submodule(self.model, path, fresh)
+                    set_submodule(self.model, path, fresh)
                 self.saved_modules.append(path)
 
     def _plain(self, path: str) -> nn.Module:
@@ -463,9 +424,10 @@ class MoRAModel(nn.Module):
             layer.unmerge()
 
     def merge_and_unload(self) -> nn.Module:
-        """An ordinary model with the active adapters folded into its weights."""
+        """An ordinary model with the active adapters folded into its weights (an NF4 base,
+        :func:`moracl.quant.quantize_base`, dequantised: ordinary float weights)."""
         self.merge()
-        return self._unload()
+        return dequantize_base(self._unload())
 
     def unload(self) -> nn.Module:
         """An ordinary model without the adapters (weights unchanged)."""
@@ -474,8 +436,8 @@ class MoRAModel(nn.Module):
 
     def _unload(self) -> nn.Module:
         plain = structural_copy(self.model)
-        for path, layer in list(_layers(plain)):
-            _set_submodule(plain, path, layer.base_layer)
+        for path, layer in list(adapted_layers_of(plain)):
+            set_submodule(plain, path, layer.base_layer)
         return plain
 
     # -- per-task export ----------------------------------------------------------------
@@ -500,17 +462,18 @@ class MoRAModel(nn.Module):
         """An ordinary model with task ``task_id``'s update folded into its weights."""
         factors = self.task_factors(task_id)
         plain = structural_copy(self.model)
-        for path, layer in list(_layers(plain)):
+        for path, layer in list(adapted_layers_of(plain)):
             base = copy.copy(layer.base_layer)  # new module object, new weight below
             if path in factors:
                 a, b = factors[path]
                 w = layer.weight
+                w = w.to(w.dtype)  # an NF4 base weight: dequantised; a float one: itself
                 new = w + (b @ a).to(w.dtype)
                 base.weight = nn.Parameter(
                     new.t().contiguous() if layer.transposed else new, requires_grad=False
                 )
-            _set_submodule(plain, path, base)
-        return plain
+            set_submodule(plain, path, base)
+        return dequantize_base(plain)
 
     def _layer(self, path: str) -> MoRALayer:
         layer = self.model.get_submodule(path)
@@ -625,12 +588,12 @@ class MoRAModel(nn.Module):
         new = cls(
             model,
             first.config,
-            target_modules=_exact(first.targets),
+            target_modules=exact_pattern(first.targets),
             adapter_name=first.name,
             modules_to_save=[],
         )
         for saved in rest:
-            new.add_adapter(saved.name, saved.config, target_modules=_exact(saved.targets))
+            new.add_adapter(saved.name, saved.config, target_modules=exact_pattern(saved.targets))
         new._add_modules_to_save(layout.modules_to_save, exact=True)
         new.set_adapter(layout.active)
         new.load_adapter_tensors(tensors)
@@ -642,205 +605,11 @@ class MoRAModel(nn.Module):
         non-finite values (nothing changes on error)."""
         assert_finite(tensors, "load_adapter_tensors")
         targets = self.adapter_state_dict()
-        missing = sorted(set(targets) - set(tensors))
-        extra = sorted(set(tensors) - set(targets))
-        if missing or extra:
-            raise ValueError(
-                f"checkpoint does not fit the model: missing {missing[:5]}, unexpected {extra[:5]}"
-            )
-        for key, t in tensors.items():
-            if t.shape != targets[key].shape:
-                layer = key.split(".adapters.")[0]
-                raise ValueError(
-                    f"layer {layer!r}: saved tensor {key!r} has shape {tuple(t.shape)} "
-                    "but the model's "
-                    f"has shape {tuple(targets[key].shape)} (the base model's layer shapes differ)"
-                )
-            want = targets[key].dtype
-            if (t.dtype != want) and not (t.is_floating_point() and want.is_floating_point):
-                raise ValueError(
-                    f"saved tensor {key!r} has dtype {t.dtype} but the model's has {want}"
-                )
+        check_loadable(tensors, targets)
         for key, t in tensors.items():
             targets[key].copy_(t)
-
-
-class _PlainView(nn.Module):
-    """Presents an adapted model to target selection as if its layers were plain linears."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        object.__setattr__(self, "_model", model)
-
-    _model: nn.Module
-
-    def named_modules(self, *args: Any, **kwargs: Any) -> Iterator[tuple[str, nn.Module]]:  # type: ignore[override]
-        for name, m in self._model.named_modules():
-            if name.endswith(".base_layer") or ".adapters." in name or name.endswith(".adapters"):
-                continue
-            yield name, (m.base_layer if isinstance(m, MoRALayer) else m)
-
-    def get_submodule(self, target: str) -> nn.Module:
-        m = self._model.get_submodule(target)
-        return m.base_layer if isinstance(m, MoRALayer) else m
-
-    def get_output_embeddings(self) -> nn.Module | None:
-        get = getattr(self._model, "get_output_embeddings", None)
-        return get() if callable(get) else None
-
-
-def _layers(model: nn.Module) -> Iterator[tuple[str, MoRALayer]]:
-    return ((n, m) for n, m in model.named_modules() if isinstance(m, MoRALayer))
-
-
-def _exact(paths: Sequence[str]) -> str:
-    import re
-
-    return "|".join(re.escape(p) for p in paths)
 
 
 def _new_instance(cls: type[MoRAModel]) -> MoRAModel:
     """An empty ``cls`` for pickle and copy to fill in (see ``MoRAModel.__reduce_ex__``)."""
     return cls.__new__(cls)
-
-
-# -- routing blocks -----------------------------------------------------------------------
-
-
-def _row_ids(task_ids: Tensor | Sequence[int], device: torch.device) -> Tensor:
-    """``(b,)`` integer task ids, one per batch row, on ``device``."""
-    ids = task_ids if isinstance(task_ids, Tensor) else torch.as_tensor(list(task_ids))
-    if ids.ndim != 1 or ids.numel() == 0 or ids.is_floating_point() or ids.dtype == torch.bool:
-        raise ValueError(
-            "route() takes one integer task id per batch row (a 1-d tensor or a list), got "
-            f"shape {tuple(ids.shape)} and dtype {ids.dtype}"
-        )
-    return ids.to(device)
-
-
-@dataclasses.dataclass
-class _RowsContext(RoutingContext):
-    """A routing context whose ``task_ids (b,)`` also route a batch of ``k·b`` rows, each id
-    given to ``k`` consecutive rows (how ``generate`` expands a batch for beam search).
-
-    ``keep_results=False`` keeps no routing (a context living through a whole ``generate``
-    would otherwise keep every step's)."""
-
-    keep_results: bool = True
-
-    def record(self, mixture: nn.Module, result: RoutingResult) -> None:
-        if self.keep_results:
-            super().record(mixture, result)
-
-    def token_ids(self, lead: torch.Size) -> TaskIds | None:
-        key = ("token", tuple(lead))
-        if key not in self._checked:
-            self._checked[key] = TaskIds.of(token_task_ids(self._rows(lead), lead))
-        return self._checked[key]
-
-    def sample_ids(self, lead: torch.Size) -> TaskIds | None:
-        key = ("sample", tuple(lead))
-        if key not in self._checked:
-            ids = sample_task_ids(self._rows(lead), lead)
-            assert ids is not None  # _rows never returns None
-            self._checked[key] = TaskIds.of(ids)
-        return self._checked[key]
-
-    def _rows(self, lead: torch.Size) -> Tensor:
-        """``(rows,)``: the ids repeated to the ``rows = lead[0]`` of an input."""
-        ids = self.task_ids
-        assert ids is not None  # route() always gives ids
-        b, rows = ids.shape[0], (lead[0] if len(lead) else 1)
-        if rows == b:
-            return ids
-        if rows % b:
-            raise ValueError(
-                f"route() was given {b} task ids, which do not divide the {rows} rows of an "
-                f"input with leading shape {tuple(lead)}; give one task id per batch row"
-            )
-        return ids.repeat_interleave(rows // b)  # row i's id on rows i·k ... i·k + k - 1
-
-
-# -- errors ---------------------------------------------------------------------------------
-
-
-class _MissingAttribute(AttributeError):
-    """``'MoRAModel' object (wrapping X) has no attribute 'y'``, with a close name if there is
-    one; the message is made only when read (``hasattr`` misses stay cheap)."""
-
-    def __init__(self, owner: nn.Module, wrapped: nn.Module, name: str) -> None:
-        super().__init__(name)
-        self._owner, self._wrapped, self._name = owner, wrapped, name
-
-    def __str__(self) -> str:
-        msg = (
-            f"{type(self._owner).__name__!r} object (wrapping {type(self._wrapped).__name__}) "
-            f"has no attribute {self._name!r}"
-        )
-        close = _close_name(self._name, itertools.chain(dir(self._owner), dir(self._wrapped)))
-        return msg if close is None else f"{msg}; did you mean {close!r}?"
-
-
-def _close_name(name: str, names: Iterable[str]) -> str | None:
-    public = {n for n in names if name.startswith("_") or not n.startswith("_")}
-    hits = difflib.get_close_matches(name, sorted(public), n=1, cutoff=0.6)
-    return hits[0] if hits else None
-
-
-# -- the declared forward signature ---------------------------------------------------------
-
-_SIGNATURE_CLASSES: dict[tuple[type, type], type] = {}
-
-
-def _forward_signature(wrapped: type) -> inspect.Signature | None:
-    """``(self, <the wrapped forward's parameters>, *, task_ids=None)``; ``None`` where the
-    wrapped ``forward`` has no readable signature."""
-    try:
-        inner = inspect.signature(getattr(wrapped, "forward"))  # noqa: B009
-    except (AttributeError, TypeError, ValueError):
-        return None
-    params = list(inner.parameters.values())[1:]  # the wrapped model's own ``self``
-    if not any(p.name == "task_ids" for p in params):
-        at = next(
-            (i for i, p in enumerate(params) if p.kind is inspect.Parameter.VAR_KEYWORD),
-            len(params),
-        )
-        task_ids = inspect.Parameter(
-            "task_ids", inspect.Parameter.KEYWORD_ONLY, default=None, annotation="Tensor | None"
-        )
-        params.insert(at, task_ids)
-    this = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    try:
-        return inspect.Signature([this, *params])
-    except ValueError:  # e.g. a wrapped parameter called ``self``
-        return None
-
-
-def _signature_class(cls: type[MoRAModel], wrapped: type) -> type[MoRAModel]:
-    """``cls``'s subclass (same name) whose ``forward`` is ``cls.forward`` declaring the
-    parameters of ``wrapped.forward`` plus ``task_ids``; made once per pair, ``cls`` itself
-    where the signature cannot be read."""
-    base = cls._signature_base or cls
-    made = _SIGNATURE_CLASSES.get((base, wrapped))
-    if made is None:
-        signature = _forward_signature(wrapped)
-        if signature is None:
-            return base
-        f = base.forward
-        forward = types.FunctionType(
-            f.__code__, f.__globals__, f.__name__, f.__defaults__, f.__closure__
-        )
-        forward.__kwdefaults__ = dict(f.__kwdefaults__ or {})
-        forward.__dict__.update(f.__dict__)
-        forward.__qualname__, forward.__doc__ = f.__qualname__, f.__doc__
-        forward.__module__, forward.__annotations__ = f.__module__, dict(f.__annotations__)
-        forward.__signature__ = signature  # type: ignore[attr-defined]
-        namespace = {
-            "forward": forward,
-            "_signature_base": base,
-            "__module__": base.__module__,
-            "__qualname__": base.__qualname__,
-            "__doc__": base.__doc__,
-        }
-        made = _SIGNATURE_CLASSES[(base, wrapped)] = type(base.__name__, (base,), namespace)
-    return made

@@ -23,6 +23,9 @@ KINDS = [
     {"kind": "mora", "compression": "rotation"},
     {"kind": "mora", "compression": "truncation"},
     {"kind": "vera"},
+    {"kind": "adalora", "target_rank": 2},
+    {"kind": "dylora", "min_rank": 4},  # min_rank = rank: training draws no other truncation
+    {"kind": "delta_lora"},
 ]
 SHAPES = [(24, 40), (40, 24), (6, 50), (50, 6), (32, 32)]  # includes d_in < r̂
 

@@ -79,8 +79,12 @@ def call(argv: Sequence[str]) -> Outcome:
             return Outcome(code, err.getvalue())
     text = err.getvalue()
     assert code in (0, 2, None), (code, text)
-    if code == 2:  # one line, naming the problem
-        lines = [line for line in text.splitlines() if line.strip()]
+    if code == 2:  # one line, naming the problem (after any note on dropped keys)
+        lines = [
+            line
+            for line in text.splitlines()
+            if line.strip() and not line.startswith("moracl: note: ")
+        ]
         assert len(lines) == 1 and lines[0].startswith("moracl: error: "), text
         assert "Traceback" not in text
     return Outcome(code, text)

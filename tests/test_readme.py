@@ -326,40 +326,46 @@ def _runnable(argv: list[str]) -> bool:
     return torch.cuda.is_available() or not any(n in line for n in NEEDS_CUDA)
 
 
+JOB_COMMANDS = [
+    (argv, args)
+    for _, argv, args in MORACL
+    if args[0] not in ("--help", "--version", "validate") and args[:2] != ["bench", "report"]
+]  # the cheap ones run in test_cheap_moracl_command_runs
+
+
+@pytest.fixture(scope="module")
+def job_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One folder for every job command, so a resume or a report finds the run it names."""
+    folder = tmp_path_factory.mktemp("readme_jobs")
+    for name in ("configs", "examples"):
+        (folder / name).symlink_to(ROOT / name)
+    return folder
+
+
 @pytest.mark.slow
-def test_readme_jobs_run_as_written(tmp_path: Path) -> None:
-    """Every moracl command of the README, in the README's order (a resume and a report
+@pytest.mark.timeout(1200)
+@pytest.mark.parametrize("argv,args", JOB_COMMANDS, ids=[" ".join(a)[:70] for a, _ in JOB_COMMANDS])
+def test_readme_job_runs_as_written(argv: list[str], args: list[str], job_folder: Path) -> None:
+    """Every moracl job command of the README, in the README's order (a resume and a report
     follow the run they name), in one folder, each with :data:`SHRINK`'s overrides appended;
     torchrun's gloo launches run with two processes."""
-    for name in ("configs", "examples"):
-        (tmp_path / name).symlink_to(ROOT / name)
+    if not _runnable(args):
+        pytest.skip("needs CUDA")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
-    ran = 0
-    for _, argv, args in MORACL:
-        if not _runnable(args) or args[0] in ("--help", "--version", "validate"):
-            continue
-        if args[:2] == ["bench", "report"]:
-            continue  # run by test_cheap_moracl_command_runs
-        prefix = [sys.executable, "-m", "moracl"]
-        if argv[0] == "torchrun":
-            prefix = [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                *argv[1 : argv.index("-m")],
-                "-m",
-                "moracl",
-            ]
-        done = subprocess.run(
-            [*prefix, *_shrunk(args), *(["--quiet"] if args[0] in JOBS else [])],
-            cwd=tmp_path,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=900,
-        )
-        assert done.returncode == 0, (
-            f"{' '.join(argv)}:\n{done.stdout[-2000:]}{done.stderr[-3000:]}"
-        )
-        ran += 1
-    assert ran >= 10
+    prefix = [sys.executable, "-m", "moracl"]
+    if argv[0] == "torchrun":
+        at = argv.index("-m")
+        prefix = [sys.executable, "-m", "torch.distributed.run", *argv[1:at], "-m", "moracl"]
+    done = subprocess.run(
+        [*prefix, *_shrunk(args), *(["--quiet"] if args[0] in JOBS else [])],
+        cwd=job_folder,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1100,
+    )
+    assert done.returncode == 0, f"{' '.join(argv)}:\n{done.stdout[-2000:]}{done.stderr[-3000:]}"
+
+
+def test_the_jobs_are_found() -> None:
+    assert len(JOB_COMMANDS) >= 10

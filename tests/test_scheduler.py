@@ -209,3 +209,41 @@ def test_resume_mid_schedule_is_bit_exact(base: str) -> None:
         for a, b in zip(pa, pb, strict=True):
             assert torch.equal(a, b)
     assert sched2.last_step == 20 and sched2.factor(20) == pytest.approx(0.05)
+
+
+class _RecordingBudget:
+    """A rank budget that records the steps it is given and keeps them as its state."""
+
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+
+    def update_and_allocate(self, step: int) -> int:
+        self.steps.append(step)
+        return 0
+
+    def state_dict(self) -> dict[str, list[int]]:
+        return {"steps": list(self.steps)}
+
+    def load_state_dict(self, state_dict: dict[str, list[int]]) -> None:
+        self.steps = list(state_dict["steps"])
+
+
+def test_rank_budget_gets_each_step_just_taken_and_resumes_with_the_scheduler() -> None:
+    budget = _RecordingBudget()
+    sched = MoRAScheduler(_opt(), warmup_steps=2, total_steps=10, rank_allocator=budget)
+    for _ in range(4):
+        sched.step()
+    assert budget.steps == [0, 1, 2, 3]  # the optimiser step just taken, 0 first
+    assert sched.last_step == 4
+    assert sched.get_last_lr()[0] == pytest.approx(0.1 * sched.factor(4))
+    state = sched.state_dict()
+    assert state["rank_allocator"] == {"steps": [0, 1, 2, 3]}
+
+    other = _RecordingBudget()
+    resumed = MoRAScheduler(_opt(), warmup_steps=2, total_steps=10, rank_allocator=other)
+    resumed.load_state_dict(state)
+    resumed.step()
+    assert other.steps == [0, 1, 2, 3, 4]
+    with pytest.raises(ValueError, match="one optimiser step at a time"):
+        resumed.step(9)
+    assert "rank_allocator" not in MoRAScheduler(_opt(), total_steps=10).state_dict()

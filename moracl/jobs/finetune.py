@@ -35,7 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moracl.adapters.adalora import RankBudgetHooks
 from moracl.adapters.base import ParamRole, iter_param_roles
+from moracl.adapters.delta_lora import DeltaLoRAUpdater, delta_lora_buffers
 from moracl.config import FinetuneConfig, TrainConfig, from_dict, to_dict
 from moracl.continual.splits import stratified_split
 from moracl.distributed import barrier, init_distributed, is_main
@@ -44,6 +46,7 @@ from moracl.files import write_atomic
 from moracl.guard import StepGuard, finite_json
 from moracl.model import MoRAModel
 from moracl.preflight import check_common
+from moracl.quant import nf4_torchao, quantize_base
 from moracl.runlock import exclusive_output_dir
 from moracl.train import EpochRecord, TrainLog, fit_classifier
 
@@ -174,6 +177,8 @@ def check(config: FinetuneConfig) -> None:
             f"data.categories: unknown WordNet categories {unknown}; expected names among "
             f"{list(LEXNAMES)}"
         )
+    if config.quantize_base is not None:
+        nf4_torchao()  # ImportError naming the install command
 
 
 def run(
@@ -219,7 +224,10 @@ def train_model(
     model's keyword inputs for the rows ``idx (b,)``. Data-parallel under ``torchrun``; every
     step guarded by ``train.on_nonfinite`` (:func:`moracl.train.fit_classifier`), messages
     naming ``moracl finetune: {name}``. ``after_epoch(record)`` runs after each epoch;
-    ``True`` stops training (early stopping)."""
+    ``True`` stops training (early stopping). Delta-LoRA adapters move their frozen weights
+    after every optimiser step (:class:`~moracl.adapters.delta_lora.DeltaLoRAUpdater`);
+    AdaLoRA adapters add their orthogonality loss and allocate their rank budget over the run's
+    steps (:class:`~moracl.adapters.adalora.RankBudgetHooks`)."""
     heads = {id(p) for _, p, role in iter_param_roles(model) if role is ParamRole.HEAD}
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
@@ -227,20 +235,36 @@ def train_model(
         {"params": [p for p in params if id(p) in heads], "lr": train.head_lr},
     ]
     opt = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=train.weight_decay)
-    return fit_classifier(
-        model,
-        lambda idx: model(**inputs(idx)),
-        labels,
-        optimizer=opt,
-        guard=StepGuard(train.on_nonfinite),
-        epochs=train.epochs,
-        batch_size=train.batch_size,
-        seed=train.seed,
-        where=f"moracl finetune: {name}",
-        data_parallel=True,
-        progress=progress,
-        after_epoch=after_epoch,
-    )
+    updater = DeltaLoRAUpdater.attach(model, opt)  # None without Delta-LoRA adapters
+    steps = train.epochs * -(-len(labels) // train.batch_size)
+    budget = RankBudgetHooks.attach(model, opt, total_steps=steps)  # None without AdaLoRA
+
+    def logits(idx: Tensor) -> Tensor:
+        out: Tensor = model(**inputs(idx))
+        if budget is not None:
+            budget.regularize()  # AdaLoRA's orthogonality loss joins this step's gradients
+        return out
+
+    try:
+        return fit_classifier(
+            model,
+            logits,
+            labels,
+            optimizer=opt,
+            guard=StepGuard(train.on_nonfinite),
+            epochs=train.epochs,
+            batch_size=train.batch_size,
+            seed=train.seed,
+            where=f"moracl finetune: {name}",
+            data_parallel=True,
+            progress=progress,
+            after_epoch=after_epoch,
+        )
+    finally:
+        if updater is not None:
+            updater.remove()
+        if budget is not None:
+            budget.remove()
 
 
 def write_logs(
@@ -399,11 +423,12 @@ def _watch(
     model: nn.Module, logits: Callable[[], Tensor], labels: Tensor, stopper: EarlyStopping
 ) -> Callable[[EpochRecord], bool]:
     """The ``after_epoch`` of a loop: the validation loss and accuracy of ``logits() (n, c)``
-    against ``labels (n,)`` fed to ``stopper`` with ``model``'s trainable state."""
+    against ``labels (n,)`` fed to ``stopper`` with ``model``'s trainable state (and the
+    frozen-weight updates of Delta-LoRA adapters)."""
 
     def after_epoch(record: EpochRecord) -> bool:
         loss, acc = _scores(logits(), labels)
-        state = trainable_state(model)
+        state = {**trainable_state(model), **delta_lora_buffers(model)}
         return stopper.update(record.epoch, val_loss=loss, val_acc=acc, state=state)
 
     return after_epoch
@@ -477,6 +502,8 @@ def _locked_run(config: FinetuneConfig, *, progress: bool, evaluate_test: bool) 
     torch.manual_seed(tc.seed)
     data = load_data(config, evaluate_test=evaluate_test)
     classifier, tokenizer = _backbone(data.num_classes)
+    if config.quantize_base is not None:  # QLoRA: every linear layer of the encoder in NF4
+        classifier = quantize_base(classifier, exclude_modules=["head"])
     encoder = cast(nn.Module, classifier.encoder)
     backbone_params = sum(p.numel() for p in encoder.parameters())
 

@@ -15,19 +15,31 @@ and group ``i`` gets ``lr = initial_lr_i · f(t)``.  SAM's ρ follows ``rho_sche
 The scheduler is driven by explicit step counts: ``step()`` advances by one, ``step(n)`` jumps
 to ``n``.  Values are closed forms of ``t`` only, so a resumed run (``load_state_dict``)
 follows the uninterrupted trajectory exactly.
+
+A rank budget (``rank_allocator``, e.g. AdaLoRA's
+:class:`~moracl.adapters.adalora.RankAllocator`) is stepped by the same call.  It reads the
+gradients of the step just taken, so the order of a training step is::
+
+    loss.backward()
+    optimizer.step()
+    scheduler.step()        # the budget for step t, then lr and ρ for step t + 1
+    optimizer.zero_grad()
+
+and ``step(n)`` may then only advance by one.  Its state (importance, masks) is part of
+:meth:`MoRAScheduler.state_dict`.
 """
 
 from __future__ import annotations
 
 import math
 from enum import Enum
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from torch.optim import Optimizer
 
 from moracl.optim._foreach import check_nonneg
 
-__all__ = ["MoRAScheduler", "RhoSchedule", "Schedule"]
+__all__ = ["MoRAScheduler", "RankBudget", "RhoSchedule", "Schedule"]
 
 
 class Schedule(str, Enum):
@@ -43,6 +55,24 @@ class RhoSchedule(str, Enum):
 
     CONSTANT = "constant"
     LR = "lr"
+
+
+@runtime_checkable
+class RankBudget(Protocol):
+    """Anything that allocates a rank budget from each step's gradients (AdaLoRA's
+    :class:`~moracl.adapters.adalora.RankAllocator`)."""
+
+    def update_and_allocate(self, step: int) -> int:
+        """Read the gradients of optimiser step ``step`` (0 first); returns the budget."""
+        ...
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resumed run needs to allocate as the uninterrupted one."""
+        ...
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict`."""
+        ...
 
 
 def _enum(cls: type[Enum], value: Any, what: str) -> Any:
@@ -80,6 +110,8 @@ class MoRAScheduler:
         rho_schedule: ``constant`` or ``lr`` (ρ tied to the learning rate).
         min_rho_ratio: ``q``, ρ's multiplier where the lr multiplier is 0, in [0, 1].
         last_step: step count to start from (values are applied at once).
+        rank_allocator: a rank budget stepped with the optimiser step just taken
+            (see the module's docstring for the order of calls).
     """
 
     def __init__(
@@ -94,10 +126,17 @@ class MoRAScheduler:
         rho_schedule: RhoSchedule | str = RhoSchedule.CONSTANT,
         min_rho_ratio: float = 0.0,
         last_step: int = 0,
+        rank_allocator: RankBudget | None = None,
     ) -> None:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"optimizer must be a torch Optimizer, got {type(optimizer).__name__}")
+        if rank_allocator is not None and not isinstance(rank_allocator, RankBudget):
+            raise TypeError(
+                "rank_allocator must have update_and_allocate(step), state_dict() and "
+                f"load_state_dict(), got {type(rank_allocator).__name__}"
+            )
         self.optimizer = optimizer
+        self.rank_allocator = rank_allocator
         self._configure(
             warmup_steps=warmup_steps,
             total_steps=total_steps,
@@ -177,8 +216,20 @@ class MoRAScheduler:
 
     # -- driving ----------------------------------------------------------------------------
     def step(self, step: int | None = None) -> None:
-        """Advance by one step, or set the step count to ``step``, and apply the values."""
-        self.last_step = self.last_step + 1 if step is None else _count("step", step)
+        """Advance by one step, or set the step count to ``step``, and apply the values.
+
+        With a ``rank_allocator``, first allocate the budget of the optimiser step just taken
+        (number ``last_step``, from its gradients); the count then only advances by one."""
+        new = self.last_step + 1 if step is None else _count("step", step)
+        if self.rank_allocator is not None:
+            if new != self.last_step + 1:
+                raise ValueError(
+                    f"step({step!r}) from step {self.last_step}: a scheduler with a rank "
+                    "allocator advances one optimiser step at a time (it reads each step's "
+                    "gradients); call step() once after every optimizer.step()"
+                )
+            self.rank_allocator.update_and_allocate(self.last_step)
+        self.last_step = new
         self._apply()
 
     def _apply(self) -> None:
@@ -199,8 +250,9 @@ class MoRAScheduler:
 
     # -- checkpoints ------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Settings, base values and the step count: all that defines the values."""
-        return {
+        """Settings, base values and the step count: all that defines the values (and the rank
+        allocator's state, under ``"rank_allocator"``, when there is one)."""
+        state: dict[str, Any] = {
             "last_step": self.last_step,
             "warmup_steps": self.warmup_steps,
             "total_steps": self.total_steps,
@@ -212,6 +264,9 @@ class MoRAScheduler:
             "base_lrs": list(self.base_lrs),
             "base_rhos": list(self.base_rhos),
         }
+        if self.rank_allocator is not None:
+            state["rank_allocator"] = self.rank_allocator.state_dict()
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict` and apply its values to the optimiser."""
@@ -227,6 +282,8 @@ class MoRAScheduler:
                 f"the state has {len(state_dict['base_lrs'])} groups, the optimizer "
                 f"{len(self.optimizer.param_groups)}"
             )
+        if self.rank_allocator is not None:  # checks its whole state before changing any
+            self.rank_allocator.load_state_dict(state_dict["rank_allocator"])
         self._configure(
             warmup_steps=state_dict["warmup_steps"],
             total_steps=state_dict["total_steps"],

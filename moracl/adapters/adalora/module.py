@@ -1,0 +1,156 @@
+"""AdaLoRA: an SVD-form update whose singular triplets a rank budget switches off.
+
+Shapes: ``x (..., i)``, right singular vectors ``A (r × i)``, singular values ``E (r × 1)``,
+left singular vectors ``B (o × r)``, the rank mask ``m (r,)``, ``z = s · x (A ⊙ E ⊙ m)ᵀ``
+``(..., r)``.  The parameterisation and initialisation are PEFT's ``SVDLinear``: ``E = 0``,
+``A, B ~ N(0, 0.02²)``, ``s = alpha / (r_init + 1e-5)``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from moracl.adapters.adalora.config import AdaLoRAConfig
+from moracl.adapters.base import Adapter, ParamRole, linear
+
+__all__ = ["AdaLoRA", "orth_loss"]
+
+
+class AdaLoRA(Adapter):
+    """``ΔW = s · B (E ⊙ m) A``; ``ΔW`` starts at zero because ``E = 0``.
+
+    Two kinds of masking, as in the paper: while the budget falls, a
+    :class:`~moracl.adapters.adalora.RankAllocator` zeroes the singular values of the least
+    important triplets (they may grow back and be chosen again); its final allocation also
+    sets the buffer ``rank_mask`` (``m``, all true until then), which the update multiplies by
+    from then on and which ``save_pretrained`` uses to keep only the surviving triplets.
+
+    A layer of a saved, pruned adapter is built from its own config (``config.for_layer``):
+    ``rank_pattern`` then holds that one layer's surviving rank.
+    """
+
+    config: AdaLoRAConfig
+    rank_mask: Tensor
+
+    def __init__(self, in_features: int, out_features: int, config: AdaLoRAConfig) -> None:
+        super().__init__(in_features, out_features, config)
+        r = _built_rank(config)
+        self.lora_A = nn.Parameter(torch.empty(r, in_features))  # (r, i)
+        self.lora_E = nn.Parameter(torch.zeros(r, 1))  # (r, 1)
+        self.lora_B = nn.Parameter(torch.empty(out_features, r))  # (o, r)
+        nn.init.normal_(self.lora_A, mean=0.0, std=0.02)
+        nn.init.normal_(self.lora_B, mean=0.0, std=0.02)
+        self.register_buffer("rank_mask", torch.ones(r, dtype=torch.bool))  # (r,)
+        self.scaling = config.scaling
+
+    @property
+    def rank(self) -> int:
+        """The number of singular triplets this layer holds."""
+        return self.lora_E.shape[0]
+
+    def singular_values(self) -> Tensor:
+        """``E ⊙ m``: ``(r, 1)``, the singular values with the fixed mask applied."""
+        return self.lora_E * self.rank_mask[:, None].to(self.lora_E.dtype)
+
+    def factors(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        x = self._input(x, self.lora_A.dtype)
+        down = self.lora_A * self.singular_values()  # (r, i)
+        return linear(x, down) * self.scaling, self.lora_B  # (..., r), (o, r)
+
+    def delta(self, x: Tensor, *, weight: Tensor | None = None) -> Tensor:
+        x = self._input(x, self.lora_A.dtype)
+        z = linear(x, self.lora_A * self.singular_values())  # (..., i) -> (..., r)
+        # PEFT's order of operations: the same rounding, step for step
+        return linear(z, self.lora_B) * self.config.alpha / (self.config.rank + 1e-5)
+
+    def forward(
+        self, x: Tensor, base_out: Tensor, *, weight: Tensor, bias: Tensor | None
+    ) -> Tensor:
+        """``base_out + delta(x)`` (unfused, so that it rounds exactly as PEFT's layer)."""
+        return base_out + self.delta(x).to(base_out.dtype)
+
+    def delta_weight(self, weight: Tensor | None = None) -> Tensor:
+        return self.lora_B @ (self.lora_A * self.singular_values()) * self.scaling  # (o, i)
+
+    def orth_penalty(self) -> tuple[Tensor, Tensor]:
+        """``(‖A Aᵀ − I‖_F, ‖Bᵀ B − I‖_F)``: how far ``A``'s rows and ``B``'s columns are
+        from orthonormal (PEFT's terms: plain, not squared, Frobenius norms)."""
+        a, b = self.lora_A, self.lora_B
+        cov_a, cov_b = a @ a.T, b.T @ b  # (r, r), (r, r)
+        eye = torch.eye(self.rank, dtype=a.dtype, device=a.device)
+        return torch.linalg.matrix_norm(cov_a - eye), torch.linalg.matrix_norm(cov_b - eye)
+
+    @torch.no_grad()
+    def zero_triplets(self, keep: Tensor) -> None:
+        """Zero the singular values of the triplets where ``keep (r,)`` is false."""
+        self.lora_E.masked_fill_(~keep.to(self.lora_E.device)[:, None], 0.0)
+
+    @torch.no_grad()
+    def saved_state(self) -> dict[str, Tensor]:
+        """The tensors to save: only the triplets ``rank_mask`` keeps (``k`` of them), so a
+        layer built from ``config.for_layer(path)`` loads them and gives the same outputs.
+
+        Returns ``lora_A (k, i)``, ``lora_E (k, 1)``, ``lora_B (o, k)``, ``rank_mask (k,)``."""
+        keep = self.rank_mask
+        return {
+            "lora_A": self.lora_A[keep].clone(),
+            "lora_E": self.lora_E[keep].clone(),
+            "lora_B": self.lora_B[:, keep].clone(),
+            "rank_mask": self.rank_mask[keep].clone(),
+        }
+
+    def param_roles(self) -> dict[str, ParamRole]:
+        return {"lora_A": ParamRole.A, "lora_E": ParamRole.SCALE, "lora_B": ParamRole.B}
+
+    def extra_repr(self) -> str:
+        kept = int(self.rank_mask.sum())
+        return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, kept={kept}"
+
+
+def _built_rank(config: AdaLoRAConfig) -> int:
+    """The rank a layer is built with: ``config.rank``, or the one entry of a layer's own
+    pruned config (``config.for_layer(path)``)."""
+    if config.rank_pattern is None:
+        return config.rank
+    if len(config.rank_pattern) != 1:
+        raise ValueError(
+            "an adalora layer is built from its own config (config.for_layer(path)), whose "
+            f"rank_pattern names that one layer; got {len(config.rank_pattern)} layers"
+        )
+    return next(iter(config.rank_pattern.values()))
+
+
+def adalora_modules(model: nn.Module) -> dict[str, AdaLoRA]:
+    """Every :class:`AdaLoRA` adapter under ``model`` whose singular values train, by path."""
+    return {
+        name: m
+        for name, m in model.named_modules()
+        if isinstance(m, AdaLoRA) and m.lora_E.requires_grad
+    }
+
+
+def orth_loss(model: nn.Module) -> Tensor:
+    """The orthogonality regulariser of ``model``'s trained AdaLoRA adapters, weighted: the
+    mean over every ``A`` and ``B`` of ``orth_reg_weight · ‖PᵀP − I‖_F`` (the loss PEFT's
+    ``AdaLoraModel.forward`` adds to ``outputs.loss``); a zero scalar without any.
+
+    Add it to the task loss before ``backward()``::
+
+        loss = task_loss + orth_loss(model)
+    """
+    by_weight: dict[float, list[Tensor]] = {}
+    for adapter in adalora_modules(model).values():
+        by_weight.setdefault(adapter.config.orth_reg_weight, []).extend(adapter.orth_penalty())
+    count = sum(len(norms) for norms in by_weight.values())
+    total: Tensor | None = None
+    for w, norms in by_weight.items():
+        part = norms[0]
+        for n in norms[1:]:  # summed in order, divided, then weighted: PEFT's rounding
+            part = part + n
+        part = w * (part / count)
+        total = part if total is None else total + part
+    if total is None:
+        p = next(model.parameters(), None)
+        return torch.zeros(()) if p is None else p.new_zeros(())
+    return total

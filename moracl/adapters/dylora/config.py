@@ -1,0 +1,65 @@
+"""DyLoRA's configuration and its two update rules."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+from moracl.adapters.base import AdapterConfig
+from moracl.guard import check_int, check_number
+
+
+class DyLoRAUpdate(str, Enum):
+    """Which part of the truncated factors a training step trains.
+
+    - ``last``: only row ``b`` of ``A`` and column ``b`` of ``B`` receive a gradient; the
+      first ``b - 1`` enter the forward as constants (the paper's "frozen" mode, which its
+      official training script uses at every step).
+    - ``all``: every row and column ``<= b`` receives a gradient.
+    """
+
+    LAST = "last"
+    ALL = "all"
+
+
+@dataclass(frozen=True)
+class DyLoRAConfig(AdapterConfig):
+    """Dynamic search-free LoRA (Valipour et al. 2023): nested ranks in one adapter.
+
+    ``A (r × i)``, ``B (o × r)``; at truncation ``b`` the update is the paper's
+    ``ΔW_b = (alpha / b) · B[:, :b] A[:b]`` (its Eq. 5, ``W_up↓b W_dw↓b`` scaled by ``α / b``),
+    which is exactly a rank-``b`` LoRA made of the first ``b`` rows and columns.  Each training
+    forward draws ``b`` uniformly from ``[min_rank, rank]`` (a seeded counter-based draw, the
+    same for every layer at the same step); evaluation uses the rank chosen with ``set_rank``
+    (``rank`` until then).
+
+    Args:
+        alpha: the scaling numerator; ``s_b = alpha / b``.
+        min_rank: the smallest rank drawn in training, ``1 <= min_rank <= rank``.
+        update: ``last`` (default, the paper's frozen mode) or ``all`` (see
+            :class:`DyLoRAUpdate`).
+        seed: seeds the draws of ``b``; adapters with the same seed draw the same sequence.
+    """
+
+    kind: str = "dylora"
+    alpha: float = 8.0
+    min_rank: int = 1
+    update: DyLoRAUpdate = DyLoRAUpdate.LAST
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_number("alpha", self.alpha, gt=0)  # finite, > 0
+        check_int("min_rank", self.min_rank, ge=1, le=self.rank)
+        check_int("seed", self.seed, ge=0)
+        try:
+            object.__setattr__(self, "update", DyLoRAUpdate(self.update))
+        except ValueError:
+            raise ValueError(
+                f"unknown DyLoRA update {self.update!r}; "
+                f"expected one of {[u.value for u in DyLoRAUpdate]}"
+            ) from None
+
+    def scaling(self, rank: int) -> float:
+        """The factor ``s_b = alpha / b`` of the update truncated to rank ``b``."""
+        return self.alpha / rank

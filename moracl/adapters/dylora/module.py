@@ -1,0 +1,159 @@
+"""DyLoRA: one LoRA whose leading ``b`` rows and columns are a rank-``b`` LoRA for every ``b``.
+
+Shapes: ``x (..., i)``, ``A (r × i)``, ``B (o × r)``; truncated to ``b``: ``A[:b] (b × i)``,
+``B[:, :b] (o × b)``, ``ΔW_b = (α / b) · B[:, :b] A[:b] (o × i)``.
+
+Training draws ``b`` at every forward; the draw is a pure function of ``(seed, draws)`` where
+``draws`` is a buffer counting the draws so far, so it is reproducible, saved with the
+adapter and resumes exactly, and never reads a number back from the device: the truncation
+is a mask over the ``r`` rank channels (``(idx < b) · α / b``), not a slice.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from moracl.adapters.base import Adapter, ParamRole, linear
+from moracl.adapters.dylora.config import DyLoRAConfig, DyLoRAUpdate
+from moracl.adapters.fused import lora_linear
+
+__all__ = ["DyLoRA", "draw_rank", "set_rank"]
+
+_MASK32 = 0xFFFFFFFF
+_MIX = 0x45D9F3B  # < 2**27: a 32-bit value times it stays below 2**59, no int64 overflow
+
+
+def _mix32(x: Tensor) -> Tensor:
+    """A 32-bit integer hash, elementwise on int64 values in ``[0, 2**32)``."""
+    x = (((x >> 16) ^ x) * _MIX) & _MASK32
+    x = (((x >> 16) ^ x) * _MIX) & _MASK32
+    return (x >> 16) ^ x
+
+
+def draw_rank(seed: int, draw: Tensor, low: int, high: int) -> Tensor:
+    """Draw number ``draw`` (an int64 tensor, any shape) of a rank uniform on ``[low, high]``
+    for ``seed``: the same numbers on every device, computed where ``draw`` lives."""
+    key = (seed * 0x9E3779B1) & _MASK32
+    x = _mix32((_mix32(draw & _MASK32) + key) & _MASK32)
+    return low + x % (high - low + 1)
+
+
+class DyLoRA(Adapter):
+    """Nested-rank LoRA: ``B`` starts at zero (the adapted layer starts unchanged).
+
+    In training (``module.training`` with gradients enabled) every call draws ``b`` from
+    ``[min_rank, rank]`` and uses the first ``b`` rows of ``A`` and columns of ``B`` scaled by
+    ``α / b``; with ``update="last"`` only row/column ``b`` receives a gradient.  Otherwise the
+    adapter is the rank-:attr:`eval_rank` LoRA (``rank`` until :meth:`set_rank`), and so are
+    :meth:`delta_weight` and merging.
+    """
+
+    config: DyLoRAConfig
+    draws: Tensor
+
+    def __init__(self, in_features: int, out_features: int, config: DyLoRAConfig) -> None:
+        super().__init__(in_features, out_features, config)
+        r = config.rank
+        self.lora_A = nn.Parameter(torch.empty(r, in_features))  # (r, i)
+        self.lora_B = nn.Parameter(torch.zeros(out_features, r))  # (o, r)
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # LoRA's initialisation
+        self.register_buffer("draws", torch.zeros((), dtype=torch.int64))  # the sampler's state
+        #: the rank used outside training (and by ``delta_weight`` and merging)
+        self.eval_rank: int = r
+
+    # -- ranks ----------------------------------------------------------------------------
+    def set_rank(self, rank: int) -> None:
+        """Evaluate (and merge) at rank ``rank`` in ``[1, config.rank]`` from now on."""
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= self.config.rank:
+            raise ValueError(
+                f"DyLoRA rank must be an integer in [1, {self.config.rank}], got {rank!r}"
+            )
+        self.eval_rank = rank
+
+    def sampling(self) -> bool:
+        """Whether a call now draws its rank: in training mode with gradients enabled."""
+        return self.training and torch.is_grad_enabled()
+
+    def next_rank(self) -> int:
+        """The rank the next training call will draw (reads it back; does not draw)."""
+        return int(self._draw(self.draws))
+
+    def _draw(self, draw: Tensor) -> Tensor:
+        return draw_rank(self.config.seed, draw, self.config.min_rank, self.config.rank)
+
+    def truncated(self) -> tuple[Tensor, Tensor]:
+        """``(A[:b] (b × i), B[:, :b] (o × b))`` at :attr:`eval_rank` ``b``."""
+        b = self.eval_rank
+        if b == self.config.rank:
+            return self.lora_A, self.lora_B
+        return self.lora_A[:b], self.lora_B[:, :b]
+
+    # -- the update -----------------------------------------------------------------------
+    def _sampled(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Draw ``b``, advance the sampler; ``(z (..., r), up (o × r))`` with the channels
+        ``>= b`` zeroed and ``α / b`` applied to ``z``."""
+        b = self._draw(self.draws)  # () int64, on the adapter's device
+        self.draws.add_(1)
+        idx = torch.arange(self.config.rank, device=b.device)  # (r,)
+        scale = (idx < b).to(x.dtype) * (self.config.alpha / b.to(x.dtype))  # (r,)
+        a: Tensor = self.lora_A
+        up: Tensor = self.lora_B
+        if self.config.update is DyLoRAUpdate.LAST:  # rows/columns < b: constants
+            last = idx == b - 1
+            a = torch.where(last[:, None], a, a.detach())  # (r, i)
+            up = torch.where(last[None, :], up, up.detach())  # (o, r)
+        return linear(x, a) * scale, up  # (..., i) -> (..., r)
+
+    def factors(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        x = self._input(x, self.lora_A.dtype)
+        if self.sampling():
+            return self._sampled(x)
+        a, up = self.truncated()
+        return linear(x, a) * self.config.scaling(self.eval_rank), up  # (..., b), (o, b)
+
+    def fused_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor | None:
+        if self.training and (self.config.dropout > 0 or torch.is_grad_enabled()):
+            return None  # a drawn rank (or dropout): the layer adds ``factors``
+        a, up = self.truncated()
+        return lora_linear(x, weight, bias, a, up, self.config.scaling(self.eval_rank))
+
+    def delta(self, x: Tensor, *, weight: Tensor | None = None) -> Tensor:
+        z, up = self.factors(x)
+        return linear(z, up.to(z.dtype))  # (..., r) -> (..., o)
+
+    def delta_weight(self, weight: Tensor | None = None) -> Tensor:
+        a, up = self.truncated()
+        return (up @ a) * self.config.scaling(self.eval_rank)  # (o, i)
+
+    def param_roles(self) -> dict[str, ParamRole]:
+        return {"lora_A": ParamRole.A, "lora_B": ParamRole.B}
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return f"{super().extra_repr()}, ranks=[{c.min_rank}, {c.rank}], eval_rank={self.eval_rank}"
+
+
+def set_rank(model: nn.Module, rank: int) -> int:
+    """Evaluate every DyLoRA adapter under ``model`` at rank ``rank``; returns how many.
+
+    Raises ``ValueError`` when ``model`` has no DyLoRA adapter or ``rank`` is out of
+    ``[1, r]`` for one of them (nothing changes then), ``RuntimeError`` when a layer holding
+    one is merged (``unmerge()`` first)."""
+    for path, m in model.named_modules():
+        adapters = getattr(m, "adapters", None)
+        if not isinstance(adapters, nn.ModuleDict) or not getattr(m, "merged", ()):
+            continue
+        if any(isinstance(a, DyLoRA) for a in adapters.values()):
+            raise RuntimeError(f"layer {path!r} is merged: unmerge() before set_rank")
+    found = [m for m in model.modules() if isinstance(m, DyLoRA)]
+    if not found:
+        raise ValueError(f"{type(model).__name__} has no DyLoRA adapter to set the rank of")
+    bound = min(a.config.rank for a in found)
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= bound:
+        raise ValueError(f"DyLoRA rank must be an integer in [1, {bound}], got {rank!r}")
+    for a in found:
+        a.set_rank(rank)
+    return len(found)
