@@ -150,9 +150,12 @@ def expected_state(model: nn.Module, layout: SavedLayout) -> dict[str, TensorSpe
                     f"{type(module).__name__}, not nn.Linear/Conv1D"
                 )
             d_in, d_out = linear_features(module)
-            check_fit(d_in, d_out, adapter.config, f"layer {path!r}")
+            config = adapter.config
+            if isinstance(config, AdapterConfig):
+                config = config.for_layer(path)  # a pruned rank budget: this layer's rank
+            check_fit(d_in, d_out, config, f"layer {path!r}")
             with torch.device("meta"):
-                built = build_layer_adapter(d_in, d_out, adapter.config)
+                built = build_layer_adapter(d_in, d_out, config)
             for k, v in built.state_dict().items():
                 out[f"{path}.adapters.{adapter.name}.{k}"] = TensorSpec(tuple(v.shape), v.dtype)
     for path in layout.modules_to_save:

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 import moracl.adapters  # noqa: F401  (registers the adapter kinds)
 from moracl.adapter_files import SavedLayout, check_header, expected_state, parse_layout
-from moracl.adapters.base import AdapterConfig, ParamRole
+from moracl.adapters.base import Adapter, AdapterConfig, ParamRole
 from moracl.checkpoint import open_adapter, write_adapter
 from moracl.experts.mixture import Mixture, MixtureConfig, RoutingContext
 from moracl.experts.routing import RoutingResult, RoutingStats
@@ -42,6 +42,11 @@ def _data_parallel() -> bool:
     """Whether a process group of more than one process is running (cheap to ask)."""
     dist = torch.distributed
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _for(config: AdapterConfig | MixtureConfig, path: str) -> AdapterConfig | MixtureConfig:
+    """The config the adapter on layer ``path`` is built from."""
+    return config.for_layer(path) if isinstance(config, AdapterConfig) else config
 
 
 class MoRAModel(nn.Module):
@@ -264,7 +269,9 @@ class MoRAModel(nn.Module):
         plain = PlainView(self.model)
         paths = select_targets(plain, target_modules, exclude=self._exclude)
         for path in paths:  # every layer is checked before any is changed or allocated
-            check_fit(*linear_features(plain.get_submodule(path)), config, f"layer {path!r}")
+            check_fit(
+                *linear_features(plain.get_submodule(path)), _for(config, path), f"layer {path!r}"
+            )
         for path in paths:
             layer = self.model.get_submodule(path)
             if not isinstance(layer, MoRALayer):
@@ -272,7 +279,7 @@ class MoRAModel(nn.Module):
                 if path in self.saved_modules:  # ... unless it is a trained module_to_save
                     layer.base_layer.requires_grad_(True)
                 set_submodule(self.model, path, layer)
-            layer.add_adapter(name, config)
+            layer.add_adapter(name, _for(config, path))
         self.adapter_configs[name] = config
         self.adapter_targets[name] = paths
         return paths
@@ -482,14 +489,24 @@ class MoRAModel(nn.Module):
         return layer
 
     # -- saving -------------------------------------------------------------------------
-    def adapter_state_dict(self, names: Sequence[str] | None = None) -> dict[str, Tensor]:
-        """Tensors of the adapters ``names`` (default: all) and of ``modules_to_save``."""
+    def adapter_state_dict(
+        self, names: Sequence[str] | None = None, *, saved: bool = False
+    ) -> dict[str, Tensor]:
+        """Tensors of the adapters ``names`` (default: all) and of ``modules_to_save``;
+        ``saved``: each adapter's :meth:`~moracl.adapters.base.Adapter.saved_state` (what
+        :meth:`save_pretrained` writes) instead of its whole state."""
         names = list(self.adapter_configs) if names is None else list(names)
         out: dict[str, Tensor] = {}
         for path, layer in self.adapted_layers():
             for n in names:
                 if n in layer.adapters:
-                    for k, v in layer.adapters[n].state_dict().items():
+                    module = layer.adapters[n]
+                    state = (
+                        module.saved_state()
+                        if saved and isinstance(module, Adapter)
+                        else module.state_dict()
+                    )
+                    for k, v in state.items():
                         out[f"{path}.adapters.{n}.{k}"] = v
         for path in self.saved_modules:
             for k, v in self._plain(path).state_dict().items():
@@ -532,14 +549,22 @@ class MoRAModel(nn.Module):
         check_moracl_representable(self, names)
         config = {
             "adapters": {
-                n: {"config": self.adapter_configs[n].to_dict(), "targets": self.adapter_targets[n]}
+                n: {"config": self._saved_config(n).to_dict(), "targets": self.adapter_targets[n]}
                 for n in names
             },
             "active": [n for n in self.active_adapters if n in names],
             "modules_to_save": self.saved_modules,
             "base_model": type(self.model).__name__,
         }
-        return write_adapter(directory, config, self.adapter_state_dict(names))
+        return write_adapter(directory, config, self.adapter_state_dict(names, saved=True))
+
+    def _saved_config(self, name: str) -> AdapterConfig | MixtureConfig:
+        """Adapter ``name``'s config as saved (a kind may save less than it trains with)."""
+        config = self.adapter_configs[name]
+        if not isinstance(config, AdapterConfig):
+            return config
+        layers = {p: self._layer(p).adapters[name] for p in self.adapter_targets[name]}
+        return config.saved(layers)  # type: ignore[arg-type]
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, directory: str | os.PathLike[str]) -> MoRAModel:

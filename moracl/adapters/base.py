@@ -138,6 +138,16 @@ class AdapterConfig:
         """A copy with ``changes`` applied (validated again)."""
         return dataclasses.replace(self, **changes)
 
+    def for_layer(self, path: str) -> AdapterConfig:
+        """The config the adapter on layer ``path`` is built from: this one, unless a kind
+        gives layers their own shapes (a pruned rank budget)."""
+        return self
+
+    def saved(self, adapters: Mapping[str, Adapter]) -> AdapterConfig:
+        """The config to save with ``adapters`` (layer path -> adapter): this one, unless a
+        kind saves less than it trains with (a rank budget's surviving triplets)."""
+        return self
+
 
 def _kind_of(cls: type[AdapterConfig]) -> str | None:
     for name, sub in AdapterConfig._kinds.items():
@@ -245,6 +255,11 @@ class Adapter(nn.Module, ABC):
         return out.view(base_out.shape)
 
     # -- helpers shared by kinds -----------------------------------------------------------
+    def saved_state(self) -> dict[str, Tensor]:
+        """The tensors ``save_pretrained`` writes: the whole state, unless the kind saves less
+        (see :meth:`AdapterConfig.saved`)."""
+        return dict(self.state_dict())
+
     def is_trainable(self, name: str) -> bool:
         """Whether parameter ``name`` trains while this adapter is active."""
         return True
