@@ -526,7 +526,7 @@ class MoRAModel(nn.Module):
         ``format="moracl"``: ``moracl_config.json`` + ``adapter_model.safetensors`` +
         ``checksums.json``, any adapter kind or mixture, read back by :meth:`from_pretrained`.
         ``format="peft"``: PEFT's layout, which ``peft.PeftModel.from_pretrained`` loads:
-        LoRA (rsLoRA), DoRA and VeRA adapters (of several, each but ``"default"`` in a
+        LoRA (rsLoRA), DoRA, VeRA and AdaLoRA adapters (of several, each but ``"default"`` in a
         subfolder named after it), or with ``task_id`` task ``task_id``'s update of the active
         task-routed mixtures as one LoRA; what PEFT cannot represent (MoRA, other mixtures) is
         refused (:func:`moracl.peft_files.save_peft`)."""
@@ -593,7 +593,7 @@ class MoRAModel(nn.Module):
         cls, model: nn.Module, directory: str | os.PathLike[str], *, adapter_name: str = "default"
     ) -> MoRAModel:
         """Load the adapter that PEFT's ``save_pretrained`` wrote into ``directory`` onto
-        ``model`` as adapter ``adapter_name``: LoRA, rsLoRA, DoRA or VeRA, with its
+        ``model`` as adapter ``adapter_name``: LoRA, rsLoRA, DoRA, VeRA or AdaLoRA, with its
         ``modules_to_save``; the outputs are PEFT's.  Checked like :meth:`from_pretrained`
         before anything is allocated; safetensors only.  What maps to what, and what is refused
         with a ``ValueError`` naming the option: :mod:`moracl.peft_files`."""

@@ -7,15 +7,18 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from moracl.adapters.adalora import AdaLoRAConfig
 from moracl.adapters.base import AdapterConfig
 from moracl.adapters.lora import LoRAConfig
 from moracl.parse_fields import show
 from moracl.peft_layout import regex
 
 __all__ = [
+    "ADALORA_PATTERN_SUFFIX",
     "BASE_REWRITING_INITS",
     "COMMON",
     "READ",
+    "adalora_ranks",
     "base_config",
     "check_options",
     "integer",
@@ -33,7 +36,15 @@ READ = {
         "r", "projection_prng_key", "save_projection", "vera_dropout", "d_initial",
         "init_weights",
     ),
+    "ADALORA": (
+        "init_r", "target_r", "lora_alpha", "lora_dropout", "orth_reg_weight", "beta1",
+        "beta2", "tinit", "tfinal", "deltaT", "total_step", "rank_pattern", "r",
+        "init_lora_weights",
+    ),
 }  # fmt: skip
+#: PEFT's ``rank_pattern`` key of an AdaLoRA layer: ``<layer path>.lora_E``, the adapter name
+#: after it when PEFT kept it
+ADALORA_PATTERN_SUFFIX = ".lora_E"
 #: config keys of either type: read below, or metadata that does not change the adapter
 COMMON = (
     "peft_type", "target_modules", "exclude_modules", "modules_to_save", "bias",
@@ -124,8 +135,25 @@ def check_options(config: Mapping[str, Any], peft_type: str, where: str) -> None
 
 def base_config(config: Mapping[str, Any], peft_type: str, where: str) -> AdapterConfig:
     """The adapter config every layer shares before ``rank_pattern``/``alpha_pattern``."""
-    if peft_type == "VERA":
+    if peft_type == "ADALORA":
+        integer(config, "r", 8, where)  # PEFT's AdaLoRA ignores it (init_r is the rank)
+        if config.get("total_step") is not None:  # the training run's length, not the adapter's
+            integer(config, "total_step", 1, where)
         fields: dict[str, Any] = {
+            "kind": "adalora",
+            "rank": integer(config, "init_r", 12, where),
+            "target_rank": integer(config, "target_r", 8, where),
+            "alpha": float(_number(config, "lora_alpha", 8, where)),
+            "dropout": _number(config, "lora_dropout", 0.0, where),
+            "orth_reg_weight": _number(config, "orth_reg_weight", 0.5, where),
+            "beta1": _number(config, "beta1", 0.85, where),
+            "beta2": _number(config, "beta2", 0.85, where),
+            "tinit": integer(config, "tinit", 0, where),
+            "tfinal": integer(config, "tfinal", 0, where),
+            "delta_t": integer(config, "deltaT", 1, where),
+        }
+    elif peft_type == "VERA":
+        fields = {
             "kind": "vera",
             "rank": integer(config, "r", 256, where),
             "dropout": _number(config, "vera_dropout", 0.0, where),
@@ -151,7 +179,11 @@ def layer_config(
     base: AdapterConfig, config: Mapping[str, Any], targets: Sequence[str], where: str
 ) -> AdapterConfig:
     """``base`` with the rank and alpha ``rank_pattern``/``alpha_pattern`` give every target,
-    refused unless they give all of them the same."""
+    refused unless they give all of them the same; for AdaLoRA, each target's surviving rank
+    (:func:`adalora_ranks`)."""
+    if isinstance(base, AdaLoRAConfig):
+        kept = adalora_ranks(config, base.rank, targets, where)
+        return base if kept is None else base.replace(rank_pattern=kept)
     if not isinstance(base, LoRAConfig):
         return base
     ranks = _patterns(config, "rank_pattern", where)
@@ -178,3 +210,51 @@ def layer_config(
         return base.replace(rank=rank, alpha=float(alpha))
     except ValueError as e:
         raise ValueError(f"{where}: {e}") from None
+
+
+def adalora_ranks(
+    config: Mapping[str, Any], rank: int, targets: Sequence[str], where: str
+) -> dict[str, int] | None:
+    """Each target's rank in a PEFT AdaLoRA folder: ``rank_pattern`` maps
+    ``<layer path>.lora_E`` to the kept triplets of the layer's ``rank`` (``init_r``) as
+    booleans, and PEFT resizes such a layer to the triplets kept (a target it does not name
+    keeps ``rank``); ``None`` without a pattern.  A key naming no target, or a value that is not
+    ``rank`` booleans, is refused."""
+    value = config.get("rank_pattern")
+    if not value:
+        return None
+    if not isinstance(value, dict):
+        raise ValueError(
+            f"{where}: rank_pattern must be an object of '<layer>.lora_E' -> list of booleans, "
+            f"got {show(value)}"
+        )
+    ranks: dict[str, int] = {}
+    for key, mask in value.items():
+        path = _adalora_layer(key, targets)
+        if path is None:
+            raise ValueError(
+                f"{where}: rank_pattern key {key!r} names no adapted layer; expected "
+                f"'<layer>{ADALORA_PATTERN_SUFFIX}' for a layer among {list(targets)[:5]}"
+            )
+        if (
+            not isinstance(mask, list)
+            or len(mask) != rank
+            or not all(isinstance(b, bool) for b in mask)
+        ):
+            raise ValueError(
+                f"{where}: rank_pattern[{key!r}]={show(mask)}; expected init_r={rank} booleans "
+                f"(the triplets the rank budget kept)"
+            )
+        ranks[path] = sum(mask)
+    return {t: ranks.get(t, rank) for t in targets}
+
+
+def _adalora_layer(key: Any, targets: Sequence[str]) -> str | None:
+    """The target ``key`` names (``<path>.lora_E`` or ``<path>.lora_E.<adapter name>``)."""
+    if not isinstance(key, str):
+        return None
+    for path in targets:
+        stem = f"{path}{ADALORA_PATTERN_SUFFIX}"
+        if key == stem or (key.startswith(f"{stem}.") and "." not in key[len(stem) + 1 :]):
+            return path
+    return None

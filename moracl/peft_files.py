@@ -14,6 +14,9 @@ PEFT                                           moracl
 ``use_dora``                                   ``DoRAConfig`` (same fields)
 ``lora_dropout`` / ``vera_dropout``            ``dropout``
 ``VERA`` ``r``, ``d_initial``                  ``VeRAConfig(rank, d_initial)``
+``ADALORA`` ``init_r``, ``target_r``,          ``AdaLoRAConfig(rank, target_rank, alpha)``,
+``lora_alpha``, ``rank_pattern``               each layer rebuilt at the rank it kept
+``lora_A`` / ``lora_E`` / ``lora_B`` (AdaLoRA)  AdaLoRA's ``P``, ``Λ``, ``Q`` (kept triplets)
 ``lora_A.weight`` ``(r, i)``                   ``lora_A``
 ``lora_B.weight`` ``(o, r)``                   ``lora_B``
 ``lora_magnitude_vector`` ``(o,)``             DoRA's ``magnitude``

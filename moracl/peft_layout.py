@@ -25,6 +25,7 @@ __all__ = [
     "PEFT_CONFIG_NAME",
     "PICKLE_NAME",
     "PREFIX",
+    "RANKNUM",
     "SUFFIXES",
     "SUPPORTED_PEFT_TYPES",
     "VERA_SHARED",
@@ -42,7 +43,9 @@ PEFT_CONFIG_NAME = LEGACY_CONFIG_NAME  # "adapter_config.json"
 PICKLE_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
 VERA_SHARED = {"base_model.vera_A": "A", "base_model.vera_B": "B"}
-SUPPORTED_PEFT_TYPES = ("LORA", "VERA")
+SUPPORTED_PEFT_TYPES = ("LORA", "VERA", "ADALORA")
+#: an AdaLoRA tensor older PEFT versions saved: each layer's initial rank, as a float ``(1,)``
+RANKNUM = "ranknum"
 #: PEFT tensor suffix -> moracl adapter tensor name, per PEFT type
 SUFFIXES = {
     "LORA": {
@@ -51,6 +54,7 @@ SUFFIXES = {
         "lora_magnitude_vector": "magnitude",
     },
     "VERA": {"vera_lambda_d": "lambda_d", "vera_lambda_b": "lambda_b"},
+    "ADALORA": {"lora_A": "lora_A", "lora_E": "lora_E", "lora_B": "lora_B"},
 }
 
 

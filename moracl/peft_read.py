@@ -32,6 +32,7 @@ from moracl.peft_layout import (
     PEFT_CONFIG_NAME,
     PICKLE_NAME,
     PREFIX,
+    RANKNUM,
     SUFFIXES,
     SUPPORTED_PEFT_TYPES,
     VERA_SHARED,
@@ -57,8 +58,9 @@ __all__ = [
 @dataclass(frozen=True)
 class PeftAdapter:
     """A checked PEFT folder in moracl's terms: ``layout`` (one adapter, its targets,
-    ``modules_to_save``), ``tensors`` by moracl's names, and for VeRA each target layer's
-    projections ``(A (r × i), B (o × r))``."""
+    ``modules_to_save``), ``tensors`` by moracl's names (for AdaLoRA each layer's
+    ``rank_mask`` too: every triplet PEFT saved is one the budget kept), and for VeRA each
+    target layer's projections ``(A (r × i), B (o × r))``."""
 
     layout: SavedLayout
     tensors: dict[str, Tensor]
@@ -81,6 +83,8 @@ def _split_header(
     for key in header:
         if key in VERA_SHARED and peft_type == "VERA":
             continue
+        if peft_type == "ADALORA" and key.endswith(f".{RANKNUM}"):
+            continue  # checked by _check_ranknum
         if not key.startswith(PREFIX):
             raise ValueError(
                 f"{where}: tensor {key!r} does not start with {PREFIX!r} (PEFT's key prefix)"
@@ -182,6 +186,30 @@ def _vera_shared(
     return a.shape[1], b.shape[0]
 
 
+def _check_ranknum(
+    header: Mapping[str, TensorInfo],
+    loaded: Mapping[str, Tensor],
+    targets: Sequence[str],
+    rank: int,
+    where: str,
+) -> None:
+    """The ``ranknum`` tensors older PEFT versions saved with AdaLoRA: each of a target layer,
+    ``(1,)``, equal to ``init_r`` (the scaling's ``alpha / (ranknum + 1e-5)`` is moracl's only
+    then)."""
+    for key in header:
+        if not key.endswith(f".{RANKNUM}"):
+            continue
+        path = key[len(PREFIX) : -len(RANKNUM) - 1] if key.startswith(PREFIX) else None
+        if path not in targets:
+            raise ValueError(f"{where}: tensor {key!r} is the ranknum of no adapted layer")
+        value = loaded[key]
+        if value.numel() != 1 or float(value.reshape(())) != float(rank):
+            raise ValueError(
+                f"{where}: tensor {key!r} is {value.tolist()}; PEFT's AdaLoRA scales by "
+                f"alpha / (ranknum + 1e-5) with ranknum = init_r = {rank}, which moracl keeps"
+            )
+
+
 def read_peft(
     model: nn.Module, directory: str | os.PathLike[str], adapter_name: str = "default"
 ) -> PeftAdapter:
@@ -208,7 +236,7 @@ def read_peft(
     if peft_type not in SUPPORTED_PEFT_TYPES:
         raise ValueError(
             f"{where}: peft_type={show(peft_type)} is not supported; moracl reads "
-            f"{list(SUPPORTED_PEFT_TYPES)} (LoRA with use_rslora / use_dora, and VeRA)"
+            f"{list(SUPPORTED_PEFT_TYPES)} (LoRA with use_rslora / use_dora, VeRA and AdaLoRA)"
         )
     check_options(config, peft_type, where)
     base = base_config(config, peft_type, where)
@@ -231,7 +259,9 @@ def read_peft(
         (SavedAdapter(adapter_name, adapter_config, tuple(targets)),), (adapter_name,), saved
     )
     header = {ours: folder.header[theirs] for ours, theirs in renamed.items()}
-    check_header(expected_state(model, layout), header, weights)
+    expected = expected_state(model, layout)
+    masks = {k: v for k, v in expected.items() if peft_type == "ADALORA" and _is_mask(k)}
+    check_header({k: v for k, v in expected.items() if k not in masks}, header, weights)
     sizes = {t: linear_features(modules[t]) for t in targets}
     d_in = max(i for i, _ in sizes.values())
     d_out = max(o for _, o in sizes.values())
@@ -240,6 +270,9 @@ def read_peft(
         shared = _vera_shared(folder.header, adapter_config.rank, d_in, d_out, weights)
     loaded = folder.load_tensors()
     tensors = {ours: loaded[theirs] for ours, theirs in renamed.items()}
+    if peft_type == "ADALORA":
+        _check_ranknum(folder.header, loaded, targets, base.rank, weights)
+        tensors.update({k: torch.ones(spec.shape, dtype=torch.bool) for k, spec in masks.items()})
     projections: dict[str, tuple[Tensor, Tensor]] = {}
     if peft_type == "VERA":
         if shared is None:
@@ -249,6 +282,10 @@ def read_peft(
             a, b = loaded["base_model.vera_A"].float(), loaded["base_model.vera_B"].float()
         projections = {t: (a[:, :i].clone(), b[:o].clone()) for t, (i, o) in sizes.items()}
     return PeftAdapter(layout, tensors, projections)
+
+
+def _is_mask(key: str) -> bool:
+    return key.endswith(".rank_mask")
 
 
 @torch.no_grad()

@@ -1,7 +1,8 @@
 """Writing PEFT adapter folders that ``peft.PeftModel.from_pretrained`` loads: a model's
-LoRA (rsLoRA), DoRA and VeRA adapters (:func:`save_peft`), or plain LoRA factors
+LoRA (rsLoRA), DoRA, VeRA and AdaLoRA adapters (:func:`save_peft`), or plain LoRA factors
 (:func:`write_lora_folder`); what PEFT cannot represent is refused before anything is
-written.
+written.  AdaLoRA is written as PEFT's ``AdaLoraModel.save_pretrained`` writes it after the
+final allocation: the surviving triplets and ``rank_pattern``.
 
 Shape legend: ``r`` rank, ``i``/``o`` layer input/output sizes.
 """
@@ -17,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from moracl.adapters.adalora import AdaLoRA, AdaLoRAConfig
 from moracl.adapters.dora import DoRAConfig
 from moracl.adapters.lora import LoRAConfig
 from moracl.adapters.vera import VeRA, VeRAConfig
@@ -180,6 +182,45 @@ def _vera_tensors(
     return tensors
 
 
+def _adalora_tensors(
+    config: AdaLoRAConfig, layers: Mapping[str, MoRALayer], targets: Sequence[str], name: str
+) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """AdaLoRA's config and tensors in PEFT's layout: each layer's surviving triplets
+    (``lora_A (k, i)``, ``lora_E (k, 1)``, ``lora_B (o, k)``, as ``save_pretrained`` keeps
+    them) and ``rank_pattern`` marking ``k`` of ``init_r`` kept, which PEFT resizes each layer
+    to on load (its scaling stays ``alpha / (init_r + 1e-5)``).  Only the kept count matters
+    to PEFT, so a layer built pruned marks its triplets first."""
+    pattern: dict[str, list[bool]] = {}
+    tensors: dict[str, Tensor] = {}
+    for t in targets:
+        adapter = layers[t].adapter(name)
+        assert isinstance(adapter, AdaLoRA)  # the adapter config is an AdaLoRAConfig
+        mask = adapter.rank_mask.tolist()  # (r,)
+        pattern[f"{t}.lora_E"] = mask + [False] * (config.rank - len(mask))
+        for key, value in adapter.saved_state().items():
+            if key != "rank_mask":
+                tensors[f"{PREFIX}{t}.{key}"] = value
+    peft = {
+        "peft_type": "ADALORA",
+        "init_r": config.rank,
+        "target_r": config.target_rank,
+        "lora_alpha": config.alpha,
+        "lora_dropout": config.dropout,
+        "orth_reg_weight": config.orth_reg_weight,
+        "beta1": config.beta1,
+        "beta2": config.beta2,
+        "tinit": config.tinit,
+        "tfinal": config.tfinal,
+        "deltaT": config.delta_t,
+        # the run's length is no part of the adapter; PEFT needs one that leaves a budget step
+        "total_step": config.tinit + config.tfinal + 1,
+        "rank_pattern": pattern,
+        "use_rslora": False,
+        "use_dora": False,
+    }
+    return peft, tensors
+
+
 def _peft_adapter(
     model: AdaptedModel, name: str, names: Sequence[str], modules: dict[str, Tensor]
 ) -> tuple[dict[str, Any], dict[str, Tensor]]:
@@ -211,6 +252,9 @@ def _peft_adapter(
             tensors[f"{PREFIX}{t}.lora_B.weight"] = state["lora_B"]
             if "magnitude" in state:
                 tensors[f"{PREFIX}{t}.lora_magnitude_vector"] = state["magnitude"]
+    elif isinstance(config, AdaLoRAConfig):
+        peft, adalora = _adalora_tensors(config, layers, targets, name)
+        tensors.update(adalora)
     elif isinstance(config, VeRAConfig):
         peft = {
             "peft_type": "VERA",
@@ -225,8 +269,8 @@ def _peft_adapter(
         kind = "mixture of experts" if isinstance(config, MixtureConfig) else config.kind
         raise ValueError(
             f"adapter {name!r} is a {kind} adapter, which PEFT cannot represent; PEFT's format "
-            f"holds lora (rslora), dora and vera adapters, and one task of a task-routed mixture "
-            f"(task_id=...)"
+            f"holds lora (rslora), dora, vera and adalora adapters, and one task of a task-routed "
+            f"mixture (task_id=...)"
         )
     return {**peft, **common}, tensors
 

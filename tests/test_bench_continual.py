@@ -429,3 +429,43 @@ def test_isolated_strategies_match_one_shared_run(tmp_path: Path) -> None:
         peak = isolated.strategies[name].cost.peak_memory_bytes
         assert peak is not None and peak > 50 * 2**20  # a process holding torch
     assert "| moracl (experts) |" in scenario_table(isolated)
+
+
+def test_merging_adds_strategies_seed_by_seed_and_refuses_other_streams(tmp_path: Path) -> None:
+    """``--merge``: new rows join the record's runs of the same stream and seeds; the record's
+    own rows are kept as they were, and the targets are checked again over all rows."""
+    from moracl.bench.common import write_record
+    from moracl.bench.continual import merge_record
+
+    def stream(runs: list[RunResults]) -> dict[str, object]:
+        return {"config": "configs/a.yaml", "sizes": "s", "runs": [r.to_dict() for r in runs]}
+
+    old = [_results("task", [0.9, 0.9, 0.9], seed=s, without=("replay",)) for s in (0, 1)]
+    new = [
+        RunResults(scenario="s", setting="task", seed=s, experiences=["a", "b", "c"])
+        for s in (0, 1)
+    ]
+    for r in new:
+        r.add(
+            _results("task", [0.9, 0.9, 0.9], without=("moracl", "naive", "joint")).strategies[
+                "replay"
+            ]
+        )
+    path = tmp_path / "r.json"
+    meta = {"commit": "abc", "caveats": ["old note"]}
+    write_record(path, "continual", meta, {"scenarios": {"a/task": stream(old)}})
+    results, kept_meta = merge_record(path, {"a/task": stream(new)})
+    assert kept_meta == meta
+    runs = [RunResults.from_dict(r) for r in results["scenarios"]["a/task"]["runs"]]
+    assert [list(r.strategies) for r in runs] == [["moracl", "naive", "joint", "replay"]] * 2
+    for merged, before in zip(runs, old):
+        assert merged.strategies["moracl"].to_dict() == before.strategies["moracl"].to_dict()
+    names = {t["name"] for t in results["scenarios"]["a/task"]["targets"]}
+    assert BEST in names  # Replay is now the best baseline the target compares with
+    write_record(path, "continual", meta, results)
+    with pytest.raises(ValueError, match="already holds 'replay'"):
+        merge_record(path, {"a/task": stream(new)})
+    with pytest.raises(ValueError, match=r"seeds \[1, 0\] differ from the record's \[0, 1\]"):
+        merge_record(path, {"a/task": stream(new[::-1])})
+    with pytest.raises(ValueError, match="has no stream 'b/task'"):
+        merge_record(path, {"b/task": stream(new)})

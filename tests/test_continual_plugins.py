@@ -36,10 +36,14 @@ def test_the_registry_holds_the_configs_strategy_names_with_their_labels() -> No
         "ewc": "EWC",
         "lwf": "LwF",
         "replay": "Replay",
+        "derpp": "DER++",
+        "olora": "O-LoRA",
+        "inflora": "InfLoRA",
         "joint": "Joint",
     }
     assert [n for n in STRATEGIES if strategy_entry(n).trains_once] == ["joint"]
-    with pytest.raises(ValueError, match=r"unknown strategy 'icarl'; expected one of \['ewc'"):
+    expected = r"unknown strategy 'icarl'; expected one of \['derpp', 'ewc'"
+    with pytest.raises(ValueError, match=expected):
         strategy_entry("icarl")
 
 

@@ -7,6 +7,7 @@ the cost of the training loop.
     moracl bench continual --quick --seeds 0    # smaller streams, fewer epochs, one seed
     moracl bench continual --scenarios split-fashion/task digit-domains/domain
     moracl bench continual --loop-cost-only     # the loop-cost table alone
+    moracl bench continual --strategies derpp --json R.json --merge   # add rows to a record
 
 Each stream is one config (:data:`BENCH_SCENARIOS`): ``wordnet_domains.yaml`` (task),
 ``wordnet_domains_class.yaml``, ``split_fashion.yaml`` (task), ``split_fashion_class.yaml``
@@ -25,6 +26,11 @@ Per stream and seed the tables give every strategy's validation ACC and its test
 BWT; over the seeds, mean ± sample sd and moracl's per-seed difference from the best other
 strategy; the targets (:mod:`moracl.bench.continual_tables`) are checked on moracl's test
 numbers, means over the seeds, each with its margin.
+
+``--strategies`` runs only the strategies named (each config's others are left out); with
+``--merge`` their results join those already in the ``--json`` record, stream by stream and
+seed by seed (same configs, sizes and seeds, else an error), and the record's caveats say
+which strategies were measured later, by which commit and command.
 
 The loop-cost table times moracl's training template on one experience against a plain
 PyTorch loop on the same model and tensors (:mod:`moracl.bench.loopcost`); the target is a
@@ -394,6 +400,53 @@ def loop_cost_markdown(results: dict[str, Any]) -> str:
     return "### moracl's template against a plain PyTorch loop\n\n" + loop_cost_table(costs)
 
 
+def merge_record(path: Path, streams: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The ``results`` and ``meta`` of the record at ``path`` with the strategies of
+    ``streams`` (this run's ``results.scenarios``) added to its runs, seed by seed, and the
+    targets checked again.
+
+    Raises:
+        ValueError: a stream the record lacks, or one whose config, sizes or seeds differ, or
+            a strategy the record already holds for a stream.
+    """
+    import json
+
+    data = json.loads(Path(path).read_text())
+    results, meta = data["results"], data["meta"]
+    for key, entry in streams.items():
+        old = results["scenarios"].get(key)
+        if old is None:
+            raise ValueError(
+                f"the record {path} has no stream {key!r}; it has {list(results['scenarios'])}"
+            )
+        for field_ in ("config", "sizes"):
+            if old[field_] != entry[field_]:
+                raise ValueError(
+                    f"stream {key!r}: {field_} {entry[field_]!r} differs from the record's "
+                    f"{old[field_]!r}"
+                )
+        old_runs = [RunResults.from_dict(r) for r in old["runs"]]
+        new_runs = [RunResults.from_dict(r) for r in entry["runs"]]
+        seeds = [[r.seed for r in runs] for runs in (old_runs, new_runs)]
+        if seeds[0] != seeds[1]:
+            raise ValueError(
+                f"stream {key!r}: seeds {seeds[1]} differ from the record's {seeds[0]}"
+            )
+        for old_run, new_run in zip(old_runs, new_runs):
+            for result in new_run.strategies.values():
+                if result.name in old_run.strategies:
+                    raise ValueError(
+                        f"stream {key!r} already holds {result.name!r}; the record keeps one "
+                        "measurement per strategy"
+                    )
+                old_run.add(result)
+        runs = old_runs
+        targets = check_seed_targets(runs)
+        old["runs"] = [r.to_dict() for r in runs]
+        old["targets"] = [{**asdict(t), "margin_text": t.margin_text} for t in targets]
+    return results, meta
+
+
 def _caveats(args: argparse.Namespace, threads: int | None) -> list[str]:
     notes = []
     if not args.loop_only:
@@ -433,6 +486,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--scenarios", nargs="+", choices=list(BENCH_SCENARIOS), default=list(BENCH_SCENARIOS)
     )
     parser.add_argument("--quick", action="store_true", help="smaller streams, fewer epochs")
+    parser.add_argument(
+        "--strategies",
+        nargs="+",
+        choices=list(STRATEGIES),
+        default=None,
+        help="run only these strategies (default: each config's own list)",
+    )
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="add the strategies run to the --json record's streams instead of replacing it",
+    )
     parser.add_argument(
         "--seeds",
         type=int,
@@ -476,6 +541,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             f"--jobs {args.jobs} runs strategy processes side by side; --no-isolate runs them "
             "all in this process: drop one of the two"
         )
+    if args.merge and (args.json is None or not args.json.is_file()):
+        parser.error(f"--merge adds rows to an existing --json record; got --json {args.json}")
+    if args.merge and args.strategies is None:
+        parser.error("--merge needs --strategies: the strategies whose rows it adds")
     if args.loop_only and not args.loop:
         parser.error("--loop-cost-only and --no-loop-cost leave nothing to measure")
     return args
@@ -496,6 +565,8 @@ def main(argv: list[str] | None = None) -> int:
         (key, seed): bench_config(key, quick=args.quick, output_dir=out, seed=seed)
         for key, seed in plan
     }
+    if args.strategies is not None:
+        configs = {k: replace(c, strategies=list(args.strategies)) for k, c in configs.items()}
     streams: dict[str, Any] = {}
     by_stream: dict[str, list[Target]] = {}
     if not args.loop_only:
@@ -531,7 +602,14 @@ def main(argv: list[str] | None = None) -> int:
         rows = _loop_costs(first, args.repeats)
         print("### loop cost: moracl's template against a plain PyTorch loop\n")
         print(loop_cost_table(rows), "\n")
-    if args.json is not None:
+    if args.json is not None and args.merge:
+        merged, old_meta = merge_record(args.json, streams)
+        later = (
+            f"{', '.join(args.strategies)} measured later, at commit {meta['commit']} on "
+            f"{meta['date']} ({meta['machine']}): `{meta['command']}`"
+        )
+        write_record(args.json, "continual", old_meta, merged, caveats=[later, *args.caveats])
+    elif args.json is not None:
         result = {
             "quick": args.quick,
             "seeds": args.seeds,

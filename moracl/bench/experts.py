@@ -5,6 +5,11 @@ model (one process, same batch).
 Task routing gives each sequence a task (4 tasks owning 2 experts each) and is compared with
 a single LoRA of rank k·r = 32. ``top2-of-8-per-sample`` routes each sequence as a whole (by
 the mean of its tokens' inputs) instead of each token.
+
+The ``act-*`` rows time adaptive computation (a top-2-of-8 mixture MLP of the model's sizes
+repeated under a halting unit, at most 4 steps) with every token through every step and with
+each step on the still-running tokens only, in training and at inference; see
+:mod:`moracl.bench.experts_act`.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from moracl.bench.common import (
     time_steps,
     write_record,
 )
+from moracl.bench.experts_act import ACT_METHODS, act_markdown, add_ratios, make_act_step
 
 __all__ = ["METHODS", "main", "make_step", "markdown", "parse_args", "run"]
 
@@ -47,6 +53,7 @@ METHODS = [
     "mora-top2-of-8",
     "naive-top2-of-8",
     "peft-lora",
+    *ACT_METHODS,
 ]
 
 
@@ -148,6 +155,20 @@ def run(
     results: list[dict[str, Any]] = []
     for method in methods:
         free(device)
+        if method in ACT_METHODS:  # graphs: the inference rows only; never compiled
+            step, params, mean_steps = make_act_step(method, shape, rank, device, dtype, graphs)
+            t = time_steps(step, device, warmup=warmup, steps=steps)
+            results.append(
+                {
+                    "method": method,
+                    "ms": t.ms,
+                    "peak_gib": t.peak_bytes / 2**30,
+                    "trainable": sum(p.numel() for p in params),
+                    "mean_steps": mean_steps(),
+                }
+            )
+            del step, params
+            continue
         step, params = make_step(method, shape, rank, device, dtype, ids, task_ids, compile, graphs)
         if graphs:
             from moracl.cuda_graphs import GraphedStep
@@ -171,10 +192,13 @@ def run(
         del step, params
     ref = {r["method"]: float(r["ms"]) for r in results}
     for r in results:
-        # None where the reference method was not run (the table prints a dash)
-        r["x_floor"] = float(r["ms"]) / ref["floor"] if "floor" in ref else None
-        r["x_lora"] = float(r["ms"]) / ref["lora-r16"] if "lora-r16" in ref else None
+        # None where the reference method was not run (the table prints a dash), and for the
+        # ACT rows (a block, not the model)
+        act = r["method"] in ACT_METHODS
+        r["x_floor"] = float(r["ms"]) / ref["floor"] if "floor" in ref and not act else None
+        r["x_lora"] = float(r["ms"]) / ref["lora-r16"] if "lora-r16" in ref and not act else None
         r["tokens_per_s"] = shape.tokens / (float(r["ms"]) / 1e3)
+    add_ratios(results)
     return results
 
 
@@ -210,7 +234,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def markdown(result: dict[str, Any], machine_line: str | None = None) -> str:
     """The benchmark's table from its ``--json`` results: a heading naming the size, shape,
     rank and mode (and the machine, when ``machine_line`` is given), then one row per
-    method."""
+    method; the ACT rows, when run, in a table of their own after it."""
     rows = [
         [
             r["method"],
@@ -222,6 +246,7 @@ def markdown(result: dict[str, Any], machine_line: str | None = None) -> str:
             f"{r['trainable']:,}",
         ]
         for r in result["results"]
+        if r["method"] not in ACT_METHODS
     ]
     head = (
         f"### experts, size {result['size']}: {result['shape']}, r={result['rank']}, "
@@ -231,6 +256,8 @@ def markdown(result: dict[str, Any], machine_line: str | None = None) -> str:
         ["method", "ms/step", "× floor", "× LoRA r16", "tokens/s", "peak GiB", "trainable"],
         rows,
     )
+    act = act_markdown(result["results"])
+    table += f"\n\n{act}" if act else ""
     return f"{head}\n{machine_line}\n\n{table}" if machine_line else f"{head}\n\n{table}"
 
 

@@ -18,6 +18,7 @@ from moracl.guard import OnNonFinite, check_int, check_number, parse_on_nonfinit
 from moracl.parse_fields import check_field_types, check_string_keys
 
 __all__ = [
+    "DEFAULT_STRATEGIES",
     "MOVED_KEYS",
     "SEED_MAX",
     "STRATEGIES",
@@ -40,7 +41,9 @@ __all__ = [
 
 #: strategy names a run may list, in the order runs report them (the names of
 #: :data:`moracl.continual.strategies.STRATEGY_REGISTRY`)
-STRATEGIES = ("moracl", "naive", "ewc", "lwf", "replay", "joint")
+STRATEGIES = ("moracl", "naive", "ewc", "lwf", "replay", "derpp", "olora", "inflora", "joint")
+#: what a run without a ``strategies`` list runs: moracl and the classic references
+DEFAULT_STRATEGIES = ("moracl", "naive", "ewc", "lwf", "replay", "joint")
 
 
 class _Choice(str, Enum):
@@ -431,6 +434,18 @@ class ExpertsConfig:
             "for learned routing with k > 1)"
         },
     )
+    growth_rank: int = field(
+        default=0,
+        metadata={
+            "help": "rank of the experts grown for each experience after the first (0: "
+            "experts.rank; alpha scales alike). With adapter.kind adalora each experience's "
+            "rank budget prunes its new experts from this rank to adapter.target_rank per "
+            "layer on average, so new experts start small and the budget decides where their "
+            "rank goes; must be >= adapter.target_rank. New experts copy the newest ones "
+            "(warm start) only at equal ranks: the first grown ones start fresh when it "
+            "differs from experts.rank"
+        },
+    )
     routing: RoutingMode = field(
         default_factory=lambda: AutoRouting(),
         metadata={"help": "how the mixtures route: a mode (auto, task, learned, gaussian)"},
@@ -449,7 +464,7 @@ class ExpertsConfig:
     )
 
     def __post_init__(self) -> None:
-        for name in ("per_experience", "rank", "replay_size", "balance_head_epochs"):
+        for name in ("per_experience", "rank", "growth_rank", "replay_size", "balance_head_epochs"):
             check_int(f"experts.{name}", getattr(self, name))
         check_number("experts.balance_head_lr", self.balance_head_lr)
         if self.per_experience <= 0:
@@ -468,6 +483,10 @@ class ExpertsConfig:
             )
         if self.rank < 0:
             raise ValueError(f"experts.rank must be >= 0 (0: adapter.rank), got {self.rank!r}")
+        if self.growth_rank < 0:
+            raise ValueError(
+                f"experts.growth_rank must be >= 0 (0: experts.rank), got {self.growth_rank!r}"
+            )
         _check_flag("experts.freeze_heads", self.freeze_heads)
         if isinstance(self.routing, Mapping):
             self.routing = RoutingMode.from_dict(self.routing)
@@ -518,13 +537,50 @@ class BaselinesConfig:
     lwf_alpha: float = field(default=1.0, metadata={"help": "LwF distillation weight"})
     lwf_temperature: float = field(default=2.0, metadata={"help": "LwF temperature"})
     replay_size: int = field(default=200, metadata={"help": "Replay buffer size (examples)"})
+    derpp_alpha: float = field(
+        default=0.1, metadata={"help": "DER++: weight of the replayed-logits MSE (α)"}
+    )
+    derpp_beta: float = field(
+        default=0.5, metadata={"help": "DER++: weight of the replayed-labels CE (β)"}
+    )
+    olora_lambda1: float = field(
+        default=0.5,
+        metadata={"help": "O-LoRA: weight of the orthogonality loss between task LoRAs (λ₁)"},
+    )
+    olora_lambda2: float = field(
+        default=0.0,
+        metadata={"help": "O-LoRA: weight of the L2 norm of the new task's LoRA (λ₂)"},
+    )
+    inflora_rank: int = field(
+        default=10, metadata={"help": "InfLoRA: rank of each experience's branch (r)"}
+    )
+    inflora_threshold: float = field(
+        default=0.95,
+        metadata={"help": "InfLoRA: energy share of the inputs the stored subspace keeps (ε)"},
+    )
+    inflora_threshold_end: float = field(
+        default=1.0,
+        metadata={"help": "InfLoRA: the value ε rises toward, linearly over the stream"},
+    )
 
     def __post_init__(self) -> None:
         check_int("baselines.replay_size", self.replay_size, gt=0)
+        check_int("baselines.inflora_rank", self.inflora_rank, gt=0)
+        check_number("baselines.inflora_threshold", self.inflora_threshold, gt=0, le=1)
+        check_number(
+            "baselines.inflora_threshold_end",
+            self.inflora_threshold_end,
+            ge=self.inflora_threshold,
+            le=1,
+        )
         check_number("baselines.ewc_lambda", self.ewc_lambda, ge=0)
         check_number("baselines.lwf_alpha", self.lwf_alpha, ge=0)
+        check_number("baselines.derpp_alpha", self.derpp_alpha, ge=0)
+        check_number("baselines.derpp_beta", self.derpp_beta, ge=0)
         # LwF divides the logits by the temperature: 0 trains through NaN
         check_number("baselines.lwf_temperature", self.lwf_temperature, gt=0)
+        check_number("baselines.olora_lambda1", self.olora_lambda1, ge=0)
+        check_number("baselines.olora_lambda2", self.olora_lambda2, ge=0)
 
 
 @dataclass
@@ -587,7 +643,7 @@ class RunConfig:
         default_factory=list, metadata={"help": "layers to adapt (empty: the encoder's default)"}
     )
     experts: ExpertsConfig = field(default_factory=ExpertsConfig)
-    strategies: list[str] = field(default_factory=lambda: list(STRATEGIES))
+    strategies: list[str] = field(default_factory=lambda: list(DEFAULT_STRATEGIES))
     baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
     train: ContinualTrainConfig = field(default_factory=ContinualTrainConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
@@ -607,6 +663,14 @@ class RunConfig:
                 f"strategies must be distinct names among {list(STRATEGIES)}, "
                 f"got {self.strategies!r}"
             )
+        if "moracl" in self.strategies:
+            for key in ("rank", "growth_rank"):  # each expert's config must build
+                rank = getattr(self.experts, key)
+                if rank:
+                    try:
+                        AdapterConfig.from_dict({**self.adapter.to_dict(), "rank": rank})
+                    except ValueError as e:
+                        raise ValueError(f"experts.{key}={rank} with the adapter: {e}") from None
         if self.train.early_stopping is not None and self.scenario.val_share == 0:
             raise ValueError(
                 "train.early_stopping watches each experience's validation split, but "

@@ -18,7 +18,9 @@ from moracl.continual.config import (
     check_routing,
 )
 from moracl.continual.inference import GaussianTaskInference
+from moracl.continual.inflora import inflora_classifier
 from moracl.continual.model import ContinualClassifier
+from moracl.continual.olora import olora_classifier
 from moracl.experts.mixture import ExpertGroup, MixtureConfig
 from moracl.experts.routers.config import RouterConfig
 from moracl.experts.routers.task import TaskRouterConfig
@@ -70,10 +72,14 @@ def moracl_router(config: RunConfig, *, task_aware: bool) -> RouterConfig:
     return TopKRouterConfig(k=k, noise=False, normalize=k > 1, per=routing.per)
 
 
-def expert_adapter(config: RunConfig, router: RouterConfig | None = None) -> AdapterConfig:
+def expert_adapter(
+    config: RunConfig, router: RouterConfig | None = None, *, grown: bool = False
+) -> AdapterConfig:
     """The configuration of each of moracl's experts: ``config.adapter`` at rank
     ``experts.rank`` (when set), with ``alpha`` scaled alike so that ``alpha / rank`` (LoRA's
-    scaling) stays the adapter's.
+    scaling) stays the adapter's. ``grown``: the experts grown for the experiences after the
+    first, at rank ``experts.growth_rank`` when set (AdaLoRA experts: their initial rank,
+    which each experience's budget prunes to ``target_rank``).
 
     Under a ``router`` that picks ``k > 1`` experts with gates renormalised to sum to 1,
     ``alpha`` is also multiplied by ``k``: the ``k`` rank-``r`` experts of a token then add up
@@ -81,7 +87,7 @@ def expert_adapter(config: RunConfig, router: RouterConfig | None = None) -> Ada
     of it for ``k = 2``, and train at half its pace).
     """
     base = config.adapter
-    rank = config.experts.rank or base.rank
+    rank = (config.experts.growth_rank if grown else 0) or config.experts.rank or base.rank
     scale = rank / base.rank
     if isinstance(router, TopKRouterConfig) and router.normalize and router.k > 1:
         scale *= router.k
@@ -100,6 +106,22 @@ def build_model(
     ``default_targets`` and ``feature_dim``): moracl gets a mixture, baselines one adapter."""
     aware = task_aware(info)
     targets = list(config.target_modules) or list(getattr(encoder, "default_targets"))  # noqa: B009
+    if name == "olora":  # one LoRA per experience, summed (moracl.continual.olora)
+        return olora_classifier(
+            encoder,
+            config.adapter,
+            info.experience_classes,
+            target_modules=targets,
+            multi_head=aware,
+        )
+    if name == "inflora":  # one designed LoRA branch per experience (moracl.continual.inflora)
+        return inflora_classifier(
+            encoder,
+            info.experience_classes,
+            targets=targets,
+            rank=config.baselines.inflora_rank,
+            multi_head=aware,
+        )
     adapter: AdapterConfig | MixtureConfig = config.adapter
     e = config.experts
     moracl = name == "moracl"

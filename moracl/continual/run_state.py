@@ -244,8 +244,19 @@ def active_per_token(model: ContinualClassifier, experts_per_token: float | None
             total += expert * (experts_per_token or 1.0)
             total += sum(p.numel() for p in m.router.parameters())
     elif isinstance(encoder, MoRAModel):
+        # every active adapter of each adapted layer (trained or frozen: a strategy that sums
+        # one adapter per task runs them all), and whatever else trains
+        counted: set[int] = set()
+        for _, layer in encoder.adapted_layers():
+            for name in layer.active:
+                for p in layer.adapter(name).parameters():
+                    if id(p) not in counted:
+                        counted.add(id(p))
+                        total += p.numel()
         frozen = {id(p) for p in encoder.model.parameters() if not p.requires_grad}
-        total += sum(p.numel() for p in encoder.parameters() if id(p) not in frozen)
+        total += sum(
+            p.numel() for p in encoder.parameters() if id(p) not in frozen and id(p) not in counted
+        )
     return total + head
 
 

@@ -19,8 +19,11 @@ from torch import nn
 
 from moracl.continual.batches import derive_seed
 from moracl.continual.config import LearnedRouting, RunConfig, check_routing
+from moracl.continual.derpp import DERPlusPlusPlugin
 from moracl.continual.factory import expert_adapter, moracl_router, optimizer_factory
+from moracl.continual.inflora import InfLoRAPlugin, InfLoRAStrategy
 from moracl.continual.model import ContinualClassifier
+from moracl.continual.olora import OLoRAStrategy
 from moracl.continual.plugins import (
     BalancedHeadPlugin,
     FastJoint,
@@ -80,7 +83,9 @@ def _moracl(config: RunConfig, model: ContinualClassifier, common: dict[str, Any
     routing = e.routing.resolve(task_aware=model.multi_head)
     learned = routing if isinstance(routing, LearnedRouting) else LearnedRouting()
     growth = GrowthConfig(
-        adapter=expert_adapter(config, moracl_router(config, task_aware=model.multi_head)),
+        adapter=expert_adapter(
+            config, moracl_router(config, task_aware=model.multi_head), grown=True
+        ),
         experts=e.per_experience,
         # (read by routing by task, given or inferred; learned routers have no task rows)
         reuse_old=routing.reuse_old if not isinstance(routing, LearnedRouting) else True,
@@ -157,6 +162,38 @@ def _replay(config: RunConfig, model: ContinualClassifier, common: dict[str, Any
 def _joint(config: RunConfig, model: ContinualClassifier, common: dict[str, Any]) -> FastTemplate:
     """Joint training on the whole stream (the upper reference)."""
     return FastJoint(model=model, **common)
+
+
+@_register("olora", "O-LoRA")
+def _olora(config: RunConfig, model: ContinualClassifier, common: dict[str, Any]) -> FastTemplate:
+    """O-LoRA: one LoRA per experience, kept orthogonal to the earlier (frozen) ones
+    (``baselines.olora_lambda1``, ``baselines.olora_lambda2``; :mod:`moracl.continual.olora`)."""
+    b = config.baselines
+    return OLoRAStrategy(model=model, lambda1=b.olora_lambda1, lambda2=b.olora_lambda2, **common)
+
+
+@_register("inflora", "InfLoRA")
+def _inflora(config: RunConfig, model: ContinualClassifier, common: dict[str, Any]) -> FastTemplate:
+    """InfLoRA: one LoRA branch per experience whose ``A`` is designed orthogonal to the
+    earlier experiences' inputs (``baselines.inflora_*``; :mod:`moracl.continual.inflora`)."""
+    b = config.baselines
+    plugin = InfLoRAPlugin(
+        threshold=b.inflora_threshold,
+        threshold_end=b.inflora_threshold_end,
+        batch_size=config.train.eval_batch_size,
+    )
+    return InfLoRAStrategy(model=model, plugins=[plugin], **common)
+
+
+@_register("derpp", "DER++")
+def _derpp(config: RunConfig, model: ContinualClassifier, common: dict[str, Any]) -> FastTemplate:
+    """Dark experience replay++ (``baselines.replay_size``, ``baselines.derpp_alpha``,
+    ``baselines.derpp_beta``)."""
+    b = config.baselines
+    plugin = DERPlusPlusPlugin(
+        b.replay_size, alpha=b.derpp_alpha, beta=b.derpp_beta, seed=common["loader_seed"]
+    )
+    return FastTemplate(model=model, plugins=[plugin], **common)
 
 
 def build_strategy(

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
@@ -38,6 +39,9 @@ from avalanche.training.templates import SupervisedTemplate
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from moracl.adapters.adalora.bank import AdaLoRABank
+from moracl.adapters.adalora.budget import RankAllocator
+from moracl.adapters.adalora.module import orth_loss, rank_budget_modules
 from moracl.adapters.base import AdapterConfig
 from moracl.continual.batches import TensorBatches, derive_seed, materialize
 from moracl.continual.model import ContinualClassifier
@@ -342,6 +346,8 @@ def grow_experts(model: ContinualClassifier, experience: int, growth: GrowthConf
         same = type(bank) is type(newest) and bank.config == newest.config
         if growth.warm_start and same and bank.num_experts == newest.num_experts:
             bank.load_state_dict(newest.state_dict())  # same shapes: a copy
+            if isinstance(bank, AdaLoRABank):
+                bank.reset_ranks()  # the copies' triplets all enter this experience's budget
         router = mixture.router
         if isinstance(router, TaskRouter):
             mask = torch.zeros(mixture.num_experts, dtype=torch.bool)
@@ -480,6 +486,16 @@ class MoRAStrategy(FastTemplate):
     loss adds the routers' weighted auxiliary losses to ``criterion``'s loss (cross-entropy by
     default).
 
+    AdaLoRA experts (``adapter.kind: adalora``): each experience's training allocates a rank
+    budget (:class:`~moracl.adapters.adalora.RankAllocator`) over the experts that train now
+    (the earlier ones are frozen, outside it), from their initial rank to ``target_rank`` per
+    layer and expert on average, over that experience's optimiser steps (``train_epochs ×``
+    its batches; a skipped step is not counted), and the loss adds their orthogonality
+    regulariser. The allocation is final at the experience's end at the latest (early
+    stopping, skipped steps: :meth:`RankAllocator.finalize`), so each expert keeps its
+    ``rank_mask`` from then on; nothing of the budget crosses an experience boundary, so a
+    checkpoint between experiences (the masks are buffers of the model) resumes exactly.
+
     In Avalanche's usual form::
 
         strategy = MoRAStrategy(model=model,
@@ -550,6 +566,9 @@ class MoRAStrategy(FastTemplate):
         self.experience_labels = experience_labels
         self.teacher_forcing = teacher_forcing
         self.experiences_prepared = 1  # the initial experts serve experience 0
+        self.rank_allocator: RankAllocator | None = None  # while an experience trains
+        self._budget_hook: Any = None
+        self._budget_steps = 0
         super().__init__(
             model=model, optimizer=optimizer, optimizer_factory=optimizer_factory, **kwargs
         )
@@ -612,11 +631,45 @@ class MoRAStrategy(FastTemplate):
             self.prepare(self.experience.current_experience)
         return super().model_adaptation(model)
 
+    def _before_training_exp(self, **kwargs: Any) -> None:
+        super()._before_training_exp(**kwargs)  # data, growth, optimiser, plugins' loaders
+        encoder = self.model.encoder
+        if not rank_budget_modules(encoder):
+            return
+        steps = int(self.train_epochs) * len(self.dataloader)
+        try:
+            self.rank_allocator = RankAllocator(encoder, total_steps=steps)
+        except ValueError as e:
+            raise ValueError(f"{self.where()}: {e}") from None
+        self._budget_steps = 0
+        self._budget_hook = self.optimizer.register_step_post_hook(self._allocate_rank)
+
+    def _allocate_rank(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
+        """After each completed optimiser step (its gradients not yet cleared)."""
+        if self.rank_allocator is not None:
+            self.rank_allocator.update_and_allocate(self._budget_steps)
+            self._budget_steps += 1
+
+    def _after_training_exp(self, **kwargs: Any) -> None:
+        allocator = self.rank_allocator
+        if allocator is not None:
+            self._budget_hook.remove()
+            self.rank_allocator, self._budget_hook = None, None
+            if not allocator.finalize():
+                warnings.warn(
+                    f"{self.where()}: no optimiser step completed, so the rank budget made no "
+                    "allocation; the new adalora experts keep their initial rank",
+                    stacklevel=2,
+                )
+        super()._after_training_exp(**kwargs)
+
     def criterion(self) -> Tensor:
         loss: Tensor = self._criterion(self.mb_output, self.mb_y)
         encoder = self.model.encoder
         if self.is_training and isinstance(encoder, MoRAModel):
             loss = loss + encoder.aux_loss()
+            if self.rank_allocator is not None:  # AdaLoRA experts: their orthogonality loss
+                loss = loss + orth_loss(encoder)
             if self.route_supervision:
                 rows = self.row_experience()  # (b,)
                 loss = loss + self.route_supervision * routing_supervision_loss(encoder, rows)

@@ -5,20 +5,57 @@
 (at the latest at ``max_steps``); its output is ``Σ_k p_k s_k`` with ``p_k = h_k`` before ``N``
 and the remainder ``p_N = R = 1 − Σ_{k<N} h_k``; the ponder cost is ``τ · (N + R)``.
 
-Training uses the fixed-maximum masked form (``max_steps`` block calls, static shapes, so it
-runs under ``vmap`` and ``torch.compile``); in eval mode the loop stops once every token has
-halted, which gives the same result.  Shape legend: ``n`` tokens (leading dims), ``d`` features.
+Three loops compute this same function (:class:`ACTLoop`):
+
+- ``masked``: ``max_steps`` block calls on every token, a halted token's later steps weighted
+  0 (static shapes: runs under ``vmap``, ``torch.compile`` and CUDA graphs); the default in
+  training;
+- ``batch``: the same on the whole batch, stopping once every token has halted (one slow token
+  makes the batch pay for all its steps);
+- ``token``: after each step the block runs on the still-running tokens only (gathered, and
+  their results scattered back), so the cost follows the mean number of steps, not the
+  maximum; the default at inference.  It needs a *row-independent* block — one whose output
+  for a token depends on that token's input alone (an MLP, a mixture layer routing per token,
+  a norm over features) — and its data-dependent shapes synchronise with the host once per
+  step.  A block that mixes tokens (attention, routing per sample, batch norm) needs
+  ``masked`` or ``batch``.
+
+Gradients agree too: in the masked form a halted token's later steps carry weight 0, which is
+what leaving them out computes.  Shape legend: ``n`` tokens (leading dims), ``m`` the tokens
+still running, ``k`` steps run, ``d`` features.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ACTOutput", "AdaptiveComputation"]
+from moracl.experts.mixture import Mixture
+
+__all__ = ["ACTLoop", "ACTOutput", "AdaptiveComputation"]
+
+
+class ACTLoop(str, Enum):
+    """How :class:`AdaptiveComputation` runs its steps (see the module docstring); str-valued,
+    so ``"token"`` works wherever a member does."""
+
+    MASKED = "masked"
+    BATCH = "batch"
+    TOKEN = "token"
+
+    @classmethod
+    def parse(cls, value: Any, name: str = "loop") -> ACTLoop:
+        """``value`` (a member or its string) as a member; else ``ValueError`` naming it."""
+        try:
+            return cls(value)
+        except ValueError:
+            raise ValueError(
+                f"{name} must be one of {[m.value for m in cls]}, got {value!r}"
+            ) from None
 
 
 @dataclass(frozen=True)
@@ -28,7 +65,8 @@ class ACTOutput:
     ponder_cost: ``()`` ``τ · mean(N + R)``, to add to the loss.
     steps: ``(...)`` ``N`` per token (float).
     remainders: ``(...)`` ``R`` per token.
-    weights: ``(k, ...)`` the halting weights ``p`` of the steps run (sum to 1 per token).
+    weights: ``(k, ...)`` the halting weights ``p`` of the steps run (sum to 1 per token;
+        0 after a token halted).
     """
 
     output: Tensor
@@ -48,6 +86,10 @@ class AdaptiveComputation(nn.Module):
     The wrapper's state dict has the block's own keys (plus ``act_halt.weight`` and
     ``act_halt.bias``), so a block's checkpoint loads into its wrapped form and back.
 
+    >>> act = AdaptiveComputation(nn.Linear(8, 8), features=8, max_steps=4).eval()
+    >>> act(torch.randn(5, 8)).output.shape  # the ``token`` loop at inference
+    torch.Size([5, 8])
+
     Args:
         block: the module to repeat (a mixture layer, a stack of them, ...).
         features: ``d``.
@@ -55,6 +97,13 @@ class AdaptiveComputation(nn.Module):
         epsilon: halt once the cumulative halting probability reaches ``1 − epsilon``.
         tau: weight of the ponder cost.
         halt_bias: initial bias of the halting unit (positive: few steps at the start).
+        training_loop: the :class:`ACTLoop` in training mode (default ``masked``).
+        inference_loop: the :class:`ACTLoop` in eval mode (default ``token``: valid for
+            row-independent blocks only; ``batch`` for a block that mixes tokens).
+
+    Raises:
+        ValueError: a bad ``max_steps``, ``epsilon``, ``tau`` or loop name, or the ``token``
+            loop around a mixture that routes whole samples (it mixes tokens).
     """
 
     def __init__(
@@ -66,6 +115,8 @@ class AdaptiveComputation(nn.Module):
         epsilon: float = 0.01,
         tau: float = 0.01,
         halt_bias: float = 1.0,
+        training_loop: ACTLoop | str = ACTLoop.MASKED,
+        inference_loop: ACTLoop | str = ACTLoop.TOKEN,
     ) -> None:
         super().__init__()
         if not isinstance(max_steps, int) or max_steps < 1:
@@ -79,10 +130,42 @@ class AdaptiveComputation(nn.Module):
         nn.init.zeros_(self.act_halt.weight)
         nn.init.constant_(self.act_halt.bias, halt_bias)
         self.max_steps, self.epsilon, self.tau = max_steps, epsilon, tau
+        self.training_loop = self._checked(training_loop, "training_loop")
+        self.inference_loop = self._checked(inference_loop, "inference_loop")
         self._register_state_dict_hook(_strip_block_prefix)
         self._register_load_state_dict_pre_hook(_add_block_prefix)
 
-    def forward(self, x: Tensor) -> ACTOutput:
+    def _checked(self, loop: ACTLoop | str, name: str) -> ACTLoop:
+        """``loop`` parsed; the ``token`` loop refused around a block known to mix tokens."""
+        loop = ACTLoop.parse(loop, name)
+        if loop is ACTLoop.TOKEN:
+            for path, module in self.block.named_modules():
+                if isinstance(module, Mixture) and module.per_sample:
+                    raise ValueError(
+                        f"{name}='token' runs the block on a subset of the tokens, but the "
+                        f"mixture at {path or 'the block'!r} routes whole samples (it mixes "
+                        "tokens); expected 'masked' or 'batch' for this block"
+                    )
+        return loop
+
+    def forward(self, x: Tensor, *, loop: ACTLoop | str | None = None) -> ACTOutput:
+        """The ACT output for ``x (..., d)``.
+
+        Args:
+            loop: this call's :class:`ACTLoop` (default: ``training_loop`` in training mode,
+                ``inference_loop`` in eval mode).
+        """
+        if loop is None:
+            chosen = self.training_loop if self.training else self.inference_loop
+        else:
+            chosen = self._checked(loop, "loop")
+        if chosen is ACTLoop.TOKEN:
+            return self._token_loop(x)
+        return self._whole_batch(x, stop_early=chosen is ACTLoop.BATCH)
+
+    def _whole_batch(self, x: Tensor, *, stop_early: bool) -> ACTOutput:
+        """The masked form: every token through every step (until all halted if
+        ``stop_early``)."""
         lead = x.shape[:-1]
         cum = x.new_zeros(lead)  # Σ h of the steps taken so far
         remainders = x.new_zeros(lead)
@@ -106,10 +189,43 @@ class AdaptiveComputation(nn.Module):
             remainders = remainders + r
             steps = steps + running
             running = going
-            if not self.training and not torch.compiler.is_compiling() and not running.any():
+            if stop_early and not torch.compiler.is_compiling() and not running.any():
                 break
         cost = self.tau * (steps + remainders).mean()
         return ACTOutput(out, cost, steps, remainders, torch.stack(weights))
+
+    def _token_loop(self, x: Tensor) -> ACTOutput:
+        """Each step on the still-running tokens only: gather, run the block, scatter back."""
+        lead, d = x.shape[:-1], x.shape[-1]
+        x2 = x.reshape(-1, d)  # (n, d)
+        n = x2.shape[0]
+        out = torch.zeros_like(x2)  # (n, d)
+        steps = x2.new_zeros(n)
+        remainders = x2.new_zeros(n)
+        weights = []
+        idx = torch.arange(n, device=x.device)  # (m,) the running tokens
+        cum = x2.new_zeros(n)  # (m,) their Σ h so far
+        s = x2  # (m, d) their states
+        for k in range(self.max_steps):
+            s = self.block(s)  # (m, d)
+            h = torch.sigmoid(self.act_halt(s)).squeeze(-1)  # (m,)
+            if k == self.max_steps - 1:
+                h = torch.ones_like(h)
+            halts = cum + h > 1 - self.epsilon  # (m,) bool
+            r = torch.where(halts, 1 - cum, torch.zeros_like(cum))  # (m,)
+            p = torch.where(halts, r, h)  # (m,)
+            out.index_add_(0, idx, (p[:, None] * s).to(out.dtype))  # (n, d)
+            weights.append(x2.new_zeros(n).index_add_(0, idx, p))  # (n,)
+            remainders.index_add_(0, idx, r)
+            steps.index_add_(0, idx, torch.ones_like(p))
+            keep = torch.nonzero(~halts).squeeze(1)  # (m',): one host sync per step
+            idx, s = idx.index_select(0, keep), s.index_select(0, keep)  # (m',) (m', d)
+            cum = (cum + h).index_select(0, keep)  # (m',)
+            if idx.numel() == 0:
+                break
+        cost = self.tau * (steps + remainders).mean()
+        stacked = torch.stack(weights).view(len(weights), *lead)  # (k, ...)
+        return ACTOutput(out.view(x.shape), cost, steps.view(lead), remainders.view(lead), stacked)
 
 
 def _strip_block_prefix(module: nn.Module, state: dict[str, Any], prefix: str, _meta: Any) -> None:

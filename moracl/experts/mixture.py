@@ -77,7 +77,8 @@ class MixtureConfig:
     are then unused.
 
     Args:
-        kind: the experts' adapter kind (one with a stacked bank: ``lora``, ``mora``).
+        kind: the experts' adapter kind (one with a stacked bank: ``lora``, ``mora``,
+            ``adalora``).
         rank: the experts' rank.
         experts: how many.
         router: the router (:class:`~moracl.experts.routers.config.RouterConfig`).
@@ -110,7 +111,13 @@ class MixtureConfig:
         """The banks this mixture starts with."""
         if self.groups:
             return list(self.groups)
-        adapter = AdapterConfig.from_dict({"kind": self.kind, "rank": self.rank})
+        try:
+            adapter = AdapterConfig.from_dict({"kind": self.kind, "rank": self.rank})
+        except ValueError as e:
+            raise ValueError(
+                f"MixtureConfig(kind={self.kind!r}, rank={self.rank!r}): {e}; set the experts' "
+                "other fields with groups=(ExpertGroup(AdapterConfig(...), count),)"
+            ) from None
         return [ExpertGroup(adapter, self.experts)]
 
     @property

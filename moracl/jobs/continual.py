@@ -54,6 +54,11 @@ def check(config: RunConfig) -> None:
             f"adapter kind {kind!r} cannot be a mixture expert; expected one of {sorted(BANKS)} "
             f"(or leave moracl out of strategies)"
         )
+    if "olora" in config.strategies and kind != "lora":
+        raise ValueError(
+            f"strategy olora trains one LoRA per experience: adapter.kind must be 'lora', got "
+            f"{kind!r} (or leave olora out of strategies)"
+        )
     import moracl_scenarios  # noqa: F401  (registers the streams)
     from moracl_scenarios.streams import check_scenario
 

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moracl.adapters.adalora import RankBudgetHooks
+from moracl.adapters.adalora import RankBudgetHooks, adalora_buffers
 from moracl.adapters.base import ParamRole, iter_param_roles
 from moracl.adapters.delta_lora import DeltaLoRAUpdater, delta_lora_buffers
 from moracl.config import FinetuneConfig, TrainConfig, from_dict, to_dict
@@ -424,11 +424,11 @@ def _watch(
 ) -> Callable[[EpochRecord], bool]:
     """The ``after_epoch`` of a loop: the validation loss and accuracy of ``logits() (n, c)``
     against ``labels (n,)`` fed to ``stopper`` with ``model``'s trainable state (and the
-    frozen-weight updates of Delta-LoRA adapters)."""
+    frozen-weight updates of Delta-LoRA adapters and the rank masks of AdaLoRA ones)."""
 
     def after_epoch(record: EpochRecord) -> bool:
         loss, acc = _scores(logits(), labels)
-        state = {**trainable_state(model), **delta_lora_buffers(model)}
+        state = {**trainable_state(model), **delta_lora_buffers(model), **adalora_buffers(model)}
         return stopper.update(record.epoch, val_loss=loss, val_acc=acc, state=state)
 
     return after_epoch

@@ -1,8 +1,12 @@
 """The rank budget of AdaLoRA: importance of every singular triplet, a falling global budget,
-and the mask keeping the most important triplets across all layers.
+and the mask keeping the most important triplets across all layers and experts.
 
-With ``t`` the step just taken (0 for the first optimiser step), ``T`` the total steps,
-``b₀ = Σ r_layer`` the initial and ``b_T = target_rank × layers`` the final budget:
+A triplet is one ``(layer, k)`` of a single adapter, or one ``(layer, expert, k)`` of an
+expert bank (:class:`~moracl.adapters.adalora.AdaLoRABank`): each expert of a bank is in the
+budget as one more adapter would be.  With ``t`` the step just taken (0 for the first
+optimiser step), ``T`` the total steps, ``u`` the number of adapters (each expert of a bank
+counting as one), ``b₀`` their triplets (``Σ r``) the initial and ``b_T = target_rank × u`` the
+final budget:
 
     b(t) = b₀                                                 t <= tinit
     b(t) = ⌊(b₀ − b_T) (1 − (t − tinit) / (T − tfinal − tinit))³ + b_T⌋   tinit < t <= T − tfinal
@@ -12,10 +16,13 @@ Each step before ``T − tfinal`` updates, for every entry ``w`` of ``A``, ``E``
 sensitivity ``I = |w · ∂L/∂w|``, its EMA ``Ī ← β₁ Ī + (1 − β₁) I`` and the uncertainty
 ``Ū ← β₂ Ū + (1 − β₂) |I − Ī|``.  A triplet's score is ``S = s(E_k) + mean_i s(A_k,i) +
 mean_o s(B_o,k)`` with ``s = Ī · Ū``.  Every ``delta_t`` steps while the budget falls, the
-triplets whose score is at most the ``(b₀ − b(t))``-th smallest over all layers get ``E_k = 0``
-(they may grow back); at ``t = T − tfinal`` this allocation becomes final: it sets each
-layer's ``rank_mask`` and is enforced at every later step.  All of it is PEFT's
-``RankAllocator`` / ``AdaLoraModel.update_and_allocate``, step for step.
+triplets whose score is at most the ``(b₀ − b(t))``-th smallest over all layers (and
+experts) get ``E_k = 0`` (they may grow back); at ``t = T − tfinal`` this allocation becomes
+final: it sets each layer's ``rank_mask`` (each expert's row of a bank's) and is enforced at
+every later step.  All of it is PEFT's ``RankAllocator`` / ``AdaLoraModel.update_and_allocate``,
+step for step; a bank's experts are scored and masked exactly as separate adapters would be.
+Only modules whose singular values train are in the budget: frozen experts (earlier
+experiences' in a continual run) keep their ranks.
 """
 
 from __future__ import annotations
@@ -25,8 +32,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from moracl.adapters.adalora.bank import AdaLoRABank
 from moracl.adapters.adalora.config import AdaLoRAConfig
-from moracl.adapters.adalora.module import AdaLoRA, adalora_modules
+from moracl.adapters.adalora.module import AdaLoRA, rank_budget_modules
 from moracl.guard import check_int
 
 __all__ = ["RankAllocator"]
@@ -35,7 +43,8 @@ _FACTORS = ("lora_A", "lora_E", "lora_B")
 
 
 class RankAllocator:
-    """Allocates AdaLoRA's rank budget over the trained AdaLoRA adapters of ``model``.
+    """Allocates AdaLoRA's rank budget over the trained AdaLoRA adapters and expert banks of
+    ``model`` (:func:`~moracl.adapters.adalora.rank_budget_modules`).
 
     Call :meth:`update_and_allocate` once per optimiser step, after ``optimizer.step()`` and
     before the gradients are cleared: it reads each parameter's new value and the gradient
@@ -47,23 +56,32 @@ class RankAllocator:
         model: the model holding the adapters (a ``MoRAModel`` or any module).
         total_steps: ``T``, the optimiser steps of the whole run.
         adapter_name: only adapters of this name (``....adapters.<name>``); default: every
-            AdaLoRA adapter whose parameters train, which must then share one config.
+            AdaLoRA adapter and expert bank whose parameters train, which must then share one
+            budget schedule.
+
+    Attributes:
+        adapters: the allocated modules by path (an :class:`AdaLoRA` or an
+            :class:`AdaLoRABank`).
+        rank_pattern: the last allocation, per path the kept flags of each triplet (a list
+            for an adapter, one list per expert for a bank); ``None`` before the first.
     """
 
     def __init__(self, model: nn.Module, *, total_steps: int, adapter_name: str | None = None):
-        found = adalora_modules(model)
+        found = rank_budget_modules(model)
         if adapter_name is not None:
             found = {p: m for p, m in found.items() if p.rsplit(".", 1)[-1] == adapter_name}
         if not found:
             which = "" if adapter_name is None else f" named {adapter_name!r}"
-            raise ValueError(f"the model has no trained adalora adapter{which} to allocate")
+            raise ValueError(
+                f"the model has no trained adalora adapter{which} (nor adalora experts) to allocate"
+            )
         configs = {_schedule_of(m.config) for m in found.values()}
         if len(configs) > 1:
             raise ValueError(
                 "the model's adalora adapters have different budget settings; pick one with "
                 "adapter_name="
             )
-        self.adapters: dict[str, AdaLoRA] = dict(sorted(found.items()))
+        self.adapters: dict[str, AdaLoRA | AdaLoRABank] = dict(sorted(found.items()))
         self.config: AdaLoRAConfig = next(iter(self.adapters.values())).config
         self.total_steps = check_int("total_steps", total_steps, gt=0)
         cfg = self.config
@@ -73,11 +91,11 @@ class RankAllocator:
                 f"be < total_steps - tfinal = {self.total_steps} - {cfg.tfinal}; lower "
                 "tinit or tfinal, or train longer"
             )
-        self.init_budget = sum(m.rank for m in self.adapters.values())
-        self.target_budget = cfg.target_rank * len(self.adapters)
+        self.init_budget = sum(m.rank_mask.numel() for m in self.adapters.values())
+        self.target_budget = cfg.target_rank * sum(_units(m) for m in self.adapters.values())
         self.exp_avg_ipt: dict[str, Tensor] = {}
         self.exp_avg_unc: dict[str, Tensor] = {}
-        self.rank_pattern: dict[str, list[bool]] | None = None
+        self.rank_pattern: dict[str, list[Any]] | None = None
         self.budget = self.init_budget
 
     # -- the schedule --------------------------------------------------------------------
@@ -110,10 +128,7 @@ class RankAllocator:
                 self.rank_pattern = self._mask_to_budget(budget)
         elif t == self.final_step:
             budget = self.target_budget
-            self.rank_pattern = self._mask_to_budget(budget)
-            for path, adapter in self.adapters.items():
-                adapter.rank_mask.copy_(torch.tensor(self.rank_pattern[path]))
-            self.exp_avg_ipt, self.exp_avg_unc = {}, {}
+            self._allocate_final()
         else:
             budget = self.target_budget
             for adapter in self.adapters.values():
@@ -121,13 +136,45 @@ class RankAllocator:
         self.budget = budget
         return budget
 
+    @property
+    def finished(self) -> bool:
+        """Whether the final allocation is made (the masks are set)."""
+        return self.rank_pattern is not None and not self.exp_avg_ipt
+
+    def finalize(self) -> bool:
+        """Make the final allocation now, from the importance recorded so far, unless it is
+        made already: for a run that ends before step ``T − tfinal`` (early stopping,
+        skipped steps).  Returns whether the masks are set; ``False`` when no step recorded
+        any importance (the masks then keep every triplet)."""
+        if not self.finished and self.exp_avg_ipt:
+            self._allocate_final()
+            self.budget = self.target_budget
+        return self.finished
+
+    @torch.no_grad()
+    def _allocate_final(self) -> None:
+        self.rank_pattern = self._mask_to_budget(self.target_budget)
+        for path, adapter in self.adapters.items():
+            adapter.rank_mask.copy_(torch.tensor(self.rank_pattern[path]))
+        self.exp_avg_ipt, self.exp_avg_unc = {}, {}
+
     def kept(self) -> dict[str, int]:
-        """Per adapter path, the triplets whose singular value is not zero."""
+        """Per module path, the triplets whose singular value is not zero (all experts of a
+        bank together; :meth:`kept_per_expert` splits them)."""
         return {p: int((m.singular_values() != 0).sum()) for p, m in self.adapters.items()}
+
+    def kept_per_expert(self) -> dict[str, list[int]]:
+        """Per module path, each expert's triplets whose singular value is not zero (one
+        entry for a single adapter)."""
+        return {
+            p: (m.singular_values() != 0).reshape(-1, m.rank_mask.shape[-1]).sum(1).tolist()
+            for p, m in self.adapters.items()
+        }
 
     @torch.no_grad()
     def _update_importance(self, step: int) -> None:
         b1, b2 = self.config.beta1, self.config.beta2
+        keys, params, grads = [], [], []
         for path, adapter in self.adapters.items():
             for name in _FACTORS:
                 p = getattr(adapter, name)
@@ -137,13 +184,25 @@ class RankAllocator:
                         "each step's gradients, so step it after optimizer.step() and before "
                         "optimizer.zero_grad()"
                     )
-                key = f"{path}.{name}"
-                ipt = (p * p.grad).abs()  # sensitivity, the parameter's shape
-                avg = self.exp_avg_ipt.get(key, torch.zeros_like(p))
-                unc = self.exp_avg_unc.get(key, torch.zeros_like(p))
-                avg = b1 * avg + (1 - b1) * ipt
-                self.exp_avg_ipt[key] = avg
-                self.exp_avg_unc[key] = b2 * unc + (1 - b2) * (ipt - avg).abs()
+                keys.append(f"{path}.{name}")
+                params.append(p.detach())
+                grads.append(p.grad)
+        for ema in (self.exp_avg_ipt, self.exp_avg_unc):  # zero before the first step
+            for k, p in zip(keys, params, strict=True):
+                if k not in ema:
+                    ema[k] = torch.zeros_like(p)
+        avg = [self.exp_avg_ipt[k] for k in keys]
+        unc = [self.exp_avg_unc[k] for k in keys]
+        # every entry of every factor at once, rounding as b1 * avg + (1 - b1) * ipt does
+        ipt = torch._foreach_mul(params, grads)
+        torch._foreach_abs_(ipt)  # I = |w · ∂L/∂w|
+        torch._foreach_mul_(avg, b1)
+        torch._foreach_add_(avg, torch._foreach_mul(ipt, 1 - b1))  # Ī ← β₁ Ī + (1 − β₁) I
+        torch._foreach_sub_(ipt, avg)
+        torch._foreach_abs_(ipt)  # |I − Ī|
+        torch._foreach_mul_(unc, b2)
+        torch._foreach_mul_(ipt, 1 - b2)
+        torch._foreach_add_(unc, ipt)  # Ū ← β₂ Ū + (1 − β₂) |I − Ī|
 
     def _score(self, path: str, name: str) -> Tensor:
         key = f"{path}.{name}"
@@ -155,29 +214,30 @@ class RankAllocator:
         return self.exp_avg_ipt[key] * self.exp_avg_unc[key]
 
     @torch.no_grad()
-    def _mask_to_budget(self, budget: int) -> dict[str, list[bool]]:
+    def _mask_to_budget(self, budget: int) -> dict[str, list[Any]]:
         """Zero the triplets scoring at most the ``(b₀ − budget)``-th smallest score; returns
-        each adapter's kept triplets."""
+        each module's kept triplets (``(r,)`` of an adapter, ``(e, r)`` of a bank, as lists)."""
         scores: dict[str, Tensor] = {}
         for path in self.adapters:
-            s_a = self._score(path, "lora_A").mean(dim=1)  # (r, i) -> (r,)
-            s_b = self._score(path, "lora_B").mean(dim=0)  # (o, r) -> (r,)
-            s_e = self._score(path, "lora_E").view(-1)  # (r, 1) -> (r,)
+            # an adapter: A (r, i), B (o, r), E (r, 1); a bank: A (e, r, i), B (o, e, r),
+            # E (e, r, 1); either way the scores have rank_mask's shape, (r,) or (e, r)
+            s_a = self._score(path, "lora_A").mean(dim=-1)  # (..., r, i) -> (..., r)
+            s_b = self._score(path, "lora_B").mean(dim=0)  # (o, ..., r) -> (..., r)
+            s_e = self._score(path, "lora_E")[..., 0]  # (..., r, 1) -> (..., r)
             scores[path] = s_e + (s_a + s_b)
         drop = self.init_budget - budget
         if drop <= 0:
-            return {p: [True] * len(s) for p, s in scores.items()}
-        threshold = torch.kthvalue(torch.cat(list(scores.values())), k=drop)[0].item()
-        pattern: dict[str, list[bool]] = {}
+            return {p: torch.ones_like(s, dtype=torch.bool).tolist() for p, s in scores.items()}
+        flat = torch.cat([s.flatten() for s in scores.values()])  # (b₀,)
+        threshold = torch.kthvalue(flat, k=drop)[0]  # a tensor: no wait for the device
+        keeps = {path: ~(s <= threshold) for path, s in scores.items()}  # rank_mask's shapes
         for path, adapter in self.adapters.items():
-            keep = ~(scores[path] <= threshold)  # (r,)
-            adapter.zero_triplets(keep)
-            pattern[path] = keep.tolist()
-        return pattern
+            adapter.zero_triplets(keeps[path])
+        return _as_lists(keeps)  # one copy to the host for every module
 
     # -- checkpoints ---------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """The importance EMAs, the last allocation and each adapter's final mask."""
+        """The importance EMAs, the last allocation and each module's final mask."""
         return {
             "total_steps": self.total_steps,
             "budget": self.budget,
@@ -240,6 +300,25 @@ class RankAllocator:
             f"init_budget={self.init_budget}, target_budget={self.target_budget}, "
             f"total_steps={self.total_steps})"
         )
+
+
+def _units(module: AdaLoRA | AdaLoRABank) -> int:
+    """How many adapters ``module`` counts as in the budget: 1, or a bank's experts."""
+    return module.rank_mask.numel() // module.rank_mask.shape[-1]
+
+
+def _as_lists(tensors: dict[str, Tensor]) -> dict[str, list[Any]]:
+    """Each tensor as nested lists, copied to the host together."""
+    flat = torch.cat([t.flatten() for t in tensors.values()]).tolist()
+    out: dict[str, list[Any]] = {}
+    start = 0
+    for key, t in tensors.items():
+        part = flat[start : start + t.numel()]
+        start += t.numel()
+        if t.dim() == 2:  # a bank's (e, r): one list per expert
+            part = [part[i : i + t.shape[1]] for i in range(0, len(part), t.shape[1])]
+        out[key] = part
+    return out
 
 
 def _schedule_of(config: AdaLoRAConfig) -> tuple[Any, ...]:

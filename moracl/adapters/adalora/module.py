@@ -11,10 +11,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from moracl.adapters.adalora.bank import AdaLoRABank
 from moracl.adapters.adalora.config import AdaLoRAConfig
 from moracl.adapters.base import Adapter, ParamRole, linear
+from moracl.adapters.fused import _LoRALinear, compute_dtype, fused_enabled
 
-__all__ = ["AdaLoRA", "orth_loss"]
+__all__ = ["AdaLoRA", "adalora_buffers", "adalora_modules", "orth_loss", "rank_budget_modules"]
 
 
 class AdaLoRA(Adapter):
@@ -51,7 +53,25 @@ class AdaLoRA(Adapter):
 
     def singular_values(self) -> Tensor:
         """``E ⊙ m``: ``(r, 1)``, the singular values with the fixed mask applied."""
-        return self.lora_E * self.rank_mask[:, None].to(self.lora_E.dtype)
+        return self.lora_E * self.rank_mask[:, None]  # (r, 1) · (r, 1) bool, one kernel
+
+    def fused_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor | None:
+        """``x Wᵀ + b + (x Dᵀ) Bᵀ`` in LoRA's fused node, with the singular values, the mask
+        and ``s`` folded into one down projection ``D = A ⊙ (s · E ⊙ m)`` ``(r × i)``: the
+        update costs LoRA's passes over the activations plus three ``(r × i)``-sized
+        operations, whose gradients autograd takes back to ``A`` and ``E``.  ``None`` (the
+        unfused :meth:`forward`) under dropout in training or where fused nodes step aside
+        (:func:`~moracl.adapters.fused.fused_enabled`)."""
+        if self.training and self.config.dropout > 0:
+            return None
+        if not fused_enabled(self.lora_A, self.lora_E, self.lora_B):
+            return None
+        down = self.lora_A * (self.singular_values() * self.scaling)  # (r, i)
+        dt = compute_dtype(x)
+        if bias is not None and bias.dtype != dt:
+            bias = bias.to(dt)
+        out: Tensor = _LoRALinear.apply(x.to(dt), weight.to(dt), bias, down, self.lora_B, 1.0)
+        return out
 
     def factors(self, x: Tensor) -> tuple[Tensor, Tensor]:
         x = self._input(x, self.lora_A.dtype)
@@ -130,25 +150,59 @@ def adalora_modules(model: nn.Module) -> dict[str, AdaLoRA]:
     }
 
 
+def rank_budget_modules(model: nn.Module) -> dict[str, AdaLoRA | AdaLoRABank]:
+    """Every AdaLoRA adapter and AdaLoRA expert bank under ``model`` whose singular values
+    train, by path: the modules a rank budget allocates over (frozen experts are not)."""
+    return {
+        name: m
+        for name, m in model.named_modules()
+        if isinstance(m, (AdaLoRA, AdaLoRABank)) and m.lora_E.requires_grad
+    }
+
+
+def adalora_buffers(model: nn.Module) -> dict[str, Tensor]:
+    """Every AdaLoRA adapter's ``rank_mask (r,)`` (an expert bank's ``(e, r)``) under
+    ``model``, by its ``model.state_dict()`` name (not copied): what a snapshot of the trained
+    state (early stopping's best epoch) needs besides the trainable parameters, so that
+    restoring an epoch before the budget's final allocation also restores the mask it trained
+    with."""
+    return {
+        f"{path}.rank_mask" if path else "rank_mask": m.rank_mask.detach()
+        for path, m in model.named_modules()
+        if isinstance(m, (AdaLoRA, AdaLoRABank))
+    }
+
+
 def orth_loss(model: nn.Module) -> Tensor:
-    """The orthogonality regulariser of ``model``'s trained AdaLoRA adapters, weighted: the
-    mean over every ``A`` and ``B`` of ``orth_reg_weight · ‖PᵀP − I‖_F`` (the loss PEFT's
+    """The orthogonality regulariser of ``model``'s trained AdaLoRA adapters and experts
+    (:func:`rank_budget_modules`), weighted: the mean over every ``A`` and ``B`` (each
+    expert's) of ``orth_reg_weight · ‖PᵀP − I‖_F`` (the loss PEFT's
     ``AdaLoraModel.forward`` adds to ``outputs.loss``); a zero scalar without any.
 
     Add it to the task loss before ``backward()``::
 
         loss = task_loss + orth_loss(model)
     """
-    by_weight: dict[float, list[Tensor]] = {}
-    for adapter in adalora_modules(model).values():
-        by_weight.setdefault(adapter.config.orth_reg_weight, []).extend(adapter.orth_penalty())
-    count = sum(len(norms) for norms in by_weight.values())
+    by_weight: dict[float, list[Tensor]] = {}  # weight -> norms, (k,) tensors
+    # single adapters' factors as P (r × d) with P Pᵀ the covariance (A, and Bᵀ), batched by
+    # weight, shape, dtype and device: a few batched products instead of two per adapter
+    factors: dict[tuple[float, torch.Size, torch.dtype, torch.device], list[Tensor]] = {}
+    for module in rank_budget_modules(model).values():
+        w = module.config.orth_reg_weight
+        if isinstance(module, AdaLoRA):
+            for f in (module.lora_A, module.lora_B.t()):  # (r, i), (r, o)
+                factors.setdefault((w, f.shape, f.dtype, f.device), []).append(f)
+        else:
+            by_weight.setdefault(w, []).append(torch.stack(module.orth_penalty()))
+    for (w, shape, dtype, device), group in factors.items():
+        stacked = torch.stack(group)  # (n, r, d)
+        cov = stacked @ stacked.transpose(1, 2)  # (n, r, r)
+        eye = torch.eye(shape[0], dtype=dtype, device=device)
+        by_weight.setdefault(w, []).append(torch.linalg.matrix_norm(cov - eye))  # (n,)
+    count = sum(n.numel() for norms in by_weight.values() for n in norms)
     total: Tensor | None = None
     for w, norms in by_weight.items():
-        part = norms[0]
-        for n in norms[1:]:  # summed in order, divided, then weighted: PEFT's rounding
-            part = part + n
-        part = w * (part / count)
+        part = w * (torch.cat(norms).sum() / count)  # summed, divided, then weighted (PEFT)
         total = part if total is None else total + part
     if total is None:
         p = next(model.parameters(), None)

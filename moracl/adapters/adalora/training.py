@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from moracl.adapters.adalora.budget import RankAllocator
-from moracl.adapters.adalora.module import adalora_modules, orth_loss
+from moracl.adapters.adalora.module import orth_loss, rank_budget_modules
 from moracl.optim.scheduler import MoRAScheduler, Schedule
 
 __all__ = ["RankBudgetHooks"]
@@ -49,8 +49,8 @@ class RankBudgetHooks:
     def attach(
         cls, model: nn.Module, optimizer: torch.optim.Optimizer, *, total_steps: int
     ) -> RankBudgetHooks | None:
-        """The hooks when ``model`` has trained AdaLoRA adapters, else ``None``."""
-        if not adalora_modules(model):
+        """The hooks when ``model`` has trained AdaLoRA adapters or expert banks, else ``None``."""
+        if not rank_budget_modules(model):
             return None
         return cls(model, optimizer, total_steps=total_steps)
 

@@ -1,0 +1,169 @@
+"""Adaptive computation's early exit per token against the masked fixed-step form.
+
+The ``token`` loop runs the block on the still-running tokens only; every token's output,
+steps, remainder and halting weights, the ponder cost and the gradients must be those of the
+``masked`` loop (``max_steps`` block calls on every token, a halted token's later steps
+weighted 0), with a plain MLP block and with moracl's top-k mixture layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from moracl import AdapterConfig, ExpertGroup, MixtureConfig, RouterConfig
+from moracl.experts.act import ACTLoop, ACTOutput, AdaptiveComputation
+from moracl.layer import MoRALinear
+
+D, MAX_STEPS = 8, 5
+
+
+def _mlp(dtype: torch.dtype) -> nn.Module:
+    return nn.Sequential(nn.Linear(D, 16), nn.Tanh(), nn.Linear(16, D)).to(dtype)
+
+
+def _mixture(dtype: torch.dtype, per: str = "token") -> nn.Module:
+    """A top-2-of-4 LoRA mixture on a linear layer, experts made non-zero so routing matters."""
+    config = MixtureConfig(
+        groups=(ExpertGroup(AdapterConfig(kind="lora", rank=2), 4),),
+        router=RouterConfig(type="topk", k=2, noise=False, per=per),
+    )
+    layer = MoRALinear(nn.Linear(D, D).to(dtype))
+    layer.add_adapter("default", config)
+    layer.set_active(["default"])
+    with torch.no_grad():
+        for p in layer.adapters.parameters():
+            p.normal_(0, 0.5)
+    return nn.Sequential(layer, nn.Tanh())
+
+
+BLOCKS: dict[str, Callable[[torch.dtype], nn.Module]] = {"mlp": _mlp, "mixture": _mixture}
+#: the halting unit's weight std and bias per block: tokens halt after 1 to 5 steps
+HALT = {"mlp": (5.0, -2.0), "mixture": (3.0, -4.0)}
+
+
+def _act(block: str, dtype: torch.dtype, seed: int = 0) -> AdaptiveComputation:
+    """Halting weights spread so that tokens halt at different steps."""
+    torch.manual_seed(seed)
+    act = AdaptiveComputation(BLOCKS[block](dtype), features=D, max_steps=MAX_STEPS).to(dtype)
+    std, bias = HALT[block]
+    with torch.no_grad():
+        act.act_halt.weight.normal_(0, std)
+        act.act_halt.bias.fill_(bias)
+    return act
+
+
+def _assert_same(token: ACTOutput, masked: ACTOutput, atol: float, rtol: float) -> None:
+    k = token.weights.shape[0]
+    tol = {"atol": atol, "rtol": rtol}
+    torch.testing.assert_close(token.output, masked.output, **tol)
+    torch.testing.assert_close(token.remainders, masked.remainders, **tol)
+    torch.testing.assert_close(token.ponder_cost, masked.ponder_cost, **tol)
+    torch.testing.assert_close(token.weights, masked.weights[:k], **tol)
+    assert torch.equal(token.steps, masked.steps)
+    assert k == int(masked.steps.max())  # the token loop stops with the last token
+    assert not masked.weights[k:].any()  # nothing after the last halt in the masked form
+
+
+CASES = [(torch.float64, 1e-12, 0.0), (torch.float32, 1e-5, 1e-5)]
+
+
+@pytest.mark.parametrize("block", sorted(BLOCKS))
+@pytest.mark.parametrize(("dtype", "atol", "rtol"), CASES)
+def test_token_loop_equals_the_masked_form_for_every_token(
+    block: str, dtype: torch.dtype, atol: float, rtol: float
+) -> None:
+    act = _act(block, dtype).eval()
+    x = torch.randn(6, 7, D, dtype=dtype)
+    with torch.no_grad():
+        masked = act(x, loop="masked")
+        token = act(x)  # eval mode: the token loop by default
+    assert masked.weights.shape == (MAX_STEPS, 6, 7)
+    assert len(torch.unique(masked.steps)) >= 3  # tokens halt at different steps
+    _assert_same(token, masked, atol, rtol)
+    with torch.no_grad():
+        _assert_same(act(x, loop="batch"), masked, atol, rtol)
+
+
+@pytest.mark.parametrize("block", sorted(BLOCKS))
+def test_token_loop_in_training_has_the_masked_form_gradients(block: str) -> None:
+    grads = {}
+    for loop in ("masked", "token"):
+        act = _act(block, torch.float64).train()
+        act.training_loop = ACTLoop.parse(loop)
+        x = torch.randn(5, 6, D, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+        x.requires_grad_(True)
+        res = act(x)
+        (res.output.square().sum() + res.ponder_cost).backward()
+        assert x.grad is not None
+        grads[loop] = {"x": x.grad, **{n: p.grad for n, p in act.named_parameters()}}
+        assert len(torch.unique(res.steps)) >= 3
+    trained = [n for n, g in grads["masked"].items() if g is not None and g.abs().sum() > 0]
+    assert {"x", "act_halt.weight", "act_halt.bias"} <= set(trained)
+    for name, g in grads["masked"].items():
+        other = grads["token"][name]
+        if g is None:
+            assert other is None or not other.any(), name
+        else:
+            assert other is not None, name
+            torch.testing.assert_close(other, g, rtol=0, atol=1e-12, msg=name)
+
+
+class _Counting(nn.Module):
+    """Wraps a block and counts the token rows it was run on."""
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        self.block = block
+        self.rows = 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.rows += x.shape[:-1].numel()
+        out: Tensor = self.block(x)
+        return out
+
+
+@pytest.mark.parametrize("loop", list(ACTLoop))
+def test_block_work_follows_the_steps_computed(loop: ACTLoop) -> None:
+    torch.manual_seed(0)
+    counting = _Counting(_mlp(torch.float64))
+    act = AdaptiveComputation(counting, features=D, max_steps=MAX_STEPS).double().eval()
+    with torch.no_grad():
+        act.act_halt.weight.normal_(0, 5.0)
+        act.act_halt.bias.fill_(-2.0)
+        res = act(torch.randn(40, D, dtype=torch.float64), loop=loop)
+    expected = {
+        ACTLoop.MASKED: 40 * MAX_STEPS,
+        ACTLoop.BATCH: 40 * int(res.steps.max()),
+        ACTLoop.TOKEN: int(res.steps.sum()),  # N per token: the cost follows the mean steps
+    }[loop]
+    assert counting.rows == expected
+    assert res.steps.mean() < 0.8 * MAX_STEPS
+
+
+def test_all_halting_at_the_first_step_runs_the_block_once() -> None:
+    act = _act("mlp", torch.float64).eval()
+    with torch.no_grad():
+        act.act_halt.bias.fill_(20.0)
+        x = torch.randn(3, D, dtype=torch.float64)
+        res = act(x)
+    assert res.weights.shape == (1, 3) and torch.equal(res.steps, torch.ones(3).double())
+    torch.testing.assert_close(res.output, act.block(x), rtol=0, atol=1e-15)
+
+
+def test_loop_names_are_checked_and_a_per_sample_mixture_refuses_the_token_loop() -> None:
+    with pytest.raises(ValueError, match=r"inference_loop must be one of \['masked', 'batch', "):
+        AdaptiveComputation(_mlp(torch.float32), features=D, max_steps=2, inference_loop="fast")
+    act = AdaptiveComputation(_mlp(torch.float32), features=D, max_steps=2)
+    with pytest.raises(ValueError, match="loop must be one of .* got 'all'"):
+        act(torch.randn(2, D), loop="all")
+    per_sample = _mixture(torch.float32, per="sample")
+    with pytest.raises(ValueError, match="routes whole samples .* expected 'masked' or 'batch'"):
+        AdaptiveComputation(per_sample, features=D, max_steps=2)
+    ok = AdaptiveComputation(per_sample, features=D, max_steps=2, inference_loop="batch").eval()
+    with pytest.raises(ValueError, match="routes whole samples"):
+        ok(torch.randn(2, 3, D), loop="token")
+    assert ok(torch.randn(2, 3, D)).output.shape == (2, 3, D)
