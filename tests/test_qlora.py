@@ -8,6 +8,7 @@ full-precision weights is measured too, as the number the docs quote.
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import sys
 from pathlib import Path
@@ -341,6 +342,9 @@ def test_bench_adapters_runs_qlora_beside_lora_on_the_cpu() -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_bf16_nf4_base_matches_the_dequantised_base() -> None:
+    """Under bf16 autocast the NF4 base is as close to a float32 run on the dequantised
+    weights as a bf16 run on those same weights is: the two bf16 paths round in a different
+    order (elementwise they differ by a few bf16 ulps), so each is held to the float32 truth."""
     base = mlp().to("cuda", torch.bfloat16)
     q = quantize_base(base, scaler_block_size=SCALER)
     assert q.get_submodule("0").weight.device.type == "cuda"
@@ -350,16 +354,23 @@ def test_cuda_bf16_nf4_base_matches_the_dequantised_base() -> None:
     randomize_adapters(model, 0.1)
     plain = MoRAModel(ref, config)
     plain.load_adapter_tensors(model.adapter_state_dict())
+    exact = MoRAModel(copy.deepcopy(ref).float(), config)
+    exact.load_adapter_tensors({k: v.float() for k, v in model.adapter_state_dict().items()})
     x = torch.randn(8, 64, device="cuda")
     outs = []
-    for m in (model, plain):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+    for m, bf16 in ((model, True), (plain, True), (exact, False)):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
             y = m(x)
         y.float().square().sum().backward()
-        outs.append((y.float(), {n: p.grad for n, p in _trainable(m).items()}))
-    torch.testing.assert_close(outs[0][0], outs[1][0], rtol=2e-2, atol=2e-2)
-    for n, g in outs[0][1].items():
-        torch.testing.assert_close(g, outs[1][1][n], rtol=2e-2, atol=2e-2)
+        outs.append((y.float(), {n: p.grad.float() for n, p in _trainable(m).items()}))
+    (y_q, g_q), (y_d, g_d), (y_32, g_32) = outs
+
+    def err(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float((a - b).norm() / b.norm())
+
+    assert err(y_q, y_32) <= 2 * err(y_d, y_32) + 1e-3
+    for n, g in g_32.items():
+        assert err(g_q[n], g) <= 2 * err(g_d[n], g) + 1e-3, n
 
 
 def test_a_task_routed_mixture_merges_a_task_on_an_nf4_base() -> None:
