@@ -13,7 +13,7 @@ from moracl.adapters import (
     ParamRole,
     VeRAConfig,
 )
-from moracl.experts.act import ACTOutput, AdaptiveComputation
+from moracl.experts.act import ACTLoop, ACTOutput, AdaptiveComputation
 from moracl.experts.backend import RoutingBackend, routing_backend
 from moracl.experts.mixture import ExpertGroup, Mixture, MixtureConfig
 from moracl.experts.routers.config import RouterConfig
@@ -42,6 +42,7 @@ class _DropEnumRegistration(logging.Filter):
 logging.getLogger("torch.utils._pytree").addFilter(_DropEnumRegistration())
 
 __all__ = [
+    "ACTLoop",
     "ACTOutput",
     "Adapter",
     "AdapterConfig",

@@ -587,15 +587,17 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             config = f"configs/{BENCH_SCENARIOS[key].config}"
             sizes = _sizes(configs[key, args.seeds[0]])
+            streams[key] = {"config": config, "sizes": sizes}
+            streams[key]["runs"] = [r.to_dict() for r in runs[key]]
+            if "moracl" not in configs[key, args.seeds[0]].strategies:
+                continue  # (--strategies without moracl: the targets are moracl's)
             print(stream_markdown(key, runs[key], config=config, sizes=sizes), "\n", flush=True)
             by_stream[key] = check_seed_targets(runs[key])
-            streams[key] = {
-                "config": config,
-                "sizes": sizes,
-                "runs": [r.to_dict() for r in runs[key]],
-                "targets": [{**asdict(t), "margin_text": t.margin_text} for t in by_stream[key]],
-            }
-        print(_summary(by_stream), "\n", flush=True)
+            streams[key]["targets"] = [
+                {**asdict(t), "margin_text": t.margin_text} for t in by_stream[key]
+            ]
+        if by_stream:
+            print(_summary(by_stream), "\n", flush=True)
     rows: list[LoopCost] = []
     if args.loop:
         first = {key: configs[key, args.seeds[0]] for key in args.scenarios}
@@ -604,6 +606,7 @@ def main(argv: list[str] | None = None) -> int:
         print(loop_cost_table(rows), "\n")
     if args.json is not None and args.merge:
         merged, old_meta = merge_record(args.json, streams)
+        print(markdown(merged), "\n", flush=True)
         later = (
             f"{', '.join(args.strategies)} measured later, at commit {meta['commit']} on "
             f"{meta['date']} ({meta['machine']}): `{meta['command']}`"

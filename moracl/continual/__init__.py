@@ -25,7 +25,10 @@ from moracl.continual.metrics import (
 )
 
 if TYPE_CHECKING:
+    from moracl.continual.derpp import DERPlusPlusPlugin
+    from moracl.continual.inflora import InfLoRAPlugin, InfLoRAStrategy
     from moracl.continual.model import ContinualClassifier
+    from moracl.continual.olora import OLoRAStrategy
     from moracl.continual.strategy import FastTemplate, GrowthConfig, MoRAStrategy
 
 __all__ = [
@@ -33,9 +36,13 @@ __all__ = [
     "AccuracyMatrix",
     "ContinualClassifier",
     "Cost",
+    "DERPlusPlusPlugin",
     "FastTemplate",
     "GrowthConfig",
+    "InfLoRAPlugin",
+    "InfLoRAStrategy",
     "MoRAStrategy",
+    "OLoRAStrategy",
     "RoutingDiagnostics",
     "RunResults",
     "StoppingRecord",
@@ -45,6 +52,10 @@ __all__ = [
 #: the names that import Avalanche, and the module each lives in
 _LAZY = {
     "ContinualClassifier": "moracl.continual.model",
+    "DERPlusPlusPlugin": "moracl.continual.derpp",
+    "InfLoRAPlugin": "moracl.continual.inflora",
+    "InfLoRAStrategy": "moracl.continual.inflora",
+    "OLoRAStrategy": "moracl.continual.olora",
     "FastTemplate": "moracl.continual.strategy",
     "GrowthConfig": "moracl.continual.strategy",
     "MoRAStrategy": "moracl.continual.strategy",

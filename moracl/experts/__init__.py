@@ -5,7 +5,7 @@ Shape legend: ``n`` tokens, ``d`` features, ``e`` experts, ``k`` chosen, ``t`` t
 ``g`` groups.
 """
 
-from moracl.experts.act import ACTOutput, AdaptiveComputation
+from moracl.experts.act import ACTLoop, ACTOutput, AdaptiveComputation
 from moracl.experts.backend import RoutingBackend, current_routing_backend, routing_backend
 from moracl.experts.banks import BANKS, ExpertBank, build_bank, register_bank
 from moracl.experts.context import RoutingContext
@@ -39,6 +39,7 @@ from moracl.experts.routing import RoutingResult, RoutingStats
 __all__ = [
     "BANKS",
     "ROUTERS",
+    "ACTLoop",
     "ACTOutput",
     "AdaptiveComputation",
     "DynamicRouter",
