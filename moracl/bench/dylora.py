@@ -7,8 +7,9 @@ with a linear head (``moracl finetune``'s training loop: AdamW, ``--lr`` for the
 ``--head-lr`` for the head). Every model starts from the same seed and sees the same batches;
 DyLoRA draws its rank at each step and is then evaluated with ``set_rank(b)``, without
 retraining. LoRA at rank ``b`` uses the same ``alpha``, so its scaling ``alpha / b`` is that of
-DyLoRA truncated to ``b``. Offline; the default size (five trainings) takes about 13 minutes on
-two CPU cores (the test split has 300 glosses: one gloss is 0.33 points).
+DyLoRA truncated to ``b``. Offline; the default size (five trainings per seed) takes about
+13 minutes per seed on two CPU cores (the test split has 300 glosses: one gloss is 0.33
+points, so compare means over ``--seeds``).
 """
 
 from __future__ import annotations
@@ -108,9 +109,10 @@ def _accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
     return float((logits.argmax(-1) == y).double().mean())
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Train DyLoRA at ``args.rank`` once and LoRA at each of ``args.ranks``; test accuracy
-    per rank (fractions) with each model's training time."""
+def run_seed(args: argparse.Namespace) -> dict[str, Any]:
+    """Train DyLoRA at ``args.rank`` once and LoRA at each of ``args.ranks`` (data split,
+    initialisation and batches from ``args.seed``); test accuracy per rank (fractions) with
+    each model's training time."""
     from moracl import AdapterConfig, LoRAConfig, MoRAModel
     from moracl.adapters.dylora import DyLoRAConfig, set_rank
     from moracl.backbones import MINILM_TARGETS
@@ -136,35 +138,78 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         row["lora_seconds"], _ = _train(lora, x_train, y_train, args)
         row["lora"] = _accuracy(lora, x_test, y_test)
     return {
-        "categories": list(args.categories),
+        "seed": args.seed,
         "train": len(y_train),
         "test": len(y_test),
-        "rank": args.rank,
-        "alpha": args.alpha,
-        "epochs": args.epochs,
         "steps": steps,
         "dylora_seconds": seconds,
         "results": rows,
     }
 
 
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """:func:`run_seed` for each of ``args.seeds``, and per rank the mean accuracies and the
+    mean and standard deviation of the gap (DyLoRA − LoRA, fractions) over the seeds."""
+    runs = []
+    for seed in args.seeds:
+        torch.manual_seed(seed)
+        runs.append(run_seed(argparse.Namespace(**{**vars(args), "seed": seed})))
+    summary = []
+    for i, b in enumerate(args.ranks):
+        dy = torch.tensor([r["results"][i]["dylora"] for r in runs], dtype=torch.float64)
+        lo = torch.tensor([r["results"][i]["lora"] for r in runs], dtype=torch.float64)
+        gap = dy - lo  # (seeds,)
+        summary.append(
+            {
+                "rank": b,
+                "dylora": float(dy.mean()),
+                "lora": float(lo.mean()),
+                "gap": float(gap.mean()),
+                "gap_std": float(gap.std()) if len(gap) > 1 else 0.0,
+                "gaps": gap.tolist(),
+            }
+        )
+    return {
+        "categories": list(args.categories),
+        "train": runs[0]["train"],
+        "test": runs[0]["test"],
+        "rank": args.rank,
+        "alpha": args.alpha,
+        "epochs": args.epochs,
+        "lr": args.lr,
+        "seeds": list(args.seeds),
+        "steps": runs[0]["steps"],
+        "runs": runs,
+        "results": summary,
+    }
+
+
 def markdown(result: dict[str, Any]) -> str:
-    """A heading naming the task and one row per rank: both accuracies and their gap."""
-    rows = [
-        [
-            r["rank"],
-            f"{100 * r['dylora']:.1f}",
-            f"{100 * r['lora']:.1f}",
-            f"{100 * (r['dylora'] - r['lora']):+.1f}",
-        ]
-        for r in result["results"]
-    ]
+    """A heading naming the task and one row per rank: both accuracies (means over the
+    seeds), the mean gap with its standard deviation, and each seed's gap."""
+    seeds = result.get("seeds", [0])
+    rows = []
+    for r in result["results"]:
+        gap = r.get("gap", r["dylora"] - r["lora"])
+        gaps = r.get("gaps", [gap])
+        rows.append(
+            [
+                r["rank"],
+                f"{100 * r['dylora']:.1f}",
+                f"{100 * r['lora']:.1f}",
+                f"{100 * gap:+.1f} ± {100 * r.get('gap_std', 0.0):.1f}",
+                " ".join(f"{100 * g:+.1f}" for g in gaps),
+            ]
+        )
     head = (
         f"### DyLoRA r={result['rank']} (trained once) vs LoRA trained at each rank, "
         f"alpha={result['alpha']}: {len(result['categories'])} WordNet categories, "
-        f"{result['train']} training / {result['test']} test glosses, {result['epochs']} epochs"
+        f"{result['train']} training / {result['test']} test glosses, {result['epochs']} epochs, "
+        f"mean of {len(seeds)} seed(s) {seeds}"
     )
-    table = markdown_table(["rank b", "DyLoRA at b (%)", "LoRA at b (%)", "gap (points)"], rows)
+    table = markdown_table(
+        ["rank b", "DyLoRA at b (%)", "LoRA at b (%)", "gap (points)", "gap per seed"], rows
+    )
     return f"{head}\n\n{table}"
 
 
@@ -184,7 +229,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=positive_int, default=16)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--head-lr", type=float, default=3e-3)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="mean over these")
     parser.add_argument("--json", default=None, help="also write the results here")
     add_caveat_arg(parser)
     args: argparse.Namespace = parser.parse_args(argv)
@@ -198,7 +243,6 @@ def main(argv: list[str] | None = None) -> int:
     argv = command_argv(argv)
     args = parse_args(argv)
     meta = record_meta("dylora", argv) if args.json else {}
-    torch.manual_seed(args.seed)
     result = run(args)
     print("\n" + markdown(result) + f"\n{machine()}")
     if args.json:

@@ -25,7 +25,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from moracl.bench import adapters, continual, distributed, experts, loopcost, meta, optim
+from moracl.bench import (
+    adapters,
+    continual,
+    distributed,
+    dylora,
+    experts,
+    loopcost,
+    meta,
+    optim,
+)
 from moracl.bench.common import RECORD_KEYS, command_argv
 
 __all__ = [
@@ -83,6 +92,7 @@ class Section:
 #: the sections of RESULTS.md, in order
 SECTIONS: tuple[Section, ...] = (
     Section("adapters", "Adapters (`moracl bench adapters`)", adapters.markdown, adapters.__doc__),
+    Section("dylora", "DyLoRA (`moracl bench dylora`)", dylora.markdown, dylora.__doc__),
     Section("experts", "Experts (`moracl bench experts`)", experts.markdown, experts.__doc__),
     Section("optim", "Optimisers (`moracl bench optim`)", optim.markdown, optim.__doc__),
     Section("meta", "Meta-learning (`moracl bench meta`)", meta.markdown, meta.__doc__),
