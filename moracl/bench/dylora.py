@@ -7,16 +7,19 @@ with a linear head (``moracl finetune``'s training loop: AdamW, ``--lr`` for the
 ``--head-lr`` for the head). Every model starts from the same seed and sees the same batches;
 DyLoRA draws its rank at each step and is then evaluated with ``set_rank(b)``, without
 retraining. LoRA at rank ``b`` uses the same ``alpha``, so its scaling ``alpha / b`` is that of
-DyLoRA truncated to ``b``. Offline; the default size (five trainings per seed) takes about
-13 minutes per seed on two CPU cores (the test split has 300 glosses: one gloss is 0.33
-points, so compare means over ``--seeds``).
+DyLoRA truncated to ``b``. DyLoRA is trained with each update rule of ``--updates`` (``last``:
+only row/column ``b`` learns at each step, the paper's frozen mode; ``all``: every row up to
+``b``); the rule is chosen on a validation split held out of the training glosses (the best
+mean validation accuracy over ranks and seeds) and the test split is only reported. Offline;
+the default size (six trainings per seed) takes about 5 minutes per seed on one CPU core (the
+test split has 300 glosses: one gloss is 0.33 points, so compare means over ``--seeds``).
 """
 
 from __future__ import annotations
 
 import argparse
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -50,16 +53,23 @@ class _Classifier(nn.Module):
         return self.head(self.top(x))  # (b, n, d + 1) -> (b, d) -> (b, k)
 
 
-def _data(args: argparse.Namespace) -> tuple[Tensor, Tensor, Tensor, Tensor, nn.Module, int]:
-    """Cached hidden states and labels of the train and test glosses, the top of MiniLM and
-    its feature width."""
+class _Split(NamedTuple):
+    """Cached MiniLM states ``x (n, n_tok, d + 1)`` and labels ``y (n,)`` of one split."""
+
+    x: Tensor
+    y: Tensor
+
+
+def _data(args: argparse.Namespace) -> tuple[_Split, _Split, _Split, nn.Module, int]:
+    """Train, validation and test splits (the first ``val_per_class`` training glosses of each
+    category are held out), the top of MiniLM and its feature width."""
     from moracl_scenarios.wordnet import wordnet_classification
 
     from moracl.backbones import MiniLMTop, load_minilm, minilm_prefix_states
 
     train, test = wordnet_classification(
         list(args.categories),
-        per_class=args.per_class,
+        per_class=args.per_class + args.val_per_class,
         test_per_class=args.test_per_class,
         seed=args.seed,
     )
@@ -67,18 +77,25 @@ def _data(args: argparse.Namespace) -> tuple[Tensor, Tensor, Tensor, Tensor, nn.
     for p in encoder.parameters():
         p.requires_grad_(False)
 
-    def states(split: Any) -> Tensor:
-        texts = list(split["text"][:])
-        return minilm_prefix_states(
+    def split(texts: list[str], labels: list[int]) -> _Split:
+        x = minilm_prefix_states(
             texts, args.frozen_layers, args.max_length, model=encoder, tokenizer=tokenizer
         )  # (n, n_tok, d + 1)
+        return _Split(x, torch.tensor(labels))
 
+    texts, labels = list(train["text"][:]), list(train["label"][:])
+    seen: dict[int, int] = {}
+    held = []  # the first val_per_class rows of each category (rows are shuffled already)
+    for label in labels:
+        seen[label] = seen.get(label, 0) + 1
+        held.append(seen[label] <= args.val_per_class)
+    fit = [i for i, h in enumerate(held) if not h]
+    val = [i for i, h in enumerate(held) if h]
     top = MiniLMTop(encoder, args.frozen_layers)
     return (
-        states(train),
-        torch.tensor(train["label"][:]),
-        states(test),
-        torch.tensor(test["label"][:]),
+        split([texts[i] for i in fit], [labels[i] for i in fit]),
+        split([texts[i] for i in val], [labels[i] for i in val]),
+        split(list(test["text"][:]), list(test["label"][:])),
         top,
         top.feature_dim,
     )
@@ -110,14 +127,14 @@ def _accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
 
 
 def run_seed(args: argparse.Namespace) -> dict[str, Any]:
-    """Train DyLoRA at ``args.rank`` once and LoRA at each of ``args.ranks`` (data split,
-    initialisation and batches from ``args.seed``); test accuracy per rank (fractions) with
-    each model's training time."""
+    """Train DyLoRA at ``args.rank`` once per update rule of ``args.updates`` and LoRA at each
+    of ``args.ranks`` (data split, initialisation and batches from ``args.seed``); validation
+    and test accuracy per rank (fractions)."""
     from moracl import AdapterConfig, LoRAConfig, MoRAModel
     from moracl.adapters.dylora import DyLoRAConfig, set_rank
     from moracl.backbones import MINILM_TARGETS
 
-    x_train, y_train, x_test, y_test, top, features = _data(args)
+    train, val, test, top, features = _data(args)
     classes = len(args.categories)
 
     def adapted(config: AdapterConfig) -> MoRAModel:
@@ -127,90 +144,138 @@ def run_seed(args: argparse.Namespace) -> dict[str, Any]:
             classifier, config, target_modules=list(MINILM_TARGETS), modules_to_save=["head"]
         )
 
-    dylora = adapted(DyLoRAConfig(rank=args.rank, alpha=args.alpha, seed=args.seed))
-    seconds, steps = _train(dylora, x_train, y_train, args)
-    rows: list[dict[str, Any]] = []
+    dylora: dict[str, list[dict[str, float]]] = {}
+    steps = 0
+    for update in args.updates:
+        model = adapted(
+            DyLoRAConfig(rank=args.rank, alpha=args.alpha, seed=args.seed, update=update)
+        )
+        _, steps = _train(model, train.x, train.y, args)
+        dylora[update] = []
+        for b in args.ranks:
+            set_rank(model, b)
+            dylora[update].append(
+                {"val": _accuracy(model, val.x, val.y), "test": _accuracy(model, test.x, test.y)}
+            )
+    lora = []
     for b in args.ranks:
-        set_rank(dylora, b)
-        rows.append({"rank": b, "dylora": _accuracy(dylora, x_test, y_test)})
-    for row in rows:
-        lora = adapted(LoRAConfig(rank=row["rank"], alpha=args.alpha))
-        row["lora_seconds"], _ = _train(lora, x_train, y_train, args)
-        row["lora"] = _accuracy(lora, x_test, y_test)
+        model = adapted(LoRAConfig(rank=b, alpha=args.alpha))
+        _train(model, train.x, train.y, args)
+        lora.append(
+            {"val": _accuracy(model, val.x, val.y), "test": _accuracy(model, test.x, test.y)}
+        )
     return {
         "seed": args.seed,
-        "train": len(y_train),
-        "test": len(y_test),
+        "sizes": [len(train.y), len(val.y), len(test.y)],
         "steps": steps,
-        "dylora_seconds": seconds,
-        "results": rows,
+        "dylora": dylora,
+        "lora": lora,
     }
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    """:func:`run_seed` for each of ``args.seeds``, and per rank the mean accuracies and the
-    mean and standard deviation of the gap (DyLoRA − LoRA, fractions) over the seeds."""
+    """:func:`run_seed` for each of ``args.seeds``; the update rule chosen on validation (the
+    best mean validation accuracy over ranks and seeds); per rank and rule the mean
+    accuracies and the mean and standard deviation of the test gap (DyLoRA − LoRA)."""
     runs = []
     for seed in args.seeds:
         torch.manual_seed(seed)
         runs.append(run_seed(argparse.Namespace(**{**vars(args), "seed": seed})))
-    summary = []
-    for i, b in enumerate(args.ranks):
-        dy = torch.tensor([r["results"][i]["dylora"] for r in runs], dtype=torch.float64)
-        lo = torch.tensor([r["results"][i]["lora"] for r in runs], dtype=torch.float64)
-        gap = dy - lo  # (seeds,)
-        summary.append(
-            {
-                "rank": b,
-                "dylora": float(dy.mean()),
-                "lora": float(lo.mean()),
-                "gap": float(gap.mean()),
-                "gap_std": float(gap.std()) if len(gap) > 1 else 0.0,
-                "gaps": gap.tolist(),
-            }
-        )
+
+    def acc(update: str | None, i: int, split: str) -> Tensor:  # (seeds,)
+        rows = [r["lora"][i] if update is None else r["dylora"][update][i] for r in runs]
+        return torch.tensor([row[split] for row in rows], dtype=torch.float64)
+
+    val_means = {
+        u: float(torch.stack([acc(u, i, "val") for i in range(len(args.ranks))]).mean())
+        for u in args.updates
+    }
+    chosen = max(args.updates, key=lambda u: val_means[u])  # the first of a tie
+    by_update = {}
+    for u in args.updates:
+        rows = []
+        for i, b in enumerate(args.ranks):
+            gap = acc(u, i, "test") - acc(None, i, "test")  # (seeds,)
+            rows.append(
+                {
+                    "rank": b,
+                    "dylora_val": float(acc(u, i, "val").mean()),
+                    "lora_val": float(acc(None, i, "val").mean()),
+                    "dylora": float(acc(u, i, "test").mean()),
+                    "lora": float(acc(None, i, "test").mean()),
+                    "gap": float(gap.mean()),
+                    "gap_std": float(gap.std()) if len(gap) > 1 else 0.0,
+                    "gaps": gap.tolist(),
+                }
+            )
+        by_update[u] = rows
+    train, val, test = runs[0]["sizes"]
     return {
         "categories": list(args.categories),
-        "train": runs[0]["train"],
-        "test": runs[0]["test"],
+        "train": train,
+        "val": val,
+        "test": test,
         "rank": args.rank,
         "alpha": args.alpha,
         "epochs": args.epochs,
         "lr": args.lr,
         "seeds": list(args.seeds),
         "steps": runs[0]["steps"],
+        "val_mean": val_means,
+        "chosen": chosen,
+        "by_update": by_update,
         "runs": runs,
-        "results": summary,
+        "results": by_update[chosen],
     }
 
 
 def markdown(result: dict[str, Any]) -> str:
-    """A heading naming the task and one row per rank: both accuracies (means over the
-    seeds), the mean gap with its standard deviation, and each seed's gap."""
+    """A heading naming the task, then per update rule (the one chosen on validation first)
+    one row per rank: validation and test accuracies (means over the seeds), the mean test
+    gap with its standard deviation, and each seed's gap."""
     seeds = result.get("seeds", [0])
-    rows = []
-    for r in result["results"]:
-        gap = r.get("gap", r["dylora"] - r["lora"])
-        gaps = r.get("gaps", [gap])
-        rows.append(
-            [
-                r["rank"],
-                f"{100 * r['dylora']:.1f}",
-                f"{100 * r['lora']:.1f}",
-                f"{100 * gap:+.1f} ± {100 * r.get('gap_std', 0.0):.1f}",
-                " ".join(f"{100 * g:+.1f}" for g in gaps),
-            ]
-        )
+    by_update = result.get("by_update", {"last": result["results"]})
+    chosen = result.get("chosen", "last")
     head = (
         f"### DyLoRA r={result['rank']} (trained once) vs LoRA trained at each rank, "
         f"alpha={result['alpha']}: {len(result['categories'])} WordNet categories, "
-        f"{result['train']} training / {result['test']} test glosses, {result['epochs']} epochs, "
-        f"mean of {len(seeds)} seed(s) {seeds}"
+        f"{result['train']} training / {result.get('val', 0)} validation / {result['test']} "
+        f"test glosses, {result['epochs']} epochs, mean of {len(seeds)} seed(s) {seeds}"
     )
-    table = markdown_table(
-        ["rank b", "DyLoRA at b (%)", "LoRA at b (%)", "gap (points)", "gap per seed"], rows
-    )
-    return f"{head}\n\n{table}"
+    parts = [head]
+    for update in sorted(by_update, key=lambda u: u != chosen):
+        rows = [
+            [
+                r["rank"],
+                f"{100 * r.get('dylora_val', float('nan')):.1f}",
+                f"{100 * r.get('lora_val', float('nan')):.1f}",
+                f"{100 * r['dylora']:.1f}",
+                f"{100 * r['lora']:.1f}",
+                f"{100 * r.get('gap', r['dylora'] - r['lora']):+.1f} ± "
+                f"{100 * r.get('gap_std', 0.0):.1f}",
+                " ".join(f"{100 * g:+.1f}" for g in r.get("gaps", [r["dylora"] - r["lora"]])),
+            ]
+            for r in by_update[update]
+        ]
+        mean = result.get("val_mean", {}).get(update)
+        note = "chosen on validation" if update == chosen else "not chosen"
+        title = f"update `{update}` ({note}" + (
+            f"; mean validation accuracy {100 * mean:.1f} %)" if mean is not None else ")"
+        )
+        table = markdown_table(
+            [
+                "rank b",
+                "DyLoRA val (%)",
+                "LoRA val (%)",
+                "DyLoRA test (%)",
+                "LoRA test (%)",
+                "test gap (points)",
+                "gap per seed",
+            ],
+            rows,
+        )
+        parts += [title, table]
+    return "\n\n".join(parts)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -219,6 +284,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="moracl bench dylora", description=__doc__)
     parser.add_argument("--categories", nargs="+", default=list(CATEGORIES))
     parser.add_argument("--per-class", type=positive_int, default=80)
+    parser.add_argument("--val-per-class", type=positive_int, default=16)
     parser.add_argument("--test-per-class", type=positive_int, default=60)
     parser.add_argument("--rank", type=positive_int, default=8)
     parser.add_argument("--ranks", type=positive_int, nargs="+", default=[1, 2, 4, 8])
@@ -230,6 +296,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--head-lr", type=float, default=3e-3)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="mean over these")
+    parser.add_argument(
+        "--updates",
+        nargs="+",
+        choices=["last", "all"],
+        default=["last", "all"],
+        help="DyLoRA's update rules, one chosen on validation",
+    )
     parser.add_argument("--json", default=None, help="also write the results here")
     add_caveat_arg(parser)
     args: argparse.Namespace = parser.parse_args(argv)
