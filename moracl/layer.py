@@ -10,12 +10,12 @@ from collections.abc import Iterable
 from typing import cast
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moracl.adapters.base import Adapter, AdapterConfig, build_adapter, check_adapter_fit
 from moracl.adapters.fused import fused_enabled
 from moracl.experts.mixture import Mixture, MixtureConfig, check_mixture_fit
+from moracl.nf4_kernel import frozen_linear
 
 __all__ = [
     "MoRALayer",
@@ -188,13 +188,13 @@ class MoRALayer(nn.Module):
             out: Tensor = self.base_layer(x)
             return out
         w, b = self.weight, self.bias
-        # a quantised weight (moracl.quant: torchao's NF4Tensor) runs through its own F.linear,
+        # a quantised weight (moracl.quant: torchao's NF4Tensor) runs through nf4_linear,
         # which keeps it 4-bit for the backward; the fused nodes read plain tensors only
         if len(self.active) == 1 and fused_enabled() and type(w) in (Tensor, nn.Parameter):
             fused = self.adapter(self.active[0]).fused_forward(x, w, b)
             if fused is not None:
                 return fused
-        out = F.linear(x, w, b)
+        out = frozen_linear(x, w, b)
         for name in self.active:
             out = self.adapter(name)(x, out, weight=w, bias=b)
         return out

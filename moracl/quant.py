@@ -15,8 +15,10 @@ Quantise the base *before* adding adapters: a kind that starts from the frozen w
 starts equal to its quantised base.  Adapters stay in full precision (fp32 on a half base)
 and train as on a float base:
 
-- the frozen output is torchao's ``linear_nf4``: the weight is dequantised inside the matmul
-  and again in the backward for the input gradient, never saved dense for the backward;
+- the frozen output is :func:`moracl.nf4_kernel.nf4_linear` (as torchao's ``linear_nf4``): the
+  weight is dequantised for the matmul and again in the backward for the input gradient,
+  never saved dense for the backward; on CUDA one Triton kernel dequantises (bit-identical
+  to torchao's ``get_original_weight``, which runs elsewhere);
 - the fused nodes of :mod:`moracl.adapters.fused` and the routed mixture read plain tensors
   and step aside on a quantised weight (:class:`~moracl.layer.MoRALayer` checks);
 - DoRA's norm ``‖W + s·BA‖`` dequantises ``W`` (outside the graph: the norm is detached);
@@ -32,8 +34,9 @@ relative Frobenius error of about 0.09 (``‖W_nf4 − W‖ / ‖W‖``), which 
 inherits; against a float model whose weights *are* the dequantised weights the adapted
 outputs and gradients agree to float rounding (``tests/test_qlora.py`` measures both).
 
-Each quantised layer becomes an ``nn.Linear`` holding an ``(o × i)`` ``NF4Tensor`` weight
-(transformers' ``Conv1D``, which stores ``i × o``, too, as bitsandbytes' 4-bit loading does).
+Each quantised layer becomes an ``nn.Linear`` (:class:`~moracl.nf4_kernel.NF4Linear`) holding
+an ``(o × i)`` ``NF4Tensor`` weight (transformers' ``Conv1D``, which stores ``i × o``, too, as
+bitsandbytes' 4-bit loading does).
 Calling ``.to(dtype)`` on a quantised model dequantises its weights (``.to(device)`` keeps
 them 4-bit): move it, do not cast it.
 """
@@ -51,6 +54,7 @@ from torch import Tensor, nn
 from moracl.guard import check_int
 from moracl.layer import MoRALayer, is_conv1d, is_linear_like, linear_features
 from moracl.module_tree import set_submodule, structural_copy
+from moracl.nf4_kernel import NF4Linear
 from moracl.targets import ALL_LINEAR, TargetSpec, select_targets
 
 __all__ = [
@@ -153,7 +157,7 @@ def quantize_base(
         w = _weight(layer)  # (o, i)
         q = tq.to_nf4(w.detach().contiguous(), block_size, scaler_block_size)
         bias: Tensor | None = getattr(layer, "bias", None)
-        new = nn.Linear(d_in, d_out, bias=bias is not None, device="meta")
+        new = NF4Linear(d_in, d_out, bias=bias is not None, device="meta")
         new.weight = nn.Parameter(q, requires_grad=False)
         if bias is not None:
             new.bias = _as_parameter(bias)

@@ -102,7 +102,7 @@ def test_gpt2_conv1d_layers_become_linear_with_the_transposed_weight() -> None:
     q = quantize_base(gpt, scaler_block_size=SCALER)
     conv = gpt.get_submodule("transformer.h.0.attn.c_attn")  # Conv1D stores (i × o)
     lin = q.get_submodule("transformer.h.0.attn.c_attn")
-    assert type(lin) is nn.Linear and (lin.in_features, lin.out_features) == (32, 96)
+    assert isinstance(lin, nn.Linear) and (lin.in_features, lin.out_features) == (32, 96)
     ref = to_nf4(conv.weight.detach().t().contiguous(), 64, SCALER).get_original_weight()
     assert torch.equal(lin.weight.get_original_weight(), ref)
     assert not is_nf4(q.get_submodule("lm_head").weight)  # the output layer stays float
