@@ -25,6 +25,24 @@ from torch import Tensor, nn
 
 from moracl.guard import check_int, check_number
 
+
+def trainable_state(model: nn.Module) -> dict[str, Tensor]:
+    """``model``'s parameters that train now, by their ``state_dict`` names (not copied:
+    :class:`EarlyStopping` copies the best epoch's)."""
+    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def snapshot_state(model: nn.Module) -> dict[str, Tensor]:
+    """What restoring an epoch needs (not copied): :func:`trainable_state` plus the buffers
+    training changes, Delta-LoRA's frozen-weight updates (``base_delta``, ``steps``) and
+    AdaLoRA's rank masks, so that a restored epoch computes what it computed when it was
+    validated."""
+    from moracl.adapters.adalora import adalora_buffers
+    from moracl.adapters.delta_lora import delta_lora_buffers
+
+    return {**trainable_state(model), **delta_lora_buffers(model), **adalora_buffers(model)}
+
+
 __all__ = ["EarlyStopping", "EarlyStoppingConfig", "StopMetric"]
 
 

@@ -22,6 +22,7 @@ kernel; elsewhere with torchao's own method.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -52,13 +53,45 @@ def dequantize_nf4(weight: Any, *, use_triton: bool | None = None) -> Tensor:
             float factors and mean, the 16-value table).
         use_triton: ``True``: the Triton kernel (on CUDA, or the CPU under
             ``TRITON_INTERPRET=1``); ``False``: torchao's ``get_original_weight``; ``None``: the
-            kernel where it runs compiled (CUDA with Triton installed).
+            kernel where it runs compiled (CUDA with Triton installed) once the process's
+            first weight of that device and dtype came out of it equal to torchao's.
     """
     if use_triton is None:
         use_triton = weight.device.type == "cuda" and _triton_on(weight.device)
+        use_triton = use_triton and _kernel_checked(weight)
     if not use_triton:
         dense: Tensor = weight.get_original_weight()
         return dense
+    return _kernel(weight)
+
+
+#: (device, dtype) -> whether the kernel gave torchao's weight there (checked once)
+_CHECKED: dict[tuple[str, torch.dtype], bool] = {}
+
+
+def _kernel_checked(weight: Any) -> bool:
+    """Whether the kernel may dequantise ``weight``: the first weight of each device and dtype
+    is dequantised both ways and compared bit for bit; a mismatch or an error warns once and
+    sends that device and dtype to torchao's method for the rest of the process."""
+    key = (str(weight.device), weight.dtype)
+    if key not in _CHECKED:
+        try:
+            ok = bool(torch.equal(_kernel(weight), weight.get_original_weight()))
+            problem = "its output differs from torchao's"
+        except Exception as e:  # a Triton or driver failure: fall back, never stop a run
+            ok, problem = False, f"it failed ({type(e).__name__}: {e})"
+        if not ok:
+            warnings.warn(
+                f"moracl's NF4 dequantisation kernel is off on {key[0]} for {key[1]}: "
+                f"{problem}; using torchao's get_original_weight (slower)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        _CHECKED[key] = ok
+    return _CHECKED[key]
+
+
+def _kernel(weight: Any) -> Tensor:
     from moracl.nf4_triton import dequantize_packed
 
     return dequantize_packed(

@@ -110,3 +110,29 @@ def test_cuda_bf16_autocast_nf4_linear_equals_the_dequantised_weight() -> None:
     assert torch.equal(y, y2)
     assert x.grad is not None and x2.grad is not None
     assert torch.equal(x.grad, x2.grad)
+
+
+@needs_triton
+def test_the_first_weight_checks_the_kernel_and_a_mismatch_falls_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Before the kernel serves a device and dtype it must reproduce torchao's weight; a wrong
+    or failing kernel warns once and torchao's method serves the rest of the process."""
+    import moracl.nf4_kernel as nk
+
+    q = to_nf4(torch.randn(64, 64, device=DEV), 64, 4)
+    monkeypatch.setattr(nk, "_CHECKED", {})
+    assert nk._kernel_checked(q)  # the real kernel agrees
+    monkeypatch.setattr(nk, "_CHECKED", {})
+    monkeypatch.setattr(nk, "_kernel", lambda w: w.get_original_weight() + 1)
+    with pytest.warns(RuntimeWarning, match="differs from torchao"):
+        assert not nk._kernel_checked(q)
+    assert not nk._kernel_checked(q)  # decided once: no second warning, still off
+
+    def broken(w: object) -> torch.Tensor:
+        raise RuntimeError("no kernel image")
+
+    monkeypatch.setattr(nk, "_CHECKED", {})
+    monkeypatch.setattr(nk, "_kernel", broken)
+    with pytest.warns(RuntimeWarning, match="failed .RuntimeError: no kernel image"):
+        assert not nk._kernel_checked(q)

@@ -3,12 +3,13 @@
 :class:`EarlyStoppingPlugin` measures, after every training epoch, the loss and accuracy of
 the strategy's model on the validation split of the experience being learned (Joint: on
 every experience's validation split at once), feeds :class:`~moracl.early_stopping.EarlyStopping`
-with the model's trainable parameters, asks the strategy to stop (Avalanche's
-``stop_training()``) once the rule says so, and puts the best epoch's weights back in
-``after_training_exp``. Placed first among the strategy's plugins, it restores them before
-every other plugin's ``after_training_exp`` runs (EWC's importances, the replay buffer, the
-balanced head and router fine-tuning, the task-inference statistics), so those see the
-weights that are kept.
+with the model's trained state (:func:`~moracl.early_stopping.snapshot_state`: the trainable
+parameters with Delta-LoRA's frozen-weight updates and AdaLoRA's rank masks), asks the
+strategy to stop (Avalanche's ``stop_training()``) once the rule says so, and puts the best
+epoch's state back in ``after_training_exp``. Placed first among the strategy's plugins, it
+restores them before every other plugin's ``after_training_exp`` runs (EWC's importances,
+the replay buffer, the balanced head and router fine-tuning, the task-inference statistics),
+so those see the weights that are kept.
 
 The test split has no part in it. A checkpoint is written between experiences, so no
 early-stopping state crosses one: a resumed run stops where an uninterrupted one does.
@@ -23,24 +24,22 @@ from typing import Any
 
 import torch
 from avalanche.core import SupervisedPlugin
-from torch import Tensor, nn
 
 from moracl.continual.evaluation import evaluate
 from moracl.continual.metrics import StoppingRecord
 from moracl.continual.model import ContinualClassifier
 from moracl.continual.splits import Split
-from moracl.early_stopping import EarlyStopping, EarlyStoppingConfig
+from moracl.early_stopping import (
+    EarlyStopping,
+    EarlyStoppingConfig,
+    snapshot_state,
+    trainable_state,
+)
 
 __all__ = ["EarlyStoppingPlugin", "EpochValidation", "trainable_state", "validation_metrics"]
 
 #: called after each epoch with ``(epoch, val_loss, val_acc)``
 EpochValidation = Callable[[int, float, float], None]
-
-
-def trainable_state(model: nn.Module) -> dict[str, Tensor]:
-    """The parameters of ``model`` that train now, by their ``state_dict`` names (not
-    copied: :class:`~moracl.early_stopping.EarlyStopping` copies the best epoch's)."""
-    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def validation_metrics(
@@ -133,7 +132,7 @@ class EarlyStoppingPlugin(SupervisedPlugin):
         loss, acc = validation_metrics(model, self.splits, self.batch_size, experience=current)
         if self.epoch_listener is not None:
             self.epoch_listener(epoch, loss, acc)
-        if self.stopper.update(epoch, val_loss=loss, val_acc=acc, state=trainable_state(model)):
+        if self.stopper.update(epoch, val_loss=loss, val_acc=acc, state=snapshot_state(model)):
             strategy.stop_training()
 
     def after_training_exp(self, strategy: Any, **kwargs: Any) -> None:

@@ -35,13 +35,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moracl.adapters.adalora import RankBudgetHooks, adalora_buffers
+from moracl.adapters.adalora import RankBudgetHooks
 from moracl.adapters.base import ParamRole, iter_param_roles
-from moracl.adapters.delta_lora import DeltaLoRAUpdater, delta_lora_buffers
+from moracl.adapters.delta_lora import DeltaLoRAUpdater
 from moracl.config import FinetuneConfig, TrainConfig, from_dict, to_dict
 from moracl.continual.splits import stratified_split
 from moracl.distributed import barrier, init_distributed, is_main
-from moracl.early_stopping import EarlyStopping
+from moracl.early_stopping import EarlyStopping, snapshot_state, trainable_state
 from moracl.files import write_atomic
 from moracl.guard import StepGuard, finite_json
 from moracl.model import MoRAModel
@@ -202,11 +202,6 @@ def run(
     if not isinstance(evaluate_test, bool):
         raise ValueError(f"evaluate_test={evaluate_test!r}; expected True or False")
     return _locked_run(config, progress=progress, evaluate_test=evaluate_test)
-
-
-def trainable_state(model: nn.Module) -> dict[str, Tensor]:
-    """``model``'s parameters that train, by their ``state_dict`` names (not copied)."""
-    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def train_model(
@@ -428,8 +423,7 @@ def _watch(
 
     def after_epoch(record: EpochRecord) -> bool:
         loss, acc = _scores(logits(), labels)
-        state = {**trainable_state(model), **delta_lora_buffers(model), **adalora_buffers(model)}
-        return stopper.update(record.epoch, val_loss=loss, val_acc=acc, state=state)
+        return stopper.update(record.epoch, val_loss=loss, val_acc=acc, state=snapshot_state(model))
 
     return after_epoch
 
