@@ -138,7 +138,7 @@ def nf4_linear(x: Tensor, weight: Any, bias: Tensor | None = None) -> Tensor:
 
 def frozen_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """``F.linear``, through :func:`nf4_linear` where ``weight`` is an NF4 tensor."""
-    if _is_nf4(weight):
+    if type(weight) is not nn.Parameter and type(weight) is not Tensor and _is_nf4(weight):
         return nf4_linear(x, weight, bias)
     return F.linear(x, weight, bias)
 
