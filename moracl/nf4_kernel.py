@@ -22,6 +22,7 @@ kernel; elsewhere with torchao's own method.
 
 from __future__ import annotations
 
+import sys
 import warnings
 from typing import Any
 
@@ -29,13 +30,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["NF4Linear", "dequantize_nf4", "frozen_linear", "nf4_linear"]
+__all__ = ["NF4Linear", "dequantize_nf4", "frozen_linear", "is_nf4", "nf4_linear"]
 
 
-def _is_nf4(tensor: object) -> bool:
-    from moracl.quant import is_nf4
-
-    return is_nf4(tensor)
+def is_nf4(tensor: object) -> bool:
+    """True for torchao's ``NF4Tensor`` (a parameter holding one included); never imports
+    torchao (no NF4 tensor exists before it is imported)."""
+    nf4 = getattr(sys.modules.get("torchao.quantization"), "NF4Tensor", None)
+    return nf4 is not None and isinstance(tensor, nf4)
 
 
 def _triton_on(device: torch.device) -> bool:
@@ -138,7 +140,7 @@ def nf4_linear(x: Tensor, weight: Any, bias: Tensor | None = None) -> Tensor:
 
 def frozen_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """``F.linear``, through :func:`nf4_linear` where ``weight`` is an NF4 tensor."""
-    if type(weight) is not nn.Parameter and type(weight) is not Tensor and _is_nf4(weight):
+    if type(weight) is not nn.Parameter and type(weight) is not Tensor and is_nf4(weight):
         return nf4_linear(x, weight, bias)
     return F.linear(x, weight, bias)
 

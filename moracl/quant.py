@@ -43,7 +43,6 @@ them 4-bit): move it, do not cast it.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
@@ -54,7 +53,7 @@ from torch import Tensor, nn
 from moracl.guard import check_int
 from moracl.layer import MoRALayer, is_conv1d, is_linear_like, linear_features
 from moracl.module_tree import set_submodule, structural_copy
-from moracl.nf4_kernel import NF4Linear
+from moracl.nf4_kernel import NF4Linear, is_nf4
 from moracl.targets import ALL_LINEAR, TargetSpec, select_targets
 
 __all__ = [
@@ -95,13 +94,6 @@ def nf4_torchao() -> ModuleType:
     except ImportError as e:
         raise ImportError(f"quantize_base=nf4 needs torchao: {INSTALL}") from e
     return tq
-
-
-def is_nf4(tensor: object) -> bool:
-    """True for torchao's ``NF4Tensor`` (a parameter holding one included); never imports
-    torchao (no NF4 tensor exists before it is imported)."""
-    nf4 = getattr(sys.modules.get("torchao.quantization"), "NF4Tensor", None)
-    return nf4 is not None and isinstance(tensor, nf4)
 
 
 def quantize_base(
