@@ -137,8 +137,9 @@ def base_config(config: Mapping[str, Any], peft_type: str, where: str) -> Adapte
     """The adapter config every layer shares before ``rank_pattern``/``alpha_pattern``."""
     if peft_type == "ADALORA":
         integer(config, "r", 8, where)  # PEFT's AdaLoRA ignores it (init_r is the rank)
-        if config.get("total_step") is not None:  # the training run's length, not the adapter's
-            integer(config, "total_step", 1, where)
+        total_step = None
+        if config.get("total_step") is not None:  # the length of the run it was trained in
+            total_step = integer(config, "total_step", 1, where)
         fields: dict[str, Any] = {
             "kind": "adalora",
             "rank": integer(config, "init_r", 12, where),
@@ -152,6 +153,8 @@ def base_config(config: Mapping[str, Any], peft_type: str, where: str) -> Adapte
             "tfinal": integer(config, "tfinal", 0, where),
             "delta_t": integer(config, "deltaT", 1, where),
         }
+        if total_step is not None and total_step > fields["tinit"] + fields["tfinal"]:
+            fields["total_step"] = total_step
     elif peft_type == "VERA":
         fields = {
             "kind": "vera",

@@ -212,8 +212,8 @@ def _adalora_tensors(
         "tinit": config.tinit,
         "tfinal": config.tfinal,
         "deltaT": config.delta_t,
-        # the run's length is no part of the adapter; PEFT needs one that leaves a budget step
-        "total_step": config.tinit + config.tfinal + 1,
+        # the run's length when the config records it, else the least PEFT accepts
+        "total_step": config.total_step or config.tinit + config.tfinal + 1,
         "rank_pattern": pattern,
         "use_rslora": False,
         "use_dora": False,

@@ -321,3 +321,20 @@ def test_without_a_validation_split_every_epoch_is_trained(tmp_path: Path) -> No
     assert metrics["examples"]["train"] == 60
     assert metrics["training"]["adapters + head"]["epochs_run"] == 3
     assert "| no split |" in result.table()
+
+
+@pytest.mark.usefixtures("toy_task")
+def test_an_adalora_run_records_its_length_for_the_rank_budget(tmp_path: Path) -> None:
+    """``moracl finetune`` schedules the rank budget over its run and writes that length
+    (``total_step``: epochs × batches per epoch) into the saved adapter and its PEFT form."""
+    from moracl import AdapterConfig, MoRAModel
+
+    config = toy_config(tmp_path, epochs=3)
+    config.data.val_share = 0.0
+    config.adapter = AdapterConfig(kind="adalora", rank=4, target_rank=2, tinit=1, tfinal=2)
+    finetune.run(config, progress=False)
+    steps = 3 * -(-60 // 8)  # 60 training glosses in batches of 8
+    saved = json.loads((tmp_path / "adapter" / "moracl_config.json").read_text())
+    assert json.dumps(saved).count(f'"total_step": {steps}') == 1
+    model = MoRAModel.from_pretrained(toy_backbone(len(CATEGORIES))[0], tmp_path / "adapter")
+    assert model.adapter_configs["default"].total_step == steps  # type: ignore[union-attr]

@@ -205,11 +205,11 @@ def _moracl_trained(name: str) -> tuple[nn.Module, MoRAModel]:
     torch.manual_seed(0)
     base = BUILD[name]()
     config = AdapterConfig(
-        kind="adalora", rank=4, target_rank=2, alpha=6.0, tinit=TINIT, tfinal=TFINAL
+        kind="adalora", rank=4, target_rank=2, alpha=6.0, tinit=TINIT, tfinal=TFINAL, total_step=T
     )
     model = MoRAModel(base, config, target_modules=TARGETS[name])
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2)
-    sched = MoRAScheduler(opt, total_steps=T, rank_allocator=RankAllocator(model, total_steps=T))
+    sched = MoRAScheduler(opt, total_steps=T, rank_allocator=RankAllocator(model))  # T: config
     for step in range(T):
         (_loss(model, name, step) + orth_loss(model)).backward()
         opt.step()
@@ -226,7 +226,7 @@ def test_format_peft_writes_adalora_that_peft_loads(tmp_path: Path, name: str) -
     assert any(not bool(a.rank_mask.all()) for a in adapters.values())  # pruned by the budget
     folder = model.save_pretrained(tmp_path / "peft", format="peft")
     written = json.loads((folder / LEGACY_CONFIG_NAME).read_text())
-    assert written["peft_type"] == "ADALORA"
+    assert written["peft_type"] == "ADALORA" and written["total_step"] == T
     assert written["rank_pattern"] == {
         f"{p}.lora_E": a.rank_mask.tolist() for p, a in adapters.items()
     }
@@ -256,3 +256,20 @@ def test_a_pruned_moracl_folder_is_written_to_peft(tmp_path: Path) -> None:
     _close(
         _out(_load_in_peft(base, tmp_path / "peft"), "mlp"), _out(model, "mlp"), _out(base, "mlp")
     )
+
+
+def test_without_a_recorded_run_length_peft_gets_its_least_total_step(tmp_path: Path) -> None:
+    """A config without ``total_step`` writes the least PEFT accepts, ``tinit + tfinal + 1``;
+    an allocator then needs ``total_steps`` and names both ways of giving it."""
+    torch.manual_seed(0)
+    base = mlp()
+    config = AdapterConfig(kind="adalora", rank=4, target_rank=2, tinit=TINIT, tfinal=TFINAL)
+    model = MoRAModel(base, config, target_modules=TARGETS["mlp"])
+    with pytest.raises(ValueError, match="give total_steps=, or set total_step"):
+        RankAllocator(model)
+    assert RankAllocator(model, total_steps=T).total_steps == T
+    model.save_pretrained(tmp_path, format="peft")
+    written = json.loads((tmp_path / LEGACY_CONFIG_NAME).read_text())
+    assert written["total_step"] == TINIT + TFINAL + 1
+    with pytest.raises(ValueError, match="total_step"):  # no step left for the budget to fall
+        AdapterConfig(kind="adalora", rank=4, target_rank=2, tinit=2, tfinal=3, total_step=5)

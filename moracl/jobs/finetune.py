@@ -27,7 +27,7 @@ from __future__ import annotations
 import importlib.util
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, NamedTuple, cast
 
@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moracl.adapters.adalora import RankBudgetHooks
+from moracl.adapters.adalora import AdaLoRAConfig, RankBudgetHooks
 from moracl.adapters.base import ParamRole, iter_param_roles
 from moracl.adapters.delta_lora import DeltaLoRAUpdater
 from moracl.config import FinetuneConfig, TrainConfig, from_dict, to_dict
@@ -520,8 +520,12 @@ def _locked_run(config: FinetuneConfig, *, progress: bool, evaluate_test: bool) 
     probe = _linear_probe(train_f, data.train_labels, features(val), features(test), tc)
 
     torch.manual_seed(tc.seed)
+    adapter = config.adapter
+    if isinstance(adapter, AdaLoRAConfig) and adapter.total_step is None:
+        steps = tc.epochs * -(-len(data.train_labels) // tc.batch_size)
+        adapter = replace(adapter, total_step=steps)  # recorded in the saved folders
     model = MoRAModel(
-        classifier, config.adapter, target_modules=config.target_modules, modules_to_save=["head"]
+        classifier, adapter, target_modules=config.target_modules, modules_to_save=["head"]
     )
 
     def inputs(idx: Tensor) -> dict[str, Tensor]:

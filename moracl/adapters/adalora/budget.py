@@ -54,7 +54,8 @@ class RankAllocator:
 
     Args:
         model: the model holding the adapters (a ``MoRAModel`` or any module).
-        total_steps: ``T``, the optimiser steps of the whole run.
+        total_steps: ``T``, the optimiser steps of the whole run (default: the adapters'
+            ``total_step``).
         adapter_name: only adapters of this name (``....adapters.<name>``); default: every
             AdaLoRA adapter and expert bank whose parameters train, which must then share one
             budget schedule.
@@ -66,7 +67,9 @@ class RankAllocator:
             for an adapter, one list per expert for a bank); ``None`` before the first.
     """
 
-    def __init__(self, model: nn.Module, *, total_steps: int, adapter_name: str | None = None):
+    def __init__(
+        self, model: nn.Module, *, total_steps: int | None = None, adapter_name: str | None = None
+    ):
         found = rank_budget_modules(model)
         if adapter_name is not None:
             found = {p: m for p, m in found.items() if p.rsplit(".", 1)[-1] == adapter_name}
@@ -83,6 +86,13 @@ class RankAllocator:
             )
         self.adapters: dict[str, AdaLoRA | AdaLoRABank] = dict(sorted(found.items()))
         self.config: AdaLoRAConfig = next(iter(self.adapters.values())).config
+        if total_steps is None:
+            total_steps = self.config.total_step
+            if total_steps is None:
+                raise ValueError(
+                    "RankAllocator needs the run's length: give total_steps=, or set "
+                    "total_step in the adalora adapter config"
+                )
         self.total_steps = check_int("total_steps", total_steps, gt=0)
         cfg = self.config
         if cfg.tinit >= self.total_steps - cfg.tfinal:
@@ -330,4 +340,5 @@ def _schedule_of(config: AdaLoRAConfig) -> tuple[Any, ...]:
         config.tinit,
         config.tfinal,
         config.delta_t,
+        config.total_step,
     )

@@ -35,6 +35,11 @@ class AdaLoRAConfig(AdapterConfig):
         tinit: steps of warmup before the budget starts to fall (PEFT's ``tinit``).
         tfinal: steps of final fine-tuning with the mask fixed (PEFT's ``tfinal``).
         delta_t: steps between two reallocations while the budget falls (PEFT's ``deltaT``).
+        total_step: the optimiser steps of the run the budget is scheduled over (PEFT's
+            ``total_step``), or ``None``; :class:`~moracl.adapters.adalora.RankAllocator`
+            uses it when not given ``total_steps`` (the argument wins when given), ``moracl
+            finetune`` sets it to its run's length, and a PEFT folder written from the adapter
+            records it (else the least PEFT accepts, ``tinit + tfinal + 1``).
         rank_pattern: surviving rank of each adapted layer (layer path -> rank) of a saved,
             pruned adapter; written by ``save_pretrained``, ``None`` while training.
     """
@@ -49,6 +54,7 @@ class AdaLoRAConfig(AdapterConfig):
     tinit: int = 0
     tfinal: int = 0
     delta_t: int = 1
+    total_step: int | None = None
     rank_pattern: dict[str, int] | None = None
 
     def __post_init__(self) -> None:
@@ -61,6 +67,8 @@ class AdaLoRAConfig(AdapterConfig):
         check_int("tinit", self.tinit, ge=0)
         check_int("tfinal", self.tfinal, ge=0)
         check_int("delta_t", self.delta_t, gt=0)
+        if self.total_step is not None:
+            check_int("total_step", self.total_step, gt=self.tinit + self.tfinal)
         if self.rank_pattern is not None:
             object.__setattr__(self, "rank_pattern", _pattern(self.rank_pattern, self.rank))
 
