@@ -3,16 +3,18 @@ against a LoRA trained at each rank ``b``, on WordNet glosses with the MiniLM en
 
 The bottom ``--frozen-layers`` layers of MiniLM run once per gloss (their outputs are
 cached); the adapters go on the query and value projections of the layers above, which train
-with a linear head (``moracl finetune``'s training loop: AdamW, ``--lr`` for the adapters and
-``--head-lr`` for the head). Every model starts from the same seed and sees the same batches;
-DyLoRA draws its rank at each step and is then evaluated with ``set_rank(b)``, without
-retraining. LoRA at rank ``b`` uses the same ``alpha``, so its scaling ``alpha / b`` is that of
-DyLoRA truncated to ``b``. DyLoRA is trained with each update rule of ``--updates`` (``last``:
-only row/column ``b`` learns at each step, the paper's frozen mode; ``all``: every row up to
-``b``); the rule is chosen on a validation split held out of the training glosses (the best
-mean validation accuracy over ranks and seeds) and the test split is only reported. Offline;
-the default size (six trainings per seed) takes about 5 minutes per seed on one CPU core (the
-test split has 300 glosses: one gloss is 0.33 points, so compare means over ``--seeds``).
+with a linear head (``moracl finetune``'s training loop: AdamW, a learning rate of ``--lrs``
+for the adapters and ``--head-lr`` for the head). Every model starts from the same seed and
+sees the same batches; DyLoRA draws its rank at each step and is then evaluated with
+``set_rank(b)``, without retraining. LoRA at rank ``b`` uses the same ``alpha``, so its
+scaling ``alpha / b`` is that of DyLoRA truncated to ``b``. DyLoRA is trained with each
+update rule of ``--updates`` (``last``: only row/column ``b`` learns at each step, the
+paper's frozen mode; ``all``: every row up to ``b``). Every choice is made on a validation
+split held out of the training glosses, on means over the seeds: DyLoRA's rule and learning
+rate (the best mean validation accuracy over the ranks) and each rank's LoRA learning rate;
+the test split is only reported. Offline; one training takes about 40 seconds on one CPU
+core, and a seed trains ``len(lrs) · (len(updates) + len(ranks))`` models (the test split
+has 300 glosses: one gloss is 0.33 points, so compare means over ``--seeds``).
 """
 
 from __future__ import annotations
@@ -128,8 +130,9 @@ def _accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
 
 def run_seed(args: argparse.Namespace) -> dict[str, Any]:
     """Train DyLoRA at ``args.rank`` once per update rule of ``args.updates`` and LoRA at each
-    of ``args.ranks`` (data split, initialisation and batches from ``args.seed``); validation
-    and test accuracy per rank (fractions)."""
+    of ``args.ranks``, each at every learning rate of ``args.lrs`` (data split, initialisation
+    and batches from ``args.seed``); validation and test accuracy per rank (fractions), keyed
+    ``dylora[update][lr]`` and ``lora[lr]`` (``lr`` as text)."""
     from moracl import AdapterConfig, LoRAConfig, MoRAModel
     from moracl.adapters.dylora import DyLoRAConfig, set_rank
     from moracl.backbones import MINILM_TARGETS
@@ -144,26 +147,27 @@ def run_seed(args: argparse.Namespace) -> dict[str, Any]:
             classifier, config, target_modules=list(MINILM_TARGETS), modules_to_save=["head"]
         )
 
-    dylora: dict[str, list[dict[str, float]]] = {}
+    def scores(model: nn.Module) -> dict[str, float]:
+        return {"val": _accuracy(model, val.x, val.y), "test": _accuracy(model, test.x, test.y)}
+
+    dylora: dict[str, dict[str, list[dict[str, float]]]] = {u: {} for u in args.updates}
+    lora: dict[str, list[dict[str, float]]] = {}
     steps = 0
-    for update in args.updates:
-        model = adapted(
-            DyLoRAConfig(rank=args.rank, alpha=args.alpha, seed=args.seed, update=update)
-        )
-        _, steps = _train(model, train.x, train.y, args)
-        dylora[update] = []
+    for lr in args.lrs:
+        at = argparse.Namespace(**{**vars(args), "lr": lr})
+        for update in args.updates:
+            config = DyLoRAConfig(rank=args.rank, alpha=args.alpha, seed=args.seed, update=update)
+            model = adapted(config)
+            _, steps = _train(model, train.x, train.y, at)
+            dylora[update][str(lr)] = []
+            for b in args.ranks:
+                set_rank(model, b)
+                dylora[update][str(lr)].append(scores(model))
+        lora[str(lr)] = []
         for b in args.ranks:
-            set_rank(model, b)
-            dylora[update].append(
-                {"val": _accuracy(model, val.x, val.y), "test": _accuracy(model, test.x, test.y)}
-            )
-    lora = []
-    for b in args.ranks:
-        model = adapted(LoRAConfig(rank=b, alpha=args.alpha))
-        _train(model, train.x, train.y, args)
-        lora.append(
-            {"val": _accuracy(model, val.x, val.y), "test": _accuracy(model, test.x, test.y)}
-        )
+            model = adapted(LoRAConfig(rank=b, alpha=args.alpha))
+            _train(model, train.x, train.y, at)
+            lora[str(lr)].append(scores(model))
     return {
         "seed": args.seed,
         "sizes": [len(train.y), len(val.y), len(test.y)],
@@ -174,35 +178,47 @@ def run_seed(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    """:func:`run_seed` for each of ``args.seeds``; the update rule chosen on validation (the
-    best mean validation accuracy over ranks and seeds); per rank and rule the mean
+    """:func:`run_seed` for each of ``args.seeds``, then every choice on validation (means
+    over the seeds): DyLoRA's update rule and learning rate (the best mean validation
+    accuracy over the ranks), and each rank's LoRA learning rate; per rank and rule the mean
     accuracies and the mean and standard deviation of the test gap (DyLoRA − LoRA)."""
     runs = []
     for seed in args.seeds:
         torch.manual_seed(seed)
         runs.append(run_seed(argparse.Namespace(**{**vars(args), "seed": seed})))
+    lrs = [str(lr) for lr in args.lrs]
 
-    def acc(update: str | None, i: int, split: str) -> Tensor:  # (seeds,)
-        rows = [r["lora"][i] if update is None else r["dylora"][update][i] for r in runs]
+    def acc(update: str | None, lr: str, i: int, split: str) -> Tensor:  # (seeds,)
+        rows = [r["lora"][lr][i] if update is None else r["dylora"][update][lr][i] for r in runs]
         return torch.tensor([row[split] for row in rows], dtype=torch.float64)
 
-    val_means = {
-        u: float(torch.stack([acc(u, i, "val") for i in range(len(args.ranks))]).mean())
-        for u in args.updates
-    }
+    def dylora_val(update: str, lr: str) -> float:  # mean over ranks and seeds
+        return float(
+            torch.stack([acc(update, lr, i, "val") for i in range(len(args.ranks))]).mean()
+        )
+
+    best_lr = {u: max(lrs, key=lambda lr: dylora_val(u, lr)) for u in args.updates}
+    val_means = {u: dylora_val(u, best_lr[u]) for u in args.updates}
     chosen = max(args.updates, key=lambda u: val_means[u])  # the first of a tie
+    lora_lr = [
+        max(lrs, key=lambda lr: float(acc(None, lr, i, "val").mean()))
+        for i in range(len(args.ranks))
+    ]
     by_update = {}
     for u in args.updates:
         rows = []
         for i, b in enumerate(args.ranks):
-            gap = acc(u, i, "test") - acc(None, i, "test")  # (seeds,)
+            mine, theirs = (u, best_lr[u]), (None, lora_lr[i])
+            gap = acc(*mine, i, "test") - acc(*theirs, i, "test")  # (seeds,)
             rows.append(
                 {
                     "rank": b,
-                    "dylora_val": float(acc(u, i, "val").mean()),
-                    "lora_val": float(acc(None, i, "val").mean()),
-                    "dylora": float(acc(u, i, "test").mean()),
-                    "lora": float(acc(None, i, "test").mean()),
+                    "dylora_lr": float(best_lr[u]),
+                    "lora_lr": float(lora_lr[i]),
+                    "dylora_val": float(acc(*mine, i, "val").mean()),
+                    "lora_val": float(acc(*theirs, i, "val").mean()),
+                    "dylora": float(acc(*mine, i, "test").mean()),
+                    "lora": float(acc(*theirs, i, "test").mean()),
                     "gap": float(gap.mean()),
                     "gap_std": float(gap.std()) if len(gap) > 1 else 0.0,
                     "gaps": gap.tolist(),
@@ -218,7 +234,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "rank": args.rank,
         "alpha": args.alpha,
         "epochs": args.epochs,
-        "lr": args.lr,
+        "lrs": list(args.lrs),
         "seeds": list(args.seeds),
         "steps": runs[0]["steps"],
         "val_mean": val_means,
@@ -247,6 +263,7 @@ def markdown(result: dict[str, Any]) -> str:
         rows = [
             [
                 r["rank"],
+                f"{r['lora_lr']:g}" if "lora_lr" in r else "—",
                 f"{100 * r.get('dylora_val', float('nan')):.1f}",
                 f"{100 * r.get('lora_val', float('nan')):.1f}",
                 f"{100 * r['dylora']:.1f}",
@@ -259,12 +276,16 @@ def markdown(result: dict[str, Any]) -> str:
         ]
         mean = result.get("val_mean", {}).get(update)
         note = "chosen on validation" if update == chosen else "not chosen"
-        title = f"update `{update}` ({note}" + (
-            f"; mean validation accuracy {100 * mean:.1f} %)" if mean is not None else ")"
+        lr = by_update[update][0].get("dylora_lr")
+        title = (
+            f"update `{update}` ({note}"
+            + (f"; lr {lr:g}" if lr is not None else "")
+            + (f"; mean validation accuracy {100 * mean:.1f} %)" if mean is not None else ")")
         )
         table = markdown_table(
             [
                 "rank b",
+                "LoRA's lr",
                 "DyLoRA val (%)",
                 "LoRA val (%)",
                 "DyLoRA test (%)",
@@ -293,7 +314,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-length", type=positive_int, default=32)
     parser.add_argument("--epochs", type=positive_int, default=6)
     parser.add_argument("--batch-size", type=positive_int, default=16)
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument(
+        "--lrs", type=float, nargs="+", default=[2e-3], help="each method's lr chosen on validation"
+    )
     parser.add_argument("--head-lr", type=float, default=3e-3)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="mean over these")
     parser.add_argument(
