@@ -35,6 +35,7 @@ __all__ = [
     "machine",
     "markdown_table",
     "nonnegative_int",
+    "positive_float",
     "positive_int",
     "record",
     "record_meta",
@@ -169,6 +170,17 @@ def positive_int(text: str) -> int:
 def nonnegative_int(text: str) -> int:
     """An argparse ``type``: an integer >= 0."""
     return _int(text, 0)
+
+
+def positive_float(text: str) -> float:
+    """An argparse ``type``: a finite number > 0 (``--lrs 0`` is an error naming the value)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return value
 
 
 def device_arg(text: str) -> str:

@@ -31,6 +31,7 @@ from moracl.bench.common import (
     command_argv,
     machine,
     markdown_table,
+    positive_float,
     positive_int,
     record_meta,
     write_record,
@@ -309,15 +310,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--test-per-class", type=positive_int, default=60)
     parser.add_argument("--rank", type=positive_int, default=8)
     parser.add_argument("--ranks", type=positive_int, nargs="+", default=[1, 2, 4, 8])
-    parser.add_argument("--alpha", type=float, default=16.0)
+    parser.add_argument("--alpha", type=positive_float, default=16.0)
     parser.add_argument("--frozen-layers", type=int, default=4, help="MiniLM layers cached")
     parser.add_argument("--max-length", type=positive_int, default=32)
     parser.add_argument("--epochs", type=positive_int, default=6)
     parser.add_argument("--batch-size", type=positive_int, default=16)
     parser.add_argument(
-        "--lrs", type=float, nargs="+", default=[2e-3], help="each method's lr chosen on validation"
+        "--lrs",
+        type=positive_float,
+        nargs="+",
+        default=[2e-3],
+        help="each method's lr chosen on validation",
     )
-    parser.add_argument("--head-lr", type=float, default=3e-3)
+    parser.add_argument("--head-lr", type=positive_float, default=3e-3)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="mean over these")
     parser.add_argument(
         "--updates",
