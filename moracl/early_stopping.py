@@ -25,6 +25,14 @@ from torch import Tensor, nn
 
 from moracl.guard import check_int, check_number
 
+__all__ = [
+    "EarlyStopping",
+    "EarlyStoppingConfig",
+    "StopMetric",
+    "snapshot_state",
+    "trainable_state",
+]
+
 
 def trainable_state(model: nn.Module) -> dict[str, Tensor]:
     """``model``'s parameters that train now, by their ``state_dict`` names (not copied:
@@ -41,9 +49,6 @@ def snapshot_state(model: nn.Module) -> dict[str, Tensor]:
     from moracl.adapters.delta_lora import delta_lora_buffers
 
     return {**trainable_state(model), **delta_lora_buffers(model), **adalora_buffers(model)}
-
-
-__all__ = ["EarlyStopping", "EarlyStoppingConfig", "StopMetric"]
 
 
 class StopMetric(str, Enum):
