@@ -582,6 +582,146 @@ def test_topk_closed_form_backward_equals_autograd(
         torch.testing.assert_close(mine, ref, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("noise", [False, True])
+@pytest.mark.parametrize("per_token", [False, True])
+def test_batched_topk_routes_each_group_alone_and_its_backward_equals_autograd(
+    noise: bool, per_token: bool, normalize: bool
+) -> None:
+    """Top-k over ``(n, b, e)``: each of the ``b`` groups routed as a 2-D call would route
+    it, losses over each group's counted tokens (``active (n, b)``, one group with no counted
+    token); the closed-form backward against autograd, in float64."""
+    from moracl.experts.gating import RouteGrads
+    from moracl.experts.routers.topk import topk_route, topk_route_backward, topk_route_forward
+
+    gen = torch.Generator().manual_seed(2 * noise + per_token)
+    n, b, e, k = 10, 3, 4, 2
+    logits = torch.randn(n, b, 2 * e if noise else e, dtype=torch.float64, generator=gen)
+    logits.requires_grad_(True)
+    eps = torch.randn(n, b, e, dtype=torch.float64, generator=gen) if noise else None
+    allowed = torch.rand(n if per_token else 1, b, e, generator=gen) > 0.3
+    allowed[..., 0] = True
+    active = torch.rand(n, b, generator=gen) > 0.4
+    active[:, 2] = False
+    want = topk_route(logits, allowed, eps, active, k, normalize)
+    for h in range(b):
+        alone = topk_route(
+            logits[:, h],
+            allowed[:, h],
+            None if eps is None else eps[:, h],
+            active[:, h],
+            k,
+            normalize,
+        )
+        for got, ref in zip(want, alone):
+            got_h = got[h] if got.ndim == 1 else got[:, h]
+            torch.testing.assert_close(got_h, ref, rtol=0, atol=1e-12)
+    with torch.no_grad():
+        _, saved = topk_route_forward(logits, allowed, eps, k, normalize, active)
+    grads = (
+        torch.randn(n, b, e, dtype=torch.float64, generator=gen),
+        torch.randn(n, b, e, dtype=torch.float64, generator=gen),
+        torch.randn(b, dtype=torch.float64, generator=gen),
+        torch.randn(b, dtype=torch.float64, generator=gen),
+    )
+    outs = (want[0], want[1], want[4], want[5])
+    for used in ([0], [1], [2], [3], [0, 1, 2, 3]):
+        ref = torch.autograd.grad(
+            [outs[j] for j in used], logits, [grads[j] for j in used], retain_graph=True
+        )[0]
+        chosen_grads = [grads[j] if j in used else None for j in range(4)]
+        with torch.no_grad():
+            route_grads = RouteGrads(chosen_grads[0], chosen_grads[1], tuple(chosen_grads[2:]))
+            mine = topk_route_backward(saved, route_grads, normalize)
+        torch.testing.assert_close(mine, ref, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("settings", [(0.5, 1, 5), (0.9, 1, 3), (0.3, 2, 4), (1.0, 1, 5)], ids=str)
+@pytest.mark.parametrize("noise", [False, True])
+@pytest.mark.parametrize("per_token", [False, True])
+def test_dynamic_closed_form_backward_equals_autograd(
+    settings: tuple[float, int, int], noise: bool, per_token: bool
+) -> None:
+    """The fused node's top-p routing (its forward, and top-k's closed-form backward on the
+    ranked experts) against autograd through :func:`dynamic_route`, in float64, for each
+    output's gradient alone and all together; per-token masks include a token with one
+    allowed expert, so counts vary from token to token."""
+    from moracl.experts.gating import RouteGrads
+    from moracl.experts.routers.dynamic import dynamic_route, dynamic_route_forward
+    from moracl.experts.routers.topk import topk_route_backward
+
+    top_p, low, high = settings
+    gen = torch.Generator().manual_seed(int(top_p * 10) + 2 * noise + 4 * per_token)
+    n, e = 16, 5
+    logits = torch.randn(n, 2 * e if noise else e, dtype=torch.float64, generator=gen) * 2
+    logits.requires_grad_(True)
+    eps = torch.randn(n, e, dtype=torch.float64, generator=gen) if noise else None
+    allowed = torch.rand(n if per_token else 1, e, generator=gen) > 0.3
+    allowed[:, 0] = True
+    if per_token:
+        allowed[1] = torch.tensor([False, False, True, False, False])
+    want = dynamic_route(logits, allowed, eps, None, top_p, low, high)
+    with torch.no_grad():
+        routed, saved = dynamic_route_forward(logits, allowed, eps, top_p, low, high)
+    counts = routed.chosen.sum(-1)
+    assert counts.min() >= 1 and counts.max() <= high
+    for got, ref in zip((*routed[:4], *routed.aux), want):
+        assert got is not None
+        if got.dtype in (torch.bool, torch.int64):
+            assert torch.equal(got, ref)
+        else:
+            torch.testing.assert_close(got, ref, rtol=0, atol=1e-12)
+    grads = (
+        torch.randn(n, e, dtype=torch.float64, generator=gen),
+        torch.randn(n, e, dtype=torch.float64, generator=gen),
+        torch.tensor(0.7, dtype=torch.float64),
+        torch.tensor(-1.3, dtype=torch.float64),
+    )
+    outs = (want[0], want[1], want[4], want[5])
+    for used in ([0], [1], [2], [3], [0, 1, 2, 3]):
+        ref = torch.autograd.grad(
+            [outs[j] for j in used], logits, [grads[j] for j in used], retain_graph=True
+        )[0]
+        chosen_grads = [grads[j] if j in used else None for j in range(4)]
+        with torch.no_grad():
+            route_grads = RouteGrads(chosen_grads[0], chosen_grads[1], tuple(chosen_grads[2:]))
+            mine = topk_route_backward(saved, route_grads, True)
+        torch.testing.assert_close(mine, ref, rtol=0, atol=1e-12)
+
+
+def test_dynamic_gating_functions_compile_without_graph_breaks() -> None:
+    """The fused node's top-p gating forward and its backward, as they run compiled on CUDA,
+    under ``torch.compile(fullgraph=True)`` give eager's numbers."""
+    from moracl.experts.gating import RouteGrads
+    from moracl.experts.routers.dynamic import dynamic_gate_forward
+    from moracl.experts.routers.topk import topk_gate_backward
+
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(0)
+    n, e, r = 32, 6, 3
+    zl = torch.randn(n, e * r + 2 * e, generator=gen)
+    noise = torch.randn(n, e, generator=gen)
+    allowed = torch.rand(n, e, generator=gen) > 0.3
+    allowed[:, 0] = True
+    grad_zg = torch.randn(n, e * r, generator=gen)
+    grads = RouteGrads(torch.randn(n, e, generator=gen), None, (torch.tensor(0.5), None))
+    runs = []
+    for fwd, bwd in (
+        (
+            torch.compile(dynamic_gate_forward, fullgraph=True),
+            torch.compile(topk_gate_backward, fullgraph=True),
+        ),
+        (dynamic_gate_forward, topk_gate_backward),
+    ):
+        zg, routed, saved = fwd(zl, e * r, allowed, noise, 0.6, 1, 4)
+        runs.append((zg, *routed[:3], *routed.aux, *bwd(saved, grad_zg, grads, True)))
+    for got, ref in zip(*runs):
+        if got.dtype == torch.bool:
+            assert torch.equal(got, ref)
+        else:
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("router", ["topk", "topk-switch", "dynamic"])

@@ -39,6 +39,7 @@ __all__ = [
     "RoutingBackend",
     "compiled",
     "current_routing_backend",
+    "for_backend",
     "resolve_backend",
     "routing_backend",
     "triton_installed",
@@ -130,3 +131,12 @@ def compiled(fn: Callable[..., Any]) -> Callable[..., Any]:
     if fn not in _COMPILED:
         _COMPILED[fn] = torch.compile(fn, fullgraph=True)
     return _COMPILED[fn]
+
+
+def for_backend(
+    fn: Callable[..., Any], backend: RoutingBackend, device: torch.device
+) -> Callable[..., Any]:
+    """``fn`` under ``torch.compile`` (:func:`compiled`) for the ``compiled`` and ``triton``
+    backends on CUDA; ``fn`` itself elsewhere."""
+    fast = backend in (RoutingBackend.COMPILED, RoutingBackend.TRITON)
+    return compiled(fn) if fast and device.type == "cuda" else fn

@@ -4,6 +4,11 @@ Shape legend: ``n`` tokens, ``e`` experts.  ``active (n,)`` optionally restricts
 tokens a router actually serves (a hierarchical router's inner router only counts the tokens
 sent to its group); ``None`` means every token.
 
+Batches of routings: the losses also take ``(n, b, e)`` inputs (``active (n, b)``), ``b``
+routings of the same tokens over ``e`` experts each (a hierarchical router's groups, routed
+at once), and return ``(b,)`` losses (``f (b, e)``, ``lse (n, b)``): each the loss of that
+routing alone.
+
 Each loss has one definition here, used by every routing path: the routers' autograd forward,
 the closed-form forward of the fused node (which also needs the terms, ``f`` and ``lse``, for
 its hand-written backward: :func:`balance_terms`, :func:`z_terms`), the reference of the Triton
@@ -37,8 +42,8 @@ def _token_mean(values: Tensor, weights: Tensor | None) -> Tensor:
     compiler bug under ``torch.compile`` on CUDA ("operand does not dominate this use").
     """
     if weights is None:
-        return values.sum() / max(values.shape[0], 1)
-    return (values * weights).sum() / weights.sum().clamp_min(1.0)
+        return values.sum(0) / max(values.shape[0], 1)
+    return (values * weights).sum(0) / weights.sum(0).clamp_min(1.0)
 
 
 def assignment_fractions(
@@ -48,15 +53,15 @@ def assignment_fractions(
     counted tokens of ``chosen (n, e)`` bool; sums to 1 (0 with no assignment)."""
     assigned = chosen.to(dtype)  # (n, e)
     if active is not None:
-        assigned = assigned * active.to(dtype)[:, None]
+        assigned = assigned * active.to(dtype)[..., None]
     count = assigned.sum(0)  # (e,)
-    return count / count.sum().clamp_min(1.0)
+    return count / count.sum(-1, keepdim=True).clamp_min(1.0)
 
 
 def switch_balance(f: Tensor, p: Tensor) -> Tensor:
     """The Switch balance loss ``E · Σ_e f_e · P_e`` from the assignment fractions ``f (e,)``
     (no gradient) and the mean router probabilities ``p (e,)``."""
-    return f.shape[-1] * (f.detach() * p).sum()
+    return f.shape[-1] * (f.detach() * p).sum(-1)
 
 
 def balance_terms(
@@ -69,8 +74,8 @@ def balance_terms(
     if active is None:
         p = probs.sum(0) / max(n, 1)  # (e,)
     else:
-        w = active.to(probs.dtype)[:, None]  # (n, 1)
-        p = (probs * w).sum(0) / w.sum().clamp_min(1.0)  # (e,)
+        w = active.to(probs.dtype)[..., None]  # (n, 1)
+        p = (probs * w).sum(0) / w.sum(0).clamp_min(1.0)  # (e,)
     return switch_balance(f, p), f
 
 
@@ -118,7 +123,7 @@ def z_weights(lse: Tensor, counted: Tensor | None) -> Tensor:
     or ``(1,)`` when every one of the ``n`` tokens weighs ``1 / n``."""
     if counted is None:
         return lse.new_full((1,), 1.0 / max(lse.shape[0], 1))
-    return counted / counted.sum().clamp_min(1.0)
+    return counted / counted.sum(0).clamp_min(1.0)
 
 
 def router_z_loss(

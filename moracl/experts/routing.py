@@ -85,9 +85,10 @@ def scatter_k(indices: Tensor, values: Tensor, e: int) -> Tensor:
 
 def gather_k(x: Tensor, indices: Tensor) -> Tensor:
     """``x (n|1, e)`` at ``indices (n, k)``: ``(n, k)``, as ``x.gather(-1, indices)``
-    (elementwise under ``torch.compile``, as :func:`scatter_k`; the same values)."""
+    (elementwise under ``torch.compile``, as :func:`scatter_k`; the same values).  Leading
+    dimensions broadcast: ``x (n|1, b, e)``, ``indices (n, b, k)``."""
     if not torch.compiler.is_compiling():
-        return x.expand(indices.shape[0], -1).gather(-1, indices)
+        return x.expand(*indices.shape[:-1], x.shape[-1]).gather(-1, indices)
     hot = _one_hot(indices, x.shape[-1])
     if x.dtype == torch.bool:
         return (hot & x[..., None, :]).any(-1)

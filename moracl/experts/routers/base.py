@@ -356,12 +356,13 @@ class LogitRouter(Router):
 
 def noisy_scores(logits: Tensor, e: int, noise: Tensor | None) -> tuple[Tensor, Tensor]:
     """``(clean, used)``, both ``(n, e)`` in the routing dtype, from ``logits (n, e|2e)``:
-    ``used = clean + noise · softplus(noise-scale logits)`` when ``noise (n, e)`` is given."""
+    ``used = clean + noise · softplus(noise-scale logits)`` when ``noise (n, e)`` is given
+    (any leading dimensions: ``(n, b, e|2e)`` gives ``(n, b, e)``)."""
     logits = logits.to(routing_dtype(logits.dtype))
-    clean = logits[:, :e]
+    clean = logits[..., :e]
     if noise is None:
         return clean, clean
-    return clean, clean + noise * F.softplus(logits[:, e:])
+    return clean, clean + noise * F.softplus(logits[..., e:])
 
 
 def zero_padded(p: nn.Parameter, n_new: int, dim: int = 0) -> nn.Parameter:

@@ -1,18 +1,27 @@
 """Dynamic (top-p) routing: the number of experts per token follows the router's confidence
 (Huang et al. 2024, "Harder Tasks Need More Experts").
 
-Shape legend: ``n`` tokens, ``e`` experts.
+Shape legend: ``n`` tokens, ``e`` experts, ``m`` the most experts a token gets.
+
+A token's gates are its router probabilities over the kept experts, renormalised: the
+softmax of the kept experts' scores, as top-k's normalised gates are over its ``k``.  So the
+fused node's closed-form backward is top-k's (:func:`~moracl.experts.routers.topk.
+topk_route_backward`) on the ``m`` experts ranked first, whose gates past a token's count are
+zero (:class:`DynamicGating`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
-from moracl.experts.losses import load_balance_loss, router_z_loss
+from moracl.experts.backend import RoutingBackend, for_backend
+from moracl.experts.gating import GatedSaved, Gating, Routed, RouteGrads, apply_gates
+from moracl.experts.losses import balance_terms, z_terms
 from moracl.experts.routers.base import LogitRouter, TaskIds, noisy_scores
 from moracl.experts.routers.config import (
     LogitRouterConfig,
@@ -22,9 +31,18 @@ from moracl.experts.routers.config import (
     check_weight,
 )
 from moracl.experts.routers.registry import register_router
-from moracl.experts.routing import RoutingResult, mask_logits
+from moracl.experts.routers.topk import TopKSaved, topk_gate_backward, topk_route_backward
+from moracl.experts.routing import RoutingResult, gather_k, mask_logits
 
-__all__ = ["DynamicRouter", "DynamicRouterConfig", "dynamic_route", "top_p_gates"]
+__all__ = [
+    "DynamicGating",
+    "DynamicRouter",
+    "DynamicRouterConfig",
+    "dynamic_gate_forward",
+    "dynamic_route",
+    "dynamic_route_forward",
+    "top_p_gates",
+]
 
 
 @dataclass(frozen=True)
@@ -98,6 +116,37 @@ def top_p_gates(
     return gates, probs, chosen, order[:, :max_experts]
 
 
+def dynamic_route_forward(
+    logits: Tensor,
+    allowed: Tensor,
+    noise: Tensor | None,
+    top_p: float,
+    min_experts: int,
+    max_experts: int,
+    active: Tensor | None = None,
+) -> tuple[Routed, TopKSaved]:
+    """The whole top-p routing of ``n`` tokens as one function of tensors and static
+    settings: the routing (auxiliary losses ``balance``, ``z``, unweighted) and what
+    :func:`~moracl.experts.routers.topk.topk_route_backward` (``normalize=True``) reads to
+    take its gradient back to ``logits``.
+
+    Args:
+        logits: ``(n, e)`` or ``(n, 2e)`` router logits (clean, then noise-scale columns).
+        allowed: ``(n|1, e)`` bool.
+        noise: ``(n, e)`` standard normal draws, or ``None`` for no noise.
+        top_p, min_experts, max_experts: as :class:`DynamicRouterConfig` (``max_experts``
+            resolved to a number, ``m``).
+        active: ``(n,)`` bool tokens the losses count, or ``None`` for all.
+    """
+    clean, scores = noisy_scores(logits, allowed.shape[-1], noise)  # (n, e) each
+    gates, probs, chosen, indices = top_p_gates(scores, allowed, top_p, min_experts, max_experts)
+    balance, f = balance_terms(probs, chosen, active)
+    z, lse, zw = z_terms(clean, allowed, active)
+    top = gather_k(gates, indices)  # (n, m): zero past each token's count
+    routed = Routed(gates, probs, chosen, indices, (balance, z))
+    return routed, TopKSaved(logits, allowed, noise, probs, indices, top, f, lse, zw, active)
+
+
 def dynamic_route(
     logits: Tensor,
     allowed: Tensor,
@@ -107,15 +156,83 @@ def dynamic_route(
     min_experts: int,
     max_experts: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """The whole top-p routing as one function of tensors and static settings: the
-    outputs of :func:`top_p_gates` and the unweighted balance and z losses.  ``logits``,
-    ``allowed``, ``noise`` and ``active`` as in :func:`~moracl.experts.routers.topk.topk_route`.
+    """:func:`dynamic_route_forward` as ``gates, probs, chosen, indices, balance, z``."""
+    routed, _ = dynamic_route_forward(
+        logits, allowed, noise, top_p, min_experts, max_experts, active
+    )
+    return (routed.gates, routed.probs, routed.chosen, routed.indices, *routed.aux)  # type: ignore[return-value]
+
+
+def dynamic_gate_forward(
+    zl: Tensor,
+    er: int,
+    allowed: Tensor,
+    noise: Tensor | None,
+    top_p: float,
+    min_experts: int,
+    max_experts: int,
+) -> tuple[Tensor, Routed, GatedSaved]:
+    """:func:`dynamic_route_forward` on the logit columns of ``zl (n, e·r + l)`` and the
+    gated activations ``zg (n, e·r)``: one function, so the compiler fuses the gating in;
+    its backward is :func:`~moracl.experts.routers.topk.topk_gate_backward`."""
+    za = zl[:, :er]
+    routed, saved = dynamic_route_forward(
+        zl[:, er:], allowed, noise, top_p, min_experts, max_experts
+    )
+    return apply_gates(za, routed.gates), routed, GatedSaved(za, routed.gates, saved)
+
+
+@dataclass(frozen=True)
+class DynamicGating(Gating):
+    """Top-p routing in a fused node, backward in closed form (top-k's, see the module
+    docstring); ``compiled`` functions on CUDA under the ``compiled`` and ``triton``
+    backends.
+
+    Args:
+        allowed: ``(n|1, e)`` bool, the experts each token may use.
+        noise: draws the noise for ``(n, l)`` logits: ``(n, e)`` or ``None`` (no noise now).
+        top_p, min_experts, max_experts: as :func:`dynamic_route_forward`.
+        backend: a concrete backend.
     """
-    clean, scores = noisy_scores(logits, allowed.shape[-1], noise)  # (n, e) each
-    gates, probs, chosen, indices = top_p_gates(scores, allowed, top_p, min_experts, max_experts)
-    balance = load_balance_loss(probs, chosen, active)
-    z = router_z_loss(clean, allowed, active)
-    return gates, probs, chosen, indices, balance, z
+
+    allowed: Tensor
+    noise: Callable[[Tensor], Tensor | None]
+    top_p: float
+    min_experts: int
+    max_experts: int
+    backend: RoutingBackend
+    aux_names: tuple[str, ...] = ("balance", "z")
+
+    def _settings(self) -> tuple[float, int, int]:
+        return self.top_p, self.min_experts, self.max_experts
+
+    def route(self, logits: Tensor) -> tuple[Routed, TopKSaved]:
+        fwd = for_backend(dynamic_route_forward, self.backend, logits.device)
+        routed: Routed
+        routed, saved = fwd(logits, self.allowed, self.noise(logits), *self._settings())
+        return routed, saved
+
+    def route_backward(
+        self, saved: TopKSaved, grads: RouteGrads
+    ) -> tuple[Tensor, tuple[Tensor | None, ...]]:
+        bwd = for_backend(topk_route_backward, self.backend, saved.logits.device)
+        grad: Tensor = bwd(saved, grads, True)
+        return grad, ()
+
+    def forward(self, zl: Tensor, er: int) -> tuple[Tensor, Routed, Any]:
+        noise = self.noise(zl[:, er:])  # (n, e) or None
+        fwd = for_backend(dynamic_gate_forward, self.backend, zl.device)
+        zg, routed, saved = fwd(zl, er, self.allowed, noise, *self._settings())
+        return zg, routed, saved
+
+    def backward(
+        self, saved: Any, grad_zg: Tensor | None, grads: RouteGrads
+    ) -> tuple[Tensor, Tensor | None, tuple[Tensor | None, ...]]:
+        if grad_zg is None:
+            grad_zg = torch.zeros_like(saved.za)
+        bwd = for_backend(topk_gate_backward, self.backend, saved.za.device)
+        grad_zl, zg = bwd(saved, grad_zg, grads, True)
+        return grad_zl, zg, ()
 
 
 @register_router(RouterType.DYNAMIC, DynamicRouterConfig)
@@ -142,6 +259,14 @@ class DynamicRouter(LogitRouter):
     def max_experts(self) -> int:
         """The most experts a token can get (``config.max_experts`` or all)."""
         return self.config.max_experts or self.num_experts
+
+    def gating(self, task_ids: TaskIds | None, backend: RoutingBackend) -> Gating:
+        """Top-p routing with its backward in closed form (:class:`DynamicGating`)."""
+        cfg = self.config
+        allowed = self.allowed_experts(task_ids)
+        return DynamicGating(
+            allowed, self.noise, cfg.top_p, cfg.min_experts, self.max_experts, backend
+        )
 
     def route(
         self,

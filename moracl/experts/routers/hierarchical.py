@@ -20,12 +20,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, NamedTuple, cast
 
 import torch
 from einops import rearrange
 from torch import Tensor, nn
 
+from moracl.experts.backend import RoutingBackend
+from moracl.experts.gating import Gating
 from moracl.experts.routers.base import Router, TaskIds, as_task_ids
 from moracl.experts.routers.config import (
     LogitRouterConfig,
@@ -36,7 +38,13 @@ from moracl.experts.routers.config import (
     check_int,
     check_weight,
 )
+from moracl.experts.routers.hierarchical_gating import (
+    HierarchicalGating,
+    LevelSettings,
+    global_indices,
+)
 from moracl.experts.routers.registry import build_router, register_router
+from moracl.experts.routers.topk import TopKRouter, TopKRouterConfig, topk_route_forward
 from moracl.experts.routing import RoutingResult
 
 __all__ = [
@@ -118,6 +126,16 @@ def expert_config(config: HierarchicalRouterConfig) -> RouterConfig:
     return config.inner if config.inner is not None else _default(config, config.k)
 
 
+class _Level(NamedTuple):
+    """The inner level's routing of ``n`` tokens in ``g`` groups of ``s`` experts."""
+
+    gates: Tensor  # (n, g, s)
+    probs: Tensor  # (n, g, s)
+    chosen: Tensor  # (n, g, s) bool
+    indices: Tensor | None  # (n, g, k_s)
+    losses: dict[str, Tensor]  # name -> (g,), each group's loss over the tokens it serves
+
+
 @register_router(RouterType.HIERARCHICAL, HierarchicalRouterConfig)
 class HierarchicalRouter(Router):
     """``outer`` routes over groups, ``inner[h]`` over group ``h``'s experts; see the module
@@ -178,48 +196,111 @@ class HierarchicalRouter(Router):
         group_allowed = self.outer.allowed_experts(task_ids) & allowed_gs.any(-1)  # (n|1, g)
         group = self.outer.route(parts[0], group_allowed, task_ids=task_ids, active=active)
         served = group.chosen if active is None else group.chosen & active[:, None]  # (n, g)
-        results = [
-            router.route(
-                part,
-                router.allowed_experts(task_ids) & allowed_gs[:, h],
-                task_ids=task_ids,
-                active=served[:, h],
-            )
-            for h, (router, part) in enumerate(zip(inner, parts[1:]))
-        ]
-        inner_gates = torch.stack([r.gates for r in results], dim=1)  # (n, g, s)
-        inner_probs = torch.stack([r.probs for r in results], dim=1)  # (n, g, s)
-        inner_chosen = torch.stack([r.chosen for r in results], dim=1)  # (n, g, s)
-        gates = rearrange(group.gates[:, :, None] * inner_gates, "n g s -> n (g s)")
-        probs = rearrange(group.probs[:, :, None] * inner_probs, "n g s -> n (g s)")
-        chosen = rearrange(group.chosen[:, :, None] & inner_chosen, "n g s -> n (g s)")
+        within = [r.allowed_experts(task_ids) for r in inner]  # each (n|1, s)
+        if self._batched():
+            level = self._route_batched(parts[1:], within, allowed_gs, served)
+        else:
+            level = self._route_each(parts[1:], within, allowed_gs, served, task_ids)
+        gates = rearrange(group.gates[:, :, None] * level.gates, "n g s -> n (g s)")
+        probs = rearrange(group.probs[:, :, None] * level.probs, "n g s -> n (g s)")
+        chosen = rearrange(group.chosen[:, :, None] & level.chosen, "n g s -> n (g s)")
 
         share = served.to(gates.dtype).sum(0)  # (g,) tokens served by each group
         share = share / share.sum().clamp_min(1.0)
         aux_losses = {f"group.{k}": v for k, v in group.aux_losses.items()}
         aux_weights = {f"group.{k}": v for k, v in group.aux_weights.items()}
-        for name, weight in results[0].aux_weights.items():
-            losses = torch.stack([r.aux_losses[name] for r in results])  # (g,)
-            aux_losses[f"expert.{name}"] = (share * losses).sum()
+        for name, weight in inner[0].loss_weights().items():
+            aux_losses[f"expert.{name}"] = (share * level.losses[name]).sum()
             aux_weights[f"expert.{name}"] = weight
         return RoutingResult(
             gates=gates,
             probs=probs,
             chosen=chosen,
-            indices=self._indices(group.indices, [r.indices for r in results]),
+            indices=self._indices(group.indices, level.indices),
             aux_losses=aux_losses,
             aux_weights=aux_weights,
         )
 
-    def _indices(self, outer: Tensor | None, inner: list[Tensor | None]) -> Tensor | None:
+    def _batched(self) -> bool:
+        """Whether every group's router is a plain top-k router with one config, so the
+        groups route as one batch (:meth:`_route_batched`)."""
+        inner = self._inner()
+        first = inner[0]
+        return all(type(r) is TopKRouter and r.config == first.config for r in inner)
+
+    def _route_batched(
+        self, parts: tuple[Tensor, ...], within: list[Tensor], allowed_gs: Tensor, served: Tensor
+    ) -> _Level:
+        """Every group's top-k routing at once: ``parts`` each ``(n, l_s)`` stacked to ``(n,
+        g, l_s)``, one top-k over the last dimension, each group's losses over its served
+        tokens (``served (n, g)``); the same numbers as :meth:`_route_each`, including the
+        noise (each group's router draws its own, in order)."""
+        inner = self._inner()
+        cfg = inner[0].config
+        assert isinstance(cfg, TopKRouterConfig)
+        logits = torch.stack(parts, dim=1)  # (n, g, l_s)
+        allowed = torch.stack(torch.broadcast_tensors(*within), dim=-2) & allowed_gs  # (n|1, g, s)
+        draws = [cast(TopKRouter, r).noise(p) for r, p in zip(inner, parts)]  # (n, s) each
+        noise = None if draws[0] is None else torch.stack(draws, dim=1)  # type: ignore[arg-type]
+        routed, _ = topk_route_forward(logits, allowed, noise, cfg.k, cfg.normalize, served)
+        losses = dict(zip(("balance", "z"), routed.aux))  # each (g,)
+        return _Level(routed.gates, routed.probs, routed.chosen, routed.indices, losses)
+
+    def _route_each(
+        self,
+        parts: tuple[Tensor, ...],
+        within: list[Tensor],
+        allowed_gs: Tensor,
+        served: Tensor,
+        task_ids: TaskIds | None,
+    ) -> _Level:
+        """Each group's router on its own logits ``parts[h] (n, l_h)``, its losses over the
+        tokens it serves (``served[:, h]``), stacked over groups."""
+        results = [
+            router.route(part, ok & allowed_gs[:, h], task_ids=task_ids, active=served[:, h])
+            for h, (router, part, ok) in enumerate(zip(self._inner(), parts, within))
+        ]
+        indices = [r.indices for r in results if r.indices is not None]
+        return _Level(
+            torch.stack([r.gates for r in results], dim=1),
+            torch.stack([r.probs for r in results], dim=1),
+            torch.stack([r.chosen for r in results], dim=1),
+            torch.stack(indices, dim=1) if len(indices) == len(results) else None,
+            {n: torch.stack([r.aux_losses[n] for r in results]) for n in results[0].aux_losses},
+        )
+
+    def _indices(self, outer: Tensor | None, per_group: Tensor | None) -> Tensor | None:
         """``(n, k_g · k_s)`` global indices of the chosen groups' chosen experts, when both
-        levels report indices (``outer (n, k_g)``, each ``inner[h] (n, k_s)``)."""
-        if outer is None or any(i is None for i in inner):
-            return None
-        per_group = torch.stack([i for i in inner if i is not None], dim=1)  # (n, g, k_s)
-        k_s = per_group.shape[-1]
-        picked = per_group.gather(1, outer[:, :, None].expand(-1, -1, k_s))  # (n, k_g, k_s)
-        return rearrange(outer[:, :, None] * self.group_size + picked, "n a b -> n (a b)")
+        levels report indices (``outer (n, k_g)``, ``per_group (n, g, k_s)``)."""
+        return global_indices(outer, per_group, self.group_size)
+
+    def gating(self, task_ids: TaskIds | None, backend: RoutingBackend) -> Gating:
+        """Both levels top-k (the default): :class:`~moracl.experts.routers.
+        hierarchical_gating.HierarchicalGating`, in closed form; other compositions replay
+        :meth:`route` under autograd."""
+        outer = self.outer
+        if type(outer) is not TopKRouter or not self._batched():
+            return super().gating(task_ids, backend)
+        inner = cast(list[TopKRouter], self._inner())
+        allowed_gs = self.allowed_experts(task_ids).unflatten(-1, (self.num_groups, -1))
+        masks = torch.broadcast_tensors(*(r.allowed_experts(task_ids) for r in inner))
+        within = torch.stack(masks, dim=-2)  # (n|1, g, s)
+        sizes = [r.num_logits for r in inner]
+
+        def expert_noise(logits: Tensor) -> Tensor | None:
+            draws = [r.noise(part) for r, part in zip(inner, logits.split(sizes, dim=1))]
+            return None if draws[0] is None else torch.stack(draws, dim=1)  # type: ignore[arg-type]
+
+        return HierarchicalGating(
+            group_allowed=outer.allowed_experts(task_ids) & allowed_gs.any(-1),
+            expert_allowed=within & allowed_gs,
+            group_noise=outer.noise,
+            expert_noise=expert_noise,
+            group_logits=outer.num_logits,
+            groups=LevelSettings(outer.config.k, outer.config.normalize),
+            experts=LevelSettings(inner[0].config.k, inner[0].config.normalize),
+            backend=backend,
+        )
 
     def _inner(self) -> list[Router]:
         return [r for r in self.inner if isinstance(r, Router)]

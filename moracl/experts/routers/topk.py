@@ -23,7 +23,7 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 from torch import Tensor
 
-from moracl.experts.backend import RoutingBackend, compiled
+from moracl.experts.backend import RoutingBackend, for_backend
 from moracl.experts.gating import GatedSaved, Gating, Routed, RouteGrads, apply_gates
 from moracl.experts.losses import balance_terms, z_terms, z_weights
 from moracl.experts.routers.base import LogitRouter, TaskIds, noisy_scores
@@ -126,6 +126,7 @@ class TopKSaved(NamedTuple):
     f: Tensor  # (e,) the assignment fractions
     lse: Tensor  # (n,) masked log-sum-exp of the clean logits
     zw: Tensor | None  # (n,) the tokens the z loss counts, or None: all (see z_weights)
+    active: Tensor | None  # (n,) bool, the tokens the balance loss counts, or None: all
 
 
 def topk_route_forward(
@@ -145,8 +146,11 @@ def topk_route_forward(
         noise: ``(n, e)`` standard normal draws, or ``None`` for no noise.
         k: experts per token.
         normalize: as in :func:`topk_gates`.
-        active: ``(n,)`` bool tokens the losses count, or ``None`` for all (the closed-form
-            backward assumes ``None``).
+        active: ``(n,)`` bool tokens the losses count, or ``None`` for all.
+
+    Batched: ``logits (n, b, e|2e)``, ``allowed (n|1, b, e)``, ``noise (n, b, e)``, ``active
+    (n, b)`` route ``b`` groups of ``e`` experts at once, each alone (the losses are ``(b,)``,
+    see :mod:`moracl.experts.losses`).
 
     Returns:
         The routing (auxiliary losses ``balance``, ``z``, unweighted) and what
@@ -157,7 +161,7 @@ def topk_route_forward(
     balance, f = balance_terms(probs, chosen, active)
     z, lse, zw = z_terms(clean, allowed, active)
     routed = Routed(gates, probs, chosen, indices, (balance, z))
-    return routed, TopKSaved(logits, allowed, noise, probs, indices, top, f, lse, zw)
+    return routed, TopKSaved(logits, allowed, noise, probs, indices, top, f, lse, zw, active)
 
 
 def topk_route(
@@ -174,27 +178,34 @@ def topk_route(
 
 
 def topk_route_backward(saved: TopKSaved, grads: RouteGrads, normalize: bool = True) -> Tensor:
-    """``∂L/∂logits (n, e|2e)`` of :func:`topk_route_forward` (``active=None``), in closed
-    form; ``grads.aux`` holds the balance and z losses' gradients.
+    """``∂L/∂logits (n, e|2e)`` of :func:`topk_route_forward`, in closed form;
+    ``grads.aux`` holds the balance and z losses' gradients (batched: ``(n, b, e|2e)`` from
+    the losses' ``(b,)`` gradients).
 
     With ``q`` the softmax of the masked scores and ``σ`` the softmax over the chosen ones:
     the probabilities pass ``q ⊙ (G − Σ q G)`` with ``G = ∂L/∂probs + ∂L/∂balance · e·f/n``
-    (``f`` carries no gradient); the gates pass ``σ ⊙ (g − Σ σ g)`` back to the chosen
+    (``f`` carries no gradient; with ``active``, ``e·f·a/Σa`` for the counted tokens ``a``);
+    the gates pass ``σ ⊙ (g − Σ σ g)`` back to the chosen
     columns (``normalize=False``: the gates' gradient joins ``G`` at the chosen columns, the
     gates being probabilities there); the z loss adds ``∂L/∂z · 2·lse·w · softmax(masked
     clean)``; masked columns get nothing; the noise scale gets ``∂/∂scores · ε ·
     sigmoid(scale)``.
     """
-    logits, allowed, noise, probs, indices, top, f, lse, zw = saved
+    logits, allowed, noise, probs, indices, top, f, lse, zw, active = saved
     grad_gates, grad_probs = grads.gates, grads.probs
     grad_balance, grad_z = grads.aux
     e = allowed.shape[-1]
     lg = logits.to(probs.dtype)
-    clean = lg[:, :e]
+    clean = lg[..., :e]
     n = probs.shape[0]
     gp = torch.zeros_like(probs) if grad_probs is None else grad_probs.to(probs.dtype)
     if grad_balance is not None:
-        gp = gp + grad_balance * (e / max(n, 1)) * f  # (n, e)
+        if active is None:
+            gp = gp + grad_balance[..., None] * (e / max(n, 1)) * f  # (n, e)
+        else:
+            w = active.to(probs.dtype)  # (n,) or (n, b)
+            per_token = grad_balance[..., None] * e * f  # (e,) or (b, e)
+            gp = gp + per_token * (w / w.sum(0).clamp_min(1.0))[..., None]
     gp = gp * allowed
     if grad_gates is not None and not normalize:  # the chosen gates are probabilities
         picked = gather_k(allowed, indices)  # (n, k) bool
@@ -207,11 +218,11 @@ def topk_route_backward(saved: TopKSaved, grads: RouteGrads, normalize: bool = T
     grad = grad * allowed  # (n, e) ∂L/∂scores; the masked scores are constants
     grad_clean = grad
     if grad_z is not None:
-        soft = torch.where(allowed, (clean - lse[:, None]).exp(), torch.zeros_like(clean))
-        grad_clean = grad + grad_z * 2.0 * (lse * z_weights(lse, zw))[:, None] * soft
+        soft = torch.where(allowed, (clean - lse[..., None]).exp(), torch.zeros_like(clean))
+        grad_clean = grad + grad_z[..., None] * 2.0 * (lse * z_weights(lse, zw))[..., None] * soft
     if noise is None:
         return grad_clean.to(logits.dtype)
-    grad_scale = grad * noise * torch.sigmoid(lg[:, e:])  # through the scores only, not z
+    grad_scale = grad * noise * torch.sigmoid(lg[..., e:])  # through the scores only, not z
     return torch.cat([grad_clean, grad_scale], dim=-1).to(logits.dtype)
 
 
@@ -240,14 +251,6 @@ def topk_gate_backward(
     return torch.cat([grad_za, grad_logits], dim=1), (za3 * g_c).flatten(1)
 
 
-def _function(
-    fn: Callable[..., Any], backend: RoutingBackend, device: torch.device
-) -> Callable[..., Any]:
-    """``fn`` under ``torch.compile`` for the ``compiled`` and ``triton`` backends on CUDA."""
-    fast = backend in (RoutingBackend.COMPILED, RoutingBackend.TRITON)
-    return compiled(fn) if fast and device.type == "cuda" else fn
-
-
 @dataclass(frozen=True)
 class TopKGating(Gating):
     """Top-k routing in a fused node, backward in closed form; under the ``triton`` backend
@@ -270,7 +273,7 @@ class TopKGating(Gating):
     aux_names: tuple[str, ...] = ("balance", "z")
 
     def route(self, logits: Tensor) -> tuple[Routed, TopKSaved]:
-        fwd = _function(topk_route_forward, self.backend, logits.device)
+        fwd = for_backend(topk_route_forward, self.backend, logits.device)
         routed: Routed
         noise = self.noise(logits)  # (n, e) or None
         routed, saved = fwd(logits, self.allowed, noise, self.k, self.normalize)
@@ -279,7 +282,7 @@ class TopKGating(Gating):
     def route_backward(
         self, saved: TopKSaved, grads: RouteGrads
     ) -> tuple[Tensor, tuple[Tensor | None, ...]]:
-        bwd = _function(topk_route_backward, self.backend, saved.logits.device)
+        bwd = for_backend(topk_route_backward, self.backend, saved.logits.device)
         grad: Tensor = bwd(saved, grads, self.normalize)
         return grad, ()
 
@@ -292,7 +295,7 @@ class TopKGating(Gating):
                 out = triton_route.gate_forward(zl, er, self.allowed, noise, self.k, self.normalize)
                 routed = Routed(out.gates, out.probs, out.chosen, out.indices, (out.balance, out.z))
                 return out.zg, routed, out
-        fwd = _function(topk_gate_forward, self.backend, zl.device)
+        fwd = for_backend(topk_gate_forward, self.backend, zl.device)
         zg, routed, saved = fwd(zl, er, self.allowed, noise, self.k, self.normalize)
         return zg, routed, saved
 
@@ -308,7 +311,7 @@ class TopKGating(Gating):
             return grad_zl, zg, ()
         if grad_zg is None:
             grad_zg = torch.zeros_like(saved.za)
-        bwd = _function(topk_gate_backward, self.backend, saved.za.device)
+        bwd = for_backend(topk_gate_backward, self.backend, saved.za.device)
         grad_zl, zg = bwd(saved, grad_zg, grads, self.normalize)
         return grad_zl, zg, ()
 
