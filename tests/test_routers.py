@@ -724,11 +724,12 @@ def test_dynamic_gating_functions_compile_without_graph_breaks() -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("router", ["topk", "topk-switch", "dynamic"])
+@pytest.mark.parametrize("router", ["topk", "topk-switch", "dynamic", "hierarchical"])
 def test_fused_routed_layer_on_cuda_matches_plain_autograd_without_host_sync(router: str) -> None:
-    """On CUDA the top-k routing inside the fused node runs compiled; outputs, routing and
-    gradients match plain autograd through the router and the per-expert loop (float32),
-    and a warmed-up forward and backward make no host synchronisation."""
+    """On CUDA the routing inside the fused node runs compiled (top-k, top-p, two-level);
+    outputs, routing and gradients match plain autograd through the router and the
+    per-expert loop (float32), and a warmed-up forward and backward make no host
+    synchronisation."""
     from moracl import MoRALinear
     from moracl.experts.mixture import MixtureConfig, RoutingContext
 
@@ -736,6 +737,7 @@ def test_fused_routed_layer_on_cuda_matches_plain_autograd_without_host_sync(rou
         "topk": RouterConfig(type="topk", k=2),
         "topk-switch": RouterConfig(type="topk", k=1, normalize=False),
         "dynamic": RouterConfig(type="dynamic"),
+        "hierarchical": RouterConfig(type="hierarchical", groups=2, k=2),
     }[router]
     layer = MoRALinear(torch.nn.Linear(64, 96), MixtureConfig(rank=4, experts=8, router=rc))
     layer = layer.cuda().train()
