@@ -38,9 +38,9 @@ CPU_BACKENDS = ["eager", "compiled", "auto"]
 TASK_IDS = torch.tensor([1, 0, 1])
 
 
-def _layer(router: str, dtype: torch.dtype) -> MoRALinear:
+def _layer(router: str, dtype: torch.dtype, kind: str = "lora") -> MoRALinear:
     torch.manual_seed(0)
-    cfg = MixtureConfig(rank=3, experts=4, router=ROUTERS[router])
+    cfg = MixtureConfig(kind=kind, rank=3, experts=4, router=ROUTERS[router])
     layer = MoRALinear(nn.Linear(12, 10), cfg).to(dtype).train()
     mix = layer.adapter("default")
     with torch.no_grad():
@@ -78,10 +78,13 @@ def _inputs(dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     return x, g
 
 
+@pytest.mark.parametrize("kind", ["lora", "mora"])
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("router", sorted(ROUTERS))
-def test_every_backend_equals_naive_in_float64(router: str, backend: str) -> None:
-    layer = _layer(router, torch.float64)
+def test_every_backend_equals_naive_in_float64(router: str, backend: str, kind: str) -> None:
+    """LoRA experts run the fused routed node; MoRA experts (not LoRA factors) the routing
+    node (:mod:`moracl.experts.route_node`) and the bank's stacked update."""
+    layer = _layer(router, torch.float64, kind)
     x, g = _inputs(torch.float64)
     want = _step(layer, "naive", x, g)
     got = _step(layer, backend, x, g)
@@ -92,8 +95,12 @@ def test_every_backend_equals_naive_in_float64(router: str, backend: str) -> Non
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("router", ["topk", "topk-switch", "topk-per-sample", "topk-tasks", "task"])
-def test_the_triton_backend_equals_naive(router: str) -> None:
+@pytest.mark.parametrize("kind", ["lora", "mora"])
+@pytest.mark.parametrize(
+    "router",
+    ["topk", "topk-switch", "topk-per-sample", "topk-tasks", "task", "dynamic", "hierarchical"],
+)
+def test_the_triton_backend_equals_naive(router: str, kind: str) -> None:
     """The kernels (on CUDA, or in Triton's interpreter on the CPU) against the naive backend,
     both in float32 (the kernels' dtype; the same noise draws), within a tolerance of
     float32's epsilon relative to each tensor's scale."""
@@ -102,7 +109,7 @@ def test_the_triton_backend_equals_naive(router: str) -> None:
     if resolve_backend(RoutingBackend.TRITON, torch.device(device)) is not RoutingBackend.TRITON:
         pytest.skip("Triton's kernels do not run here (no GPU, interpreter off)")
     x, g = _inputs(torch.float64)
-    layer = _layer(router, torch.float64).float().to(device)
+    layer = _layer(router, torch.float64, kind).float().to(device)
     x, g = x.float().to(device), g.float().to(device)
     ref = _step(layer, "naive", x, g)
     got = _step(layer, "triton", x, g)
@@ -147,3 +154,31 @@ def test_bad_backends_are_refused_naming_the_value() -> None:
         pass
     with pytest.raises(ValueError, match="backend must be one of .*got 'fast'"):
         MixtureConfig(backend="fast")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("router", ["topk", "dynamic", "hierarchical", "topk-per-sample"])
+def test_experts_that_are_not_lora_route_in_one_node(router: str) -> None:
+    """MoRA experts under ``eager``: the gates come out of the routing node, whose backward
+    is the gating's (``naive`` and plain autograd, e.g. for MAML's clones, keep the router's
+    own ``route``)."""
+    from moracl.adapters.fused import plain_autograd
+
+    layer = _layer(router, torch.float64, "mora")
+    mix = layer.adapter("default")
+    x, _ = _inputs(torch.float64)
+    for backend, node in (("eager", True), ("naive", False)):
+        mix.context = RoutingContext(task_ids=TASK_IDS)
+        try:
+            with routing_backend(backend):
+                layer(x)
+            gates = mix.context.results[mix].gates
+        finally:
+            mix.context = None
+        assert (type(gates.grad_fn).__name__ == "_RouteBackward") is node
+    mix.context = RoutingContext(task_ids=TASK_IDS)
+    try:
+        with routing_backend("eager"), plain_autograd():
+            layer(x)
+        assert type(mix.context.results[mix].gates.grad_fn).__name__ != "_RouteBackward"
+    finally:
+        mix.context = None

@@ -7,6 +7,9 @@ Every backend computes the same function; they differ in speed and in what they 
 - ``eager``: the frozen matmul, the router and the gated experts in one autograd node
   (:mod:`moracl.experts.routed_lora`) with the routing's backward written out in closed form
   where the router kind has one (else its ``route`` replayed under autograd), run eagerly;
+  experts that are not plain LoRA factors (MoRA and AdaLoRA banks, several banks) get the
+  same routing in a node of its own (:mod:`moracl.experts.route_node`) and their banks'
+  updates;
 - ``compiled``: ``eager`` with the closed-form functions under ``torch.compile`` on CUDA
   (elsewhere they run eagerly, as ``eager``);
 - ``triton``: ``compiled`` with the routing and gating as Triton kernels where they take the

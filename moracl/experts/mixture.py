@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
@@ -34,6 +35,7 @@ from moracl.experts.banks import BANKS, ExpertBank, build_bank
 from moracl.experts.context import RoutingContext, sample_task_ids, token_task_ids
 from moracl.experts.gating import Gating
 from moracl.experts.per_sample import SampleGating, expand_result, pool_weights
+from moracl.experts.route_node import route_node
 from moracl.experts.routed_lora import routed_lora_linear
 from moracl.experts.routers.base import Router, TaskIds, as_task_ids
 from moracl.experts.routers.config import RoutePer, RouterConfig
@@ -386,15 +388,37 @@ class Mixture(nn.Module):
         return out.view(*x.shape[:-1], self.out_features)
 
     def delta(self, x: Tensor, *, weight: Tensor | None = None) -> Tensor:
-        """The update for ``x (..., i)``, routed in this forward's context: ``(..., o)``."""
+        """The update for ``x (..., i)``, routed in this forward's context: ``(..., o)``.
+
+        Under ``naive`` the router's own ``route`` and a loop over the experts; under any
+        other backend the router's gating in one autograd node (:mod:`moracl.experts.
+        route_node`; the router's ``route`` under plain autograd where fused nodes step aside,
+        see :func:`~moracl.adapters.fused.fused_enabled`) and the banks' stacked updates."""
         lead = x.shape[:-1]
-        result = self.route(x, self._task_ids(lead))
+        backend = resolve_backend(self.backend, x.device)
+        if backend is not RoutingBackend.NAIVE and fused_enabled(*self.router.parameters()):
+            result = self._route_node(x, backend)
+        else:
+            result = self.route(x, self._task_ids(lead))
         self._keep_input(x)
         self._record(result)
         x = _cast(x, self._dtype())
-        if resolve_backend(self.backend, x.device) is RoutingBackend.NAIVE:
+        if backend is RoutingBackend.NAIVE:
             return self.naive_delta(x, result.gates)
         return self.mix(x, result.gates)
+
+    def _route_node(self, x: Tensor, backend: RoutingBackend) -> RoutingResult:
+        """The routing of ``x (..., i)`` by the router's gating for ``backend``, in one
+        autograd node on the logits ``x Rᵀ (n, l)``."""
+        lead = x.shape[:-1]
+        gating: Gating = self.router.gating(self._task_ids(lead), backend)
+        if self.per_sample:
+            gating = SampleGating(gating, pool_weights(lead, x.device, routing_dtype(x.dtype)))
+        weights = self.router.logit_weights()  # (l, i)
+        logits = F.linear(x.reshape(-1, self.in_features), weights.to(x.dtype))  # (n, l)
+        routed = route_node(logits, gating)
+        aux = dict(zip(gating.aux_names, routed.aux))
+        return self.router.result(routed.gates, routed.probs, routed.chosen, routed.indices, aux)
 
     def _fusable(self) -> ExpertBank | None:
         banks = self.expert_banks()
