@@ -14,6 +14,11 @@ their group (a group's router is not trained on other tasks' tokens), and the ``
 losses are the inner losses averaged over groups weighted by their token counts.  The outer
 may be ``task`` (task-conditioned groups) and the inner may itself be hierarchical, which
 gives three or more levels.
+
+When every group's router is a plain top-k router with one config (the default), the groups
+route as one batched top-k over ``(n, g, s)`` (the same numbers, noise included); with a top-k
+outer as well, the fused node's routing is in closed form
+(:mod:`moracl.experts.routers.hierarchical_gating`).
 """
 
 from __future__ import annotations
