@@ -3,7 +3,11 @@ defaults."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
+import torch
 
 from moracl.bench import dylora
 
@@ -31,3 +35,86 @@ def test_bad_options_name_the_value(
 def test_the_defaults_parse() -> None:
     args = dylora.parse_args([])
     assert args.lrs == [2e-3] and args.updates == ["last", "all"] and args.seeds == [0]
+
+
+def _fake_run_seed(calls: list[tuple[int, float]]):  # type: ignore[no-untyped-def]
+    """A stand-in for the trainings: accuracies that depend only on (seed, lr, rule, rank),
+    as the real ones do; each (seed, lr) it is asked to train is appended to ``calls``."""
+
+    def acc(*key: object) -> dict[str, float]:
+        g = torch.Generator().manual_seed(abs(hash(key)) % 2**31)
+        val, test = torch.rand(2, generator=g, dtype=torch.float64).tolist()
+        return {"val": val, "test": test}
+
+    def run_seed(args):  # type: ignore[no-untyped-def]
+        calls.extend((args.seed, lr) for lr in args.lrs)
+        return {
+            "seed": args.seed,
+            "sizes": [400, 80, 300],
+            "steps": 150,
+            "dylora": {
+                u: {str(lr): [acc(args.seed, lr, u, b) for b in args.ranks] for lr in args.lrs}
+                for u in args.updates
+            },
+            "lora": {str(lr): [acc(args.seed, lr, b) for b in args.ranks] for lr in args.lrs},
+        }
+
+    return run_seed
+
+
+def test_reuse_trains_only_the_missing_lrs_and_summarises_as_a_full_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[tuple[int, float]] = []
+    monkeypatch.setattr(dylora, "run_seed", _fake_run_seed(calls))
+    grid = ["--lrs", "1e-3", "2e-3", "4e-3", "--seeds", "0", "1", "2"]
+    full = dylora.run(dylora.parse_args(grid))
+    assert len(calls) == 9
+
+    first = tmp_path / "first.json"
+    assert dylora.main(["--lrs", "1e-3", "2e-3", "--seeds", "0", "1", "--json", str(first)]) == 0
+    calls.clear()
+    wider = tmp_path / "wider.json"
+    assert dylora.main([*grid, "--reuse", str(first), "--json", str(wider)]) == 0
+    # seeds 0 and 1 train only 4e-3; seed 2, absent from the record, trains everything
+    assert sorted(calls) == [(0, 4e-3), (1, 4e-3), (2, 1e-3), (2, 2e-3), (2, 4e-3)]
+    record = json.loads(wider.read_text())
+    for key in ("by_update", "chosen", "val_mean", "runs"):
+        assert record["results"][key] == full[key]
+    assert any("0.001, 0.002 for seeds [0, 1] are reused" in c for c in record["meta"]["caveats"])
+
+
+@pytest.mark.parametrize(
+    ("argv", "named"),
+    [
+        (["--rank", "4", "--ranks", "1", "2"], "--rank 8, this run 4"),
+        (["--epochs", "3"], "--epochs 6, this run 3"),
+        (["--updates", "last"], "--updates ['last', 'all'], this run ['last']"),
+    ],
+)
+def test_reuse_refuses_a_record_with_other_settings(
+    argv: list[str],
+    named: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setattr(dylora, "run_seed", _fake_run_seed([]))
+    first = tmp_path / "first.json"
+    assert dylora.main(["--json", str(first)]) == 0
+    with pytest.raises(SystemExit) as e:
+        dylora.parse_args([*argv, "--reuse", str(first)])
+    assert e.value.code == 2
+    assert named in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text", ["not json", '{"benchmark": "adapters", "meta": {}}'])
+def test_reuse_refuses_what_is_not_a_dylora_record(
+    text: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "r.json"
+    path.write_text(text)
+    with pytest.raises(SystemExit) as e:
+        dylora.parse_args(["--reuse", str(path)])
+    assert e.value.code == 2
+    assert str(path) in capsys.readouterr().err

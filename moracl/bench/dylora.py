@@ -15,12 +15,20 @@ rate (the best mean validation accuracy over the ranks) and each rank's LoRA lea
 the test split is only reported. Offline; one training takes about 40 seconds on one CPU
 core, and a seed trains ``len(lrs) · (len(updates) + len(ranks))`` models (the test split
 has 300 glosses: one gloss is 0.33 points, so compare means over ``--seeds``).
+
+Every training is deterministic given its seed and learning rate, so ``--reuse RECORD``
+widens an earlier record's grid at the cost of the new points only: the record's runs for the
+same seeds and settings are kept, and only the learning rates it lacks are trained (the new
+record's caveats say which runs were reused and from which commit).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import shlex
 import time
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
@@ -178,15 +186,78 @@ def run_seed(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _merge_runs(
+    old: dict[str, Any] | None, new: dict[str, Any] | None, lrs: list[str]
+) -> dict[str, Any]:
+    """One seed's run at every learning rate of ``lrs`` (as text), each taken from ``new``
+    where it was trained now, else from ``old`` (a run of an earlier record)."""
+    runs = [r for r in (new, old) if r is not None]
+
+    def pick(key: str, update: str | None, lr: str) -> Any:
+        for r in runs:
+            rows = r[key] if update is None else r[key][update]
+            if lr in rows:
+                return rows[lr]
+        raise KeyError(lr)  # unreachable: every lr is trained when the old run lacks it
+
+    first = runs[0]
+    return {
+        "seed": first["seed"],
+        "sizes": first["sizes"],
+        "steps": first["steps"],
+        "dylora": {u: {lr: pick("dylora", u, lr) for lr in lrs} for u in first["dylora"]},
+        "lora": {lr: pick("lora", None, lr) for lr in lrs},
+    }
+
+
+#: options that must agree between a run and the record it reuses (all but these)
+_FREE_OPTIONS = frozenset({"lrs", "seeds", "json", "caveats", "reuse", "reused"})
+
+
+def reused_runs(path: str, args: argparse.Namespace) -> dict[int, dict[str, Any]]:
+    """The runs of the ``moracl bench dylora`` record at ``path`` by seed, once its settings
+    (every option but the learning rates, seeds and output) are checked to equal ``args``'s.
+
+    Raises:
+        ValueError: the file is missing, not a DyLoRA record, or made with other settings
+            (the option and both values named).
+    """
+    try:
+        record = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"--reuse {path!r}: cannot read a JSON record ({e})") from e
+    command = record.get("meta", {}).get("command", "") if isinstance(record, dict) else ""
+    words = shlex.split(command)
+    if record.get("benchmark") != "dylora" or words[:3] != ["moracl", "bench", "dylora"]:
+        raise ValueError(f"--reuse {path!r}: not a 'moracl bench dylora' record")
+    before = parse_args(words[3:], check_reuse=False)
+    for key, value in vars(args).items():
+        if key not in _FREE_OPTIONS and getattr(before, key, None) != value:
+            raise ValueError(
+                f"--reuse {path!r}: the record has --{key.replace('_', '-')} "
+                f"{getattr(before, key, None)!r}, this run {value!r}; only --lrs and "
+                "--seeds may differ"
+            )
+    return {int(r["seed"]): r for r in record["results"]["runs"]}
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """:func:`run_seed` for each of ``args.seeds``, then every choice on validation (means
     over the seeds): DyLoRA's update rule and learning rate (the best mean validation
     accuracy over the ranks), and each rank's LoRA learning rate; per rank and rule the mean
-    accuracies and the mean and standard deviation of the test gap (DyLoRA − LoRA)."""
+    accuracies and the mean and standard deviation of the test gap (DyLoRA − LoRA).
+    ``args.reused`` (from ``--reuse``): earlier runs by seed, whose learning rates are not
+    trained again."""
+    reused: dict[int, dict[str, Any]] = getattr(args, "reused", None) or {}
     runs = []
     for seed in args.seeds:
-        torch.manual_seed(seed)
-        runs.append(run_seed(argparse.Namespace(**{**vars(args), "seed": seed})))
+        old = reused.get(seed)
+        missing = [lr for lr in args.lrs if old is None or str(lr) not in old["lora"]]
+        new = None
+        if missing:
+            torch.manual_seed(seed)
+            new = run_seed(argparse.Namespace(**{**vars(args), "seed": seed, "lrs": missing}))
+        runs.append(_merge_runs(old, new, [str(lr) for lr in args.lrs]))
     lrs = [str(lr) for lr in args.lrs]
 
     def acc(update: str | None, lr: str, i: int, split: str) -> Tensor:  # (seeds,)
@@ -300,9 +371,9 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n\n".join(parts)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None, *, check_reuse: bool = True) -> argparse.Namespace:
     """The checked options of ``moracl bench dylora`` (a bad one: argparse's usage and error,
-    exit status 2)."""
+    exit status 2); with ``--reuse``, the record's runs as ``reused`` (by seed)."""
     parser = argparse.ArgumentParser(prog="moracl bench dylora", description=__doc__)
     parser.add_argument("--categories", nargs="+", default=list(CATEGORIES))
     parser.add_argument("--per-class", type=positive_int, default=80)
@@ -332,12 +403,42 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="DyLoRA's update rules, one chosen on validation",
     )
     parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument(
+        "--reuse",
+        default=None,
+        metavar="RECORD",
+        help="an earlier --json record with the same settings: train only the lrs it lacks",
+    )
     add_caveat_arg(parser)
     args: argparse.Namespace = parser.parse_args(argv)
     bad = [b for b in args.ranks if b > args.rank]
     if bad:
         parser.error(f"--ranks {bad} exceed --rank {args.rank}")
+    args.reused = None
+    if args.reuse is not None and check_reuse:
+        try:
+            args.reused = reused_runs(args.reuse, args)
+        except ValueError as e:
+            parser.error(str(e))
     return args
+
+
+def _reuse_caveat(args: argparse.Namespace) -> list[str]:
+    """What ``--reuse`` kept, for the record: the seeds and learning rates not trained again
+    and the commit that trained them."""
+    if not args.reused:
+        return []
+    record = json.loads(Path(args.reuse).read_text())
+    kept = sorted(
+        {lr for s in args.seeds if s in args.reused for lr in args.reused[s]["lora"]}
+        & {str(lr) for lr in args.lrs},
+        key=float,
+    )
+    seeds = [s for s in args.seeds if s in args.reused]
+    return [
+        f"the runs at lr {', '.join(kept)} for seeds {seeds} are reused from {args.reuse} "
+        f"(commit {record['meta'].get('commit', '?')}), trainings being deterministic"
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -347,7 +448,8 @@ def main(argv: list[str] | None = None) -> int:
     result = run(args)
     print("\n" + markdown(result) + f"\n{machine()}")
     if args.json:
-        write_record(args.json, "dylora", meta, result, caveats=args.caveats)
+        caveats = [*_reuse_caveat(args), *args.caveats]
+        write_record(args.json, "dylora", meta, result, caveats=caveats)
     return 0
 
 
