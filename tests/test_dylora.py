@@ -12,6 +12,7 @@ from torch import nn
 
 from moracl import AdapterConfig, MoRALinear, MoRAModel
 from moracl.adapters.dylora import DyLoRA, DyLoRAConfig, DyLoRAUpdate, draw_rank, set_rank
+from moracl.adapters.fused import plain_autograd
 
 from .conftest import mlp, randomize_adapters
 
@@ -212,3 +213,25 @@ def test_a_call_without_gradients_uses_the_evaluation_rank_and_draws_nothing() -
         out = layer(x)
     assert int(dy.draws) == 0
     torch.testing.assert_close(out, _lora_of_leading(layer, 2)(x), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("update", ["last", "all"])
+def test_a_training_step_runs_in_the_fused_node_and_equals_plain_autograd(update: str) -> None:
+    layer = _dylora_layer((9, 8), update=update).train()
+    dy = layer.adapters["default"]
+    x = torch.randn(5, 9, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(5, 8, dtype=torch.float64)
+    inputs = [x, dy.lora_A, dy.lora_B]
+    for _ in range(6):
+        draws = dy.draws.clone()
+        out = layer(x)
+        assert type(out.grad_fn).__name__ == "_LoRALinearBackward"
+        got = torch.autograd.grad(out, inputs, g)
+        dy.draws.copy_(draws)  # the same rank again, through plain autograd
+        with plain_autograd():
+            ref = layer(x)
+        assert type(ref.grad_fn).__name__ != "_LoRALinearBackward"
+        want = torch.autograd.grad(ref, inputs, g)
+        torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-12)

@@ -191,21 +191,31 @@ class _LoRALinear(torch.autograd.Function):
 
 
 def lora_linear(
-    x: Tensor, weight: Tensor, bias: Tensor | None, a: Tensor, b: Tensor, s: float
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    a: Tensor,
+    b: Tensor,
+    s: float,
+    *,
+    params: tuple[Tensor, ...] | None = None,
 ) -> Tensor:
     """``x Wᵀ + b + s · x Aᵀ Bᵀ`` as one autograd node, in the layer's compute dtype; in plain
-    autograd (:func:`plain_lora_linear`) where ``a`` or ``b`` is a computed tensor (see
-    :func:`fused_enabled`).
+    autograd (:func:`plain_lora_linear`) where the adapter's parameters are computed tensors
+    (see :func:`fused_enabled`).
 
     Args:
         x: ``(..., i)``; weight: ``(o × i)``; bias: ``(o,)`` or None; a: ``(r × i)``;
         b: ``(o × r)``; s: LoRA's scaling.
+        params: the parameters ``a`` and ``b`` are computed from (a rank mask, a scale per
+            channel), ``(a, b)`` themselves when ``None``: autograd takes the node's
+            gradients for ``a`` and ``b`` back to them.
     Returns: ``(..., o)``.
     """
     dt = compute_dtype(x)
     if bias is not None and bias.dtype != dt:
         bias = bias.to(dt)
-    if not fused_enabled(a, b):
+    if not fused_enabled(*(params if params is not None else (a, b))):
         return plain_lora_linear(x.to(dt), weight.to(dt), bias, a, b, s)
     out: Tensor = _LoRALinear.apply(x.to(dt), weight.to(dt), bias, a, b, s)
     return out

@@ -92,31 +92,41 @@ class DyLoRA(Adapter):
         return self.lora_A[:b], self.lora_B[:, :b]
 
     # -- the update -----------------------------------------------------------------------
-    def _sampled(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Draw ``b``, advance the sampler; ``(z (..., r), up (o × r))`` with the channels
-        ``>= b`` zeroed and ``α / b`` applied to ``z``."""
+    def _sampled(self) -> tuple[Tensor, Tensor]:
+        """Draw ``b``, advance the sampler; the factors ``(A' (r × i), B' (o × r))`` of the
+        rank-``b`` LoRA over all ``r`` channels: ``A'`` is ``A`` with its rows ``>= b`` zeroed
+        and ``α / b`` applied (rank space, so that no ``(N, ·)`` tensor is scaled), and under
+        the ``last`` rule only row/column ``b - 1`` carries a gradient."""
         b = self._draw(self.draws)  # () int64, on the adapter's device
         self.draws.add_(1)
-        idx = torch.arange(self.config.rank, device=b.device)  # (r,)
-        scale = (idx < b).to(x.dtype) * (self.config.alpha / b.to(x.dtype))  # (r,)
         a: Tensor = self.lora_A
         up: Tensor = self.lora_B
+        idx = torch.arange(self.config.rank, device=b.device)  # (r,)
+        scale = (idx < b).to(a.dtype) * (self.config.alpha / b.to(a.dtype))  # (r,)
         if self.config.update is DyLoRAUpdate.LAST:  # rows/columns < b: constants
             last = idx == b - 1
             a = torch.where(last[:, None], a, a.detach())  # (r, i)
             up = torch.where(last[None, :], up, up.detach())  # (o, r)
-        return linear(x, a) * scale, up  # (..., i) -> (..., r)
+        return a * scale[:, None], up
 
     def factors(self, x: Tensor) -> tuple[Tensor, Tensor]:
         x = self._input(x, self.lora_A.dtype)
         if self.sampling():
-            return self._sampled(x)
+            a, up = self._sampled()
+            return linear(x, a.to(x.dtype)), up  # (..., r), (o, r)
         a, up = self.truncated()
         return linear(x, a) * self.config.scaling(self.eval_rank), up  # (..., b), (o, b)
 
     def fused_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor | None:
-        if self.training and (self.config.dropout > 0 or torch.is_grad_enabled()):
-            return None  # a drawn rank (or dropout): the layer adds ``factors``
+        """The frozen matmul and the update in one node (:func:`~moracl.adapters.fused.
+        lora_linear`): at the drawn rank in training, else at :attr:`eval_rank`; ``None``
+        (the layer adds :meth:`delta`) with dropout in training."""
+        if self.training and self.config.dropout > 0:
+            return None
+        if self.sampling():
+            a, up = self._sampled()
+            params = (self.lora_A, self.lora_B)
+            return lora_linear(x, weight, bias, a, up, 1.0, params=params)
         a, up = self.truncated()
         return lora_linear(x, weight, bias, a, up, self.config.scaling(self.eval_rank))
 
