@@ -12,6 +12,7 @@ from torch import nn
 from moracl import AdapterConfig, MoRALinear
 from moracl.adapters import ADAPTERS, Compression, square_size
 from moracl.adapters.mora.module import MoRA
+from moracl.adapters.mora.operators import Rotation
 
 from .conftest import randomize_adapters
 
@@ -158,6 +159,23 @@ def test_mora_operators_equal_the_plain_definition(
     x = torch.randn(2, 3, shape[0], dtype=torch.float64)
     ref = _reference_mora(x, m.M, shape[1], compression)
     torch.testing.assert_close(m.delta(x), ref, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize(
+    ("shape", "skips"), [((130, 70), True), ((200, 30), True), ((50, 6), True), ((40, 96), False)]
+)
+def test_mora_rotation_gradients_equal_the_plain_definition(
+    shape: tuple[int, int], skips: bool
+) -> None:
+    """Including layers with ``i > o``, whose discarded output blocks are never computed."""
+    m = _mora(*shape, 4, "rotation")
+    assert isinstance(m.op, Rotation) and (m.op.used < m.op.groups) == skips
+    x = torch.randn(2, 3, shape[0], dtype=torch.float64, requires_grad=True)
+    g = torch.randn(2, 3, shape[1], dtype=torch.float64)
+    got = torch.autograd.grad(m.delta(x), [x, m.M], g)
+    want = torch.autograd.grad(_reference_mora(x, m.M, shape[1], "rotation"), [x, m.M], g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
 
 
 def test_two_mora_adapters_of_different_size_on_one_layer() -> None:

@@ -91,7 +91,9 @@ class Rotation(Operator):
     the ``g · r̂`` outputs are truncated or tiled to ``o``.
 
     Rotation is folded into per-block matrices ``M_t = M R_t (g × r̂ × r̂)`` so the activations
-    see one batched matmul.
+    see one batched matmul.  Output block ``t`` reads input block ``t`` only, so when the
+    ``g · r̂`` outputs are truncated to ``o`` only the first ``ceil(o / r̂)`` blocks are
+    computed (:attr:`used`): a down projection (``i > o``) skips the blocks it would discard.
     """
 
     cos: Tensor
@@ -107,8 +109,10 @@ class Rotation(Operator):
         self.register_buffer("cos", cos, persistent=False)  # (g, r̂)
         self.register_buffer("sin", sin, persistent=False)  # (g, r̂)
         span = g * r_hat
-        self.pad_in = span != in_features
         self.tile_out = span < out_features
+        #: the blocks whose outputs are kept (all when the outputs are tiled)
+        self.used = g if self.tile_out else -(-out_features // r_hat)
+        self.pad_in = self.used * r_hat > in_features  # cyclic padding needed
 
     def _tables(self, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
         """RoPE tables ``cos, sin (g, r̂)`` for block ``t`` at angles ``t · base^(-2k/r̂)``,
@@ -125,23 +129,24 @@ class Rotation(Operator):
         self.cos, self.sin = self._tables(self.cos.dtype, self.cos.device)
         return self
 
-    def block_matrices(self, m: Tensor) -> Tensor:
-        """``M_t = M (diag(cos_t) + diag(sin_t) J)`` for every block: ``(g, r̂, r̂)``."""
+    def block_matrices(self, m: Tensor, blocks: int | None = None) -> Tensor:
+        """``M_t = M (diag(cos_t) + diag(sin_t) J)`` for the first ``blocks`` blocks (all
+        ``g`` when ``None``): ``(blocks, r̂, r̂)``."""
         h = self.r_hat // 2
-        cos, sin = self.cos.to(m.dtype), self.sin.to(m.dtype)
-        mc = m[None] * cos[:, None, :]  # (g, r̂, r̂)
+        cos, sin = self.cos[:blocks].to(m.dtype), self.sin[:blocks].to(m.dtype)
+        mc = m[None] * cos[:, None, :]  # (blocks, r̂, r̂)
         ms = m[None] * sin[:, None, :]
         return mc + torch.cat([ms[..., h:], -ms[..., :h]], dim=-1)
 
     def delta(self, x: Tensor, m: Tensor) -> Tensor:
         lead = x.shape[:-1]
         x = x.reshape(-1, self.in_features)  # (N, i)
-        span = self.groups * self.r_hat
-        if self.pad_in:
-            x = _tile(x, span)  # cyclic padding: (N, g·r̂)
-        xb = x.unflatten(1, (self.groups, self.r_hat)).transpose(0, 1)  # (g, N, r̂), strided
-        y = torch.bmm(xb, self.block_matrices(m).to(x.dtype).transpose(1, 2))  # (g, N, r̂)
-        y = y.transpose(0, 1).reshape(-1, span)  # (N, g·r̂)
+        u = self.used
+        span = u * self.r_hat  # the inputs the kept blocks read
+        x = _tile(x, span) if self.pad_in else x[:, :span]  # cyclic padding: (N, u·r̂)
+        xb = x.unflatten(1, (u, self.r_hat)).transpose(0, 1)  # (u, N, r̂), strided
+        y = torch.bmm(xb, self.block_matrices(m, u).to(x.dtype).transpose(1, 2))  # (u, N, r̂)
+        y = y.transpose(0, 1).reshape(-1, span)  # (N, u·r̂)
         y = _tile(y, self.out_features) if self.tile_out else y[:, : self.out_features]
         return y.reshape(*lead, self.out_features)
 
