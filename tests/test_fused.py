@@ -13,6 +13,8 @@ from .conftest import randomize_adapters
 FUSED = [
     {"kind": "lora"},
     {"kind": "lora", "freeze_a": True},
+    {"kind": "dora"},
+    {"kind": "dora", "freeze_a": True},
     {"kind": "mora", "compression": "sharing"},
     {"kind": "mora", "compression": "truncation"},
     {"kind": "mora", "compression": "rotation"},
@@ -36,7 +38,7 @@ def test_fused_forward_and_gradients_match_reference(
 
     out = layer(x)
     grads = torch.autograd.grad(out, [x, *params], g)
-    ref = base(x) + x @ adapter.delta_weight().T  # plain autograd on the dense update
+    ref = base(x) + x @ adapter.delta_weight(layer.weight).T  # plain autograd, dense update
     ref_grads = torch.autograd.grad(ref, [x, *params], g)
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-10)
     for got, want in zip(grads, ref_grads):
@@ -45,7 +47,11 @@ def test_fused_forward_and_gradients_match_reference(
 
 @pytest.mark.parametrize(
     ("options", "node"),
-    [({"kind": "lora"}, "_LoRALinearBackward"), ({"kind": "mora"}, "_MoRASharingLinearBackward")],
+    [
+        ({"kind": "lora"}, "_LoRALinearBackward"),
+        ({"kind": "dora"}, "_DoRALinearBackward"),
+        ({"kind": "mora"}, "_MoRASharingLinearBackward"),
+    ],
 )
 def test_fused_path_is_used_and_keeps_autocast_dtype(options: dict, node: str) -> None:
     layer = MoRALinear(nn.Linear(16, 8), AdapterConfig(rank=2, **options))

@@ -12,6 +12,8 @@ from torch import Tensor, nn
 
 from moracl.adapters.base import ParamRole, linear
 from moracl.adapters.dora.config import DoRAConfig
+from moracl.adapters.dora.fused import dora_linear
+from moracl.adapters.fused import fused_enabled
 from moracl.adapters.lora.module import LoRA
 
 
@@ -49,7 +51,16 @@ class DoRA(LoRA):
         return (g - 1) * w + g * (self.scaling * (self.lora_B @ self.lora_A))
 
     def fused_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor | None:
-        return None  # the update rescales the frozen output: see forward()
+        """The frozen matmul, the update and the gain in one node (:func:`~moracl.adapters.
+        dora.fused.dora_linear`); ``None`` (the layer calls :meth:`forward`) with dropout in
+        training or where the parameters are computed tensors (meta-learning)."""
+        if self.training and self.config.dropout > 0:
+            return None
+        if not fused_enabled(self.lora_A, self.lora_B, self.magnitude):
+            return None
+        return dora_linear(
+            x, weight, bias, self.lora_A, self.lora_B, self.scaling, self.gain(weight)
+        )
 
     def forward(
         self, x: Tensor, base_out: Tensor, *, weight: Tensor, bias: Tensor | None

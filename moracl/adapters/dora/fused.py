@@ -1,0 +1,103 @@
+"""DoRA's training step as one autograd node: the frozen matmul, the low-rank update and the
+gain in one pass of each over the activations.
+
+Shapes: ``x (N, i)`` (leading dims flattened), ``W (o × i)``, ``A (r × i)``, ``B (o × r)``,
+``gain (o,)``, ``g = ∂L/∂out (N, o)``.
+
+``out = gain ⊙ (x Wᵀ + s · x Aᵀ Bᵀ) + bias``.  Against plain autograd over the layer's
+``base_out`` the node writes the pre-gain product once (the update added in the matmul's
+epilogue, :func:`~moracl.adapters.fused.frozen_plus_update`) instead of the frozen output and
+then the sum, and adds the update's input gradient in the frozen one's epilogue
+(:func:`~moracl.adapters.fused.accumulate_input_grad`).  It saves ``x``, rank-space tensors
+and the pre-gain product ``(N, o)``, which the gain's gradient ``Σ_N g ⊙ pre`` reads, as
+autograd does.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from moracl.adapters.fused import accumulate_input_grad, compute_dtype, frozen_plus_update
+
+__all__ = ["dora_linear"]
+
+
+class _DoRALinear(torch.autograd.Function):
+    """See the module docstring; ``A``, ``B`` and ``gain`` are cast to the compute dtype
+    inside the node and their gradients returned in their own dtype."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        a: Tensor,
+        b: Tensor,
+        s: float,
+        gain: Tensor,
+    ) -> Tensor:
+        dt = x.dtype
+        x2 = x.reshape(-1, x.shape[-1])  # (N, i)
+        z = x2 @ a.to(dt).t()  # (N, r)
+        pre = frozen_plus_update(z, b.to(dt), s, None, x2, weight)  # x Wᵀ + s z Bᵀ: (N, o)
+        g = gain.to(dt)
+        out = torch.addcmul(bias, pre, g) if bias is not None else pre * g  # (N, o)
+        ctx.save_for_backward(x, weight, a, b, gain, z, pre)
+        ctx.s = s
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        x, weight, a_p, b_p, gain, z, pre = ctx.saved_tensors
+        s = ctx.s
+        x2 = x.reshape(-1, x.shape[-1])  # (N, i)
+        a, b = a_p.to(x.dtype), b_p.to(x.dtype)
+        g2 = g.reshape(-1, g.shape[-1]).to(x2.dtype)  # (N, o)
+        need_x, need_w, need_bias, need_a, need_b, _, need_gain = ctx.needs_input_grad
+        grad_x = grad_w = grad_bias = grad_a = grad_b = grad_gain = None
+        if need_gain:
+            grad_gain = (g2 * pre).sum(0).to(gain.dtype)  # (o,)
+        if need_bias:
+            grad_bias = g2.sum(0)  # (o,)
+        gp = g2 * gain.to(x2.dtype)  # ∂L/∂pre: (N, o)
+        gz = torch.addmm(z, gp, b, beta=0, alpha=s)  # s · gp B: (N, r)
+        if need_b:
+            grad_b = torch.addmm(b, gp.t(), z, beta=0, alpha=s).to(b_p.dtype)  # (o, r)
+        if need_a:
+            grad_a = (gz.t() @ x2).to(a_p.dtype)  # (r, i)
+        if need_x:
+            grad_x = accumulate_input_grad(gp, weight, gz, a).view(x.shape)  # (N, i)
+        if need_w:
+            grad_w = gp.t() @ x2  # (o, i)
+        return grad_x, grad_w, grad_bias, grad_a, grad_b, None, grad_gain
+
+
+def dora_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    a: Tensor,
+    b: Tensor,
+    s: float,
+    gain: Tensor,
+) -> Tensor:
+    """``gain ⊙ (x Wᵀ + s · x Aᵀ Bᵀ) + bias`` as one autograd node, in the layer's compute
+    dtype; the caller checks that fused nodes may run (:func:`~moracl.adapters.fused.
+    fused_enabled` on the adapter's parameters).
+
+    Args:
+        x: ``(..., i)``; weight: ``(o × i)``; bias: ``(o,)`` or None; a: ``(r × i)``;
+        b: ``(o × r)``; s: LoRA's scaling; gain: ``(o,)``, DoRA's ``m / ‖W + s·BA‖``.
+    Returns: ``(..., o)``.
+    """
+    dt = compute_dtype(x)
+    if bias is not None and bias.dtype != dt:
+        bias = bias.to(dt)
+    out: Tensor = _DoRALinear.apply(x.to(dt), weight.to(dt), bias, a, b, s, gain)
+    return out
