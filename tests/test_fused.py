@@ -37,6 +37,8 @@ def test_fused_forward_and_gradients_match_reference(
     params = [p for p in adapter.parameters() if p.requires_grad]
 
     out = layer(x)
+    if options.get("compression") != "truncation":  # truncation has no node of its own
+        assert "Linear" in type(out.grad_fn).__name__  # the fused node, not autograd's add
     grads = torch.autograd.grad(out, [x, *params], g)
     ref = base(x) + x @ adapter.delta_weight(layer.weight).T  # plain autograd, dense update
     ref_grads = torch.autograd.grad(ref, [x, *params], g)
@@ -51,6 +53,7 @@ def test_fused_forward_and_gradients_match_reference(
         ({"kind": "lora"}, "_LoRALinearBackward"),
         ({"kind": "dora"}, "_DoRALinearBackward"),
         ({"kind": "mora"}, "_MoRASharingLinearBackward"),
+        ({"kind": "mora", "compression": "rotation"}, "_MoRARotationLinearBackward"),
     ],
 )
 def test_fused_path_is_used_and_keeps_autocast_dtype(options: dict, node: str) -> None:

@@ -9,9 +9,11 @@ import torch
 from torch import Tensor, nn
 
 from moracl.adapters.base import Adapter, AdapterConfig, ParamRole
+from moracl.adapters.fused import fused_enabled
 from moracl.adapters.mora.config import Compression, MoRAConfig, square_size
 from moracl.adapters.mora.fused import mora_sharing_linear
-from moracl.adapters.mora.operators import OPERATORS, Operator
+from moracl.adapters.mora.fused_rotation import mora_rotation_linear
+from moracl.adapters.mora.operators import OPERATORS, Operator, Rotation
 
 
 class MoRA(Adapter):
@@ -45,13 +47,18 @@ class MoRA(Adapter):
         self.op: Operator = OPERATORS[config.compression](in_features, out_features, self.r_hat)
 
     def fused_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor | None:
-        if self.config.compression is not Compression.SHARING or (
-            self.training and self.config.dropout > 0
-        ):
+        """The frozen matmul and the update in one node for ``sharing`` and ``rotation``
+        (:mod:`moracl.adapters.mora.fused`, :mod:`moracl.adapters.mora.fused_rotation`);
+        ``None`` (the layer adds :meth:`delta`) for ``truncation``, with dropout in training
+        or a trainable base weight."""
+        if (self.training and self.config.dropout > 0) or weight.requires_grad:
             return None
-        if weight.requires_grad:
-            return None
-        return mora_sharing_linear(x, weight, bias, self.M)
+        if self.config.compression is Compression.SHARING:
+            return mora_sharing_linear(x, weight, bias, self.M)
+        if isinstance(self.op, Rotation) and fused_enabled(self.M):
+            mt = self.op.block_matrices(self.M, self.op.used)  # (u, r̂, r̂), autograd to M
+            return mora_rotation_linear(x, weight, bias, mt)
+        return None
 
     def factors(self, x: Tensor) -> tuple[Tensor, Tensor] | None:
         return self.op.factors(self._input(x, self.M.dtype), self.M)
