@@ -4,7 +4,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: setup demo test test-slow test-all lint format bench clean
+.PHONY: setup demo test test-slow test-all lint format bench bench-gpu clean
 
 setup:
 	bash .ci/setup.sh
@@ -39,6 +39,21 @@ format: setup
 bench: setup
 	$(PY) -m moracl bench adapters
 	$(PY) -m moracl bench optim
+
+# `make bench-gpu PY=python3` on a machine with one CUDA GPU and moracl's packages installed
+# (no setup step: it uses that machine's Python): the GPU tests, then every one-GPU record of
+# moracl/bench/results/ measured again (about 25 minutes on an H200) and RESULTS.md rendered.
+RECORDS := moracl/bench/results
+bench-gpu:
+	$(PY) -m pytest -p no:cacheprovider -m gpu
+	$(PY) -m moracl bench experts --size h100 --graphs --json $(RECORDS)/experts-h100.json
+	$(PY) -m moracl bench experts --size h100 --json $(RECORDS)/experts-h100-eager.json
+	$(PY) -m moracl bench experts --size h100-1024 --graphs --json $(RECORDS)/experts-h100-1024.json
+	$(PY) -m moracl bench adapters --size h100 --json $(RECORDS)/adapters-h100.json
+	$(PY) -m moracl bench adapters --size h100-1024 --json $(RECORDS)/adapters-h100-1024.json
+	$(PY) -m moracl bench optim --device cuda --json $(RECORDS)/optim-cuda.json
+	$(PY) -m moracl bench meta --device cuda --json $(RECORDS)/meta-cuda.json
+	$(PY) -m moracl bench report
 
 clean:
 	rm -rf .venv build *.egg-info .pytest_cache .mypy_cache .ruff_cache
