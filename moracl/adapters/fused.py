@@ -39,6 +39,7 @@ __all__ = [
     "compute_dtype",
     "frozen_plus_update",
     "fused_enabled",
+    "lora_backward",
     "lora_linear",
     "plain_autograd",
     "plain_lora_linear",
@@ -120,6 +121,30 @@ def plain_lora_linear(
     return F.linear(x, weight, bias) + F.linear(z, b.to(dt))  # (..., o)
 
 
+def lora_backward(
+    g: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    a: Tensor,
+    b: Tensor,
+    z: Tensor,
+    s: float,
+    needs: tuple[bool, bool, bool, bool],
+) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+    """The gradients of ``x Wᵀ + s · z Bᵀ`` (``z = x Aᵀ``) given ``g = ∂L/∂out (N, o)``:
+    ``(∂x (N, i), ∂W (o × i), ∂A (r × i), ∂B (o × r))`` in ``x``'s dtype, each ``None``
+    where ``needs`` (the same four) says so; ``s`` is applied in rank space, the input
+    gradients summed in a matmul's epilogue (:func:`accumulate_input_grad`).  ``x (N, i)``,
+    ``A``, ``B`` in ``x``'s dtype."""
+    need_x, need_w, need_a, need_b = needs
+    gz = torch.addmm(z, g, b, beta=0, alpha=s)  # s · g B: (N, r), scaled in the epilogue
+    grad_b = torch.addmm(b, g.t(), z, beta=0, alpha=s) if need_b else None  # (o, r)
+    grad_a = gz.t() @ x if need_a else None  # (r, i)
+    grad_x = accumulate_input_grad(g, weight, gz, a) if need_x else None  # (N, i)
+    grad_w = g.t() @ x if need_w else None  # (o, i)
+    return grad_x, grad_w, grad_a, grad_b
+
+
 class _LoRALinear(torch.autograd.Function):
     """``out = x Wᵀ + b + s · (x Aᵀ) Bᵀ`` with frozen ``W``, ``b``; ``A``, ``B`` are cast to the
     compute dtype inside the node and their gradients returned in the parameters' dtype.
@@ -151,19 +176,17 @@ class _LoRALinear(torch.autograd.Function):
         a, b = a_p.to(x.dtype), b_p.to(x.dtype)
         g2 = g.reshape(-1, g.shape[-1]).to(x2.dtype)  # (N, o)
         need_x, need_w, need_bias, need_a, need_b, _ = ctx.needs_input_grad
-        gz = torch.addmm(z, g2, b, beta=0, alpha=s)  # s · g B: (N, r), scaled in the epilogue
-        grad_x = grad_w = grad_bias = grad_a = grad_b = None
-        if need_b:
-            grad_b = torch.addmm(b, g2.t(), z, beta=0, alpha=s).to(b_p.dtype)  # (o, r)
-        if need_a:
-            grad_a = (gz.t() @ x2).to(a_p.dtype)  # (r, i)
-        if need_x:
-            grad_x = accumulate_input_grad(g2, weight, gz, a).view(x.shape)  # (N, i)
-        if need_w:
-            grad_w = g2.t() @ x2
-        if need_bias:
-            grad_bias = g2.sum(0)
-        return grad_x, grad_w, grad_bias, grad_a, grad_b, None
+        grad_x, grad_w, grad_a, grad_b = lora_backward(
+            g2, x2, weight, a, b, z, s, (need_x, need_w, need_a, need_b)
+        )
+        return (
+            None if grad_x is None else grad_x.view(x.shape),
+            grad_w,
+            g2.sum(0) if need_bias else None,
+            None if grad_a is None else grad_a.to(a_p.dtype),
+            None if grad_b is None else grad_b.to(b_p.dtype),
+            None,
+        )
 
     @staticmethod
     def _differentiable_backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:

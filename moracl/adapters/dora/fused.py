@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from moracl.adapters.fused import accumulate_input_grad, compute_dtype, frozen_plus_update
+from moracl.adapters.fused import compute_dtype, frozen_plus_update, lora_backward
 
 __all__ = ["dora_linear"]
 
@@ -60,21 +60,16 @@ class _DoRALinear(torch.autograd.Function):
         a, b = a_p.to(x.dtype), b_p.to(x.dtype)
         g2 = g.reshape(-1, g.shape[-1]).to(x2.dtype)  # (N, o)
         need_x, need_w, need_bias, need_a, need_b, _, need_gain = ctx.needs_input_grad
-        grad_x = grad_w = grad_bias = grad_a = grad_b = grad_gain = None
-        if need_gain:
-            grad_gain = (g2 * pre).sum(0).to(gain.dtype)  # (o,)
-        if need_bias:
-            grad_bias = g2.sum(0)  # (o,)
         gp = g2 * gain.to(x2.dtype)  # ∂L/∂pre: (N, o)
-        gz = torch.addmm(z, gp, b, beta=0, alpha=s)  # s · gp B: (N, r)
-        if need_b:
-            grad_b = torch.addmm(b, gp.t(), z, beta=0, alpha=s).to(b_p.dtype)  # (o, r)
-        if need_a:
-            grad_a = (gz.t() @ x2).to(a_p.dtype)  # (r, i)
-        if need_x:
-            grad_x = accumulate_input_grad(gp, weight, gz, a).view(x.shape)  # (N, i)
-        if need_w:
-            grad_w = gp.t() @ x2  # (o, i)
+        grad_x, grad_w, grad_a, grad_b = lora_backward(
+            gp, x2, weight, a, b, z, s, (need_x, need_w, need_a, need_b)
+        )
+        if grad_x is not None:
+            grad_x = grad_x.view(x.shape)
+        grad_a = None if grad_a is None else grad_a.to(a_p.dtype)
+        grad_b = None if grad_b is None else grad_b.to(b_p.dtype)
+        grad_bias = g2.sum(0) if need_bias else None  # (o,)
+        grad_gain = (g2 * pre).sum(0).to(gain.dtype) if need_gain else None  # (o,)
         return grad_x, grad_w, grad_bias, grad_a, grad_b, None, grad_gain
 
 
