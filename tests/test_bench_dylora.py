@@ -108,7 +108,15 @@ def test_reuse_refuses_a_record_with_other_settings(
     assert named in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("text", ["not json", '{"benchmark": "adapters", "meta": {}}'])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "not json",
+        "[1, 2]",
+        '{"benchmark": "adapters", "meta": {}}',
+        '{"benchmark": "dylora", "meta": {"command": "moracl bench dylora"}, "results": {}}',
+    ],
+)
 def test_reuse_refuses_what_is_not_a_dylora_record(
     text: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -226,9 +226,11 @@ def reused_runs(path: str, args: argparse.Namespace) -> dict[int, dict[str, Any]
         record = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"--reuse {path!r}: cannot read a JSON record ({e})") from e
-    command = record.get("meta", {}).get("command", "") if isinstance(record, dict) else ""
-    words = shlex.split(command)
-    if record.get("benchmark") != "dylora" or words[:3] != ["moracl", "bench", "dylora"]:
+    ok = isinstance(record, dict) and record.get("benchmark") == "dylora"
+    meta, results = (record.get("meta"), record.get("results")) if ok else (None, None)
+    words = shlex.split(meta.get("command", "")) if isinstance(meta, dict) else []
+    runs = results.get("runs") if isinstance(results, dict) else None
+    if words[:3] != ["moracl", "bench", "dylora"] or not isinstance(runs, list):
         raise ValueError(f"--reuse {path!r}: not a 'moracl bench dylora' record")
     before = parse_args(words[3:], check_reuse=False)
     for key, value in vars(args).items():
@@ -238,7 +240,7 @@ def reused_runs(path: str, args: argparse.Namespace) -> dict[int, dict[str, Any]
                 f"{getattr(before, key, None)!r}, this run {value!r}; only --lrs and "
                 "--seeds may differ"
             )
-    return {int(r["seed"]): r for r in record["results"]["runs"]}
+    return {int(r["seed"]): r for r in runs}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
