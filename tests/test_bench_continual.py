@@ -316,6 +316,7 @@ def test_options_default_to_five_seeds_and_refuse_jobs_without_processes(
     args = parse_args([])
     assert args.seeds == [0, 1, 2, 3, 4] and args.jobs == 1 and args.isolate
     assert args.scenarios == list(BENCH_SCENARIOS)
+    assert args.device == "cpu"  # where the streams and the loop cost train
     with pytest.raises(SystemExit):
         parse_args(["--jobs", "2", "--no-isolate"])
     assert "--jobs 2 runs strategy processes side by side" in capsys.readouterr().err
@@ -405,6 +406,18 @@ def test_template_and_plain_loop_end_with_the_same_weights(
     assert cost.template_seconds > 0 and cost.plain_seconds > 0
     row = loop_cost_table([cost]).splitlines()[2]
     assert row.startswith(f"| {key} | 40 | 6 |") and row.endswith("| 0.0e+00 |")
+
+
+@needs_fashion_mnist
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_template_and_plain_loop_end_with_the_same_weights(tmp_path: Path) -> None:
+    key = "split-fashion/task"
+    config = _tiny(key, tmp_path, "experts.routing={mode: learned}")
+    cost = loop_cost(config, key, repeats=1, device="cuda")  # type: ignore[arg-type]
+    assert cost.steps == 2 * 3
+    assert cost.max_weight_diff <= 1e-6  # the same kernels; CUDA's reductions may reorder
+    assert cost.template_seconds > 0 and cost.plain_seconds > 0
 
 
 @needs_fashion_mnist

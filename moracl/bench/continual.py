@@ -7,6 +7,7 @@ the cost of the training loop.
     moracl bench continual --quick --seeds 0    # smaller streams, fewer epochs, one seed
     moracl bench continual --scenarios split-fashion/task digit-domains/domain
     moracl bench continual --loop-cost-only     # the loop-cost table alone
+    moracl bench continual --loop-cost-only --device cuda   # ... training on the GPU
     moracl bench continual --strategies derpp --json R.json --merge   # add rows to a record
 
 Each stream is one config (:data:`BENCH_SCENARIOS`): ``wordnet_domains.yaml`` (task),
@@ -59,6 +60,7 @@ from torch import nn
 from moracl.bench.common import (
     add_caveat_arg,
     command_argv,
+    device_arg,
     machine,
     positive_int,
     record_meta,
@@ -200,7 +202,9 @@ def _peak_rss() -> int:
     return int(peak) * (1 if sys.platform == "darwin" else 1024)
 
 
-def _run_alone(config_data: dict[str, Any], threads: int | None) -> tuple[dict[str, Any], int]:
+def _run_alone(
+    config_data: dict[str, Any], threads: int | None, device: str = "cpu"
+) -> tuple[dict[str, Any], int]:
     """Child-process entry: run one config, return its results and the peak RSS."""
     from moracl.config import from_dict
     from moracl.jobs.continual import run
@@ -210,7 +214,7 @@ def _run_alone(config_data: dict[str, Any], threads: int | None) -> tuple[dict[s
     warnings.filterwarnings("ignore", message="no QP solver found", category=UserWarning)
     if threads is not None:
         torch.set_num_threads(threads)
-    results = run(from_dict(RunConfig, config_data), progress=False)
+    results = run(from_dict(RunConfig, config_data), progress=False, device=device)
     return results.to_dict(), _peak_rss()
 
 
@@ -237,6 +241,7 @@ def run_scenarios(
     isolate: bool = True,
     threads: int | None = None,
     jobs: int = 1,
+    device: str = "cpu",
 ) -> Iterator[RunResults]:
     """Every strategy of each config on its stream; yields one :class:`RunResults` per config,
     in order, as soon as its strategies are done.
@@ -245,7 +250,8 @@ def run_scenarios(
     at once, each strategy of every config queued from the start) and its
     ``peak_memory_bytes`` is that process's peak resident set; otherwise one
     :func:`~moracl.jobs.continual.run` per config in this process runs them all (peak memory
-    is then only measured on CUDA). ``threads`` sets torch's CPU threads of the runs.
+    is then only measured on CUDA). ``threads`` sets torch's CPU threads of the runs;
+    ``device`` is where they train (``moracl run --device``).
 
     Raises:
         ValueError: ``jobs < 1``, or ``jobs > 1`` without ``isolate``.
@@ -260,7 +266,7 @@ def run_scenarios(
         if threads is not None:
             torch.set_num_threads(threads)
         for config in configs:
-            yield run(config, progress=False)
+            yield run(config, progress=False, device=device)
         return
     context = multiprocessing.get_context("spawn")
     pool = ProcessPoolExecutor(max_workers=jobs, mp_context=context, max_tasks_per_child=1)
@@ -268,7 +274,8 @@ def run_scenarios(
         pending: list[list[Future[tuple[dict[str, Any], int]]]] = []
         for config in configs:
             names = [s for s in STRATEGIES if s in config.strategies]
-            pending.append([pool.submit(_run_alone, _one(config, n), threads) for n in names])
+            runs = [pool.submit(_run_alone, _one(config, n), threads, device) for n in names]
+            pending.append(runs)
         for config, futures in zip(configs, pending):
             yield _merge(config, [f.result() for f in futures])
     finally:  # an error or an interrupt drops the strategies not started yet
@@ -313,10 +320,16 @@ class TinyMLP(nn.Module):
 
 
 def loop_cost(
-    config: RunConfig, name: str, *, tiny_mlp: bool = False, repeats: int = 3
+    config: RunConfig,
+    name: str,
+    *,
+    tiny_mlp: bool = False,
+    repeats: int = 3,
+    device: str = "cpu",
 ) -> LoopCost:
     """Loop cost of moracl's strategy on the first experience of ``config``'s stream (with
-    ``tiny_mlp``, on a frozen :class:`TinyMLP` instead of the stream's encoder)."""
+    ``tiny_mlp``, on a frozen :class:`TinyMLP` instead of the stream's encoder), training on
+    ``device``."""
     import moracl_scenarios  # noqa: F401  (registers the streams and encoders)
     from moracl_scenarios.streams import build_stream, load_encoder
 
@@ -342,7 +355,7 @@ def loop_cost(
     torch.manual_seed(config.train.seed)
     encoder = TinyMLP().requires_grad_(False) if tiny_mlp else load_encoder(stream.info)
     model = build_model("moracl", config, encoder, stream.info)
-    strategy = build_strategy("moracl", config, model, torch.device("cpu"))
+    strategy = build_strategy("moracl", config, model, torch.device(device))
     # nor the task-inference statistics: a forward over the experience's rows after
     # training, up to the first adapted layer, which the plain loop does not make
     strategy.plugins = [p for p in strategy.plugins if not isinstance(p, TaskStatisticsPlugin)]
@@ -352,16 +365,17 @@ def loop_cost(
     )
 
 
-def _loop_costs(configs: dict[str, RunConfig], repeats: int) -> list[LoopCost]:
+def _loop_costs(configs: dict[str, RunConfig], repeats: int, device: str = "cpu") -> list[LoopCost]:
     """The loop cost of each stream with task labels or domains (a class stream trains the
     same model and loop, with one shared head), and of the tiny MLP on split-fashion's."""
     rows = []
     for key, config in configs.items():
         if not key.endswith("/class"):
-            rows.append(loop_cost(config, key, repeats=repeats))
+            rows.append(loop_cost(config, key, repeats=repeats, device=device))
     first = configs.get("split-fashion/task") or next(iter(configs.values()))
     if first.scenario.name != "wordnet-domains":
-        rows.append(loop_cost(first, "tiny MLP (784-64-64)", tiny_mlp=True, repeats=repeats))
+        tiny = "tiny MLP (784-64-64)"
+        rows.append(loop_cost(first, tiny, tiny_mlp=True, repeats=repeats, device=device))
     return rows
 
 
@@ -519,6 +533,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     parser.add_argument(
+        "--device",
+        type=device_arg,
+        choices=["cpu", "cuda"],
+        default="cpu",
+        help="where the streams and the loop cost train (as moracl run --device)",
+    )
+    parser.add_argument(
         "--repeats", type=positive_int, default=3, help="timed rounds of the loop cost"
     )
     parser.add_argument("--no-loop-cost", dest="loop", action="store_false")
@@ -557,9 +578,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     threads = args.threads or (None if args.jobs == 1 else max(1, _cores() // args.jobs))
-    meta = record_meta("continual", argv) if args.json is not None else {}
+    meta = record_meta("continual", argv, device=args.device) if args.json is not None else {}
     out = Path(args.output_dir or tempfile.mkdtemp(prefix="moracl-bench-continual-"))
-    print(f"machine: {machine()}\n")
+    print(f"machine: {machine(args.device)}\n")
     plan = [(key, seed) for key in args.scenarios for seed in args.seeds]
     configs = {
         (key, seed): bench_config(key, quick=args.quick, output_dir=out, seed=seed)
@@ -573,7 +594,11 @@ def main(argv: list[str] | None = None) -> int:
         began = time.perf_counter()
         runs: dict[str, list[RunResults]] = {key: [] for key in args.scenarios}
         done = run_scenarios(
-            [configs[k] for k in plan], isolate=args.isolate, threads=threads, jobs=args.jobs
+            [configs[k] for k in plan],
+            isolate=args.isolate,
+            threads=threads,
+            jobs=args.jobs,
+            device=args.device,
         )
         for (key, seed), results in zip(plan, done):
             runs[key].append(results)
@@ -601,7 +626,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[LoopCost] = []
     if args.loop:
         first = {key: configs[key, args.seeds[0]] for key in args.scenarios}
-        rows = _loop_costs(first, args.repeats)
+        rows = _loop_costs(first, args.repeats, device=args.device)
         print("### loop cost: moracl's template against a plain PyTorch loop\n")
         print(loop_cost_table(rows), "\n")
     if args.json is not None and args.merge:
@@ -619,6 +644,7 @@ def main(argv: list[str] | None = None) -> int:
             "isolate": args.isolate,
             "jobs": args.jobs,
             "threads": threads,
+            "device": args.device,
             "scenarios": streams,
             "loop_cost": [{**asdict(r), "ratio": r.ratio} for r in rows],
         }

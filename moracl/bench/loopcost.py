@@ -41,12 +41,14 @@ def plain_train(
     batch_size: int,
     epochs: int,
     seed: int,
+    device: torch.device | str = "cpu",
 ) -> int:
     """Train ``model`` on ``tensors = (x (n, ...), y (n,), t (n,))`` with a hand-written loop.
 
     The mini-batch order is that of :class:`TensorBatches` seeded by ``seed`` (the template
     seeds it by ``derive_seed(loader_seed, experience)``). The loss is the cross-entropy of the
-    logits ``(b, c)`` plus, for a :class:`MoRAModel` encoder, its routers' auxiliary loss.
+    logits ``(b, c)`` plus, for a :class:`MoRAModel` encoder, its routers' auxiliary loss. Each
+    mini-batch moves to ``device`` as the template moves it (the model is there already).
 
     Returns:
         The number of optimiser steps taken.
@@ -57,7 +59,8 @@ def plain_train(
     encoder = model.encoder
     steps = 0
     for _ in range(epochs):
-        for x, y, t in batches:
+        for batch in batches:
+            x, y, t = (v.to(device, non_blocking=True) for v in batch)
             optimizer.zero_grad()
             logits = model(x, t)  # (b, c)
             loss = F.cross_entropy(logits, y)
@@ -67,6 +70,18 @@ def plain_train(
             optimizer.step()
             steps += 1
     return steps
+
+
+def _clock(device: torch.device) -> Callable[[], float]:
+    """``time.perf_counter``, after the device's queued work has finished on CUDA."""
+    if device.type != "cuda":
+        return time.perf_counter
+
+    def synced() -> float:
+        torch.cuda.synchronize(device)
+        return time.perf_counter()
+
+    return synced
 
 
 def trainable_snapshot(model: nn.Module) -> dict[str, Tensor]:
@@ -115,7 +130,7 @@ def measure_loop_cost(
     *,
     optimizer_factory: OptimizerFactory,
     repeats: int = 3,
-    clock: Callable[[], float] = time.perf_counter,
+    clock: Callable[[], float] | None = None,
 ) -> LoopCost:
     """Time ``strategy.train(experience)`` against :func:`plain_train` on the same model.
 
@@ -131,7 +146,8 @@ def measure_loop_cost(
         experience: an Avalanche training experience.
         optimizer_factory: the factory the strategy was built with.
         repeats: timed rounds.
-        clock: the timer (seconds).
+        clock: the timer (seconds); by default ``time.perf_counter``, on CUDA after
+            ``torch.cuda.synchronize`` (each loop's queued kernels count in its time).
     """
     model = strategy.model
     if not isinstance(model, ContinualClassifier):
@@ -140,11 +156,14 @@ def measure_loop_cost(
         raise ValueError(f"repeats must be >= 1, got {repeats!r}")
     tensors = materialize(experience.dataset)
     seed = derive_seed(strategy.loader_seed, experience.current_experience)
+    device = torch.device(strategy.device)
+    clock = clock or _clock(device)
     kwargs = dict(
         optimizer_factory=optimizer_factory,
         batch_size=strategy.train_mb_size,
         epochs=strategy.train_epochs,
         seed=seed,
+        device=device,
     )
     strategy.train(experience)  # warm-up; adapts the model to the experience
     start = trainable_snapshot(model)  # the state after adaptation: same names for both
