@@ -4,8 +4,10 @@ The template (:class:`~moracl.continual.strategy.MoRAStrategy`, Avalanche's call
 underneath) trains one experience with ``strategy.train(experience)``. The reference,
 :func:`plain_train`, is the loop one would write by hand: a fresh optimiser from the same
 factory, the same in-memory tensors in the same seeded mini-batch order, the same batch size
-and epochs, cross-entropy plus the routers' auxiliary loss, ``backward``, ``step``. Both start
-from the same trainable state and end with the same weights (checked, see
+and epochs, cross-entropy plus the routers' auxiliary loss, ``backward``, ``step``. Both
+stack the experience's data into those tensors inside their timed run (the template does at
+every ``train`` call), and both draw dropout's masks from the same seeded global generator.
+They start from the same trainable state and end with the same weights (checked, see
 :class:`LoopCost.max_weight_diff`), so the time ratio is the template's overhead alone.
 """
 
@@ -154,7 +156,8 @@ def measure_loop_cost(
         raise TypeError(f"expected a ContinualClassifier, got {type(model).__name__}")
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats!r}")
-    tensors = materialize(experience.dataset)
+    dataset = experience.dataset.train()  # as the template's training adapts it
+    tensors = materialize(dataset)
     seed = derive_seed(strategy.loader_seed, experience.current_experience)
     device = torch.device(strategy.device)
     clock = clock or _clock(device)
@@ -181,6 +184,7 @@ def measure_loop_cost(
         _restore(model, start)
         torch.manual_seed(seed)
         began = clock()
+        tensors = materialize(dataset)  # the template stacks the experience's data too
         plain_train(model, tensors, **kwargs)  # type: ignore[arg-type]
         plain_times.append(clock() - began)
         ends["plain"] = trainable_snapshot(model)

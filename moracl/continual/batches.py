@@ -20,9 +20,18 @@ def derive_seed(*parts: object) -> int:
 
 
 def materialize(dataset: Any, batch_size: int = 4096) -> tuple[Tensor, Tensor, Tensor]:
-    """All ``(x, y, t)`` of an Avalanche dataset as three stacked tensors, in order."""
+    """All ``(x, y, t)`` of an Avalanche dataset as three stacked tensors, in order.
+
+    Draws nothing from torch's global generator (a ``DataLoader`` seeds each pass from its
+    generator, by default the global one): loading data leaves a run's later draws, such as
+    dropout's, as they were.
+    """
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=False, collate_fn=dataset.collate_fn
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        collate_fn=dataset.collate_fn,
+        generator=torch.Generator(),
     )
     xs, ys, ts = [], [], []
     for x, y, t in loader:
