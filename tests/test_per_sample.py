@@ -11,7 +11,7 @@ from torch import nn
 
 from moracl import AdapterConfig, MoRALinear, MoRAModel
 from moracl.experts.mixture import Mixture, MixtureConfig, RoutingContext
-from moracl.experts.per_sample import pool_weights, token_mask
+from moracl.experts.per_sample import expand_rows, pool_weights, token_mask
 from moracl.experts.routers.config import RouterConfig
 
 B, T, D, OUT = 4, 5, 12, 10
@@ -229,3 +229,13 @@ def test_per_sample_routing_on_cuda_matches_the_float64_loop(router: str) -> Non
     )
     for a, b in zip(got_grads, want_grads):
         torch.testing.assert_close(a.double().cpu(), b, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(3,), (3, 4), (3, 2, 5)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.int64, torch.bool])
+@pytest.mark.parametrize("t", [1, 2, 7])
+def test_expand_rows_repeats_each_row_for_its_tokens(
+    shape: tuple[int, ...], dtype: torch.dtype, t: int
+) -> None:
+    x = (torch.randn(*shape) * 5).to(dtype)
+    assert torch.equal(expand_rows(x, t), x.repeat_interleave(t, dim=0))  # the reference

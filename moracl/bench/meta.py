@@ -284,7 +284,15 @@ def markdown(result: dict[str, Any]) -> str:
         f"{result['repeats']} rounds of the median of {result['steps']} steps\n"
     )
     table = markdown_table(
-        ["model", "method", "ms/step", "× learn2learn", "peak MiB", "meta-params", "grad diff"],
+        [
+            "model",
+            "method",
+            "ms/step",
+            "speed-up over learn2learn",
+            "peak MiB",
+            "meta-params",
+            "grad diff",
+        ],
         [
             (
                 r["model"],

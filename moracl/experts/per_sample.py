@@ -84,8 +84,11 @@ def pool_weights(lead: torch.Size, device: torch.device, dtype: torch.dtype) -> 
 
 
 def expand_rows(x: Tensor, t: int) -> Tensor:
-    """``(b, ...)`` -> ``(b·t, ...)``: each sample's row repeated for its ``t`` tokens."""
-    return x.repeat_interleave(t, dim=0) if t != 1 else x
+    """``(b, ...)`` -> ``(b·t, ...)``: each sample's row repeated for its ``t`` tokens (one
+    broadcast copy; ``repeat_interleave`` would build an index and gather)."""
+    if t == 1:
+        return x
+    return x.unsqueeze(1).expand(x.shape[0], t, *x.shape[1:]).reshape(-1, *x.shape[1:])
 
 
 def expand_result(result: RoutingResult, t: int) -> RoutingResult:
