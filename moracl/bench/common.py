@@ -39,6 +39,7 @@ __all__ = [
     "positive_int",
     "record",
     "record_meta",
+    "sync_device",
     "time_steps",
     "write_record",
 ]
@@ -101,7 +102,8 @@ class Timing:
     peak_bytes: int
 
 
-def _sync(device: torch.device) -> None:
+def sync_device(device: torch.device) -> None:
+    """Wait for the work queued on ``device`` (CUDA); nothing on the CPU."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -111,14 +113,14 @@ def time_steps(step: Callable[[], Any], device: torch.device, *, warmup: int, st
     (CUDA: max allocated during the timed steps; CPU: not measured, 0)."""
     for _ in range(warmup):
         step()
-    _sync(device)
+    sync_device(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
         step()
-        _sync(device)
+        sync_device(device)
         times.append((time.perf_counter() - t0) * 1e3)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
     return Timing(statistics.median(times), peak)

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moracl.bench.common import sync_device
 from moracl.continual.model import ContinualClassifier
 from moracl.continual.strategy import (
     FastTemplate,
@@ -80,7 +81,7 @@ def _clock(device: torch.device) -> Callable[[], float]:
         return time.perf_counter
 
     def synced() -> float:
-        torch.cuda.synchronize(device)
+        sync_device(device)
         return time.perf_counter()
 
     return synced
