@@ -348,6 +348,7 @@ def test_save_pretrained_prunes_and_from_pretrained_reproduces(tmp_path: Path) -
 def test_config_checks_and_round_trip() -> None:
     cfg = _config()
     assert AdapterConfig.from_dict(cfg.to_dict()) == cfg
+    assert AdapterConfig.from_dict(_config(init="lora").to_dict()) == _config(init="lora")
     assert hash(cfg) == hash(_config())
     assert cfg.scaling == 8.0 / (6 + 1e-5)
     for bad, match in [
@@ -361,6 +362,7 @@ def test_config_checks_and_round_trip() -> None:
         ({"alpha": 0.0}, "alpha"),
         ({"rank_pattern": {"fc1": 9}}, "rank_pattern"),
         ({"rank_pattern": [1, 2]}, "rank_pattern"),
+        ({"init": "kaiming"}, "unknown adalora init 'kaiming'"),
     ]:
         with pytest.raises(ValueError, match=match):
             _config(**bad)
@@ -368,6 +370,29 @@ def test_config_checks_and_round_trip() -> None:
         _config(rank_pattern={"fc1": 2}).layer_rank("fc2")
     with pytest.raises(ValueError, match="unknown key"):
         AdapterConfig(kind="adalora", init_r=4)
+
+
+@pytest.mark.parametrize("init", ["peft", "lora"])
+def test_every_init_starts_at_zero_and_lora_init_trains_b_from_the_first_step(init: str) -> None:
+    torch.manual_seed(0)
+    a = AdaLoRA(16, 24, _config(init=init)).double()
+    x = torch.randn(10, 16, dtype=torch.float64)
+    g = torch.randn(10, 24, dtype=torch.float64)  # dLoss/dDelta
+    delta = a.delta(x)
+    assert torch.equal(delta, torch.zeros_like(delta))
+    (delta * g).sum().backward()
+    assert a.lora_B.grad is not None and a.lora_A.grad is not None
+    if init == "peft":  # E = 0: nothing but E learns at first
+        assert torch.equal(a.lora_E.detach(), torch.zeros(6, 1, dtype=torch.float64))
+        assert torch.equal(a.lora_B.grad, torch.zeros_like(a.lora_B.grad))
+        return
+    eye = torch.eye(6, dtype=torch.float64)
+    torch.testing.assert_close(a.lora_A @ a.lora_A.T, eye, atol=1e-6, rtol=0)  # built in float32
+    assert torch.equal(a.lora_E.detach(), torch.ones(6, 1, dtype=torch.float64))
+    # dL/dB = s · gᵀ (x Aᵀ) with E = 1, closed form in float64
+    expected = a.scaling * g.T @ (x @ a.lora_A.detach().T)
+    torch.testing.assert_close(a.lora_B.grad, expected, atol=1e-12, rtol=0)
+    assert expected.abs().max() > 0
 
 
 class Classifier(nn.Module):

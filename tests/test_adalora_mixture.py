@@ -310,6 +310,20 @@ def test_orthogonality_terms_are_each_experts_and_a_bank_refuses_a_pruned_config
         MixtureConfig(kind="adalora", rank=4, experts=2)  # target_rank 8 > rank 4
 
 
+def test_lora_init_gives_each_expert_a_lora_start() -> None:
+    torch.manual_seed(0)
+    bank = AdaLoRABank(10, 6, _config(init="lora"), 3).double()
+    eye = torch.eye(bank.rank, dtype=torch.float64)
+    for j in range(3):  # each expert's right singular vectors orthonormal on their own
+        a = bank.lora_A[j].detach()
+        torch.testing.assert_close(a @ a.T, eye, atol=1e-6, rtol=0)  # built in float32
+    assert not torch.allclose(bank.lora_A[0], bank.lora_A[1])
+    assert torch.equal(bank.lora_E.detach(), torch.ones_like(bank.lora_E))
+    assert torch.equal(bank.lora_B.detach(), torch.zeros_like(bank.lora_B))
+    for j in range(3):
+        assert torch.equal(bank.expert_weight(j), torch.zeros(6, 10, dtype=torch.float64))
+
+
 def test_a_warm_started_copy_gets_a_budget_of_its_own() -> None:
     torch.manual_seed(0)
     bank = AdaLoRABank(10, 6, _config(), 2).double()

@@ -5,8 +5,8 @@ experts of a mixture may end at different ranks.
 Shape legend: ``n`` tokens, ``i``/``o`` layer sizes, ``e`` experts, ``r`` the initial rank.
 Right singular vectors ``A (e, r, i)``, singular values ``E (e, r, 1)``, left singular vectors
 ``B (o, e, r)``, the rank mask ``m (e, r)``.  Each expert is initialised as a single
-:class:`~moracl.adapters.adalora.AdaLoRA` adapter is (PEFT's ``SVDLinear``): ``E = 0``,
-``A, B ~ N(0, 0.02²)``, scaling ``s = alpha / (r + 1e-5)``.
+:class:`~moracl.adapters.adalora.AdaLoRA` adapter is (:func:`init_triplets`; by default
+PEFT's ``SVDLinear``: ``E = 0``, ``A, B ~ N(0, 0.02²)``), scaling ``s = alpha / (r + 1e-5)``.
 """
 
 from __future__ import annotations
@@ -16,11 +16,31 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from moracl.adapters.adalora.config import AdaLoRAConfig
+from moracl.adapters.adalora.config import AdaLoRAConfig, AdaLoRAInit
 from moracl.adapters.base import ParamRole
 from moracl.experts.banks import ExpertBank, register_bank
 
-__all__ = ["AdaLoRABank"]
+__all__ = ["AdaLoRABank", "init_triplets"]
+
+
+@torch.no_grad()
+def init_triplets(lora_A: Tensor, lora_E: Tensor, lora_B: Tensor, init: AdaLoRAInit) -> None:
+    """Initialise triplets in place so that ``ΔW = 0``: right singular vectors
+    ``lora_A (..., r, i)``, singular values ``lora_E (..., r, 1)``, left singular vectors
+    ``lora_B (o, ..., r)`` (``...`` an expert axis or none).
+
+    ``peft``: ``E = 0``, ``A`` then ``B`` drawn from ``N(0, 0.02²)`` (PEFT's order of draws).
+    ``lora``: each ``A`` with orthonormal rows (``nn.init.orthogonal_``), ``E = 1``, ``B = 0``.
+    """
+    if init is AdaLoRAInit.PEFT:
+        lora_E.zero_()
+        nn.init.normal_(lora_A, mean=0.0, std=0.02)
+        nn.init.normal_(lora_B, mean=0.0, std=0.02)
+        return
+    for a in lora_A.view(-1, *lora_A.shape[-2:]).unbind():  # (r, i) each
+        nn.init.orthogonal_(a)
+    lora_E.fill_(1.0)
+    lora_B.zero_()
 
 
 @register_bank("adalora")
@@ -53,10 +73,9 @@ class AdaLoRABank(ExpertBank):
             )
         r = config.rank
         self.lora_A = nn.Parameter(torch.empty(experts, r, in_features))  # (e, r, i)
-        self.lora_E = nn.Parameter(torch.zeros(experts, r, 1))  # (e, r, 1)
+        self.lora_E = nn.Parameter(torch.empty(experts, r, 1))  # (e, r, 1)
         self.lora_B = nn.Parameter(torch.empty(out_features, experts, r))  # (o, e, r)
-        nn.init.normal_(self.lora_A, mean=0.0, std=0.02)
-        nn.init.normal_(self.lora_B, mean=0.0, std=0.02)
+        init_triplets(self.lora_A, self.lora_E, self.lora_B, config.init)
         self.register_buffer("rank_mask", torch.ones(experts, r, dtype=torch.bool))  # (e, r)
         self.scaling = config.scaling
 

@@ -4,13 +4,28 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any
 
 from moracl.adapters.base import AdapterConfig
 from moracl.guard import check_int, check_number
 from moracl.parse_fields import show
 
-__all__ = ["AdaLoRAConfig"]
+__all__ = ["AdaLoRAConfig", "AdaLoRAInit"]
+
+
+class AdaLoRAInit(str, Enum):
+    """How the triplets start; both make ``ΔW = 0``.
+
+    - ``peft``: PEFT's ``SVDLinear``: ``E = 0``, ``A, B ~ N(0, 0.02²)``.  Nothing moves ``A``
+      or ``B`` until ``E`` has grown, so a short run spends its first steps getting started.
+    - ``lora``: ``A`` with orthonormal rows, ``E = 1``, ``B = 0``: a LoRA's start (``B = 0``,
+      ``A`` random), so ``B`` learns from the first step; the singular vectors already satisfy
+      half the orthogonality regulariser.
+    """
+
+    PEFT = "peft"
+    LORA = "lora"
 
 
 @dataclass(frozen=True)
@@ -40,6 +55,8 @@ class AdaLoRAConfig(AdapterConfig):
             uses it when not given ``total_steps`` (the argument wins when given), ``moracl
             finetune`` sets it to its run's length, and a PEFT folder written from the adapter
             records it (else the least PEFT accepts, ``tinit + tfinal + 1``).
+        init: how the triplets start (:class:`AdaLoRAInit`): ``peft`` (default, PEFT's) or
+            ``lora`` (``B = 0``, ``E = 1``, orthonormal ``A``).
         rank_pattern: surviving rank of each adapted layer (layer path -> rank) of a saved,
             pruned adapter; written by ``save_pretrained``, ``None`` while training.
     """
@@ -55,6 +72,7 @@ class AdaLoRAConfig(AdapterConfig):
     tfinal: int = 0
     delta_t: int = 1
     total_step: int | None = None
+    init: AdaLoRAInit = AdaLoRAInit.PEFT
     rank_pattern: dict[str, int] | None = None
 
     def __post_init__(self) -> None:
@@ -69,6 +87,13 @@ class AdaLoRAConfig(AdapterConfig):
         check_int("delta_t", self.delta_t, gt=0)
         if self.total_step is not None:
             check_int("total_step", self.total_step, gt=self.tinit + self.tfinal)
+        try:
+            object.__setattr__(self, "init", AdaLoRAInit(self.init))
+        except ValueError:
+            raise ValueError(
+                f"unknown adalora init {self.init!r}; "
+                f"expected one of {[i.value for i in AdaLoRAInit]}"
+            ) from None
         if self.rank_pattern is not None:
             object.__setattr__(self, "rank_pattern", _pattern(self.rank_pattern, self.rank))
 

@@ -2,8 +2,9 @@
 
 Shapes: ``x (..., i)``, right singular vectors ``A (r × i)``, singular values ``E (r × 1)``,
 left singular vectors ``B (o × r)``, the rank mask ``m (r,)``, ``z = s · x (A ⊙ E ⊙ m)ᵀ``
-``(..., r)``.  The parameterisation and initialisation are PEFT's ``SVDLinear``: ``E = 0``,
-``A, B ~ N(0, 0.02²)``, ``s = alpha / (r_init + 1e-5)``.
+``(..., r)``.  The parameterisation is PEFT's ``SVDLinear``, ``s = alpha / (r_init + 1e-5)``;
+so is the default initialisation (``E = 0``, ``A, B ~ N(0, 0.02²)``); ``init: lora`` starts
+as a LoRA does instead (:func:`~moracl.adapters.adalora.bank.init_triplets`).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from moracl.adapters.adalora.bank import AdaLoRABank
+from moracl.adapters.adalora.bank import AdaLoRABank, init_triplets
 from moracl.adapters.adalora.config import AdaLoRAConfig
 from moracl.adapters.base import Adapter, ParamRole, linear
 from moracl.adapters.fused import _LoRALinear, compute_dtype, fused_enabled
@@ -20,7 +21,8 @@ __all__ = ["AdaLoRA", "adalora_buffers", "adalora_modules", "orth_loss", "rank_b
 
 
 class AdaLoRA(Adapter):
-    """``ΔW = s · B (E ⊙ m) A``; ``ΔW`` starts at zero because ``E = 0``.
+    """``ΔW = s · B (E ⊙ m) A``; ``ΔW`` starts at zero (``E = 0``, or ``B = 0`` under
+    ``init: lora``).
 
     Two kinds of masking, as in the paper: while the budget falls, a
     :class:`~moracl.adapters.adalora.RankAllocator` zeroes the singular values of the least
@@ -39,10 +41,9 @@ class AdaLoRA(Adapter):
         super().__init__(in_features, out_features, config)
         r = _built_rank(config)
         self.lora_A = nn.Parameter(torch.empty(r, in_features))  # (r, i)
-        self.lora_E = nn.Parameter(torch.zeros(r, 1))  # (r, 1)
+        self.lora_E = nn.Parameter(torch.empty(r, 1))  # (r, 1)
         self.lora_B = nn.Parameter(torch.empty(out_features, r))  # (o, r)
-        nn.init.normal_(self.lora_A, mean=0.0, std=0.02)
-        nn.init.normal_(self.lora_B, mean=0.0, std=0.02)
+        init_triplets(self.lora_A, self.lora_E, self.lora_B, config.init)
         self.register_buffer("rank_mask", torch.ones(r, dtype=torch.bool))  # (r,)
         self.scaling = config.scaling
 
