@@ -14,7 +14,7 @@ import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from enum import Enum
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
@@ -25,6 +25,7 @@ __all__ = [
     "OnNonFinite",
     "StepGuard",
     "assert_finite",
+    "check_choice",
     "check_int",
     "check_number",
     "finite_json",
@@ -153,6 +154,20 @@ def check_number(
     if not ok:
         raise ValueError(f"{name} must be {expected}, got {value!r}")
     return number
+
+
+E = TypeVar("E", bound=Enum)
+
+
+def check_choice(what: str, value: Any, choices: type[E]) -> E:
+    """``value`` (a member of ``choices`` or its value) as that member; else ``ValueError``
+    naming ``what``, the value and the choices (``unknown MoRA compression 'zip'; expected
+    one of ['sharing', ...]``)."""
+    try:
+        return choices(value)
+    except ValueError:
+        expected = [m.value for m in choices]
+        raise ValueError(f"unknown {what} {value!r}; expected one of {expected}") from None
 
 
 def check_int(

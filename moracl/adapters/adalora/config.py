@@ -8,7 +8,7 @@ from enum import Enum
 from typing import Any
 
 from moracl.adapters.base import AdapterConfig
-from moracl.guard import check_int, check_number
+from moracl.guard import check_choice, check_int, check_number
 from moracl.parse_fields import show
 
 __all__ = ["AdaLoRAConfig", "AdaLoRAInit"]
@@ -87,13 +87,7 @@ class AdaLoRAConfig(AdapterConfig):
         check_int("delta_t", self.delta_t, gt=0)
         if self.total_step is not None:
             check_int("total_step", self.total_step, gt=self.tinit + self.tfinal)
-        try:
-            object.__setattr__(self, "init", AdaLoRAInit(self.init))
-        except ValueError:
-            raise ValueError(
-                f"unknown adalora init {self.init!r}; "
-                f"expected one of {[i.value for i in AdaLoRAInit]}"
-            ) from None
+        object.__setattr__(self, "init", check_choice("adalora init", self.init, AdaLoRAInit))
         if self.rank_pattern is not None:
             object.__setattr__(self, "rank_pattern", _pattern(self.rank_pattern, self.rank))
 

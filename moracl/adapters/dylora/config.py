@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from moracl.adapters.base import AdapterConfig
-from moracl.guard import check_int, check_number
+from moracl.guard import check_choice, check_int, check_number
 
 
 class DyLoRAUpdate(str, Enum):
@@ -52,13 +52,7 @@ class DyLoRAConfig(AdapterConfig):
         check_number("alpha", self.alpha, gt=0)  # finite, > 0
         check_int("min_rank", self.min_rank, ge=1, le=self.rank)
         check_int("seed", self.seed, ge=0)
-        try:
-            object.__setattr__(self, "update", DyLoRAUpdate(self.update))
-        except ValueError:
-            raise ValueError(
-                f"unknown DyLoRA update {self.update!r}; "
-                f"expected one of {[u.value for u in DyLoRAUpdate]}"
-            ) from None
+        object.__setattr__(self, "update", check_choice("DyLoRA update", self.update, DyLoRAUpdate))
 
     def scaling(self, rank: int) -> float:
         """The factor ``s_b = alpha / b`` of the update truncated to rank ``b``."""

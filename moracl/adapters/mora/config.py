@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from moracl.adapters.base import AdapterConfig
+from moracl.guard import check_choice
 
 
 class Compression(str, Enum):
@@ -46,10 +47,5 @@ class MoRAConfig(AdapterConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        try:
-            object.__setattr__(self, "compression", Compression(self.compression))
-        except ValueError:
-            raise ValueError(
-                f"unknown MoRA compression {self.compression!r}; "
-                f"expected one of {[c.value for c in Compression]}"
-            ) from None
+        compression = check_choice("MoRA compression", self.compression, Compression)
+        object.__setattr__(self, "compression", compression)
