@@ -28,33 +28,39 @@ def _dylora_layer(shape: tuple[int, int], **options: object) -> MoRALinear:
 
 
 def _lora_of_leading(layer: MoRALinear, b: int) -> MoRALinear:
-    """A rank-``b`` LoRA on the same base made of the first ``b`` rows of A / columns of B."""
+    """A rank-``b`` LoRA on the same base made of the first ``b`` rows of A / columns of B
+    (an rsLoRA when the DyLoRA scales by ``alpha / sqrt(b)``)."""
     dy = layer.adapters["default"]
-    lora = MoRALinear(layer.base_layer, AdapterConfig(kind="lora", rank=b, alpha=3.0)).double()
+    config = AdapterConfig(kind="lora", rank=b, alpha=3.0, rslora=dy.config.rslora)
+    lora = MoRALinear(layer.base_layer, config).double()
     with torch.no_grad():
         lora.adapters["default"].lora_A.copy_(dy.lora_A[:b])
         lora.adapters["default"].lora_B.copy_(dy.lora_B[:, :b])
     return lora
 
 
+@pytest.mark.parametrize("rslora", [False, True], ids=["alpha/b", "alpha/sqrt(b)"])
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_each_truncation_equals_a_lora_of_the_leading_rows(shape: tuple[int, int]) -> None:
-    layer = _dylora_layer(shape).eval()
+def test_each_truncation_equals_a_lora_of_the_leading_rows(
+    shape: tuple[int, int], rslora: bool
+) -> None:
+    layer = _dylora_layer(shape, rslora=rslora).eval()
     dy = layer.adapters["default"]
     x = torch.randn(4, 5, shape[0], dtype=torch.float64)
     for b in range(1, R + 1):
         dy.set_rank(b)
         lora = _lora_of_leading(layer, b).eval()
         ref = lora.adapters["default"]
-        assert ref.scaling == 3.0 / b  # the paper's alpha / b
+        assert ref.scaling == (3.0 / b**0.5 if rslora else 3.0 / b)  # rsLoRA's, the paper's
         torch.testing.assert_close(layer(x), lora(x), rtol=0, atol=1e-12)
         torch.testing.assert_close(dy.delta_weight(), ref.delta_weight(), rtol=0, atol=1e-12)
         torch.testing.assert_close(dy.delta(x), ref.delta(x), rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("rslora", [False, True], ids=["alpha/b", "alpha/sqrt(b)"])
 @pytest.mark.parametrize("update", ["last", "all"])
-def test_a_training_call_is_the_lora_of_the_rank_it_draws(update: str) -> None:
-    layer = _dylora_layer((9, 8), update=update).train()
+def test_a_training_call_is_the_lora_of_the_rank_it_draws(update: str, rslora: bool) -> None:
+    layer = _dylora_layer((9, 8), update=update, rslora=rslora).train()
     dy = layer.adapters["default"]
     x = torch.randn(5, 9, dtype=torch.float64)
     seen = set()
@@ -172,8 +178,12 @@ def test_config_checks() -> None:
         AdapterConfig(kind="dylora", rank=4, min_rank=5)
     with pytest.raises(ValueError, match="unknown DyLoRA update 'some'"):
         AdapterConfig(kind="dylora", update="some")
-    cfg = AdapterConfig.from_dict({"kind": "dylora", "rank": 4, "update": "all", "seed": 2})
-    assert isinstance(cfg, DyLoRAConfig) and cfg.update is DyLoRAUpdate.ALL
+    with pytest.raises(ValueError, match="rslora must be true or false, got 'yes'"):
+        AdapterConfig(kind="dylora", rslora="yes")
+    cfg = AdapterConfig.from_dict(
+        {"kind": "dylora", "rank": 4, "update": "all", "seed": 2, "rslora": True}
+    )
+    assert isinstance(cfg, DyLoRAConfig) and cfg.update is DyLoRAUpdate.ALL and cfg.rslora
     assert AdapterConfig.from_dict(cfg.to_dict()) == cfg
     assert DyLoRAConfig().update is DyLoRAUpdate.LAST
 

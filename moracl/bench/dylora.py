@@ -7,19 +7,21 @@ with a linear head (``moracl finetune``'s training loop: AdamW, a learning rate 
 for the adapters and ``--head-lr`` for the head). Every model starts from the same seed and
 sees the same batches; DyLoRA draws its rank at each step and is then evaluated with
 ``set_rank(b)``, without retraining. LoRA at rank ``b`` uses the same ``alpha``, so its
-scaling ``alpha / b`` is that of DyLoRA truncated to ``b``. DyLoRA is trained with each
-update rule of ``--updates`` (``last``: only row/column ``b`` learns at each step, the
-paper's frozen mode; ``all``: every row up to ``b``). Every choice is made on a validation
-split held out of the training glosses, on means over the seeds: DyLoRA's rule and learning
-rate (the best mean validation accuracy over the ranks) and each rank's LoRA learning rate;
-the test split is only reported. Offline; one training takes about 40 seconds on one CPU
-core, and a seed trains ``len(lrs) · (len(updates) + len(ranks))`` models (the test split
-has 300 glosses: one gloss is 0.33 points, so compare means over ``--seeds``).
+scaling ``alpha / b`` is that of DyLoRA truncated to ``b``. DyLoRA is trained in each
+variant: each update rule of ``--updates`` (``last``: only row/column ``b`` learns at each
+step, the paper's frozen mode; ``all``: every row up to ``b``) with each scaling of
+``--scalings`` (``linear``: the paper's ``alpha / b``; ``rslora``: ``alpha / sqrt(b)``, named
+``all+rslora``). Every choice is made on a validation split held out of the training glosses,
+on means over the seeds: DyLoRA's variant and learning rate (the best mean validation accuracy
+over the ranks) and each rank's LoRA learning rate; the test split is only reported.
+Offline; one training takes about 40 seconds on one CPU core, and a seed trains
+``len(lrs) · (variants + len(ranks))`` models (the test split has 300 glosses: one gloss is
+0.33 points, so compare means over ``--seeds``).
 
-Every training is deterministic given its seed and learning rate, so ``--reuse RECORD``
-widens an earlier record's grid at the cost of the new points only: the record's runs for the
-same seeds and settings are kept, and only the learning rates it lacks are trained (the new
-record's caveats say which runs were reused and from which commit).
+Every training is deterministic given its seed and learning rate, so ``--reuse RECORD ...``
+widens earlier records' grids at the cost of the new points only: the records' runs for the
+same seeds and settings are kept, and only the learning rates and DyLoRA variants they lack
+are trained (the new record's caveats say which runs were reused and from which commit).
 """
 
 from __future__ import annotations
@@ -137,13 +139,28 @@ def _accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
     return float((logits.argmax(-1) == y).double().mean())
 
 
+#: DyLoRA's scalings: the paper's ``alpha / b`` and rsLoRA's ``alpha / sqrt(b)``
+SCALINGS = ("linear", "rslora")
+
+
+def variant_name(update: str, scaling: str) -> str:
+    """A DyLoRA variant's key in the record: ``all``, ``last``, ``all+rslora``, ..."""
+    return update if scaling == "linear" else f"{update}+{scaling}"
+
+
+def variants(args: argparse.Namespace) -> list[str]:
+    """The DyLoRA variants ``args`` asks for (update rules × scalings), in that order."""
+    return [variant_name(u, s) for s in args.scalings for u in args.updates]
+
+
 def run_seed(args: argparse.Namespace) -> dict[str, Any]:
-    """Train DyLoRA at ``args.rank`` once per update rule of ``args.updates`` and LoRA at each
-    of ``args.ranks``, each at every learning rate of ``args.lrs`` (data split, initialisation
-    and batches from ``args.seed``); validation and test accuracy per rank (fractions), keyed
-    ``dylora[update][lr]`` and ``lora[lr]`` (``lr`` as text)."""
+    """Train DyLoRA at ``args.rank`` in each variant of ``args.todo`` (variant name -> the
+    learning rates to train it at) and LoRA at each of ``args.ranks`` at every learning rate
+    of ``args.lrs`` (data split, initialisation and batches from ``args.seed``); validation
+    and test accuracy per rank (fractions), keyed ``dylora[variant][lr]`` and ``lora[lr]``
+    (``lr`` as text)."""
     from moracl import AdapterConfig, LoRAConfig, MoRAModel
-    from moracl.adapters.dylora import DyLoRAConfig, set_rank
+    from moracl.adapters.dylora import DyLoRAConfig, DyLoRAUpdate, set_rank
     from moracl.backbones import MINILM_TARGETS
 
     train, val, test, top, features = _data(args)
@@ -159,23 +176,30 @@ def run_seed(args: argparse.Namespace) -> dict[str, Any]:
     def scores(model: nn.Module) -> dict[str, float]:
         return {"val": _accuracy(model, val.x, val.y), "test": _accuracy(model, test.x, test.y)}
 
-    dylora: dict[str, dict[str, list[dict[str, float]]]] = {u: {} for u in args.updates}
+    todo: dict[str, list[float]] = args.todo
+    dylora: dict[str, dict[str, list[dict[str, float]]]] = {v: {} for v in todo}
     lora: dict[str, list[dict[str, float]]] = {}
     steps = 0
-    for lr in args.lrs:
-        at = argparse.Namespace(**{**vars(args), "lr": lr})
-        for update in args.updates:
-            config = DyLoRAConfig(rank=args.rank, alpha=args.alpha, seed=args.seed, update=update)
+    for variant, lrs in todo.items():
+        update, _, scaling = variant.partition("+")
+        for lr in lrs:
+            at = argparse.Namespace(**{**vars(args), "lr": lr})
+            config = DyLoRAConfig(
+                rank=args.rank, alpha=args.alpha, seed=args.seed, update=DyLoRAUpdate(update),
+                rslora=scaling == "rslora",
+            )  # fmt: skip
             model = adapted(config)
             _, steps = _train(model, train.x, train.y, at)
-            dylora[update][str(lr)] = []
+            dylora[variant][str(lr)] = []
             for b in args.ranks:
                 set_rank(model, b)
-                dylora[update][str(lr)].append(scores(model))
+                dylora[variant][str(lr)].append(scores(model))
+    for lr in args.lrs:
+        at = argparse.Namespace(**{**vars(args), "lr": lr})
         lora[str(lr)] = []
         for b in args.ranks:
             model = adapted(LoRAConfig(rank=b, alpha=args.alpha))
-            _train(model, train.x, train.y, at)
+            _, steps = _train(model, train.x, train.y, at)
             lora[str(lr)].append(scores(model))
     return {
         "seed": args.seed,
@@ -186,37 +210,52 @@ def run_seed(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _merge_runs(
-    old: dict[str, Any] | None, new: dict[str, Any] | None, lrs: list[str]
-) -> dict[str, Any]:
-    """One seed's run at every learning rate of ``lrs`` (as text), each taken from ``new``
-    where it was trained now, else from ``old`` (a run of an earlier record)."""
-    runs = [r for r in (new, old) if r is not None]
+def _missing(
+    olds: list[dict[str, Any]], names: list[str], lrs: list[float]
+) -> tuple[dict[str, list[float]], list[float]]:
+    """What one seed still has to train given its earlier runs ``olds``: the learning rates
+    of ``lrs`` each DyLoRA variant of ``names`` lacks, and those LoRA lacks."""
 
-    def pick(key: str, update: str | None, lr: str) -> Any:
+    def has(key: str, variant: str | None, lr: float) -> bool:
+        rows = [r[key] if variant is None else r[key].get(variant, {}) for r in olds]
+        return any(str(lr) in row for row in rows)
+
+    todo = {v: [lr for lr in lrs if not has("dylora", v, lr)] for v in names}
+    return {v: t for v, t in todo.items() if t}, [lr for lr in lrs if not has("lora", None, lr)]
+
+
+def _merge_runs(runs: list[dict[str, Any]], names: list[str], lrs: list[str]) -> dict[str, Any]:
+    """One seed's run for every DyLoRA variant of ``names`` and learning rate of ``lrs`` (as
+    text), each taken from the first of ``runs`` (the new run first, then earlier records'
+    runs) that has it."""
+
+    def pick(key: str, variant: str | None, lr: str) -> Any:
         for r in runs:
-            rows = r[key] if update is None else r[key][update]
+            rows = r[key] if variant is None else r[key].get(variant, {})
             if lr in rows:
                 return rows[lr]
-        raise KeyError(lr)  # unreachable: every lr is trained when the old run lacks it
+        raise KeyError(lr)  # unreachable: every missing point is trained
 
     first = runs[0]
     return {
         "seed": first["seed"],
         "sizes": first["sizes"],
         "steps": first["steps"],
-        "dylora": {u: {lr: pick("dylora", u, lr) for lr in lrs} for u in first["dylora"]},
+        "dylora": {v: {lr: pick("dylora", v, lr) for lr in lrs} for v in names},
         "lora": {lr: pick("lora", None, lr) for lr in lrs},
     }
 
 
 #: options that must agree between a run and the record it reuses (all but these)
-_FREE_OPTIONS = frozenset({"lrs", "seeds", "json", "caveats", "reuse", "reused"})
+_FREE_OPTIONS = frozenset(
+    {"lrs", "seeds", "updates", "scalings", "json", "caveats", "reuse", "reused"}
+)
 
 
 def reused_runs(path: str, args: argparse.Namespace) -> dict[int, dict[str, Any]]:
     """The runs of the ``moracl bench dylora`` record at ``path`` by seed, once its settings
-    (every option but the learning rates, seeds and output) are checked to equal ``args``'s.
+    (every option but the learning rates, seeds, DyLoRA variants and output) are checked to
+    equal ``args``'s.
 
     Raises:
         ValueError: the file is missing, not a DyLoRA record, or made with other settings
@@ -237,33 +276,35 @@ def reused_runs(path: str, args: argparse.Namespace) -> dict[int, dict[str, Any]
         if key not in _FREE_OPTIONS and getattr(before, key, None) != value:
             raise ValueError(
                 f"--reuse {path!r}: the record has --{key.replace('_', '-')} "
-                f"{getattr(before, key, None)!r}, this run {value!r}; only --lrs and "
-                "--seeds may differ"
+                f"{getattr(before, key, None)!r}, this run {value!r}; only --lrs, --seeds, "
+                "--updates and --scalings may differ"
             )
     return {int(r["seed"]): r for r in runs}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """:func:`run_seed` for each of ``args.seeds``, then every choice on validation (means
-    over the seeds): DyLoRA's update rule and learning rate (the best mean validation
-    accuracy over the ranks), and each rank's LoRA learning rate; per rank and rule the mean
+    over the seeds): DyLoRA's variant and learning rate (the best mean validation accuracy
+    over the ranks), and each rank's LoRA learning rate; per rank and variant the mean
     accuracies and the mean and standard deviation of the test gap (DyLoRA − LoRA).
-    ``args.reused`` (from ``--reuse``): earlier runs by seed, whose learning rates are not
-    trained again."""
-    reused: dict[int, dict[str, Any]] = getattr(args, "reused", None) or {}
+    ``args.reused`` (from ``--reuse``): earlier runs by seed, whose points are not trained
+    again."""
+    reused: dict[int, list[dict[str, Any]]] = getattr(args, "reused", None) or {}
+    names = variants(args)
+    lrs = [str(lr) for lr in args.lrs]
     runs = []
     for seed in args.seeds:
-        old = reused.get(seed)
-        missing = [lr for lr in args.lrs if old is None or str(lr) not in old["lora"]]
-        new = None
-        if missing:
+        olds = reused.get(seed, [])
+        todo, lora_lrs = _missing(olds, names, list(args.lrs))
+        new = []
+        if todo or lora_lrs:
             torch.manual_seed(seed)
-            new = run_seed(argparse.Namespace(**{**vars(args), "seed": seed, "lrs": missing}))
-        runs.append(_merge_runs(old, new, [str(lr) for lr in args.lrs]))
-    lrs = [str(lr) for lr in args.lrs]
+            at = {**vars(args), "seed": seed, "lrs": lora_lrs, "todo": todo}
+            new = [run_seed(argparse.Namespace(**at))]
+        runs.append(_merge_runs([*new, *olds], names, lrs))
 
-    def acc(update: str | None, lr: str, i: int, split: str) -> Tensor:  # (seeds,)
-        rows = [r["lora"][lr][i] if update is None else r["dylora"][update][lr][i] for r in runs]
+    def acc(variant: str | None, lr: str, i: int, split: str) -> Tensor:  # (seeds,)
+        rows = [r["lora"][lr][i] if variant is None else r["dylora"][variant][lr][i] for r in runs]
         return torch.tensor([row[split] for row in rows], dtype=torch.float64)
 
     def dylora_val(update: str, lr: str) -> float:  # mean over ranks and seeds
@@ -271,15 +312,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             torch.stack([acc(update, lr, i, "val") for i in range(len(args.ranks))]).mean()
         )
 
-    best_lr = {u: max(lrs, key=lambda lr: dylora_val(u, lr)) for u in args.updates}
-    val_means = {u: dylora_val(u, best_lr[u]) for u in args.updates}
-    chosen = max(args.updates, key=lambda u: val_means[u])  # the first of a tie
+    best_lr = {u: max(lrs, key=lambda lr: dylora_val(u, lr)) for u in names}
+    val_means = {u: dylora_val(u, best_lr[u]) for u in names}
+    chosen = max(names, key=lambda u: val_means[u])  # the first of a tie
     lora_lr = [
         max(lrs, key=lambda lr: float(acc(None, lr, i, "val").mean()))
         for i in range(len(args.ranks))
     ]
     by_update = {}
-    for u in args.updates:
+    for u in names:
         rows = []
         for i, b in enumerate(args.ranks):
             mine, theirs = (u, best_lr[u]), (None, lora_lr[i])
@@ -319,8 +360,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+_SCALE_TEXT = {"linear": "`alpha / b`", "rslora": "`alpha / sqrt(b)` (rsLoRA)"}
+
+
 def markdown(result: dict[str, Any]) -> str:
-    """A heading naming the task, then per update rule (the one chosen on validation first)
+    """A heading naming the task, then per DyLoRA variant (the one chosen on validation first)
     one row per rank: validation and test accuracies (means over the seeds), the mean test
     gap with its standard deviation, and each seed's gap."""
     seeds = result.get("seeds", [0])
@@ -333,7 +377,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"test glosses, {result['epochs']} epochs, mean of {len(seeds)} seed(s) {seeds}"
     )
     parts = [head]
-    for update in sorted(by_update, key=lambda u: u != chosen):
+    for variant in sorted(by_update, key=lambda u: u != chosen):
         rows = [
             [
                 r["rank"],
@@ -346,13 +390,14 @@ def markdown(result: dict[str, Any]) -> str:
                 f"{100 * r.get('gap_std', 0.0):.1f}",
                 " ".join(f"{100 * g:+.1f}" for g in r.get("gaps", [r["dylora"] - r["lora"]])),
             ]
-            for r in by_update[update]
+            for r in by_update[variant]
         ]
-        mean = result.get("val_mean", {}).get(update)
-        note = "chosen on validation" if update == chosen else "not chosen"
-        lr = by_update[update][0].get("dylora_lr")
+        mean = result.get("val_mean", {}).get(variant)
+        note = "chosen on validation" if variant == chosen else "not chosen"
+        lr = by_update[variant][0].get("dylora_lr")
+        update, _, scaling = variant.partition("+")
         title = (
-            f"update `{update}` ({note}"
+            f"update `{update}`, scaling {_SCALE_TEXT[scaling or 'linear']} ({note}"
             + (f"; lr {lr:g}" if lr is not None else "")
             + (f"; mean validation accuracy {100 * mean:.1f} %)" if mean is not None else ")")
         )
@@ -402,14 +447,22 @@ def parse_args(argv: list[str] | None = None, *, check_reuse: bool = True) -> ar
         nargs="+",
         choices=["last", "all"],
         default=["last", "all"],
-        help="DyLoRA's update rules, one chosen on validation",
+        help="DyLoRA's update rules (with each scaling, one variant chosen on validation)",
+    )
+    parser.add_argument(
+        "--scalings",
+        nargs="+",
+        choices=list(SCALINGS),
+        default=["linear"],
+        help="DyLoRA's scalings: linear (alpha / b, the paper's), rslora (alpha / sqrt(b))",
     )
     parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument(
         "--reuse",
+        nargs="+",
         default=None,
         metavar="RECORD",
-        help="an earlier --json record with the same settings: train only the lrs it lacks",
+        help="earlier --json records with the same settings: train only the points they lack",
     )
     add_caveat_arg(parser)
     args: argparse.Namespace = parser.parse_args(argv)
@@ -418,29 +471,38 @@ def parse_args(argv: list[str] | None = None, *, check_reuse: bool = True) -> ar
         parser.error(f"--ranks {bad} exceed --rank {args.rank}")
     args.reused = None
     if args.reuse is not None and check_reuse:
-        try:
-            args.reused = reused_runs(args.reuse, args)
-        except ValueError as e:
-            parser.error(str(e))
+        args.reused = {}
+        for path in args.reuse:
+            try:
+                by_seed = reused_runs(path, args)
+            except ValueError as e:
+                parser.error(str(e))
+            for seed, r in by_seed.items():
+                args.reused.setdefault(seed, []).append(r)
     return args
 
 
 def _reuse_caveat(args: argparse.Namespace) -> list[str]:
-    """What ``--reuse`` kept, for the record: the seeds and learning rates not trained again
-    and the commit that trained them."""
+    """What ``--reuse`` kept, for the record: per earlier record the seeds and learning rates
+    (LoRA's, and DyLoRA's variants') not trained again and the commit that trained them."""
     if not args.reused:
         return []
-    record = json.loads(Path(args.reuse).read_text())
-    kept = sorted(
-        {lr for s in args.seeds if s in args.reused for lr in args.reused[s]["lora"]}
-        & {str(lr) for lr in args.lrs},
-        key=float,
-    )
-    seeds = [s for s in args.seeds if s in args.reused]
-    return [
-        f"the runs at lr {', '.join(kept)} for seeds {seeds} are reused from {args.reuse} "
-        f"(commit {record['meta'].get('commit', '?')}), trainings being deterministic"
-    ]
+    names, lrs = variants(args), {str(lr) for lr in args.lrs}
+    out = []
+    for path in args.reuse:
+        record = json.loads(Path(path).read_text())
+        runs = [r for r in record["results"]["runs"] if r["seed"] in args.seeds]
+        kept = sorted({lr for r in runs for lr in r["lora"]} & lrs, key=float)
+        held = [v for v in names if any(v in r["dylora"] for r in runs)]
+        if not runs:
+            continue
+        out.append(
+            f"the runs at lr {', '.join(kept)} for seeds {sorted(r['seed'] for r in runs)} "
+            f"(DyLoRA {', '.join(held) or 'none'}) are reused from {path} (commit "
+            f"{record['meta'].get('commit', '?')}; where two records hold a point, the first "
+            "named), trainings being deterministic"
+        )
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

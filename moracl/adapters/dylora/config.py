@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from enum import Enum
 
@@ -28,13 +29,17 @@ class DyLoRAConfig(AdapterConfig):
 
     ``A (r × i)``, ``B (o × r)``; at truncation ``b`` the update is the paper's
     ``ΔW_b = (alpha / b) · B[:, :b] A[:b]`` (its Eq. 5, ``W_up↓b W_dw↓b`` scaled by ``α / b``),
-    which is exactly a rank-``b`` LoRA made of the first ``b`` rows and columns.  Each training
+    which is exactly a rank-``b`` LoRA made of the first ``b`` rows and columns (with
+    ``rslora``, ``alpha / sqrt(b)``: the rank-``b`` rsLoRA).  Each training
     forward draws ``b`` uniformly from ``[min_rank, rank]`` (a seeded counter-based draw, the
     same for every layer at the same step); evaluation uses the rank chosen with ``set_rank``
     (``rank`` until then).
 
     Args:
         alpha: the scaling numerator; ``s_b = alpha / b``.
+        rslora: rank-stabilised scaling ``s_b = alpha / sqrt(b)`` (Kalajdzievski 2023): the
+            truncations' scales differ by ``sqrt(r)`` instead of ``r`` (16 vs 5.7 instead of
+            16 vs 2 for ``alpha = 16`` at ``b = 1`` and ``8``).
         min_rank: the smallest rank drawn in training, ``1 <= min_rank <= rank``.
         update: ``last`` (default, the paper's frozen mode) or ``all`` (see
             :class:`DyLoRAUpdate`).
@@ -44,6 +49,7 @@ class DyLoRAConfig(AdapterConfig):
     kind: str = "dylora"
     alpha: float = 8.0
     min_rank: int = 1
+    rslora: bool = False
     update: DyLoRAUpdate = DyLoRAUpdate.LAST
     seed: int = 0
 
@@ -52,8 +58,11 @@ class DyLoRAConfig(AdapterConfig):
         check_number("alpha", self.alpha, gt=0)  # finite, > 0
         check_int("min_rank", self.min_rank, ge=1, le=self.rank)
         check_int("seed", self.seed, ge=0)
+        if not isinstance(self.rslora, bool):
+            raise ValueError(f"rslora must be true or false, got {self.rslora!r}")
         object.__setattr__(self, "update", check_choice("DyLoRA update", self.update, DyLoRAUpdate))
 
     def scaling(self, rank: int) -> float:
-        """The factor ``s_b = alpha / b`` of the update truncated to rank ``b``."""
-        return self.alpha / rank
+        """The factor ``s_b = alpha / b`` (``alpha / sqrt(b)`` with ``rslora``) of the update
+        truncated to rank ``b``."""
+        return self.alpha / (math.sqrt(rank) if self.rslora else rank)

@@ -46,9 +46,9 @@ class DyLoRA(Adapter):
 
     In training (``module.training`` with gradients enabled) every call draws ``b`` from
     ``[min_rank, rank]`` and uses the first ``b`` rows of ``A`` and columns of ``B`` scaled by
-    ``α / b``; with ``update="last"`` only row/column ``b`` receives a gradient.  Otherwise the
-    adapter is the rank-:attr:`eval_rank` LoRA (``rank`` until :meth:`set_rank`), and so are
-    :meth:`delta_weight` and merging.
+    ``s_b`` (:meth:`DyLoRAConfig.scaling`); with ``update="last"`` only row/column ``b``
+    receives a gradient.  Otherwise the adapter is the rank-:attr:`eval_rank` LoRA (``rank``
+    until :meth:`set_rank`), and so are :meth:`delta_weight` and merging.
     """
 
     config: DyLoRAConfig
@@ -95,14 +95,15 @@ class DyLoRA(Adapter):
     def _sampled(self) -> tuple[Tensor, Tensor]:
         """Draw ``b``, advance the sampler; the factors ``(A' (r × i), B' (o × r))`` of the
         rank-``b`` LoRA over all ``r`` channels: ``A'`` is ``A`` with its rows ``>= b`` zeroed
-        and ``α / b`` applied (rank space, so that no ``(N, ·)`` tensor is scaled), and under
+        and ``s_b`` applied (rank space, so that no ``(N, ·)`` tensor is scaled), and under
         the ``last`` rule only row/column ``b - 1`` carries a gradient."""
         b = self._draw(self.draws)  # () int64, on the adapter's device
         self.draws.add_(1)
         a: Tensor = self.lora_A
         up: Tensor = self.lora_B
         idx = torch.arange(self.config.rank, device=b.device)  # (r,)
-        scale = (idx < b).to(a.dtype) * (self.config.alpha / b.to(a.dtype))  # (r,)
+        denom = b.to(a.dtype).sqrt() if self.config.rslora else b.to(a.dtype)  # ()
+        scale = (idx < b).to(a.dtype) * (self.config.alpha / denom)  # (r,)
         if self.config.update is DyLoRAUpdate.LAST:  # rows/columns < b: constants
             last = idx == b - 1
             a = torch.where(last[:, None], a, a.detach())  # (r, i)
