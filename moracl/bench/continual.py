@@ -411,7 +411,9 @@ def loop_cost_markdown(results: dict[str, Any]) -> str:
         return ""
     fields = ("name", "examples", "steps", "template_seconds", "plain_seconds", "max_weight_diff")
     costs = [LoopCost(**{k: r[k] for k in fields}) for r in rows]
-    return "### moracl's template against a plain PyTorch loop\n\n" + loop_cost_table(costs)
+    device = results.get("device", "cpu")
+    head = f"### moracl's template against a plain PyTorch loop, on {device.upper()}"
+    return f"{head}\n\n{loop_cost_table(costs)}"
 
 
 def merge_record(path: Path, streams: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
