@@ -88,7 +88,11 @@ def test_reuse_trains_only_the_missing_lrs_and_summarises_as_a_full_run(
     record = json.loads(wider.read_text())
     for key in ("by_update", "chosen", "val_mean", "runs"):
         assert record["results"][key] == full[key]
-    assert any("0.001, 0.002 for seeds [0, 1]" in c for c in record["meta"]["caveats"])
+    assert any(
+        "LoRA at lr 0.001, 0.002; DyLoRA last at lr 0.001, 0.002; DyLoRA all at lr 0.001, 0.002, "
+        "for seeds [0, 1]" in c
+        for c in record["meta"]["caveats"]
+    )
 
 
 def test_a_new_variant_trains_only_itself_and_records_merge(
@@ -109,13 +113,16 @@ def test_a_new_variant_trains_only_itself_and_records_merge(
     assert {m for _, m, _ in calls} == {"all+rslora"}  # LoRA and the linear variants reused
     calls.clear()
     merged = tmp_path / "merged.json"
-    argv = [*lrs, *every, "--reuse", str(rs), str(old), "--json", str(merged)]
+    argv = [*lrs, *every, "--reuse", str(old), str(rs), "--json", str(merged)]
     assert dylora.main(argv) == 0
     assert sorted(calls) == [(s, "last+rslora", lr) for s in (0, 1) for lr in (1e-3, 2e-3)]
     record = json.loads(merged.read_text())
     for key in ("by_update", "chosen", "val_mean", "runs"):
         assert record["results"][key] == full[key]
     assert "`alpha / sqrt(b)` (rsLoRA)" in dylora.markdown(record["results"])
+    old_part, rs_part = record["meta"]["caveats"][:2]  # each names what it supplied first
+    assert f"from {rs}" in rs_part and rs_part.count("DyLoRA") == 1 and "LoRA at" not in rs_part
+    assert f"from {old}" in old_part and "LoRA at lr 0.001, 0.002; DyLoRA all" in old_part
 
 
 @pytest.mark.parametrize(

@@ -483,24 +483,38 @@ def parse_args(argv: list[str] | None = None, *, check_reuse: bool = True) -> ar
 
 
 def _reuse_caveat(args: argparse.Namespace) -> list[str]:
-    """What ``--reuse`` kept, for the record: per earlier record the seeds and learning rates
-    (LoRA's, and DyLoRA's variants') not trained again and the commit that trained them."""
+    """What ``--reuse`` kept, for the record: per earlier record (in the order named, the
+    first holding a point supplies it) the seeds, models and learning rates it supplied and
+    the commit that trained them."""
     if not args.reused:
         return []
-    names, lrs = variants(args), {str(lr) for lr in args.lrs}
+    names, lrs = variants(args), [str(lr) for lr in args.lrs]
+    taken: set[tuple[int, str, str]] = set()  # (seed, model, lr) supplied already
     out = []
     for path in args.reuse:
         record = json.loads(Path(path).read_text())
-        runs = [r for r in record["results"]["runs"] if r["seed"] in args.seeds]
-        kept = sorted({lr for r in runs for lr in r["lora"]} & lrs, key=float)
-        held = [v for v in names if any(v in r["dylora"] for r in runs)]
-        if not runs:
+        supplied: dict[str, set[str]] = {}  # model -> lrs
+        seeds = set()
+        for r in record["results"]["runs"]:
+            if r["seed"] not in args.seeds:
+                continue
+            held = [("LoRA", lr) for lr in r["lora"] if lr in lrs] + [
+                (v, lr) for v in names for lr in r["dylora"].get(v, {}) if lr in lrs
+            ]
+            for model, lr in held:
+                if (r["seed"], model, lr) not in taken:
+                    taken.add((r["seed"], model, lr))
+                    supplied.setdefault(model, set()).add(lr)
+                    seeds.add(r["seed"])
+        if not supplied:
             continue
+        what = "; ".join(
+            f"{'LoRA' if m == 'LoRA' else 'DyLoRA ' + m} at lr {', '.join(sorted(v, key=float))}"
+            for m, v in supplied.items()
+        )
         out.append(
-            f"the runs at lr {', '.join(kept)} for seeds {sorted(r['seed'] for r in runs)} "
-            f"(DyLoRA {', '.join(held) or 'none'}) are reused from {path} (commit "
-            f"{record['meta'].get('commit', '?')}; where two records hold a point, the first "
-            "named), trainings being deterministic"
+            f"reused from {path} (commit {record['meta'].get('commit', '?')}), trainings being "
+            f"deterministic: {what}, for seeds {sorted(seeds)}"
         )
     return out
 
