@@ -45,10 +45,16 @@ BLOCKS: dict[str, Callable[[torch.dtype], nn.Module]] = {"mlp": _mlp, "mixture":
 HALT = {"mlp": (5.0, -2.0), "mixture": (3.0, -4.0)}
 
 
-def _act(block: str, dtype: torch.dtype, seed: int = 0) -> AdaptiveComputation:
-    """Halting weights spread so that tokens halt at different steps."""
+def _act(
+    block: str, dtype: torch.dtype, seed: int = 0, buckets: int | None = None
+) -> AdaptiveComputation:
+    """Halting weights spread so that tokens halt at different steps; ``buckets``: the
+    token loop's ``shape_buckets`` (None: exact sizes on the CPU)."""
     torch.manual_seed(seed)
-    act = AdaptiveComputation(BLOCKS[block](dtype), features=D, max_steps=MAX_STEPS).to(dtype)
+    block_module = BLOCKS[block](dtype)
+    act = AdaptiveComputation(
+        block_module, features=D, max_steps=MAX_STEPS, shape_buckets=buckets
+    ).to(dtype)
     std, bias = HALT[block]
     with torch.no_grad():
         act.act_halt.weight.normal_(0, std)
@@ -71,12 +77,17 @@ def _assert_same(token: ACTOutput, masked: ACTOutput, atol: float, rtol: float) 
 CASES = [(torch.float64, 1e-12, 0.0), (torch.float32, 1e-5, 1e-5)]
 
 
+#: exact sizes, and pads to multiples of ceil(42 / 5) = 9 rows
+BUCKETS = [None, 5]
+
+
+@pytest.mark.parametrize("buckets", BUCKETS)
 @pytest.mark.parametrize("block", sorted(BLOCKS))
 @pytest.mark.parametrize(("dtype", "atol", "rtol"), CASES)
 def test_token_loop_equals_the_masked_form_for_every_token(
-    block: str, dtype: torch.dtype, atol: float, rtol: float
+    block: str, dtype: torch.dtype, atol: float, rtol: float, buckets: int | None
 ) -> None:
-    act = _act(block, dtype).eval()
+    act = _act(block, dtype, buckets=buckets).eval()
     x = torch.randn(6, 7, D, dtype=dtype)
     with torch.no_grad():
         masked = act(x, loop="masked")
@@ -88,11 +99,14 @@ def test_token_loop_equals_the_masked_form_for_every_token(
         _assert_same(act(x, loop="batch"), masked, atol, rtol)
 
 
+@pytest.mark.parametrize("buckets", BUCKETS)
 @pytest.mark.parametrize("block", sorted(BLOCKS))
-def test_token_loop_in_training_has_the_masked_form_gradients(block: str) -> None:
+def test_token_loop_in_training_has_the_masked_form_gradients(
+    block: str, buckets: int | None
+) -> None:
     grads = {}
     for loop in ("masked", "token"):
-        act = _act(block, torch.float64).train()
+        act = _act(block, torch.float64, buckets=buckets).train()
         act.training_loop = ACTLoop.parse(loop)
         x = torch.randn(5, 6, D, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
         x.requires_grad_(True)
@@ -113,15 +127,19 @@ def test_token_loop_in_training_has_the_masked_form_gradients(block: str) -> Non
 
 
 class _Counting(nn.Module):
-    """Wraps a block and counts the token rows it was run on."""
+    """Wraps a block and counts the token rows it was run on, call by call."""
 
     def __init__(self, block: nn.Module) -> None:
         super().__init__()
         self.block = block
-        self.rows = 0
+        self.calls: list[int] = []
+
+    @property
+    def rows(self) -> int:
+        return sum(self.calls)
 
     def forward(self, x: Tensor) -> Tensor:
-        self.rows += x.shape[:-1].numel()
+        self.calls.append(x.shape[:-1].numel())
         out: Tensor = self.block(x)
         return out
 
@@ -142,6 +160,30 @@ def test_block_work_follows_the_steps_computed(loop: ACTLoop) -> None:
     }[loop]
     assert counting.rows == expected
     assert res.steps.mean() < 0.8 * MAX_STEPS
+
+
+def test_shape_buckets_pad_each_step_to_a_multiple_and_only_the_padding_is_extra() -> None:
+    torch.manual_seed(0)
+    counting = _Counting(_mlp(torch.float64))
+    act = AdaptiveComputation(counting, features=D, max_steps=MAX_STEPS, shape_buckets=4)
+    act = act.double().eval()
+    with torch.no_grad():
+        act.act_halt.weight.normal_(0, 5.0)
+        act.act_halt.bias.fill_(-2.0)
+        res = act(torch.randn(40, D, dtype=torch.float64))  # unit = ceil(40 / 4) = 10 rows
+    running = [int((res.steps > k).sum()) for k in range(len(counting.calls))]  # live rows
+    assert counting.calls[0] == 40 and len(set(running)) >= 3
+    for calls, live in zip(counting.calls[1:], running[1:]):
+        assert calls % 10 == 0 and live <= calls < live + 10  # padding only up to the unit
+    assert any(c > live for c, live in zip(counting.calls, running))  # some step was padded
+
+
+def test_shape_buckets_are_checked() -> None:
+    for bad in (-1, 2.5, True, "32"):
+        with pytest.raises(
+            ValueError, match=f"shape_buckets must be None or an integer >= 0, got {bad!r}"
+        ):
+            AdaptiveComputation(_mlp(torch.float32), features=D, max_steps=2, shape_buckets=bad)  # type: ignore[arg-type]
 
 
 def test_all_halting_at_the_first_step_runs_the_block_once() -> None:

@@ -100,6 +100,13 @@ class AdaptiveComputation(nn.Module):
         training_loop: the :class:`ACTLoop` in training mode (default ``masked``).
         inference_loop: the :class:`ACTLoop` in eval mode (default ``token``: valid for
             row-independent blocks only; ``batch`` for a block that mixes tokens).
+        shape_buckets: the ``token`` loop pads the running tokens to a multiple of
+            ``ceil(n / shape_buckets)`` rows (repeating a running token's state with zero
+            weight; outputs, weights, steps and gradients are unchanged), so that the block
+            sees at most ``shape_buckets`` distinct shapes: on a GPU each new shape costs
+            cuBLAS host time (0.5-2.6 ms a matmul, H100) and a CUDA graph or compiled
+            kernel of its own.  ``None`` (default): 32 on CUDA, exact sizes elsewhere;
+            ``0``: exact sizes.
 
     Raises:
         ValueError: a bad ``max_steps``, ``epsilon``, ``tau`` or loop name, or the ``token``
@@ -117,6 +124,7 @@ class AdaptiveComputation(nn.Module):
         halt_bias: float = 1.0,
         training_loop: ACTLoop | str = ACTLoop.MASKED,
         inference_loop: ACTLoop | str = ACTLoop.TOKEN,
+        shape_buckets: int | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(max_steps, int) or max_steps < 1:
@@ -130,6 +138,15 @@ class AdaptiveComputation(nn.Module):
         nn.init.zeros_(self.act_halt.weight)
         nn.init.constant_(self.act_halt.bias, halt_bias)
         self.max_steps, self.epsilon, self.tau = max_steps, epsilon, tau
+        if shape_buckets is not None and (
+            isinstance(shape_buckets, bool)
+            or not isinstance(shape_buckets, int)
+            or shape_buckets < 0
+        ):
+            raise ValueError(
+                f"shape_buckets must be None or an integer >= 0, got {shape_buckets!r}"
+            )
+        self.shape_buckets = shape_buckets
         self.training_loop = self._checked(training_loop, "training_loop")
         self.inference_loop = self._checked(inference_loop, "inference_loop")
         self._register_state_dict_hook(_strip_block_prefix)
@@ -194,37 +211,68 @@ class AdaptiveComputation(nn.Module):
         cost = self.tau * (steps + remainders).mean()
         return ACTOutput(out, cost, steps, remainders, torch.stack(weights))
 
+    def _bucket(self, n: int, device: torch.device) -> int:
+        """The row multiple the ``token`` loop pads the running tokens to (1: exact)."""
+        buckets = self.shape_buckets
+        if buckets is None:
+            buckets = 32 if device.type == "cuda" else 0
+        return -(-n // buckets) if buckets > 0 else 1
+
     def _token_loop(self, x: Tensor) -> ACTOutput:
-        """Each step on the still-running tokens only: gather, run the block, scatter back."""
+        """Each step on the still-running tokens only: gather, run the block, add the
+        halting-weighted states into the output.  Between steps only what the next step
+        needs is computed (the halting test, the output update and the gather: one host
+        sync, to size the next step); the per-token weights, steps and remainders are
+        scattered once, after the last step.  The gathered rows are padded to a multiple
+        of :meth:`_bucket` with copies of a running token (``live`` false: zero weight,
+        never halting, not counted)."""
         lead, d = x.shape[:-1], x.shape[-1]
         x2 = x.reshape(-1, d)  # (n, d)
         n = x2.shape[0]
+        unit = self._bucket(n, x.device)
         out = torch.zeros_like(x2)  # (n, d)
-        steps = x2.new_zeros(n)
-        remainders = x2.new_zeros(n)
-        weights = []
-        idx = torch.arange(n, device=x.device)  # (m,) the running tokens
+        idx = torch.arange(n, device=x.device)  # (m,) the running tokens (and pads)
         cum = x2.new_zeros(n)  # (m,) their Σ h so far
         s = x2  # (m, d) their states
+        live: Tensor | None = None  # (m,) bool, false on pad rows; None: no pads
+        slots, probs, halted, counted = [], [], [], []  # per step, (m,) each
         for k in range(self.max_steps):
             s = self.block(s)  # (m, d)
             h = torch.sigmoid(self.act_halt(s)).squeeze(-1)  # (m,)
-            if k == self.max_steps - 1:
+            last = k == self.max_steps - 1
+            if last:
                 h = torch.ones_like(h)
-            halts = cum + h > 1 - self.epsilon  # (m,) bool
-            r = torch.where(halts, 1 - cum, torch.zeros_like(cum))  # (m,)
-            p = torch.where(halts, r, h)  # (m,)
+            total = cum + h  # (m,)
+            halts = total > 1 - self.epsilon  # (m,) bool
+            p = torch.where(halts, 1 - cum, h)  # (m,) the remainder for the tokens halting now
+            if live is not None:
+                p, halts = p * live, halts & live
             out.index_add_(0, idx, (p[:, None] * s).to(out.dtype))  # (n, d)
-            weights.append(x2.new_zeros(n).index_add_(0, idx, p))  # (n,)
-            remainders.index_add_(0, idx, r)
-            steps.index_add_(0, idx, torch.ones_like(p))
-            keep = torch.nonzero(~halts).squeeze(1)  # (m',): one host sync per step
-            idx, s = idx.index_select(0, keep), s.index_select(0, keep)  # (m',) (m', d)
-            cum = (cum + h).index_select(0, keep)  # (m',)
-            if idx.numel() == 0:
+            slots.append(idx + k * n)
+            probs.append(p)
+            halted.append(halts)
+            counted.append(torch.ones_like(p) if live is None else live.to(p.dtype))
+            if last:
                 break
+            going = ~halts if live is None else ~halts & live
+            keep = torch.nonzero(going).squeeze(1)  # (m',): one host sync per step
+            kept = keep.numel()
+            if kept == 0:
+                break
+            rows = min(-(-kept // unit) * unit, idx.numel())  # a bucket size (or this step's)
+            live = None
+            if rows > kept:
+                keep = torch.cat([keep, keep[:1].expand(rows - kept)])
+                live = torch.arange(rows, device=x.device) < kept
+            idx, s, cum = idx[keep], s[keep], total[keep]  # (m',) (m', d) (m',)
+        steps_run = len(probs)
+        slot, prob = torch.cat(slots), torch.cat(probs)  # (Σm,)
+        token = slot % n  # (Σm,)
+        weights = x2.new_zeros(steps_run * n).index_add_(0, slot, prob)  # (k·n,)
+        steps = x2.new_zeros(n).index_add_(0, token, torch.cat(counted))  # (n,)
+        remainders = x2.new_zeros(n).index_add_(0, token, prob * torch.cat(halted))  # (n,)
         cost = self.tau * (steps + remainders).mean()
-        stacked = torch.stack(weights).view(len(weights), *lead)  # (k, ...)
+        stacked = weights.view(steps_run, *lead)  # (k, ...)
         return ACTOutput(out.view(x.shape), cost, steps.view(lead), remainders.view(lead), stacked)
 
 
