@@ -246,9 +246,7 @@ class MoRAModel(nn.Module):
     # -- adapters -------------------------------------------------------------------------
     def adapted_layers(self) -> Iterator[tuple[str, MoRALayer]]:
         """``(path, layer)`` for every adapted layer, paths relative to the wrapped model."""
-        for name, m in self.model.named_modules():
-            if isinstance(m, MoRALayer):
-                yield name, m
+        return adapted_layers_of(self.model)
 
     def add_adapter(
         self,

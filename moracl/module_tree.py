@@ -28,8 +28,27 @@ def set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
 
 
 def adapted_layers_of(model: nn.Module) -> Iterator[tuple[str, MoRALayer]]:
-    """``(path, layer)`` for every adapted layer of ``model``."""
-    return ((n, m) for n, m in model.named_modules() if isinstance(m, MoRALayer))
+    """``(path, layer)`` for every adapted layer of ``model``, in ``named_modules`` order.
+
+    The walk does not descend into an adapted layer (none holds another; its base layer and
+    adapters are most of a model's modules), so a forward that looks for its mixtures pays
+    for the model's structure, not for its adapters."""
+    seen: set[int] = set()
+    stack: list[tuple[str, nn.Module]] = [("", model)]
+    while stack:
+        prefix, module = stack.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        if isinstance(module, MoRALayer):
+            yield prefix, module
+            continue
+        children = [
+            (f"{prefix}.{name}" if prefix else name, child)
+            for name, child in module._modules.items()
+            if child is not None
+        ]
+        stack.extend(reversed(children))  # pre-order, children in registration order
 
 
 class PlainView(nn.Module):

@@ -262,3 +262,16 @@ def test_compiled_model_matches_eager() -> None:
     x = torch.randn(3, 24, generator=torch.Generator().manual_seed(0))
     compiled = torch.compile(model, backend="aot_eager")
     torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2, mlp], ids=["llama", "gpt2", "mlp"])
+def test_adapted_layers_are_named_modules_order_without_entering_adapted_layers(make) -> None:  # type: ignore[no-untyped-def]
+    net = make()
+    shared = nn.Linear(24, 24)
+    net.add_module("tied_a", shared)  # a module registered twice is listed once, at first
+    net.add_module("tied_b", shared)
+    model = MoRAModel(net, AdapterConfig(kind="lora", rank=2))
+    expected = [(n, m) for n, m in model.model.named_modules() if isinstance(m, MoRALayer)]
+    got = list(model.adapted_layers())
+    assert [(n, id(m)) for n, m in got] == [(n, id(m)) for n, m in expected]
+    assert len(got) > 2 and sum(n.startswith("tied_") for n, _ in got) == 1
