@@ -23,7 +23,6 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from torch import Tensor, nn
 
 import moracl.adapters
@@ -439,8 +438,8 @@ class Mixture(nn.Module):
         lora_a, lora_b = getattr(bank, "lora_A"), getattr(bank, "lora_B")  # noqa: B009
         if not fused_enabled(lora_a, lora_b):
             return None
-        a = rearrange(lora_a, "e r i -> (e r) i")
-        b = rearrange(lora_b, "o e r -> o (e r)")
+        a = lora_a.flatten(0, 1)  # (e·r, i): a view, as "e r i -> (e r) i"
+        b = lora_b.flatten(1, 2)  # (o, e·r)
         scaling = float(getattr(bank, "scaling"))  # noqa: B009  (a fusable bank's LoRA scale)
         lead = x.shape[:-1]
         gating: Gating = self.router.gating(self._task_ids(lead), backend)

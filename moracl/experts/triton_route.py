@@ -27,6 +27,7 @@ Top-k is ``k`` rounds of ``max`` with ties to the lower index, as
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -328,10 +329,12 @@ class GateForward(NamedTuple):
     zscale: Tensor  # () each allowed token's weight in the z loss
 
 
+@functools.cache
 def _pow2(x: int) -> int:
     return max(1, triton.next_power_of_2(x))
 
 
+@functools.cache
 def _rows_per_block(e: int, r: int) -> int:
     """Token rows per program: 32, fewer where ``e·r`` (padded to powers of two) is wide, so
     that a program's ``(rows, e, r)`` tile stays within ``_TILE`` elements."""
