@@ -48,6 +48,7 @@ bench-gpu:
 	$(PY) -m pytest -p no:cacheprovider -m gpu
 	$(PY) -m moracl bench experts --size h100 --graphs --json $(RECORDS)/experts-h100.json
 	$(PY) -m moracl bench experts --size h100 --json $(RECORDS)/experts-h100-eager.json
+	$(PY) -m moracl bench host --device cuda --json $(RECORDS)/host-cuda.json
 	$(PY) -m moracl bench experts --size h100-1024 --graphs --json $(RECORDS)/experts-h100-1024.json
 	$(PY) -m moracl bench adapters --size h100 --json $(RECORDS)/adapters-h100.json
 	$(PY) -m moracl bench adapters --size h100-1024 --json $(RECORDS)/adapters-h100-1024.json

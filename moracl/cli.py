@@ -15,6 +15,7 @@ BENCHES = {
     "distributed": "moracl.bench.distributed",
     "dylora": "moracl.bench.dylora",
     "experts": "moracl.bench.experts",
+    "host": "moracl.bench.host",
     "meta": "moracl.bench.meta",
     "optim": "moracl.bench.optim",
     "profile": "moracl.bench.profile",

@@ -31,6 +31,7 @@ from moracl.bench import (
     distributed,
     dylora,
     experts,
+    host,
     loopcost,
     meta,
     optim,
@@ -94,6 +95,7 @@ SECTIONS: tuple[Section, ...] = (
     Section("adapters", "Adapters (`moracl bench adapters`)", adapters.markdown, adapters.__doc__),
     Section("dylora", "DyLoRA (`moracl bench dylora`)", dylora.markdown, dylora.__doc__),
     Section("experts", "Experts (`moracl bench experts`)", experts.markdown, experts.__doc__),
+    Section("host", "Host time per layer (`moracl bench host`)", host.markdown, host.__doc__),
     Section("optim", "Optimisers (`moracl bench optim`)", optim.markdown, optim.__doc__),
     Section("meta", "Meta-learning (`moracl bench meta`)", meta.markdown, meta.__doc__),
     Section(
