@@ -47,12 +47,15 @@ def test_per_layer_times_are_the_stack_less_the_floor_over_seven() -> None:
 def test_the_json_record_renders_in_the_results(tmp_path: Path) -> None:
     out = tmp_path / "host-cpu.json"
     argv = ["--device", "cpu", "--methods", "floor", "moracl-lora", "--hidden", "16"]
+    threads = torch.get_num_threads()
     assert (
         host.main([*argv, "--tokens", "8", "--iters", "2", "--repeats", "1", "--json", str(out)])
         == 0
     )
+    assert torch.get_num_threads() == threads  # one thread while measuring, then restored
     data = json.loads(out.read_text())
     assert data["benchmark"] == "host"
+    assert ", 1 torch threads;" in data["meta"]["machine"]
     assert data["meta"]["command"].startswith("moracl bench host --device cpu")
     text = report.render([("host-cpu.json", data)])
     assert "## Host time per layer (`moracl bench host`)" in text
@@ -61,7 +64,11 @@ def test_the_json_record_renders_in_the_results(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("argv", "named"),
-    [(["--hidden", "12"], "got 12"), (["--iters", "0"], "got 0"), (["--methods", "lora"], "'lora'")],
+    [
+        (["--hidden", "12"], "got 12"),
+        (["--iters", "0"], "got 0"),
+        (["--methods", "lora"], "'lora'"),
+    ],
 )
 def test_bad_options_name_the_value(
     argv: list[str], named: str, capsys: pytest.CaptureFixture[str]

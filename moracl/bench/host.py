@@ -11,7 +11,8 @@ time is the host's). A method's time per layer is its stack's time less the froz
 host's noise only adds. ``forward`` runs under autograd with the output dropped; ``fwd+bwd``
 is a training step's forward (with the routers' auxiliary losses in the loss) and backward,
 without the optimiser. On CUDA the routing runs its Triton kernels, on the CPU its closed
-form: compare devices through ``× LoRA`` only.
+form, and the CPU's figures include its own compute of the layers (on one thread by
+default, ``--threads``): compare devices through ``× LoRA`` only.
 """
 
 from __future__ import annotations
@@ -207,6 +208,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rank", type=positive_int, default=16)
     parser.add_argument("--iters", type=positive_int, default=200)
     parser.add_argument("--repeats", type=positive_int, default=5)
+    parser.add_argument(
+        "--threads",
+        type=positive_int,
+        default=1,
+        help="torch threads on the CPU (default 1: the host's one Python thread; more "
+        "threads make the CPU's own compute, and so the figures, vary from run to run)",
+    )
     parser.add_argument("--json", default=None, help="also write the results here")
     add_caveat_arg(parser)
     args: argparse.Namespace = parser.parse_args(argv)
@@ -251,26 +259,33 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
     hidden = args.hidden or (2048 if device.type == "cuda" else 256)
-    meta = record_meta("host", argv, device=device) if args.json else {}
     methods = args.methods or [m for m in METHODS if m != "peft-lora" or adapters._has_peft()]
-    rows = run(
-        methods,
-        hidden=hidden,
-        tokens=args.tokens,
-        rank=args.rank,
-        iters=args.iters,
-        repeats=args.repeats,
-        device=device,
-    )
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    try:
+        meta = record_meta("host", argv, device=device) if args.json else {}
+        rows = run(
+            methods,
+            hidden=hidden,
+            tokens=args.tokens,
+            rank=args.rank,
+            iters=args.iters,
+            repeats=args.repeats,
+            device=device,
+        )
+        line = machine(device)
+    finally:
+        torch.set_num_threads(threads)
     result = {
         "device_type": device.type,
         "hidden": hidden,
         "tokens": args.tokens,
         "rank": args.rank,
-        "device": machine(device),
+        "device": line,
         "results": rows,
     }
-    print("\n" + markdown(result, machine(device)))
+    print("\n" + markdown(result, line))
     if args.json:
         notes = [
             f"fastest of {args.repeats} rounds of {args.iters} calls per method, after 3 "
