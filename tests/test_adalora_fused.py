@@ -55,7 +55,8 @@ def test_fused_path_equals_plain_autograd(dtype: torch.dtype, atol: float, bias:
         plain_out, plain_grads = _run(layer, x)
     assert calls == ["layer", "unfused", "layer"]  # the adapter ran inside the layer
     assert (fused_out - layer.base_layer(x)).abs().max() > 1e-2  # the update is not zero
-    torch.testing.assert_close(fused_out, plain_out, rtol=0, atol=atol)
+    scale = plain_out.abs().max().clamp(min=1)  # rounding grows with the values (~50 here)
+    assert (fused_out - plain_out).abs().max() <= atol * scale
     assert set(fused_grads) == {"x", "lora_A", "lora_E", "lora_B"}
     for name, g in fused_grads.items():
         assert (g - plain_grads[name]).abs().max() <= atol * g.abs().max().clamp(min=1), name

@@ -9,11 +9,13 @@ a tolerance derived from the dtype's machine epsilon.
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 from torch import nn
 
-from moracl import MoRALinear
+from moracl import MoRALinear, MoRAModel
 from moracl.experts import (
     MixtureConfig,
     RouterConfig,
@@ -182,3 +184,61 @@ def test_experts_that_are_not_lora_route_in_one_node(router: str) -> None:
         assert type(mix.context.results[mix].gates.grad_fn).__name__ != "_RouteBackward"
     finally:
         mix.context = None
+
+
+_NODES = ("_RoutedLoRALinearBackward", "_RouteBackward")
+
+
+def _live_routing_nodes() -> int:
+    gc.collect()
+    return sum(1 for o in gc.get_objects() if type(o).__name__ in _NODES)
+
+
+@pytest.mark.parametrize("kind", ["lora", "mora"])
+@pytest.mark.parametrize("router", sorted(ROUTERS))
+def test_a_forward_without_a_backward_leaves_no_graph_behind(router: str, kind: str) -> None:
+    """An evaluation under grad mode (or a loss never backpropagated) frees each forward's
+    graph with its output: the routing nodes keep their outputs through
+    ``save_for_backward``, not as attributes of ``ctx`` (a cycle through C++ that the
+    collector could not always break: such forwards' graphs stayed alive, one leaked forward
+    in three or more for 12 of these 16 cases)."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(12, 12), nn.Linear(12, 12))
+    cfg = MixtureConfig(kind=kind, rank=3, experts=4, router=ROUTERS[router])
+    model = MoRAModel(base, cfg, target_modules=["0", "1"]).train()
+    x, _ = _inputs(torch.float32)
+    before = _live_routing_nodes()
+    for _ in range(3):
+        out = model(x, task_ids=TASK_IDS)
+        assert out.requires_grad
+    del out
+    with torch.no_grad():  # last_routing: this forward's (no graph) instead of the last one's
+        model(x, task_ids=TASK_IDS)
+    assert _live_routing_nodes() == before
+
+
+@pytest.mark.parametrize("kind", ["lora", "mora"])
+@pytest.mark.parametrize("router", sorted(ROUTERS))
+def test_a_retained_graph_backpropagates_twice(router: str, kind: str) -> None:
+    """``retain_graph=True`` keeps the routing's record: a second backward through the same
+    graph gives the first one's gradients (input and parameters)."""
+    layer = _layer(router, torch.float64, kind)
+    mix = layer.adapter("default")
+    x, g = _inputs(torch.float64)
+    x.requires_grad_(True)
+    params = [x, *(p for p in mix.parameters() if p.requires_grad)]
+    mix.context = RoutingContext(task_ids=TASK_IDS)
+    try:
+        with routing_backend("eager"):
+            out = layer(x)
+        aux = mix.context.results[mix].aux_loss
+    finally:
+        mix.context = None
+    loss = (out * g).sum() + 10 * aux
+    first = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+    second = torch.autograd.grad(loss, params, allow_unused=True)
+    assert any(f is not None for f in first[1:])
+    for a, b in zip(first, second):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -76,6 +76,25 @@ def test_the_designed_rows_are_the_top_directions_of_the_projected_inputs(k: int
     assert torch.allclose(a.T @ a, reference, atol=1e-10, rtol=0)
 
 
+def test_the_designed_rows_depend_on_the_subspace_alone_not_on_signs() -> None:
+    """An eigenvector's sign is arbitrary (LAPACK builds differ): each row is the top
+    direction with its largest entry positive, the same for a basis given with flipped or
+    reordered columns, or inputs of the opposite sign (the same second moment)."""
+    d, r = 12, 4
+    r_in = _inputs(d, 40, seed=1)
+    m = _orthonormal(d, 3, seed=2)
+    a = design_rows(second_moment(r_in.T), m, r)
+    top = a.abs().argmax(1)
+    assert (a.gather(1, top[:, None]) > 0).all()
+    for basis, inputs in (
+        (-m, r_in),
+        (m[:, [2, 0, 1]], r_in),
+        (m * torch.tensor([1, -1, 1]), -r_in),
+    ):
+        other = design_rows(second_moment(inputs.T), basis.to(F64), r)
+        torch.testing.assert_close(other, a, rtol=0, atol=1e-10)
+
+
 def test_rows_beyond_the_complement_are_zero_and_still_orthogonal() -> None:
     d = 6
     m = _orthonormal(d, 4, seed=3)

@@ -74,7 +74,17 @@ def _top_projected(cov: Tensor, basis: Tensor) -> tuple[Tensor, Tensor]:
     inner = (inner + inner.T) / 2
     values, vectors = torch.linalg.eigh(inner)  # ascending
     values, vectors = values.flip(0).clamp_min(0), vectors.flip(1)
-    return values, q @ vectors  # (d - k,), (d, d - k)
+    return values, _canonical_signs(q @ vectors)  # (d - k,), (d, d - k)
+
+
+def _canonical_signs(vectors: Tensor) -> Tensor:
+    """``vectors (d, m)`` with each column's sign chosen so that its entry of largest
+    magnitude is positive: an eigenvector's sign is arbitrary (LAPACK builds and the
+    slightest change of the input flip it), so without this the same inputs give opposite
+    rows on different machines."""
+    top = vectors.abs().argmax(0, keepdim=True)  # (1, m)
+    signs = vectors.gather(0, top).sign()
+    return vectors * torch.where(signs == 0, torch.ones_like(signs), signs)
 
 
 def design_rows(cov: Tensor, basis: Tensor, rank: int) -> Tensor:

@@ -203,6 +203,7 @@ class ReplayGating(Gating):
                     [leaf, *self._params],
                     [g for _, g in used],
                     allow_unused=True,
+                    retain_graph=True,  # the node's backward may run again (retain_graph)
                 )
         grad = got[0] if got[0] is not None else torch.zeros_like(leaf)
         return grad, got[1:]

@@ -18,6 +18,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from moracl.experts.gating import Gating, Routed, RouteGrads
+from moracl.experts.saved import load_record, save_record
 
 __all__ = ["route_node"]
 
@@ -25,8 +26,8 @@ __all__ = ["route_node"]
 class _Route(torch.autograd.Function):
     """See the module docstring.  Inputs after ``gating``: its
     :meth:`~moracl.experts.gating.Gating.inputs`.  Outputs: ``gates``, ``probs``, ``chosen``,
-    ``indices`` and the gating's auxiliary losses; the gating's record lives on ``ctx`` from
-    the forward to the backward."""
+    ``indices`` and the gating's auxiliary losses; the gating's record is kept by
+    :func:`~moracl.experts.saved.save_record`."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -34,7 +35,8 @@ class _Route(torch.autograd.Function):
     ) -> tuple[Any, ...]:
         ctx.set_materialize_grads(False)
         routed, saved = gating.route(logits)
-        ctx.gating, ctx.routing, ctx.dtype = gating, saved, logits.dtype
+        save_record(ctx, (), saved)  # no cycle through the outputs
+        ctx.gating, ctx.dtype = gating, logits.dtype
         ctx.mark_non_differentiable(routed.chosen)
         return (routed.gates, routed.probs, routed.chosen, routed.indices, *routed.aux)
 
@@ -42,7 +44,7 @@ class _Route(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, *grads: Tensor | None) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         gating: Gating = ctx.gating
-        saved, ctx.routing = ctx.routing, None  # freed with this backward
+        _, saved = load_record(ctx)
         grad_gates, grad_probs, _chosen, _indices, *grad_aux = grads
         route_grads = RouteGrads(grad_gates, grad_probs, tuple(grad_aux))
         grad, input_grads = gating.route_backward(saved, route_grads)

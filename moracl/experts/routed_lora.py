@@ -22,6 +22,7 @@ from torch.autograd.function import once_differentiable
 
 from moracl.adapters.fused import accumulate_input_grad, compute_dtype, frozen_plus_update
 from moracl.experts.gating import Gating, Routed, RouteGrads
+from moracl.experts.saved import load_record, save_record
 
 __all__ = ["routed_lora_linear"]
 
@@ -31,7 +32,7 @@ class _RoutedLoRALinear(torch.autograd.Function):
     :meth:`~moracl.experts.gating.Gating.inputs`.  Outputs: ``out (..., o)``, ``gates``,
     ``probs (n, e)``, ``chosen (n, e)``, ``indices (n, k)`` or ``None`` and the gating's
     auxiliary losses; ``out``, ``gates``, ``probs`` and the losses may carry a gradient back.
-    The gating's record lives on ``ctx`` from the forward to the backward."""
+    The gating's record is kept by :func:`~moracl.experts.saved.save_record`."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -54,8 +55,8 @@ class _RoutedLoRALinear(torch.autograd.Function):
         zl = x2 @ ar.t()  # (n, e·r + l): the experts' rank-space activations, then the logits
         zg, routed, saved = gating.forward(zl, a.shape[0])  # zg: (n, e·r)
         out = frozen_plus_update(zg, b_c, s, bias, x2, weight)  # (n, o)
-        ctx.save_for_backward(x2, weight, ar, b_c)
-        ctx.s, ctx.x_shape, ctx.gating, ctx.routing = s, x.shape, gating, saved
+        save_record(ctx, (x2, weight, ar, b_c), saved)  # no cycle through the outputs
+        ctx.s, ctx.x_shape, ctx.gating = s, x.shape, gating
         ctx.dtypes = (a.dtype, b.dtype, r.dtype)
         ctx.mark_non_differentiable(routed.chosen)
         out = out.view(*x.shape[:-1], out.shape[-1])
@@ -64,9 +65,8 @@ class _RoutedLoRALinear(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, g: Tensor | None, *grads: Tensor | None) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        x2, weight, ar, b = ctx.saved_tensors
+        (x2, weight, ar, b), saved = load_record(ctx)
         s, gating = ctx.s, ctx.gating
-        saved, ctx.routing = ctx.routing, None  # freed with this backward
         er = b.shape[1]
         grad_gates, grad_probs, _chosen, _indices, *grad_aux = grads
         need_x, need_w, need_bias, need_a, need_b, need_r = ctx.needs_input_grad[:6]
