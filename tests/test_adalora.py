@@ -387,7 +387,7 @@ def test_every_init_starts_at_zero_and_lora_init_trains_b_from_the_first_step(in
         assert torch.equal(a.lora_B.grad, torch.zeros_like(a.lora_B.grad))
         return
     eye = torch.eye(6, dtype=torch.float64)
-    torch.testing.assert_close(a.lora_A @ a.lora_A.T, eye, atol=1e-6, rtol=0)  # built in float32
+    torch.testing.assert_close(a.lora_A @ a.lora_A.T, eye, atol=1e-5, rtol=0)  # float32 QR
     assert torch.equal(a.lora_E.detach(), torch.ones(6, 1, dtype=torch.float64))
     # dL/dB = s · gᵀ (x Aᵀ) with E = 1, closed form in float64
     expected = a.scaling * g.T @ (x @ a.lora_A.detach().T)

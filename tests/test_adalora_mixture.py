@@ -316,7 +316,7 @@ def test_lora_init_gives_each_expert_a_lora_start() -> None:
     eye = torch.eye(bank.rank, dtype=torch.float64)
     for j in range(3):  # each expert's right singular vectors orthonormal on their own
         a = bank.lora_A[j].detach()
-        torch.testing.assert_close(a @ a.T, eye, atol=1e-6, rtol=0)  # built in float32
+        torch.testing.assert_close(a @ a.T, eye, atol=1e-5, rtol=0)  # float32 QR (LAPACK)
     assert not torch.allclose(bank.lora_A[0], bank.lora_A[1])
     assert torch.equal(bank.lora_E.detach(), torch.ones_like(bank.lora_E))
     assert torch.equal(bank.lora_B.detach(), torch.zeros_like(bank.lora_B))

@@ -13,6 +13,7 @@ from torch import nn
 from moracl import AdapterConfig, MoRALinear, MoRAModel
 from moracl.adapters.dylora import DyLoRA, DyLoRAConfig, DyLoRAUpdate, draw_rank, set_rank
 from moracl.adapters.fused import plain_autograd
+from tests.numerics import assert_close_to_scale
 
 from .conftest import mlp, randomize_adapters
 
@@ -200,7 +201,7 @@ def test_save_load_and_merge_round_trip(tmp_path: Path) -> None:
     x = torch.randn(8, 24)
     expected = model(x)
     model.merge()
-    torch.testing.assert_close(model(x), expected, rtol=0, atol=1e-5)
+    assert_close_to_scale(model(x), expected, 1e-5)  # merged: float32 rounding
     model.unmerge()
     torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
 

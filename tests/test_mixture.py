@@ -10,6 +10,7 @@ from torch import nn
 from moracl import AdapterConfig, MoRAModel
 from moracl.experts.mixture import ExpertGroup, Mixture, MixtureConfig
 from moracl.experts.routers.config import RouterConfig
+from tests.numerics import assert_close_to_scale
 
 from .conftest import mlp
 
@@ -106,7 +107,7 @@ def test_task_routing_of_a_mixed_batch_equals_each_task_alone() -> None:
     for t in (0, 1):
         rows = tasks == t
         alone = model(x[rows], task_ids=tasks[rows])
-        torch.testing.assert_close(mixed[rows], alone, rtol=0, atol=1e-6)
+        assert_close_to_scale(mixed[rows], alone, 1e-5)  # other batch shapes round apart
     with pytest.raises(ValueError, match="task id 2 out of range"):
         model(x, task_ids=torch.full((6,), 2))
 
@@ -313,4 +314,4 @@ def test_merged_task_model_in_float64_equals_the_routed_forward() -> None:
     x = torch.randn(3, 8, dtype=torch.float64)
     for t in (0, 1):
         routed = model(x, task_ids=torch.full((3,), t))
-        torch.testing.assert_close(model.merged_task_model(t)(x), routed, rtol=0, atol=1e-12)
+        assert_close_to_scale(model.merged_task_model(t)(x), routed, 1e-12)  # values ~400

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from moracl import AdapterConfig, MoRALayer, MoRAModel
+from tests.numerics import assert_close_to_scale
 
 from .conftest import mlp, randomize_adapters, tiny_bert, tiny_gpt2, tiny_llama
 
@@ -64,7 +65,7 @@ def test_lora_matches_peft(variant: str) -> None:
         got = _logits(ours)
         plain = _logits(base)
     assert (expected - plain).abs().max() > 1e-3  # the adapters really change the output
-    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    assert_close_to_scale(got, expected, 1e-5)  # two float32 paths
 
 
 # -- injection ------------------------------------------------------------------------------

@@ -384,4 +384,5 @@ def test_a_task_routed_mixture_merges_a_task_on_an_nf4_base() -> None:
         merged = model.merged_task_model(t)
         assert not any(is_nf4(p) for p in merged.parameters())
         routed = model(x, task_ids=torch.full((5,), t))
-        torch.testing.assert_close(merged(x), routed, rtol=1e-5, atol=1e-5)
+        scale = routed.abs().max()  # outputs up to ~50: rounding grows with them
+        assert (merged(x) - routed).abs().max() <= 1e-5 * scale

@@ -426,7 +426,9 @@ def test_pretrained_cnn_beats_chance_on_held_out(source: str, tmp_path: Path) ->
     with torch.no_grad():
         pred = result.model.logits(x[:, None].float()).argmax(-1)
     accuracy = float((pred == torch.from_numpy(hy)).double().mean())
-    assert accuracy == pytest.approx(result.meta["held_out_accuracy"], abs=1e-9)
+    # recomputed in one batch here, in batches of 1024 there: float32 rounding may flip a
+    # near-tied image on another machine, so one image's worth of difference is allowed
+    assert accuracy == pytest.approx(result.meta["held_out_accuracy"], abs=1.01 / len(hy))
     assert accuracy > 0.6  # chance is 0.1
 
 
