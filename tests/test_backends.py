@@ -15,7 +15,8 @@ import pytest
 import torch
 from torch import nn
 
-from moracl import MoRALinear, MoRAModel
+from moracl import AdapterConfig, MoRALinear, MoRAModel
+from moracl.adapters import ADAPTERS
 from moracl.experts import (
     MixtureConfig,
     RouterConfig,
@@ -192,6 +193,31 @@ _NODES = ("_RoutedLoRALinearBackward", "_RouteBackward")
 def _live_routing_nodes() -> int:
     gc.collect()
     return sum(1 for o in gc.get_objects() if type(o).__name__ in _NODES)
+
+
+def _live_custom_nodes() -> int:
+    """Backward nodes of any custom autograd function (every fused node of moracl's)."""
+    gc.collect()
+    node = torch.autograd.function.BackwardCFunction
+    return sum(issubclass(type(o), node) for o in gc.get_objects())  # type(): no proxies
+
+
+@pytest.mark.parametrize("kind", sorted(ADAPTERS))
+def test_no_adapter_kind_keeps_a_graph_after_a_forward_without_a_backward(kind: str) -> None:
+    """Every adapter kind's training forward (fused nodes included) frees its graph with its
+    output when no backward runs."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(12, 12), nn.Linear(12, 12))
+    options = {"target_rank": 2} if kind == "adalora" else {}
+    config = AdapterConfig.from_dict({"kind": kind, "rank": 4, **options})
+    model = MoRAModel(base, config, target_modules=["0", "1"])
+    x, _ = _inputs(torch.float32)
+    before = _live_custom_nodes()
+    for _ in range(3):
+        out = model.train()(x.requires_grad_(True))
+        assert out.requires_grad
+    del out
+    assert _live_custom_nodes() == before
 
 
 @pytest.mark.parametrize("kind", ["lora", "mora"])
