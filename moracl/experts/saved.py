@@ -3,8 +3,8 @@
 A gating's record (:meth:`~moracl.experts.gating.Gating.forward`) holds tensors the node
 returns (the gates, the probabilities).  A node that kept the record as an attribute of its
 ``ctx`` would own its own outputs, whose ``grad_fn`` is the node: a cycle through C++ that
-Python's collector cannot break, so every forward whose backward never ran (an evaluation
-under grad mode, a loss never backpropagated) leaked its whole graph.  :func:`save_record`
+Python's collector often cannot break, so a forward whose backward never ran (an evaluation
+under grad mode, a loss never backpropagated) could leak its whole graph.  :func:`save_record`
 hands the record's tensors to ``ctx.save_for_backward`` instead, which keeps outputs without
 owning their node (and checks them for in-place changes), and keeps only the record's shape
 and its other values on ``ctx``; :func:`load_record` puts it back together in the backward.
