@@ -15,10 +15,10 @@ tokens' mean ``N`` in the row's last timed call; ``x_steps`` (on the ``token`` r
 row's time over the ``masked`` row's time scaled by ``mean_steps / 4`` — 1.0 when the cost
 follows the steps computed exactly.  The ACT rows never run under ``torch.compile``; the
 training rows always run eagerly, and with ``--graphs`` the inference rows replay CUDA
-graphs: the fixed-step forward as one graph, the early exit's block as one graph per bucket
-of running tokens (:class:`BucketGraphs`; the bookkeeping between steps, with one host
-synchronisation per step, runs eagerly).  The mixtures' auxiliary losses are not added (no
-model wrapper collects them here).
+graphs: the fixed-step forward as one graph, the early exit as one graph per step size
+(``AdaptiveComputation(cuda_graphs=True)``: the block and the bookkeeping of a step in one
+replay, one host synchronisation per step to read the running count).  The mixtures'
+auxiliary losses are not added (no model wrapper collects them here).
 """
 
 from __future__ import annotations
@@ -148,8 +148,8 @@ def make_act_step(
 ) -> tuple[Callable[[], None], list[nn.Parameter], Callable[[], float]]:
     """One timed call of the ACT row ``method``, its trainable parameters, and a function
     giving the tokens' mean steps in the last call.  ``graphs`` (CUDA, inference rows): the
-    fixed-step forward as one CUDA graph, and the early exit's block as one graph per bucket
-    of running tokens (:class:`BucketGraphs`)."""
+    fixed-step forward as one CUDA graph, and the early exit's steps as one graph per
+    bucket of running tokens (``cuda_graphs=True``)."""
     training, loop = _ROWS[method]
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(shape.tokens, shape.hidden, generator=gen).to(device)  # (n, d)
@@ -182,37 +182,6 @@ def make_act_step(
     return step, params, mean_steps
 
 
-class BucketGraphs(nn.Module):
-    """A row-independent ``block`` at inference as CUDA graphs: ``m`` rows are padded to the
-    next multiple of ``ceil(n / buckets)`` and run by that size's graph (captured on first
-    use), the padding dropped.  Not a submodule: the block keeps its own state dict."""
-
-    def __init__(self, block: nn.Module, n: int, features: int, buckets: int = 32) -> None:
-        super().__init__()
-        self._block = [block]
-        self.unit, self.features = -(-n // buckets), features
-        self.graphs: dict[int, Any] = {}
-
-    def forward(self, s: torch.Tensor) -> torch.Tensor:
-        """``s (m, d) -> (m, d)``, a view of the graph's output (overwritten by its next
-        replay)."""
-        from moracl.cuda_graphs import GraphedStep
-
-        m = s.shape[0]
-        b = -(-m // self.unit) * self.unit
-        if b not in self.graphs:
-            block = self._block[0]
-
-            def run(t: torch.Tensor) -> torch.Tensor:
-                with torch.no_grad(), _autocast(t.device, cache=False):
-                    out: torch.Tensor = block(t)
-                    return out
-
-            self.graphs[b] = GraphedStep(run, s.new_zeros(b, self.features), warmup=2)
-        out: torch.Tensor = self.graphs[b](nn.functional.pad(s, (0, 0, 0, b - m)))
-        return out[:m]
-
-
 def _graphed_inference(
     act: AdaptiveComputation, x: torch.Tensor, loop: str
 ) -> tuple[Callable[[], None], Callable[[], float]]:
@@ -232,10 +201,10 @@ def _graphed_inference(
             last[:] = [graphed(x)[:, -1]]
 
     else:
-        act.block = BucketGraphs(act.block, x.shape[0], x.shape[-1])
+        act._inference.graphs = True  # as AdaptiveComputation(..., cuda_graphs=True)
 
         def step() -> None:
-            with torch.no_grad(), _autocast(x.device, cache=False):
+            with torch.no_grad(), _autocast(x.device):
                 last[:] = [act(x, loop="token").steps]
 
     def mean_steps() -> float:

@@ -18,7 +18,9 @@ Three loops compute this same function (:class:`ACTLoop`):
   for a token depends on that token's input alone (an MLP, a mixture layer routing per token,
   a norm over features) — and its data-dependent shapes synchronise with the host once per
   step.  A block that mixes tokens (attention, routing per sample, batch norm) needs
-  ``masked`` or ``batch``.
+  ``masked`` or ``batch``.  Without gradients (inference) it runs on fixed buffers
+  (:mod:`moracl.experts.act_static`), each step optionally one CUDA graph
+  (``cuda_graphs=True``).
 
 Gradients agree too: in the masked form a halted token's later steps carry weight 0, which is
 what leaving them out computes.  Shape legend: ``n`` tokens (leading dims), ``m`` the tokens
@@ -34,6 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from moracl.experts.act_static import TokenLoop
 from moracl.experts.mixture import Mixture
 
 __all__ = ["ACTLoop", "ACTOutput", "AdaptiveComputation"]
@@ -107,6 +110,13 @@ class AdaptiveComputation(nn.Module):
             cuBLAS host time (0.5-2.6 ms a matmul, H100) and a CUDA graph or compiled
             kernel of its own.  ``None`` (default): 32 on CUDA, exact sizes elsewhere;
             ``0``: exact sizes.
+        cuda_graphs: at inference without gradients on CUDA, replay each step of the
+            ``token`` loop as a CUDA graph (one per bucket of running tokens, captured the
+            second time it is needed; see :mod:`moracl.experts.act_static`): a step then
+            costs one replay and one read of the running count instead of the launches of
+            the block and the bookkeeping.  After changing what the block computes without
+            moving a parameter (its active adapters, a router's settings) call
+            :meth:`reset_graphs`.
 
     Raises:
         ValueError: a bad ``max_steps``, ``epsilon``, ``tau`` or loop name, or the ``token``
@@ -125,6 +135,7 @@ class AdaptiveComputation(nn.Module):
         training_loop: ACTLoop | str = ACTLoop.MASKED,
         inference_loop: ACTLoop | str = ACTLoop.TOKEN,
         shape_buckets: int | None = None,
+        cuda_graphs: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(max_steps, int) or max_steps < 1:
@@ -147,10 +158,20 @@ class AdaptiveComputation(nn.Module):
                 f"shape_buckets must be None or an integer >= 0, got {shape_buckets!r}"
             )
         self.shape_buckets = shape_buckets
+        self._inference = TokenLoop(self, graphs=bool(cuda_graphs))
         self.training_loop = self._checked(training_loop, "training_loop")
         self.inference_loop = self._checked(inference_loop, "inference_loop")
         self._register_state_dict_hook(_strip_block_prefix)
         self._register_load_state_dict_pre_hook(_add_block_prefix)
+
+    @property
+    def cuda_graphs(self) -> bool:
+        """Whether the ``token`` loop replays its steps as CUDA graphs at inference."""
+        return self._inference.graphs
+
+    def reset_graphs(self) -> None:
+        """Drop the captured CUDA graphs (the next call at inference captures afresh)."""
+        self._inference.reset()
 
     def _checked(self, loop: ACTLoop | str, name: str) -> ACTLoop:
         """``loop`` parsed; the ``token`` loop refused around a block known to mix tokens."""
@@ -177,6 +198,8 @@ class AdaptiveComputation(nn.Module):
         else:
             chosen = self._checked(loop, "loop")
         if chosen is ACTLoop.TOKEN:
+            if not torch.is_grad_enabled():  # fixed buffers, optionally CUDA graphs
+                return ACTOutput(*self._inference(x, self._bucket(x.shape[:-1].numel(), x.device)))
             return self._token_loop(x)
         return self._whole_batch(x, stop_early=chosen is ACTLoop.BATCH)
 
