@@ -32,6 +32,12 @@ def test_the_setting_survives_copies_and_pickles() -> None:
     assert not AdaptiveComputation(torch.nn.Linear(8, 8), features=8, max_steps=3).cuda_graphs
 
 
+def test_cuda_graphs_is_checked() -> None:
+    for bad in (1, "yes", None):
+        with pytest.raises(ValueError, match=f"cuda_graphs must be True or False, got {bad!r}"):
+            AdaptiveComputation(torch.nn.Linear(8, 8), features=8, max_steps=2, cuda_graphs=bad)  # type: ignore[arg-type]
+
+
 @pytest.mark.gpu
 @cuda
 @pytest.mark.parametrize("block", ["mlp", "mixture"])

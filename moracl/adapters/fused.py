@@ -162,7 +162,7 @@ class _LoRALinear(torch.autograd.Function):
         a_c, b_c = a.to(dt), b.to(dt)
         z = x2 @ a_c.t()  # (N, r)
         out = frozen_plus_update(z, b_c, s, bias, x2, weight)  # (N, o)
-        ctx.save_for_backward(x, weight, bias, a, b, z)
+        ctx.save_for_backward(x, weight, bias, a, b, z, a_c, b_c)  # casts kept: no recast
         ctx.s = s
         return out.view(*x.shape[:-1], out.shape[-1])
 
@@ -170,10 +170,9 @@ class _LoRALinear(torch.autograd.Function):
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         if torch.is_grad_enabled():  # create_graph=True: the gradient itself is differentiated
             return _LoRALinear._differentiable_backward(ctx, g)
-        x, weight, _, a_p, b_p, z = ctx.saved_tensors
+        x, weight, _, a_p, b_p, z, a, b = ctx.saved_tensors  # a, b: A, B in x's dtype
         s = ctx.s
         x2 = x.reshape(-1, x.shape[-1])  # (N, i)
-        a, b = a_p.to(x.dtype), b_p.to(x.dtype)
         g2 = g.reshape(-1, g.shape[-1]).to(x2.dtype)  # (N, o)
         need_x, need_w, need_bias, need_a, need_b, _ = ctx.needs_input_grad
         grad_x, grad_w, grad_a, grad_b = lora_backward(
@@ -192,7 +191,7 @@ class _LoRALinear(torch.autograd.Function):
     def _differentiable_backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
         """The gradients as differentiable functions of ``g`` and the saved inputs: the
         rank-space product ``z`` is recomputed in the graph (the forward's copy has none)."""
-        x, weight, _, a_p, b_p, _ = ctx.saved_tensors
+        x, weight, _, a_p, b_p, *_ = ctx.saved_tensors
         s = ctx.s
         x2 = x.reshape(-1, x.shape[-1])  # (N, i)
         a, b = a_p.to(x.dtype), b_p.to(x.dtype)  # (r, i), (o, r)

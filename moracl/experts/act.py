@@ -119,8 +119,8 @@ class AdaptiveComputation(nn.Module):
             :meth:`reset_graphs`.
 
     Raises:
-        ValueError: a bad ``max_steps``, ``epsilon``, ``tau`` or loop name, or the ``token``
-            loop around a mixture that routes whole samples (it mixes tokens).
+        ValueError: a bad ``max_steps``, ``epsilon``, ``tau``, ``cuda_graphs`` or loop name, or
+            the ``token`` loop around a mixture that routes whole samples (it mixes tokens).
     """
 
     def __init__(
@@ -158,7 +158,9 @@ class AdaptiveComputation(nn.Module):
                 f"shape_buckets must be None or an integer >= 0, got {shape_buckets!r}"
             )
         self.shape_buckets = shape_buckets
-        self._inference = TokenLoop(self, graphs=bool(cuda_graphs))
+        if not isinstance(cuda_graphs, bool):
+            raise ValueError(f"cuda_graphs must be True or False, got {cuda_graphs!r}")
+        self._inference = TokenLoop(self, graphs=cuda_graphs)
         self.training_loop = self._checked(training_loop, "training_loop")
         self.inference_loop = self._checked(inference_loop, "inference_loop")
         self._register_state_dict_hook(_strip_block_prefix)
