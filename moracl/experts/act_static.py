@@ -121,7 +121,7 @@ class TokenLoop:
         if graphed:
             _reset(buf, x2)
         self._run(buf, n, graphed, first=True)
-        ran, live, rows = 1, n, n
+        ran, rows = 1, n
         while ran < act.max_steps:
             live = int(buf.count)  # the one host synchronisation per step
             if live == 0:
