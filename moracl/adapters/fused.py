@@ -41,6 +41,7 @@ __all__ = [
     "fused_enabled",
     "lora_backward",
     "lora_linear",
+    "node_output",
     "plain_autograd",
     "plain_lora_linear",
 ]
@@ -78,6 +79,18 @@ def compute_dtype(x: Tensor) -> torch.dtype:
     if torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
     return x.dtype
+
+
+def node_output(out: Tensor, lead: tuple[int, ...]) -> Tensor:
+    """A fused node's result ``out (N, o)`` in the shape ``(*lead, o)``, as a tensor that
+    autograd does not take for a view.
+
+    A custom node's output that is a view of a tensor made inside it may not be modified in
+    place (autograd's rule for views made in a custom forward), so ``nn.ReLU(inplace=True)``
+    or ``y.mul_(2)`` after the layer would raise where they work after ``nn.Linear``. The
+    alias is safe because no node saves or returns ``out`` itself (as ``torch.matmul``
+    reshapes its own results)."""
+    return out.view(*lead, out.shape[-1]).detach()
 
 
 def frozen_plus_update(
@@ -164,7 +177,7 @@ class _LoRALinear(torch.autograd.Function):
         out = frozen_plus_update(z, b_c, s, bias, x2, weight)  # (N, o)
         ctx.save_for_backward(x, weight, bias, a, b, z, a_c, b_c)  # casts kept: no recast
         ctx.s = s
-        return out.view(*x.shape[:-1], out.shape[-1])
+        return node_output(out, x.shape[:-1])
 
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]

@@ -20,7 +20,12 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from moracl.adapters.fused import accumulate_input_grad, compute_dtype, frozen_plus_update
+from moracl.adapters.fused import (
+    accumulate_input_grad,
+    compute_dtype,
+    frozen_plus_update,
+    node_output,
+)
 from moracl.experts.gating import Gating, Routed, RouteGrads
 from moracl.experts.saved import load_record, save_record
 
@@ -59,7 +64,7 @@ class _RoutedLoRALinear(torch.autograd.Function):
         ctx.s, ctx.x_shape, ctx.gating = s, x.shape, gating
         ctx.dtypes = (a.dtype, b.dtype, r.dtype)
         ctx.mark_non_differentiable(routed.chosen)
-        out = out.view(*x.shape[:-1], out.shape[-1])
+        out = node_output(out, x.shape[:-1])
         return (out, routed.gates, routed.probs, routed.chosen, routed.indices, *routed.aux)
 
     @staticmethod

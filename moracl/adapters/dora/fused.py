@@ -8,9 +8,11 @@ Shapes: ``x (N, i)`` (leading dims flattened), ``W (o × i)``, ``A (r × i)``, `
 ``base_out`` the node writes the pre-gain product once (the update added in the matmul's
 epilogue, :func:`~moracl.adapters.fused.frozen_plus_update`) instead of the frozen output and
 then the sum, and adds the update's input gradient in the frozen one's epilogue
-(:func:`~moracl.adapters.fused.accumulate_input_grad`).  It saves ``x``, rank-space tensors
-and the pre-gain product ``(N, o)``, which the gain's gradient ``Σ_N g ⊙ pre`` reads, as
-autograd does.
+(:func:`~moracl.adapters.fused.accumulate_input_grad`).  The backward folds the gain into
+``W`` and ``B`` (``g ⊙ gain`` against ``W`` is ``g`` against ``diag(gain) W``) when there are
+at least as many tokens as inputs, a pass over ``(o × i)`` instead of ``(N × o)``.  It saves
+``x``, rank-space tensors and the pre-gain product ``(N, o)``, which the gain's gradient
+``Σ_N g ⊙ pre`` reads, as autograd does.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from moracl.adapters.fused import compute_dtype, frozen_plus_update, lora_backward
+from moracl.adapters.fused import compute_dtype, frozen_plus_update, lora_backward, node_output
 
 __all__ = ["dora_linear"]
 
@@ -49,7 +51,7 @@ class _DoRALinear(torch.autograd.Function):
         out = torch.addcmul(bias, pre, g) if bias is not None else pre * g  # (N, o)
         ctx.save_for_backward(x, weight, a, b, gain, z, pre)
         ctx.s = s
-        return out.view(*x.shape[:-1], out.shape[-1])
+        return node_output(out, x.shape[:-1])
 
     @staticmethod
     @once_differentiable
@@ -60,10 +62,16 @@ class _DoRALinear(torch.autograd.Function):
         a, b = a_p.to(x.dtype), b_p.to(x.dtype)
         g2 = g.reshape(-1, g.shape[-1]).to(x2.dtype)  # (N, o)
         need_x, need_w, need_bias, need_a, need_b, _, need_gain = ctx.needs_input_grad
-        gp = g2 * gain.to(x2.dtype)  # ∂L/∂pre: (N, o)
-        grad_x, grad_w, grad_a, grad_b = lora_backward(
-            gp, x2, weight, a, b, z, s, (need_x, need_w, need_a, need_b)
-        )
+        needs = (need_x, need_w, need_a, need_b)
+        gc = gain.to(x2.dtype)
+        if x2.shape[0] >= x2.shape[1]:  # N >= i: scale W (o × i) and B, not g (N × o)
+            col = gc[:, None]  # (o, 1)
+            w_g = weight * col if need_x else weight  # diag(gain) W: (o, i)
+            grad_x, grad_w, grad_a, grad_b = lora_backward(g2, x2, w_g, a, b * col, z, s, needs)
+            grad_w = None if grad_w is None else grad_w * col
+            grad_b = None if grad_b is None else grad_b * col
+        else:  # ∂L/∂pre = g ⊙ gain: (N, o)
+            grad_x, grad_w, grad_a, grad_b = lora_backward(g2 * gc, x2, weight, a, b, z, s, needs)
         if grad_x is not None:
             grad_x = grad_x.view(x.shape)
         grad_a = None if grad_a is None else grad_a.to(a_p.dtype)

@@ -32,10 +32,20 @@ class DoRA(LoRA):
         self.magnitude.copy_(torch.linalg.vector_norm(weight.to(self.magnitude.dtype), dim=1))
 
     def gain(self, weight: Tensor) -> Tensor:
-        """``g = m / ‖W + s·BA‖_row`` with the norm detached: ``(o,)``."""
-        w = weight.to(self.lora_A.dtype)
+        """``g = m / ‖W + s·BA‖_row`` with the norm detached: ``(o,)``.
+
+        The norm comes from its expansion ``‖W‖² + 2s·rowsum(B ⊙ W Aᵀ) + s²·rowsum(B ⊙ B A Aᵀ)``
+        in the adapter's dtype: one ``(o × i)`` temporary (``W`` in that dtype) read twice and
+        ``(o × r)`` products, where the direct form writes and reads four (the cast, ``BA``,
+        ``s·BA``, the sum) on every step."""
+        a, b, s = self.lora_A, self.lora_B, self.scaling
         with torch.no_grad():
-            norm = torch.linalg.vector_norm(w + self.scaling * (self.lora_B @ self.lora_A), dim=1)
+            w = weight.to(a.dtype)  # (o, i); a dequantised copy of an NF4 weight
+            sq = torch.linalg.vector_norm(w, dim=1).square()  # ‖W‖²_row: (o,)
+            wa = w @ a.t()  # W Aᵀ: (o, r)
+            cross = torch.linalg.vecdot(b, wa)  # rowsum(B ⊙ W Aᵀ) = rowsum(W ⊙ BA): (o,)
+            ba_sq = torch.linalg.vecdot(b @ (a @ a.t()), b)  # ‖BA‖²_row: (o,)
+            norm = (sq + (2 * s) * cross + (s * s) * ba_sq).clamp_min(0).sqrt()
         return self.magnitude / norm
 
     def delta(self, x: Tensor, *, weight: Tensor | None = None) -> Tensor:

@@ -18,7 +18,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
-from moracl.adapters.fused import compute_dtype, fused_enabled
+from moracl.adapters.fused import compute_dtype, fused_enabled, node_output
 
 __all__ = [
     "compress",
@@ -96,7 +96,7 @@ class _MoRASharingLinear(torch.autograd.Function):
             tile_add_(out, c @ m.t())  # (N, r) tiled over o
         ctx.save_for_backward(weight, m, c)
         ctx.x_shape = x.shape
-        return out.view(*x.shape[:-1], out.shape[-1])
+        return node_output(out, x.shape[:-1])
 
     @staticmethod
     @once_differentiable

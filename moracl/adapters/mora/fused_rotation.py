@@ -2,8 +2,9 @@
 square matrix added straight into the output's columns.
 
 Shape legend: ``N`` tokens, ``i``/``o`` layer sizes, ``R = r̂``, ``u`` blocks computed,
-``S = u·R``; ``M_t (u × R × R)`` the per-block matrices
-(:meth:`~moracl.adapters.mora.operators.Rotation.block_matrices`).
+``S = u·R``; ``M_t (u × R × R)`` the per-block matrices, made from ``M (R × R)`` and the
+rotation tables inside the node (:func:`~moracl.adapters.mora.operators.rotated_blocks`), so
+that the rotation adds no autograd nodes of its own.
 
 Block ``t`` reads the inputs ``[tR, (t+1)R)`` (cyclically past ``i``) and writes
 ``y_t = x_t M_tᵀ`` to the outputs ``[tR, (t+1)R)``; the ``S`` outputs are truncated to ``o``,
@@ -22,8 +23,9 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from moracl.adapters.fused import compute_dtype
+from moracl.adapters.fused import compute_dtype, node_output
 from moracl.adapters.mora.fused import fold, tile, tile_add_
+from moracl.adapters.mora.operators import rotated_blocks, rotated_blocks_grad
 
 __all__ = ["mora_rotation_linear"]
 
@@ -40,12 +42,19 @@ def _read(x2: Tensor, span: int) -> Tensor:
 
 class _MoRARotationLinear(torch.autograd.Function):
     """``out = x Wᵀ + b + Δ(x)`` with frozen ``W``, ``b``; see the module docstring.  Inputs:
-    ``x (..., i)``, ``W (o × i)``, ``b (o,)`` or None, ``M_t (u × R × R)``."""
+    ``x (..., i)``, ``W (o × i)``, ``b (o,)`` or None, ``M (R × R)``, ``cos, sin (u × R)``."""
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, mt: Tensor
+        ctx: Any,
+        x: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        m: Tensor,
+        cos: Tensor,
+        sin: Tensor,
     ) -> Tensor:
+        mt = rotated_blocks(m, cos, sin).to(x.dtype)  # (u, R, R)
         x2 = x.reshape(-1, x.shape[-1])  # (N, i)
         u, r = mt.shape[0], mt.shape[1]
         o = weight.shape[0]
@@ -61,19 +70,20 @@ class _MoRARotationLinear(torch.autograd.Function):
             else:  # S < o: the S outputs tiled over o
                 y = torch.bmm(xb, mt.transpose(1, 2))  # (u, N, R)
                 tile_add_(out, y.transpose(0, 1).reshape(x2.shape[0], u * r))
-        ctx.save_for_backward(x, weight, mt)
-        return out.view(*x.shape[:-1], o)
+        ctx.save_for_backward(x, weight, mt, cos, sin)
+        ctx.m_dtype = m.dtype
+        return node_output(out, x.shape[:-1])
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        x, weight, mt = ctx.saved_tensors
+        x, weight, mt, cos, sin = ctx.saved_tensors
         x2 = x.reshape(-1, x.shape[-1])  # (N, i)
         n, i = x2.shape
         u, r = mt.shape[0], mt.shape[1]
         o, span = weight.shape[0], mt.shape[0] * mt.shape[1]
         g2 = g.reshape(-1, o).to(x2.dtype)  # (N, o)
-        need_x, need_w, need_bias, need_m = ctx.needs_input_grad
+        need_x, need_w, need_bias, need_m = ctx.needs_input_grad[:4]
         if span >= o:  # ∂L/∂y: f full blocks viewed in g, and rem columns of block f
             f, rem = divmod(o, r)
             gy, part = _blocks(g2[:, : f * r], r), g2[:, f * r :]  # (f, N, R), (N, rem)
@@ -88,6 +98,7 @@ class _MoRARotationLinear(torch.autograd.Function):
                 torch.bmm(gy.transpose(1, 2), xb[:f], out=grad_m[:f])
             if rem:
                 grad_m[f, :rem] = part.t() @ xb[f]
+            grad_m = rotated_blocks_grad(grad_m.to(ctx.m_dtype), cos, sin)  # (R, R)
         if need_x:
             grad_x = g2 @ weight  # (N, i)
             if span <= i:  # in place, block by block
@@ -108,20 +119,22 @@ class _MoRARotationLinear(torch.autograd.Function):
             grad_w = g2.t() @ x2  # (o, i)
         if need_bias:
             grad_bias = g2.sum(0)  # (o,)
-        return grad_x, grad_w, grad_bias, grad_m
+        return grad_x, grad_w, grad_bias, grad_m, None, None
 
 
-def mora_rotation_linear(x: Tensor, weight: Tensor, bias: Tensor | None, mt: Tensor) -> Tensor:
+def mora_rotation_linear(
+    x: Tensor, weight: Tensor, bias: Tensor | None, m: Tensor, cos: Tensor, sin: Tensor
+) -> Tensor:
     """The frozen layer plus MoRA-rotation's update as one node: ``(..., i) -> (..., o)``.
 
     Args:
         x: ``(..., i)``; weight: ``(o × i)``; bias: ``(o,)`` or None.
-        mt: the block matrices of the computed blocks ``(u × R × R)``, a function of ``M``
-            in autograd.
+        m: MoRA's square matrix ``(R × R)``; its gradient is returned in its dtype.
+        cos, sin: the rotation tables of the computed blocks ``(u × R)``.
     The caller checks that fused nodes may run (:func:`~moracl.adapters.fused.fused_enabled`
     on ``M``); the node's backward is not differentiable.
     """
     dt = compute_dtype(x)
     bias = None if bias is None else bias.to(dt)
-    out: Tensor = _MoRARotationLinear.apply(x.to(dt), weight.to(dt), bias, mt.to(dt))
+    out: Tensor = _MoRARotationLinear.apply(x.to(dt), weight.to(dt), bias, m, cos, sin)
     return out

@@ -56,8 +56,8 @@ class MoRA(Adapter):
         if self.config.compression is Compression.SHARING:
             return mora_sharing_linear(x, weight, bias, self.M)
         if isinstance(self.op, Rotation) and fused_enabled(self.M):
-            mt = self.op.block_matrices(self.M, self.op.used)  # (u, r̂, r̂), autograd to M
-            return mora_rotation_linear(x, weight, bias, mt)
+            u = self.op.used  # the blocks whose outputs are kept
+            return mora_rotation_linear(x, weight, bias, self.M, self.op.cos[:u], self.op.sin[:u])
         return None
 
     def factors(self, x: Tensor) -> tuple[Tensor, Tensor] | None:

@@ -132,11 +132,7 @@ class Rotation(Operator):
     def block_matrices(self, m: Tensor, blocks: int | None = None) -> Tensor:
         """``M_t = M (diag(cos_t) + diag(sin_t) J)`` for the first ``blocks`` blocks (all
         ``g`` when ``None``): ``(blocks, r̂, r̂)``."""
-        h = self.r_hat // 2
-        cos, sin = self.cos[:blocks].to(m.dtype), self.sin[:blocks].to(m.dtype)
-        mc = m[None] * cos[:, None, :]  # (blocks, r̂, r̂)
-        ms = m[None] * sin[:, None, :]
-        return mc + torch.cat([ms[..., h:], -ms[..., :h]], dim=-1)
+        return rotated_blocks(m, self.cos[:blocks], self.sin[:blocks])
 
     def delta(self, x: Tensor, m: Tensor) -> Tensor:
         lead = x.shape[:-1]
@@ -149,6 +145,26 @@ class Rotation(Operator):
         y = y.transpose(0, 1).reshape(-1, span)  # (N, u·r̂)
         y = _tile(y, self.out_features) if self.tile_out else y[:, : self.out_features]
         return y.reshape(*lead, self.out_features)
+
+
+def rotated_blocks(m: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """``M_t = M diag(cos_t) + rot(M diag(sin_t))`` for ``M (R × R)`` and the tables
+    ``cos, sin (u, R)``: ``(u, R, R)`` in ``m``'s dtype, where ``rot`` moves the second half of
+    the columns first and negates the first (``cat(Y[:, h:], -Y[:, :h])``, ``h = R / 2``)."""
+    h = m.shape[-1] // 2
+    cos, sin = cos.to(m.dtype)[:, None, :], sin.to(m.dtype)[:, None, :]  # (u, 1, R)
+    mc, ms = m[None] * cos, m[None] * sin  # (u, R, R)
+    return mc + torch.cat([ms[..., h:], -ms[..., :h]], dim=-1)
+
+
+def rotated_blocks_grad(grad: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """The gradient of :func:`rotated_blocks` for ``M`` given ``grad (u, R, R)`` of its
+    result: ``Σ_t grad_t diag(cos_t) + rotᵀ(grad_t) diag(sin_t)`` ``(R, R)``, where
+    ``rotᵀ(G) = cat(-G[:, h:], G[:, :h])``."""
+    h = grad.shape[-1] // 2
+    cos, sin = cos.to(grad.dtype)[:, None, :], sin.to(grad.dtype)[:, None, :]  # (u, 1, R)
+    back = torch.cat([-grad[..., h:], grad[..., :h]], dim=-1)  # rotᵀ: (u, R, R)
+    return (grad * cos + back * sin).sum(0)
 
 
 def _tile(t: Tensor, length: int) -> Tensor:
