@@ -137,7 +137,12 @@ class MoRAModel(nn.Module):
         mixtures.  Afterwards :attr:`last_routing` holds each mixture layer's routing and
         :meth:`aux_loss` their weighted auxiliary loss; with :attr:`record_router_inputs`,
         :attr:`last_router_inputs` what each router read (the rows' means for a router per
-        sample).  Inside :meth:`route` a call without ``task_ids`` takes the block's."""
+        sample).  Inside :meth:`route` a call without ``task_ids`` takes the block's.
+
+        Activation checkpointing (``torch.utils.checkpoint``, transformers'
+        ``gradient_checkpointing_enable()``) recomputes blocks in the backward, after this call
+        returns: their mixtures route by the task ids of the last call made with gradients,
+        so call ``backward`` after each such call, as training loops do, before the next."""
         mixtures = {path: m for path, m in self.mixtures()}
         if not mixtures:
             return self.model(*args, **kwargs)
@@ -156,6 +161,10 @@ class MoRAModel(nn.Module):
         finally:
             for m, b in zip(mixtures.values(), before):
                 m.context = b
+        if torch.is_grad_enabled():  # a checkpointed block recomputed in the backward
+            replay = ctx.for_recompute()
+            for m in mixtures.values():
+                m.recompute_context = replay
         self.last_routing = {p: ctx.results[m] for p, m in mixtures.items() if m in ctx.results}
         inputs = ctx.router_inputs or {}
         self.last_router_inputs = {p: inputs[m] for p, m in mixtures.items() if m in inputs}
@@ -214,7 +223,7 @@ class MoRAModel(nn.Module):
         if _data_parallel():
             from moracl.distributed import reduced_aux_loss
 
-            return reduced_aux_loss(list(self.last_routing.values()))
+            return self._check_aux(reduced_aux_loss(list(self.last_routing.values())))
         by_weight: dict[float, list[Tensor]] = {}  # a few kernels per weight, not per layer
         for r in self.last_routing.values():
             for name, loss in r.aux_losses.items():
@@ -222,7 +231,29 @@ class MoRAModel(nn.Module):
         parts = [torch.stack(losses).sum() * w for w, losses in by_weight.items()]
         if not parts:
             return next(self.parameters()).new_zeros((), dtype=torch.float32)
-        return parts[0] if len(parts) == 1 else torch.stack(parts).sum()
+        return self._check_aux(parts[0] if len(parts) == 1 else torch.stack(parts).sum())
+
+    def _check_aux(self, total: Tensor) -> Tensor:
+        """``total``, or a ``RuntimeError`` where it carries no gradient to routers that
+        train, read while gradients are on: the forward ran without gradients, so adding the
+        loss would train nothing and say nothing (reentrant activation checkpointing)."""
+        if total.requires_grad or not (self.training and torch.is_grad_enabled()):
+            return total
+        paths = dict(self.mixtures())
+        training = any(
+            p.requires_grad for path in self.last_routing for p in paths[path].router.parameters()
+        )
+        if training:
+            raise RuntimeError(
+                "aux_loss(): the routers' auxiliary losses of the last forward carry no "
+                "gradient, but the routers train: that forward ran without gradients. "
+                "torch.utils.checkpoint(..., use_reentrant=True) does this (it runs the "
+                "forward under torch.no_grad and again in the backward, whose routing is not "
+                "the one read here), so the auxiliary losses would never reach the routers; "
+                "use use_reentrant=False (transformers' gradient_checkpointing_enable() "
+                "default), or call aux_loss() inside torch.no_grad() to only read it"
+            )
+        return total
 
     def routing_stats(self) -> dict[str, RoutingStats]:
         """Per mixture layer: expert usage, entropy and experts per token of the last forward."""

@@ -39,6 +39,7 @@ __all__ = [
     "compute_dtype",
     "frozen_plus_update",
     "fused_enabled",
+    "in_backward",
     "lora_backward",
     "lora_linear",
     "node_output",
@@ -72,6 +73,13 @@ def plain_autograd() -> Iterator[None]:
         yield
     finally:
         _FUSED.reset(token)
+
+
+def in_backward() -> bool:
+    """Whether the autograd engine is running this code: a forward called inside a backward
+    pass is activation checkpointing recomputing a block (``torch.utils.checkpoint``,
+    transformers' ``gradient_checkpointing_enable()``)."""
+    return bool(torch._C._current_graph_task_id() != -1)
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:

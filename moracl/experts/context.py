@@ -5,6 +5,7 @@ Shape legend: ``b`` batch rows, ``n`` tokens, ``i`` input features.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -35,6 +36,11 @@ class RoutingContext:
     results: dict[nn.Module, RoutingResult] = field(default_factory=dict)
     router_inputs: dict[nn.Module, Tensor] | None = None
     _checked: dict[tuple[str, tuple[int, ...]], TaskIds] = field(default_factory=dict)
+
+    def for_recompute(self) -> RoutingContext:
+        """The same task ids (of the same type of context) without the routing kept: what a
+        mixture reads when activation checkpointing recomputes it in the backward."""
+        return dataclasses.replace(self, results={}, router_inputs=None)
 
     def keep_input(self, mixture: nn.Module, routed: Tensor) -> None:
         """Keep what ``mixture``'s router read: ``(n, i)`` tokens, or ``(b, i)`` samples' means

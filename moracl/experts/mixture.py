@@ -28,7 +28,7 @@ from torch import Tensor, nn
 import moracl.adapters
 import moracl.experts.routers  # noqa: F401  (registers the router types)
 from moracl.adapters.base import AdapterConfig, ParamRole, check_adapter_fit
-from moracl.adapters.fused import fused_enabled
+from moracl.adapters.fused import fused_enabled, in_backward
 from moracl.experts.backend import RoutingBackend, resolve_backend
 from moracl.experts.banks import BANKS, ExpertBank, build_bank
 from moracl.experts.context import RoutingContext, sample_task_ids, token_task_ids
@@ -307,6 +307,9 @@ class Mixture(nn.Module):
         self.router = router
         self.backend = RoutingBackend.parse(backend)
         self.context: RoutingContext | None = None
+        #: the task ids of the model's last forward with gradients, for activation
+        #: checkpointing's recomputation of this layer in the backward (no routing recorded)
+        self.recompute_context: RoutingContext | None = None
 
     @classmethod
     def from_config(cls, in_features: int, out_features: int, config: MixtureConfig) -> Mixture:
@@ -361,18 +364,20 @@ class Mixture(nn.Module):
 
     def _task_ids(self, lead: torch.Size) -> TaskIds | None:
         ctx = self.context
+        if ctx is None and in_backward():  # activation checkpointing recomputes this layer
+            ctx = self.recompute_context
         if ctx is None:
             return None
         return ctx.sample_ids(lead) if self.per_sample else ctx.token_ids(lead)
 
     def _keep_input(self, x: Tensor) -> None:
         ctx = self.context
-        if ctx is not None and ctx.router_inputs is not None:
+        if ctx is not None and ctx.router_inputs is not None and not in_backward():
             routed = self._pooled(x) if self.per_sample else x.reshape(-1, self.in_features)
             ctx.keep_input(self, routed)
 
     def _record(self, result: RoutingResult) -> None:
-        if self.context is not None:
+        if self.context is not None and not in_backward():  # a recomputation: kept already
             self.context.record(self, result)
 
     def mix(self, x: Tensor, gates: Tensor) -> Tensor:
@@ -450,10 +455,9 @@ class Mixture(nn.Module):
         out, routed = routed_lora_linear(x, weight, bias, a, b, r, scaling, gating)
         if self.context is not None:
             aux = dict(zip(gating.aux_names, routed.aux))
-            result = self.router.result(
-                routed.gates, routed.probs, routed.chosen, routed.indices, aux
+            self._record(
+                self.router.result(routed.gates, routed.probs, routed.chosen, routed.indices, aux)
             )
-            self.context.record(self, result)
         return out
 
     def forward(

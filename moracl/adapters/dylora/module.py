@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from moracl.adapters.base import Adapter, ParamRole, linear
 from moracl.adapters.dylora.config import DyLoRAConfig, DyLoRAUpdate
-from moracl.adapters.fused import lora_linear
+from moracl.adapters.fused import in_backward, lora_linear
 
 __all__ = ["DyLoRA", "draw_rank", "set_rank"]
 
@@ -97,6 +97,14 @@ class DyLoRA(Adapter):
         rank-``b`` LoRA over all ``r`` channels: ``A'`` is ``A`` with its rows ``>= b`` zeroed
         and ``s_b`` applied (rank space, so that no ``(N, ·)`` tensor is scaled), and under
         the ``last`` rule only row/column ``b - 1`` carries a gradient."""
+        if in_backward():  # activation checkpointing recomputes the layer
+            raise RuntimeError(
+                "DyLoRA draws a new rank at every training call, and this call runs inside a "
+                "backward pass: activation checkpointing (torch.utils.checkpoint, transformers' "
+                "gradient_checkpointing_enable()) recomputing the layer, which would take its "
+                "gradients at another rank than its forward. Train DyLoRA layers outside "
+                "checkpointed blocks, or without activation checkpointing"
+            )
         b = self._draw(self.draws)  # () int64, on the adapter's device
         self.draws.add_(1)
         a: Tensor = self.lora_A
