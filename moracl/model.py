@@ -119,6 +119,8 @@ class MoRAModel(nn.Module):
             p.requires_grad_(False)
         self.adapter_configs: dict[str, AdapterConfig | MixtureConfig] = {}
         self.last_routing: dict[str, RoutingResult] = {}
+        #: mixtures whose routers train but routed the last forward without gradients
+        self._routed_without_grad: list[str] = []
         #: keep each mixture's router input of a forward in :attr:`last_router_inputs`
         self.record_router_inputs = False
         self.last_router_inputs: dict[str, Tensor] = {}
@@ -166,6 +168,15 @@ class MoRAModel(nn.Module):
             for m in mixtures.values():
                 m.recompute_context = replay
         self.last_routing = {p: ctx.results[m] for p, m in mixtures.items() if m in ctx.results}
+        self._routed_without_grad = (
+            [
+                p
+                for p, m in mixtures.items()
+                if m in ctx.without_grad and any(q.requires_grad for q in m.router.parameters())
+            ]
+            if self.training and torch.is_grad_enabled()
+            else []
+        )
         inputs = ctx.router_inputs or {}
         self.last_router_inputs = {p: inputs[m] for p, m in mixtures.items() if m in inputs}
         return out
@@ -234,26 +245,21 @@ class MoRAModel(nn.Module):
         return self._check_aux(parts[0] if len(parts) == 1 else torch.stack(parts).sum())
 
     def _check_aux(self, total: Tensor) -> Tensor:
-        """``total``, or a ``RuntimeError`` where it carries no gradient to routers that
-        train, read while gradients are on: the forward ran without gradients, so adding the
-        loss would train nothing and say nothing (reentrant activation checkpointing)."""
-        if total.requires_grad or not (self.training and torch.is_grad_enabled()):
+        """``total``, or a ``RuntimeError`` where the last forward ran with gradients but
+        routers that train routed without them, read while gradients are on: the loss would
+        train nothing and say nothing (reentrant activation checkpointing)."""
+        if not self._routed_without_grad or not torch.is_grad_enabled():
             return total
-        paths = dict(self.mixtures())
-        training = any(
-            p.requires_grad for path in self.last_routing for p in paths[path].router.parameters()
+        raise RuntimeError(
+            "aux_loss(): the routers of "
+            f"{', '.join(self._routed_without_grad)} routed the last forward without gradients "
+            "although the forward and the routers train, so their auxiliary losses carry no "
+            "gradient. torch.utils.checkpoint(..., use_reentrant=True) does this (it runs the "
+            "block under torch.no_grad and again in the backward), and the auxiliary losses "
+            "would never reach the routers: use use_reentrant=False (transformers' "
+            "gradient_checkpointing_enable() default), or call aux_loss() inside "
+            "torch.no_grad() to only read it"
         )
-        if training:
-            raise RuntimeError(
-                "aux_loss(): the routers' auxiliary losses of the last forward carry no "
-                "gradient, but the routers train: that forward ran without gradients. "
-                "torch.utils.checkpoint(..., use_reentrant=True) does this (it runs the "
-                "forward under torch.no_grad and again in the backward, whose routing is not "
-                "the one read here), so the auxiliary losses would never reach the routers; "
-                "use use_reentrant=False (transformers' gradient_checkpointing_enable() "
-                "default), or call aux_loss() inside torch.no_grad() to only read it"
-            )
-        return total
 
     def routing_stats(self) -> dict[str, RoutingStats]:
         """Per mixture layer: expert usage, entropy and experts per token of the last forward."""

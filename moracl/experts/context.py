@@ -36,11 +36,13 @@ class RoutingContext:
     results: dict[nn.Module, RoutingResult] = field(default_factory=dict)
     router_inputs: dict[nn.Module, Tensor] | None = None
     _checked: dict[tuple[str, tuple[int, ...]], TaskIds] = field(default_factory=dict)
+    #: the mixtures that recorded a routing computed without gradients
+    without_grad: set[nn.Module] = field(default_factory=set)
 
     def for_recompute(self) -> RoutingContext:
         """The same task ids (of the same type of context) without the routing kept: what a
         mixture reads when activation checkpointing recomputes it in the backward."""
-        return dataclasses.replace(self, results={}, router_inputs=None)
+        return dataclasses.replace(self, results={}, router_inputs=None, without_grad=set())
 
     def keep_input(self, mixture: nn.Module, routed: Tensor) -> None:
         """Keep what ``mixture``'s router read: ``(n, i)`` tokens, or ``(b, i)`` samples' means
@@ -58,6 +60,8 @@ class RoutingContext:
         concatenated in call order (:func:`~moracl.experts.routing.concat_results`)."""
         old = self.results.get(mixture)
         self.results[mixture] = result if old is None else concat_results(old, result)
+        if not torch.is_grad_enabled():
+            self.without_grad.add(mixture)
 
     def token_ids(self, lead: torch.Size) -> TaskIds | None:
         """The checked task ids per token for an input with leading shape ``lead``; one per
