@@ -250,9 +250,10 @@ class MoRAModel(nn.Module):
         train nothing and say nothing (reentrant activation checkpointing)."""
         if not self._routed_without_grad or not torch.is_grad_enabled():
             return total
+        paths = self._routed_without_grad
+        named = ", ".join(paths[:2]) + (f" and {len(paths) - 2} more" if len(paths) > 2 else "")
         raise RuntimeError(
-            "aux_loss(): the routers of "
-            f"{', '.join(self._routed_without_grad)} routed the last forward without gradients "
+            f"aux_loss(): the routers of {named} routed the last forward without gradients "
             "although the forward and the routers train, so their auxiliary losses carry no "
             "gradient. torch.utils.checkpoint(..., use_reentrant=True) does this (it runs the "
             "block under torch.no_grad and again in the backward), and the auxiliary losses "
