@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Self, SupportsIndex, cast
 
@@ -22,6 +22,7 @@ from moracl.adapter_files import SavedLayout, check_header, expected_state, pars
 from moracl.adapters.base import Adapter, AdapterConfig, ParamRole
 from moracl.checkpoint import open_adapter, write_adapter
 from moracl.experts.mixture import Mixture, MixtureConfig, RoutingContext
+from moracl.experts.per_sample import current_token_mask, token_mask
 from moracl.experts.routing import RoutingResult, RoutingStats
 from moracl.guard import assert_finite
 from moracl.layer import MoRALayer, MoRALinear, check_fit, linear_features
@@ -159,7 +160,8 @@ class MoRAModel(nn.Module):
         for m in mixtures.values():
             m.context = ctx
         try:
-            out = self.model(*args, **kwargs)
+            with self._padding(mixtures.values(), kwargs.get("attention_mask")):
+                out = self.model(*args, **kwargs)
         finally:
             for m, b in zip(mixtures.values(), before):
                 m.context = b
@@ -180,6 +182,22 @@ class MoRAModel(nn.Module):
         inputs = ctx.router_inputs or {}
         self.last_router_inputs = {p: inputs[m] for p, m in mixtures.items() if m in inputs}
         return out
+
+    @staticmethod
+    def _padding(mixtures: Iterable[Mixture], attention_mask: Any) -> AbstractContextManager[None]:
+        """A transformers-style ``attention_mask (b, t)`` as the token mask of routers that
+        route per sample, so that padding never moves a sample's routing (inputs of another
+        leading shape, such as a decoding step's, route unmasked); nothing where a mask is
+        declared already (:func:`~moracl.experts.per_sample.token_mask`) or no router routes
+        per sample."""
+        if (
+            isinstance(attention_mask, Tensor)
+            and attention_mask.ndim == 2
+            and current_token_mask() is None
+            and any(m.per_sample for m in mixtures)
+        ):
+            return token_mask(attention_mask, strict=False)
+        return nullcontext()
 
     def mixtures(self) -> Iterator[tuple[str, Mixture]]:
         """``(path, mixture)`` for every active mixture of experts."""

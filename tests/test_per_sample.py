@@ -14,6 +14,8 @@ from moracl.experts.mixture import Mixture, MixtureConfig, RoutingContext
 from moracl.experts.per_sample import expand_rows, pool_weights, token_mask
 from moracl.experts.routers.config import RouterConfig
 
+from .conftest import randomize_adapters, tiny_llama
+
 B, T, D, OUT = 4, 5, 12, 10
 
 ROUTERS = {
@@ -239,3 +241,26 @@ def test_expand_rows_repeats_each_row_for_its_tokens(
 ) -> None:
     x = (torch.randn(*shape) * 5).to(dtype)
     assert torch.equal(expand_rows(x, t), x.repeat_interleave(t, dim=0))  # the reference
+
+
+@pytest.mark.parametrize("router", ["topk-2", "soft"])
+def test_a_transformers_model_routes_a_sample_alike_alone_and_padded_in_a_batch(
+    router: str,
+) -> None:
+    """``attention_mask`` passed to the wrapper is the token mask: a right-padded sample's
+    real positions get the outputs it gets alone (causal attention never reads the padding)."""
+    torch.manual_seed(0)
+    config = MixtureConfig(kind="lora", rank=2, experts=4, router=ROUTERS[router])
+    model = MoRAModel(tiny_llama(), config, target_modules=["q_proj", "v_proj", "down_proj"])
+    model.eval()
+    randomize_adapters(model, scale=1.0)
+    short = torch.randint(1, 101, (1, 4))
+    long = torch.randint(1, 101, (1, 9))
+    batch = torch.cat([torch.cat([short, torch.zeros(1, 5, dtype=torch.long)], 1), long])
+    mask = (torch.arange(9) < torch.tensor([[4], [9]])).long()  # (2, 9): the real tokens
+    with torch.no_grad():
+        alone = model(input_ids=short, attention_mask=torch.ones_like(short)).logits
+        padded = model(input_ids=batch, attention_mask=mask).logits
+        other = model(input_ids=long, attention_mask=torch.ones_like(long)).logits
+    torch.testing.assert_close(padded[0, :4], alone[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(padded[1], other[0], rtol=1e-5, atol=1e-5)

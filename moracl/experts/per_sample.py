@@ -36,16 +36,21 @@ __all__ = [
     "token_mask",
 ]
 
-_TOKEN_MASK: ContextVar[Tensor | None] = ContextVar("moracl_token_mask", default=None)
+_TOKEN_MASK: ContextVar[tuple[Tensor, bool] | None] = ContextVar("moracl_token_mask", default=None)
 
 
 @contextmanager
-def token_mask(mask: Tensor) -> Iterator[None]:
+def token_mask(mask: Tensor, *, strict: bool = True) -> Iterator[None]:
     """Declare ``mask (b, t)`` (nonzero on real tokens, zero on padding) for the layers run
-    inside the block: per-sample routers average over the real tokens of each row."""
+    inside the block: per-sample routers average over the real tokens of each row.
+
+    ``strict=False`` applies the mask only to inputs of leading shape ``(b, t)`` and lets
+    others route unmasked (what the model wrapper declares from an ``attention_mask``,
+    which also covers a decoding step's single token or a pooled head); by default an input
+    of another shape is an error."""
     if mask.ndim != 2:
         raise ValueError(f"a token mask must have shape (b, t), got {tuple(mask.shape)}")
-    handle = _TOKEN_MASK.set(mask)
+    handle = _TOKEN_MASK.set((mask, strict))
     try:
         yield
     finally:
@@ -54,7 +59,8 @@ def token_mask(mask: Tensor) -> Iterator[None]:
 
 def current_token_mask() -> Tensor | None:
     """The mask declared by the innermost :func:`token_mask` block, or ``None``."""
-    return _TOKEN_MASK.get()
+    declared = _TOKEN_MASK.get()
+    return None if declared is None else declared[0]
 
 
 def pool_weights(lead: torch.Size, device: torch.device, dtype: torch.dtype) -> Tensor:
@@ -69,10 +75,12 @@ def pool_weights(lead: torch.Size, device: torch.device, dtype: torch.dtype) -> 
     """
     b = lead[0] if len(lead) else 1
     t = lead[1:].numel()
-    mask = current_token_mask()
-    if mask is None:
+    declared = _TOKEN_MASK.get()
+    fits = declared is not None and tuple(declared[0].shape) == (b, t) and len(lead) == 2
+    if declared is None or (not fits and not declared[1]):
         return torch.full((b, t), 1.0 / max(t, 1), device=device, dtype=dtype)
-    if tuple(mask.shape) != (b, t) or len(lead) != 2:
+    mask = declared[0]
+    if not fits:
         raise ValueError(
             f"the declared token mask has shape {tuple(mask.shape)} but the routed input's "
             f"leading shape is {tuple(lead)}; expected a (b, t) input under a (b, t) mask"
