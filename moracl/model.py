@@ -22,7 +22,7 @@ from moracl.adapter_files import SavedLayout, check_header, expected_state, pars
 from moracl.adapters.base import Adapter, AdapterConfig, ParamRole
 from moracl.checkpoint import open_adapter, write_adapter
 from moracl.experts.mixture import Mixture, MixtureConfig, RoutingContext
-from moracl.experts.per_sample import current_token_mask, token_mask
+from moracl.experts.per_sample import current_token_mask, declared_token_mask, token_mask
 from moracl.experts.routing import RoutingResult, RoutingStats
 from moracl.guard import assert_finite
 from moracl.layer import MoRALayer, MoRALinear, check_fit, linear_features
@@ -161,6 +161,7 @@ class MoRAModel(nn.Module):
             m.context = ctx
         try:
             with self._padding(mixtures.values(), kwargs.get("attention_mask")):
+                ctx.padding = declared_token_mask()
                 out = self.model(*args, **kwargs)
         finally:
             for m, b in zip(mixtures.values(), before):

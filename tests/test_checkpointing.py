@@ -114,7 +114,10 @@ def test_dylora_under_checkpointing_is_refused_with_a_reason(mode: str) -> None:
 def test_transformers_gradient_checkpointing_gives_the_plain_gradients(router: str) -> None:
     config = MixtureConfig(kind="lora", rank=2, experts=4, router=ROUTERS[router])
     ids = torch.randint(0, 101, (2, 9), generator=torch.Generator().manual_seed(0))
-    kwargs = {"task_ids": torch.tensor([1, 0])} if router == "task" else {}
+    mask = (torch.arange(9) < torch.tensor([[5], [9]])).long()  # row 0 right-padded
+    kwargs: dict[str, torch.Tensor] = {"attention_mask": mask}
+    if router == "task":
+        kwargs["task_ids"] = torch.tensor([1, 0])
     grads = []
     for enabled in (False, True):
         torch.manual_seed(0)

@@ -38,10 +38,14 @@ class RoutingContext:
     _checked: dict[tuple[str, tuple[int, ...]], TaskIds] = field(default_factory=dict)
     #: the mixtures that recorded a routing computed without gradients
     without_grad: set[nn.Module] = field(default_factory=set)
+    #: the token mask declared for the forward, ``(mask, strict)``
+    #: (:func:`~moracl.experts.per_sample.token_mask`), for its recomputation
+    padding: tuple[Tensor, bool] | None = None
 
     def for_recompute(self) -> RoutingContext:
-        """The same task ids (of the same type of context) without the routing kept: what a
-        mixture reads when activation checkpointing recomputes it in the backward."""
+        """The same task ids and token mask (of the same type of context) without the routing
+        kept: what a mixture reads when activation checkpointing recomputes it in the
+        backward."""
         return dataclasses.replace(self, results={}, router_inputs=None, without_grad=set())
 
     def keep_input(self, mixture: nn.Module, routed: Tensor) -> None:

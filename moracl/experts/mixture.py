@@ -33,7 +33,7 @@ from moracl.experts.backend import RoutingBackend, resolve_backend
 from moracl.experts.banks import BANKS, ExpertBank, build_bank
 from moracl.experts.context import RoutingContext, sample_task_ids, token_task_ids
 from moracl.experts.gating import Gating
-from moracl.experts.per_sample import SampleGating, expand_result, pool_weights
+from moracl.experts.per_sample import SampleGating, expand_result, pool_weights, token_mask
 from moracl.experts.route_node import route_node
 from moracl.experts.routed_lora import routed_lora_linear
 from moracl.experts.routers.base import Router, TaskIds, as_task_ids
@@ -358,9 +358,19 @@ class Mixture(nn.Module):
 
     def _pooled(self, x: Tensor) -> Tensor:
         """``(b, i)`` each row's mean token input (see :func:`pool_weights`)."""
-        w = pool_weights(x.shape[:-1], x.device, x.dtype)  # (b, t)
+        w = self._pool_weights(x.shape[:-1], x.device, x.dtype)  # (b, t)
         b, t = w.shape
         return torch.einsum("bt,bti->bi", w, x.reshape(b, t, self.in_features))
+
+    def _pool_weights(self, lead: torch.Size, device: torch.device, dtype: torch.dtype) -> Tensor:
+        """:func:`~moracl.experts.per_sample.pool_weights` under the token mask of the forward
+        that activation checkpointing recomputes, when it does: ``(b, t)``."""
+        ctx = self.recompute_context
+        if self.context is None and ctx is not None and ctx.padding is not None and in_backward():
+            mask, strict = ctx.padding
+            with token_mask(mask, strict=strict):
+                return pool_weights(lead, device, dtype)
+        return pool_weights(lead, device, dtype)
 
     def _task_ids(self, lead: torch.Size) -> TaskIds | None:
         ctx = self.context
@@ -417,7 +427,9 @@ class Mixture(nn.Module):
         lead = x.shape[:-1]
         gating: Gating = self.router.gating(self._task_ids(lead), backend)
         if self.per_sample:
-            gating = SampleGating(gating, pool_weights(lead, x.device, routing_dtype(x.dtype)))
+            gating = SampleGating(
+                gating, self._pool_weights(lead, x.device, routing_dtype(x.dtype))
+            )
         weights = self.router.logit_weights()  # (l, i)
         logits = F.linear(x.reshape(-1, self.in_features), weights.to(x.dtype))  # (n, l)
         routed = route_node(logits, gating)
@@ -449,7 +461,9 @@ class Mixture(nn.Module):
         lead = x.shape[:-1]
         gating: Gating = self.router.gating(self._task_ids(lead), backend)
         if self.per_sample:
-            gating = SampleGating(gating, pool_weights(lead, x.device, routing_dtype(x.dtype)))
+            gating = SampleGating(
+                gating, self._pool_weights(lead, x.device, routing_dtype(x.dtype))
+            )
         self._keep_input(x)
         r = self.router.logit_weights()
         out, routed = routed_lora_linear(x, weight, bias, a, b, r, scaling, gating)

@@ -31,6 +31,7 @@ from moracl.experts.routing import RoutingResult
 __all__ = [
     "SampleGating",
     "current_token_mask",
+    "declared_token_mask",
     "expand_result",
     "pool_weights",
     "token_mask",
@@ -55,6 +56,11 @@ def token_mask(mask: Tensor, *, strict: bool = True) -> Iterator[None]:
         yield
     finally:
         _TOKEN_MASK.reset(handle)
+
+
+def declared_token_mask() -> tuple[Tensor, bool] | None:
+    """``(mask, strict)`` of the innermost :func:`token_mask` block, or ``None``."""
+    return _TOKEN_MASK.get()
 
 
 def current_token_mask() -> Tensor | None:
