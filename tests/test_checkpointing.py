@@ -49,10 +49,10 @@ def _grads(
     config: AdapterConfig | MixtureConfig, mode: str | None, aux: bool, **kwargs: torch.Tensor
 ) -> list[torch.Tensor]:
     torch.manual_seed(0)
-    model = MoRAModel(_Net(mode), config, target_modules="all-linear").train()
+    model = MoRAModel(_Net(mode).double(), config, target_modules="all-linear").double().train()
     randomize_adapters(model)
     torch.manual_seed(1)  # the routers' noise: the same draws in every mode
-    x = torch.randn(3, 5, 12, requires_grad=True)
+    x = torch.randn(3, 5, 12, dtype=torch.float64, requires_grad=True)
     loss = model(x, **kwargs).square().sum()
     if aux:
         loss = loss + model.aux_loss()
@@ -64,7 +64,7 @@ def _assert_same(got: list[torch.Tensor], want: list[torch.Tensor]) -> None:
     assert len(got) == len(want)
     for g, w in zip(got, want, strict=True):
         assert g is not None and w is not None
-        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-11)  # float64
 
 
 ADAPTERS = [k for k in KINDS if k["kind"] != "dylora"]
@@ -121,11 +121,11 @@ def test_transformers_gradient_checkpointing_gives_the_plain_gradients(router: s
     grads = []
     for enabled in (False, True):
         torch.manual_seed(0)
-        base = tiny_llama()
+        base = tiny_llama().double()
         if enabled:
             base.gradient_checkpointing_enable()  # transformers' default: non-reentrant
         model = MoRAModel(base, config, target_modules=["q_proj", "v_proj", "down_proj"])
-        model.train()
+        model.double().train()
         randomize_adapters(model)
         torch.manual_seed(1)
         out = model(input_ids=ids, labels=ids, **kwargs)

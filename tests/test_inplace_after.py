@@ -29,12 +29,12 @@ ROUTERS = {
 
 def _base(inplace: bool) -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(12, 24), nn.ReLU(inplace=inplace), nn.Linear(24, 16))
+    return nn.Sequential(nn.Linear(12, 24), nn.ReLU(inplace=inplace), nn.Linear(24, 16)).double()
 
 
 def _grads(model: MoRAModel, inplace: bool, **kwargs: torch.Tensor) -> list[torch.Tensor]:
     torch.manual_seed(1)  # the routers' training noise: the same draws for both models
-    x = torch.randn(2, 5, 12, requires_grad=True)
+    x = torch.randn(2, 5, 12, dtype=torch.float64, requires_grad=True)
     y = model(x, **kwargs)
     if inplace:
         y.mul_(3.0)
@@ -47,7 +47,7 @@ def _grads(model: MoRAModel, inplace: bool, **kwargs: torch.Tensor) -> list[torc
 
 
 def _check(config: AdapterConfig | MixtureConfig, **kwargs: torch.Tensor) -> None:
-    plain = MoRAModel(_base(False), config, target_modules="all-linear").train()
+    plain = MoRAModel(_base(False), config, target_modules="all-linear").double().train()
     randomize_adapters(plain)
     inplace = copy.deepcopy(plain)
     for m in inplace.modules():
@@ -55,7 +55,7 @@ def _check(config: AdapterConfig | MixtureConfig, **kwargs: torch.Tensor) -> Non
             m.inplace = True
     want, got = _grads(plain, False, **kwargs), _grads(inplace, True, **kwargs)
     for w, g in zip(want, got, strict=True):
-        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-11)  # float64
 
 
 @pytest.mark.parametrize("options", KINDS, ids=lambda o: "-".join(map(str, o.values())))
