@@ -13,6 +13,15 @@ from torch import nn
 os.environ.setdefault(
     "HYPOTHESIS_STORAGE_DIRECTORY", os.path.join(tempfile.gettempdir(), "moracl-hypothesis")
 )
+# inductor's compiled kernels and precompiled headers are built for one CPU vector width; a
+# cache shared with another (another ATEN_CPU_CAPABILITY, another CPU under one /tmp) fails to
+# compile or aborts, so the tests keep theirs per width
+os.environ.setdefault(
+    "TORCHINDUCTOR_CACHE_DIR",
+    os.path.join(
+        tempfile.gettempdir(), f"moracl-inductor-{torch.backends.cpu.get_cpu_capability()}"
+    ),
+)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 if not torch.cuda.is_available():
