@@ -34,18 +34,16 @@ class DoRA(LoRA):
     def gain(self, weight: Tensor) -> Tensor:
         """``g = m / ‖W + s·BA‖_row`` with the norm detached: ``(o,)``.
 
-        The norm comes from its expansion ``‖W‖² + 2s·rowsum(B ⊙ W Aᵀ) + s²·rowsum(B ⊙ B A Aᵀ)``
-        in the adapter's dtype: one ``(o × i)`` temporary (``W`` in that dtype) read twice and
+        The norm comes from its expansion ``‖W‖² + rowsum(B ⊙ (2s·W Aᵀ + s²·B A Aᵀ))`` in the
+        adapter's dtype: one ``(o × i)`` temporary (``W`` in that dtype) read twice and
         ``(o × r)`` products, where the direct form writes and reads four (the cast, ``BA``,
         ``s·BA``, the sum) on every step."""
         a, b, s = self.lora_A, self.lora_B, self.scaling
         with torch.no_grad():
             w = weight.to(a.dtype)  # (o, i); a dequantised copy of an NF4 weight
-            sq = torch.linalg.vector_norm(w, dim=1).square()  # ‖W‖²_row: (o,)
-            wa = w @ a.t()  # W Aᵀ: (o, r)
-            cross = torch.linalg.vecdot(b, wa)  # rowsum(B ⊙ W Aᵀ) = rowsum(W ⊙ BA): (o,)
-            ba_sq = torch.linalg.vecdot(b @ (a @ a.t()), b)  # ‖BA‖²_row: (o,)
-            norm = (sq + (2 * s) * cross + (s * s) * ba_sq).clamp_min(0).sqrt()
+            cross = torch.addmm(w @ a.t(), b, a @ a.t(), beta=2 * s, alpha=s * s)  # (o, r)
+            sq = torch.linalg.vecdot(w, w) + torch.linalg.vecdot(b, cross)  # ‖W + s·BA‖²: (o,)
+            norm = sq.clamp_min(0).sqrt()
         return self.magnitude / norm
 
     def delta(self, x: Tensor, *, weight: Tensor | None = None) -> Tensor:
