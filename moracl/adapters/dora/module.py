@@ -34,16 +34,13 @@ class DoRA(LoRA):
     def gain(self, weight: Tensor) -> Tensor:
         """``g = m / ‖W + s·BA‖_row`` with the norm detached: ``(o,)``.
 
-        The norm comes from its expansion ``‖W‖² + rowsum(B ⊙ (2s·W Aᵀ + s²·B A Aᵀ))`` in the
-        adapter's dtype: one ``(o × i)`` temporary (``W`` in that dtype) read twice and
-        ``(o × r)`` products, where the direct form writes and reads four (the cast, ``BA``,
-        ``s·BA``, the sum) on every step."""
-        a, b, s = self.lora_A, self.lora_B, self.scaling
+        The direct form, five operations. Its expansion ``‖W‖² + rowsum(B ⊙ (2s·W Aᵀ +
+        s²·B A Aᵀ))`` avoids three ``(o × i)`` temporaries but takes more operations: measured
+        on an H100, 100 µs more host time a layer's forward for about 1 % less step time at
+        8 × 1024 tokens, so it is not used."""
+        w = weight.to(self.lora_A.dtype)
         with torch.no_grad():
-            w = weight.to(a.dtype)  # (o, i); a dequantised copy of an NF4 weight
-            cross = torch.addmm(w @ a.t(), b, a @ a.t(), beta=2 * s, alpha=s * s)  # (o, r)
-            sq = torch.linalg.vecdot(w, w) + torch.linalg.vecdot(b, cross)  # ‖W + s·BA‖²: (o,)
-            norm = sq.clamp_min(0).sqrt()
+            norm = torch.linalg.vector_norm(w + self.scaling * (self.lora_B @ self.lora_A), dim=1)
         return self.magnitude / norm
 
     def delta(self, x: Tensor, *, weight: Tensor | None = None) -> Tensor:
