@@ -33,6 +33,7 @@ from transformers import Trainer
 from transformers.trainer import TRAINING_ARGS_NAME
 
 from moracl.checkpoint import open_adapter
+from moracl.guard import NonFiniteError
 from moracl.model import MoRAModel
 from moracl.optim import SAM, MoRAOptimizer, OptimizerWrapper, SAMConfig, disable_running_stats
 
@@ -67,6 +68,27 @@ class MoRATrainer(Trainer):
         return found
 
     # -- the loss -------------------------------------------------------------------------
+    def training_step(  # type: ignore[override]
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        num_items_in_batch: Tensor | int | None = None,
+    ) -> Tensor:
+        """The Trainer's step, stopped with a :class:`~moracl.guard.NonFiniteError` where its
+        loss is not finite: the Trainer would go on (and leave the value out of its logged
+        mean), and every later step would train on NaN weights.  The check reads the loss the
+        Trainer reads for that filter anyway, so it costs no extra synchronisation."""
+        extra = () if num_items_in_batch is None else (num_items_in_batch,)
+        loss = super().training_step(model, inputs, *extra)
+        if not bool(torch.isfinite(loss).all()):
+            raise NonFiniteError(
+                f"{type(self).__name__}: the training loss is {float(loss.float().mean())} at "
+                f"step {self.state.global_step + 1} (epoch {self.state.epoch or 0:.2f}); training "
+                "stops here and no checkpoint holds a non-finite value (lower the learning "
+                "rate, clip gradients with max_grad_norm, or train in bf16 rather than fp16)"
+            )
+        return loss
+
     def compute_loss(  # type: ignore[override]
         self,
         model: nn.Module,

@@ -167,6 +167,35 @@ def test_trainer_with_default_arguments_saves_adapters_only(tmp_path: Path, kind
         torch.testing.assert_close(again(input_ids=ids).logits, model(input_ids=ids).logits)
 
 
+@pytest.mark.parametrize("sam", [False, True], ids=["MoRATrainer", "SAMTrainer"])
+@pytest.mark.parametrize("bad_step", [1, 3])
+def test_a_non_finite_loss_stops_training_and_saves_nothing(
+    tmp_path: Path, sam: bool, bad_step: int
+) -> None:
+    from moracl.guard import NonFiniteError
+
+    _, model, data = make("gpt2")
+    args = arguments(tmp_path, max_steps=4, save_steps=1)
+    if sam:
+        trainer: MoRATrainer = SAMTrainer(
+            model=model, args=args, train_dataset=data, sam=SAMConfig(rho=0.05)
+        )
+    else:
+        trainer = MoRATrainer(model=model, args=args, train_dataset=data)
+    lora_a = next(p for n, p in model.named_parameters() if n.endswith("lora_A"))
+
+    def poison(_module: nn.Module, _args: Any) -> None:  # the weights go bad before this step
+        if trainer.state.global_step + 1 == bad_step:
+            with torch.no_grad():
+                lora_a.fill_(float("nan"))
+
+    model.register_forward_pre_hook(poison)
+    with pytest.raises(NonFiniteError, match=f"training loss is nan at step {bad_step} "):
+        trainer.train()
+    saved = sorted(p.name for p in tmp_path.glob("checkpoint-*"))
+    assert saved == [f"checkpoint-{s}" for s in range(1, bad_step)]  # the good steps' only
+
+
 def test_plain_trainer_trains_and_evaluates_with_default_arguments(tmp_path: Path) -> None:
     """transformers.Trainer itself: the declared forward keeps the model's columns and
     finds ``labels`` (so evaluation has a loss)."""
