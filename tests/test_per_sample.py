@@ -136,6 +136,17 @@ def test_pool_weights() -> None:
     )
     with pytest.raises(ValueError, match=r"shape \(b, t\), got \(4,\)"), token_mask(torch.ones(4)):
         pass
+    with pytest.raises(ValueError, match=r"shape \(b, t\), got list"), token_mask([[1, 0]]):  # type: ignore[arg-type]
+        pass
+    bad = token_mask(mask, strict="no")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="strict must be True or False, got 'no'"), bad:
+        pass
+    with token_mask(mask, strict=False):  # another leading shape routes unmasked
+        torch.testing.assert_close(
+            pool_weights(torch.Size([2, 4]), torch.device("cpu"), torch.float64),
+            torch.full((2, 4), 0.25, dtype=torch.float64),
+        )
+        torch.testing.assert_close(pool_weights(lead, torch.device("cpu"), torch.float64), w)
 
 
 def test_task_masks_apply_per_row_and_per_token_ids_are_refused() -> None:

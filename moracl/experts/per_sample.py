@@ -49,8 +49,11 @@ def token_mask(mask: Tensor, *, strict: bool = True) -> Iterator[None]:
     others route unmasked (what the model wrapper declares from an ``attention_mask``,
     which also covers a decoding step's single token or a pooled head); by default an input
     of another shape is an error."""
-    if mask.ndim != 2:
-        raise ValueError(f"a token mask must have shape (b, t), got {tuple(mask.shape)}")
+    if not isinstance(mask, Tensor) or mask.ndim != 2:
+        got = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
+        raise ValueError(f"a token mask must be a tensor of shape (b, t), got {got}")
+    if not isinstance(strict, bool):
+        raise ValueError(f"token_mask's strict must be True or False, got {strict!r}")
     handle = _TOKEN_MASK.set((mask, strict))
     try:
         yield
