@@ -11,11 +11,12 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import ClassVar
 
 from torch import Tensor, nn
 
 from moracl.adapters.base import AdapterConfig, ParamRole
+from moracl.experts.backend import RoutingBackend
+from moracl.experts.gating import Gating, Routed
 from moracl.registry import Registry
 
 __all__ = ["BANKS", "ExpertBank", "build_bank", "register_bank"]
@@ -24,12 +25,11 @@ __all__ = ["BANKS", "ExpertBank", "build_bank", "register_bank"]
 class ExpertBank(nn.Module, ABC):
     """``e`` experts of one adapter kind on an ``i -> o`` layer.
 
-    A bank whose experts are LoRA factors sets :attr:`fusable` and exposes ``lora_A (e, r,
-    i)``, ``lora_B (o, e, r)`` and ``scaling``: a mixture of one such bank runs the fused
-    routed node (:mod:`moracl.experts.routed_lora`).
+    A bank with a routed node (the frozen layer, the routing and the gated experts in one
+    autograd node, e.g. :mod:`moracl.experts.routed_lora`) says so in :meth:`fuses` and runs
+    it in :meth:`routed_linear`: a mixture of that one bank then calls it instead of adding
+    :meth:`delta` to the frozen output.
     """
-
-    fusable: ClassVar[bool] = False
 
     def __init__(self, in_features: int, out_features: int, config: AdapterConfig, experts: int):
         super().__init__()
@@ -43,6 +43,25 @@ class ExpertBank(nn.Module, ABC):
     @abstractmethod
     def delta(self, x: Tensor, gates: Tensor) -> Tensor:
         """``x (n, i)``, ``gates (n, e)`` -> ``Σ_e gates[:, e] · delta_e(x)``: ``(n, o)``."""
+
+    def fuses(self, x: Tensor) -> bool:
+        """Whether :meth:`routed_linear` takes input ``x`` (none by default)."""
+        return False
+
+    def routed_linear(
+        self,
+        x: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        r: Tensor,
+        gating: Gating,
+        backend: RoutingBackend,
+    ) -> tuple[Tensor, Routed]:
+        """``x (..., i)`` through the frozen ``weight (o × i)``, ``bias`` and the experts
+        gated by ``gating`` on the logits ``x rᵀ`` (``r (l × i)``) in one node, as the
+        concrete ``backend`` runs it: ``out (..., o)`` and the routing; only where
+        :meth:`fuses` says so."""
+        raise TypeError(f"{type(self).__name__} has no routed node; check fuses(x) first")
 
     @abstractmethod
     def expert_delta(self, x: Tensor, expert: int) -> Tensor:

@@ -35,7 +35,6 @@ from moracl.experts.context import RoutingContext, sample_task_ids, token_task_i
 from moracl.experts.gating import Gating
 from moracl.experts.per_sample import SampleGating, expand_result, pool_weights, token_mask
 from moracl.experts.route_node import route_node
-from moracl.experts.routed_lora import routed_lora_linear
 from moracl.experts.routers.base import Router, TaskIds, as_task_ids
 from moracl.experts.routers.config import RoutePer, RouterConfig
 from moracl.experts.routers.registry import build_router
@@ -436,28 +435,22 @@ class Mixture(nn.Module):
         aux = dict(zip(gating.aux_names, routed.aux))
         return self.router.result(routed.gates, routed.probs, routed.chosen, routed.indices, aux)
 
-    def _fusable(self) -> ExpertBank | None:
+    def _fused_bank(self, x: Tensor) -> ExpertBank | None:
         banks = self.expert_banks()
-        if len(banks) == 1 and banks[0].fusable:
+        if len(banks) == 1 and banks[0].fuses(x):
             return banks[0]
         return None
 
     def fused_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor | None:
         """The whole output ``x Wᵀ + b + Σ_e g_e(x) · delta_e(x)`` as the backend computes it:
-        one LoRA bank under a backend other than ``naive`` runs the frozen matmul, the router
-        and the gated experts in one autograd node (:mod:`moracl.experts.routed_lora`);
-        ``None`` otherwise (the layer then adds :meth:`delta`)."""
-        bank = self._fusable()
+        one bank with a routed node (LoRA experts, :mod:`moracl.experts.routed_lora`; MoRA
+        experts on CUDA, :mod:`moracl.experts.routed_mora`) under a backend other than
+        ``naive`` runs the frozen matmul, the router and the gated experts in one autograd
+        node; ``None`` otherwise (the layer then adds :meth:`delta`)."""
+        bank = self._fused_bank(x)
         backend = resolve_backend(self.backend, x.device)
         if bank is None or backend is RoutingBackend.NAIVE:
             return None
-        # a learn2learn clone holds computed tensors, not parameters: plain autograd for it
-        lora_a, lora_b = getattr(bank, "lora_A"), getattr(bank, "lora_B")  # noqa: B009
-        if not fused_enabled(lora_a, lora_b):
-            return None
-        a = lora_a.flatten(0, 1)  # (e·r, i): a view, as "e r i -> (e r) i"
-        b = lora_b.flatten(1, 2)  # (o, e·r)
-        scaling = float(getattr(bank, "scaling"))  # noqa: B009  (a fusable bank's LoRA scale)
         lead = x.shape[:-1]
         gating: Gating = self.router.gating(self._task_ids(lead), backend)
         if self.per_sample:
@@ -466,7 +459,7 @@ class Mixture(nn.Module):
             )
         self._keep_input(x)
         r = self.router.logit_weights()
-        out, routed = routed_lora_linear(x, weight, bias, a, b, r, scaling, gating)
+        out, routed = bank.routed_linear(x, weight, bias, r, gating, backend)
         if self.context is not None:
             aux = dict(zip(gating.aux_names, routed.aux))
             self._record(

@@ -56,7 +56,7 @@ class AdaLoRABank(ExpertBank):
     allocation, sets ``rank_mask (e, r)``: each expert keeps its own surviving rank.  A frozen
     bank (an earlier experience's experts) is outside every budget.
 
-    Not fusable: the routed LoRA node has no place for ``E ⊙ m``; a mixture of these experts
+    No routed node: the routed LoRA node has no place for ``E ⊙ m``; a mixture of these experts
     runs the gated dense form under every router and backend.
     """
 

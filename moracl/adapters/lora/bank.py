@@ -13,8 +13,12 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from moracl.adapters.base import ParamRole
+from moracl.adapters.fused import fused_enabled
 from moracl.adapters.lora.config import LoRAConfig
+from moracl.experts.backend import RoutingBackend
 from moracl.experts.banks import ExpertBank, register_bank
+from moracl.experts.gating import Gating, Routed
+from moracl.experts.routed_lora import routed_lora_linear
 
 __all__ = ["LoRABank"]
 
@@ -23,9 +27,9 @@ __all__ = ["LoRABank"]
 class LoRABank(ExpertBank):
     """LoRA experts: ``A (e, r, i)``, ``B (o, e, r)``; ``B`` starts at zero.  One matmul of
     ``x`` into all experts' rank spaces, the gates weighting each expert's slice, one matmul
-    back out."""
+    back out; in a mixture of this one bank, the frozen layer, the routing and the experts
+    run as one node (:mod:`moracl.experts.routed_lora`)."""
 
-    fusable = True
     config: LoRAConfig
 
     def __init__(self, in_features: int, out_features: int, config: LoRAConfig, experts: int):
@@ -43,6 +47,23 @@ class LoRABank(ExpertBank):
         z = z.unflatten(1, (self.num_experts, -1)) * gates[..., None].to(z.dtype)  # (n, e, r)
         b = rearrange(self.lora_B, "o e r -> o (e r)")
         return F.linear(z.flatten(1), b.to(z.dtype))  # (n, e·r) -> (n, o)
+
+    def fuses(self, x: Tensor) -> bool:
+        # a learn2learn clone holds computed tensors, not parameters: plain autograd for it
+        return fused_enabled(self.lora_A, self.lora_B)
+
+    def routed_linear(
+        self,
+        x: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        r: Tensor,
+        gating: Gating,
+        backend: RoutingBackend,
+    ) -> tuple[Tensor, Routed]:
+        a = self.lora_A.flatten(0, 1)  # (e·r, i): a view, as "e r i -> (e r) i"
+        b = self.lora_B.flatten(1, 2)  # (o, e·r)
+        return routed_lora_linear(x, weight, bias, a, b, r, self.scaling, gating)
 
     def expert_delta(self, x: Tensor, expert: int) -> Tensor:
         return F.linear(F.linear(x, self.lora_A[expert]), self.lora_B[:, expert]) * self.scaling

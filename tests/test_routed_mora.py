@@ -1,0 +1,151 @@
+"""A mixture of one MoRA-sharing bank in one node (:mod:`moracl.experts.routed_mora`): the
+frozen layer, every router kind's routing and the gated experts give the outputs, auxiliary
+losses and gradients of ``naive`` (the router's own routing and a plain loop over the
+experts' MoRA updates), in float64 and float32, for square sizes ``r̂`` that are and are not
+multiples of 8 (the node pads them)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from moracl import MoRALinear
+from moracl.adapters.mora import bank as mora_bank
+from moracl.experts import MixtureConfig, RoutingContext, routing_backend
+from moracl.experts.routed_mora import padded_size
+
+from .test_backends import ROUTERS, TASK_IDS, _step
+
+# (in, out, rank) -> r̂ = floor(sqrt((in + out) · rank)): 8 (aligned), 10 (padded to 16) with
+# a tiled output (o > r̂), 12 with one group (i < r̂) and a truncated tile
+SHAPES = {"aligned": (12, 10, 3), "padded": (20, 14, 3), "narrow": (6, 22, 6)}
+
+
+@pytest.fixture
+def node_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run the routed node on the CPU too (by default it runs on CUDA only)."""
+    monkeypatch.setattr(mora_bank, "FUSED_DEVICES", ("cpu", "cuda"))
+
+
+def _layer(router: str, shape: str, dtype: torch.dtype, device: str = "cpu") -> MoRALinear:
+    """A mixture of 4 MoRA experts under ``router``; parameters drawn in ``dtype`` (build in
+    float64 and cast for the same draws in another dtype)."""
+    i, o, rank = SHAPES[shape]
+    torch.manual_seed(0)
+    cfg = MixtureConfig(kind="mora", rank=rank, experts=4, router=ROUTERS[router])
+    layer = MoRALinear(nn.Linear(i, o), cfg).to(dtype).train()
+    mix = layer.adapter("default")
+    with torch.no_grad():
+        for p in mix.parameters():
+            p.copy_(torch.randn_like(p) * 0.5)
+    if router == "topk-tasks":  # task rows that restrict the experts
+        mix.router.set_expert_mask(0, torch.tensor([True, True, False, True]))
+        mix.router.set_expert_mask(1, torch.tensor([False, True, True, True]))
+    return layer.to(device)
+
+
+def _inputs(shape: str, dtype: torch.dtype, device: str = "cpu") -> tuple[torch.Tensor, ...]:
+    i, o, _ = SHAPES[shape]
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 5, i, generator=gen, dtype=torch.float64)
+    g = torch.randn(3, 5, o, generator=gen, dtype=torch.float64)
+    return x.to(device, dtype), g.to(device, dtype)
+
+
+def _node_name(layer: MoRALinear, x: torch.Tensor) -> str:
+    mix = layer.adapter("default")
+    mix.context = RoutingContext(task_ids=TASK_IDS.to(x.device))
+    try:
+        with routing_backend("eager"):
+            out = layer(x)
+    finally:
+        mix.context = None
+    return type(out.grad_fn).__name__
+
+
+def test_the_shapes_cover_aligned_padded_and_single_group_sizes() -> None:
+    sizes = {
+        name: _layer("topk", name, torch.float64).adapter("default").banks[0].r_hat
+        for name in SHAPES
+    }
+    assert sizes == {"aligned": 8, "padded": 10, "narrow": 12}
+    assert [padded_size(r) for r in sizes.values()] == [8, 16, 16]
+    assert SHAPES["narrow"][0] < sizes["narrow"] < SHAPES["narrow"][1]
+
+
+@pytest.mark.usefixtures("node_on_cpu")
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+@pytest.mark.parametrize("router", sorted(ROUTERS))
+def test_the_routed_node_equals_naive_in_float64(router: str, shape: str) -> None:
+    layer = _layer(router, shape, torch.float64)
+    x, g = _inputs(shape, torch.float64)
+    assert _node_name(layer, x) == "_RoutedMoRALinearBackward"
+    want = _step(layer, "naive", x, g)
+    got = _step(layer, "eager", x, g)
+    tol = 1e4 * torch.finfo(torch.float64).eps  # ~2e-12: rounding of a different op order
+    assert len(got) == len(want)
+    for mine, ref in zip(got, want):
+        torch.testing.assert_close(mine, ref, rtol=tol, atol=tol)
+
+
+@pytest.mark.usefixtures("node_on_cpu")
+@pytest.mark.parametrize("router", ["topk", "topk-per-sample", "dynamic", "task"])
+def test_the_routed_node_in_float32_equals_naive_to_float32_rounding(router: str) -> None:
+    """Both in float32 (a noisy router draws its noise in the routing dtype)."""
+    layer = _layer(router, "padded", torch.float64).float()  # the float64 test's draws
+    x, g = _inputs("padded", torch.float32)
+    ref = _step(layer, "naive", x, g)
+    got = _step(layer, "eager", x, g)
+    tol = 1e3 * torch.finfo(torch.float32).eps  # ~1.2e-4, relative to each tensor's scale
+    for mine, want in zip(got, ref):
+        assert (mine - want).abs().max() <= tol * want.abs().max().clamp_min(1.0)
+
+
+def test_on_the_cpu_the_mixture_keeps_the_unfused_sum_by_default() -> None:
+    """So that a grown mixture (two banks, the unfused sum) rounds old tasks as before."""
+    layer = _layer("topk", "padded", torch.float64)
+    x, _ = _inputs("padded", torch.float64)
+    assert _node_name(layer, x) != "_RoutedMoRALinearBackward"
+
+
+@pytest.mark.usefixtures("node_on_cpu")
+def test_a_retained_graph_backpropagates_twice_through_the_node() -> None:
+    layer = _layer("topk", "padded", torch.float64)
+    mix = layer.adapter("default")
+    x, g = _inputs("padded", torch.float64)
+    x.requires_grad_(True)
+    params = [x, *(p for p in mix.parameters() if p.requires_grad)]
+    mix.context = RoutingContext(task_ids=TASK_IDS)
+    try:
+        with routing_backend("eager"):
+            out = layer(x)
+        aux = mix.context.results[mix].aux_loss
+    finally:
+        mix.context = None
+    loss = (out * g).sum() + 10 * aux
+    first = torch.autograd.grad(loss, params, retain_graph=True)
+    second = torch.autograd.grad(loss, params)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["eager", "triton"])  # plain and compiled helpers
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+@pytest.mark.parametrize(
+    "router", ["topk", "topk-per-sample", "topk-tasks", "dynamic", "hierarchical", "task"]
+)
+def test_on_cuda_the_mixture_runs_the_node_and_equals_naive(
+    router: str, shape: str, backend: str
+) -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    layer = _layer(router, shape, torch.float64, "cuda").float()
+    x, g = _inputs(shape, torch.float32, "cuda")
+    assert _node_name(layer, x) == "_RoutedMoRALinearBackward"
+    ref = _step(layer, "naive", x, g)
+    got = _step(layer, backend, x, g)
+    tol = 1e3 * torch.finfo(torch.float32).eps  # ~1.2e-4, relative to each tensor's scale
+    for mine, want in zip(got, ref):
+        assert (mine - want).abs().max() <= tol * want.abs().max().clamp_min(1.0)
