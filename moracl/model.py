@@ -186,16 +186,17 @@ class MoRAModel(nn.Module):
 
     @staticmethod
     def _padding(mixtures: Iterable[Mixture], attention_mask: Any) -> AbstractContextManager[None]:
-        """A transformers-style ``attention_mask (b, t)`` as the token mask of routers that
-        route per sample, so that padding never moves a sample's routing (inputs of another
-        leading shape, such as a decoding step's, route unmasked); nothing where a mask is
-        declared already (:func:`~moracl.experts.per_sample.token_mask`) or no router routes
-        per sample."""
+        """A transformers-style ``attention_mask (b, t)`` as the token mask of the mixtures'
+        routers, so that padding never moves a sample's routing (routers that route per
+        sample) nor enters the auxiliary losses (routers that route each token); inputs of
+        another leading shape, such as a decoding step's, route unmasked.  Nothing where a
+        mask is declared already (:func:`~moracl.experts.per_sample.token_mask`) or there is
+        no mixture."""
         if (
             isinstance(attention_mask, Tensor)
             and attention_mask.ndim == 2
             and current_token_mask() is None
-            and any(m.per_sample for m in mixtures)
+            and any(True for _ in mixtures)
         ):
             return token_mask(attention_mask, strict=False)
         return nullcontext()

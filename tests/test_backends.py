@@ -97,6 +97,21 @@ def test_every_backend_equals_naive_in_float64(router: str, backend: str, kind: 
         torch.testing.assert_close(mine, ref, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("kind", ["lora", "mora"])
+@pytest.mark.parametrize("router", sorted(ROUTERS))
+def test_an_evaluated_layer_backpropagates_as_naive(router: str, kind: str) -> None:
+    """In evaluation a noisy router draws no noise but keeps its noise-scale logits: the
+    fused nodes' backward gave those columns a gradient of the wrong shape (and the Triton
+    kernels left them unwritten); now they get zero, as under ``naive``."""
+    layer = _layer(router, torch.float64, kind).eval()
+    x, g = _inputs(torch.float64)
+    want = _step(layer, "naive", x, g)
+    got = _step(layer, "eager", x, g)
+    tol = 1e4 * torch.finfo(torch.float64).eps
+    for mine, ref in zip(got, want):
+        torch.testing.assert_close(mine, ref, rtol=tol, atol=tol)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind", ["lora", "mora"])
 @pytest.mark.parametrize(

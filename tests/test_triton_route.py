@@ -101,6 +101,49 @@ def test_kernels_equal_the_routing_functions_in_float32(
         torch.testing.assert_close(mine_zg, ref_zg, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize(("n", "e", "r", "k"), CASES)
+@pytest.mark.parametrize("noise", [False, True])
+@pytest.mark.parametrize("per_token", [False, True])
+def test_kernels_count_the_active_tokens_as_the_routing_functions(
+    kernels: ModuleType, n: int, e: int, r: int, k: int, noise: bool, per_token: bool
+) -> None:
+    """Losses over the ``active`` tokens only (padding left out): the kernels against the
+    routing functions, forward and every gradient."""
+    zl, er, allowed, eps, grads = _case(n, e, r, noise, per_token, 7 * n + e, torch.float32)
+    gen = torch.Generator().manual_seed(n)
+    active = (torch.rand(n, generator=gen) > 0.4).to(DEV)
+    active[: n // 3] = False  # a run of padding
+    zg, routed, saved = topk_gate_forward(zl, er, allowed, eps, k, True, active)
+    got = kernels.gate_forward(zl, er, allowed, eps, k, True, active)
+    for mine, ref in [
+        (got.zg, zg), (got.gates, routed.gates), (got.f, saved.route.f),
+        (got.balance, routed.aux[0]), (got.z, routed.aux[1]),
+    ]:  # fmt: skip
+        torch.testing.assert_close(mine, ref, rtol=1e-5, atol=1e-6)
+    route_grads = RouteGrads(grads[1], grads[2], (grads[3], grads[4]))
+    ref_zl, _ = topk_gate_backward(saved, grads[0], route_grads)
+    mine_zl, _ = kernels.gate_backward(got, grads[0], route_grads)
+    torch.testing.assert_close(mine_zl, ref_zl, rtol=1e-5, atol=1e-5)
+    if n > 1:  # the losses do move with the mask
+        everyone = kernels.gate_forward(zl, er, allowed, eps, k, True)
+        assert not torch.allclose(everyone.z, got.z)
+
+
+def test_an_evaluated_noisy_router_gives_its_noise_scales_no_gradient(
+    kernels: ModuleType,
+) -> None:
+    """In evaluation a noisy router's logits keep their noise-scale columns but draw no
+    noise: their gradient is zero (the kernels' output was left unwritten there)."""
+    zl, er, allowed, _, grads = _case(40, 8, 4, True, False, 5, torch.float32)
+    route_grads = RouteGrads(grads[1], grads[2], (grads[3], grads[4]))
+    _, _, saved = topk_gate_forward(zl, er, allowed, None, 2)
+    ref_zl, _ = topk_gate_backward(saved, grads[0], route_grads)
+    got = kernels.gate_forward(zl, er, allowed, None, 2)
+    mine_zl, _ = kernels.gate_backward(got, grads[0], route_grads)
+    assert ref_zl.shape == zl.shape and torch.equal(ref_zl[:, er + 8 :], torch.zeros(40, 8))
+    torch.testing.assert_close(mine_zl, ref_zl, rtol=1e-5, atol=1e-5)
+
+
 def test_kernels_in_bfloat16_round_like_the_routing_functions(kernels: ModuleType) -> None:
     zl, er, allowed, eps, grads = _case(64, 8, 16, True, False, 0, torch.bfloat16)
     want_zg, want, saved = topk_gate_forward(zl, er, allowed, eps, 2)
@@ -160,9 +203,9 @@ def test_the_routed_layer_uses_the_kernels_with_the_same_results(
     calls = []
     real = kernels.gate_forward
 
-    def gate_forward(zl: torch.Tensor, er: int, allowed, noise, k: int, normalize: bool):  # type: ignore[no-untyped-def]
+    def gate_forward(zl: torch.Tensor, er: int, allowed, noise, k: int, normalize: bool, active):  # type: ignore[no-untyped-def]
         calls.append((zl.shape, er, allowed.shape[-1], k))
-        return real(zl, er, allowed, noise, k, normalize)
+        return real(zl, er, allowed, noise, k, normalize, active)
 
     monkeypatch.setattr(kernels, "gate_forward", gate_forward)
     with routing_backend("triton"):

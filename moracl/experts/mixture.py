@@ -33,7 +33,13 @@ from moracl.experts.backend import RoutingBackend, resolve_backend
 from moracl.experts.banks import BANKS, ExpertBank, build_bank
 from moracl.experts.context import RoutingContext, sample_task_ids, token_task_ids
 from moracl.experts.gating import Gating
-from moracl.experts.per_sample import SampleGating, expand_result, pool_weights, token_mask
+from moracl.experts.per_sample import (
+    SampleGating,
+    active_tokens,
+    expand_result,
+    pool_weights,
+    token_mask,
+)
 from moracl.experts.route_node import route_node
 from moracl.experts.routers.base import Router, TaskIds, as_task_ids
 from moracl.experts.routers.config import RoutePer, RouterConfig
@@ -353,7 +359,8 @@ class Mixture(nn.Module):
         tid: Tensor | TaskIds | None = task_ids
         if isinstance(task_ids, Tensor):
             tid = token_task_ids(task_ids, lead)
-        return self.router(x.reshape(-1, self.in_features), task_ids=tid)
+        active = self._active(lead, x.device)
+        return self.router(x.reshape(-1, self.in_features), task_ids=tid, active=active)
 
     def _pooled(self, x: Tensor) -> Tensor:
         """``(b, i)`` each row's mean token input (see :func:`pool_weights`)."""
@@ -370,6 +377,19 @@ class Mixture(nn.Module):
             with token_mask(mask, strict=strict):
                 return pool_weights(lead, device, dtype)
         return pool_weights(lead, device, dtype)
+
+    def _active(self, lead: torch.Size, device: torch.device) -> Tensor | None:
+        """``(n,)`` bool, the tokens a per-token router's auxiliary losses count under the
+        declared token mask (of the forward that activation checkpointing recomputes, when
+        it does); ``None``: every token, and always for routing per sample."""
+        if self.per_sample:
+            return None
+        ctx = self.recompute_context
+        if self.context is None and ctx is not None and ctx.padding is not None and in_backward():
+            mask, strict = ctx.padding
+            with token_mask(mask, strict=strict):
+                return active_tokens(lead, device)
+        return active_tokens(lead, device)
 
     def _task_ids(self, lead: torch.Size) -> TaskIds | None:
         ctx = self.context
@@ -424,7 +444,8 @@ class Mixture(nn.Module):
         """The routing of ``x (..., i)`` by the router's gating for ``backend``, in one
         autograd node on the logits ``x Rᵀ (n, l)``."""
         lead = x.shape[:-1]
-        gating: Gating = self.router.gating(self._task_ids(lead), backend)
+        active = self._active(lead, x.device)
+        gating: Gating = self.router.gating(self._task_ids(lead), backend, active)
         if self.per_sample:
             gating = SampleGating(
                 gating, self._pool_weights(lead, x.device, routing_dtype(x.dtype))
@@ -452,7 +473,8 @@ class Mixture(nn.Module):
         if bank is None or backend is RoutingBackend.NAIVE:
             return None
         lead = x.shape[:-1]
-        gating: Gating = self.router.gating(self._task_ids(lead), backend)
+        active = self._active(lead, x.device)
+        gating: Gating = self.router.gating(self._task_ids(lead), backend, active)
         if self.per_sample:
             gating = SampleGating(
                 gating, self._pool_weights(lead, x.device, routing_dtype(x.dtype))

@@ -12,7 +12,10 @@ computes per-token logits in its own matmul (the fused node) pools those instead
 Padding.  Inputs padded to a common length carry positions that are not tokens; a model that
 knows its padding declares it for the duration of a forward with :func:`token_mask`, and
 per-sample routing then averages over the real tokens only (the rows' padded positions still
-get their row's gates, which nothing reads).  Without a declared mask every position counts.
+get their row's gates, which nothing reads); routers that route each token route padded
+positions too but leave them out of their auxiliary losses (:func:`active_tokens`), as
+transformers' Mixtral leaves them out of its balance loss.  Without a declared mask every
+position counts.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from moracl.experts.routing import RoutingResult
 
 __all__ = [
     "SampleGating",
+    "active_tokens",
     "current_token_mask",
     "declared_token_mask",
     "expand_result",
@@ -84,20 +88,47 @@ def pool_weights(lead: torch.Size, device: torch.device, dtype: torch.dtype) -> 
     """
     b = lead[0] if len(lead) else 1
     t = lead[1:].numel()
-    declared = _TOKEN_MASK.get()
-    fits = declared is not None and tuple(declared[0].shape) == (b, t) and len(lead) == 2
-    if declared is None or (not fits and not declared[1]):
+    mask = _fitting_mask(lead)
+    if mask is None:
         return torch.full((b, t), 1.0 / max(t, 1), device=device, dtype=dtype)
-    mask = declared[0]
-    if not fits:
-        raise ValueError(
-            f"the declared token mask has shape {tuple(mask.shape)} but the routed input's "
-            f"leading shape is {tuple(lead)}; expected a (b, t) input under a (b, t) mask"
-        )
     m = (mask != 0).to(device=device, dtype=dtype)  # (b, t)
     count = m.sum(1, keepdim=True)  # (b, 1)
     m = torch.where(count > 0, m, torch.ones_like(m))  # a row of padding only: all positions
     return m / m.sum(1, keepdim=True)
+
+
+def _fitting_mask(lead: torch.Size) -> Tensor | None:
+    """The declared mask when it fits an input of leading shape ``lead``; ``None`` without
+    one, or for a non-strict mask that does not fit.
+
+    Raises:
+        ValueError: a strict mask whose shape is not ``lead``.
+    """
+    declared = _TOKEN_MASK.get()
+    if declared is None:
+        return None
+    mask, strict = declared
+    if len(lead) == 2 and tuple(mask.shape) == tuple(lead):
+        return mask
+    if not strict:
+        return None
+    raise ValueError(
+        f"the declared token mask has shape {tuple(mask.shape)} but the routed input's "
+        f"leading shape is {tuple(lead)}; expected a (b, t) input under a (b, t) mask"
+    )
+
+
+def active_tokens(lead: torch.Size, device: torch.device) -> Tensor | None:
+    """``(n,)`` bool on ``device``, the real tokens of an input of leading shape ``lead = (b,
+    t)`` under the declared :func:`token_mask` (the tokens a per-token router's auxiliary
+    losses count); ``None`` without a mask (or a non-strict one that does not fit: every
+    token counts).
+
+    Raises:
+        ValueError: a strict mask whose shape is not ``lead``.
+    """
+    mask = _fitting_mask(lead)
+    return None if mask is None else (mask != 0).reshape(-1).to(device)
 
 
 def expand_rows(x: Tensor, t: int) -> Tensor:

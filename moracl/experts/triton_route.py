@@ -60,12 +60,13 @@ def _softplus(x):  # type: ignore[no-untyped-def]
 
 @triton.jit
 def _fwd_kernel(  # type: ignore[no-untyped-def]
-    zl_ptr, noise_ptr, allowed_ptr,
+    zl_ptr, noise_ptr, allowed_ptr, act_ptr,
     zg_ptr, gates_ptr, probs_ptr, chosen_ptr, idx_ptr, lse_ptr, part_ptr,
     n, stride_zl, stride_al,
     ER: tl.constexpr, E: tl.constexpr, R: tl.constexpr, E_P: tl.constexpr,
     R_P: tl.constexpr, K: tl.constexpr, K_P: tl.constexpr, P_W: tl.constexpr,
-    HAS_NOISE: tl.constexpr, NORMALIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_NOISE: tl.constexpr, NORMALIZE: tl.constexpr, HAS_ACT: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)  # (B,)
@@ -129,22 +130,29 @@ def _fwd_kernel(  # type: ignore[no-untyped-def]
     kmask = rmask[:, None] & (kcols < K)[None, :]
     tl.store(idx_ptr + rows64[:, None] * K + kcols[None, :], idx.to(tl.int64), mask=kmask)
     tl.store(lse_ptr + rows64, lse, mask=rmask)
-    # this block's sums over its rows (rows past n contribute zeros: nothing is allowed)
+    # this block's sums over the rows the losses count (``a``: 0 past n and, with HAS_ACT,
+    # on the rows that are not active)
+    if HAS_ACT:
+        a = tl.load(act_ptr + rows64, mask=rmask, other=0).to(tl.float32)  # (B,)
+    else:
+        a = rmask.to(tl.float32)
     part = part_ptr + pid * P_W
-    tl.store(part + cols, tl.sum(chosen.to(tl.float32), axis=0), mask=cmask)
-    tl.store(part + E_P + cols, tl.sum(probs, axis=0), mask=cmask)
-    tl.store(part + 2 * E_P, tl.sum(lse * lse * w, axis=0))
-    tl.store(part + 2 * E_P + 1, tl.sum(w, axis=0))
+    tl.store(part + cols, tl.sum(chosen.to(tl.float32) * a[:, None], axis=0), mask=cmask)
+    tl.store(part + E_P + cols, tl.sum(probs * a[:, None], axis=0), mask=cmask)
+    tl.store(part + 2 * E_P, tl.sum(lse * lse * w * a, axis=0))
+    tl.store(part + 2 * E_P + 1, tl.sum(w * a, axis=0))
+    tl.store(part + 2 * E_P + 2, tl.sum(a, axis=0))
 
 
 @triton.jit
 def _finish_kernel(  # type: ignore[no-untyped-def]
-    part_ptr, f_ptr, balance_ptr, z_ptr, zscale_ptr, blocks, n_f,
+    part_ptr, f_ptr, balance_ptr, z_ptr, zscale_ptr, bscale_ptr, blocks, n_f,
     E: tl.constexpr, E_P: tl.constexpr, P_W: tl.constexpr, SHARED: tl.constexpr,
-    BLOCK_B: tl.constexpr,
+    HAS_ACT: tl.constexpr, BLOCK_B: tl.constexpr,
 ):  # fmt: skip
     """One program: the blocks' sums added in order, then ``f (e,)``, the balance and z
-    losses and ``zscale``, each allowed token's weight in the z loss."""
+    losses, ``zscale``, each counted token's weight in the z loss, and ``bscale``, in the
+    mean router probabilities."""
     cols = tl.arange(0, P_W)
     acc = tl.zeros((P_W,), dtype=tl.float32)
     for start in range(0, blocks, BLOCK_B):
@@ -158,28 +166,36 @@ def _finish_kernel(  # type: ignore[no-untyped-def]
     psum = tl.sum(tl.where(cols[None, :] == (ecols + E_P)[:, None], acc[None, :], 0.0), axis=1)
     zsum = tl.sum(tl.where(cols == 2 * E_P, acc, 0.0), axis=0)
     wsum = tl.sum(tl.where(cols == 2 * E_P + 1, acc, 0.0), axis=0)
+    asum = tl.sum(tl.where(cols == 2 * E_P + 2, acc, 0.0), axis=0)
     emask = ecols < E
     count = tl.where(emask, count, 0.0)
     f = count / tl.maximum(tl.sum(count, axis=0), 1.0)
     n1 = tl.maximum(n_f, 1.0)
-    balance = E * tl.sum(tl.where(emask, f * psum, 0.0), axis=0) / n1
-    den = n1 if SHARED else tl.maximum(wsum, 1.0)
+    if HAS_ACT:
+        nb = tl.maximum(asum, 1.0)
+        den = tl.maximum(wsum, 1.0)
+    else:
+        nb = n1
+        den = n1 if SHARED else tl.maximum(wsum, 1.0)
+    balance = E * tl.sum(tl.where(emask, f * psum, 0.0), axis=0) / nb
     tl.store(f_ptr + ecols, f, mask=emask)
     tl.store(balance_ptr, balance)
     tl.store(z_ptr, zsum / den)
     tl.store(zscale_ptr, 1.0 / den)
+    tl.store(bscale_ptr, 1.0 / nb)
 
 
 @triton.jit
 def _bwd_kernel(  # type: ignore[no-untyped-def]
-    gzg_ptr, zl_ptr, noise_ptr, allowed_ptr, gates_ptr, probs_ptr, chosen_ptr, lse_ptr,
-    f_ptr, zscale_ptr, gg_ptr, gp_ptr, gb_ptr, gz_ptr,
+    gzg_ptr, zl_ptr, noise_ptr, allowed_ptr, act_ptr, gates_ptr, probs_ptr, chosen_ptr,
+    lse_ptr, f_ptr, zscale_ptr, bscale_ptr, gg_ptr, gp_ptr, gb_ptr, gz_ptr,
     gzl_ptr, zg_ptr,
-    n, n_f, stride_zl, stride_al, stride_gzg,
+    n, stride_zl, stride_al, stride_gzg,
     ER: tl.constexpr, E: tl.constexpr, R: tl.constexpr, E_P: tl.constexpr,
     R_P: tl.constexpr, L: tl.constexpr,
     HAS_NOISE: tl.constexpr, NORMALIZE: tl.constexpr, HAS_GG: tl.constexpr,
-    HAS_GP: tl.constexpr, HAS_GB: tl.constexpr, HAS_GZ: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_GP: tl.constexpr, HAS_GB: tl.constexpr, HAS_GZ: tl.constexpr, HAS_ACT: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -212,9 +228,14 @@ def _bwd_kernel(  # type: ignore[no-untyped-def]
         gp = tl.load(gp_ptr + out2, mask=m2, other=0.0).to(tl.float32)
     else:
         gp = tl.zeros((BLOCK_N, E_P), dtype=tl.float32)
+    if HAS_ACT:  # noqa: SIM108  (a constexpr branch in the kernel)
+        a = tl.load(act_ptr + rows64, mask=rmask, other=0) != 0  # (B,) the counted rows
+    else:
+        a = rmask
     if HAS_GB:
         f = tl.load(f_ptr + cols, mask=cmask, other=0.0)
-        gp += tl.load(gb_ptr).to(tl.float32) * (E / tl.maximum(n_f, 1.0)) * f[None, :]
+        bw = tl.where(a, tl.load(bscale_ptr) * E, 0.0)  # (B,) each row's weight · E
+        gp += tl.load(gb_ptr).to(tl.float32) * bw[:, None] * f[None, :]
     gp = tl.where(allowed, gp, 0.0)
     if not NORMALIZE:  # the chosen gates are probabilities
         gp += tl.where(chosen, gg, 0.0)
@@ -227,7 +248,7 @@ def _bwd_kernel(  # type: ignore[no-untyped-def]
         clean = tl.load(zrow + ER + cols[None, :], mask=m2, other=0.0).to(tl.float32)
         lse = tl.load(lse_ptr + rows64, mask=rmask, other=0.0)
         has = tl.max(allowed.to(tl.int32), axis=1) > 0
-        zw = tl.where(has, tl.load(zscale_ptr), 0.0)
+        zw = tl.where(has & a, tl.load(zscale_ptr), 0.0)
         soft = tl.where(allowed, tl.exp(clean - lse[:, None]), 0.0)
         clean_grad += tl.load(gz_ptr).to(tl.float32) * 2.0 * (lse * zw)[:, None] * soft
     grow = gzl_ptr + rows64[:, None] * (ER + L)
@@ -326,7 +347,9 @@ class GateForward(NamedTuple):
     f: Tensor  # (e,) assignment fractions
     balance: Tensor  # () balance loss
     z: Tensor  # () z loss
-    zscale: Tensor  # () each allowed token's weight in the z loss
+    zscale: Tensor  # () each counted token's weight in the z loss
+    active: Tensor | None  # (n,) bool, the tokens the losses count, or None: all
+    bscale: Tensor  # () each counted token's weight in the mean router probabilities
 
 
 @functools.cache
@@ -350,6 +373,13 @@ def _allowed_arg(allowed: Tensor) -> tuple[Tensor, int]:
     return a, 0 if a.shape[0] == 1 else a.stride(0)
 
 
+def _active_arg(active: Tensor | None, dummy: Tensor) -> Tensor:
+    """``active (n,)`` bool as contiguous bytes for the kernels, or ``dummy`` (unread)."""
+    if active is None:
+        return dummy
+    return active.contiguous().view(torch.uint8)
+
+
 def supports(zl: Tensor, er: int, e: int, k: int) -> bool:
     """Whether the kernels take this routing: ``zl`` of a 16- or 32-bit float dtype, rows
     contiguous, ``e·r`` split evenly, ``k ≤ e`` (and sizes a block of rows fits); the device
@@ -367,10 +397,17 @@ def supports(zl: Tensor, er: int, e: int, k: int) -> bool:
 
 
 def gate_forward(
-    zl: Tensor, er: int, allowed: Tensor, noise: Tensor | None, k: int, normalize: bool = True
+    zl: Tensor,
+    er: int,
+    allowed: Tensor,
+    noise: Tensor | None,
+    k: int,
+    normalize: bool = True,
+    active: Tensor | None = None,
 ) -> GateForward:
     """Route the logit columns of ``zl (n, e·r + l)`` under ``allowed (n|1, e)`` with ``noise
-    (n, e)`` (or ``None``) and gate its first ``e·r`` columns: the values of
+    (n, e)`` (or ``None``) and gate its first ``e·r`` columns, the losses over the ``active
+    (n,)`` tokens (``None``: all): the values of
     :func:`~moracl.experts.routers.topk.topk_gate_forward`."""
     n = zl.shape[0]
     e = allowed.shape[-1]
@@ -380,7 +417,7 @@ def gate_forward(
     allowed_u8, stride_al = _allowed_arg(allowed)
     rows = _rows_per_block(e, r)
     blocks = triton.cdiv(n, rows)
-    p_w = _pow2(2 * e_p + 2)
+    p_w = _pow2(2 * e_p + 3)
     zg = torch.empty(n, er, device=dev, dtype=zl.dtype)
     gates = torch.empty(n, e, device=dev, dtype=torch.float32)
     probs = torch.empty_like(gates)
@@ -389,21 +426,27 @@ def gate_forward(
     lse = torch.empty(n, device=dev, dtype=torch.float32)
     part = torch.empty(blocks, p_w, device=dev, dtype=torch.float32)
     noise_arg = noise.contiguous() if noise is not None else gates  # unread without noise
+    act_arg = _active_arg(active, gates)
     _fwd_kernel[(blocks,)](
-        zl, noise_arg, allowed_u8, zg, gates, probs, chosen.view(torch.int8), indices, lse, part,
+        zl, noise_arg, allowed_u8, act_arg, zg, gates, probs, chosen.view(torch.int8), indices,
+        lse, part,
         n, zl.stride(0), stride_al,
         ER=er, E=e, R=r, E_P=e_p, R_P=r_p, K=k, K_P=k_p, P_W=p_w,
-        HAS_NOISE=noise is not None, NORMALIZE=normalize, BLOCK_N=rows,
+        HAS_NOISE=noise is not None, NORMALIZE=normalize, HAS_ACT=active is not None,
+        BLOCK_N=rows,
     )  # fmt: skip
     f = torch.empty(e, device=dev, dtype=torch.float32)
-    balance, z, zscale = (torch.empty((), device=dev, dtype=torch.float32) for _ in range(3))
+    balance, z, zscale, bscale = (
+        torch.empty((), device=dev, dtype=torch.float32) for _ in range(4)
+    )
     _finish_kernel[(1,)](
-        part, f, balance, z, zscale, blocks, float(n),
-        E=e, E_P=e_p, P_W=p_w, SHARED=allowed.shape[0] == 1, BLOCK_B=64,
+        part, f, balance, z, zscale, bscale, blocks, float(n),
+        E=e, E_P=e_p, P_W=p_w, SHARED=allowed.shape[0] == 1, HAS_ACT=active is not None,
+        BLOCK_B=64,
     )  # fmt: skip
     return GateForward(
         zl, er, allowed, noise, normalize, zg, gates, probs, chosen, indices, lse, f, balance, z,
-        zscale,
+        zscale, active, bscale,
     )  # fmt: skip
 
 
@@ -427,15 +470,18 @@ def gate_backward(fwd: GateForward, grad_zg: Tensor, grads: RouteGrads) -> tuple
     rows = _rows_per_block(e, r)
     _bwd_kernel[(triton.cdiv(n, rows),)](
         grad_zg, zl, noise.contiguous() if noise is not None else dummy, allowed_u8,
-        fwd.gates, fwd.probs, fwd.chosen.view(torch.int8), fwd.lse, fwd.f, fwd.zscale,
+        _active_arg(fwd.active, dummy), fwd.gates, fwd.probs, fwd.chosen.view(torch.int8),
+        fwd.lse, fwd.f, fwd.zscale, fwd.bscale,
         gg, gp, grad_balance if grad_balance is not None else dummy,
         grad_z if grad_z is not None else dummy, gzl, zg,
-        n, float(n), zl.stride(0), stride_al, grad_zg.stride(0),
+        n, zl.stride(0), stride_al, grad_zg.stride(0),
         ER=er, E=e, R=r, E_P=_pow2(e), R_P=_pow2(r), L=width - er,
         HAS_NOISE=noise is not None, NORMALIZE=normalize, HAS_GG=grad_gates is not None,
         HAS_GP=grad_probs is not None, HAS_GB=grad_balance is not None,
-        HAS_GZ=grad_z is not None, BLOCK_N=rows,
+        HAS_GZ=grad_z is not None, HAS_ACT=fwd.active is not None, BLOCK_N=rows,
     )  # fmt: skip
+    if noise is None and width > er + e:  # a noisy router evaluated: its scales get nothing
+        gzl[:, er + e :].zero_()
     return gzl, zg
 
 

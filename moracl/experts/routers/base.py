@@ -38,6 +38,7 @@ __all__ = [
     "Router",
     "TaskIds",
     "as_task_ids",
+    "check_active",
     "check_task_ids",
     "noisy_scores",
     "zero_padded",
@@ -108,6 +109,19 @@ def check_task_ids(task_ids: Tensor | TaskIds, num_tasks: int) -> TaskIds:
     return checked
 
 
+def check_active(active: Tensor | None, n: int) -> None:
+    """Raise unless ``active`` is ``None`` or a bool ``(n,)`` tensor."""
+    if active is None:
+        return
+    if not isinstance(active, Tensor) or active.dtype != torch.bool or active.shape != (n,):
+        got = (
+            f"{active.dtype} of shape {tuple(active.shape)}"
+            if isinstance(active, Tensor)
+            else type(active).__name__
+        )
+        raise ValueError(f"active must be a bool tensor of shape ({n},), one per token; got {got}")
+
+
 class Router(nn.Module, ABC):
     """Decides, for ``n`` tokens, gates over ``e`` experts; returns a :class:`RoutingResult`.
 
@@ -172,20 +186,32 @@ class Router(nn.Module, ABC):
         return tuple(self.loss_weights())
 
     # -- calling ---------------------------------------------------------------------------
-    def forward(self, x: Tensor, *, task_ids: Tensor | TaskIds | None = None) -> RoutingResult:
-        """Route ``x (n, d)``; ``task_ids (n,)`` picks each token's expert mask."""
+    def forward(
+        self,
+        x: Tensor,
+        *,
+        task_ids: Tensor | TaskIds | None = None,
+        active: Tensor | None = None,
+    ) -> RoutingResult:
+        """Route ``x (n, d)``; ``task_ids (n,)`` picks each token's expert mask, ``active
+        (n,)`` bool the tokens the auxiliary losses count (``None``: all; padding is not)."""
         if x.ndim != 2 or x.shape[-1] != self.in_features:
             raise ValueError(
                 f"router input must have shape (n, {self.in_features}), got {tuple(x.shape)}"
             )
         logits = F.linear(x, self.logit_weights())  # (n, d) -> (n, l)
-        return self.route_logits(logits, task_ids=task_ids)
+        return self.route_logits(logits, task_ids=task_ids, active=active)
 
     def route_logits(
-        self, logits: Tensor, *, task_ids: Tensor | TaskIds | None = None
+        self,
+        logits: Tensor,
+        *,
+        task_ids: Tensor | TaskIds | None = None,
+        active: Tensor | None = None,
     ) -> RoutingResult:
         """Route precomputed ``logits (n, l)`` = ``x @ logit_weights().T`` under this router's
-        masks (for a mixture that computes them in its own matmul)."""
+        masks (for a mixture that computes them in its own matmul); ``active (n,)`` bool:
+        the tokens the auxiliary losses count."""
         if logits.ndim != 2 or logits.shape[-1] != self.num_logits:
             raise ValueError(
                 f"router logits must have shape (n, {self.num_logits}), got {tuple(logits.shape)}"
@@ -196,17 +222,21 @@ class Router(nn.Module, ABC):
                 f"task_ids must have one entry per token ({logits.shape[0]}), "
                 f"got shape {tuple(tids.ids.shape)}"
             )
-        return self.route(logits, self.allowed_experts(tids), task_ids=tids)
+        check_active(active, logits.shape[0])
+        return self.route(logits, self.allowed_experts(tids), task_ids=tids, active=active)
 
-    def gating(self, task_ids: TaskIds | None, backend: RoutingBackend) -> Gating:
+    def gating(
+        self, task_ids: TaskIds | None, backend: RoutingBackend, active: Tensor | None = None
+    ) -> Gating:
         """This router's routing of one forward inside a fused node that computes the logits
         ``x @ logit_weights().T`` itself (see :mod:`moracl.experts.gating`), for a concrete
-        ``backend``: by default its :meth:`route_logits` replayed under autograd; router
-        kinds with a closed form or kernels override it."""
+        ``backend``, its auxiliary losses over the ``active (n,)`` tokens (``None``: all):
+        by default its :meth:`route_logits` replayed under autograd; router kinds with a
+        closed form or kernels override it."""
         params = tuple(p for p in self.parameters() if p.requires_grad)
 
         def route(logits: Tensor) -> RoutingResult:
-            return self.route_logits(logits, task_ids=task_ids)
+            return self.route_logits(logits, task_ids=task_ids, active=active)
 
         return ReplayGating(route, self.aux_names, params)
 

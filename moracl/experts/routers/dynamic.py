@@ -171,13 +171,14 @@ def dynamic_gate_forward(
     top_p: float,
     min_experts: int,
     max_experts: int,
+    active: Tensor | None = None,
 ) -> tuple[Tensor, Routed, GatedSaved]:
     """:func:`dynamic_route_forward` on the logit columns of ``zl (n, e·r + l)`` and the
     gated activations ``zg (n, e·r)``: one function, so the compiler fuses the gating in;
     its backward is :func:`~moracl.experts.routers.topk.topk_gate_backward`."""
     za = zl[:, :er]
     routed, saved = dynamic_route_forward(
-        zl[:, er:], allowed, noise, top_p, min_experts, max_experts
+        zl[:, er:], allowed, noise, top_p, min_experts, max_experts, active
     )
     return apply_gates(za, routed.gates), routed, GatedSaved(za, routed.gates, saved)
 
@@ -193,6 +194,7 @@ class DynamicGating(Gating):
         noise: draws the noise for ``(n, l)`` logits: ``(n, e)`` or ``None`` (no noise now).
         top_p, min_experts, max_experts: as :func:`dynamic_route_forward`.
         backend: a concrete backend.
+        active: ``(n,)`` bool, the tokens the auxiliary losses count (``None``: all).
     """
 
     allowed: Tensor
@@ -202,9 +204,10 @@ class DynamicGating(Gating):
     max_experts: int
     backend: RoutingBackend
     aux_names: tuple[str, ...] = ("balance", "z")
+    active: Tensor | None = None
 
-    def _settings(self) -> tuple[float, int, int]:
-        return self.top_p, self.min_experts, self.max_experts
+    def _settings(self) -> tuple[float, int, int, Tensor | None]:
+        return self.top_p, self.min_experts, self.max_experts, self.active
 
     def route(self, logits: Tensor) -> tuple[Routed, TopKSaved]:
         fwd = for_backend(dynamic_route_forward, self.backend, logits.device)
@@ -260,12 +263,20 @@ class DynamicRouter(LogitRouter):
         """The most experts a token can get (``config.max_experts`` or all)."""
         return self.config.max_experts or self.num_experts
 
-    def gating(self, task_ids: TaskIds | None, backend: RoutingBackend) -> Gating:
+    def gating(
+        self, task_ids: TaskIds | None, backend: RoutingBackend, active: Tensor | None = None
+    ) -> Gating:
         """Top-p routing with its backward in closed form (:class:`DynamicGating`)."""
         cfg = self.config
         allowed = self.allowed_experts(task_ids)
         return DynamicGating(
-            allowed, self.noise, cfg.top_p, cfg.min_experts, self.max_experts, backend
+            allowed,
+            self.noise,
+            cfg.top_p,
+            cfg.min_experts,
+            self.max_experts,
+            backend,
+            active=active,
         )
 
     def route(

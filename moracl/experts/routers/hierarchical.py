@@ -279,13 +279,15 @@ class HierarchicalRouter(Router):
         levels report indices (``outer (n, k_g)``, ``per_group (n, g, k_s)``)."""
         return global_indices(outer, per_group, self.group_size)
 
-    def gating(self, task_ids: TaskIds | None, backend: RoutingBackend) -> Gating:
+    def gating(
+        self, task_ids: TaskIds | None, backend: RoutingBackend, active: Tensor | None = None
+    ) -> Gating:
         """Both levels top-k (the default): :class:`~moracl.experts.routers.
         hierarchical_gating.HierarchicalGating`, in closed form; other compositions replay
         :meth:`route` under autograd."""
         outer = self.outer
         if type(outer) is not TopKRouter or not self._batched():
-            return super().gating(task_ids, backend)
+            return super().gating(task_ids, backend, active)
         inner = cast(list[TopKRouter], self._inner())
         allowed_gs = self.allowed_experts(task_ids).unflatten(-1, (self.num_groups, -1))
         masks = torch.broadcast_tensors(*(r.allowed_experts(task_ids) for r in inner))
@@ -305,6 +307,7 @@ class HierarchicalRouter(Router):
             groups=LevelSettings(outer.config.k, outer.config.normalize),
             experts=LevelSettings(inner[0].config.k, inner[0].config.normalize),
             backend=backend,
+            active=active,
         )
 
     def _inner(self) -> list[Router]:

@@ -78,6 +78,7 @@ def hierarchical_route_forward(
     group_logits: int,
     groups: LevelSettings,
     experts: LevelSettings,
+    active: Tensor | None = None,
 ) -> tuple[Routed, HierarchicalSaved]:
     """Both levels' routing of ``n`` tokens as one function of tensors and static settings.
 
@@ -89,6 +90,7 @@ def hierarchical_route_forward(
             ``None`` (no noise at that level).
         group_logits: ``l_g``.
         groups, experts: each level's top-k settings.
+        active: ``(n,)`` bool, the tokens the losses count (``None``: all).
 
     Returns:
         The routing over ``e = g·s`` experts (losses ``group.balance``, ``group.z``,
@@ -96,9 +98,9 @@ def hierarchical_route_forward(
     """
     g, s = expert_allowed.shape[-2:]
     group, group_saved = topk_route_forward(
-        logits[:, :group_logits], group_allowed, group_noise, groups.k, groups.normalize
+        logits[:, :group_logits], group_allowed, group_noise, groups.k, groups.normalize, active
     )
-    served = group.chosen  # (n, g)
+    served = group.chosen if active is None else group.chosen & active[:, None]  # (n, g)
     expert_logits = logits[:, group_logits:].unflatten(1, (g, -1))  # (n, g, l_s)
     level, level_saved = topk_route_forward(
         expert_logits, expert_allowed, expert_noise, experts.k, experts.normalize, served
@@ -157,6 +159,7 @@ class HierarchicalGating(Gating):
         group_logits: ``l_g``.
         groups, experts: each level's top-k settings.
         backend: a concrete backend.
+        active: ``(n,)`` bool, the tokens the auxiliary losses count (``None``: all).
     """
 
     group_allowed: Tensor
@@ -168,6 +171,7 @@ class HierarchicalGating(Gating):
     experts: LevelSettings
     backend: RoutingBackend
     aux_names: tuple[str, ...] = ("group.balance", "group.z", "expert.balance", "expert.z")
+    active: Tensor | None = None
 
     def route(self, logits: Tensor) -> tuple[Routed, HierarchicalSaved]:
         lg = self.group_logits
@@ -184,6 +188,7 @@ class HierarchicalGating(Gating):
             lg,
             self.groups,
             self.experts,
+            self.active,
         )
         return routed, saved
 

@@ -136,8 +136,11 @@ class TaskRouter(Router):
     def logit_weights(self) -> Tensor:
         return self._no_weights  # (0, d)
 
-    def gating(self, task_ids: TaskIds | None, backend: RoutingBackend) -> Gating:
-        """Routing by task inside the fused node (:class:`TaskGating`)."""
+    def gating(
+        self, task_ids: TaskIds | None, backend: RoutingBackend, active: Tensor | None = None
+    ) -> Gating:
+        """Routing by task inside the fused node (:class:`TaskGating`); ``active`` is
+        unread: this router has no auxiliary losses."""
         if task_ids is None:
             self.allowed_experts(None)  # raises: the task router needs task ids
             raise AssertionError("unreachable")

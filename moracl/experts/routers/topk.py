@@ -221,18 +221,27 @@ def topk_route_backward(saved: TopKSaved, grads: RouteGrads, normalize: bool = T
         soft = torch.where(allowed, (clean - lse[..., None]).exp(), torch.zeros_like(clean))
         grad_clean = grad + grad_z[..., None] * 2.0 * (lse * z_weights(lse, zw))[..., None] * soft
     if noise is None:
-        return grad_clean.to(logits.dtype)
-    grad_scale = grad * noise * torch.sigmoid(lg[..., e:])  # through the scores only, not z
+        if lg.shape[-1] == e:
+            return grad_clean.to(logits.dtype)
+        grad_scale = torch.zeros_like(lg[..., e:])  # a noisy router evaluated (no draws)
+    else:
+        grad_scale = grad * noise * torch.sigmoid(lg[..., e:])  # through the scores, not z
     return torch.cat([grad_clean, grad_scale], dim=-1).to(logits.dtype)
 
 
 def topk_gate_forward(
-    zl: Tensor, er: int, allowed: Tensor, noise: Tensor | None, k: int, normalize: bool = True
+    zl: Tensor,
+    er: int,
+    allowed: Tensor,
+    noise: Tensor | None,
+    k: int,
+    normalize: bool = True,
+    active: Tensor | None = None,
 ) -> tuple[Tensor, Routed, GatedSaved]:
     """:func:`topk_route_forward` on the logit columns of ``zl (n, e·r + l)``, and the gated
     activations ``zg (n, e·r)`` first: one function, so the compiler fuses the gating in."""
     za = zl[:, :er]
-    routed, saved = topk_route_forward(zl[:, er:], allowed, noise, k, normalize)
+    routed, saved = topk_route_forward(zl[:, er:], allowed, noise, k, normalize, active)
     return apply_gates(za, routed.gates), routed, GatedSaved(za, routed.gates, saved)
 
 
@@ -263,6 +272,7 @@ class TopKGating(Gating):
         noise: draws the noise for ``(n, l)`` logits: ``(n, e)`` or ``None`` (no noise now).
         k, normalize: as :class:`TopKRouterConfig`.
         backend: a concrete backend (``triton``, ``compiled`` or ``eager``).
+        active: ``(n,)`` bool, the tokens the auxiliary losses count (``None``: all).
     """
 
     allowed: Tensor
@@ -271,12 +281,13 @@ class TopKGating(Gating):
     normalize: bool
     backend: RoutingBackend
     aux_names: tuple[str, ...] = ("balance", "z")
+    active: Tensor | None = None
 
     def route(self, logits: Tensor) -> tuple[Routed, TopKSaved]:
         fwd = for_backend(topk_route_forward, self.backend, logits.device)
         routed: Routed
         noise = self.noise(logits)  # (n, e) or None
-        routed, saved = fwd(logits, self.allowed, noise, self.k, self.normalize)
+        routed, saved = fwd(logits, self.allowed, noise, self.k, self.normalize, self.active)
         return routed, saved
 
     def route_backward(
@@ -292,11 +303,13 @@ class TopKGating(Gating):
             from moracl.experts import triton_route
 
             if triton_route.supports(zl, er, self.allowed.shape[-1], self.k):
-                out = triton_route.gate_forward(zl, er, self.allowed, noise, self.k, self.normalize)
+                out = triton_route.gate_forward(
+                    zl, er, self.allowed, noise, self.k, self.normalize, self.active
+                )
                 routed = Routed(out.gates, out.probs, out.chosen, out.indices, (out.balance, out.z))
                 return out.zg, routed, out
         fwd = for_backend(topk_gate_forward, self.backend, zl.device)
-        zg, routed, saved = fwd(zl, er, self.allowed, noise, self.k, self.normalize)
+        zg, routed, saved = fwd(zl, er, self.allowed, noise, self.k, self.normalize, self.active)
         return zg, routed, saved
 
     def backward(
@@ -332,11 +345,13 @@ class TopKRouter(LogitRouter):
             )
         super().__init__(config, in_features, num_experts)
 
-    def gating(self, task_ids: TaskIds | None, backend: RoutingBackend) -> Gating:
+    def gating(
+        self, task_ids: TaskIds | None, backend: RoutingBackend, active: Tensor | None = None
+    ) -> Gating:
         """Top-k routing with its backward in closed form (:class:`TopKGating`)."""
         allowed = self.allowed_experts(task_ids)
         cfg = self.config
-        return TopKGating(allowed, self.noise, cfg.k, cfg.normalize, backend)
+        return TopKGating(allowed, self.noise, cfg.k, cfg.normalize, backend, active=active)
 
     def route(
         self,

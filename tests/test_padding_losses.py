@@ -1,0 +1,114 @@
+"""Routers that route each token leave padded positions out of their auxiliary losses under a
+declared token mask (as transformers' Mixtral leaves them out of its balance loss): the
+losses of a padded batch equal the router's losses of its real tokens alone, and so do their
+gradients, under every backend and for LoRA and MoRA experts (float64)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moracl import MoRAModel
+from moracl.adapters.mora import bank as mora_bank
+from moracl.experts import MixtureConfig, RoutingContext, routing_backend
+from moracl.experts.per_sample import token_mask
+
+from .conftest import randomize_adapters, tiny_llama
+from .test_backends import ROUTERS, TASK_IDS, _layer
+
+F64 = torch.float64
+PER_TOKEN = sorted(r for r in ROUTERS if r not in ("topk-per-sample", "task"))  # with losses
+LENGTHS = torch.tensor([5, 3, 1])
+MASK = torch.arange(5) < LENGTHS[:, None]  # (3, 5): 9 real tokens
+
+
+def _padded() -> tuple[torch.Tensor, torch.Tensor]:
+    """``x (3, 5, 12)`` with large values at the padded positions, and its real tokens."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 5, 12, generator=gen, dtype=F64)
+    junk = 30 * torch.randn(3, 5, 12, generator=gen, dtype=F64)
+    return torch.where(MASK[..., None], x, junk), x[MASK]
+
+
+def _routed(layer: torch.nn.Module, x: torch.Tensor, backend: str, masked: bool):  # type: ignore[no-untyped-def]
+    mix = layer.adapter("default")
+    mix.context = RoutingContext(task_ids=TASK_IDS)
+    try:
+        with routing_backend(backend):
+            if masked:
+                with token_mask(MASK):
+                    layer(x)
+            else:
+                layer(x)
+        return mix.context.results[mix]
+    finally:
+        mix.context = None
+
+
+@pytest.mark.parametrize("kind", ["lora", "mora", "mora-node"])
+@pytest.mark.parametrize("backend", ["naive", "eager"])
+@pytest.mark.parametrize("router", PER_TOKEN)
+def test_padded_positions_are_left_out_of_the_auxiliary_losses(
+    router: str, backend: str, kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if kind == "mora-node":  # the routed MoRA node, on the CPU too
+        monkeypatch.setattr(mora_bank, "FUSED_DEVICES", ("cpu", "cuda"))
+    layer = _layer(router, F64, "mora" if kind.startswith("mora") else "lora").eval()
+    mix = layer.adapter("default")  # evaluation: no noise, whose draws depend on the count
+    params = [p for p in mix.router.parameters() if p.requires_grad]
+    x, real = _padded()
+    token_tasks = TASK_IDS[:, None].expand(3, 5)[MASK]  # (9,)
+    want = mix.router(real, task_ids=token_tasks)  # the real tokens alone, no mask
+    got = _routed(layer, x, backend, masked=True)
+    assert sorted(got.aux_losses) == sorted(want.aux_losses)
+    tol = 1e4 * torch.finfo(F64).eps
+    for name, loss in want.aux_losses.items():
+        torch.testing.assert_close(got.aux_losses[name], loss, rtol=tol, atol=tol)
+    got_grads = torch.autograd.grad(got.aux_loss, params)
+    want_grads = torch.autograd.grad(want.aux_loss, params)
+    for mine, ref in zip(got_grads, want_grads):
+        torch.testing.assert_close(mine, ref, rtol=tol, atol=tol)
+    unmasked = _routed(layer, x, backend, masked=False)  # the padding counts without a mask
+    assert not torch.allclose(unmasked.aux_loss, want.aux_loss)
+
+
+def test_a_strict_mask_of_another_shape_is_refused_by_a_per_token_router() -> None:
+    layer = _layer("topk", F64)
+    x, _ = _padded()
+    with token_mask(torch.ones(3, 4, dtype=torch.bool)), pytest.raises(ValueError) as err:
+        layer(x)
+    assert "(3, 4)" in str(err.value) and "(3, 5)" in str(err.value)
+    with token_mask(torch.ones(3, 4, dtype=torch.bool), strict=False):
+        layer(x)  # a non-strict mask that does not fit: every position counts
+
+
+@pytest.mark.parametrize(
+    "active", [torch.ones(4, dtype=torch.bool), torch.ones(9), [True] * 9], ids=str
+)
+def test_a_router_refuses_an_active_mask_that_is_not_one_bool_per_token(active: object) -> None:
+    router = _layer("topk", F64).adapter("default").router
+    with pytest.raises(ValueError, match=r"active must be a bool tensor of shape \(9,\)"):
+        router(torch.randn(9, 12, dtype=F64), active=active)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("router", ["topk", "hierarchical", "dynamic"])
+def test_a_transformers_model_gives_a_padded_sample_the_losses_it_has_alone(router: str) -> None:
+    """``attention_mask`` passed to the wrapper declares the padding: a right-padded sample's
+    auxiliary loss is its loss alone (causal attention never reads the padding), and counting
+    the padding would move it."""
+    torch.manual_seed(0)
+    config = MixtureConfig(kind="lora", rank=2, experts=4, router=ROUTERS[router])
+    model = MoRAModel(
+        tiny_llama().double(), config, target_modules=["q_proj", "v_proj", "down_proj"]
+    )
+    model.double().eval()  # no routing noise, whose draws depend on the token count
+    randomize_adapters(model, scale=1.0)
+    short = torch.randint(1, 101, (1, 4))
+    padded = torch.cat([short, torch.randint(1, 101, (1, 5))], 1)
+    mask = (torch.arange(9) < 4).long()[None]  # (1, 9)
+    model(input_ids=short, attention_mask=torch.ones_like(short))
+    alone = model.aux_loss()
+    model(input_ids=padded, attention_mask=mask)
+    torch.testing.assert_close(model.aux_loss(), alone, rtol=1e-10, atol=1e-12)
+    model(input_ids=padded)
+    assert not torch.allclose(model.aux_loss(), alone)
