@@ -140,7 +140,7 @@ def test_an_evaluated_noisy_router_gives_its_noise_scales_no_gradient(
     ref_zl, _ = topk_gate_backward(saved, grads[0], route_grads)
     got = kernels.gate_forward(zl, er, allowed, None, 2)
     mine_zl, _ = kernels.gate_backward(got, grads[0], route_grads)
-    assert ref_zl.shape == zl.shape and torch.equal(ref_zl[:, er + 8 :], torch.zeros(40, 8))
+    assert ref_zl.shape == zl.shape and not ref_zl[:, er + 8 :].any()
     torch.testing.assert_close(mine_zl, ref_zl, rtol=1e-5, atol=1e-5)
 
 
