@@ -32,7 +32,11 @@ def _lora_of_leading(layer: MoRALinear, b: int) -> MoRALinear:
     """A rank-``b`` LoRA on the same base made of the first ``b`` rows of A / columns of B
     (an rsLoRA when the DyLoRA scales by ``alpha / sqrt(b)``)."""
     dy = layer.adapters["default"]
-    config = AdapterConfig(kind="lora", rank=b, alpha=3.0, rslora=dy.config.rslora)
+    cfg = dy.config
+    alpha = 3.0  # a fixed scale is the full rank's: alpha·b/r (alpha·sqrt(b/r) for rsLoRA)
+    if cfg.fixed_scale:
+        alpha *= (b / R) ** 0.5 if cfg.rslora else b / R
+    config = AdapterConfig(kind="lora", rank=b, alpha=alpha, rslora=cfg.rslora)
     lora = MoRALinear(layer.base_layer, config).double()
     with torch.no_grad():
         lora.adapters["default"].lora_A.copy_(dy.lora_A[:b])
@@ -40,28 +44,35 @@ def _lora_of_leading(layer: MoRALinear, b: int) -> MoRALinear:
     return lora
 
 
-@pytest.mark.parametrize("rslora", [False, True], ids=["alpha/b", "alpha/sqrt(b)"])
+SCALES = [(False, False), (True, False), (False, True), (True, True)]
+SCALE_IDS = ["alpha/b", "alpha/sqrt(b)", "alpha/r", "alpha/sqrt(r)"]
+
+
+@pytest.mark.parametrize(("rslora", "fixed"), SCALES, ids=SCALE_IDS)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_each_truncation_equals_a_lora_of_the_leading_rows(
-    shape: tuple[int, int], rslora: bool
+    shape: tuple[int, int], rslora: bool, fixed: bool
 ) -> None:
-    layer = _dylora_layer(shape, rslora=rslora).eval()
+    layer = _dylora_layer(shape, rslora=rslora, fixed_scale=fixed).eval()
     dy = layer.adapters["default"]
     x = torch.randn(4, 5, shape[0], dtype=torch.float64)
     for b in range(1, R + 1):
         dy.set_rank(b)
         lora = _lora_of_leading(layer, b).eval()
         ref = lora.adapters["default"]
-        assert ref.scaling == (3.0 / b**0.5 if rslora else 3.0 / b)  # rsLoRA's, the paper's
+        kept = R if fixed else b  # the rank whose factor scales the update
+        assert ref.scaling == pytest.approx(3.0 / kept**0.5 if rslora else 3.0 / kept, rel=1e-15)
         torch.testing.assert_close(layer(x), lora(x), rtol=0, atol=1e-12)
         torch.testing.assert_close(dy.delta_weight(), ref.delta_weight(), rtol=0, atol=1e-12)
         torch.testing.assert_close(dy.delta(x), ref.delta(x), rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("rslora", [False, True], ids=["alpha/b", "alpha/sqrt(b)"])
+@pytest.mark.parametrize(("rslora", "fixed"), SCALES, ids=SCALE_IDS)
 @pytest.mark.parametrize("update", ["last", "all"])
-def test_a_training_call_is_the_lora_of_the_rank_it_draws(update: str, rslora: bool) -> None:
-    layer = _dylora_layer((9, 8), update=update, rslora=rslora).train()
+def test_a_training_call_is_the_lora_of_the_rank_it_draws(
+    update: str, rslora: bool, fixed: bool
+) -> None:
+    layer = _dylora_layer((9, 8), update=update, rslora=rslora, fixed_scale=fixed).train()
     dy = layer.adapters["default"]
     x = torch.randn(5, 9, dtype=torch.float64)
     seen = set()

@@ -11,9 +11,11 @@ scaling ``alpha / b`` is that of DyLoRA truncated to ``b``. DyLoRA is trained in
 variant: each update rule of ``--updates`` (``last``: only row/column ``b`` learns at each
 step, the paper's frozen mode; ``all``: every row up to ``b``) with each scaling of
 ``--scalings`` (``linear``: the paper's ``alpha / b``; ``rslora``: ``alpha / sqrt(b)``, named
-``all+rslora``). Every choice is made on a validation split held out of the training glosses,
-on means over the seeds: DyLoRA's variant and learning rate (the best mean validation accuracy
-over the ranks) and each rank's LoRA learning rate; the test split is only reported.
+``all+rslora``; ``fixed``: ``alpha / r`` at every ``b``, so truncation drops rows without
+rescaling the kept ones, named ``all+fixed``). Every choice is made on a validation split
+held out of the training glosses, on means over the seeds: DyLoRA's variant and learning rate
+(the best mean validation accuracy over the ranks) and each rank's LoRA learning rate; the
+test split is only reported.
 Offline; one training takes about 40 seconds on one CPU core, and a seed trains
 ``len(lrs) · (variants + len(ranks))`` models (the test split has 300 glosses: one gloss is
 0.33 points, so compare means over ``--seeds``).
@@ -139,8 +141,8 @@ def _accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
     return float((logits.argmax(-1) == y).double().mean())
 
 
-#: DyLoRA's scalings: the paper's ``alpha / b`` and rsLoRA's ``alpha / sqrt(b)``
-SCALINGS = ("linear", "rslora")
+#: DyLoRA's scalings: the paper's ``alpha / b``, rsLoRA's ``alpha / sqrt(b)``, the full rank's
+SCALINGS = ("linear", "rslora", "fixed")
 
 
 def variant_name(update: str, scaling: str) -> str:
@@ -186,7 +188,7 @@ def run_seed(args: argparse.Namespace) -> dict[str, Any]:
             at = argparse.Namespace(**{**vars(args), "lr": lr})
             config = DyLoRAConfig(
                 rank=args.rank, alpha=args.alpha, seed=args.seed, update=DyLoRAUpdate(update),
-                rslora=scaling == "rslora",
+                rslora=scaling == "rslora", fixed_scale=scaling == "fixed",
             )  # fmt: skip
             model = adapted(config)
             _, steps = _train(model, train.x, train.y, at)
@@ -360,7 +362,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-_SCALE_TEXT = {"linear": "`alpha / b`", "rslora": "`alpha / sqrt(b)` (rsLoRA)"}
+_SCALE_TEXT = {
+    "linear": "`alpha / b`",
+    "rslora": "`alpha / sqrt(b)` (rsLoRA)",
+    "fixed": "`alpha / r` at every `b` (the full rank's)",
+}
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -454,7 +460,8 @@ def parse_args(argv: list[str] | None = None, *, check_reuse: bool = True) -> ar
         nargs="+",
         choices=list(SCALINGS),
         default=["linear"],
-        help="DyLoRA's scalings: linear (alpha / b, the paper's), rslora (alpha / sqrt(b))",
+        help="DyLoRA's scalings: linear (alpha / b, the paper's), rslora (alpha / sqrt(b)), "
+        "fixed (alpha / r at every b)",
     )
     parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument(

@@ -30,7 +30,9 @@ class DyLoRAConfig(AdapterConfig):
     ``A (r × i)``, ``B (o × r)``; at truncation ``b`` the update is the paper's
     ``ΔW_b = (alpha / b) · B[:, :b] A[:b]`` (its Eq. 5, ``W_up↓b W_dw↓b`` scaled by ``α / b``),
     which is exactly a rank-``b`` LoRA made of the first ``b`` rows and columns (with
-    ``rslora``, ``alpha / sqrt(b)``: the rank-``b`` rsLoRA).  Each training
+    ``rslora``, ``alpha / sqrt(b)``: the rank-``b`` rsLoRA; with ``fixed_scale``, every
+    truncation keeps the full rank's factor, so dropping rows leaves the kept ones' updates as
+    they are, as nested dropout does).  Each training
     forward draws ``b`` uniformly from ``[min_rank, rank]`` (a seeded counter-based draw, the
     same for every layer at the same step); evaluation uses the rank chosen with ``set_rank``
     (``rank`` until then).
@@ -40,6 +42,10 @@ class DyLoRAConfig(AdapterConfig):
         rslora: rank-stabilised scaling ``s_b = alpha / sqrt(b)`` (Kalajdzievski 2023): the
             truncations' scales differ by ``sqrt(r)`` instead of ``r`` (16 vs 5.7 instead of
             16 vs 2 for ``alpha = 16`` at ``b = 1`` and ``8``).
+        fixed_scale: every truncation scaled as the full rank, ``s_b = s_r`` (``alpha / r``,
+            or ``alpha / sqrt(r)`` with ``rslora``): truncated to ``b``, the update is the
+            rank-``b`` LoRA of the leading rows with ``alpha · b / r`` (``alpha · sqrt(b /
+            r)``).
         min_rank: the smallest rank drawn in training, ``1 <= min_rank <= rank``.
         update: ``last`` (default, the paper's frozen mode) or ``all`` (see
             :class:`DyLoRAUpdate`).
@@ -50,6 +56,7 @@ class DyLoRAConfig(AdapterConfig):
     alpha: float = 8.0
     min_rank: int = 1
     rslora: bool = False
+    fixed_scale: bool = False
     update: DyLoRAUpdate = DyLoRAUpdate.LAST
     seed: int = 0
 
@@ -58,11 +65,13 @@ class DyLoRAConfig(AdapterConfig):
         check_number("alpha", self.alpha, gt=0)  # finite, > 0
         check_int("min_rank", self.min_rank, ge=1, le=self.rank)
         check_int("seed", self.seed, ge=0)
-        if not isinstance(self.rslora, bool):
-            raise ValueError(f"rslora must be true or false, got {self.rslora!r}")
+        for name in ("rslora", "fixed_scale"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         object.__setattr__(self, "update", check_choice("DyLoRA update", self.update, DyLoRAUpdate))
 
     def scaling(self, rank: int) -> float:
         """The factor ``s_b = alpha / b`` (``alpha / sqrt(b)`` with ``rslora``) of the update
-        truncated to rank ``b``."""
-        return self.alpha / (math.sqrt(rank) if self.rslora else rank)
+        truncated to rank ``b`` (``b = rank`` at every ``b`` with ``fixed_scale``)."""
+        b = self.rank if self.fixed_scale else rank
+        return self.alpha / (math.sqrt(b) if self.rslora else b)

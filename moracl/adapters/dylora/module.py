@@ -110,8 +110,11 @@ class DyLoRA(Adapter):
         a: Tensor = self.lora_A
         up: Tensor = self.lora_B
         idx = torch.arange(self.config.rank, device=b.device)  # (r,)
-        denom = b.to(a.dtype).sqrt() if self.config.rslora else b.to(a.dtype)  # ()
-        scale = (idx < b).to(a.dtype) * (self.config.alpha / denom)  # (r,)
+        if self.config.fixed_scale:
+            scale = (idx < b).to(a.dtype) * self.config.scaling(self.config.rank)  # (r,)
+        else:
+            denom = b.to(a.dtype).sqrt() if self.config.rslora else b.to(a.dtype)  # ()
+            scale = (idx < b).to(a.dtype) * (self.config.alpha / denom)  # (r,)
         if self.config.update is DyLoRAUpdate.LAST:  # rows/columns < b: constants
             last = idx == b - 1
             a = torch.where(last[:, None], a, a.detach())  # (r, i)
