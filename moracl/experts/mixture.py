@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -368,28 +369,30 @@ class Mixture(nn.Module):
         b, t = w.shape
         return torch.einsum("bt,bti->bi", w, x.reshape(b, t, self.in_features))
 
-    def _pool_weights(self, lead: torch.Size, device: torch.device, dtype: torch.dtype) -> Tensor:
-        """:func:`~moracl.experts.per_sample.pool_weights` under the token mask of the forward
-        that activation checkpointing recomputes, when it does: ``(b, t)``."""
+    def _mask_scope(self) -> AbstractContextManager[None]:
+        """The token mask of the forward that activation checkpointing recomputes, declared
+        again while it does (the recomputation runs outside that forward's block); nothing
+        otherwise."""
         ctx = self.recompute_context
         if self.context is None and ctx is not None and ctx.padding is not None and in_backward():
             mask, strict = ctx.padding
-            with token_mask(mask, strict=strict):
-                return pool_weights(lead, device, dtype)
-        return pool_weights(lead, device, dtype)
+            return token_mask(mask, strict=strict)
+        return nullcontext()
+
+    def _pool_weights(self, lead: torch.Size, device: torch.device, dtype: torch.dtype) -> Tensor:
+        """:func:`~moracl.experts.per_sample.pool_weights` under the declared token mask (see
+        :meth:`_mask_scope`): ``(b, t)``."""
+        with self._mask_scope():
+            return pool_weights(lead, device, dtype)
 
     def _active(self, lead: torch.Size, device: torch.device) -> Tensor | None:
         """``(n,)`` bool, the tokens a per-token router's auxiliary losses count under the
-        declared token mask (of the forward that activation checkpointing recomputes, when
-        it does); ``None``: every token, and always for routing per sample."""
+        declared token mask (see :meth:`_mask_scope`); ``None``: every token, and always for
+        routing per sample."""
         if self.per_sample:
             return None
-        ctx = self.recompute_context
-        if self.context is None and ctx is not None and ctx.padding is not None and in_backward():
-            mask, strict = ctx.padding
-            with token_mask(mask, strict=strict):
-                return active_tokens(lead, device)
-        return active_tokens(lead, device)
+        with self._mask_scope():
+            return active_tokens(lead, device)
 
     def _task_ids(self, lead: torch.Size) -> TaskIds | None:
         ctx = self.context
