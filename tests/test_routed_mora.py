@@ -15,6 +15,7 @@ from moracl.adapters.mora import bank as mora_bank
 from moracl.experts import MixtureConfig, RoutingContext, routing_backend
 from moracl.experts.routed_mora import padded_size
 
+from . import test_backends
 from .test_backends import ROUTERS, TASK_IDS, _step
 
 # (in, out, rank) -> r̂ = floor(sqrt((in + out) · rank)): 8 (aligned), 10 (padded to 16) with
@@ -110,24 +111,9 @@ def test_on_the_cpu_the_mixture_keeps_the_unfused_sum_by_default() -> None:
 
 
 @pytest.mark.usefixtures("node_on_cpu")
-def test_a_retained_graph_backpropagates_twice_through_the_node() -> None:
-    layer = _layer("topk", "padded", torch.float64)
-    mix = layer.adapter("default")
-    x, g = _inputs("padded", torch.float64)
-    x.requires_grad_(True)
-    params = [x, *(p for p in mix.parameters() if p.requires_grad)]
-    mix.context = RoutingContext(task_ids=TASK_IDS)
-    try:
-        with routing_backend("eager"):
-            out = layer(x)
-        aux = mix.context.results[mix].aux_loss
-    finally:
-        mix.context = None
-    loss = (out * g).sum() + 10 * aux
-    first = torch.autograd.grad(loss, params, retain_graph=True)
-    second = torch.autograd.grad(loss, params)
-    for a, b in zip(first, second):
-        assert torch.equal(a, b)
+@pytest.mark.parametrize("router", sorted(ROUTERS))
+def test_a_retained_graph_backpropagates_twice_through_the_node(router: str) -> None:
+    test_backends.test_a_retained_graph_backpropagates_twice(router, "mora")  # via the node
 
 
 @pytest.mark.gpu

@@ -132,6 +132,33 @@ def accumulate_input_grad(g: Tensor, weight: Tensor, gz: Tensor, a: Tensor) -> T
     return (g @ weight).addmm_(gz, a)
 
 
+def frozen_layer_grads(
+    g: Tensor | None,
+    x: Tensor,
+    weight: Tensor,
+    gz: Tensor,
+    a: Tensor,
+    needs: tuple[bool, bool, bool],
+    x_shape: torch.Size,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """``(∂x, ∂W, ∂b)`` of ``x Wᵀ + b + up(x aᵀ)`` for the output's gradient ``g (N, o)`` (or
+    ``None``: only the update's) and the down projection's ``gz (N, r)``, ``x (N, i)``, ``a
+    (r × i)``; ``needs``: which of the three are wanted (``None`` for the others); ``∂x`` in
+    ``x_shape``."""
+    need_x, need_w, need_bias = needs
+    grad_x = grad_w = grad_bias = None
+    if need_x:
+        if g is None:
+            grad_x = (gz @ a).view(x_shape)
+        else:
+            grad_x = accumulate_input_grad(g, weight, gz, a).view(x_shape)
+    if g is not None and need_w:
+        grad_w = g.t() @ x
+    if g is not None and need_bias:
+        grad_bias = g.sum(0)
+    return grad_x, grad_w, grad_bias
+
+
 def plain_lora_linear(
     x: Tensor, weight: Tensor, bias: Tensor | None, a: Tensor, b: Tensor, s: float
 ) -> Tensor:

@@ -21,8 +21,8 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from moracl.adapters.fused import (
-    accumulate_input_grad,
     compute_dtype,
+    frozen_layer_grads,
     frozen_plus_update,
     node_output,
 )
@@ -81,7 +81,7 @@ class _RoutedLoRALinear(torch.autograd.Function):
             grad_zg = torch.addmm(g2.new_empty(()), g2, b, beta=0, alpha=s)  # input unread
         route_grads = RouteGrads(grad_gates, grad_probs, tuple(grad_aux))
         grad_zl, zg, input_grads = gating.backward(saved, grad_zg, route_grads)
-        grad_x = grad_w = grad_bias = grad_a = grad_b = grad_r = None
+        grad_a = grad_b = grad_r = None
         if g2 is not None and zg is not None and need_b:
             grad_b = torch.addmm(b, g2.t(), zg, beta=0, alpha=s).to(ctx.dtypes[1])  # (o, e·r)
         if need_a or need_r:
@@ -89,15 +89,9 @@ class _RoutedLoRALinear(torch.autograd.Function):
             if ctx.dtypes[0] == ctx.dtypes[2]:  # one cast for both (one kernel less)
                 grad_ar = grad_ar.to(ctx.dtypes[0])
             grad_a, grad_r = grad_ar[:er].to(ctx.dtypes[0]), grad_ar[er:].to(ctx.dtypes[2])
-        if need_x:
-            if g2 is None:
-                grad_x = (grad_zl @ ar).view(ctx.x_shape)
-            else:
-                grad_x = accumulate_input_grad(g2, weight, grad_zl, ar).view(ctx.x_shape)
-        if g2 is not None and need_w:
-            grad_w = g2.t() @ x2
-        if g2 is not None and need_bias:
-            grad_bias = g2.sum(0)
+        grad_x, grad_w, grad_bias = frozen_layer_grads(
+            g2, x2, weight, grad_zl, ar, (need_x, need_w, need_bias), ctx.x_shape
+        )
         return grad_x, grad_w, grad_bias, grad_a, grad_b, grad_r, None, None, *input_grads
 
 

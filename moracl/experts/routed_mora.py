@@ -31,8 +31,8 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from moracl.adapters.fused import (
-    accumulate_input_grad,
     compute_dtype,
+    frozen_layer_grads,
     frozen_plus_update,
     node_output,
 )
@@ -131,7 +131,7 @@ class _RoutedMoRALinear(torch.autograd.Function):
         grad_gates, grad_probs, _chosen, _indices, *grad_aux = grads
         need_x, need_w, need_bias, need_m, need_r = ctx.needs_input_grad[:5]
         g2 = None if g is None else g.reshape(-1, g.shape[-1]).to(x2.dtype)  # (n, o)
-        grad_m = grad_x = grad_w = grad_bias = grad_r = None
+        grad_m = grad_r = None
         grad_c = None  # (n, p)
         if g2 is not None:
             gz = g2 @ d  # decompressionᵀ: (n, p)
@@ -150,15 +150,9 @@ class _RoutedMoRALinear(torch.autograd.Function):
         grad_zl = torch.cat([grad_c, grad_logits.to(grad_c.dtype)], dim=1)  # (n, p + l)
         if need_r:
             grad_r = (grad_zl[:, p:].t() @ x2).to(ctx.dtypes[1])  # (l, i)
-        if need_x:
-            if g2 is None:
-                grad_x = (grad_zl @ cr).view(ctx.x_shape)
-            else:
-                grad_x = accumulate_input_grad(g2, weight, grad_zl, cr).view(ctx.x_shape)
-        if g2 is not None and need_w:
-            grad_w = g2.t() @ x2
-        if g2 is not None and need_bias:
-            grad_bias = g2.sum(0)
+        grad_x, grad_w, grad_bias = frozen_layer_grads(
+            g2, x2, weight, grad_zl, cr, (need_x, need_w, need_bias), ctx.x_shape
+        )
         return grad_x, grad_w, grad_bias, grad_m, grad_r, None, None, None, None, *input_grads
 
 
