@@ -21,6 +21,7 @@ import moracl.adapters  # noqa: F401  (registers the adapter kinds)
 from moracl.adapter_files import SavedLayout, check_header, expected_state, parse_layout
 from moracl.adapters.base import Adapter, AdapterConfig, ParamRole
 from moracl.checkpoint import open_adapter, write_adapter
+from moracl.experts.context import SideMasks
 from moracl.experts.mixture import Mixture, MixtureConfig, RoutingContext
 from moracl.experts.per_sample import current_token_mask, declared_token_mask, token_mask
 from moracl.experts.routing import RoutingResult, RoutingStats
@@ -159,10 +160,15 @@ class MoRAModel(nn.Module):
         before = [m.context for m in mixtures.values()]  # a route() block's, or None
         for m in mixtures.values():
             m.context = ctx
+        ctx.sides = self._side_masks(mixtures.values(), kwargs)
         try:
-            with self._padding(mixtures.values(), kwargs.get("attention_mask")):
-                ctx.padding = declared_token_mask()
-                out = self.model(*args, **kwargs)
+            if ctx.sides is not None:  # an encoder-decoder: each side under its own mask
+                with self._keep_encoder_states(ctx.sides):
+                    out = self.model(*args, **kwargs)
+            else:
+                with self._padding(mixtures.values(), kwargs.get("attention_mask")):
+                    ctx.padding = declared_token_mask()
+                    out = self.model(*args, **kwargs)
         finally:
             for m, b in zip(mixtures.values(), before):
                 m.context = b
@@ -200,6 +206,66 @@ class MoRAModel(nn.Module):
         ):
             return token_mask(attention_mask, strict=False)
         return nullcontext()
+
+    def _encoder(self) -> nn.Module | None:
+        """A transformers encoder-decoder's encoder (``config.is_encoder_decoder`` and
+        ``get_encoder()``), or ``None``."""
+        get_encoder = getattr(self.model, "get_encoder", None)
+        if not getattr(getattr(self.model, "config", None), "is_encoder_decoder", False):
+            return None
+        encoder = get_encoder() if callable(get_encoder) else None
+        return encoder if isinstance(encoder, nn.Module) else None
+
+    def _side_masks(self, mixtures: Iterable[Mixture], kwargs: dict[str, Any]) -> SideMasks | None:
+        """For an encoder-decoder where no mask is declared: the call's ``attention_mask`` for
+        the encoder's tokens and its ``decoder_attention_mask`` for the decoder's (2-D ones,
+        each non-strict as in :func:`_padding`), so that the encoder's padding never stands
+        for decoder tokens of the same length; ``None`` for any other model."""
+        encoder = self._encoder()
+        if encoder is None or current_token_mask() is not None:
+            return None
+
+        def mask(name: str) -> tuple[Tensor, bool] | None:
+            value = kwargs.get(name)
+            return (value, False) if isinstance(value, Tensor) and value.ndim == 2 else None
+
+        inside = {id(m) for m in encoder.modules()}
+        sides = SideMasks(
+            encoder=mask("attention_mask"),
+            decoder=mask("decoder_attention_mask"),
+            encoder_mixtures=frozenset(id(m) for m in mixtures if id(m) in inside),
+        )
+        given = kwargs.get("encoder_outputs")  # precomputed (generate): no encoder call
+        if given is not None:
+            states = getattr(given, "last_hidden_state", None)
+            if states is None and isinstance(given, (tuple, list)) and given:
+                states = given[0]
+            if isinstance(states, Tensor):
+                sides.encoder_states.append(states)
+        return sides
+
+    def _keep_encoder_states(self, sides: SideMasks) -> AbstractContextManager[None]:
+        """While the block runs, the encoder's output of each call is appended to
+        ``sides.encoder_states`` (the decoder's cross-attention reads it)."""
+        encoder = self._encoder()
+        assert encoder is not None
+
+        def keep(module: nn.Module, args: Any, output: Any) -> None:
+            states = getattr(output, "last_hidden_state", None)
+            if states is None and isinstance(output, (tuple, list)) and output:
+                states = output[0]
+            if isinstance(states, Tensor):
+                sides.encoder_states.append(states)
+
+        @contextmanager
+        def scope() -> Iterator[None]:
+            handle = encoder.register_forward_hook(keep)
+            try:
+                yield
+            finally:
+                handle.remove()
+
+        return scope()
 
     def mixtures(self) -> Iterator[tuple[str, Mixture]]:
         """``(path, mixture)`` for every active mixture of experts."""

@@ -112,3 +112,43 @@ def test_a_transformers_model_gives_a_padded_sample_the_losses_it_has_alone(rout
     torch.testing.assert_close(model.aux_loss(), alone, rtol=1e-10, atol=1e-12)
     model(input_ids=padded)
     assert not torch.allclose(model.aux_loss(), alone)
+
+
+def _tiny_t5() -> torch.nn.Module:
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    cfg = T5Config(
+        vocab_size=50, d_model=16, d_ff=32, d_kv=8, num_heads=2, num_layers=1,
+        num_decoder_layers=1, dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0,
+    )  # fmt: skip
+    return T5ForConditionalGeneration(cfg).double().eval()
+
+
+@pytest.mark.parametrize("cross", [True, False], ids=["cross-attention", "self-attention"])
+def test_an_encoder_decoder_masks_each_side_with_its_own_padding(cross: bool) -> None:
+    """T5 with routing per sample: the encoder's tokens (in the encoder, and as the decoder's
+    cross-attention keys and values) pool under ``attention_mask``, the decoder's under
+    their own mask (none here), even where the decoder's length equals the encoder's: a
+    sample padded in a batch gives the logits it gives alone (float64)."""
+    torch.manual_seed(0)
+    router = {**ROUTERS["topk-per-sample"].to_dict(), "noise": False}
+    config = MixtureConfig.from_dict({"kind": "lora", "rank": 2, "experts": 4, "router": router})
+    targets = ["EncDecAttention.v", "EncDecAttention.k"] if cross else ["SelfAttention.q"]
+    model = MoRAModel(_tiny_t5(), config, target_modules=targets).double().eval()
+    randomize_adapters(model, scale=1.0)
+    src = torch.randint(1, 50, (2, 5))
+    mask = torch.ones(2, 5, dtype=torch.long)
+    mask[0, 3:] = 0  # sample 0: 3 real source tokens, padded to the decoder's length 5
+    tgt = torch.randint(1, 50, (2, 5))
+    with torch.no_grad():
+        batch = model(input_ids=src, attention_mask=mask, decoder_input_ids=tgt).logits
+        alone = model(
+            input_ids=src[:1, :3], attention_mask=mask[:1, :3], decoder_input_ids=tgt[:1]
+        ).logits
+        with token_mask(mask):  # the encoder called on its own, as generate() calls it
+            encoded = model.model.get_encoder()(input_ids=src, attention_mask=mask)
+        given = model(
+            encoder_outputs=encoded, attention_mask=mask, decoder_input_ids=tgt
+        ).logits  # precomputed encoder states, as generate() passes them
+    torch.testing.assert_close(batch[0], alone[0], rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(given, batch, rtol=1e-9, atol=1e-10)

@@ -14,7 +14,33 @@ from torch import Tensor, nn
 from moracl.experts.routers.base import TaskIds
 from moracl.experts.routing import RoutingResult, concat_results
 
-__all__ = ["RoutingContext", "sample_task_ids", "token_task_ids"]
+__all__ = ["RoutingContext", "SideMasks", "sample_task_ids", "token_task_ids"]
+
+
+@dataclass
+class SideMasks:
+    """An encoder-decoder's token masks, ``(mask, strict)`` or ``None`` each: a mixture routes
+    under the encoder's when it is inside the encoder or reads the encoder's output (the
+    decoder's cross-attention keys and values), else under the decoder's.
+
+    Attributes:
+        encoder, decoder: each side's mask.
+        encoder_mixtures: ``id`` of every mixture inside the encoder.
+        encoder_states: the encoder's outputs of this call (filled as the encoder runs, or
+            given when the call passes them).
+    """
+
+    encoder: tuple[Tensor, bool] | None
+    decoder: tuple[Tensor, bool] | None
+    encoder_mixtures: frozenset[int]
+    encoder_states: list[Tensor] = field(default_factory=list)
+
+    def mask_for(self, mixture: nn.Module, x: Tensor) -> tuple[Tensor, bool] | None:
+        """The mask ``mixture`` routes its input ``x`` under."""
+        reads_encoder = any(x.data_ptr() == s.data_ptr() for s in self.encoder_states)
+        if id(mixture) in self.encoder_mixtures or reads_encoder:
+            return self.encoder
+        return self.decoder
 
 
 @dataclass
@@ -41,6 +67,9 @@ class RoutingContext:
     #: the token mask declared for the forward, ``(mask, strict)``
     #: (:func:`~moracl.experts.per_sample.token_mask`), for its recomputation
     padding: tuple[Tensor, bool] | None = None
+    #: an encoder-decoder's two token masks, declared around each mixture's routing where no
+    #: mask is declared for the whole forward
+    sides: SideMasks | None = None
 
     def for_recompute(self) -> RoutingContext:
         """The same task ids and token mask (of the same type of context) without the routing

@@ -37,6 +37,7 @@ from moracl.experts.gating import Gating
 from moracl.experts.per_sample import (
     SampleGating,
     active_tokens,
+    declared_token_mask,
     expand_result,
     pool_weights,
     token_mask,
@@ -360,39 +361,48 @@ class Mixture(nn.Module):
         tid: Tensor | TaskIds | None = task_ids
         if isinstance(task_ids, Tensor):
             tid = token_task_ids(task_ids, lead)
-        active = self._active(lead, x.device)
+        active = self._active(x)
         return self.router(x.reshape(-1, self.in_features), task_ids=tid, active=active)
 
     def _pooled(self, x: Tensor) -> Tensor:
         """``(b, i)`` each row's mean token input (see :func:`pool_weights`)."""
-        w = self._pool_weights(x.shape[:-1], x.device, x.dtype)  # (b, t)
+        w = self._pool_weights(x, x.dtype)  # (b, t)
         b, t = w.shape
         return torch.einsum("bt,bti->bi", w, x.reshape(b, t, self.in_features))
 
-    def _mask_scope(self) -> AbstractContextManager[None]:
-        """The token mask of the forward that activation checkpointing recomputes, declared
-        again while it does (the recomputation runs outside that forward's block); nothing
-        otherwise."""
-        ctx = self.recompute_context
-        if self.context is None and ctx is not None and ctx.padding is not None and in_backward():
-            mask, strict = ctx.padding
-            return token_mask(mask, strict=strict)
+    def _mask_scope(self, x: Tensor) -> AbstractContextManager[None]:
+        """The token mask of this mixture's side for its input ``x`` where its context has an
+        encoder-decoder's two (:class:`~moracl.experts.context.SideMasks`) and no mask is
+        declared, and the token mask of the forward that activation checkpointing
+        recomputes, declared again while it does (the recomputation runs outside that
+        forward's block); nothing otherwise."""
+        ctx = self.context
+        recomputing = ctx is None and in_backward()
+        if recomputing:
+            ctx = self.recompute_context
+        if ctx is None:
+            return nullcontext()
+        own = None if ctx.sides is None else ctx.sides.mask_for(self, x)
+        if own is not None and declared_token_mask() is None:
+            return token_mask(own[0], strict=own[1])
+        if recomputing and ctx.padding is not None:
+            return token_mask(ctx.padding[0], strict=ctx.padding[1])
         return nullcontext()
 
-    def _pool_weights(self, lead: torch.Size, device: torch.device, dtype: torch.dtype) -> Tensor:
-        """:func:`~moracl.experts.per_sample.pool_weights` under the declared token mask (see
-        :meth:`_mask_scope`): ``(b, t)``."""
-        with self._mask_scope():
-            return pool_weights(lead, device, dtype)
+    def _pool_weights(self, x: Tensor, dtype: torch.dtype) -> Tensor:
+        """:func:`~moracl.experts.per_sample.pool_weights` for ``x (b, t, ..., i)`` under the
+        declared token mask (see :meth:`_mask_scope`): ``(b, t·...)``."""
+        with self._mask_scope(x):
+            return pool_weights(x.shape[:-1], x.device, dtype)
 
-    def _active(self, lead: torch.Size, device: torch.device) -> Tensor | None:
-        """``(n,)`` bool, the tokens a per-token router's auxiliary losses count under the
-        declared token mask (see :meth:`_mask_scope`); ``None``: every token, and always for
-        routing per sample."""
+    def _active(self, x: Tensor) -> Tensor | None:
+        """``(n,)`` bool, the tokens of ``x (..., i)`` a per-token router's auxiliary losses
+        count under the declared token mask (see :meth:`_mask_scope`); ``None``: every token,
+        and always for routing per sample."""
         if self.per_sample:
             return None
-        with self._mask_scope():
-            return active_tokens(lead, device)
+        with self._mask_scope(x):
+            return active_tokens(x.shape[:-1], x.device)
 
     def _task_ids(self, lead: torch.Size) -> TaskIds | None:
         ctx = self.context
@@ -447,12 +457,10 @@ class Mixture(nn.Module):
         """The routing of ``x (..., i)`` by the router's gating for ``backend``, in one
         autograd node on the logits ``x Rᵀ (n, l)``."""
         lead = x.shape[:-1]
-        active = self._active(lead, x.device)
+        active = self._active(x)
         gating: Gating = self.router.gating(self._task_ids(lead), backend, active)
         if self.per_sample:
-            gating = SampleGating(
-                gating, self._pool_weights(lead, x.device, routing_dtype(x.dtype))
-            )
+            gating = SampleGating(gating, self._pool_weights(x, routing_dtype(x.dtype)))
         weights = self.router.logit_weights()  # (l, i)
         logits = F.linear(x.reshape(-1, self.in_features), weights.to(x.dtype))  # (n, l)
         routed = route_node(logits, gating)
@@ -476,12 +484,10 @@ class Mixture(nn.Module):
         if bank is None or backend is RoutingBackend.NAIVE:
             return None
         lead = x.shape[:-1]
-        active = self._active(lead, x.device)
+        active = self._active(x)
         gating: Gating = self.router.gating(self._task_ids(lead), backend, active)
         if self.per_sample:
-            gating = SampleGating(
-                gating, self._pool_weights(lead, x.device, routing_dtype(x.dtype))
-            )
+            gating = SampleGating(gating, self._pool_weights(x, routing_dtype(x.dtype)))
         self._keep_input(x)
         r = self.router.logit_weights()
         out, routed = bank.routed_linear(x, weight, bias, r, gating, backend)
