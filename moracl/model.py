@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import os
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Self, SupportsIndex, cast
 
@@ -274,6 +274,21 @@ class MoRAModel(nn.Module):
                 adapter = layer.adapter(name)
                 if isinstance(adapter, Mixture):
                     yield f"{path}.adapters.{name}", adapter
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """The wrapped model's ``generate``, each forward it makes (and an encoder-decoder's
+        encoder run) under that call's ``attention_mask`` as the token mask, as a call
+        through this wrapper is (non-strict: the prompt's forward, expanded for beam search
+        or not, and the encoder's tokens pool and count their real tokens only; a cached
+        decoding step's single token routes unmasked).  A mask declared around the call
+        (:func:`~moracl.experts.per_sample.token_mask`) wins."""
+        generate = getattr(self.model, "generate", None)
+        if not callable(generate):
+            raise MissingAttribute(self, self.model, "generate")
+        encoder = self._encoder()
+        modules = [self.model] if encoder is None else [self.model, encoder]
+        with _masking_each_call(modules):
+            return generate(*args, **kwargs)
 
     @contextmanager
     def route(self, task_ids: Tensor | Sequence[int]) -> Iterator[None]:
@@ -760,3 +775,33 @@ class MoRAModel(nn.Module):
 def _new_instance(cls: type[MoRAModel]) -> MoRAModel:
     """An empty ``cls`` for pickle and copy to fill in (see ``MoRAModel.__reduce_ex__``)."""
     return cls.__new__(cls)
+
+
+@contextmanager
+def _masking_each_call(modules: Sequence[nn.Module]) -> Iterator[None]:
+    """While the block runs, every call of ``modules`` passed a 2-D ``attention_mask``
+    keyword declares it as the token mask (non-strict) for its duration, unless a mask is
+    declared already (an outer call's, or the caller's)."""
+    scopes: list[ExitStack] = []
+
+    def enter(module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
+        scope = ExitStack()
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, Tensor) and mask.ndim == 2 and current_token_mask() is None:
+            scope.enter_context(token_mask(mask, strict=False))
+        scopes.append(scope)
+
+    def leave(module: nn.Module, args: Any, kwargs: dict[str, Any], output: Any) -> None:
+        scopes.pop().close()
+
+    handles = []
+    for m in modules:
+        handles.append(m.register_forward_pre_hook(enter, with_kwargs=True))
+        handles.append(m.register_forward_hook(leave, with_kwargs=True, always_call=True))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        while scopes:  # a call that raised before its hook ran (never left open)
+            scopes.pop().close()

@@ -152,3 +152,53 @@ def test_an_encoder_decoder_masks_each_side_with_its_own_padding(cross: bool) ->
         ).logits  # precomputed encoder states, as generate() passes them
     torch.testing.assert_close(batch[0], alone[0], rtol=1e-9, atol=1e-10)
     torch.testing.assert_close(given, batch, rtol=1e-9, atol=1e-10)
+
+
+def test_generate_routes_a_left_padded_prompt_as_it_routes_alone() -> None:
+    """``generate`` calls the wrapped model itself: each of its forwards is masked by the
+    call's ``attention_mask``, so a left-padded prompt, routed per sample, gets the scores
+    it gets alone at every step (float64, greedy)."""
+    torch.manual_seed(0)
+    router = {**ROUTERS["topk-per-sample"].to_dict(), "noise": False}
+    config = MixtureConfig.from_dict({"kind": "lora", "rank": 2, "experts": 4, "router": router})
+    model = MoRAModel(tiny_llama().double(), config, target_modules=["q_proj", "down_proj"])
+    model.double().eval()
+    randomize_adapters(model, scale=1.0)
+    short, long = torch.randint(1, 101, (1, 3)), torch.randint(1, 101, (1, 7))
+    prompts = torch.cat([torch.cat([torch.zeros(1, 4, dtype=torch.long), short], 1), long])
+    mask = torch.ones_like(prompts)
+    mask[0, :4] = 0  # left padding
+    options = {
+        "max_new_tokens": 4, "do_sample": False, "pad_token_id": 0, "output_scores": True,
+        "return_dict_in_generate": True,
+    }  # fmt: skip
+    with torch.no_grad():
+        batch = model.generate(input_ids=prompts, attention_mask=mask, **options)
+        alone = model.generate(input_ids=short, attention_mask=torch.ones_like(short), **options)
+    assert torch.equal(batch.sequences[0, 4:], alone.sequences[0])
+    for mine, ref in zip(batch.scores, alone.scores, strict=True):
+        torch.testing.assert_close(mine[0], ref[0], rtol=1e-9, atol=1e-10)
+
+
+def test_generate_with_an_encoder_decoder_masks_its_source_padding() -> None:
+    """T5's ``generate`` runs the encoder on its own, then decodes against its states: the
+    encoder's and the cross-attention's per-sample routing pool a padded source's real
+    tokens only, so its scores are the ones it gets alone (float64, greedy)."""
+    torch.manual_seed(0)
+    router = {**ROUTERS["topk-per-sample"].to_dict(), "noise": False}
+    config = MixtureConfig.from_dict({"kind": "lora", "rank": 2, "experts": 4, "router": router})
+    targets = ["SelfAttention.q", "EncDecAttention.v"]
+    model = MoRAModel(_tiny_t5(), config, target_modules=targets).double().eval()
+    randomize_adapters(model, scale=1.0)
+    src = torch.randint(1, 50, (2, 6))
+    mask = torch.ones_like(src)
+    mask[0, 3:] = 0  # sample 0: 3 real source tokens
+    options = {
+        "max_new_tokens": 3, "do_sample": False, "output_scores": True,
+        "return_dict_in_generate": True,
+    }  # fmt: skip
+    with torch.no_grad():
+        batch = model.generate(input_ids=src, attention_mask=mask, **options)
+        alone = model.generate(input_ids=src[:1, :3], attention_mask=mask[:1, :3], **options)
+    for mine, ref in zip(batch.scores, alone.scores, strict=True):
+        torch.testing.assert_close(mine[0], ref[0], rtol=1e-9, atol=1e-10)
