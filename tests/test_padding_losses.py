@@ -10,7 +10,7 @@ import torch
 
 from moracl import MoRAModel
 from moracl.adapters.mora import bank as mora_bank
-from moracl.experts import MixtureConfig, RoutingContext, routing_backend
+from moracl.experts import MixtureConfig, RoutingContext, RoutingStats, routing_backend
 from moracl.experts.per_sample import token_mask
 
 from .conftest import randomize_adapters, tiny_llama
@@ -202,3 +202,29 @@ def test_generate_with_an_encoder_decoder_masks_its_source_padding() -> None:
         alone = model.generate(input_ids=src[:1, :3], attention_mask=mask[:1, :3], **options)
     for mine, ref in zip(batch.scores, alone.scores, strict=True):
         torch.testing.assert_close(mine[0], ref[0], rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("router", ["topk", "dynamic", "topk-per-sample"])
+def test_routing_statistics_count_the_real_tokens_only(router: str) -> None:
+    """``routing_stats()`` (usage, entropy, experts per token) of a padded batch under its
+    mask equal the statistics of its real tokens' routing, and differ without the mask."""
+    torch.manual_seed(0)
+    cfg = {**ROUTERS[router].to_dict(), "noise": False}
+    config = MixtureConfig.from_dict({"kind": "lora", "rank": 2, "experts": 4, "router": cfg})
+    model = MoRAModel(tiny_llama().double(), config, target_modules=["q_proj"]).double().eval()
+    randomize_adapters(model, scale=1.0)
+    ids = torch.randint(1, 101, (2, 6))
+    mask = torch.ones_like(ids)
+    mask[0, 4:] = 0
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+        masked = model.routing_stats()
+        path = next(iter(masked))  # the first layer's
+        result = model.last_routing[path]
+        real = mask.reshape(-1).bool()
+        want = RoutingStats.compute(result.probs[real], result.chosen[real])
+        model(input_ids=ids)
+        unmasked = model.routing_stats()
+    for name in ("usage", "entropy", "experts_per_token"):
+        torch.testing.assert_close(getattr(masked[path], name), getattr(want, name))
+    assert not torch.allclose(masked[path].entropy, unmasked[path].entropy)

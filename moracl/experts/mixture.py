@@ -395,14 +395,16 @@ class Mixture(nn.Module):
         with self._mask_scope(x):
             return pool_weights(x.shape[:-1], x.device, dtype)
 
-    def _active(self, x: Tensor) -> Tensor | None:
-        """``(n,)`` bool, the tokens of ``x (..., i)`` a per-token router's auxiliary losses
-        count under the declared token mask (see :meth:`_mask_scope`); ``None``: every token,
-        and always for routing per sample."""
-        if self.per_sample:
-            return None
+    def _real_tokens(self, x: Tensor) -> Tensor | None:
+        """``(n,)`` bool, the real tokens of ``x (..., i)`` under the declared token mask (see
+        :meth:`_mask_scope`); ``None``: every token."""
         with self._mask_scope(x):
             return active_tokens(x.shape[:-1], x.device)
+
+    def _active(self, x: Tensor) -> Tensor | None:
+        """The tokens a per-token router's auxiliary losses count (:meth:`_real_tokens`);
+        ``None`` for routing per sample, whose losses are over the samples."""
+        return None if self.per_sample else self._real_tokens(x)
 
     def _task_ids(self, lead: torch.Size) -> TaskIds | None:
         ctx = self.context
@@ -418,8 +420,13 @@ class Mixture(nn.Module):
             routed = self._pooled(x) if self.per_sample else x.reshape(-1, self.in_features)
             ctx.keep_input(self, routed)
 
-    def _record(self, result: RoutingResult) -> None:
+    def _record(self, result: RoutingResult, x: Tensor) -> None:
+        """Keep ``result`` (for input ``x``) in the context, with the real tokens its
+        statistics count."""
         if self.context is not None and not in_backward():  # a recomputation: kept already
+            tokens = self._real_tokens(x)
+            if tokens is not None:
+                result = dataclasses.replace(result, tokens=tokens)
             self.context.record(self, result)
 
     def mix(self, x: Tensor, gates: Tensor) -> Tensor:
@@ -447,7 +454,7 @@ class Mixture(nn.Module):
         else:
             result = self.route(x, self._task_ids(lead))
         self._keep_input(x)
-        self._record(result)
+        self._record(result, x)
         x = _cast(x, self._dtype())
         if backend is RoutingBackend.NAIVE:
             return self.naive_delta(x, result.gates)
@@ -493,9 +500,10 @@ class Mixture(nn.Module):
         out, routed = bank.routed_linear(x, weight, bias, r, gating, backend)
         if self.context is not None:
             aux = dict(zip(gating.aux_names, routed.aux))
-            self._record(
-                self.router.result(routed.gates, routed.probs, routed.chosen, routed.indices, aux)
+            result = self.router.result(
+                routed.gates, routed.probs, routed.chosen, routed.indices, aux
             )
+            self._record(result, x)
         return out
 
     def forward(

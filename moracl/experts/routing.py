@@ -99,7 +99,8 @@ def gather_k(x: Tensor, indices: Tensor) -> Tensor:
 class RoutingStats:
     """Routing statistics of one forward, detached, as tensors (reading them needs no sync).
 
-    Tokens routed to no expert (every expert masked) are left out of the means.
+    Tokens routed to no expert (every expert masked), and padded positions under a declared
+    token mask, are left out of the means.
 
     Attributes:
         usage: ``(e,)`` fraction of tokens routed to each expert (sums to
@@ -114,11 +115,13 @@ class RoutingStats:
     experts_per_token: Tensor
 
     @classmethod
-    def compute(cls, probs: Tensor, chosen: Tensor) -> RoutingStats:
-        """Statistics from ``probs (n, e)`` and the boolean routing ``chosen (n, e)``."""
+    def compute(cls, probs: Tensor, chosen: Tensor, tokens: Tensor | None = None) -> RoutingStats:
+        """Statistics from ``probs (n, e)`` and the boolean routing ``chosen (n, e)``, over the
+        ``tokens (n,)`` bool (``None``: every token)."""
         with torch.no_grad():
-            c = chosen.to(probs.dtype)  # (n, e)
-            active = chosen.any(-1).to(probs.dtype)  # (n,)
+            counted = chosen.any(-1) if tokens is None else chosen.any(-1) & tokens  # (n,)
+            c = chosen.to(probs.dtype) * counted.to(probs.dtype)[:, None]  # (n, e)
+            active = counted.to(probs.dtype)  # (n,)
             count = active.sum().clamp_min(1.0)
             entropy = -torch.special.xlogy(probs, probs).sum(-1)  # (n,)
             return cls(
@@ -152,6 +155,8 @@ class RoutingResult:
         aux_losses: unweighted scalar auxiliary losses by name (``balance``, ``z``; a
             hierarchical router prefixes ``group.`` and ``expert.``).
         aux_weights: the weight of each auxiliary loss, from the router's config.
+        tokens: ``(n,)`` bool, the real tokens under a declared token mask (the statistics
+            count these only), or ``None``: every token.
 
     :attr:`stats` (:class:`RoutingStats`) are computed from ``probs`` and ``chosen`` on first
     access, so a training step that never reads them launches no kernels for them.
@@ -163,6 +168,7 @@ class RoutingResult:
     indices: Tensor | None
     aux_losses: dict[str, Tensor]
     aux_weights: dict[str, float]
+    tokens: Tensor | None = None
 
     def __post_init__(self) -> None:
         if set(self.aux_losses) != set(self.aux_weights):
@@ -174,7 +180,7 @@ class RoutingResult:
     @cached_property
     def stats(self) -> RoutingStats:
         """Usage, entropy and experts per token of this routing (detached)."""
-        return RoutingStats.compute(self.probs, self.chosen)
+        return RoutingStats.compute(self.probs, self.chosen, self.tokens)
 
     @property
     def num_experts(self) -> int:
@@ -208,6 +214,11 @@ def concat_results(first: RoutingResult, second: RoutingResult) -> RoutingResult
     n1, n2 = first.gates.shape[0], second.gates.shape[0]
     w1, w2 = n1 / max(n1 + n2, 1), n2 / max(n1 + n2, 1)
     i1, i2 = first.indices, second.indices
+    t1, t2 = first.tokens, second.tokens
+    tokens = None
+    if t1 is not None or t2 is not None:
+        ones = first.chosen.new_ones
+        tokens = torch.cat([ones(n1) if t1 is None else t1, ones(n2) if t2 is None else t2])
     indices = None
     if i1 is not None and i2 is not None and i1.shape[1:] == i2.shape[1:]:
         indices = torch.cat([i1, i2])
@@ -221,4 +232,5 @@ def concat_results(first: RoutingResult, second: RoutingResult) -> RoutingResult
             for name, loss in first.aux_losses.items()
         },
         aux_weights=dict(first.aux_weights),
+        tokens=tokens,
     )
