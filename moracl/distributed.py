@@ -422,6 +422,11 @@ class DataParallel(nn.Module):
 # -- router losses across processes --------------------------------------------------------------
 
 
+def _counted(chosen: Tensor, tokens: Tensor | None) -> Tensor:
+    """``chosen (n, e)`` with the rows outside ``tokens (n,)`` cleared (all kept: ``None``)."""
+    return chosen if tokens is None else chosen & tokens[:, None]
+
+
 def reduced_aux_loss(results: Sequence[RoutingResult]) -> Tensor:
     """``Σ weight · loss`` of the routers' auxiliary losses, with every top-level Switch
     balance loss (``"balance"``) taken over the global batch.
@@ -432,7 +437,10 @@ def reduced_aux_loss(results: Sequence[RoutingResult]) -> Tensor:
     from this process's tokens, so the share-weighted sum over processes of this loss (and of
     its gradient) is the one-process value when every process has the same tokens per row.
     The other losses (z-loss, the per-group losses of hierarchical routers) are means over this
-    process's tokens and reduce through the share-weighted gradient sum as they are.
+    process's tokens and reduce through the share-weighted gradient sum as they are.  Under a
+    declared token mask (``RoutingResult.tokens``) ``f`` and ``P`` count the real tokens only,
+    as the routers' own losses do (a routing per sample, expanded to its tokens, then weighs
+    each sample by its real tokens).
 
     Args:
         results: the routing of one forward, one per mixture layer (``MoRAModel.last_routing``).
@@ -443,7 +451,7 @@ def reduced_aux_loss(results: Sequence[RoutingResult]) -> Tensor:
     balanced = [r for r in results if "balance" in r.aux_losses]
     fractions: list[Tensor] = []
     if balanced:
-        counts = [r.chosen.sum(0).to(r.probs.dtype) for r in balanced]  # (e,) each
+        counts = [_counted(r.chosen, r.tokens).sum(0).to(r.probs.dtype) for r in balanced]
         flat = all_reduce_sum(torch.cat(counts).detach())
         for part in flat.split([c.numel() for c in counts]):
             fractions.append(part / part.sum().clamp_min(1.0))  # (e,)
@@ -452,8 +460,12 @@ def reduced_aux_loss(results: Sequence[RoutingResult]) -> Tensor:
     for r in results:
         for name, loss in r.aux_losses.items():
             if name == "balance":
-                n = r.probs.shape[0]
-                loss = switch_balance(f_of[id(r)], r.probs.sum(0) / max(n, 1))
+                if r.tokens is None:
+                    p = r.probs.sum(0) / max(r.probs.shape[0], 1)
+                else:
+                    w = r.tokens.to(r.probs.dtype)[:, None]  # (n, 1)
+                    p = (r.probs * w).sum(0) / w.sum().clamp_min(1.0)
+                loss = switch_balance(f_of[id(r)], p)
             total = total + r.aux_weights[name] * loss.float()
     return total
 

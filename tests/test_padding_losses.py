@@ -228,3 +228,23 @@ def test_routing_statistics_count_the_real_tokens_only(router: str) -> None:
     for name in ("usage", "entropy", "experts_per_token"):
         torch.testing.assert_close(getattr(masked[path], name), getattr(want, name))
     assert not torch.allclose(masked[path].entropy, unmasked[path].entropy)
+
+
+def test_the_data_parallel_balance_loss_counts_the_real_tokens_too() -> None:
+    """``reduced_aux_loss`` (the balance loss over the global batch) in one process equals the
+    routers' own losses of a padded batch: the real tokens only, as they count them."""
+    from moracl.distributed import reduced_aux_loss
+
+    torch.manual_seed(0)
+    cfg = {**ROUTERS["topk"].to_dict(), "noise": False}
+    config = MixtureConfig.from_dict({"kind": "lora", "rank": 2, "experts": 4, "router": cfg})
+    model = MoRAModel(tiny_llama().double(), config, target_modules=["q_proj"]).double().eval()
+    randomize_adapters(model, scale=1.0)
+    ids = torch.randint(1, 101, (2, 6))
+    mask = torch.ones_like(ids)
+    mask[0, 2:] = 0
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+    results = list(model.last_routing.values())
+    own = sum(r.aux_loss for r in results)
+    torch.testing.assert_close(reduced_aux_loss(results), own.float())  # it sums in float32
