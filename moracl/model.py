@@ -8,6 +8,7 @@ weight memory; merging writes new weight tensors and leaves the shared ones unto
 from __future__ import annotations
 
 import copy
+import functools
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
@@ -275,20 +276,23 @@ class MoRAModel(nn.Module):
                 if isinstance(adapter, Mixture):
                     yield f"{path}.adapters.{name}", adapter
 
-    def generate(self, *args: Any, **kwargs: Any) -> Any:
+    def _masked_generate(self, generate: Any) -> Any:
         """The wrapped model's ``generate``, each forward it makes (and an encoder-decoder's
         encoder run) under that call's ``attention_mask`` as the token mask, as a call
         through this wrapper is (non-strict: the prompt's forward, expanded for beam search
         or not, and the encoder's tokens pool and count their real tokens only; a cached
         decoding step's single token routes unmasked).  A mask declared around the call
-        (:func:`~moracl.experts.per_sample.token_mask`) wins."""
-        generate = getattr(self.model, "generate", None)
-        if not callable(generate):
-            raise MissingAttribute(self, self.model, "generate")
-        encoder = self._encoder()
-        modules = [self.model] if encoder is None else [self.model, encoder]
-        with _masking_each_call(modules):
-            return generate(*args, **kwargs)
+        (:func:`~moracl.experts.per_sample.token_mask`) wins.  ``model.generate`` is this
+        wherever the wrapped model has a ``generate``."""
+
+        @functools.wraps(generate)
+        def masked(*args: Any, **kwargs: Any) -> Any:
+            encoder = self._encoder()
+            modules = [self.model] if encoder is None else [self.model, encoder]
+            with _masking_each_call(modules):
+                return generate(*args, **kwargs)
+
+        return masked
 
     @contextmanager
     def route(self, task_ids: Tensor | Sequence[int]) -> Iterator[None]:
@@ -377,9 +381,11 @@ class MoRAModel(nn.Module):
                 raise
         wrapped = cast(nn.Module, super().__getattr__("model"))
         try:
-            return getattr(wrapped, name)
+            found = getattr(wrapped, name)
         except AttributeError:
             pass
+        else:
+            return self._masked_generate(found) if name == "generate" and callable(found) else found
         raise MissingAttribute(self, wrapped, name) from None
 
     # -- adapters -------------------------------------------------------------------------
