@@ -107,3 +107,26 @@ def test_bench_experts_runs_the_act_rows_and_renders_them_in_their_own_table(
     # a record without ACT rows renders as before: one table
     plain = {**rec["results"], "results": [rows["lora-r16"]]}
     assert "Adaptive computation" not in experts.markdown(plain)
+
+
+def test_the_plain_helpers_row_is_the_mora_mixture_with_uncompiled_helpers(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from moracl.adapters.mora.bank import MoRABank
+    from moracl.bench.common import build_llama
+
+    flags = {}
+    for method in ("mora-top2-of-8", "mora-top2-of-8-plain"):
+        model = experts._wrap(method, build_llama(TINY, torch.device("cpu"), torch.float32), 4)
+        banks = [m for m in model.modules() if isinstance(m, MoRABank)]
+        assert banks
+        flags[method] = {b.compile_helpers for b in banks}
+    assert flags == {"mora-top2-of-8": {True}, "mora-top2-of-8-plain": {False}}
+    monkeypatch.setitem(experts.SIZES, "cpu", TINY)
+    argv = ["--size", "cpu", "--device", "cpu", "--steps", "1", "--warmup", "0"]
+    out = tmp_path / "experts.json"
+    assert experts.main([*argv, "--methods", *flags, "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["results"]["results"]
+    assert [r["method"] for r in rows] == list(flags) and rows[0]["trainable"] == rows[1][
+        "trainable"
+    ]

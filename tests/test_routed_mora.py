@@ -135,3 +135,33 @@ def test_on_cuda_the_mixture_runs_the_node_and_equals_naive(
     tol = 1e3 * torch.finfo(torch.float32).eps  # ~1.2e-4, relative to each tensor's scale
     for mine, want in zip(got, ref):
         assert (mine - want).abs().max() <= tol * want.abs().max().clamp_min(1.0)
+
+
+@pytest.mark.usefixtures("node_on_cpu")
+@pytest.mark.parametrize("compiled", [True, False])
+def test_a_bank_can_keep_its_helpers_uncompiled(
+    compiled: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``compile_helpers = False``: the node's helpers are asked for the ``eager`` backend
+    (plain operations) whatever the mixture's backend; the outputs are the same."""
+    from moracl.experts import RoutingBackend
+    from moracl.experts.backend import resolve_backend
+
+    asked: list[RoutingBackend] = []
+
+    def for_backend(fn, backend, device):  # type: ignore[no-untyped-def]
+        asked.append(backend)
+        return fn
+
+    monkeypatch.setattr(mora_bank, "for_backend", for_backend)
+    layer = _layer("topk", "padded", torch.float64)
+    bank = layer.adapter("default").banks[0]
+    bank.compile_helpers = compiled
+    x, g = _inputs("padded", torch.float64)
+    want = _step(layer, "naive", x, g)
+    got = _step(layer, "triton", x, g)
+    resolved = resolve_backend(RoutingBackend.TRITON, torch.device("cpu"))  # interpreter or not
+    expected = resolved if compiled else RoutingBackend.EAGER
+    assert asked and set(asked) == {expected}
+    for mine, ref in zip(got, want):
+        torch.testing.assert_close(mine, ref, rtol=1e-11, atol=1e-11)

@@ -4,7 +4,9 @@ model (one process, same batch).
 
 Task routing gives each sequence a task (4 tasks owning 2 experts each) and is compared with
 a single LoRA of rank k·r = 32. ``top2-of-8-per-sample`` routes each sequence as a whole (by
-the mean of its tokens' inputs) instead of each token.
+the mean of its tokens' inputs) instead of each token. ``mora-top2-of-8-plain`` is
+``mora-top2-of-8`` with the routed MoRA node's gating helpers uncompiled
+(``MoRABank.compile_helpers = False``): the A/B of their GPU passes against their host time.
 
 The ``act-*`` rows time adaptive computation (a top-2-of-8 mixture MLP of the model's sizes
 repeated under a halting unit, at most 4 steps) with every token through every step and with
@@ -51,6 +53,7 @@ METHODS = [
     "task",
     "hierarchical-2x4",
     "mora-top2-of-8",
+    "mora-top2-of-8-plain",
     "naive-top2-of-8",
     "peft-lora",
     *ACT_METHODS,
@@ -79,6 +82,7 @@ def _wrap(method: str, base: nn.Module, rank: int) -> nn.Module:
         "top2-of-8-per-sample": RouterConfig(type="topk", k=2, per="sample"),
         "naive-top2-of-8": RouterConfig(type="topk", k=2),
         "mora-top2-of-8": RouterConfig(type="topk", k=2),
+        "mora-top2-of-8-plain": RouterConfig(type="topk", k=2),
         "dynamic": RouterConfig(type="dynamic", top_p=0.5, max_experts=4),
         "task": RouterConfig(type="task", num_tasks=4),
         "hierarchical-2x4": RouterConfig(type="hierarchical", groups=2, k=2),
@@ -88,7 +92,14 @@ def _wrap(method: str, base: nn.Module, rank: int) -> nn.Module:
     expert = AdapterConfig.from_dict({"kind": kind, "rank": rank, **options})
     backend = RoutingBackend.NAIVE if method.startswith("naive") else RoutingBackend.AUTO
     cfg = MixtureConfig(router=routers[method], groups=(ExpertGroup(expert, 8),), backend=backend)
-    return MoRAModel(base, cfg, target_modules=PROJECTIONS)
+    model = MoRAModel(base, cfg, target_modules=PROJECTIONS)
+    if method.endswith("-plain"):  # the routed MoRA node's helpers uncompiled: an A/B row
+        from moracl.adapters.mora.bank import MoRABank
+
+        for bank in model.modules():
+            if isinstance(bank, MoRABank):
+                bank.compile_helpers = False
+    return model
 
 
 def make_step(

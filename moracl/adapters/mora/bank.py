@@ -42,6 +42,10 @@ class MoRABank(ExpertBank):
     """
 
     config: MoRAConfig
+    #: the routed node's gating helpers under ``torch.compile`` for the ``compiled`` and
+    #: ``triton`` backends (fewer GPU passes; each compiled call adds host time to an eager
+    #: step); ``False``: plain operations under every backend
+    compile_helpers: bool = True
 
     def __init__(self, in_features: int, out_features: int, config: MoRAConfig, experts: int):
         super().__init__(in_features, out_features, config, experts)
@@ -73,8 +77,9 @@ class MoRABank(ExpertBank):
         gating: Gating,
         backend: RoutingBackend,
     ) -> tuple[Tensor, Routed]:
+        chosen = backend if self.compile_helpers else RoutingBackend.EAGER
         helpers = Helpers(
-            for_backend(gated, backend, x.device), for_backend(gate_grads, backend, x.device)
+            for_backend(gated, chosen, x.device), for_backend(gate_grads, chosen, x.device)
         )
         op = self.op
         return routed_mora_linear(
