@@ -8,10 +8,9 @@ weight memory; merging writes new weight tensors and leaves the shared ones unto
 from __future__ import annotations
 
 import copy
-import functools
 import os
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any, Self, SupportsIndex, cast
 
@@ -21,10 +20,10 @@ from torch import Tensor, nn
 import moracl.adapters  # noqa: F401  (registers the adapter kinds)
 from moracl.adapter_files import SavedLayout, check_header, expected_state, parse_layout
 from moracl.adapters.base import Adapter, AdapterConfig, ParamRole
+from moracl.call_masks import keeping_encoder_states, masked_generate, padding_scope, side_masks
 from moracl.checkpoint import open_adapter, write_adapter
-from moracl.experts.context import SideMasks
 from moracl.experts.mixture import Mixture, MixtureConfig, RoutingContext
-from moracl.experts.per_sample import current_token_mask, declared_token_mask, token_mask
+from moracl.experts.per_sample import declared_token_mask
 from moracl.experts.routing import RoutingResult, RoutingStats
 from moracl.guard import assert_finite
 from moracl.layer import MoRALayer, MoRALinear, check_fit, linear_features
@@ -161,13 +160,13 @@ class MoRAModel(nn.Module):
         before = [m.context for m in mixtures.values()]  # a route() block's, or None
         for m in mixtures.values():
             m.context = ctx
-        ctx.sides = self._side_masks(mixtures.values(), kwargs)
+        ctx.sides = side_masks(self.model, mixtures.values(), kwargs)
         try:
             if ctx.sides is not None:  # an encoder-decoder: each side under its own mask
-                with self._keep_encoder_states(ctx.sides):
+                with keeping_encoder_states(self.model, ctx.sides):
                     out = self.model(*args, **kwargs)
             else:
-                with self._padding(mixtures.values(), kwargs.get("attention_mask")):
+                with padding_scope(mixtures.values(), kwargs.get("attention_mask")):
                     ctx.padding = declared_token_mask()
                     out = self.model(*args, **kwargs)
         finally:
@@ -191,83 +190,6 @@ class MoRAModel(nn.Module):
         self.last_router_inputs = {p: inputs[m] for p, m in mixtures.items() if m in inputs}
         return out
 
-    @staticmethod
-    def _padding(mixtures: Iterable[Mixture], attention_mask: Any) -> AbstractContextManager[None]:
-        """A transformers-style ``attention_mask (b, t)`` as the token mask of the mixtures'
-        routers, so that padding never moves a sample's routing (routers that route per
-        sample) nor enters the auxiliary losses (routers that route each token); inputs of
-        another leading shape, such as a decoding step's, route unmasked.  Nothing where a
-        mask is declared already (:func:`~moracl.experts.per_sample.token_mask`) or there is
-        no mixture."""
-        if (
-            isinstance(attention_mask, Tensor)
-            and attention_mask.ndim == 2
-            and current_token_mask() is None
-            and any(True for _ in mixtures)
-        ):
-            return token_mask(attention_mask, strict=False)
-        return nullcontext()
-
-    def _encoder(self) -> nn.Module | None:
-        """A transformers encoder-decoder's encoder (``config.is_encoder_decoder`` and
-        ``get_encoder()``), or ``None``."""
-        get_encoder = getattr(self.model, "get_encoder", None)
-        if not getattr(getattr(self.model, "config", None), "is_encoder_decoder", False):
-            return None
-        encoder = get_encoder() if callable(get_encoder) else None
-        return encoder if isinstance(encoder, nn.Module) else None
-
-    def _side_masks(self, mixtures: Iterable[Mixture], kwargs: dict[str, Any]) -> SideMasks | None:
-        """For an encoder-decoder where no mask is declared: the call's ``attention_mask`` for
-        the encoder's tokens and its ``decoder_attention_mask`` for the decoder's (2-D ones,
-        each non-strict as in :func:`_padding`), so that the encoder's padding never stands
-        for decoder tokens of the same length; ``None`` for any other model."""
-        encoder = self._encoder()
-        if encoder is None or current_token_mask() is not None:
-            return None
-
-        def mask(name: str) -> tuple[Tensor, bool] | None:
-            value = kwargs.get(name)
-            return (value, False) if isinstance(value, Tensor) and value.ndim == 2 else None
-
-        inside = {id(m) for m in encoder.modules()}
-        sides = SideMasks(
-            encoder=mask("attention_mask"),
-            decoder=mask("decoder_attention_mask"),
-            encoder_mixtures=frozenset(id(m) for m in mixtures if id(m) in inside),
-        )
-        given = kwargs.get("encoder_outputs")  # precomputed (generate): no encoder call
-        if given is not None:
-            states = getattr(given, "last_hidden_state", None)
-            if states is None and isinstance(given, (tuple, list)) and given:
-                states = given[0]
-            if isinstance(states, Tensor):
-                sides.encoder_states.append(states)
-        return sides
-
-    def _keep_encoder_states(self, sides: SideMasks) -> AbstractContextManager[None]:
-        """While the block runs, the encoder's output of each call is appended to
-        ``sides.encoder_states`` (the decoder's cross-attention reads it)."""
-        encoder = self._encoder()
-        assert encoder is not None
-
-        def keep(module: nn.Module, args: Any, output: Any) -> None:
-            states = getattr(output, "last_hidden_state", None)
-            if states is None and isinstance(output, (tuple, list)) and output:
-                states = output[0]
-            if isinstance(states, Tensor):
-                sides.encoder_states.append(states)
-
-        @contextmanager
-        def scope() -> Iterator[None]:
-            handle = encoder.register_forward_hook(keep)
-            try:
-                yield
-            finally:
-                handle.remove()
-
-        return scope()
-
     def mixtures(self) -> Iterator[tuple[str, Mixture]]:
         """``(path, mixture)`` for every active mixture of experts."""
         for path, layer in self.adapted_layers():
@@ -275,24 +197,6 @@ class MoRAModel(nn.Module):
                 adapter = layer.adapter(name)
                 if isinstance(adapter, Mixture):
                     yield f"{path}.adapters.{name}", adapter
-
-    def _masked_generate(self, generate: Any) -> Any:
-        """The wrapped model's ``generate``, each forward it makes (and an encoder-decoder's
-        encoder run) under that call's ``attention_mask`` as the token mask, as a call
-        through this wrapper is (non-strict: the prompt's forward, expanded for beam search
-        or not, and the encoder's tokens pool and count their real tokens only; a cached
-        decoding step's single token routes unmasked).  A mask declared around the call
-        (:func:`~moracl.experts.per_sample.token_mask`) wins.  ``model.generate`` is this
-        wherever the wrapped model has a ``generate``."""
-
-        @functools.wraps(generate)
-        def masked(*args: Any, **kwargs: Any) -> Any:
-            encoder = self._encoder()
-            modules = [self.model] if encoder is None else [self.model, encoder]
-            with _masking_each_call(modules):
-                return generate(*args, **kwargs)
-
-        return masked
 
     @contextmanager
     def route(self, task_ids: Tensor | Sequence[int]) -> Iterator[None]:
@@ -385,7 +289,9 @@ class MoRAModel(nn.Module):
         except AttributeError:
             pass
         else:
-            return self._masked_generate(found) if name == "generate" and callable(found) else found
+            return (
+                masked_generate(wrapped, found) if name == "generate" and callable(found) else found
+            )
         raise MissingAttribute(self, wrapped, name) from None
 
     # -- adapters -------------------------------------------------------------------------
@@ -781,33 +687,3 @@ class MoRAModel(nn.Module):
 def _new_instance(cls: type[MoRAModel]) -> MoRAModel:
     """An empty ``cls`` for pickle and copy to fill in (see ``MoRAModel.__reduce_ex__``)."""
     return cls.__new__(cls)
-
-
-@contextmanager
-def _masking_each_call(modules: Sequence[nn.Module]) -> Iterator[None]:
-    """While the block runs, every call of ``modules`` passed a 2-D ``attention_mask``
-    keyword declares it as the token mask (non-strict) for its duration, unless a mask is
-    declared already (an outer call's, or the caller's)."""
-    scopes: list[ExitStack] = []
-
-    def enter(module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
-        scope = ExitStack()
-        mask = kwargs.get("attention_mask")
-        if isinstance(mask, Tensor) and mask.ndim == 2 and current_token_mask() is None:
-            scope.enter_context(token_mask(mask, strict=False))
-        scopes.append(scope)
-
-    def leave(module: nn.Module, args: Any, kwargs: dict[str, Any], output: Any) -> None:
-        scopes.pop().close()
-
-    handles = []
-    for m in modules:
-        handles.append(m.register_forward_pre_hook(enter, with_kwargs=True))
-        handles.append(m.register_forward_hook(leave, with_kwargs=True, always_call=True))
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-        while scopes:  # a call that raised before its hook ran (never left open)
-            scopes.pop().close()

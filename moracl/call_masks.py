@@ -1,0 +1,162 @@
+"""Which token mask each call of a wrapped transformers model routes under.
+
+Shape legend: ``b`` rows, ``t`` positions, ``d`` features.
+
+A call through :class:`~moracl.model.MoRAModel` passes its ``attention_mask (b, t)`` to the
+mixtures as the token mask (:func:`~moracl.experts.per_sample.token_mask`, non-strict: an
+input of another leading shape, such as a cached decoding step's single token, routes
+unmasked), so that padding never moves a sample's routing nor enters a per-token router's
+auxiliary losses.  An encoder-decoder has two: the encoder's tokens (in the encoder, and as
+the decoder's cross-attention keys and values, recognised by the encoder's output) route
+under ``attention_mask``, the decoder's under ``decoder_attention_mask``
+(:class:`~moracl.experts.context.SideMasks`), so that the encoder's padding never stands for
+decoder tokens of the same length.  ``generate`` calls the wrapped model itself: each of its
+forwards (and an encoder-decoder's encoder run) is masked by that call's own mask.  A mask
+the caller declares around a call wins over all of these.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
+from typing import Any
+
+from torch import Tensor, nn
+
+from moracl.experts.context import SideMasks
+from moracl.experts.mixture import Mixture
+from moracl.experts.per_sample import current_token_mask, token_mask
+
+__all__ = [
+    "encoder_of",
+    "keeping_encoder_states",
+    "masked_generate",
+    "masking_each_call",
+    "padding_scope",
+    "side_masks",
+]
+
+
+def padding_scope(mixtures: Iterable[Mixture], attention_mask: Any) -> AbstractContextManager[None]:
+    """A transformers-style ``attention_mask (b, t)`` declared as the token mask
+    (non-strict); nothing where a mask is declared already or there is no mixture."""
+    if (
+        isinstance(attention_mask, Tensor)
+        and attention_mask.ndim == 2
+        and current_token_mask() is None
+        and any(True for _ in mixtures)
+    ):
+        return token_mask(attention_mask, strict=False)
+    return nullcontext()
+
+
+def encoder_of(model: nn.Module) -> nn.Module | None:
+    """A transformers encoder-decoder's encoder (``config.is_encoder_decoder`` and
+    ``get_encoder()``), or ``None``."""
+    if not getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return None
+    get_encoder = getattr(model, "get_encoder", None)
+    encoder = get_encoder() if callable(get_encoder) else None
+    return encoder if isinstance(encoder, nn.Module) else None
+
+
+def _hidden_states(output: Any) -> Tensor | None:
+    """An encoder's output states ``(b, t, d)``: ``last_hidden_state`` or the first item."""
+    states = getattr(output, "last_hidden_state", None)
+    if states is None and isinstance(output, (tuple, list)) and output:
+        states = output[0]
+    return states if isinstance(states, Tensor) else None
+
+
+def side_masks(
+    model: nn.Module, mixtures: Iterable[Mixture], kwargs: dict[str, Any]
+) -> SideMasks | None:
+    """For an encoder-decoder called with ``kwargs`` where no mask is declared: the
+    ``attention_mask`` for the encoder's tokens and the ``decoder_attention_mask`` for the
+    decoder's (2-D ones, each non-strict), with the encoder's states when the call passes
+    them (``encoder_outputs``); ``None`` for any other model."""
+    encoder = encoder_of(model)
+    if encoder is None or current_token_mask() is not None:
+        return None
+
+    def mask(name: str) -> tuple[Tensor, bool] | None:
+        value = kwargs.get(name)
+        return (value, False) if isinstance(value, Tensor) and value.ndim == 2 else None
+
+    inside = {id(m) for m in encoder.modules()}
+    sides = SideMasks(
+        encoder=mask("attention_mask"),
+        decoder=mask("decoder_attention_mask"),
+        encoder_mixtures=frozenset(id(m) for m in mixtures if id(m) in inside),
+    )
+    given = _hidden_states(kwargs.get("encoder_outputs"))  # precomputed: no encoder call
+    if given is not None:
+        sides.encoder_states.append(given)
+    return sides
+
+
+@contextmanager
+def keeping_encoder_states(model: nn.Module, sides: SideMasks) -> Iterator[None]:
+    """While the block runs, the output of each call of ``model``'s encoder is appended to
+    ``sides.encoder_states`` (the decoder's cross-attention reads it); the hook is removed
+    on exit."""
+    encoder = encoder_of(model)
+    if encoder is None:
+        raise ValueError(f"{type(model).__name__} is not an encoder-decoder")
+
+    def keep(module: nn.Module, args: Any, output: Any) -> None:
+        states = _hidden_states(output)
+        if states is not None:
+            sides.encoder_states.append(states)
+
+    handle = encoder.register_forward_hook(keep)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def masking_each_call(modules: Sequence[nn.Module]) -> Iterator[None]:
+    """While the block runs, every call of ``modules`` passed a 2-D ``attention_mask``
+    keyword declares it as the token mask (non-strict) for its duration, unless a mask is
+    declared already (an outer call's, or the caller's); the hooks are removed on exit."""
+    scopes: list[ExitStack] = []
+
+    def enter(module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
+        scope = ExitStack()
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, Tensor) and mask.ndim == 2 and current_token_mask() is None:
+            scope.enter_context(token_mask(mask, strict=False))
+        scopes.append(scope)
+
+    def leave(module: nn.Module, args: Any, kwargs: dict[str, Any], output: Any) -> None:
+        scopes.pop().close()
+
+    handles = []
+    for m in modules:
+        handles.append(m.register_forward_pre_hook(enter, with_kwargs=True))
+        handles.append(m.register_forward_hook(leave, with_kwargs=True, always_call=True))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        while scopes:  # a call that raised before its hook ran (never left open)
+            scopes.pop().close()
+
+
+def masked_generate(model: nn.Module, generate: Callable[..., Any]) -> Callable[..., Any]:
+    """``model``'s ``generate`` with each forward it makes (and an encoder-decoder's encoder
+    run) under that call's ``attention_mask`` as the token mask (:func:`masking_each_call`):
+    the prompt's forward, expanded for beam search or not, and the encoder's tokens pool and
+    count their real tokens only; a cached decoding step's single token routes unmasked."""
+
+    @functools.wraps(generate)
+    def masked(*args: Any, **kwargs: Any) -> Any:
+        encoder = encoder_of(model)
+        with masking_each_call([model] if encoder is None else [model, encoder]):
+            return generate(*args, **kwargs)
+
+    return masked
