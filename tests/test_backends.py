@@ -41,10 +41,18 @@ CPU_BACKENDS = ["eager", "compiled", "auto"]
 TASK_IDS = torch.tensor([1, 0, 1])
 
 
-def _layer(router: str, dtype: torch.dtype, kind: str = "lora") -> MoRALinear:
+def _layer(
+    router: str,
+    dtype: torch.dtype,
+    kind: str = "lora",
+    shape: tuple[int, int] = (12, 10),
+    rank: int = 3,
+) -> MoRALinear:
+    """A ``shape`` linear with a mixture of 4 ``kind`` experts under ``router``, every
+    parameter drawn in ``dtype`` (build in float64 and cast for the same draws in another)."""
     torch.manual_seed(0)
-    cfg = MixtureConfig(kind=kind, rank=3, experts=4, router=ROUTERS[router])
-    layer = MoRALinear(nn.Linear(12, 10), cfg).to(dtype).train()
+    cfg = MixtureConfig(kind=kind, rank=rank, experts=4, router=ROUTERS[router])
+    layer = MoRALinear(nn.Linear(*shape), cfg).to(dtype).train()
     mix = layer.adapter("default")
     with torch.no_grad():
         for p in mix.parameters():

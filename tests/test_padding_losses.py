@@ -5,6 +5,8 @@ gradients, under every backend and for LoRA and MoRA experts (float64)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 
@@ -20,6 +22,19 @@ F64 = torch.float64
 PER_TOKEN = sorted(r for r in ROUTERS if r not in ("topk-per-sample", "task"))  # with losses
 LENGTHS = torch.tensor([5, 3, 1])
 MASK = torch.arange(5) < LENGTHS[:, None]  # (3, 5): 9 real tokens
+
+
+def _wrapped(
+    make_base: Callable[[], torch.nn.Module], router: str, targets: list[str]
+) -> MoRAModel:
+    """``make_base()`` in float64 and evaluation (no routing noise, whose draws depend on the
+    token count) with a mixture of 4 LoRA experts under ``router`` on ``targets``, its
+    adapters random; seeded."""
+    torch.manual_seed(0)
+    config = MixtureConfig(kind="lora", rank=2, experts=4, router=ROUTERS[router])
+    model = MoRAModel(make_base().double(), config, target_modules=targets).double().eval()
+    randomize_adapters(model, scale=1.0)
+    return model
 
 
 def _padded() -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,13 +111,7 @@ def test_a_transformers_model_gives_a_padded_sample_the_losses_it_has_alone(rout
     """``attention_mask`` passed to the wrapper declares the padding: a right-padded sample's
     auxiliary loss is its loss alone (causal attention never reads the padding), and counting
     the padding would move it."""
-    torch.manual_seed(0)
-    config = MixtureConfig(kind="lora", rank=2, experts=4, router=ROUTERS[router])
-    model = MoRAModel(
-        tiny_llama().double(), config, target_modules=["q_proj", "v_proj", "down_proj"]
-    )
-    model.double().eval()  # no routing noise, whose draws depend on the token count
-    randomize_adapters(model, scale=1.0)
+    model = _wrapped(tiny_llama, router, ["q_proj", "v_proj", "down_proj"])
     short = torch.randint(1, 101, (1, 4))
     padded = torch.cat([short, torch.randint(1, 101, (1, 5))], 1)
     mask = (torch.arange(9) < 4).long()[None]  # (1, 9)
@@ -130,12 +139,8 @@ def test_an_encoder_decoder_masks_each_side_with_its_own_padding(cross: bool) ->
     cross-attention keys and values) pool under ``attention_mask``, the decoder's under
     their own mask (none here), even where the decoder's length equals the encoder's: a
     sample padded in a batch gives the logits it gives alone (float64)."""
-    torch.manual_seed(0)
-    router = {**ROUTERS["topk-per-sample"].to_dict(), "noise": False}
-    config = MixtureConfig.from_dict({"kind": "lora", "rank": 2, "experts": 4, "router": router})
     targets = ["EncDecAttention.v", "EncDecAttention.k"] if cross else ["SelfAttention.q"]
-    model = MoRAModel(_tiny_t5(), config, target_modules=targets).double().eval()
-    randomize_adapters(model, scale=1.0)
+    model = _wrapped(_tiny_t5, "topk-per-sample", targets)
     src = torch.randint(1, 50, (2, 5))
     mask = torch.ones(2, 5, dtype=torch.long)
     mask[0, 3:] = 0  # sample 0: 3 real source tokens, padded to the decoder's length 5
@@ -158,12 +163,7 @@ def test_generate_routes_a_left_padded_prompt_as_it_routes_alone() -> None:
     """``generate`` calls the wrapped model itself: each of its forwards is masked by the
     call's ``attention_mask``, so a left-padded prompt, routed per sample, gets the scores
     it gets alone at every step (float64, greedy)."""
-    torch.manual_seed(0)
-    router = {**ROUTERS["topk-per-sample"].to_dict(), "noise": False}
-    config = MixtureConfig.from_dict({"kind": "lora", "rank": 2, "experts": 4, "router": router})
-    model = MoRAModel(tiny_llama().double(), config, target_modules=["q_proj", "down_proj"])
-    model.double().eval()
-    randomize_adapters(model, scale=1.0)
+    model = _wrapped(tiny_llama, "topk-per-sample", ["q_proj", "down_proj"])
     short, long = torch.randint(1, 101, (1, 3)), torch.randint(1, 101, (1, 7))
     prompts = torch.cat([torch.cat([torch.zeros(1, 4, dtype=torch.long), short], 1), long])
     mask = torch.ones_like(prompts)
@@ -184,12 +184,7 @@ def test_generate_with_an_encoder_decoder_masks_its_source_padding() -> None:
     """T5's ``generate`` runs the encoder on its own, then decodes against its states: the
     encoder's and the cross-attention's per-sample routing pool a padded source's real
     tokens only, so its scores are the ones it gets alone (float64, greedy)."""
-    torch.manual_seed(0)
-    router = {**ROUTERS["topk-per-sample"].to_dict(), "noise": False}
-    config = MixtureConfig.from_dict({"kind": "lora", "rank": 2, "experts": 4, "router": router})
-    targets = ["SelfAttention.q", "EncDecAttention.v"]
-    model = MoRAModel(_tiny_t5(), config, target_modules=targets).double().eval()
-    randomize_adapters(model, scale=1.0)
+    model = _wrapped(_tiny_t5, "topk-per-sample", ["SelfAttention.q", "EncDecAttention.v"])
     src = torch.randint(1, 50, (2, 6))
     mask = torch.ones_like(src)
     mask[0, 3:] = 0  # sample 0: 3 real source tokens
@@ -208,11 +203,7 @@ def test_generate_with_an_encoder_decoder_masks_its_source_padding() -> None:
 def test_routing_statistics_count_the_real_tokens_only(router: str) -> None:
     """``routing_stats()`` (usage, entropy, experts per token) of a padded batch under its
     mask equal the statistics of its real tokens' routing, and differ without the mask."""
-    torch.manual_seed(0)
-    cfg = {**ROUTERS[router].to_dict(), "noise": False}
-    config = MixtureConfig.from_dict({"kind": "lora", "rank": 2, "experts": 4, "router": cfg})
-    model = MoRAModel(tiny_llama().double(), config, target_modules=["q_proj"]).double().eval()
-    randomize_adapters(model, scale=1.0)
+    model = _wrapped(tiny_llama, router, ["q_proj"])
     ids = torch.randint(1, 101, (2, 6))
     mask = torch.ones_like(ids)
     mask[0, 4:] = 0
@@ -235,11 +226,7 @@ def test_the_data_parallel_balance_loss_counts_the_real_tokens_too() -> None:
     routers' own losses of a padded batch: the real tokens only, as they count them."""
     from moracl.distributed import reduced_aux_loss
 
-    torch.manual_seed(0)
-    cfg = {**ROUTERS["topk"].to_dict(), "noise": False}
-    config = MixtureConfig.from_dict({"kind": "lora", "rank": 2, "experts": 4, "router": cfg})
-    model = MoRAModel(tiny_llama().double(), config, target_modules=["q_proj"]).double().eval()
-    randomize_adapters(model, scale=1.0)
+    model = _wrapped(tiny_llama, "topk", ["q_proj"])
     ids = torch.randint(1, 101, (2, 6))
     mask = torch.ones_like(ids)
     mask[0, 2:] = 0

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 from moracl import MoRALinear
 from moracl.adapters.mora import bank as mora_bank
-from moracl.experts import MixtureConfig, RoutingContext, routing_backend
+from moracl.experts import RoutingContext, routing_backend
 from moracl.experts.routed_mora import padded_size
 
 from . import test_backends
@@ -30,20 +29,9 @@ def node_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _layer(router: str, shape: str, dtype: torch.dtype, device: str = "cpu") -> MoRALinear:
-    """A mixture of 4 MoRA experts under ``router``; parameters drawn in ``dtype`` (build in
-    float64 and cast for the same draws in another dtype)."""
+    """:func:`tests.test_backends._layer` with MoRA experts on one of :data:`SHAPES`."""
     i, o, rank = SHAPES[shape]
-    torch.manual_seed(0)
-    cfg = MixtureConfig(kind="mora", rank=rank, experts=4, router=ROUTERS[router])
-    layer = MoRALinear(nn.Linear(i, o), cfg).to(dtype).train()
-    mix = layer.adapter("default")
-    with torch.no_grad():
-        for p in mix.parameters():
-            p.copy_(torch.randn_like(p) * 0.5)
-    if router == "topk-tasks":  # task rows that restrict the experts
-        mix.router.set_expert_mask(0, torch.tensor([True, True, False, True]))
-        mix.router.set_expert_mask(1, torch.tensor([False, True, True, True]))
-    return layer.to(device)
+    return test_backends._layer(router, dtype, "mora", (i, o), rank).to(device)
 
 
 def _inputs(shape: str, dtype: torch.dtype, device: str = "cpu") -> tuple[torch.Tensor, ...]:
