@@ -10,6 +10,7 @@ a tolerance derived from the dtype's machine epsilon.
 from __future__ import annotations
 
 import gc
+import warnings
 
 import pytest
 import torch
@@ -291,3 +292,25 @@ def test_a_retained_graph_backpropagates_twice(router: str, kind: str) -> None:
         assert (a is None) == (b is None)
         if a is not None:
             torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def _twice_plus_one(x: torch.Tensor) -> torch.Tensor:
+    return x * 2 + 1
+
+
+def test_a_compiled_function_past_the_recompile_limit_runs_uncompiled_with_a_warning() -> None:
+    """The compiled closed forms meet one input layout per layer shape, router and expert
+    count: past torch's recompile limit they must keep computing (uncompiled), not raise."""
+    from moracl.experts.backend import compiled
+
+    fn = compiled(_twice_plus_one)
+    with (
+        torch._dynamo.config.patch(recompile_limit=1, automatic_dynamic_shapes=False),
+        pytest.warns(RuntimeWarning, match=r"_twice_plus_one met more input layouts .*\(1\)"),
+    ):
+        outs = [fn(torch.arange(float(n))) for n in (2, 3, 4)]
+    for n, out in zip((2, 3, 4), outs):
+        torch.testing.assert_close(out, torch.arange(float(n)) * 2 + 1, rtol=0, atol=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once: later calls run quietly
+        torch.testing.assert_close(fn(torch.ones(5)), torch.full((5,), 3.0), rtol=0, atol=0)

@@ -287,8 +287,15 @@ def test_the_record_renders_the_streams_and_the_loop_cost() -> None:
     assert "; 3 experiences; seeds 0, 1." in text
     assert seed_table(runs) in text and per_seed_table(runs) in text
     assert "| a/task | ACC >= best baseline (not Joint) | 86.7 vs Replay 80.0" in text
+    loop = loop_cost_markdown(record)  # a record from before the checked loop was timed
+    assert "| a/task | 40 | 6 | 1.200 | 1.000 | 1.20x | met | — | — | 0.0e+00 |" in loop
+    assert "| <= 1.3x |" in loop  # the CPU target
+    record["device"] = "cuda"
+    record["loop_cost"][0].update(template_seconds=1.21, checked_seconds=1.1)
     loop = loop_cost_markdown(record)
-    assert "| a/task | 40 | 6 | 1.200 | 1.000 | 1.20x | met | 0.0e+00 |" in loop
+    assert loop.startswith("### moracl's template against a plain PyTorch loop, on CUDA")
+    assert "| <= 1.2x |" in loop  # the CUDA target
+    assert "| a/task | 40 | 6 | 1.210 | 1.000 | 1.21x | **not met** | 1.100 | 1.10x |" in loop
     assert markdown({"scenarios": {}, "loop_cost": []}) == ""
     assert loop_cost_markdown({"scenarios": {}, "loop_cost": []}) == ""
 
@@ -404,6 +411,7 @@ def test_template_and_plain_loop_end_with_the_same_weights(
     assert cost.steps == 2 * 3  # two epochs of ceil(40 / 16) batches
     assert cost.max_weight_diff == 0.0
     assert cost.template_seconds > 0 and cost.plain_seconds > 0
+    assert cost.checked_seconds is not None and cost.checked_seconds > 0
     row = loop_cost_table([cost]).splitlines()[2]
     assert row.startswith(f"| {key} | 40 | 6 |") and row.endswith("| 0.0e+00 |")
 

@@ -121,7 +121,9 @@ def test_each_record_is_its_table_then_its_meta_line_and_caveats(results: Path) 
     caveats = "Caveats:\n\n- seed 0 only\n- timings on a shared machine"
     assert adapters_part.index(line) < adapters_part.index(caveats)
     assert optim.markdown(OPTIM) in text
-    assert "| split-fashion/task | 1000 | 32 | 1.090 | 1.000 | 1.09x | met | 0.0e+00 |" in text
+    assert (
+        "| split-fashion/task | 1000 | 32 | 1.090 | 1.000 | 1.09x | met | — | — | 0.0e+00 |" in text
+    )
     assert "Caveats: none recorded." in text  # the loop-cost record has none
     # each section opens with what its benchmark measures: its module's docstring, as markdown
     assert "## Optimisers (`moracl bench optim`)\n\nStep time of every `MoRAOptimizer`" in text

@@ -129,6 +129,8 @@ def test_routing_functions_compile_without_graph_breaks() -> None:
     """``torch.compile(fullgraph=True)`` of the forward and the backward (as the fused node
     runs them on CUDA) gives eager's numbers."""
     from moracl.experts.routers.hierarchical_gating import (
+        hierarchical_gate_backward,
+        hierarchical_gate_forward,
         hierarchical_route_backward,
         hierarchical_route_forward,
     )
@@ -157,8 +159,26 @@ def test_routing_functions_compile_without_graph_breaks() -> None:
     ):
         routed, saved = fwd(*args, *settings)
         runs.append((*routed[:3], *routed.aux, bwd(saved, grads, *settings[1:])))
-    for got, ref in zip(*runs):
-        if got.dtype == torch.bool:
-            assert torch.equal(got, ref)
-        else:
-            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    # the gated forms (routing and gating in one function), as the fused node runs them
+    er = G * S * 3
+    zl = torch.cat([torch.randn(32, er, generator=gen), logits], dim=1)
+    grad_zg = torch.randn(32, er, generator=gen)
+    for fwd, bwd in (
+        (
+            torch.compile(hierarchical_gate_forward, fullgraph=True),
+            torch.compile(hierarchical_gate_backward, fullgraph=True),
+        ),
+        (hierarchical_gate_forward, hierarchical_gate_backward),
+    ):
+        zg, routed, saved = fwd(zl, er, *args[1:], *settings)
+        runs.append((zg, *routed[:3], *bwd(saved, grad_zg, grads, *settings[1:])))
+    assert len(runs) == 4
+    for first, second in (runs[:2], runs[2:]):
+        for got, ref in zip(first, second):
+            if got.dtype == torch.bool:
+                assert torch.equal(got, ref)
+            else:
+                torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    # and the gated forms route as the routing functions do
+    for got, ref in zip(runs[3][1:4], runs[1][:3]):
+        torch.testing.assert_close(got, ref, rtol=0, atol=0)

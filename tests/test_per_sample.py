@@ -277,3 +277,56 @@ def test_a_transformers_model_routes_a_sample_alike_alone_and_padded_in_a_batch(
         other = model(input_ids=long, attention_mask=torch.ones_like(long)).logits
     torch.testing.assert_close(padded[0, :4], alone[0], rtol=1e-9, atol=1e-10)  # float64
     torch.testing.assert_close(padded[1], other[0], rtol=1e-9, atol=1e-10)
+
+
+def test_the_fused_gating_functions_compile_without_graph_breaks_and_equal_eager() -> None:
+    """``torch.compile(fullgraph=True)`` of the per-sample gating's functions (as a fused node
+    runs them on CUDA under the ``compiled`` and ``triton`` backends) against the functions
+    themselves, and the gated backward against autograd of the broadcast gating in float64."""
+    from moracl.experts.gating import Routed
+    from moracl.experts.per_sample import (
+        expand_routed,
+        pooled_logits,
+        sample_gate,
+        sample_gate_grads,
+        spread_logit_grads,
+    )
+
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(0)
+    b, t, e, r, nl = 3, 4, 4, 2, 6
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    zl = rand(b * t, e * r + nl + 2)[:, : e * r + nl]  # a row-strided view, as the node passes
+    za, gates, weights = zl[:, : e * r], rand(b, e).softmax(-1), rand(b, t).softmax(-1)
+    grad_zg, grad_tokens, grad_b = rand(b * t, e * r), rand(b * t, e), rand(b, nl)
+    routed = Routed(gates, gates * 2, gates > 0.3, gates.topk(2).indices, (gates.sum(),))
+    plain = (
+        pooled_logits(weights, zl[:, e * r :]),
+        *expand_routed(routed, t)[:4],
+        sample_gate(za, gates),
+        *sample_gate_grads(za, gates, grad_zg, grad_tokens),
+        spread_logit_grads(grad_zg, weights, grad_b),
+    )
+    fused = (
+        torch.compile(pooled_logits, fullgraph=True)(weights, zl[:, e * r :]),
+        *torch.compile(expand_routed, fullgraph=True)(routed, t)[:4],
+        torch.compile(sample_gate, fullgraph=True)(za, gates),
+        *torch.compile(sample_gate_grads, fullgraph=True)(za, gates, grad_zg, grad_tokens),
+        torch.compile(spread_logit_grads, fullgraph=True)(grad_zg, weights, grad_b),
+    )
+    for got, want in zip(fused, plain):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    # the gated backward against autograd of the tokens' expanded gates
+    za_leaf, g_leaf = za.clone().requires_grad_(), gates.clone().requires_grad_()
+    token_gates = expand_rows(g_leaf, t)  # (n, e)
+    zg = (za_leaf.view(-1, e, r) * token_gates[:, :, None]).flatten(1)
+    loss = (zg * grad_zg).sum() + (token_gates * grad_tokens).sum()
+    want_za, want_gates = torch.autograd.grad(loss, (za_leaf, g_leaf))
+    grad_za, zg_again, grad_gates = sample_gate_grads(za, gates, grad_zg, grad_tokens)
+    torch.testing.assert_close(grad_za, want_za, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad_gates, want_gates, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(zg_again, zg.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(sample_gate(za, gates), zg.detach(), rtol=1e-12, atol=1e-12)

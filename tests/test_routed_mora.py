@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from moracl import MoRALinear
+from moracl.adapters.fused import aligned_size
 from moracl.adapters.mora import bank as mora_bank
 from moracl.experts import RoutingContext, routing_backend
-from moracl.experts.routed_mora import padded_size
 
 from . import test_backends
 from .test_backends import ROUTERS, TASK_IDS, _step
@@ -59,7 +59,7 @@ def test_the_shapes_cover_aligned_padded_and_single_group_sizes() -> None:
         for name in SHAPES
     }
     assert sizes == {"aligned": 8, "padded": 10, "narrow": 12}
-    assert [padded_size(r) for r in sizes.values()] == [8, 16, 16]
+    assert [aligned_size(r) for r in sizes.values()] == [8, 16, 16]
     assert SHAPES["narrow"][0] < sizes["narrow"] < SHAPES["narrow"][1]
 
 

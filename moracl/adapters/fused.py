@@ -25,7 +25,7 @@ weights) runs inside :func:`plain_autograd`.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any
@@ -35,7 +35,9 @@ from torch import Tensor
 from torch.nn import functional as F
 
 __all__ = [
+    "ALIGN",
     "accumulate_input_grad",
+    "aligned_size",
     "compute_dtype",
     "frozen_plus_update",
     "fused_enabled",
@@ -45,9 +47,38 @@ __all__ = [
     "node_output",
     "plain_autograd",
     "plain_lora_linear",
+    "stacked_rows",
 ]
 
+#: Rows of a matmul operand are padded to a multiple of this many elements (16 bytes in half
+#: precision): cuBLAS otherwise falls back to slower kernels (e.g. sm80 ones on an H100).
+ALIGN = 8
+
 _FUSED: ContextVar[bool] = ContextVar("moracl_fused", default=True)
+
+
+def aligned_size(size: int) -> int:
+    """``size`` rounded up to a multiple of :data:`ALIGN`."""
+    return -(-size // ALIGN) * ALIGN
+
+
+def stacked_rows(parts: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
+    """``(aligned_size(m), i)``: the row blocks ``parts`` (``(m_j, i)`` each, ``m = Σ m_j``)
+    stacked in ``dtype``, then zero rows, so that a product ``x @ stackedᵀ`` has rows of
+    :data:`ALIGN`-aligned length (a router's 20 logit rows beside 128 expert rows would
+    otherwise leave every matmul of a fused node's forward and backward unaligned)."""
+    blocks = [p for p in parts if p.shape[0]] or list(parts[:1])
+    rows = sum(p.shape[0] for p in blocks)
+    total = aligned_size(rows)
+    if total == rows and len(blocks) == 1:
+        return blocks[0].to(dtype)
+    out = blocks[0].new_empty((total, blocks[0].shape[1]), dtype=dtype)
+    start = 0
+    for block in blocks:
+        out[start : start + block.shape[0]].copy_(block)
+        start += block.shape[0]
+    out[rows:].zero_()
+    return out
 
 
 def fused_enabled(*weights: Tensor | None) -> bool:

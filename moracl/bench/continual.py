@@ -410,10 +410,13 @@ def loop_cost_markdown(results: dict[str, Any]) -> str:
     if not rows:
         return ""
     fields = ("name", "examples", "steps", "template_seconds", "plain_seconds", "max_weight_diff")
-    costs = [LoopCost(**{k: r[k] for k in fields}) for r in rows]
+    costs = [
+        LoopCost(**{k: r[k] for k in fields}, checked_seconds=r.get("checked_seconds"))
+        for r in rows
+    ]
     device = results.get("device", "cpu")
     head = f"### moracl's template against a plain PyTorch loop, on {device.upper()}"
-    return f"{head}\n\n{loop_cost_table(costs)}"
+    return f"{head}\n\n{loop_cost_table(costs, device)}"
 
 
 def merge_record(path: Path, streams: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -630,7 +633,7 @@ def main(argv: list[str] | None = None) -> int:
         first = {key: configs[key, args.seeds[0]] for key in args.scenarios}
         rows = _loop_costs(first, args.repeats, device=args.device)
         print("### loop cost: moracl's template against a plain PyTorch loop\n")
-        print(loop_cost_table(rows), "\n")
+        print(loop_cost_table(rows, args.device), "\n")
     if args.json is not None and args.merge:
         merged, old_meta = merge_record(args.json, streams)
         print(markdown(merged), "\n", flush=True)

@@ -9,6 +9,12 @@ stack the experience's data into those tensors inside their timed run (the templ
 every ``train`` call), and both draw dropout's masks from the same seeded global generator.
 They start from the same trainable state and end with the same weights (checked, see
 :class:`LoopCost.max_weight_diff`), so the time ratio is the template's overhead alone.
+
+The template checks every step's loss and gradients before the update (the non-finite guard,
+:class:`~moracl.guard.StepGuard`: one host sync a step), which a plain loop does not. A third
+loop, the plain one with that same check (``checked=True``), splits the ratio into what the
+guarantee costs and what the template costs besides; on CUDA the sync keeps the host from
+queueing the next step's kernels while the GPU works.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from moracl.continual.strategy import (
     derive_seed,
     materialize,
 )
+from moracl.guard import OnNonFinite, StepGuard
 from moracl.model import MoRAModel
 
 __all__ = ["LoopCost", "measure_loop_cost", "plain_train", "trainable_snapshot"]
@@ -45,6 +52,7 @@ def plain_train(
     epochs: int,
     seed: int,
     device: torch.device | str = "cpu",
+    checked: bool = False,
 ) -> int:
     """Train ``model`` on ``tensors = (x (n, ...), y (n,), t (n,))`` with a hand-written loop.
 
@@ -52,6 +60,8 @@ def plain_train(
     seeds it by ``derive_seed(loader_seed, experience)``). The loss is the cross-entropy of the
     logits ``(b, c)`` plus, for a :class:`MoRAModel` encoder, its routers' auxiliary loss. Each
     mini-batch moves to ``device`` as the template moves it (the model is there already).
+    With ``checked``, each step's loss and gradients pass the template's non-finite check
+    before the update (:class:`~moracl.guard.StepGuard`, one host sync).
 
     Returns:
         The number of optimiser steps taken.
@@ -60,6 +70,7 @@ def plain_train(
     optimizer = optimizer_factory(model)
     batches = TensorBatches(tensors, batch_size, shuffle=True, seed=seed)
     encoder = model.encoder
+    guard = StepGuard(OnNonFinite.STOP) if checked else None
     steps = 0
     for _ in range(epochs):
         for batch in batches:
@@ -70,6 +81,9 @@ def plain_train(
             if isinstance(encoder, MoRAModel):
                 loss = loss + encoder.aux_loss()
             loss.backward()
+            if guard is not None:
+                params = [p for g in optimizer.param_groups for p in g["params"]]
+                guard.check(loss, params, "the plain loop")
             optimizer.step()
             steps += 1
     return steps
@@ -111,6 +125,8 @@ class LoopCost:
         plain_seconds: best wall time of :func:`plain_train`.
         max_weight_diff: the largest absolute difference between the trainable weights the
             two loops end with (0.0: the same arithmetic).
+        checked_seconds: best wall time of :func:`plain_train` with the template's
+            non-finite check (``None`` in records from before it was timed).
     """
 
     name: str
@@ -119,11 +135,19 @@ class LoopCost:
     template_seconds: float
     plain_seconds: float
     max_weight_diff: float
+    checked_seconds: float | None = None
 
     @property
     def ratio(self) -> float:
         """Template time over plain-loop time."""
         return self.template_seconds / self.plain_seconds
+
+    @property
+    def checked_ratio(self) -> float | None:
+        """Template time over the checked plain loop's (``None`` when not timed)."""
+        if self.checked_seconds is None:
+            return None
+        return self.template_seconds / self.checked_seconds
 
 
 def measure_loop_cost(
@@ -139,8 +163,8 @@ def measure_loop_cost(
 
     Every run starts from the trainable state the model has now. One untimed run of each
     warms up (and lets the template adapt the model: grown experts, seen classes); then
-    ``repeats`` interleaved rounds time both, and the best of each is kept. The weights of
-    the last round are compared.
+    ``repeats`` interleaved rounds time the template, the plain loop and the checked plain
+    loop, and the best of each is kept. The weights of the last round are compared.
 
     Args:
         name: the row's label.
@@ -173,7 +197,9 @@ def measure_loop_cost(
     start = trainable_snapshot(model)  # the state after adaptation: same names for both
     _restore(model, start)
     steps = plain_train(model, tensors, **kwargs)  # type: ignore[arg-type]
-    template_times, plain_times = [], []
+    template_times: list[float] = []
+    plain_times: list[float] = []
+    checked_times: list[float] = []
     ends: dict[str, dict[str, Tensor]] = {}
     for _ in range(repeats):
         _restore(model, start)
@@ -189,8 +215,19 @@ def measure_loop_cost(
         plain_train(model, tensors, **kwargs)  # type: ignore[arg-type]
         plain_times.append(clock() - began)
         ends["plain"] = trainable_snapshot(model)
+        _restore(model, start)
+        torch.manual_seed(seed)
+        began = clock()
+        tensors = materialize(dataset)
+        plain_train(model, tensors, checked=True, **kwargs)  # type: ignore[arg-type]
+        checked_times.append(clock() - began)
+        ends["checked"] = trainable_snapshot(model)
     _restore(model, start)
-    diff = max(float((ends["template"][k] - ends["plain"][k]).abs().max()) for k in ends["plain"])
+    diff = max(
+        float((ends["template"][k] - ends[loop][k]).abs().max())
+        for loop in ("plain", "checked")
+        for k in ends[loop]
+    )
     return LoopCost(
         name=name,
         examples=len(tensors[0]),
@@ -198,4 +235,5 @@ def measure_loop_cost(
         template_seconds=min(template_times),
         plain_seconds=min(plain_times),
         max_weight_diff=diff,
+        checked_seconds=min(checked_times),
     )

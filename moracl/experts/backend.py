@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -126,13 +127,44 @@ def resolve_backend(configured: RoutingBackend, device: torch.device) -> Routing
     return backend
 
 
-_COMPILED: dict[Callable[..., Any], Callable[..., Any]] = {}
+class _Compiled:
+    """``torch.compile(fn, fullgraph=True)`` that runs ``fn`` itself, with a warning, from
+    the call that would exceed torch's recompile limit on: a process that meets more input
+    layouts than the limit allows (many layer shapes and routers, experts that grow) keeps
+    training, uncompiled, instead of failing."""
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.fn = fn
+        self.compiled = torch.compile(fn, fullgraph=True)
+        self.eager = False
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.eager:
+            return self.fn(*args, **kwargs)
+        try:
+            return self.compiled(*args, **kwargs)
+        except torch._dynamo.exc.FailOnRecompileLimitHit:
+            self.eager = True
+            limit = torch._dynamo.config.recompile_limit
+            warnings.warn(
+                f"{self.fn.__module__}.{self.fn.__qualname__} met more input layouts than "
+                f"torch.compile's recompile_limit ({limit}); it runs uncompiled from now on "
+                f"in this process (raise torch._dynamo.config.recompile_limit to keep it "
+                f"compiled)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return self.fn(*args, **kwargs)
+
+
+_COMPILED: dict[Callable[..., Any], _Compiled] = {}
 
 
 def compiled(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """``torch.compile(fn, fullgraph=True)``, compiled once per process and function."""
+    """``torch.compile(fn, fullgraph=True)``, compiled once per process and function; past
+    torch's recompile limit it runs ``fn`` uncompiled (with a warning) rather than fail."""
     if fn not in _COMPILED:
-        _COMPILED[fn] = torch.compile(fn, fullgraph=True)
+        _COMPILED[fn] = _Compiled(fn)
     return _COMPILED[fn]
 
 

@@ -32,6 +32,7 @@ __all__ = [
     "RouteGrads",
     "Routed",
     "apply_gates",
+    "gated_grads",
 ]
 
 
@@ -69,6 +70,20 @@ def apply_gates(za: Tensor, gates: Tensor) -> Tensor:
     dtype) for ``gates (n, e)``."""
     g = gates.to(za.dtype)
     return (za.unflatten(1, (g.shape[1], -1)) * g[:, :, None]).flatten(1)
+
+
+def gated_grads(
+    za: Tensor, gates: Tensor, grad_zg: Tensor, grad_gates: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The backward of :func:`apply_gates` for ``za (n, e·r)``, ``gates (n, e)`` and ``grad_zg
+    (n, e·r)``: ``∂L/∂za``, ``zg`` recomputed, and ``∂L/∂gates (n, e)`` (in ``gates``' dtype:
+    the experts' part plus ``grad_gates``, the gradient of the gates as an output, if any)."""
+    e = gates.shape[1]
+    g_c = gates.to(za.dtype)[:, :, None]  # (n, e, 1)
+    gz3, za3 = grad_zg.unflatten(1, (e, -1)), za.unflatten(1, (e, -1))  # (n, e, r)
+    from_experts = (gz3 * za3).sum(-1).to(gates.dtype)  # (n, e)
+    gg = from_experts if grad_gates is None else grad_gates + from_experts
+    return (gz3 * g_c).flatten(1), (za3 * g_c).flatten(1), gg
 
 
 class Gating(ABC):

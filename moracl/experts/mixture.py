@@ -467,7 +467,8 @@ class Mixture(nn.Module):
         active = self._active(x)
         gating: Gating = self.router.gating(self._task_ids(lead), backend, active)
         if self.per_sample:
-            gating = SampleGating(gating, self._pool_weights(x, routing_dtype(x.dtype)))
+            weights = self._pool_weights(x, routing_dtype(x.dtype))
+            gating = SampleGating(gating, weights, backend)
         weights = self.router.logit_weights()  # (l, i)
         logits = F.linear(x.reshape(-1, self.in_features), weights.to(x.dtype))  # (n, l)
         routed = route_node(logits, gating)
@@ -494,7 +495,8 @@ class Mixture(nn.Module):
         active = self._active(x)
         gating: Gating = self.router.gating(self._task_ids(lead), backend, active)
         if self.per_sample:
-            gating = SampleGating(gating, self._pool_weights(x, routing_dtype(x.dtype)))
+            weights = self._pool_weights(x, routing_dtype(x.dtype))
+            gating = SampleGating(gating, weights, backend)
         self._keep_input(x)
         r = self.router.logit_weights()
         out, routed = bank.routed_linear(x, weight, bias, r, gating, backend)

@@ -20,7 +20,7 @@ position counts.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any, NamedTuple
@@ -28,16 +28,22 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from moracl.experts.backend import RoutingBackend, for_backend
 from moracl.experts.gating import Gating, Routed, RouteGrads
 from moracl.experts.routing import RoutingResult
 
 __all__ = [
+    "SampleGatedSaved",
     "SampleGating",
     "active_tokens",
     "current_token_mask",
     "declared_token_mask",
     "expand_result",
     "pool_weights",
+    "pooled_logits",
+    "sample_gate",
+    "sample_gate_grads",
+    "spread_logit_grads",
     "token_mask",
 ]
 
@@ -153,10 +159,68 @@ def expand_result(result: RoutingResult, t: int) -> RoutingResult:
 
 
 class SampleSaved(NamedTuple):
-    """What :class:`SampleGating`'s backward reads."""
+    """What :class:`SampleGating`'s routing backward reads."""
 
     dtype: torch.dtype  # the logits' dtype
     inner: Any  # the inner gating's record
+
+
+class SampleGatedSaved(NamedTuple):
+    """What :class:`SampleGating`'s gated backward reads."""
+
+    za: Tensor  # (n, e·r)
+    gates: Tensor  # (b, e) the samples' gates
+    route: SampleSaved
+
+
+def pooled_logits(weights: Tensor, logits: Tensor) -> Tensor:
+    """``(b, l)``: each sample's tokens' ``logits (b·t, l)`` averaged by ``weights (b, t)``,
+    in ``weights``' dtype."""
+    b, t = weights.shape
+    return torch.einsum("bt,btl->bl", weights, logits.view(b, t, -1).to(weights.dtype))
+
+
+def expand_routed(routed: Routed, t: int) -> Routed:
+    """A routing of ``b`` samples as the routing of their ``b·t`` tokens (auxiliary losses,
+    computed over the samples, unchanged)."""
+    indices = None if routed.indices is None else expand_rows(routed.indices, t)
+    gates, probs, chosen = (expand_rows(v, t) for v in routed[:3])
+    return Routed(gates, probs, chosen, indices, routed.aux)
+
+
+def sample_gate(za: Tensor, gates: Tensor) -> Tensor:
+    """``zg (n, e·r)``: ``za (b·t, e·r)``, each token's expert blocks times its sample's gates
+    ``gates (b, e)`` (in ``za``'s dtype), without expanding the gates to the tokens."""
+    b, e = gates.shape
+    z4 = za.unflatten(0, (b, -1)).unflatten(2, (e, -1))  # (b, t, e, r)
+    return (z4 * gates.to(za.dtype)[:, None, :, None]).flatten(2).flatten(0, 1)
+
+
+def sample_gate_grads(
+    za: Tensor, gates: Tensor, grad_zg: Tensor, grad_gates: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The backward of :func:`sample_gate`: ``∂L/∂za (n, e·r)``, ``zg`` recomputed and
+    ``∂L/∂gates (b, e)`` in ``gates``' dtype (summed over each sample's tokens in at least
+    float32, plus ``grad_gates (n, e)``, the gradient of the tokens' gates as an output, if
+    any)."""
+    b, e = gates.shape
+    z4 = za.unflatten(0, (b, -1)).unflatten(2, (e, -1))  # (b, t, e, r)
+    gz4 = grad_zg.unflatten(0, (b, -1)).unflatten(2, (e, -1))
+    acc = torch.promote_types(za.dtype, torch.float32)
+    per_sample = (gz4.to(acc) * z4.to(acc)).sum((1, 3))  # (b, e)
+    if grad_gates is not None:
+        per_sample = per_sample + grad_gates.view(b, -1, e).to(acc).sum(1)
+    g = gates.to(za.dtype)[:, None, :, None]
+    grad_za = (gz4 * g).flatten(2).flatten(0, 1)
+    return grad_za, (z4 * g).flatten(2).flatten(0, 1), per_sample.to(gates.dtype)
+
+
+def spread_logit_grads(grad_za: Tensor, weights: Tensor, grad: Tensor) -> Tensor:
+    """``∂L/∂zl (n, e·r + l)``: ``grad_za (n, e·r)``, then the samples' logit gradients
+    ``grad (b, l)`` spread over their tokens by ``weights (b, t)``, in ``grad_za``'s dtype."""
+    b, t = weights.shape
+    spread = weights.to(grad.dtype)[:, :, None] * grad[:, None, :]  # (b, t, l)
+    return torch.cat([grad_za, spread.reshape(b * t, -1).to(grad_za.dtype)], dim=1)
 
 
 class SampleGating(Gating):
@@ -164,34 +228,38 @@ class SampleGating(Gating):
     ``weights (b, t)`` (in the routing dtype), route the samples with ``inner`` (built for
     ``b`` rows), and give every token its sample's routing.  Backward: the tokens' gradients
     summed per sample, through ``inner``, then spread back over the tokens by their
-    weights."""
+    weights.  Inside a fused node the experts are gated by their sample's gates directly
+    (:func:`sample_gate`, :func:`sample_gate_grads`); these run compiled on CUDA under the
+    ``compiled`` and ``triton`` backends."""
 
-    def __init__(self, inner: Gating, weights: Tensor) -> None:
+    def __init__(
+        self, inner: Gating, weights: Tensor, backend: RoutingBackend = RoutingBackend.EAGER
+    ) -> None:
         self.inner = inner
         self.weights = weights  # (b, t)
         self.aux_names = inner.aux_names
+        self.backend = backend
 
     def inputs(self) -> tuple[Tensor, ...]:
         return self.inner.inputs()
 
-    def route(self, logits: Tensor) -> tuple[Routed, SampleSaved]:
+    def _fn(self, fn: Callable[..., Any], device: torch.device) -> Callable[..., Any]:
+        return for_backend(fn, self.backend, device)
+
+    def _route_samples(self, logits: Tensor) -> tuple[Routed, Any]:
+        """The inner routing of the pooled ``logits (n, l)``: ``(b, ·)`` outputs."""
         b, t = self.weights.shape
         if logits.shape[0] != b * t:
             raise ValueError(
                 f"per-sample routing of {b} samples of {t} tokens got logits for "
                 f"{logits.shape[0]} tokens"
             )
-        w = self.weights  # in the routing dtype (at least float32)
-        pooled = torch.einsum("bt,btl->bl", w, logits.view(b, t, -1).to(w.dtype))  # (b, l)
-        routed, saved = self.inner.route(pooled)  # (b, e) each
-        indices = None if routed.indices is None else expand_rows(routed.indices, t)
-        expanded = Routed(
-            expand_rows(routed.gates, t),
-            expand_rows(routed.probs, t),
-            expand_rows(routed.chosen, t),
-            indices,
-            routed.aux,
-        )
+        pooled = self._fn(pooled_logits, logits.device)(self.weights, logits)  # (b, l)
+        return self.inner.route(pooled)
+
+    def route(self, logits: Tensor) -> tuple[Routed, SampleSaved]:
+        routed, saved = self._route_samples(logits)  # (b, e) each
+        expanded = self._fn(expand_routed, logits.device)(routed, self.weights.shape[1])
         return expanded, SampleSaved(logits.dtype, saved)
 
     def routes_gradient(self, saved: SampleSaved) -> bool:
@@ -210,3 +278,28 @@ class SampleGating(Gating):
         w = self.weights.to(grad.dtype)
         spread = (w[:, :, None] * grad[:, None, :]).reshape(b * t, -1)  # (n, l)
         return spread.to(saved.dtype), input_grads
+
+    def forward(self, zl: Tensor, er: int) -> tuple[Tensor, Routed, Any]:
+        za = zl[:, :er]
+        routed, saved = self._route_samples(zl[:, er:])  # (b, e) each
+        expanded = self._fn(expand_routed, zl.device)(routed, self.weights.shape[1])
+        zg = self._fn(sample_gate, zl.device)(za, routed.gates)
+        return zg, expanded, SampleGatedSaved(za, routed.gates, SampleSaved(zl.dtype, saved))
+
+    def backward(
+        self, saved: Any, grad_zg: Tensor | None, grads: RouteGrads
+    ) -> tuple[Tensor, Tensor | None, tuple[Tensor | None, ...]]:
+        za, gates, route_saved = saved
+        b, t = self.weights.shape
+        if grad_zg is None:
+            grad_zg = torch.zeros_like(za)
+        grad_za, zg, grad_gates = self._fn(sample_gate_grads, za.device)(
+            za, gates, grad_zg, grads.gates
+        )
+        grad_probs = None if grads.probs is None else grads.probs.view(b, t, -1).sum(1)
+        inner = RouteGrads(grad_gates, grad_probs, grads.aux)
+        grad, input_grads = self.inner.route_backward(route_saved.inner, inner)  # (b, l)
+        if grad.shape[1] == 0:  # no logit columns
+            return grad_za, zg, input_grads
+        grad_zl = self._fn(spread_logit_grads, za.device)(grad_za, self.weights, grad)
+        return grad_zl, zg, input_grads

@@ -9,7 +9,9 @@ projections in one matmul ``x [A; R]ᵀ``, a :class:`~moracl.experts.gating.Gati
 logit columns into gates ``(n, e)`` (broadcast over each expert's ``r`` columns as ``G``) and
 gates the experts' columns, and the backward returns the logits' gradient through the same
 matmuls (``[∂za, ∂logits]`` against ``[A; R]``), so routing adds no pass over the
-activations.  Routing by task alone has ``l = 0``.
+activations.  Routing by task alone has ``l = 0``.  ``[A; R]`` gets zero rows up to a
+multiple of 8 (:func:`~moracl.adapters.fused.stacked_rows`): a hierarchical router's
+``l = 20`` beside ``e·r = 128`` otherwise leaves every matmul of the node unaligned.
 """
 
 from __future__ import annotations
@@ -19,12 +21,14 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
+from torch.nn import functional as F
 
 from moracl.adapters.fused import (
     compute_dtype,
     frozen_layer_grads,
     frozen_plus_update,
     node_output,
+    stacked_rows,
 )
 from moracl.experts.gating import Gating, Routed, RouteGrads
 from moracl.experts.saved import load_record, save_record
@@ -55,10 +59,11 @@ class _RoutedLoRALinear(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         dt = x.dtype
         x2 = x.reshape(-1, x.shape[-1])  # (n, i)
-        ar = (torch.cat([a, r]) if r.shape[0] else a).to(dt)  # (e·r + l, i)
+        width = a.shape[0] + r.shape[0]  # e·r + l
+        ar = stacked_rows((a, r), dt)  # (w, i): e·r + l rows, then zero rows up to aligned w
         b_c = b.to(dt)
-        zl = x2 @ ar.t()  # (n, e·r + l): the experts' rank-space activations, then the logits
-        zg, routed, saved = gating.forward(zl, a.shape[0])  # zg: (n, e·r)
+        zl = x2 @ ar.t()  # (n, w): the experts' rank-space activations, then the logits
+        zg, routed, saved = gating.forward(zl[:, :width], a.shape[0])  # zg: (n, e·r)
         out = frozen_plus_update(zg, b_c, s, bias, x2, weight)  # (n, o)
         save_record(ctx, (x2, weight, ar, b_c), saved)  # no cycle through the outputs
         ctx.s, ctx.x_shape, ctx.gating = s, x.shape, gating
@@ -80,7 +85,10 @@ class _RoutedLoRALinear(torch.autograd.Function):
         if g2 is not None:
             grad_zg = torch.addmm(g2.new_empty(()), g2, b, beta=0, alpha=s)  # input unread
         route_grads = RouteGrads(grad_gates, grad_probs, tuple(grad_aux))
-        grad_zl, zg, input_grads = gating.backward(saved, grad_zg, route_grads)
+        grad_zl, zg, input_grads = gating.backward(saved, grad_zg, route_grads)  # (n, e·r + l)
+        width = grad_zl.shape[1]
+        if ar.shape[0] != width:  # the zero rows' columns, for aligned matmuls
+            grad_zl = F.pad(grad_zl, (0, ar.shape[0] - width))  # (n, w)
         grad_a = grad_b = grad_r = None
         if g2 is not None and zg is not None and need_b:
             grad_b = torch.addmm(b, g2.t(), zg, beta=0, alpha=s).to(ctx.dtypes[1])  # (o, e·r)
@@ -88,7 +96,8 @@ class _RoutedLoRALinear(torch.autograd.Function):
             grad_ar = grad_zl.t() @ x2  # (e·r + l, i)
             if ctx.dtypes[0] == ctx.dtypes[2]:  # one cast for both (one kernel less)
                 grad_ar = grad_ar.to(ctx.dtypes[0])
-            grad_a, grad_r = grad_ar[:er].to(ctx.dtypes[0]), grad_ar[er:].to(ctx.dtypes[2])
+            grad_a = grad_ar[:er].to(ctx.dtypes[0])
+            grad_r = grad_ar[er:width].to(ctx.dtypes[2])
         grad_x, grad_w, grad_bias = frozen_layer_grads(
             g2, x2, weight, grad_zl, ar, (need_x, need_w, need_bias), ctx.x_shape
         )

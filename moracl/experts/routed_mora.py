@@ -17,7 +17,8 @@ gates and sums it, decompresses into a separate ``(n, o)`` tensor and adds that 
 output: the node writes one ``(n, e·p)`` tensor instead and no ``(n, o)`` one besides the
 output.  ``r̂`` is padded to ``p`` with zero rows and columns (of ``C``, ``D`` and ``M``) so
 that every matmul's rows are 16-byte aligned in half precision: with ``r̂ = 350`` cuBLAS
-otherwise falls back to slower kernels.  The backward recomputes ``u`` from ``c`` and the
+otherwise falls back to slower kernels; ``[C; R]`` gets zero rows up to a multiple of 8 for
+the same reason.  The backward recomputes ``u`` from ``c`` and the
 gates rather than keeping it.
 """
 
@@ -31,22 +32,17 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from moracl.adapters.fused import (
+    aligned_size,
     compute_dtype,
     frozen_layer_grads,
     frozen_plus_update,
     node_output,
+    stacked_rows,
 )
 from moracl.experts.gating import Gating, Routed, RouteGrads
 from moracl.experts.saved import load_record, save_record
 
-__all__ = ["Helpers", "gate_grads", "gated", "padded_size", "routed_mora_linear"]
-
-_ALIGN = 8  # elements: 16 bytes in half precision
-
-
-def padded_size(r_hat: int) -> int:
-    """``r̂`` rounded up to a multiple of 8 (see the module docstring)."""
-    return -(-r_hat // _ALIGN) * _ALIGN
+__all__ = ["Helpers", "gate_grads", "gated", "routed_mora_linear"]
 
 
 def gated(c: Tensor, gates: Tensor) -> Tensor:
@@ -106,10 +102,10 @@ class _RoutedMoRALinear(torch.autograd.Function):
             ms = m.new_zeros(e, p, p, dtype=dt)
             ms[:, :r_hat, :r_hat] = m.transpose(1, 2)  # ms[e, s, t] = M_e[t, s]
             ms = ms.view(e * p, p)  # (e·p, p)
-            cr = torch.cat([cp, r.to(dt)]) if r.shape[0] else cp  # (p + l, i)
-            zl = x2 @ cr.t()  # (n, p + l): the compressed input, then the logits
+            cr = stacked_rows((cp, r), dt)  # (w, i): p + l rows, then zero rows up to aligned w
+            zl = x2 @ cr.t()  # (n, w): the compressed input, then the logits
             c = zl[:, :p]
-            routed, saved = gating.route(zl[:, p:])
+            routed, saved = gating.route(zl[:, p : p + r.shape[0]])
             u = helpers.gated(c, routed.gates)  # (n, e·p)
             out = frozen_plus_update(u @ ms, d, 1.0, bias, x2, weight)  # (n, o)
         save_record(ctx, (x2, weight, cr, d, ms, c, routed.gates), saved)
@@ -147,9 +143,11 @@ class _RoutedMoRALinear(torch.autograd.Function):
         grad_logits, input_grads = gating.route_backward(saved, route_grads)
         if grad_c is None:
             grad_c = x2.new_zeros(n, p)
-        grad_zl = torch.cat([grad_c, grad_logits.to(grad_c.dtype)], dim=1)  # (n, p + l)
+        nl = grad_logits.shape[1]
+        pad = grad_c.new_zeros(n, cr.shape[0] - p - nl)  # the zero rows' columns
+        grad_zl = torch.cat([grad_c, grad_logits.to(grad_c.dtype), pad], dim=1)  # (n, w)
         if need_r:
-            grad_r = (grad_zl[:, p:].t() @ x2).to(ctx.dtypes[1])  # (l, i)
+            grad_r = (grad_zl[:, p : p + nl].t() @ x2).to(ctx.dtypes[1])  # (l, i)
         grad_x, grad_w, grad_bias = frozen_layer_grads(
             g2, x2, weight, grad_zl, cr, (need_x, need_w, need_bias), ctx.x_shape
         )
@@ -185,7 +183,7 @@ def routed_mora_linear(
     if bias is not None and bias.dtype != dt:
         bias = bias.to(dt)
     r_hat, i = compress.shape
-    p = padded_size(r_hat)
+    p = aligned_size(r_hat)
     cp = compress.new_zeros(p, i, dtype=dt)  # (p, i)
     cp[:r_hat] = compress
     d = decompress.new_zeros(decompress.shape[0], p, dtype=dt)  # (o, p)

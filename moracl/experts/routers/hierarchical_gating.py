@@ -19,14 +19,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from einops import rearrange
 from torch import Tensor
 
 from moracl.experts.backend import RoutingBackend, for_backend
-from moracl.experts.gating import Gating, Routed, RouteGrads
+from moracl.experts.gating import GatedSaved, Gating, Routed, RouteGrads, apply_gates, gated_grads
 from moracl.experts.routers.topk import TopKSaved, topk_route_backward, topk_route_forward
 
 __all__ = [
@@ -34,6 +34,8 @@ __all__ = [
     "HierarchicalSaved",
     "LevelSettings",
     "global_indices",
+    "hierarchical_gate_backward",
+    "hierarchical_gate_forward",
     "hierarchical_route_backward",
     "hierarchical_route_forward",
 ]
@@ -145,6 +147,50 @@ def hierarchical_route_backward(
     return torch.cat([grad_groups, grad_experts.flatten(1)], dim=1)
 
 
+def hierarchical_gate_forward(
+    zl: Tensor,
+    er: int,
+    group_allowed: Tensor,
+    expert_allowed: Tensor,
+    group_noise: Tensor | None,
+    expert_noise: Tensor | None,
+    group_logits: int,
+    groups: LevelSettings,
+    experts: LevelSettings,
+    active: Tensor | None = None,
+) -> tuple[Tensor, Routed, GatedSaved]:
+    """:func:`hierarchical_route_forward` on the logit columns of ``zl (n, e·r + l)`` and the
+    gated activations ``zg (n, e·r)``: one function, so the compiler fuses the gating in."""
+    za = zl[:, :er]
+    routed, saved = hierarchical_route_forward(
+        zl[:, er:],
+        group_allowed,
+        expert_allowed,
+        group_noise,
+        expert_noise,
+        group_logits,
+        groups,
+        experts,
+        active,
+    )
+    return apply_gates(za, routed.gates), routed, GatedSaved(za, routed.gates, saved)
+
+
+def hierarchical_gate_backward(
+    saved: GatedSaved,
+    grad_zg: Tensor,
+    grads: RouteGrads,
+    groups: LevelSettings,
+    experts: LevelSettings,
+) -> tuple[Tensor, Tensor]:
+    """The backward of :func:`hierarchical_gate_forward`: ``∂L/∂zl (n, e·r + l)`` and
+    ``zg``."""
+    za, gates, route = saved
+    grad_za, zg, gg = gated_grads(za, gates, grad_zg, grads.gates)
+    grad_logits = hierarchical_route_backward(route, grads._replace(gates=gg), groups, experts)
+    return torch.cat([grad_za, grad_logits.to(za.dtype)], dim=1), zg
+
+
 @dataclass(frozen=True)
 class HierarchicalGating(Gating):
     """A two-level top-k routing in a fused node, backward in closed form; ``compiled``
@@ -199,3 +245,30 @@ class HierarchicalGating(Gating):
         bwd = for_backend(hierarchical_route_backward, self.backend, device)
         grad: Tensor = bwd(saved, grads, self.groups, self.experts)
         return grad, ()
+
+    def forward(self, zl: Tensor, er: int) -> tuple[Tensor, Routed, Any]:
+        lg = self.group_logits
+        group_noise = self.group_noise(zl[:, er : er + lg])  # drawn first, as the router draws
+        expert_noise = self.expert_noise(zl[:, er + lg :])
+        fwd = for_backend(hierarchical_gate_forward, self.backend, zl.device)
+        return fwd(  # type: ignore[no-any-return]
+            zl,
+            er,
+            self.group_allowed,
+            self.expert_allowed,
+            group_noise,
+            expert_noise,
+            lg,
+            self.groups,
+            self.experts,
+            self.active,
+        )
+
+    def backward(
+        self, saved: Any, grad_zg: Tensor | None, grads: RouteGrads
+    ) -> tuple[Tensor, Tensor | None, tuple[Tensor | None, ...]]:
+        if grad_zg is None:
+            grad_zg = torch.zeros_like(saved.za)
+        bwd = for_backend(hierarchical_gate_backward, self.backend, saved.za.device)
+        grad_zl, zg = bwd(saved, grad_zg, grads, self.groups, self.experts)
+        return grad_zl, zg, ()

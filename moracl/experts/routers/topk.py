@@ -24,7 +24,14 @@ import torch
 from torch import Tensor
 
 from moracl.experts.backend import RoutingBackend, for_backend
-from moracl.experts.gating import GatedSaved, Gating, Routed, RouteGrads, apply_gates
+from moracl.experts.gating import (
+    GatedSaved,
+    Gating,
+    Routed,
+    RouteGrads,
+    apply_gates,
+    gated_grads,
+)
 from moracl.experts.losses import balance_terms, z_terms, z_weights
 from moracl.experts.routers.base import LogitRouter, TaskIds, noisy_scores
 from moracl.experts.routers.config import (
@@ -250,14 +257,9 @@ def topk_gate_backward(
 ) -> tuple[Tensor, Tensor]:
     """The backward of :func:`topk_gate_forward`: ``∂L/∂zl (n, e·r + l)`` and ``zg``."""
     za, gates, route = saved
-    e = gates.shape[1]
-    g_c = gates.to(za.dtype)[:, :, None]  # (n, e, 1)
-    gz3, za3 = grad_zg.unflatten(1, (e, -1)), za.unflatten(1, (e, -1))  # (n, e, r)
-    from_experts = (gz3 * za3).sum(-1).to(gates.dtype)  # (n, e)
-    gg = from_experts if grads.gates is None else grads.gates + from_experts
+    grad_za, zg, gg = gated_grads(za, gates, grad_zg, grads.gates)
     grad_logits = topk_route_backward(route, grads._replace(gates=gg), normalize)
-    grad_za = (gz3 * g_c).flatten(1)
-    return torch.cat([grad_za, grad_logits], dim=1), (za3 * g_c).flatten(1)
+    return torch.cat([grad_za, grad_logits], dim=1), zg
 
 
 @dataclass(frozen=True)
