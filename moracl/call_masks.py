@@ -11,7 +11,8 @@ the decoder's cross-attention keys and values, recognised by the encoder's outpu
 under ``attention_mask``, the decoder's under ``decoder_attention_mask``
 (:class:`~moracl.experts.context.SideMasks`), so that the encoder's padding never stands for
 decoder tokens of the same length.  ``generate`` calls the wrapped model itself: each of its
-forwards (and an encoder-decoder's encoder run) is masked by that call's own mask.  A mask
+forwards (and an encoder-decoder's encoder run) is masked by that call's own mask, and a
+decoder-only model's routings per sample keep the prompt's routing for the continuation.  A mask
 the caller declares around a call wins over all of these.
 """
 
@@ -26,7 +27,12 @@ from torch import Tensor, nn
 
 from moracl.experts.context import SideMasks
 from moracl.experts.mixture import Mixture
-from moracl.experts.per_sample import current_token_mask, token_mask
+from moracl.experts.per_sample import (
+    begin_forward,
+    current_token_mask,
+    first_call_routing,
+    token_mask,
+)
 
 __all__ = [
     "encoder_of",
@@ -151,12 +157,21 @@ def masked_generate(model: nn.Module, generate: Callable[..., Any]) -> Callable[
     """``model``'s ``generate`` with each forward it makes (and an encoder-decoder's encoder
     run) under that call's ``attention_mask`` as the token mask (:func:`masking_each_call`):
     the prompt's forward, expanded for beam search or not, and the encoder's tokens pool and
-    count their real tokens only; a cached decoding step's single token routes unmasked."""
+    count their real tokens only; a cached decoding step's single token routes unmasked.
+    In a decoder-only model every routing per sample keeps the prompt's routing for the
+    decoding steps (:func:`~moracl.experts.per_sample.first_call_routing`), with a cache or
+    without; an encoder-decoder's decoder, whose first call is its start token alone,
+    routes each call by its own tokens."""
 
     @functools.wraps(generate)
     def masked(*args: Any, **kwargs: Any) -> Any:
         encoder = encoder_of(model)
-        with masking_each_call([model] if encoder is None else [model, encoder]):
+        with ExitStack() as stack:
+            stack.enter_context(masking_each_call([model] if encoder is None else [model, encoder]))
+            if encoder is None:
+                stack.enter_context(first_call_routing())
+                hook = model.register_forward_pre_hook(lambda module, args: begin_forward())
+                stack.callback(hook.remove)
             return generate(*args, **kwargs)
 
     return masked

@@ -23,7 +23,7 @@ from moracl.adapters.base import Adapter, AdapterConfig, ParamRole
 from moracl.call_masks import keeping_encoder_states, masked_generate, padding_scope, side_masks
 from moracl.checkpoint import open_adapter, write_adapter
 from moracl.experts.mixture import Mixture, MixtureConfig, RoutingContext
-from moracl.experts.per_sample import declared_token_mask
+from moracl.experts.per_sample import begin_forward, declared_token_mask
 from moracl.experts.routing import RoutingResult, RoutingStats
 from moracl.guard import assert_finite
 from moracl.layer import MoRALayer, MoRALinear, check_fit, linear_features
@@ -150,6 +150,7 @@ class MoRAModel(nn.Module):
         mixtures = {path: m for path, m in self.mixtures()}
         if not mixtures:
             return self.model(*args, **kwargs)
+        begin_forward()  # inside first_call_routing(): the forwards after the first replay it
         ctx = (
             RowsContext(task_ids=self._routed_ids)
             if task_ids is None and self._routed_ids is not None

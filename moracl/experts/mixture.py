@@ -33,12 +33,18 @@ from moracl.adapters.fused import fused_enabled, in_backward
 from moracl.experts.backend import RoutingBackend, resolve_backend
 from moracl.experts.banks import BANKS, ExpertBank, build_bank
 from moracl.experts.context import RoutingContext, sample_task_ids, token_task_ids
-from moracl.experts.gating import Gating
+from moracl.experts.gating import Gating, Routed
 from moracl.experts.per_sample import (
+    KeepingGating,
+    KeptGating,
     SampleGating,
+    SampleRouting,
     active_tokens,
     declared_token_mask,
     expand_result,
+    keep_routing,
+    keeping_routing,
+    kept_routing,
     pool_weights,
     token_mask,
 )
@@ -357,12 +363,40 @@ class Mixture(nn.Module):
                 ids = as_task_ids(
                     task_ids if isinstance(task_ids, TaskIds) else sample_task_ids(task_ids, lead)
                 )
-            return expand_result(self.router(self._pooled(x), task_ids=ids), lead[1:].numel())
+            return expand_result(self._route_samples(x, ids), lead[1:].numel())
         tid: Tensor | TaskIds | None = task_ids
         if isinstance(task_ids, Tensor):
             tid = token_task_ids(task_ids, lead)
         active = self._active(x)
         return self.router(x.reshape(-1, self.in_features), task_ids=tid, active=active)
+
+    def _sample_gating(self, gating: Gating, x: Tensor, backend: RoutingBackend) -> Gating:
+        """``gating`` (built for the samples) routing the samples of ``x (b, t, ..., i)``: by
+        their pooled logits, or in a :func:`~moracl.experts.per_sample.first_call_routing`
+        block after its first call, as that call routed them."""
+        weights = self._pool_weights(x, routing_dtype(x.dtype))  # (b, t)
+        kept = kept_routing(self, weights.shape[0])
+        if kept is not None:
+            gating = KeptGating(kept, gating)
+        elif keeping_routing():
+            gating = KeepingGating(gating, self)
+        return SampleGating(gating, weights, backend)
+
+    def _route_samples(self, x: Tensor, ids: TaskIds | None) -> RoutingResult:
+        """The router's own routing of the samples of ``x (b, t, ..., i)`` (``(b, ·)``), or
+        the one kept in a :func:`~moracl.experts.per_sample.first_call_routing` block."""
+        lead = x.shape[:-1]
+        kept = kept_routing(self, lead[0] if len(lead) else 1)
+        if kept is not None:
+            gates, probs, chosen, indices, aux = kept.routed
+            return self.router.result(gates, probs, chosen, indices, dict(zip(kept.names, aux)))
+        result = self.router(self._pooled(x), task_ids=ids)
+        if keeping_routing():
+            names = tuple(result.aux_losses)
+            aux = tuple(result.aux_losses[n] for n in names)
+            routed = Routed(result.gates, result.probs, result.chosen, result.indices, aux)
+            keep_routing(self, SampleRouting.of(routed, names))
+        return result
 
     def _pooled(self, x: Tensor) -> Tensor:
         """``(b, i)`` each row's mean token input (see :func:`pool_weights`)."""
@@ -467,8 +501,7 @@ class Mixture(nn.Module):
         active = self._active(x)
         gating: Gating = self.router.gating(self._task_ids(lead), backend, active)
         if self.per_sample:
-            weights = self._pool_weights(x, routing_dtype(x.dtype))
-            gating = SampleGating(gating, weights, backend)
+            gating = self._sample_gating(gating, x, backend)
         weights = self.router.logit_weights()  # (l, i)
         logits = F.linear(x.reshape(-1, self.in_features), weights.to(x.dtype))  # (n, l)
         routed = route_node(logits, gating)
@@ -495,8 +528,7 @@ class Mixture(nn.Module):
         active = self._active(x)
         gating: Gating = self.router.gating(self._task_ids(lead), backend, active)
         if self.per_sample:
-            weights = self._pool_weights(x, routing_dtype(x.dtype))
-            gating = SampleGating(gating, weights, backend)
+            gating = self._sample_gating(gating, x, backend)
         self._keep_input(x)
         r = self.router.logit_weights()
         out, routed = bank.routed_linear(x, weight, bias, r, gating, backend)

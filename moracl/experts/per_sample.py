@@ -16,6 +16,13 @@ get their row's gates, which nothing reads); routers that route each token route
 positions too but leave them out of their auxiliary losses (:func:`active_tokens`), as
 transformers' Mixtral leaves them out of its balance loss.  Without a declared mask every
 position counts.
+
+Generation.  A sample's routing pools all its tokens, so no token's routing is causal: a
+cached decoding step sees its new token only.  Inside :func:`first_call_routing` (what
+``MoRAModel.generate`` declares for a decoder-only model) each routing per sample routes
+every later call's samples as it routed them in its first call, the prompt's: the
+continuation keeps the prompt's experts, with a cache or without one (then both give the
+same tokens).
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import torch
@@ -33,12 +41,20 @@ from moracl.experts.gating import Gating, Routed, RouteGrads
 from moracl.experts.routing import RoutingResult
 
 __all__ = [
+    "KeepingGating",
+    "KeptGating",
     "SampleGatedSaved",
     "SampleGating",
+    "SampleRouting",
     "active_tokens",
+    "begin_forward",
     "current_token_mask",
     "declared_token_mask",
     "expand_result",
+    "first_call_routing",
+    "keep_routing",
+    "keeping_routing",
+    "kept_routing",
     "pool_weights",
     "pooled_logits",
     "sample_gate",
@@ -69,6 +85,161 @@ def token_mask(mask: Tensor, *, strict: bool = True) -> Iterator[None]:
         yield
     finally:
         _TOKEN_MASK.reset(handle)
+
+
+class SampleRouting(NamedTuple):
+    """A routing of ``b`` samples kept by :func:`first_call_routing`: the ``(b, ·)`` outputs
+    and the names of its auxiliary losses, in ``routed.aux``' order."""
+
+    routed: Routed
+    names: tuple[str, ...]
+
+    @classmethod
+    def of(cls, routed: Routed, names: tuple[str, ...]) -> SampleRouting:
+        """``routed`` detached from any graph, with its losses' ``names``."""
+        gates, probs, chosen, indices, aux = routed
+        kept = Routed(
+            gates.detach(), probs.detach(), chosen, indices, tuple(a.detach() for a in aux)
+        )
+        return cls(kept, names)
+
+
+@dataclass
+class _KeptRoutes:
+    """The routings kept by a :func:`first_call_routing` block: each mixture's from the
+    block's first forward, unless it was called more than once in that forward (a block
+    repeated in one forward, as adaptive computation repeats it: its calls differ)."""
+
+    kept: dict[int, SampleRouting] = field(default_factory=dict)
+    forwards: int = 0  # forwards begun in the block (0: none declared yet)
+    repeated: set[int] = field(default_factory=set)
+
+    @property
+    def keeping(self) -> bool:
+        """Whether this is the first forward (its routings are kept)."""
+        return self.forwards <= 1
+
+
+_FIRST_ROUTES: ContextVar[_KeptRoutes | None] = ContextVar("moracl_first_routes", default=None)
+
+
+@contextmanager
+def first_call_routing() -> Iterator[None]:
+    """While the block runs, every mixture that routes per sample routes each forward's
+    samples as it routed them in the block's first forward (see the module docstring): the
+    routing a prompt's forward makes is kept for the decoding steps that continue it.
+    :func:`begin_forward` marks where each forward begins (``MoRAModel`` and its
+    ``generate`` do); without it the block is one forward.  A mixture called more than once
+    in the first forward (a repeated block) routes every call by its own tokens.  A later
+    call with another number of samples is an error; gradients do not flow through a kept
+    routing (generation runs without them)."""
+    handle = _FIRST_ROUTES.set(_KeptRoutes())
+    try:
+        yield
+    finally:
+        _FIRST_ROUTES.reset(handle)
+
+
+def begin_forward() -> None:
+    """Mark the start of a model's forward in the open :func:`first_call_routing` block
+    (nothing without one)."""
+    memo = _FIRST_ROUTES.get()
+    if memo is not None:
+        memo.forwards += 1
+
+
+def kept_routing(key: object, samples: int) -> SampleRouting | None:
+    """The routing ``key`` (a mixture) kept in the current :func:`first_call_routing` block,
+    or ``None`` (no block, its first forward, or a mixture it keeps none for).
+
+    Raises:
+        ValueError: the kept routing is of another number of samples than ``samples``.
+    """
+    memo = _FIRST_ROUTES.get()
+    if memo is None or memo.keeping:
+        return None
+    kept = memo.kept.get(id(key))
+    if kept is not None and kept.routed.gates.shape[0] != samples:
+        raise ValueError(
+            f"a routing per sample kept from this generation's first call covers "
+            f"{kept.routed.gates.shape[0]} samples, but a later call has {samples}; expected "
+            f"every call of one generate() to carry the same rows"
+        )
+    return kept
+
+
+def keeping_routing() -> bool:
+    """Whether a :func:`first_call_routing` block is open and in its first forward."""
+    memo = _FIRST_ROUTES.get()
+    return memo is not None and memo.keeping
+
+
+def keep_routing(key: object, routing: SampleRouting) -> None:
+    """Keep ``routing`` for ``key`` in the open :func:`first_call_routing` block, in its
+    first forward (a second call of ``key`` there keeps nothing for it)."""
+    memo = _FIRST_ROUTES.get()
+    if memo is None or not memo.keeping or id(key) in memo.repeated:
+        return
+    if id(key) in memo.kept:
+        del memo.kept[id(key)]
+        memo.repeated.add(id(key))
+        return
+    memo.kept[id(key)] = routing
+
+
+class KeepingGating(Gating):
+    """``inner``'s routing of the samples, kept for ``key`` (:func:`keep_routing`)."""
+
+    def __init__(self, inner: Gating, key: object) -> None:
+        self.inner = inner
+        self.key = key
+        self.aux_names = inner.aux_names
+
+    def inputs(self) -> tuple[Tensor, ...]:
+        return self.inner.inputs()
+
+    def route(self, logits: Tensor) -> tuple[Routed, Any]:
+        routed, saved = self.inner.route(logits)
+        keep_routing(self.key, SampleRouting.of(routed, self.aux_names))
+        return routed, saved
+
+    def routes_gradient(self, saved: Any) -> bool:
+        return self.inner.routes_gradient(saved)
+
+    def route_backward(
+        self, saved: Any, grads: RouteGrads
+    ) -> tuple[Tensor, tuple[Tensor | None, ...]]:
+        return self.inner.route_backward(saved, grads)
+
+
+class KeptGating(Gating):
+    """A kept routing of the samples in place of routing their logits (no gradient reaches
+    the logits; ``inputs``: those of the gating it stands for, given none)."""
+
+    def __init__(self, kept: SampleRouting, inner: Gating) -> None:
+        if kept.names != inner.aux_names:
+            raise ValueError(
+                f"a kept routing has the losses {list(kept.names)}, the router now "
+                f"{list(inner.aux_names)}"
+            )
+        self.kept = kept
+        self.aux_names = inner.aux_names
+        self._inputs = inner.inputs()
+
+    def inputs(self) -> tuple[Tensor, ...]:
+        return self._inputs
+
+    def route(self, logits: Tensor) -> tuple[Routed, Any]:
+        return self.kept.routed, logits.shape
+
+    def routes_gradient(self, saved: Any) -> bool:
+        return False
+
+    def route_backward(
+        self, saved: Any, grads: RouteGrads
+    ) -> tuple[Tensor, tuple[Tensor | None, ...]]:
+        grad = torch.zeros(saved, device=self.kept.routed.gates.device)
+        return grad, (None,) * len(self._inputs)
 
 
 def declared_token_mask() -> tuple[Tensor, bool] | None:

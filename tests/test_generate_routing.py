@@ -1,0 +1,125 @@
+"""Routing per sample while generating: a decoder-only model's continuation keeps the routing
+its prompt got (``first_call_routing``, declared by ``MoRAModel.generate``), so generating
+with a cache and without one gives the same tokens, every decoding step routes as its
+prompt did, and a kept routing refuses a call with another number of samples."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+
+from moracl.experts import routing_backend
+from moracl.experts.per_sample import first_call_routing
+
+from .conftest import randomize_adapters, tiny_llama
+from .test_padding_losses import _wrapped
+
+TARGETS = ["q_proj", "down_proj"]
+
+
+def _prompts() -> tuple[torch.Tensor, torch.Tensor]:
+    """Two prompts, the first left-padded: ``ids (2, 7)`` and their attention mask."""
+    gen = torch.Generator().manual_seed(5)
+    ids = torch.randint(1, 101, (2, 7), generator=gen)
+    mask = torch.ones_like(ids)
+    ids[0, :3], mask[0, :3] = 0, 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("backend", ["eager", "naive"])  # the fused node; the router's route
+@pytest.mark.parametrize("beams", [1, 3])
+def test_generating_with_a_cache_or_without_gives_the_same_tokens(backend: str, beams: int) -> None:
+    """Without a cache each step runs the whole sequence; with one, only its new token. A
+    routing per sample that pooled whatever tokens a call carries routed the two apart (a
+    cached step by its new token alone); keeping the prompt's routing makes them equal
+    (float64: the same tokens, scores to rounding)."""
+    model = _wrapped(tiny_llama, "topk-per-sample", TARGETS)
+    ids, mask = _prompts()
+    options = {
+        "max_new_tokens": 5, "do_sample": False, "pad_token_id": 0, "num_beams": beams,
+        "output_scores": True, "return_dict_in_generate": True,
+    }  # fmt: skip
+    with torch.no_grad(), routing_backend(backend):
+        cached = model.generate(input_ids=ids, attention_mask=mask, use_cache=True, **options)
+        full = model.generate(input_ids=ids, attention_mask=mask, use_cache=False, **options)
+    assert torch.equal(cached.sequences, full.sequences)
+    for mine, ref in zip(cached.scores, full.scores, strict=True):
+        torch.testing.assert_close(mine, ref, rtol=1e-9, atol=1e-9)
+
+
+def test_each_decoding_step_routes_as_its_prompt_did() -> None:
+    """Inside the block, a cached step's single token of each row gets its row's prompt
+    routing at every routed layer; outside it, the same step routes by its own token."""
+    model = _wrapped(tiny_llama, "topk-per-sample", TARGETS)
+    ids, mask = _prompts()
+    step_ids = torch.tensor([[7], [9]])
+    step_mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1)
+
+    params = inspect.signature(model.model.forward).parameters  # the wrapped model's
+    name = "cache" if "cache" in params else "past_key_values"  # transformers >= 5.2x: cache
+
+    def step(past: object) -> dict[str, torch.Tensor]:
+        model(input_ids=step_ids, attention_mask=step_mask, **{name: past})
+        return {p: r.gates for p, r in model.last_routing.items()}
+
+    with torch.no_grad():
+        with first_call_routing():
+            out = model(input_ids=ids, attention_mask=mask, use_cache=True)
+            prompt = {p: r.gates.view(2, 7, -1)[:, 0] for p, r in model.last_routing.items()}
+            kept = step(out.past_key_values)
+        out = model(input_ids=ids, attention_mask=mask, use_cache=True)
+        own = step(out.past_key_values)
+    assert prompt.keys() == kept.keys() and len(prompt) == 2 * len(TARGETS)
+    for path, gates in kept.items():
+        torch.testing.assert_close(gates, prompt[path], rtol=0, atol=0)
+    assert any(not torch.equal(own[p], prompt[p]) for p in prompt)  # the block is what keeps it
+
+
+def test_a_kept_routing_refuses_a_call_with_another_number_of_samples() -> None:
+    model = _wrapped(tiny_llama, "topk-per-sample", TARGETS)
+    with (
+        torch.no_grad(),
+        first_call_routing(),
+        pytest.raises(ValueError, match="covers 2 samples, but a later call has 3"),
+    ):
+        model(input_ids=torch.randint(1, 101, (2, 4)))
+        model(input_ids=torch.randint(1, 101, (3, 4)))
+
+
+class _Twice(torch.nn.Module):
+    """One linear layer applied twice in a forward (as adaptive computation repeats a
+    block): its two calls route different inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(torch.tanh(self.lin(x)))
+
+
+@pytest.mark.parametrize("twice", [False, True])
+def test_a_mixture_called_twice_in_the_first_forward_keeps_no_routing(twice: bool) -> None:
+    """A mixture called once per forward replays its first forward's routing; one called twice
+    routes every later call by its own tokens (a kept routing could stand for neither call)."""
+    from moracl import MoRAModel
+    from moracl.experts import MixtureConfig
+
+    from .test_backends import ROUTERS
+
+    torch.manual_seed(0)
+    base = _Twice() if twice else torch.nn.Sequential(torch.nn.Linear(8, 8))
+    config = MixtureConfig(kind="lora", rank=2, experts=4, router=ROUTERS["topk-per-sample"])
+    model = MoRAModel(base.double(), config, target_modules=["lin" if twice else "0"])
+    model = model.double().eval()
+    randomize_adapters(model, scale=1.0)
+    gen = torch.Generator().manual_seed(1)
+    first, later = (torch.randn(2, t, 8, generator=gen, dtype=torch.float64) for t in (5, 1))
+    with torch.no_grad():
+        own = model(later)
+        with first_call_routing():
+            model(first)
+            got = model(later)
+    assert torch.equal(got, own) == twice
