@@ -116,12 +116,16 @@ def test_the_plain_helpers_row_is_the_mora_mixture_with_uncompiled_helpers(
     from moracl.bench.common import build_llama
 
     flags = {}
-    for method in ("mora-top2-of-8", "mora-top2-of-8-plain"):
+    for method in ("mora-top2-of-8", "mora-top2-of-8-plain", "mora-top2-of-8-dynamic"):
         model = experts._wrap(method, build_llama(TINY, torch.device("cpu"), torch.float32), 4)
         banks = [m for m in model.modules() if isinstance(m, MoRABank)]
         assert banks
-        flags[method] = {b.compile_helpers for b in banks}
-    assert flags == {"mora-top2-of-8": {True}, "mora-top2-of-8-plain": {False}}
+        flags[method] = {(b.compile_helpers, b.helpers_dynamic) for b in banks}
+    assert flags == {
+        "mora-top2-of-8": {(True, False)},
+        "mora-top2-of-8-plain": {(False, False)},
+        "mora-top2-of-8-dynamic": {(True, None)},
+    }
     monkeypatch.setitem(experts.SIZES, "cpu", TINY)
     argv = ["--size", "cpu", "--device", "cpu", "--steps", "1", "--warmup", "0"]
     out = tmp_path / "experts.json"

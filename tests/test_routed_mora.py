@@ -136,9 +136,11 @@ def test_a_bank_can_keep_its_helpers_uncompiled(
     from moracl.experts.backend import resolve_backend
 
     asked: list[RoutingBackend] = []
+    shapes: set[bool | None] = set()
 
-    def for_backend(fn, backend, device):  # type: ignore[no-untyped-def]
+    def for_backend(fn, backend, device, dynamic=None):  # type: ignore[no-untyped-def]
         asked.append(backend)
+        shapes.add(dynamic)
         return fn
 
     monkeypatch.setattr(mora_bank, "for_backend", for_backend)
@@ -151,5 +153,6 @@ def test_a_bank_can_keep_its_helpers_uncompiled(
     resolved = resolve_backend(RoutingBackend.TRITON, torch.device("cpu"))  # interpreter or not
     expected = resolved if compiled else RoutingBackend.EAGER
     assert asked and set(asked) == {expected}
+    assert shapes == {False}  # a kernel per layer shape, not shape-generic ones
     for mine, ref in zip(got, want):
         torch.testing.assert_close(mine, ref, rtol=1e-11, atol=1e-11)

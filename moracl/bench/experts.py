@@ -6,7 +6,9 @@ Task routing gives each sequence a task (4 tasks owning 2 experts each) and is c
 a single LoRA of rank k·r = 32. ``top2-of-8-per-sample`` routes each sequence as a whole (by
 the mean of its tokens' inputs) instead of each token. ``mora-top2-of-8-plain`` is
 ``mora-top2-of-8`` with the routed MoRA node's gating helpers uncompiled
-(``MoRABank.compile_helpers = False``): the A/B of their GPU passes against their host time.
+(``MoRABank.compile_helpers = False``): the A/B of their GPU passes against their host time;
+``mora-top2-of-8-dynamic`` compiles them shape-generic (``MoRABank.helpers_dynamic = None``,
+torch's default) rather than one kernel per layer shape.
 
 The ``act-*`` rows time adaptive computation (a top-2-of-8 mixture MLP of the model's sizes
 repeated under a halting unit, at most 4 steps) with every token through every step and with
@@ -54,6 +56,7 @@ METHODS = [
     "hierarchical-2x4",
     "mora-top2-of-8",
     "mora-top2-of-8-plain",
+    "mora-top2-of-8-dynamic",
     "naive-top2-of-8",
     "peft-lora",
     *ACT_METHODS,
@@ -83,6 +86,7 @@ def _wrap(method: str, base: nn.Module, rank: int) -> nn.Module:
         "naive-top2-of-8": RouterConfig(type="topk", k=2),
         "mora-top2-of-8": RouterConfig(type="topk", k=2),
         "mora-top2-of-8-plain": RouterConfig(type="topk", k=2),
+        "mora-top2-of-8-dynamic": RouterConfig(type="topk", k=2),
         "dynamic": RouterConfig(type="dynamic", top_p=0.5, max_experts=4),
         "task": RouterConfig(type="task", num_tasks=4),
         "hierarchical-2x4": RouterConfig(type="hierarchical", groups=2, k=2),
@@ -93,12 +97,13 @@ def _wrap(method: str, base: nn.Module, rank: int) -> nn.Module:
     backend = RoutingBackend.NAIVE if method.startswith("naive") else RoutingBackend.AUTO
     cfg = MixtureConfig(router=routers[method], groups=(ExpertGroup(expert, 8),), backend=backend)
     model = MoRAModel(base, cfg, target_modules=PROJECTIONS)
-    if method.endswith("-plain"):  # the routed MoRA node's helpers uncompiled: an A/B row
+    if method.startswith("mora-") and method != "mora-top2-of-8":  # the helpers' A/B rows
         from moracl.adapters.mora.bank import MoRABank
 
         for bank in model.modules():
             if isinstance(bank, MoRABank):
-                bank.compile_helpers = False
+                bank.compile_helpers = not method.endswith("-plain")
+                bank.helpers_dynamic = None if method.endswith("-dynamic") else False
     return model
 
 

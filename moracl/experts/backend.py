@@ -133,9 +133,9 @@ class _Compiled:
     layouts than the limit allows (many layer shapes and routers, experts that grow) keeps
     training, uncompiled, instead of failing."""
 
-    def __init__(self, fn: Callable[..., Any]) -> None:
+    def __init__(self, fn: Callable[..., Any], dynamic: bool | None = None) -> None:
         self.fn = fn
-        self.compiled = torch.compile(fn, fullgraph=True)
+        self.compiled = torch.compile(fn, fullgraph=True, dynamic=dynamic)
         self.eager = False
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -157,21 +157,27 @@ class _Compiled:
             return self.fn(*args, **kwargs)
 
 
-_COMPILED: dict[Callable[..., Any], _Compiled] = {}
+_COMPILED: dict[tuple[Callable[..., Any], bool | None], _Compiled] = {}
 
 
-def compiled(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """``torch.compile(fn, fullgraph=True)``, compiled once per process and function; past
-    torch's recompile limit it runs ``fn`` uncompiled (with a warning) rather than fail."""
-    if fn not in _COMPILED:
-        _COMPILED[fn] = _Compiled(fn)
-    return _COMPILED[fn]
+def compiled(fn: Callable[..., Any], dynamic: bool | None = None) -> Callable[..., Any]:
+    """``torch.compile(fn, fullgraph=True, dynamic=dynamic)``, compiled once per process,
+    function and ``dynamic``; past torch's recompile limit it runs ``fn`` uncompiled (with a
+    warning) rather than fail.  ``dynamic=False`` keeps a kernel per input shape (no
+    shape-generic kernels after a second shape), for functions that meet few shapes."""
+    key = (fn, dynamic)
+    if key not in _COMPILED:
+        _COMPILED[key] = _Compiled(fn, dynamic)
+    return _COMPILED[key]
 
 
 def for_backend(
-    fn: Callable[..., Any], backend: RoutingBackend, device: torch.device
+    fn: Callable[..., Any],
+    backend: RoutingBackend,
+    device: torch.device,
+    dynamic: bool | None = None,
 ) -> Callable[..., Any]:
-    """``fn`` under ``torch.compile`` (:func:`compiled`) for the ``compiled`` and ``triton``
-    backends on CUDA; ``fn`` itself elsewhere."""
+    """``fn`` under ``torch.compile`` (:func:`compiled`, with ``dynamic``) for the ``compiled``
+    and ``triton`` backends on CUDA; ``fn`` itself elsewhere."""
     fast = backend in (RoutingBackend.COMPILED, RoutingBackend.TRITON)
-    return compiled(fn) if fast and device.type == "cuda" else fn
+    return compiled(fn, dynamic) if fast and device.type == "cuda" else fn

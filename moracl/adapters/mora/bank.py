@@ -46,6 +46,10 @@ class MoRABank(ExpertBank):
     #: ``triton`` backends (fewer GPU passes; each compiled call adds host time to an eager
     #: step); ``False``: plain operations under every backend
     compile_helpers: bool = True
+    #: their ``torch.compile(dynamic=...)``: ``False`` (default) compiles a kernel per layer
+    #: shape (a model has few: the attention's and the MLP's ``r̂``), ``None`` lets torch turn
+    #: to shape-generic kernels from a second shape on
+    helpers_dynamic: bool | None = False
 
     def __init__(self, in_features: int, out_features: int, config: MoRAConfig, experts: int):
         super().__init__(in_features, out_features, config, experts)
@@ -78,8 +82,10 @@ class MoRABank(ExpertBank):
         backend: RoutingBackend,
     ) -> tuple[Tensor, Routed]:
         chosen = backend if self.compile_helpers else RoutingBackend.EAGER
+        dynamic = self.helpers_dynamic
         helpers = Helpers(
-            for_backend(gated, chosen, x.device), for_backend(gate_grads, chosen, x.device)
+            for_backend(gated, chosen, x.device, dynamic),
+            for_backend(gate_grads, chosen, x.device, dynamic),
         )
         op = self.op
         return routed_mora_linear(
