@@ -11,8 +11,9 @@ the decoder's cross-attention keys and values, recognised by the encoder's outpu
 under ``attention_mask``, the decoder's under ``decoder_attention_mask``
 (:class:`~moracl.experts.context.SideMasks`), so that the encoder's padding never stands for
 decoder tokens of the same length.  ``generate`` calls the wrapped model itself: each of its
-forwards (and an encoder-decoder's encoder run) is masked by that call's own mask, and a
-decoder-only model's routings per sample keep the prompt's routing for the continuation.  A mask
+calls is routed as a direct call is (``MoRAModel.routed_call``: that call's mask, or an
+encoder-decoder's two sides), an encoder run alone under its own mask, and a decoder-only
+model's routings per sample keep the prompt's routing for the continuation.  A mask
 the caller declares around a call wins over all of these.
 """
 
@@ -27,12 +28,7 @@ from torch import Tensor, nn
 
 from moracl.experts.context import SideMasks
 from moracl.experts.mixture import Mixture
-from moracl.experts.per_sample import (
-    begin_forward,
-    current_token_mask,
-    first_call_routing,
-    token_mask,
-)
+from moracl.experts.per_sample import current_token_mask, first_call_routing, token_mask
 
 __all__ = [
     "encoder_of",
@@ -153,9 +149,14 @@ def masking_each_call(modules: Sequence[nn.Module]) -> Iterator[None]:
             scopes.pop().close()
 
 
-def masked_generate(model: nn.Module, generate: Callable[..., Any]) -> Callable[..., Any]:
-    """``model``'s ``generate`` with each forward it makes (and an encoder-decoder's encoder
-    run) under that call's ``attention_mask`` as the token mask (:func:`masking_each_call`):
+def masked_generate(
+    model: nn.Module,
+    generate: Callable[..., Any],
+    routed_call: Callable[[dict[str, Any]], AbstractContextManager[None]],
+) -> Callable[..., Any]:
+    """``model``'s ``generate`` with each call it makes of ``model`` routed as a direct call
+    is (``routed_call(kwargs)``: its ``attention_mask``, an encoder-decoder's two sides), and
+    an encoder-decoder's encoder run under its ``attention_mask`` (:func:`masking_each_call`):
     the prompt's forward, expanded for beam search or not, and the encoder's tokens pool and
     count their real tokens only; a cached decoding step's single token routes unmasked.
     In a decoder-only model every routing per sample keeps the prompt's routing for the
@@ -167,11 +168,40 @@ def masked_generate(model: nn.Module, generate: Callable[..., Any]) -> Callable[
     def masked(*args: Any, **kwargs: Any) -> Any:
         encoder = encoder_of(model)
         with ExitStack() as stack:
-            stack.enter_context(masking_each_call([model] if encoder is None else [model, encoder]))
             if encoder is None:
                 stack.enter_context(first_call_routing())
-                hook = model.register_forward_pre_hook(lambda module, args: begin_forward())
-                stack.callback(hook.remove)
+            else:
+                stack.enter_context(masking_each_call([encoder]))
+            stack.enter_context(_each_call(model, routed_call))
             return generate(*args, **kwargs)
 
     return masked
+
+
+@contextmanager
+def _each_call(
+    module: nn.Module, scope: Callable[[dict[str, Any]], AbstractContextManager[None]]
+) -> Iterator[None]:
+    """While the block runs, every call of ``module`` runs inside ``scope(kwargs)``; the
+    hooks are removed on exit."""
+    scopes: list[ExitStack] = []
+
+    def enter(module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
+        stack = ExitStack()
+        stack.enter_context(scope(kwargs))
+        scopes.append(stack)
+
+    def leave(module: nn.Module, args: Any, kwargs: dict[str, Any], output: Any) -> None:
+        scopes.pop().close()
+
+    handles = [
+        module.register_forward_pre_hook(enter, with_kwargs=True),
+        module.register_forward_hook(leave, with_kwargs=True, always_call=True),
+    ]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        while scopes:  # a call that raised before its hook ran (never left open)
+            scopes.pop().close()

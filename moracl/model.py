@@ -147,9 +147,20 @@ class MoRAModel(nn.Module):
         ``gradient_checkpointing_enable()``) recomputes blocks in the backward, after this call
         returns: their mixtures route by the task ids of the last call made with gradients,
         so call ``backward`` after each such call, as training loops do, before the next."""
+        with self.routed_call(kwargs, task_ids):
+            return self.model(*args, **kwargs)
+
+    @contextmanager
+    def routed_call(self, kwargs: dict[str, Any], task_ids: Tensor | None = None) -> Iterator[None]:
+        """The routing of one call of the wrapped model with keyword arguments ``kwargs``,
+        for its duration: the mixtures' context (``task_ids``, else a :meth:`route` block's),
+        each side's token mask (an encoder-decoder's two, or ``attention_mask``); afterwards
+        :attr:`last_routing` and the rest.  :meth:`forward` runs every call under it, and so
+        do the calls ``generate`` makes of the wrapped model."""
         mixtures = {path: m for path, m in self.mixtures()}
         if not mixtures:
-            return self.model(*args, **kwargs)
+            yield
+            return
         begin_forward()  # inside first_call_routing(): the forwards after the first replay it
         ctx = (
             RowsContext(task_ids=self._routed_ids)
@@ -165,11 +176,11 @@ class MoRAModel(nn.Module):
         try:
             if ctx.sides is not None:  # an encoder-decoder: each side under its own mask
                 with keeping_encoder_states(self.model, ctx.sides):
-                    out = self.model(*args, **kwargs)
+                    yield
             else:
                 with padding_scope(mixtures.values(), kwargs.get("attention_mask")):
                     ctx.padding = declared_token_mask()
-                    out = self.model(*args, **kwargs)
+                    yield
         finally:
             for m, b in zip(mixtures.values(), before):
                 m.context = b
@@ -189,7 +200,6 @@ class MoRAModel(nn.Module):
         )
         inputs = ctx.router_inputs or {}
         self.last_router_inputs = {p: inputs[m] for p, m in mixtures.items() if m in inputs}
-        return out
 
     def mixtures(self) -> Iterator[tuple[str, Mixture]]:
         """``(path, mixture)`` for every active mixture of experts."""
@@ -290,9 +300,9 @@ class MoRAModel(nn.Module):
         except AttributeError:
             pass
         else:
-            return (
-                masked_generate(wrapped, found) if name == "generate" and callable(found) else found
-            )
+            if name == "generate" and callable(found):
+                return masked_generate(wrapped, found, self.routed_call)
+            return found
         raise MissingAttribute(self, wrapped, name) from None
 
     # -- adapters -------------------------------------------------------------------------

@@ -123,3 +123,27 @@ def test_a_mixture_called_twice_in_the_first_forward_keeps_no_routing(twice: boo
             model(first)
             got = model(later)
     assert torch.equal(got, own) == twice
+
+
+def test_an_encoder_decoders_decoder_is_never_masked_by_its_source() -> None:
+    """``generate``'s calls are routed as direct calls are: the source's mask for the
+    encoder's tokens, the decoder's own for its tokens. Declaring the call's
+    ``attention_mask`` for every layer, as before, masked decoder tokens by the source's
+    padding whenever the decoder reached the source's length (here step 6, uncached): a
+    padded source then scored otherwise than alone (float64, greedy)."""
+    from .test_padding_losses import _tiny_t5
+
+    model = _wrapped(_tiny_t5, "topk-per-sample", ["SelfAttention.q", "EncDecAttention.v"])
+    src = torch.randint(1, 50, (2, 6), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(src)
+    mask[0, 3:] = 0  # sample 0: 3 real source tokens
+    options = {
+        "max_new_tokens": 7, "min_new_tokens": 7, "do_sample": False, "use_cache": False,
+        "output_scores": True, "return_dict_in_generate": True,
+    }  # fmt: skip
+    with torch.no_grad():
+        batch = model.generate(input_ids=src, attention_mask=mask, **options)
+        alone = model.generate(input_ids=src[:1, :3], attention_mask=mask[:1, :3], **options)
+    assert len(batch.scores) == 7
+    for mine, ref in zip(batch.scores, alone.scores, strict=True):
+        torch.testing.assert_close(mine[0], ref[0], rtol=1e-9, atol=1e-10)
