@@ -167,3 +167,19 @@ def test_reuse_refuses_what_is_not_a_dylora_record(
         dylora.parse_args(["--reuse", str(path)])
     assert e.value.code == 2
     assert str(path) in capsys.readouterr().err
+
+
+def test_variant_names_carry_the_full_rank_share() -> None:
+    args = dylora.parse_args(
+        ["--updates", "all", "--scalings", "linear", "rslora", "--full-shares", "0", "0.5"]
+    )
+    names = dylora.variants(args)
+    assert names == ["all", "all+rslora", "all+full0.5", "all+rslora+full0.5"]
+    assert [dylora.parse_variant(n) for n in names] == [
+        ("all", "linear", 0.0),
+        ("all", "rslora", 0.0),
+        ("all", "linear", 0.5),
+        ("all", "rslora", 0.5),
+    ]
+    with pytest.raises(SystemExit):
+        dylora.parse_args(["--full-shares", "1"])  # a share must stay below 1

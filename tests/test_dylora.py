@@ -138,6 +138,29 @@ def test_draws_cover_the_range_uniformly_and_depend_on_the_seed() -> None:
     assert not torch.equal(draw_rank(0, draws[:50], 1, 8), draw_rank(1, draws[:50], 1, 8))
 
 
+@pytest.mark.parametrize("share", [0.25, 0.5])
+def test_a_full_rank_share_draws_the_full_rank_that_often_and_the_rest_uniformly(
+    share: float,
+) -> None:
+    """``full_rank_share``: the full rank with probability ``share``, else the uniform draw;
+    the draws it leaves uniform are the uniform sampler's own (a share of 0 changes none)."""
+    draws = torch.arange(60_000)
+    uniform = draw_rank(0, draws, 3, 8)
+    mixed = draw_rank(0, draws, 3, 8, share)
+    changed = mixed != uniform
+    assert torch.equal(mixed[changed], torch.full_like(mixed[changed], 8))
+    full = float((mixed == 8).double().mean())
+    assert abs(full - (share + (1 - share) / 6)) < 0.01  # drawn, or the uniform draw's 8
+    counts = torch.bincount(mixed, minlength=9)[3:8]  # 3..7: each (1 - share) / 6
+    want = 60_000 * (1 - share) / 6
+    assert counts.min() > 0.94 * want and counts.max() < 1.06 * want
+    assert torch.equal(draw_rank(0, draws, 3, 8, 0.0), uniform)
+    layer = DyLoRA(5, 4, DyLoRAConfig(rank=4, full_rank_share=share))
+    x = torch.randn(2, 5)
+    ranks = _sequence(layer, x, 400)
+    assert ranks == draw_rank(0, torch.arange(400), 1, 4, share).tolist()
+
+
 def _sequence(adapter: DyLoRA, x: torch.Tensor, n: int) -> list[int]:
     out = []
     for _ in range(n):
@@ -198,6 +221,10 @@ def test_config_checks() -> None:
     assert isinstance(cfg, DyLoRAConfig) and cfg.update is DyLoRAUpdate.ALL and cfg.rslora
     assert AdapterConfig.from_dict(cfg.to_dict()) == cfg
     assert DyLoRAConfig().update is DyLoRAUpdate.LAST
+    with pytest.raises(
+        ValueError, match=r"full_rank_share must be a finite number in \[0, 1\), got 1"
+    ):
+        AdapterConfig(kind="dylora", full_rank_share=1)
 
 
 def test_save_load_and_merge_round_trip(tmp_path: Path) -> None:

@@ -12,10 +12,11 @@ variant: each update rule of ``--updates`` (``last``: only row/column ``b`` lear
 step, the paper's frozen mode; ``all``: every row up to ``b``) with each scaling of
 ``--scalings`` (``linear``: the paper's ``alpha / b``; ``rslora``: ``alpha / sqrt(b)``, named
 ``all+rslora``; ``fixed``: ``alpha / r`` at every ``b``, so truncation drops rows without
-rescaling the kept ones, named ``all+fixed``). Every choice is made on a validation split
-held out of the training glosses, on means over the seeds: DyLoRA's variant and learning rate
-(the best mean validation accuracy over the ranks) and each rank's LoRA learning rate; the
-test split is only reported.
+rescaling the kept ones, named ``all+fixed``) and each share of ``--full-shares`` (of the draws
+that take the full rank, the rest uniform; ``all+rslora+full0.5`` draws it half the time).
+Every choice is made on a validation split held out of the training glosses, on means over
+the seeds: DyLoRA's variant and learning rate (the best mean validation accuracy over the
+ranks) and each rank's LoRA learning rate; the test split is only reported.
 Offline; one training takes about 40 seconds on one CPU core, and a seed trains
 ``len(lrs) · (variants + len(ranks))`` models (the test split has 300 glosses: one gloss is
 0.33 points, so compare means over ``--seeds``).
@@ -145,14 +146,30 @@ def _accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
 SCALINGS = ("linear", "rslora", "fixed")
 
 
-def variant_name(update: str, scaling: str) -> str:
-    """A DyLoRA variant's key in the record: ``all``, ``last``, ``all+rslora``, ..."""
-    return update if scaling == "linear" else f"{update}+{scaling}"
+def variant_name(update: str, scaling: str, full_share: float = 0.0) -> str:
+    """A DyLoRA variant's key in the record: ``all``, ``last``, ``all+rslora``,
+    ``all+rslora+full0.5`` (half the draws take the full rank), ..."""
+    name = update if scaling == "linear" else f"{update}+{scaling}"
+    return name if full_share == 0 else f"{name}+full{full_share:g}"
+
+
+def parse_variant(name: str) -> tuple[str, str, float]:
+    """``(update, scaling, full_share)`` of a variant's key (:func:`variant_name`)."""
+    update, *rest = name.split("+")
+    scaling, share = "linear", 0.0
+    for part in rest:
+        if part.startswith("full"):
+            share = float(part.removeprefix("full"))
+        else:
+            scaling = part
+    return update, scaling, share
 
 
 def variants(args: argparse.Namespace) -> list[str]:
-    """The DyLoRA variants ``args`` asks for (update rules × scalings), in that order."""
-    return [variant_name(u, s) for s in args.scalings for u in args.updates]
+    """The DyLoRA variants ``args`` asks for (update rules × scalings × full-rank shares), in
+    that order."""
+    shares = getattr(args, "full_shares", [0.0])
+    return [variant_name(u, s, f) for f in shares for s in args.scalings for u in args.updates]
 
 
 def run_seed(args: argparse.Namespace) -> dict[str, Any]:
@@ -183,12 +200,13 @@ def run_seed(args: argparse.Namespace) -> dict[str, Any]:
     lora: dict[str, list[dict[str, float]]] = {}
     steps = 0
     for variant, lrs in todo.items():
-        update, _, scaling = variant.partition("+")
+        update, scaling, share = parse_variant(variant)
         for lr in lrs:
             at = argparse.Namespace(**{**vars(args), "lr": lr})
             config = DyLoRAConfig(
                 rank=args.rank, alpha=args.alpha, seed=args.seed, update=DyLoRAUpdate(update),
                 rslora=scaling == "rslora", fixed_scale=scaling == "fixed",
+                full_rank_share=share,
             )  # fmt: skip
             model = adapted(config)
             _, steps = _train(model, train.x, train.y, at)
@@ -250,7 +268,7 @@ def _merge_runs(runs: list[dict[str, Any]], names: list[str], lrs: list[str]) ->
 
 #: options that must agree between a run and the record it reuses (all but these)
 _FREE_OPTIONS = frozenset(
-    {"lrs", "seeds", "updates", "scalings", "json", "caveats", "reuse", "reused"}
+    {"lrs", "seeds", "updates", "scalings", "full_shares", "json", "caveats", "reuse", "reused"}
 )
 
 
@@ -279,7 +297,7 @@ def reused_runs(path: str, args: argparse.Namespace) -> dict[int, dict[str, Any]
             raise ValueError(
                 f"--reuse {path!r}: the record has --{key.replace('_', '-')} "
                 f"{getattr(before, key, None)!r}, this run {value!r}; only --lrs, --seeds, "
-                "--updates and --scalings may differ"
+                "--updates, --scalings and --full-shares may differ"
             )
     return {int(r["seed"]): r for r in runs}
 
@@ -401,9 +419,10 @@ def markdown(result: dict[str, Any]) -> str:
         mean = result.get("val_mean", {}).get(variant)
         note = "chosen on validation" if variant == chosen else "not chosen"
         lr = by_update[variant][0].get("dylora_lr")
-        update, _, scaling = variant.partition("+")
+        update, scaling, share = parse_variant(variant)
+        drawn = f", the full rank drawn at {share:.0%} of the steps" if share else ""
         title = (
-            f"update `{update}`, scaling {_SCALE_TEXT[scaling or 'linear']} ({note}"
+            f"update `{update}`, scaling {_SCALE_TEXT[scaling]}{drawn} ({note}"
             + (f"; lr {lr:g}" if lr is not None else "")
             + (f"; mean validation accuracy {100 * mean:.1f} %)" if mean is not None else ")")
         )
@@ -422,6 +441,17 @@ def markdown(result: dict[str, Any]) -> str:
         )
         parts += [title, table]
     return "\n\n".join(parts)
+
+
+def _share(text: str) -> float:
+    """A share in ``[0, 1)`` (argparse's type for ``--full-shares``)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
+    return value
 
 
 def parse_args(argv: list[str] | None = None, *, check_reuse: bool = True) -> argparse.Namespace:
@@ -462,6 +492,14 @@ def parse_args(argv: list[str] | None = None, *, check_reuse: bool = True) -> ar
         default=["linear"],
         help="DyLoRA's scalings: linear (alpha / b, the paper's), rslora (alpha / sqrt(b)), "
         "fixed (alpha / r at every b)",
+    )
+    parser.add_argument(
+        "--full-shares",
+        type=_share,
+        nargs="+",
+        default=[0.0],
+        help="DyLoRA's shares of draws that take the full rank (0: the paper's uniform draw), "
+        "each with every update rule and scaling",
     )
     parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument(

@@ -47,6 +47,10 @@ class DyLoRAConfig(AdapterConfig):
             rank-``b`` LoRA of the leading rows with ``alpha · b / r`` (``alpha · sqrt(b /
             r)``).
         min_rank: the smallest rank drawn in training, ``1 <= min_rank <= rank``.
+        full_rank_share: the share of training draws that take the full rank, in ``[0, 1)``;
+            the others stay uniform on ``[min_rank, rank]`` (0: the paper's uniform draw).
+            The full rank trains at every draw under ``update="all"`` but is the whole
+            update only when drawn, so this trades the small ranks' steps for it.
         update: ``last`` (default, the paper's frozen mode) or ``all`` (see
             :class:`DyLoRAUpdate`).
         seed: seeds the draws of ``b``; adapters with the same seed draw the same sequence.
@@ -55,6 +59,7 @@ class DyLoRAConfig(AdapterConfig):
     kind: str = "dylora"
     alpha: float = 8.0
     min_rank: int = 1
+    full_rank_share: float = 0.0
     rslora: bool = False
     fixed_scale: bool = False
     update: DyLoRAUpdate = DyLoRAUpdate.LAST
@@ -64,6 +69,7 @@ class DyLoRAConfig(AdapterConfig):
         super().__post_init__()
         check_number("alpha", self.alpha, gt=0)  # finite, > 0
         check_int("min_rank", self.min_rank, ge=1, le=self.rank)
+        check_number("full_rank_share", self.full_rank_share, ge=0, lt=1)
         check_int("seed", self.seed, ge=0)
         for name in ("rslora", "fixed_scale"):
             if not isinstance(getattr(self, name), bool):

@@ -33,12 +33,17 @@ def _mix32(x: Tensor) -> Tensor:
     return (x >> 16) ^ x
 
 
-def draw_rank(seed: int, draw: Tensor, low: int, high: int) -> Tensor:
-    """Draw number ``draw`` (an int64 tensor, any shape) of a rank uniform on ``[low, high]``
-    for ``seed``: the same numbers on every device, computed where ``draw`` lives."""
+def draw_rank(seed: int, draw: Tensor, low: int, high: int, full_share: float = 0.0) -> Tensor:
+    """Draw number ``draw`` (an int64 tensor, any shape) of a rank for ``seed``: ``high`` with
+    probability ``full_share``, else uniform on ``[low, high]``; the same numbers on every
+    device, computed where ``draw`` lives (``full_share = 0``: exactly the uniform draws)."""
     key = (seed * 0x9E3779B1) & _MASK32
     x = _mix32((_mix32(draw & _MASK32) + key) & _MASK32)
-    return low + x % (high - low + 1)
+    rank = low + x % (high - low + 1)
+    if full_share <= 0:
+        return rank
+    coin = _mix32((x + 0x632BE5AB) & _MASK32)  # a second, independent 32-bit draw
+    return torch.where(coin < int(full_share * 2**32), torch.full_like(rank, high), rank)
 
 
 class DyLoRA(Adapter):
@@ -82,7 +87,8 @@ class DyLoRA(Adapter):
         return int(self._draw(self.draws))
 
     def _draw(self, draw: Tensor) -> Tensor:
-        return draw_rank(self.config.seed, draw, self.config.min_rank, self.config.rank)
+        cfg = self.config
+        return draw_rank(cfg.seed, draw, cfg.min_rank, cfg.rank, cfg.full_rank_share)
 
     def truncated(self) -> tuple[Tensor, Tensor]:
         """``(A[:b] (b × i), B[:, :b] (o × b))`` at :attr:`eval_rank` ``b``."""
