@@ -147,3 +147,22 @@ def test_an_encoder_decoders_decoder_is_never_masked_by_its_source() -> None:
     assert len(batch.scores) == 7
     for mine, ref in zip(batch.scores, alone.scores, strict=True):
         torch.testing.assert_close(mine[0], ref[0], rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_generating_with_a_cache_or_without_gives_the_same_tokens() -> None:
+    """The fused node on CUDA (compiled per-sample gating, Triton routing) replays the kept
+    routing too: float32, greedy."""
+    model = _wrapped(tiny_llama, "topk-per-sample", TARGETS).float().cuda()
+    ids, mask = (t.cuda() for t in _prompts())
+    options = {
+        "max_new_tokens": 5, "do_sample": False, "pad_token_id": 0, "output_scores": True,
+        "return_dict_in_generate": True,
+    }  # fmt: skip
+    with torch.no_grad(), routing_backend("triton"):
+        cached = model.generate(input_ids=ids, attention_mask=mask, use_cache=True, **options)
+        full = model.generate(input_ids=ids, attention_mask=mask, use_cache=False, **options)
+    assert torch.equal(cached.sequences, full.sequences)
+    for mine, ref in zip(cached.scores, full.scores, strict=True):
+        torch.testing.assert_close(mine, ref, rtol=1e-4, atol=1e-4)

@@ -369,3 +369,41 @@ def test_cuda_kernels_are_as_accurate_as_the_compiled_functions_and_repeat_bitwi
         err_other = ((other - ref).abs().max() / scale).item()
         print(f"{name}: kernels {err_mine:.2e}, compiled {err_other:.2e}")
         assert err_mine <= 1.5 * err_other + 1e-4, (name, err_mine, err_other)
+
+
+@pytest.mark.parametrize(("n", "e", "k"), [(70, 8, 2), (33, 5, 3), (1, 4, 1), (45, 16, 4)])
+@pytest.mark.parametrize("noise", [False, True])
+@pytest.mark.parametrize("masked", [False, True])
+def test_routing_alone_runs_the_kernels_with_no_experts_columns(
+    kernels: ModuleType, n: int, e: int, k: int, noise: bool, masked: bool
+) -> None:
+    """A top-k gating asked to route logits alone (the MoRA node, the routing node of other
+    banks, per-sample routing's pooled logits) runs the gating kernels with ``e·r = 0`` under
+    the ``triton`` backend: the routing, its losses and the logits' gradient equal the
+    routing functions' (float32), from a row-strided view of a wider matrix."""
+    from moracl.experts.backend import RoutingBackend
+    from moracl.experts.routers.topk import TopKGating, topk_route_backward, topk_route_forward
+
+    gen = torch.Generator().manual_seed(3 * n + e)
+    width = 2 * e if noise else e
+    wide = torch.randn(n, 7 + width + 3, generator=gen).to(DEV)
+    logits = wide[:, 7 : 7 + width]  # as the MoRA node routes its matmul's logit columns
+    allowed = (torch.rand(1, e, generator=gen) > 0.2).to(DEV)
+    allowed[:, 0] = True
+    eps = torch.randn(n, e, generator=gen).to(DEV) if noise else None
+    active = (torch.rand(n, generator=gen) > 0.3).to(DEV) if masked else None
+    gating = TopKGating(allowed, lambda _: eps, k, True, RoutingBackend.TRITON, active=active)
+    routed, saved = gating.route(logits)
+    assert isinstance(saved, kernels.GateForward)  # the kernels ran
+    want, ref_saved = topk_route_forward(logits, allowed, eps, k, True, active)
+    assert torch.equal(routed.chosen, want.chosen) and torch.equal(routed.indices, want.indices)
+    for mine, ref in zip(
+        (routed.gates, routed.probs, *routed.aux), (want.gates, want.probs, *want.aux)
+    ):
+        torch.testing.assert_close(mine, ref, rtol=1e-5, atol=1e-6)
+    g = [torch.randn(n, e, generator=gen).to(DEV) for _ in range(2)]
+    grads = RouteGrads(g[0], g[1], (torch.tensor(0.7).to(DEV), torch.tensor(-1.3).to(DEV)))
+    got, _ = gating.route_backward(saved, grads)
+    ref = topk_route_backward(ref_saved, grads, True)
+    assert got.shape == (n, width)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)

@@ -285,16 +285,31 @@ class TopKGating(Gating):
     aux_names: tuple[str, ...] = ("balance", "z")
     active: Tensor | None = None
 
-    def route(self, logits: Tensor) -> tuple[Routed, TopKSaved]:
+    def route(self, logits: Tensor) -> tuple[Routed, Any]:
+        noise = self.noise(logits)  # (n, e) or None
+        if self.backend is RoutingBackend.TRITON:  # the gating kernels with no experts' columns
+            from moracl.experts import triton_route
+
+            if triton_route.supports(logits, 0, self.allowed.shape[-1], self.k):
+                out = triton_route.gate_forward(
+                    logits, 0, self.allowed, noise, self.k, self.normalize, self.active
+                )
+                return Routed(
+                    out.gates, out.probs, out.chosen, out.indices, (out.balance, out.z)
+                ), out
         fwd = for_backend(topk_route_forward, self.backend, logits.device)
         routed: Routed
-        noise = self.noise(logits)  # (n, e) or None
         routed, saved = fwd(logits, self.allowed, noise, self.k, self.normalize, self.active)
         return routed, saved
 
     def route_backward(
-        self, saved: TopKSaved, grads: RouteGrads
+        self, saved: Any, grads: RouteGrads
     ) -> tuple[Tensor, tuple[Tensor | None, ...]]:
+        if not isinstance(saved, TopKSaved):  # the Triton forward's record
+            from moracl.experts import triton_route
+
+            kernel_grad, _ = triton_route.gate_backward(saved, saved.zg, grads)  # zg: (n, 0)
+            return kernel_grad, ()
         bwd = for_backend(topk_route_backward, self.backend, saved.logits.device)
         grad: Tensor = bwd(saved, grads, self.normalize)
         return grad, ()
