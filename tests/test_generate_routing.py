@@ -166,3 +166,20 @@ def test_on_cuda_generating_with_a_cache_or_without_gives_the_same_tokens() -> N
     assert torch.equal(cached.sequences, full.sequences)
     for mine, ref in zip(cached.scores, full.scores, strict=True):
         torch.testing.assert_close(mine, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["eager", "naive"])
+def test_a_kept_routing_passes_no_gradient_to_the_router(backend: str) -> None:
+    """Under autograd a later forward of the block trains the experts as routed by the kept
+    routing; the router, whose logits that forward did not route by, gets a zero gradient."""
+    model = _wrapped(tiny_llama, "topk-per-sample", ["q_proj"])
+    ids, mask = _prompts()
+    with first_call_routing(), routing_backend(backend):
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask)
+        model(input_ids=ids[:, :3]).logits.square().sum().backward()
+    routers = [p for n, p in model.named_parameters() if "router" in n and p.requires_grad]
+    experts = [p for n, p in model.named_parameters() if "lora_B" in n or "lora_A" in n]
+    assert routers and experts
+    assert all(p.grad is None or not p.grad.any() for p in routers)
+    assert any(p.grad is not None and p.grad.any() for p in experts)

@@ -230,7 +230,7 @@ class KeptGating(Gating):
         return self._inputs
 
     def route(self, logits: Tensor) -> tuple[Routed, Any]:
-        return self.kept.routed, logits.shape
+        return self.kept.routed, logits
 
     def routes_gradient(self, saved: Any) -> bool:
         return False
@@ -238,8 +238,7 @@ class KeptGating(Gating):
     def route_backward(
         self, saved: Any, grads: RouteGrads
     ) -> tuple[Tensor, tuple[Tensor | None, ...]]:
-        grad = torch.zeros(saved, device=self.kept.routed.gates.device)
-        return grad, (None,) * len(self._inputs)
+        return torch.zeros_like(saved), (None,) * len(self._inputs)  # saved: the logits
 
 
 def declared_token_mask() -> tuple[Tensor, bool] | None:
