@@ -93,7 +93,7 @@ class _RoutedLoRALinear(torch.autograd.Function):
         if g2 is not None and zg is not None and need_b:
             grad_b = torch.addmm(b, g2.t(), zg, beta=0, alpha=s).to(ctx.dtypes[1])  # (o, e·r)
         if need_a or need_r:
-            grad_ar = grad_zl.t() @ x2  # (e·r + l, i)
+            grad_ar = grad_zl.t() @ x2  # (w, i): the zero rows get a gradient nobody reads
             if ctx.dtypes[0] == ctx.dtypes[2]:  # one cast for both (one kernel less)
                 grad_ar = grad_ar.to(ctx.dtypes[0])
             grad_a = grad_ar[:er].to(ctx.dtypes[0])
