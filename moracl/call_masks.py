@@ -31,6 +31,7 @@ from moracl.experts.mixture import Mixture
 from moracl.experts.per_sample import current_token_mask, first_call_routing, token_mask
 
 __all__ = [
+    "each_call",
     "encoder_of",
     "keeping_encoder_states",
     "masked_generate",
@@ -120,18 +121,17 @@ def keeping_encoder_states(model: nn.Module, sides: SideMasks) -> Iterator[None]
 
 
 @contextmanager
-def masking_each_call(modules: Sequence[nn.Module]) -> Iterator[None]:
-    """While the block runs, every call of ``modules`` passed a 2-D ``attention_mask``
-    keyword declares it as the token mask (non-strict) for its duration, unless a mask is
-    declared already (an outer call's, or the caller's); the hooks are removed on exit."""
+def each_call(
+    modules: Sequence[nn.Module], scope: Callable[[dict[str, Any]], AbstractContextManager[None]]
+) -> Iterator[None]:
+    """While the block runs, every call of ``modules`` runs inside ``scope(kwargs)`` (its
+    keyword arguments); the hooks are removed on exit."""
     scopes: list[ExitStack] = []
 
     def enter(module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
-        scope = ExitStack()
-        mask = kwargs.get("attention_mask")
-        if isinstance(mask, Tensor) and mask.ndim == 2 and current_token_mask() is None:
-            scope.enter_context(token_mask(mask, strict=False))
-        scopes.append(scope)
+        stack = ExitStack()
+        scopes.append(stack)  # first: the closing hook pops it even if the scope raises
+        stack.enter_context(scope(kwargs))
 
     def leave(module: nn.Module, args: Any, kwargs: dict[str, Any], output: Any) -> None:
         scopes.pop().close()
@@ -147,6 +147,22 @@ def masking_each_call(modules: Sequence[nn.Module]) -> Iterator[None]:
             h.remove()
         while scopes:  # a call that raised before its hook ran (never left open)
             scopes.pop().close()
+
+
+def _call_mask(kwargs: dict[str, Any]) -> AbstractContextManager[None]:
+    """A call's 2-D ``attention_mask`` as the token mask (non-strict), unless one is
+    declared already (an outer call's, or the caller's)."""
+    mask = kwargs.get("attention_mask")
+    if isinstance(mask, Tensor) and mask.ndim == 2 and current_token_mask() is None:
+        return token_mask(mask, strict=False)
+    return nullcontext()
+
+
+def masking_each_call(modules: Sequence[nn.Module]) -> AbstractContextManager[None]:
+    """While the block runs, every call of ``modules`` passed a 2-D ``attention_mask``
+    keyword declares it as the token mask (non-strict) for its duration, unless a mask is
+    declared already (an outer call's, or the caller's); the hooks are removed on exit."""
+    return each_call(modules, _call_mask)
 
 
 def masked_generate(
@@ -172,36 +188,7 @@ def masked_generate(
                 stack.enter_context(first_call_routing())
             else:
                 stack.enter_context(masking_each_call([encoder]))
-            stack.enter_context(_each_call(model, routed_call))
+            stack.enter_context(each_call([model], routed_call))
             return generate(*args, **kwargs)
 
     return masked
-
-
-@contextmanager
-def _each_call(
-    module: nn.Module, scope: Callable[[dict[str, Any]], AbstractContextManager[None]]
-) -> Iterator[None]:
-    """While the block runs, every call of ``module`` runs inside ``scope(kwargs)``; the
-    hooks are removed on exit."""
-    scopes: list[ExitStack] = []
-
-    def enter(module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
-        stack = ExitStack()
-        stack.enter_context(scope(kwargs))
-        scopes.append(stack)
-
-    def leave(module: nn.Module, args: Any, kwargs: dict[str, Any], output: Any) -> None:
-        scopes.pop().close()
-
-    handles = [
-        module.register_forward_pre_hook(enter, with_kwargs=True),
-        module.register_forward_hook(leave, with_kwargs=True, always_call=True),
-    ]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-        while scopes:  # a call that raised before its hook ran (never left open)
-            scopes.pop().close()
