@@ -83,3 +83,18 @@ def test_every_kind_keeps_the_autocast_dtype_with_a_bias(options: dict) -> None:
     x = torch.randn(4, 16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert layer(x).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize(("rows", "want"), [((128, 16), 144), ((128, 20), 152), ((10, 0), 16)])
+def test_stacked_rows_pad_to_aligned_rows_with_zeros(rows: tuple[int, int], want: int) -> None:
+    """The fused nodes' ``[A; R]``: the blocks stacked in the compute dtype, then zero rows
+    up to a multiple of 8 (16-byte rows in half precision)."""
+    from moracl.adapters.fused import ALIGN, aligned_size, stacked_rows
+
+    gen = torch.Generator().manual_seed(0)
+    parts = [torch.randn(n, 6, generator=gen) for n in rows]
+    out = stacked_rows(parts, torch.float64)
+    assert out.shape == (want, 6) and out.dtype == torch.float64 and want % ALIGN == 0
+    assert aligned_size(sum(rows)) == want
+    torch.testing.assert_close(out[: sum(rows)], torch.cat(parts).double(), rtol=0, atol=0)
+    assert not out[sum(rows) :].any()

@@ -70,8 +70,8 @@ def stacked_rows(parts: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
     blocks = [p for p in parts if p.shape[0]] or list(parts[:1])
     rows = sum(p.shape[0] for p in blocks)
     total = aligned_size(rows)
-    if total == rows and len(blocks) == 1:
-        return blocks[0].to(dtype)
+    if total == rows:  # aligned already: a concatenation, then one cast
+        return (blocks[0] if len(blocks) == 1 else torch.cat(blocks)).to(dtype)
     out = blocks[0].new_empty((total, blocks[0].shape[1]), dtype=dtype)
     start = 0
     for block in blocks:
