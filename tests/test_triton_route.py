@@ -310,12 +310,12 @@ def test_the_task_routed_layer_uses_the_kernels_with_the_same_results(
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("router", ["topk", "task"])
+@pytest.mark.parametrize("router", ["topk", "task", "hierarchical"])
 def test_cuda_kernels_are_as_accurate_as_the_compiled_functions_and_repeat_bitwise(
     monkeypatch: pytest.MonkeyPatch, router: str
 ) -> None:
-    """On CUDA under bf16 autocast, a top-2 (or task-routed) mixture's outputs, gates,
-    auxiliary loss and gradients through the kernels are as close to a float32 plain-autograd
+    """On CUDA under bf16 autocast, a top-2 (task-routed, hierarchical 2x4) mixture's outputs,
+    gates, auxiliary loss and gradients through the kernels are as close to a float32 plain-autograd
     reference as the routing without them (the ``compiled`` backend), and two runs of the
     kernels give bit-identical results (sums in a fixed order, no atomics)."""
     from moracl import MoRALinear
@@ -324,11 +324,11 @@ def test_cuda_kernels_are_as_accurate_as_the_compiled_functions_and_repeat_bitwi
     from moracl.experts.routers.config import RouterConfig
 
     torch.manual_seed(0)
-    rc = (
-        RouterConfig(type="topk", k=2)
-        if router == "topk"
-        else RouterConfig(type="task", num_tasks=4)
-    )
+    rc = {
+        "topk": RouterConfig(type="topk", k=2),
+        "task": RouterConfig(type="task", num_tasks=4),
+        "hierarchical": RouterConfig(type="hierarchical", groups=2, k=2),
+    }[router]
     cfg = MixtureConfig(rank=16, experts=8, router=rc)
     tids = torch.tensor([3, 0, 2, 3], device="cuda") if router == "task" else None
     layer = MoRALinear(torch.nn.Linear(256, 384), cfg).cuda().train()

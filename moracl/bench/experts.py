@@ -8,7 +8,9 @@ the mean of its tokens' inputs) instead of each token. ``mora-top2-of-8-plain`` 
 ``mora-top2-of-8`` with the routed MoRA node's gating helpers uncompiled
 (``MoRABank.compile_helpers = False``): the A/B of their GPU passes against their host time;
 ``mora-top2-of-8-dynamic`` compiles them shape-generic (``MoRABank.helpers_dynamic = None``,
-torch's default) rather than one kernel per layer shape.
+torch's default) rather than one kernel per layer shape. ``hierarchical-2x4-compiled`` routes
+under the ``compiled`` backend (the closed form under ``torch.compile``) where
+``hierarchical-2x4`` takes the Triton kernels.
 
 The ``act-*`` rows time adaptive computation (a top-2-of-8 mixture MLP of the model's sizes
 repeated under a halting unit, at most 4 steps) with every token through every step and with
@@ -54,6 +56,7 @@ METHODS = [
     "dynamic",
     "task",
     "hierarchical-2x4",
+    "hierarchical-2x4-compiled",
     "mora-top2-of-8",
     "mora-top2-of-8-plain",
     "mora-top2-of-8-dynamic",
@@ -90,11 +93,14 @@ def _wrap(method: str, base: nn.Module, rank: int) -> nn.Module:
         "dynamic": RouterConfig(type="dynamic", top_p=0.5, max_experts=4),
         "task": RouterConfig(type="task", num_tasks=4),
         "hierarchical-2x4": RouterConfig(type="hierarchical", groups=2, k=2),
+        "hierarchical-2x4-compiled": RouterConfig(type="hierarchical", groups=2, k=2),
     }
     kind = "mora" if method.startswith("mora") else "lora"
     options = {} if kind == "mora" else {"alpha": 2.0 * rank}
     expert = AdapterConfig.from_dict({"kind": kind, "rank": rank, **options})
     backend = RoutingBackend.NAIVE if method.startswith("naive") else RoutingBackend.AUTO
+    if method.endswith("-compiled"):  # the closed form under torch.compile, not the kernels
+        backend = RoutingBackend.COMPILED
     cfg = MixtureConfig(router=routers[method], groups=(ExpertGroup(expert, 8),), backend=backend)
     model = MoRAModel(base, cfg, target_modules=PROJECTIONS)
     if method.startswith("mora-") and method != "mora-top2-of-8":  # the helpers' A/B rows

@@ -59,6 +59,59 @@ def _softplus(x):  # type: ignore[no-untyped-def]
 
 
 @triton.jit
+def _topk(filled, allowed, cols, K: tl.constexpr, NORMALIZE: tl.constexpr, AXIS: tl.constexpr):  # type: ignore[no-untyped-def]
+    """Top-``K`` routing along ``AXIS`` of the masked scores ``filled`` (masked columns
+    ``_LOWEST``, padding ``-inf``) under ``allowed``; ``cols`` the column numbers, broadcast
+    along ``AXIS``.  Returns the probabilities, the gates, the chosen columns and each
+    column's rank among the choices (``K`` when not chosen): ``K`` rounds of ``max``, ties to
+    the lower index."""
+    mx = tl.expand_dims(tl.max(filled, axis=AXIS), AXIS)  # the first choice
+    ex = tl.exp(filled - mx)
+    probs = tl.where(allowed, ex / tl.expand_dims(tl.sum(ex, axis=AXIS), AXIS), 0.0)
+    rank = tl.zeros(filled.shape, dtype=tl.int32) + K
+    rest = filled
+    for j in tl.static_range(K):
+        m = tl.expand_dims(tl.max(rest, axis=AXIS), AXIS)
+        pick = tl.min(tl.where(rest == m, cols, 1 << 30), axis=AXIS)
+        hit = cols == tl.expand_dims(pick, AXIS)
+        rank = tl.where(hit, j, rank)
+        rest = tl.where(hit, float("-inf"), rest)
+    sel = rank < K
+    chosen = sel & allowed
+    if NORMALIZE:  # softmax over the chosen scores
+        es = tl.where(sel, ex, 0.0)
+        gates = tl.where(allowed, es / tl.expand_dims(tl.sum(es, axis=AXIS), AXIS), 0.0)
+    else:
+        gates = tl.where(chosen, probs, 0.0)
+    return probs, gates, chosen, rank
+
+
+@triton.jit
+def _lse(clean, allowed, pad, AXIS: tl.constexpr):  # type: ignore[no-untyped-def]
+    """The z loss's ``logsumexp`` of the clean logits along ``AXIS`` over the allowed
+    columns (0 with none; ``pad``: ``-inf`` on padding) and whether any is allowed."""
+    has = tl.max(allowed.to(tl.int32), axis=AXIS) > 0
+    cm = tl.where(allowed, clean, _LOWEST) + pad
+    cmx = tl.max(cm, axis=AXIS)
+    lse = cmx + tl.log(tl.sum(tl.exp(cm - tl.expand_dims(cmx, AXIS)), axis=AXIS))
+    return tl.where(has, lse, 0.0), has
+
+
+@triton.jit
+def _topk_grad(probs, gates, chosen, allowed, gg, gp, NORMALIZE: tl.constexpr, AXIS: tl.constexpr):  # type: ignore[no-untyped-def]
+    """``∂L/∂scores`` of :func:`_topk` from the gradients of its gates and probabilities
+    ``gg``, ``gp`` (float32): the probabilities pass ``q ⊙ (G − Σ q G)``; the gates pass ``σ
+    ⊙ (g − Σ σ g)`` (``NORMALIZE``) or join ``G`` at the chosen columns."""
+    gp = tl.where(allowed, gp, 0.0)
+    if not NORMALIZE:  # the chosen gates are probabilities
+        gp += tl.where(chosen, gg, 0.0)
+    grad = probs * (gp - tl.expand_dims(tl.sum(probs * gp, axis=AXIS), AXIS))
+    if NORMALIZE:
+        grad += gates * (gg - tl.expand_dims(tl.sum(gates * gg, axis=AXIS), AXIS))
+    return tl.where(allowed, grad, 0.0)
+
+
+@triton.jit
 def _fwd_kernel(  # type: ignore[no-untyped-def]
     zl_ptr, noise_ptr, allowed_ptr, act_ptr,
     zg_ptr, gates_ptr, probs_ptr, chosen_ptr, idx_ptr, lse_ptr, part_ptr,
@@ -87,33 +140,14 @@ def _fwd_kernel(  # type: ignore[no-untyped-def]
         scores = clean
     pad = tl.where(cmask, 0.0, float("-inf"))[None, :]  # (1, E_P): padding never counts
     filled = tl.where(allowed, scores, _LOWEST) + pad  # (B, E_P)
-    mx = tl.max(filled, axis=1)  # (B,)
-    ex = tl.exp(filled - mx[:, None])
-    probs = tl.where(allowed, ex / tl.sum(ex, axis=1)[:, None], 0.0)  # (B, E_P)
-    # top-k: k rounds of max, ties to the lower index
+    probs, gates, chosen, rank = _topk(filled, allowed, cols[None, :], K, NORMALIZE, 1)
     kcols = tl.arange(0, K_P)
     idx = tl.zeros((BLOCK_N, K_P), dtype=tl.int32)
-    sel = tl.zeros((BLOCK_N, E_P), dtype=tl.int1)
-    rest = filled
-    for j in tl.static_range(K):
-        m = tl.max(rest, axis=1)  # (B,)
-        pick = tl.min(tl.where(rest == m[:, None], cols[None, :], E_P), axis=1)  # (B,)
-        hit = cols[None, :] == pick[:, None]  # (B, E_P)
-        sel = sel | hit
-        rest = tl.where(hit, float("-inf"), rest)
+    for j in tl.static_range(K):  # the j-th choice's column
+        pick = tl.min(tl.where(rank == j, cols[None, :], E_P), axis=1)  # (B,)
         idx = tl.where(kcols[None, :] == j, pick[:, None], idx)
-    chosen = sel & allowed
-    if NORMALIZE:  # softmax over the chosen scores
-        es = tl.where(sel, tl.exp(filled - mx[:, None]), 0.0)  # mx: the first choice
-        gates = tl.where(allowed, es / tl.sum(es, axis=1)[:, None], 0.0)
-    else:
-        gates = tl.where(chosen, probs, 0.0)
     # z loss: logsumexp of the clean logits over the allowed experts (0 with none)
-    has = tl.max(allowed.to(tl.int32), axis=1) > 0  # (B,)
-    cm = tl.where(allowed, clean, _LOWEST) + pad
-    cmx = tl.max(cm, axis=1)
-    lse = cmx + tl.log(tl.sum(tl.exp(cm - cmx[:, None]), axis=1))
-    lse = tl.where(has, lse, 0.0)
+    lse, has = _lse(clean, allowed, pad, 1)
     w = has.to(tl.float32)
     # gated activations: each expert's r columns times its gate, rounded as zl's dtype
     rr = tl.arange(0, R_P)
@@ -236,13 +270,7 @@ def _bwd_kernel(  # type: ignore[no-untyped-def]
         f = tl.load(f_ptr + cols, mask=cmask, other=0.0)
         bw = tl.where(a, tl.load(bscale_ptr) * E, 0.0)  # (B,) each row's weight · E
         gp += tl.load(gb_ptr).to(tl.float32) * bw[:, None] * f[None, :]
-    gp = tl.where(allowed, gp, 0.0)
-    if not NORMALIZE:  # the chosen gates are probabilities
-        gp += tl.where(chosen, gg, 0.0)
-    grad = probs * (gp - tl.sum(probs * gp, axis=1)[:, None])
-    if NORMALIZE:
-        grad += gates * (gg - tl.sum(gates * gg, axis=1)[:, None])
-    grad = tl.where(allowed, grad, 0.0)  # ∂L/∂scores
+    grad = _topk_grad(probs, gates, chosen, allowed, gg, gp, NORMALIZE, 1)  # ∂L/∂scores
     clean_grad = grad
     if HAS_GZ:
         clean = tl.load(zrow + ER + cols[None, :], mask=m2, other=0.0).to(tl.float32)

@@ -194,7 +194,8 @@ def hierarchical_gate_backward(
 @dataclass(frozen=True)
 class HierarchicalGating(Gating):
     """A two-level top-k routing in a fused node, backward in closed form; ``compiled``
-    functions on CUDA under the ``compiled`` and ``triton`` backends.
+    functions on CUDA under the ``compiled`` backend, Triton kernels under ``triton``
+    (:mod:`moracl.experts.triton_hierarchical`, where it takes the shapes).
 
     Args:
         group_allowed: ``(n|1, g)`` bool.
@@ -250,6 +251,16 @@ class HierarchicalGating(Gating):
         lg = self.group_logits
         group_noise = self.group_noise(zl[:, er : er + lg])  # drawn first, as the router draws
         expert_noise = self.expert_noise(zl[:, er + lg :])
+        if self.backend is RoutingBackend.TRITON:
+            from moracl.experts import triton_hierarchical as th
+
+            k = (self.groups.k, self.experts.k)
+            if th.supports(zl, er, self.group_allowed, self.expert_allowed, lg, k):
+                out = th.gate_forward(
+                    zl, er, self.group_allowed, self.expert_allowed, group_noise, expert_noise,
+                    lg, (*self.groups, *self.experts), self.active,
+                )  # fmt: skip
+                return out.zg, Routed(out.gates, out.probs, out.chosen, out.indices, out.aux), out
         fwd = for_backend(hierarchical_gate_forward, self.backend, zl.device)
         return fwd(  # type: ignore[no-any-return]
             zl,
@@ -269,6 +280,11 @@ class HierarchicalGating(Gating):
     ) -> tuple[Tensor, Tensor | None, tuple[Tensor | None, ...]]:
         if grad_zg is None:
             grad_zg = torch.zeros_like(saved.za)
+        if not isinstance(saved, GatedSaved):  # the kernels' record
+            from moracl.experts import triton_hierarchical as th
+
+            grad_zl, zg = th.gate_backward(saved, grad_zg, grads)
+            return grad_zl, zg, ()
         bwd = for_backend(hierarchical_gate_backward, self.backend, saved.za.device)
         grad_zl, zg = bwd(saved, grad_zg, grads, self.groups, self.experts)
         return grad_zl, zg, ()
