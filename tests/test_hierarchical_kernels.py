@@ -17,9 +17,13 @@ from moracl.experts.routers.hierarchical_gating import (
     LevelSettings,
     hierarchical_gate_backward,
     hierarchical_gate_forward,
+    hierarchical_route_backward,
+    hierarchical_route_forward,
 )
 
 pytest.importorskip("triton")
+from moracl.experts import triton_hierarchical
+
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -105,3 +109,33 @@ def test_the_kernels_equal_the_closed_form(
         )
         torch.testing.assert_close(got_zl, want_zl, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(got_zg, want_zg, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(("n", "g", "s", "kg", "ks"), [(40, 2, 4, 1, 2), (21, 3, 3, 2, 2)])
+@pytest.mark.parametrize("noise", [False, True])
+@pytest.mark.parametrize("masked", [False, True])
+def test_routing_alone_runs_the_kernels_with_no_experts_columns(
+    n: int, g: int, s: int, kg: int, ks: int, noise: bool, masked: bool
+) -> None:
+    """Routing logits alone (the MoRA node, other banks' routing node) runs the kernels with
+    ``e·r = 0`` under ``triton``: the routing, its losses and the logits' gradient equal
+    :func:`hierarchical_route_forward`'s and its backward's, from a row-strided view."""
+    zl, _, ga, ea, gn, en, active, grads, _, lg = _case(n, g, s, 0, noise, masked, 7 * n + g)
+    groups, experts = LevelSettings(kg, True), LevelSettings(ks, True)
+    gating = HierarchicalGating(
+        group_allowed=ga, expert_allowed=ea, group_noise=lambda _: gn,
+        expert_noise=lambda _: en, group_logits=lg, groups=groups, experts=experts,
+        backend=RoutingBackend.TRITON, active=active,
+    )  # fmt: skip
+    routed, saved = gating.route(zl)
+    assert isinstance(saved, triton_hierarchical.HierarchicalForward)  # the kernels ran
+    want, ref_saved = hierarchical_route_forward(zl, ga, ea, gn, en, lg, groups, experts, active)
+    assert torch.equal(routed.chosen, want.chosen) and torch.equal(routed.indices, want.indices)
+    for mine, ref in zip(
+        (routed.gates, routed.probs, *routed.aux), (want.gates, want.probs, *want.aux)
+    ):
+        torch.testing.assert_close(mine, ref, rtol=1e-5, atol=1e-6)
+    got, _ = gating.route_backward(saved, grads)
+    assert got.shape == zl.shape
+    ref_grad = hierarchical_route_backward(ref_saved, grads, groups, experts)
+    torch.testing.assert_close(got, ref_grad, rtol=1e-5, atol=1e-5)

@@ -220,10 +220,13 @@ class HierarchicalGating(Gating):
     aux_names: tuple[str, ...] = ("group.balance", "group.z", "expert.balance", "expert.z")
     active: Tensor | None = None
 
-    def route(self, logits: Tensor) -> tuple[Routed, HierarchicalSaved]:
+    def route(self, logits: Tensor) -> tuple[Routed, Any]:
         lg = self.group_logits
         group_noise = self.group_noise(logits[:, :lg])  # drawn first, as the router draws
         expert_noise = self.expert_noise(logits[:, lg:])
+        kernels = self._kernels(logits, 0, group_noise, expert_noise)  # no experts' columns
+        if kernels is not None:
+            return kernels[1], kernels[2]
         fwd = for_backend(hierarchical_route_forward, self.backend, logits.device)
         routed: Routed
         routed, saved = fwd(
@@ -240,8 +243,13 @@ class HierarchicalGating(Gating):
         return routed, saved
 
     def route_backward(
-        self, saved: HierarchicalSaved, grads: RouteGrads
+        self, saved: Any, grads: RouteGrads
     ) -> tuple[Tensor, tuple[Tensor | None, ...]]:
+        if not isinstance(saved, HierarchicalSaved):  # the kernels' record
+            from moracl.experts import triton_hierarchical as th
+
+            kernel_grad, _ = th.gate_backward(saved, saved.zg, grads)  # zg: (n, 0)
+            return kernel_grad, ()
         device = saved.group_gates.device
         bwd = for_backend(hierarchical_route_backward, self.backend, device)
         grad: Tensor = bwd(saved, grads, self.groups, self.experts)
@@ -251,16 +259,9 @@ class HierarchicalGating(Gating):
         lg = self.group_logits
         group_noise = self.group_noise(zl[:, er : er + lg])  # drawn first, as the router draws
         expert_noise = self.expert_noise(zl[:, er + lg :])
-        if self.backend is RoutingBackend.TRITON:
-            from moracl.experts import triton_hierarchical as th
-
-            k = (self.groups.k, self.experts.k)
-            if th.supports(zl, er, self.group_allowed, self.expert_allowed, lg, k):
-                out = th.gate_forward(
-                    zl, er, self.group_allowed, self.expert_allowed, group_noise, expert_noise,
-                    lg, (*self.groups, *self.experts), self.active,
-                )  # fmt: skip
-                return out.zg, Routed(out.gates, out.probs, out.chosen, out.indices, out.aux), out
+        kernels = self._kernels(zl, er, group_noise, expert_noise)
+        if kernels is not None:
+            return kernels
         fwd = for_backend(hierarchical_gate_forward, self.backend, zl.device)
         return fwd(  # type: ignore[no-any-return]
             zl,
@@ -275,16 +276,35 @@ class HierarchicalGating(Gating):
             self.active,
         )
 
+    def _kernels(
+        self, zl: Tensor, er: int, group_noise: Tensor | None, expert_noise: Tensor | None
+    ) -> tuple[Tensor, Routed, Any] | None:
+        """``zg``, the routing and the record from the Triton kernels under the ``triton``
+        backend where they take the shapes, else ``None``."""
+        if self.backend is not RoutingBackend.TRITON:
+            return None
+        from moracl.experts import triton_hierarchical as th
+
+        lg, k = self.group_logits, (self.groups.k, self.experts.k)
+        if not th.supports(zl, er, self.group_allowed, self.expert_allowed, lg, k):
+            return None
+        out = th.gate_forward(
+            zl, er, self.group_allowed, self.expert_allowed, group_noise, expert_noise, lg,
+            (*self.groups, *self.experts), self.active,
+        )  # fmt: skip
+        return out.zg, Routed(out.gates, out.probs, out.chosen, out.indices, out.aux), out
+
     def backward(
         self, saved: Any, grad_zg: Tensor | None, grads: RouteGrads
     ) -> tuple[Tensor, Tensor | None, tuple[Tensor | None, ...]]:
-        if grad_zg is None:
-            grad_zg = torch.zeros_like(saved.za)
         if not isinstance(saved, GatedSaved):  # the kernels' record
             from moracl.experts import triton_hierarchical as th
 
-            grad_zl, zg = th.gate_backward(saved, grad_zg, grads)
+            grad = torch.zeros_like(saved.zg) if grad_zg is None else grad_zg
+            grad_zl, zg = th.gate_backward(saved, grad, grads)
             return grad_zl, zg, ()
+        if grad_zg is None:
+            grad_zg = torch.zeros_like(saved.za)
         bwd = for_backend(hierarchical_gate_backward, self.backend, saved.za.device)
         grad_zl, zg = bwd(saved, grad_zg, grads, self.groups, self.experts)
         return grad_zl, zg, ()
