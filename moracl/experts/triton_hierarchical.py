@@ -37,22 +37,19 @@ from moracl.experts.triton_route import (
     _TILE,
     _active_arg,
     _allowed_arg,
+    _block_sums,
+    _level_finish,
     _lse,
+    _pick,
     _pow2,
     _rows_per_block,
-    _softplus,
+    _scores,
     _topk,
     _topk_grad,
+    _z_grad,
 )
 
 __all__ = ["HierarchicalForward", "gate_backward", "gate_forward", "supports"]
-
-
-@triton.jit
-def _pick(acc, cols, off, AXIS: tl.constexpr):  # type: ignore[no-untyped-def]
-    """``acc[off]``: ``acc`` and its positions ``cols`` along ``AXIS``, the offsets ``off``
-    broadcast along it."""
-    return tl.sum(tl.where(cols == off, acc, 0.0), axis=AXIS)
 
 
 @triton.jit
@@ -79,12 +76,8 @@ def _fwd_kernel(  # type: ignore[no-untyped-def]
     m2 = rmask[:, None] & gmask[None, :]
     gclean = tl.load(zrow + ER + gc[None, :], mask=m2, other=0.0).to(tl.float32)
     gal = tl.load(gal_ptr + rows64[:, None] * stride_ga + gc[None, :], mask=m2, other=0) != 0
-    if G_NOISE:
-        scale = tl.load(zrow + ER + G + gc[None, :], mask=m2, other=0.0).to(tl.float32)
-        eps = tl.load(gnoise_ptr + rows64[:, None] * G + gc[None, :], mask=m2, other=0.0)
-        gscores = gclean + eps.to(tl.float32) * _softplus(scale)
-    else:
-        gscores = gclean
+    gnoise_at = gnoise_ptr + rows64[:, None] * G + gc[None, :]
+    gscores = _scores(gclean, zrow + ER + G + gc[None, :], gnoise_at, m2, G_NOISE)
     gpad = tl.where(gmask, 0.0, float("-inf"))[None, :]
     gfilled = tl.where(gal, gscores, _LOWEST) + gpad
     gprobs, ggates, gchosen, grank = _topk(gfilled, gal, gc[None, :], KG, G_NORM, 1)
@@ -102,12 +95,8 @@ def _fwd_kernel(  # type: ignore[no-untyped-def]
     eoff = ER + LG + gc[None, :, None] * LS + sc[None, None, :]  # its logit's column
     eclean = tl.load(zrow[:, :, None] + eoff, mask=m3, other=0.0).to(tl.float32)
     eal = tl.load(eal_ptr + rows64[:, None, None] * stride_ea + ecol, mask=m3, other=0) != 0
-    if E_NOISE:
-        scale = tl.load(zrow[:, :, None] + eoff + S, mask=m3, other=0.0).to(tl.float32)
-        eps = tl.load(enoise_ptr + rows64[:, None, None] * (G * S) + ecol, mask=m3, other=0.0)
-        escores = eclean + eps.to(tl.float32) * _softplus(scale)
-    else:
-        escores = eclean
+    enoise_at = enoise_ptr + rows64[:, None, None] * (G * S) + ecol
+    escores = _scores(eclean, zrow[:, :, None] + eoff + S, enoise_at, m3, E_NOISE)
     epad = tl.where(smask, 0.0, float("-inf"))[None, None, :]
     efilled = tl.where(eal, escores, _LOWEST) + epad
     eprobs, egates, echosen, erank = _topk(efilled, eal, sc[None, None, :], KS, E_NORM, 2)
@@ -178,35 +167,18 @@ def _finish_kernel(  # type: ignore[no-untyped-def]
     expert balance and z); the group level's ``f (g,)`` and ``(zscale, bscale)``; the expert
     level's ``f (g, s)``, ``zscale (g,)`` and ``bscale (g,)``; each group's share of the
     served tokens ``(g,)``."""
+    acc = _block_sums(part_ptr, blocks, P_W, BLOCK_B)
     cols = tl.arange(0, P_W)
-    acc = tl.zeros((P_W,), dtype=tl.float32)
-    for start in range(0, blocks, BLOCK_B):
-        b = start + tl.arange(0, BLOCK_B)
-        tile = tl.load(
-            part_ptr + b[:, None] * P_W + cols[None, :], mask=(b < blocks)[:, None], other=0.0
-        )
-        acc += tl.sum(tile, axis=0)
     acc2, cols2 = acc[None, :], cols[None, :]
     gc = tl.arange(0, G_P)
     gmask = gc < G
-    # the group level, as top-k's finish
-    count = tl.where(gmask, _pick(acc2, cols2, gc[:, None], 1), 0.0)
-    psum = _pick(acc2, cols2, (G_P + gc)[:, None], 1)
-    zsum = tl.sum(tl.where(cols == 2 * G_P, acc, 0.0), axis=0)
-    wsum = tl.sum(tl.where(cols == 2 * G_P + 1, acc, 0.0), axis=0)
-    asum = tl.sum(tl.where(cols == 2 * G_P + 2, acc, 0.0), axis=0)
-    f = count / tl.maximum(tl.sum(count, axis=0), 1.0)
-    if HAS_ACT:
-        nb = tl.maximum(asum, 1.0)
-        den = tl.maximum(wsum, 1.0)
-    else:
-        nb = tl.maximum(n_f, 1.0)
-        den = tl.maximum(n_f, 1.0) if SHARED else tl.maximum(wsum, 1.0)
-    tl.store(losses_ptr, G * tl.sum(tl.where(gmask, f * psum, 0.0), axis=0) / nb)
-    tl.store(losses_ptr + 1, zsum / den)
+    # the group level: its sums lead, as top-k's
+    f, balance, z, zscale, bscale = _level_finish(acc, n_f, G, G_P, P_W, SHARED, HAS_ACT)
+    tl.store(losses_ptr, balance)
+    tl.store(losses_ptr + 1, z)
     tl.store(gf_ptr + gc, f, mask=gmask)
-    tl.store(gscale_ptr, 1.0 / den)
-    tl.store(gscale_ptr + 1, 1.0 / nb)
+    tl.store(gscale_ptr, zscale)
+    tl.store(gscale_ptr + 1, bscale)
     # each group over the tokens it serves, weighted by its share of them
     sc = tl.arange(0, S_P)
     m_gs = gmask[:, None] & (sc < S)[None, :]
@@ -315,8 +287,7 @@ def _bwd_kernel(  # type: ignore[no-untyped-def]
         lse = tl.load(glse_ptr + rows64, mask=rmask, other=0.0)
         has = tl.max(gal.to(tl.int32), axis=1) > 0
         zw = tl.where(has & a, tl.load(gscale_ptr), 0.0)
-        soft = tl.where(gal, tl.exp(clean - lse[:, None]), 0.0)
-        clean_grad += tl.load(dloss_ptr + 1).to(tl.float32) * 2.0 * (lse * zw)[:, None] * soft
+        clean_grad += tl.load(dloss_ptr + 1).to(tl.float32) * _z_grad(clean, lse, gal, zw, 1)
     tl.store(grow + ER + gc[None, :], clean_grad.to(za.dtype), mask=m2)
     if LG > G:  # the noise scales: nothing when the noisy router is evaluated
         if G_NOISE:
@@ -346,8 +317,7 @@ def _bwd_kernel(  # type: ignore[no-untyped-def]
             escale_ptr + gc, mask=gmask, other=0.0
         )
         zw = tl.where(has & served, w[None, :], 0.0)
-        soft = tl.where(eal, tl.exp(clean - lse[:, :, None]), 0.0)
-        clean_grad += tl.load(dloss_ptr + 3).to(tl.float32) * 2.0 * (lse * zw)[:, :, None] * soft
+        clean_grad += tl.load(dloss_ptr + 3).to(tl.float32) * _z_grad(clean, lse, eal, zw, 2)
     tl.store(grow[:, :, None] + eoff, clean_grad.to(za.dtype), mask=m3)
     if LS > S:
         if E_NOISE:

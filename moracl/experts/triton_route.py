@@ -59,6 +59,19 @@ def _softplus(x):  # type: ignore[no-untyped-def]
 
 
 @triton.jit
+def _scores(clean, scale_ptrs, eps_ptrs, mask, HAS_NOISE: tl.constexpr):  # type: ignore[no-untyped-def]
+    """The routing scores: the clean logits, plus with ``HAS_NOISE`` the standard normal
+    draws at ``eps_ptrs`` times the softplus of the noise scales at ``scale_ptrs``."""
+    if HAS_NOISE:
+        scale = tl.load(scale_ptrs, mask=mask, other=0.0).to(tl.float32)
+        eps = tl.load(eps_ptrs, mask=mask, other=0.0).to(tl.float32)
+        scores = clean + eps * _softplus(scale)
+    else:
+        scores = clean
+    return scores
+
+
+@triton.jit
 def _topk(filled, allowed, cols, K: tl.constexpr, NORMALIZE: tl.constexpr, AXIS: tl.constexpr):  # type: ignore[no-untyped-def]
     """Top-``K`` routing along ``AXIS`` of the masked scores ``filled`` (masked columns
     ``_LOWEST``, padding ``-inf``) under ``allowed``; ``cols`` the column numbers, broadcast
@@ -132,12 +145,8 @@ def _fwd_kernel(  # type: ignore[no-untyped-def]
     clean = tl.load(zrow + ER + cols[None, :], mask=m2, other=0.0).to(tl.float32)
     allowed = tl.load(allowed_ptr + rows64[:, None] * stride_al + cols[None, :], mask=m2, other=0)
     allowed = allowed != 0
-    if HAS_NOISE:
-        scale = tl.load(zrow + ER + E + cols[None, :], mask=m2, other=0.0).to(tl.float32)
-        eps = tl.load(noise_ptr + rows64[:, None] * E + cols[None, :], mask=m2, other=0.0)
-        scores = clean + eps.to(tl.float32) * _softplus(scale)
-    else:
-        scores = clean
+    noise_at = noise_ptr + rows64[:, None] * E + cols[None, :]
+    scores = _scores(clean, zrow + ER + E + cols[None, :], noise_at, m2, HAS_NOISE)
     pad = tl.where(cmask, 0.0, float("-inf"))[None, :]  # (1, E_P): padding never counts
     filled = tl.where(allowed, scores, _LOWEST) + pad  # (B, E_P)
     probs, gates, chosen, rank = _topk(filled, allowed, cols[None, :], K, NORMALIZE, 1)
@@ -179,14 +188,24 @@ def _fwd_kernel(  # type: ignore[no-untyped-def]
 
 
 @triton.jit
-def _finish_kernel(  # type: ignore[no-untyped-def]
-    part_ptr, f_ptr, balance_ptr, z_ptr, zscale_ptr, bscale_ptr, blocks, n_f,
-    E: tl.constexpr, E_P: tl.constexpr, P_W: tl.constexpr, SHARED: tl.constexpr,
-    HAS_ACT: tl.constexpr, BLOCK_B: tl.constexpr,
-):  # fmt: skip
-    """One program: the blocks' sums added in order, then ``f (e,)``, the balance and z
-    losses, ``zscale``, each counted token's weight in the z loss, and ``bscale``, in the
-    mean router probabilities."""
+def _z_grad(clean, lse, allowed, zw, AXIS: tl.constexpr):  # type: ignore[no-untyped-def]
+    """The z loss's gradient with respect to the clean logits along ``AXIS``: ``2 · lse · w ·
+    softmax`` over the allowed columns, from each row's ``lse`` and weight ``zw``."""
+    soft = tl.where(allowed, tl.exp(clean - tl.expand_dims(lse, AXIS)), 0.0)
+    return 2.0 * tl.expand_dims(lse * zw, AXIS) * soft
+
+
+@triton.jit
+def _pick(acc, cols, off, AXIS: tl.constexpr):  # type: ignore[no-untyped-def]
+    """``acc[off]``: ``acc`` and its positions ``cols`` along ``AXIS``, the offsets ``off``
+    broadcast along it."""
+    return tl.sum(tl.where(cols == off, acc, 0.0), axis=AXIS)
+
+
+@triton.jit
+def _block_sums(part_ptr, blocks, P_W: tl.constexpr, BLOCK_B: tl.constexpr):  # type: ignore[no-untyped-def]
+    """The blocks' rows of partial sums ``(blocks, P_W)`` added in a fixed order (no
+    atomics): ``(P_W,)``."""
     cols = tl.arange(0, P_W)
     acc = tl.zeros((P_W,), dtype=tl.float32)
     for start in range(0, blocks, BLOCK_B):
@@ -195,14 +214,27 @@ def _finish_kernel(  # type: ignore[no-untyped-def]
             part_ptr + b[:, None] * P_W + cols[None, :], mask=(b < blocks)[:, None], other=0.0
         )
         acc += tl.sum(tile, axis=0)
+    return acc
+
+
+@triton.jit
+def _level_finish(  # type: ignore[no-untyped-def]
+    acc, n_f, E: tl.constexpr, E_P: tl.constexpr, P_W: tl.constexpr, SHARED: tl.constexpr,
+    HAS_ACT: tl.constexpr,
+):  # fmt: skip
+    """One routing level's losses from its sums at the head of ``acc (P_W,)`` (the usage
+    counts and the probabilities, ``E_P`` each, then the z-loss terms, the counted rows with
+    an allowed expert and the counted rows): ``f (E_P,)``, the balance and z losses,
+    ``zscale``, each counted token's weight in the z loss, and ``bscale``, in the mean router
+    probabilities."""
+    cols = tl.arange(0, P_W)
     ecols = tl.arange(0, E_P)
-    count = tl.sum(tl.where(cols[None, :] == ecols[:, None], acc[None, :], 0.0), axis=1)
-    psum = tl.sum(tl.where(cols[None, :] == (ecols + E_P)[:, None], acc[None, :], 0.0), axis=1)
+    emask = ecols < E
+    count = tl.where(emask, _pick(acc[None, :], cols[None, :], ecols[:, None], 1), 0.0)
+    psum = _pick(acc[None, :], cols[None, :], (ecols + E_P)[:, None], 1)
     zsum = tl.sum(tl.where(cols == 2 * E_P, acc, 0.0), axis=0)
     wsum = tl.sum(tl.where(cols == 2 * E_P + 1, acc, 0.0), axis=0)
     asum = tl.sum(tl.where(cols == 2 * E_P + 2, acc, 0.0), axis=0)
-    emask = ecols < E
-    count = tl.where(emask, count, 0.0)
     f = count / tl.maximum(tl.sum(count, axis=0), 1.0)
     n1 = tl.maximum(n_f, 1.0)
     if HAS_ACT:
@@ -212,11 +244,24 @@ def _finish_kernel(  # type: ignore[no-untyped-def]
         nb = n1
         den = n1 if SHARED else tl.maximum(wsum, 1.0)
     balance = E * tl.sum(tl.where(emask, f * psum, 0.0), axis=0) / nb
-    tl.store(f_ptr + ecols, f, mask=emask)
+    return f, balance, zsum / den, 1.0 / den, 1.0 / nb
+
+
+@triton.jit
+def _finish_kernel(  # type: ignore[no-untyped-def]
+    part_ptr, f_ptr, balance_ptr, z_ptr, zscale_ptr, bscale_ptr, blocks, n_f,
+    E: tl.constexpr, E_P: tl.constexpr, P_W: tl.constexpr, SHARED: tl.constexpr,
+    HAS_ACT: tl.constexpr, BLOCK_B: tl.constexpr,
+):  # fmt: skip
+    """One program: the blocks' sums added in order, then :func:`_level_finish`'s values."""
+    acc = _block_sums(part_ptr, blocks, P_W, BLOCK_B)
+    f, balance, z, zscale, bscale = _level_finish(acc, n_f, E, E_P, P_W, SHARED, HAS_ACT)
+    ecols = tl.arange(0, E_P)
+    tl.store(f_ptr + ecols, f, mask=ecols < E)
     tl.store(balance_ptr, balance)
-    tl.store(z_ptr, zsum / den)
-    tl.store(zscale_ptr, 1.0 / den)
-    tl.store(bscale_ptr, 1.0 / nb)
+    tl.store(z_ptr, z)
+    tl.store(zscale_ptr, zscale)
+    tl.store(bscale_ptr, bscale)
 
 
 @triton.jit
@@ -277,8 +322,7 @@ def _bwd_kernel(  # type: ignore[no-untyped-def]
         lse = tl.load(lse_ptr + rows64, mask=rmask, other=0.0)
         has = tl.max(allowed.to(tl.int32), axis=1) > 0
         zw = tl.where(has & a, tl.load(zscale_ptr), 0.0)
-        soft = tl.where(allowed, tl.exp(clean - lse[:, None]), 0.0)
-        clean_grad += tl.load(gz_ptr).to(tl.float32) * 2.0 * (lse * zw)[:, None] * soft
+        clean_grad += tl.load(gz_ptr).to(tl.float32) * _z_grad(clean, lse, allowed, zw, 1)
     grow = gzl_ptr + rows64[:, None] * (ER + L)
     tl.store(grow[:, :, None] + off3, gza, mask=m3)
     tl.store(grow + ER + cols[None, :], clean_grad.to(gza.dtype), mask=m2)
