@@ -139,3 +139,38 @@ def test_routing_alone_runs_the_kernels_with_no_experts_columns(
     assert got.shape == zl.shape
     ref_grad = hierarchical_route_backward(ref_saved, grads, groups, experts)
     torch.testing.assert_close(got, ref_grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("g", "s"), [(3, 3), (2, 4)])
+def test_nothing_depends_on_uninitialised_memory(
+    monkeypatch: pytest.MonkeyPatch, g: int, s: int
+) -> None:
+    """Every float buffer the kernels allocate starts as NaN (padding slots of a group count
+    that is not a power of two included): the routing, the four losses and every gradient
+    stay the closed form's."""
+    zl, er, ga, ea, gn, en, active, grads, grad_zg, lg = _case(21, g, s, 2, True, True, 5 * g)
+    groups, experts = LevelSettings(2, True), LevelSettings(2, True)
+    gating = HierarchicalGating(
+        group_allowed=ga, expert_allowed=ea, group_noise=lambda _: gn,
+        expert_noise=lambda _: en, group_logits=lg, groups=groups, experts=experts,
+        backend=RoutingBackend.TRITON, active=active,
+    )  # fmt: skip
+    real_empty = torch.empty
+
+    def nan_empty(*args: object, **kwargs: object) -> torch.Tensor:
+        t = real_empty(*args, **kwargs)  # type: ignore[call-overload]
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", nan_empty)
+    zg, routed, saved = gating.forward(zl, er)
+    got_zl, got_zg, _ = gating.backward(saved, grad_zg, grads)
+    monkeypatch.undo()
+    ref_zg, ref, ref_saved = hierarchical_gate_forward(
+        zl, er, ga, ea, gn, en, lg, groups, experts, active
+    )
+    want_zl, want_zg = hierarchical_gate_backward(ref_saved, grad_zg, grads, groups, experts)
+    for mine, want in zip(
+        (zg, routed.gates, routed.probs, *routed.aux, got_zl, got_zg),
+        (ref_zg, ref.gates, ref.probs, *ref.aux, want_zl, want_zg),
+    ):
+        torch.testing.assert_close(mine, want, rtol=1e-5, atol=1e-5)

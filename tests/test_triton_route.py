@@ -101,6 +101,34 @@ def test_kernels_equal_the_routing_functions_in_float32(
         torch.testing.assert_close(mine_zg, ref_zg, rtol=1e-5, atol=1e-6)
 
 
+def test_nothing_depends_on_uninitialised_memory(
+    kernels: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every float buffer the kernels allocate starts as NaN (the padding of 5 experts to 8
+    included): the routing, the losses and every gradient stay the routing functions'."""
+    zl, er, allowed, eps, grads = _case(33, 5, 3, True, True, 11, torch.float32)
+    active = torch.arange(33, device=zl.device) % 3 != 0
+    zg, routed, saved = topk_gate_forward(zl, er, allowed, eps, 2, True, active)
+    route_grads = RouteGrads(grads[1], grads[2], (grads[3], grads[4]))
+    ref_zl, ref_zg = topk_gate_backward(saved, grads[0], route_grads, True)
+    real_empty = torch.empty
+
+    def nan_empty(*args: object, **kwargs: object) -> torch.Tensor:
+        t = real_empty(*args, **kwargs)  # type: ignore[call-overload]
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", nan_empty)
+    got = kernels.gate_forward(zl, er, allowed, eps, 2, True, active)
+    mine_zl, mine_zg = kernels.gate_backward(got, grads[0], route_grads)
+    monkeypatch.undo()
+    for mine, ref in [
+        (got.zg, zg), (got.gates, routed.gates), (got.probs, routed.probs),
+        (got.balance, routed.aux[0]), (got.z, routed.aux[1]), (mine_zl, ref_zl),
+        (mine_zg, ref_zg),
+    ]:  # fmt: skip
+        torch.testing.assert_close(mine, ref, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize(("n", "e", "r", "k"), CASES)
 @pytest.mark.parametrize("noise", [False, True])
 @pytest.mark.parametrize("per_token", [False, True])

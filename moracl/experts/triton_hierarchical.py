@@ -188,8 +188,8 @@ def _finish_kernel(  # type: ignore[no-untyped-def]
     ecount = tl.where(m_gs, _pick(acc3, cols3, (ec + gs)[:, :, None], 2), 0.0)
     epsum = _pick(acc3, cols3, (ec + G_P * S_P + gs)[:, :, None], 2)
     ez = ec + 2 * G_P * S_P
-    ezsum = _pick(acc2, cols2, (ez + gc)[:, None], 1)
-    ewsum = _pick(acc2, cols2, (ez + G_P + gc)[:, None], 1)
+    ezsum = tl.where(gmask, _pick(acc2, cols2, (ez + gc)[:, None], 1), 0.0)  # padding: unset
+    ewsum = tl.where(gmask, _pick(acc2, cols2, (ez + G_P + gc)[:, None], 1), 0.0)
     served = tl.where(gmask, _pick(acc2, cols2, (ez + 2 * G_P + gc)[:, None], 1), 0.0)
     ef = ecount / tl.maximum(tl.sum(ecount, axis=1), 1.0)[:, None]  # (G_P, S_P)
     enb = tl.maximum(served, 1.0)
