@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+import moracl.adapters.fused as fused_nodes
 from moracl import AdapterConfig, MoRALinear
 
 from .conftest import randomize_adapters
@@ -25,9 +26,25 @@ SHAPES = [(24, 40), (40, 24), (6, 50), (50, 6), (64, 64), (100, 23)]
 @pytest.mark.parametrize("options", FUSED, ids=lambda o: "-".join(map(str, o.values())))
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("update_first", [False, True], ids=["frozen-first", "update-first"])
 def test_fused_forward_and_gradients_match_reference(
-    options: dict, shape: tuple[int, int], bias: bool
+    options: dict,
+    shape: tuple[int, int],
+    bias: bool,
+    update_first: bool,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """In either order of the nodes' sums (the CPU's, or CUDA's: the update first and the
+    frozen product added in the matmul's epilogue), on any device."""
+    monkeypatch.setattr(fused_nodes, "update_first", lambda t: update_first)
+    new_empty = torch.Tensor.new_empty
+
+    def nan_filled(self: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        out = new_empty(self, *args, **kwargs)  # type: ignore[arg-type]
+        return out.fill_(float("nan")) if out.is_floating_point() else out
+
+    # an output written before the frozen product is added reads no uninitialised memory
+    monkeypatch.setattr(torch.Tensor, "new_empty", nan_filled)
     base = nn.Linear(*shape, bias=bias).double()
     layer = MoRALinear(base, AdapterConfig(rank=4, **options)).double()
     randomize_adapters(layer)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import moracl.adapters.fused as fused_nodes
 from moracl import MoRALinear
 from moracl.adapters.fused import aligned_size
 from moracl.adapters.mora import bank as mora_bank
@@ -63,7 +64,15 @@ def test_the_shapes_cover_aligned_padded_and_single_group_sizes() -> None:
     assert SHAPES["narrow"][0] < sizes["narrow"] < SHAPES["narrow"][1]
 
 
-@pytest.mark.usefixtures("node_on_cpu")
+@pytest.fixture(params=[False, True], ids=["frozen-first", "update-first"])
+def order(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Either order of the node's sums, on any device: the frozen product first with the
+    decompression as a 0/1 matmul (the CPU's), or the tiled update first with the frozen
+    product added in the matmul's epilogue and the decompression's transpose a fold (CUDA's)."""
+    monkeypatch.setattr(fused_nodes, "update_first", lambda t: request.param)
+
+
+@pytest.mark.usefixtures("node_on_cpu", "order")
 @pytest.mark.parametrize("shape", sorted(SHAPES))
 @pytest.mark.parametrize("router", sorted(ROUTERS))
 def test_the_routed_node_equals_naive_in_float64(router: str, shape: str) -> None:
@@ -78,7 +87,7 @@ def test_the_routed_node_equals_naive_in_float64(router: str, shape: str) -> Non
         torch.testing.assert_close(mine, ref, rtol=tol, atol=tol)
 
 
-@pytest.mark.usefixtures("node_on_cpu")
+@pytest.mark.usefixtures("node_on_cpu", "order")
 @pytest.mark.parametrize("router", ["topk", "topk-per-sample", "dynamic", "task"])
 def test_the_routed_node_in_float32_equals_naive_to_float32_rounding(router: str) -> None:
     """Both in float32 (a noisy router draws its noise in the routing dtype)."""

@@ -48,6 +48,7 @@ __all__ = [
     "plain_autograd",
     "plain_lora_linear",
     "stacked_rows",
+    "update_first",
 ]
 
 #: Rows of a matmul operand are padded to a multiple of this many elements (16 bytes in half
@@ -132,6 +133,15 @@ def node_output(out: Tensor, lead: tuple[int, ...]) -> Tensor:
     return out.view(*lead, out.shape[-1]).detach()
 
 
+def update_first(t: Tensor) -> bool:
+    """Whether a node computes the update first and adds the frozen product into it in the
+    large matmul's epilogue (``out = update; out.addmm_(x, Wᵀ)``): on CUDA, where reading the
+    update there hides under the matmul's compute and saves a pass over ``(N, o)``.  On the
+    CPU the frozen product goes first, as the unfused path computes it (``base_out +
+    delta``), so that both round alike.  Tests patch it to run either order anywhere."""
+    return t.is_cuda
+
+
 def frozen_plus_update(
     z: Tensor, b: Tensor, s: float, bias: Tensor | None, x: Tensor, weight: Tensor
 ) -> Tensor:
@@ -144,7 +154,7 @@ def frozen_plus_update(
     computes it (``base_out + delta``), so that both round alike and a grown mixture gives old
     tasks bit-identical outputs.
     """
-    if x.is_cuda:
+    if update_first(x):
         if bias is not None:
             out = torch.addmm(bias, z, b.t(), alpha=s)
         else:
@@ -158,7 +168,7 @@ def accumulate_input_grad(g: Tensor, weight: Tensor, gz: Tensor, a: Tensor) -> T
     """``g W + gz a`` ``(N, i)`` for ``g (N, o)``, ``W (o × i)``, ``gz (N, r)``, ``a (r × i)``:
     the input gradient of the frozen layer and its update, in the order
     :func:`frozen_plus_update` uses for the device."""
-    if g.is_cuda:
+    if update_first(g):
         return (gz @ a).addmm_(g, weight)
     return (g @ weight).addmm_(gz, a)
 

@@ -10,7 +10,12 @@ square matrices, ``C (r̂ × i)`` sharing's compression, ``D (o × r̂)`` its de
   matmul, and the gating routes the logit columns into gates ``g (n, e)``;
 - ``u = g ⊗ c (n, e·p)``: each expert's block of the compressed input times its gate;
 - ``out = u Mₛ Dᵀ + x Wᵀ + b`` with ``Mₛ (e·p × p)`` the stacked ``M_eᵀ``: one matmul mixes
-  the experts, and the decompression adds into the frozen product in a matmul's epilogue.
+  the experts, and the frozen product adds into the decompressed update in its matmul's
+  epilogue.  Where the update goes first (CUDA, :func:`~moracl.adapters.fused.update_first`)
+  the decompression is sharing's tiling written in one pass (:func:`~moracl.adapters.mora.
+  fused.tiled`) and its transpose in the backward a fold of the output's gradient, not 0/1
+  matmuls with ``r̂`` in the hundreds; on the CPU, where the frozen product goes first, both
+  are matmuls with ``D``.
 
 The mixture's unfused form computes every expert's ``c M_eᵀ`` as an ``(n, e, r̂)`` tensor,
 gates and sums it, decompresses into a separate ``(n, o)`` tensor and adds that to the frozen
@@ -30,7 +35,9 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
+from torch.nn import functional as F
 
+import moracl.adapters.fused as fused_nodes
 from moracl.adapters.fused import (
     aligned_size,
     compute_dtype,
@@ -39,6 +46,7 @@ from moracl.adapters.fused import (
     node_output,
     stacked_rows,
 )
+from moracl.adapters.mora.fused import fold, tiled
 from moracl.experts.gating import Gating, Routed, RouteGrads
 from moracl.experts.saved import load_record, save_record
 
@@ -74,7 +82,8 @@ PLAIN = Helpers()  # uncompiled
 
 class _RoutedMoRALinear(torch.autograd.Function):
     """See the module docstring.  Inputs: ``x``, ``W``, ``b``, ``M (e, r̂, r̂)``, ``R (l, i)``,
-    ``cp (p, i)`` and ``d (o, p)`` the padded compression and decompression, the gating, then
+    ``cp (p, i)`` and ``d (o, p)`` the padded compression and decompression (``None``: tiled),
+    the gating, then
     its :meth:`~moracl.experts.gating.Gating.inputs`.  Outputs: ``out (...,
     o)``, ``gates``, ``probs (n, e)``, ``chosen (n, e)``, ``indices (n, k)`` or ``None`` and
     the gating's auxiliary losses."""
@@ -88,7 +97,7 @@ class _RoutedMoRALinear(torch.autograd.Function):
         m: Tensor,
         r: Tensor,
         cp: Tensor,
-        d: Tensor,
+        d: Tensor | None,
         gating: Gating,
         helpers: Helpers,
         *route_inputs: Tensor,
@@ -96,7 +105,7 @@ class _RoutedMoRALinear(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         dt = x.dtype
         e, r_hat, _ = m.shape
-        p = d.shape[1]
+        p = cp.shape[0]
         x2 = x.reshape(-1, x.shape[-1])  # (n, i)
         with torch.autocast(x.device.type, enabled=False):  # every operand is in dt already
             ms = m.new_zeros(e, p, p, dtype=dt)
@@ -107,9 +116,13 @@ class _RoutedMoRALinear(torch.autograd.Function):
             c = zl[:, :p]
             routed, saved = gating.route(zl[:, p : p + r.shape[0]])
             u = helpers.gated(c, routed.gates)  # (n, e·p)
-            out = frozen_plus_update(u @ ms, d, 1.0, bias, x2, weight)  # (n, o)
+            v = u @ ms  # (n, p): the experts' mixed outputs, before the decompression
+            if d is None:  # the tiles written, the frozen product added
+                out = tiled(v[:, :r_hat], weight.shape[0], bias).addmm_(x2, weight.t())
+            else:
+                out = frozen_plus_update(v, d, 1.0, bias, x2, weight)  # (n, o)
         save_record(ctx, (x2, weight, cr, d, ms, c, routed.gates), saved)
-        ctx.x_shape, ctx.gating, ctx.helpers, ctx.m_shape = x.shape, gating, helpers, (e, r_hat)
+        ctx.x_shape, ctx.gating, ctx.helpers, ctx.m_shape = x.shape, gating, helpers, (e, r_hat, p)
         ctx.dtypes = (m.dtype, r.dtype)
         ctx.mark_non_differentiable(routed.chosen)
         out = node_output(out, x.shape[:-1])
@@ -121,8 +134,7 @@ class _RoutedMoRALinear(torch.autograd.Function):
         (x2, weight, cr, d, ms, c, gates), saved = load_record(ctx)
         gating: Gating = ctx.gating
         helpers: Helpers = ctx.helpers
-        e, r_hat = ctx.m_shape
-        p = d.shape[1]
+        e, r_hat, p = ctx.m_shape
         n = x2.shape[0]
         grad_gates, grad_probs, _chosen, _indices, *grad_aux = grads
         need_x, need_w, need_bias, need_m, need_r = ctx.needs_input_grad[:5]
@@ -130,7 +142,10 @@ class _RoutedMoRALinear(torch.autograd.Function):
         grad_m = grad_r = None
         grad_c = None  # (n, p)
         if g2 is not None:
-            gz = g2 @ d  # decompressionᵀ: (n, p)
+            if d is None:  # decompressionᵀ: the tiles of g summed
+                gz = F.pad(fold(g2, r_hat), (0, p - r_hat)) if p > r_hat else fold(g2, r_hat)
+            else:
+                gz = g2 @ d  # (n, p)
             gu = gz @ ms.t()  # ∂L/∂u: (n, e·p)
             from_experts, grad_c = helpers.gate_grads(gu, c, gates)  # (n, e), (n, p)
             if gating.routes_gradient(saved):
@@ -170,7 +185,9 @@ def routed_mora_linear(
     Args:
         x: ``(..., i)``; weight ``(o × i)``; bias ``(o,)`` or None.
         m: ``(e, r̂, r̂)`` the experts' square matrices.
-        compress: ``(r̂ × i)`` sharing's compression matrix; decompress: ``(o × r̂)``.
+        compress: ``(r̂ × i)`` sharing's compression matrix; decompress: ``(o × r̂)`` its
+            decompression (read where the frozen product goes first; where the update does,
+            :func:`~moracl.adapters.fused.update_first`, the node tiles instead).
         r: ``(l × i)`` the router's logit rows (``l = 0`` for routing by task).
         gating: routes the ``(n, l)`` logits ``x rᵀ`` and gates the experts.
         helpers: the gating of the compressed input and its backward (compiled ones for
@@ -186,8 +203,10 @@ def routed_mora_linear(
     p = aligned_size(r_hat)
     cp = compress.new_zeros(p, i, dtype=dt)  # (p, i)
     cp[:r_hat] = compress
-    d = decompress.new_zeros(decompress.shape[0], p, dtype=dt)  # (o, p)
-    d[:, :r_hat] = decompress
+    d = None  # the update first: the decompression is sharing's tiling, no matrix needed
+    if not fused_nodes.update_first(x):
+        d = decompress.new_zeros(decompress.shape[0], p, dtype=dt)  # (o, p)
+        d[:, :r_hat] = decompress
     out, gates, probs, chosen, indices, *aux = _RoutedMoRALinear.apply(
         x.to(dt), weight.to(dt), bias, m, r, cp, d, gating, helpers, *gating.inputs()
     )

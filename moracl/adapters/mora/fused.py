@@ -7,6 +7,11 @@ compress   ``(N, i) -> (N, r)``: ``c[s] = Σ_{p < G·r, p ≡ s (mod r)} x[p mod
 decompress ``(N, r) -> (N, o)``: ``y[k] = z[k mod r]`` (tiling).
 Their transposes are a fold (sum of tiles) and a tiled add.  Each is one pass over the
 activations, where the matrix form costs a matmul with ``r`` in the hundreds.
+
+Where the update goes first (CUDA, :func:`~moracl.adapters.fused.update_first`) the node
+writes the tiled update (and the bias) into a fresh output and adds the frozen product into it
+in the matmul's epilogue, and the input gradient likewise, rather than adding the tiles into
+the frozen product in place: one write of ``(N, o)`` instead of a read and a write.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
+import moracl.adapters.fused as fused_nodes
 from moracl.adapters.fused import compute_dtype, fused_enabled, node_output
 
 __all__ = [
@@ -27,6 +33,7 @@ __all__ = [
     "plain_mora_sharing_linear",
     "tile",
     "tile_add_",
+    "tiled",
 ]
 
 
@@ -56,6 +63,39 @@ def tile(z: Tensor, length: int) -> Tensor:
     differentiable)."""
     reps = -(-length // z.shape[1])
     return z.repeat(1, reps)[:, :length] if reps > 1 else z[:, :length]
+
+
+def tiled(z: Tensor, length: int, bias: Tensor | None = None) -> Tensor:
+    """``(N, P) -> (N, length)`` contiguous, ``y[k] = z[k mod P] (+ bias[k])``: sharing's
+    decompression (plus the bias ``(length,)``) written in one pass."""
+    n, period = z.shape
+    k, rem = divmod(length, period)
+    out = z.new_empty(n, length)
+    if k:
+        body = out[:, : k * period].view(n, k, period)
+        if bias is None:
+            body.copy_(z[:, None, :])
+        else:
+            torch.add(z[:, None, :], bias[: k * period].view(k, period), out=body)
+    if rem:
+        tail = out[:, k * period :]
+        if bias is None:
+            tail.copy_(z[:, :rem])
+        else:
+            torch.add(z[:, :rem], bias[k * period :], out=tail)
+    return out
+
+
+def compress_t(gc: Tensor, i: int) -> Tensor:
+    """``compressᵀ(gc (N, r))``: a fresh ``(N, i)``."""
+    r = gc.shape[1]
+    if i < r:
+        return fold(gc, i)
+    out = tiled(gc, i)
+    rem = i % r
+    if rem:
+        out[:, : r - rem] += gc[:, rem:]
+    return out
 
 
 def compress(x: Tensor, r: int) -> Tensor:
@@ -91,9 +131,12 @@ class _MoRASharingLinear(torch.autograd.Function):
     ) -> Tensor:
         x2 = x.reshape(-1, x.shape[-1])  # (N, i)
         with torch.autocast(x.device.type, enabled=False):  # sums would run in fp32 under autocast
-            out = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()
             c = compress(x2, m.shape[0])  # (N, r)
-            tile_add_(out, c @ m.t())  # (N, r) tiled over o
+            if fused_nodes.update_first(x2):  # the frozen product added in the epilogue
+                out = tiled(c @ m.t(), weight.shape[0], bias).addmm_(x2, weight.t())
+            else:
+                out = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()
+                tile_add_(out, c @ m.t())  # (N, r) tiled over o
         ctx.save_for_backward(weight, m, c)
         ctx.x_shape = x.shape
         return node_output(out, x.shape[:-1])
@@ -109,7 +152,11 @@ class _MoRASharingLinear(torch.autograd.Function):
         if need_m:
             grad_m = gz.t() @ c  # (r, r)
         if need_x:
-            grad_x = compress_t_add_(g2 @ weight, gz @ m).view(ctx.x_shape)
+            if fused_nodes.update_first(g2):
+                grad_x = compress_t(gz @ m, weight.shape[1]).addmm_(g2, weight)
+            else:
+                grad_x = compress_t_add_(g2 @ weight, gz @ m)
+            grad_x = grad_x.view(ctx.x_shape)
         if need_w:
             raise RuntimeError("the fused MoRA path expects a frozen base weight")
         if need_bias:
