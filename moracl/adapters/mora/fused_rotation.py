@@ -41,32 +41,6 @@ def _read(x2: Tensor, span: int) -> Tensor:
     return x2[:, :span] if span <= x2.shape[1] else tile(x2, span)
 
 
-def _add_blocks(out: Tensor, xb: Tensor, mt: Tensor, beta: float) -> Tensor:
-    """``out[:, :o] = beta · out + y`` for the first ``o`` outputs ``y`` of the blocks ``xb (u,
-    N, R)`` against ``mt (u, R, R)`` (``beta = 0``: ``out`` is not read), in place: ``f``
-    full blocks and ``rem`` columns of one more."""
-    f, rem = divmod(out.shape[1], mt.shape[1])
-    if f:
-        _blocks(out[:, : f * mt.shape[1]], mt.shape[1]).baddbmm_(
-            xb[:f], mt[:f].transpose(1, 2), beta=beta
-        )
-    if rem:
-        out[:, f * mt.shape[1] :].addmm_(xb[f], mt[f, :rem].t(), beta=beta)
-    return out
-
-
-def _input_blocks(grad_x: Tensor, gy: Tensor, part: Tensor, mt: Tensor, beta: float) -> Tensor:
-    """``grad_x[:, :S] = beta · grad_x + ∂L/∂(blocks' inputs)`` in place, from the output
-    blocks' gradients ``gy (f, N, R)`` and the ``rem`` columns' ``part (N, rem)``."""
-    r, f, rem = mt.shape[1], gy.shape[0], part.shape[1]
-    gxb = _blocks(grad_x[:, : mt.shape[0] * r], r)  # (u, N, R)
-    if f:
-        gxb[:f].baddbmm_(gy, mt[:f], beta=beta)
-    if rem:
-        gxb[f].addmm_(part, mt[f, :rem], beta=beta)
-    return grad_x
-
-
 class _MoRARotationLinear(torch.autograd.Function):
     """``out = x Wᵀ + b + Δ(x)`` with frozen ``W``, ``b``; see the module docstring.  Inputs:
     ``x (..., i)``, ``W (o × i)``, ``b (o,)`` or None, ``M (R × R)``, ``cos, sin (u × R)``."""
@@ -87,16 +61,16 @@ class _MoRARotationLinear(torch.autograd.Function):
         o = weight.shape[0]
         with torch.autocast(x.device.type, enabled=False):
             xb = _blocks(_read(x2, u * r), r)  # (u, N, R)
-            first = fused_nodes.update_first(x2)
-            if u * r >= o and (not first or bias is not None):
+            if u * r >= o:  # the first o outputs: f full blocks and rem columns of one more
                 out = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()
-                _add_blocks(out, xb, mt, 1.0)  # the first o outputs, added in place
-            elif u * r >= o:  # the blocks written, the frozen product added in the epilogue
-                out = _add_blocks(x2.new_empty(x2.shape[0], o), xb, mt, 0.0)
-                out.addmm_(x2, weight.t())
+                f, rem = divmod(o, r)
+                if f:
+                    _blocks(out[:, : f * r], r).baddbmm_(xb[:f], mt[:f].transpose(1, 2))
+                if rem:
+                    out[:, f * r :].addmm_(xb[f], mt[f, :rem].t())
             else:  # S < o: the S outputs tiled over o
                 y = torch.bmm(xb, mt.transpose(1, 2)).transpose(0, 1).reshape(-1, u * r)
-                if first:
+                if fused_nodes.update_first(x2):  # written, the frozen product in the epilogue
                     out = tiled(y, o, bias).addmm_(x2, weight.t())
                 else:
                     out = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()
@@ -131,14 +105,14 @@ class _MoRARotationLinear(torch.autograd.Function):
                 grad_m[f, :rem] = part.t() @ xb[f]
             grad_m = rotated_blocks_grad(grad_m.to(ctx.m_dtype), cos, sin)  # (R, R)
         if need_x:
-            if span <= i and fused_nodes.update_first(g2):  # blocks first, then the epilogue
-                grad_x = g2.new_empty(n, i)
-                grad_x[:, span:].zero_()
-                _input_blocks(grad_x, gy, part, mt, 0.0).addmm_(g2, weight)
-            elif span <= i:  # in place, block by block
-                grad_x = _input_blocks(g2 @ weight, gy, part, mt, 1.0)  # (N, i)
+            grad_x = g2 @ weight  # (N, i)
+            if span <= i:  # in place, block by block
+                gxb = _blocks(grad_x[:, :span], r)  # (u, N, R)
+                if f:
+                    gxb[:f].baddbmm_(gy, mt[:f])
+                if rem:
+                    gxb[f].addmm_(part, mt[f, :rem])
             else:  # cyclic padding: the blocks' gradient folded back onto the i inputs
-                grad_x = g2 @ weight  # (N, i)
                 gxp = g2.new_zeros(u, n, r)
                 if f:
                     torch.bmm(gy, mt[:f], out=gxp[:f])
