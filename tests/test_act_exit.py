@@ -14,7 +14,8 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from moracl import AdapterConfig, ExpertGroup, MixtureConfig, RouterConfig
+from moracl import AdapterConfig, ExpertGroup, MixtureConfig, MoRAModel, RouterConfig
+from moracl.experts import token_mask
 from moracl.experts.act import ACTLoop, ACTOutput, AdaptiveComputation
 from moracl.layer import MoRALinear
 
@@ -209,3 +210,93 @@ def test_loop_names_are_checked_and_a_per_sample_mixture_refuses_the_token_loop(
     with pytest.raises(ValueError, match="routes whole samples"):
         ok(torch.randn(2, 3, D), loop="token")
     assert ok(torch.randn(2, 3, D)).output.shape == (2, 3, D)
+
+
+class _Stepped(nn.Module):
+    """``x + tanh(up(x))`` repeated under a halting unit: the model a mixture goes into."""
+
+    def __init__(self, buckets: int | None) -> None:
+        super().__init__()
+        self.act = AdaptiveComputation(
+            _Residual(), features=D, max_steps=MAX_STEPS, shape_buckets=buckets
+        )
+        with torch.no_grad():
+            self.act.act_halt.weight.normal_(0, 3.0)
+            self.act.act_halt.bias.fill_(-3.0)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out: Tensor = self.act(x, loop="token").output
+        return out
+
+
+class _Residual(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.Linear(D, D)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + torch.tanh(self.up(x))
+
+
+def _routed_model(buckets: int | None) -> MoRAModel:
+    """:class:`_Stepped` with a top-2-of-4 LoRA mixture on ``up`` (no noise: the routing is
+    a function of each token), in float64, training."""
+    torch.manual_seed(0)
+    config = MixtureConfig(
+        groups=(ExpertGroup(AdapterConfig(kind="lora", rank=2), 4),),
+        router=RouterConfig(type="topk", k=2, noise=False),
+    )
+    model = MoRAModel(_Stepped(buckets).double(), config, target_modules=["up"]).double()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    return model.train()
+
+
+def _aux_and_grads(model: MoRAModel, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+    model(x)
+    aux = model.aux_loss()
+    params = [p for p in model.parameters() if p.requires_grad]
+    return aux.detach(), [g.detach() for g in torch.autograd.grad(aux, params)]
+
+
+def _assert_same_losses(
+    got: tuple[Tensor, list[Tensor]], want: tuple[Tensor, list[Tensor]]
+) -> None:
+    """Equal up to float64 rounding: a mask routes the losses through their masked form (a
+    weighted mean), whose rounding differs from the plain mean's by up to ~1e-8 of a gradient's
+    scale here; counting a pad or a padding token moves the losses by ~1e-3."""
+    torch.testing.assert_close(got[0], want[0], rtol=1e-9, atol=0)
+    for g, w in zip(got[1], want[1]):
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-7 * float(w.abs().max()))
+
+
+def test_the_routers_losses_count_the_running_tokens_whatever_the_bucket_size() -> None:
+    """Pad rows (a running token repeated up to a bucket) are declared to the block's layers
+    as masked rows: the mixture's auxiliary losses and their gradients are those of exact
+    sizes; before, the pads counted, so CUDA's default of 32 buckets and the CPU's exact
+    sizes gave different losses."""
+    x = torch.randn(3, 7, D, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    want = _aux_and_grads(_routed_model(0), x)
+    for buckets in (3, 4):
+        model = _routed_model(buckets)
+        got = _aux_and_grads(model, x)
+        (routing,) = model.last_routing.values()
+        assert routing.tokens is not None
+        assert routing.gates.shape[0] > routing.tokens.sum()  # pads were run, not counted
+        _assert_same_losses(got, want)
+
+
+def test_under_a_token_mask_the_routers_losses_count_the_real_tokens_only() -> None:
+    """Padding declared by a ``(b, t)`` token mask (what the model declares from an
+    ``attention_mask``) is followed into every step: the losses equal those of the real
+    tokens run alone."""
+    x = torch.randn(3, 7, D, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    mask = torch.ones(3, 7, dtype=torch.bool)
+    mask[0, 5:], mask[2, 3:] = False, False
+    want = _aux_and_grads(_routed_model(0), x[mask][None])
+    for buckets in (0, 3):
+        with token_mask(mask):
+            got = _aux_and_grads(_routed_model(buckets), x)
+        _assert_same_losses(got, want)

@@ -134,9 +134,17 @@ def test_pool_weights() -> None:
     torch.testing.assert_close(
         pool_weights(torch.Size([3]), torch.device("cpu"), torch.float32), torch.ones(3, 1)
     )
-    with pytest.raises(ValueError, match=r"shape \(b, t\), got \(4,\)"), token_mask(torch.ones(4)):
+    with token_mask(torch.tensor([1, 0, 1])):  # rows of (n, d) inputs: one token per row
+        torch.testing.assert_close(
+            pool_weights(torch.Size([3]), torch.device("cpu"), torch.float32), torch.ones(3, 1)
+        )
+        with pytest.raises(ValueError, match=r"token mask has shape \(3,\).*\(4,\)"):
+            pool_weights(torch.Size([4]), torch.device("cpu"), torch.float32)
+    flat = token_mask(torch.ones(2, 2, 2))
+    with pytest.raises(ValueError, match=r"shape \(b, t\) or \(n,\), got \(2, 2, 2\)"), flat:
         pass
-    with pytest.raises(ValueError, match=r"shape \(b, t\), got list"), token_mask([[1, 0]]):  # type: ignore[arg-type]
+    listed = token_mask([[1, 0]])  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"shape \(b, t\) or \(n,\), got list"), listed:
         pass
     bad = token_mask(mask, strict="no")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="strict must be True or False, got 'no'"), bad:

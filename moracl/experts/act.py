@@ -29,6 +29,7 @@ still running, ``k`` steps run, ``d`` features.
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -38,6 +39,7 @@ from torch import Tensor, nn
 
 from moracl.experts.act_static import TokenLoop
 from moracl.experts.mixture import Mixture
+from moracl.experts.per_sample import active_tokens, token_mask
 
 __all__ = ["ACTLoop", "ACTOutput", "AdaptiveComputation"]
 
@@ -105,7 +107,9 @@ class AdaptiveComputation(nn.Module):
             row-independent blocks only; ``batch`` for a block that mixes tokens).
         shape_buckets: the ``token`` loop pads the running tokens to a multiple of
             ``ceil(n / shape_buckets)`` rows (repeating a running token's state with zero
-            weight; outputs, weights, steps and gradients are unchanged), so that the block
+            weight; outputs, weights, steps and gradients are unchanged, and the pad rows
+            are declared masked to the block's layers, so that routers' auxiliary losses
+            count the running tokens only, as under a token mask), so that the block
             sees at most ``shape_buckets`` distinct shapes: on a GPU each new shape costs
             cuBLAS host time (0.5-2.6 ms a matmul, H100) and a CUDA graph or compiled
             kernel of its own.  ``None`` (default): 32 on CUDA, exact sizes elsewhere;
@@ -260,9 +264,11 @@ class AdaptiveComputation(nn.Module):
         cum = x2.new_zeros(n)  # (m,) their Σ h so far
         s = x2  # (m, d) their states
         live: Tensor | None = None  # (m,) bool, false on pad rows; None: no pads
+        real = active_tokens(lead, x.device)  # (n,) the declared mask's real tokens, or None
         slots, probs, halted, counted = [], [], [], []  # per step, (m,) each
         for k in range(self.max_steps):
-            s = self.block(s)  # (m, d)
+            with _rows_mask(real, idx, live):
+                s = self.block(s)  # (m, d)
             h = torch.sigmoid(self.act_halt(s)).squeeze(-1)  # (m,)
             last = k == self.max_steps - 1
             if last:
@@ -299,6 +305,20 @@ class AdaptiveComputation(nn.Module):
         cost = self.tau * (steps + remainders).mean()
         stacked = weights.view(steps_run, *lead)  # (k, ...)
         return ACTOutput(out.view(x.shape), cost, steps.view(lead), remainders.view(lead), stacked)
+
+
+def _rows_mask(
+    real: Tensor | None, idx: Tensor, live: Tensor | None
+) -> AbstractContextManager[None]:
+    """The rows a step of the ``token`` loop runs, ``idx (m,)`` (pad rows repeat a running
+    token), declared to the block's layers as a token mask: the real tokens among them
+    (``real (n,)``, the caller's mask) and not the pads (``live (m,)`` false).  Routers'
+    auxiliary losses then count the running tokens, whatever the bucket size; nothing is
+    declared when every row counts."""
+    rows = None if real is None else real[idx]
+    if live is not None:
+        rows = live if rows is None else rows & live
+    return nullcontext() if rows is None else token_mask(rows, strict=False)
 
 
 def _strip_block_prefix(module: nn.Module, state: dict[str, Any], prefix: str, _meta: Any) -> None:

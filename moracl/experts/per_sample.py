@@ -69,15 +69,18 @@ _TOKEN_MASK: ContextVar[tuple[Tensor, bool] | None] = ContextVar("moracl_token_m
 @contextmanager
 def token_mask(mask: Tensor, *, strict: bool = True) -> Iterator[None]:
     """Declare ``mask (b, t)`` (nonzero on real tokens, zero on padding) for the layers run
-    inside the block: per-sample routers average over the real tokens of each row.
+    inside the block: per-sample routers average over the real tokens of each row, and
+    per-token routers' auxiliary losses count the real tokens only.  A mask ``(n,)`` covers
+    inputs of ``n`` rows ``(n, d)`` (what adaptive computation's ``token`` loop declares for
+    the rows it runs, its padding rows masked).
 
     ``strict=False`` applies the mask only to inputs of leading shape ``(b, t)`` and lets
     others route unmasked (what the model wrapper declares from an ``attention_mask``,
     which also covers a decoding step's single token or a pooled head); by default an input
     of another shape is an error."""
-    if not isinstance(mask, Tensor) or mask.ndim != 2:
+    if not isinstance(mask, Tensor) or mask.ndim not in (1, 2):
         got = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
-        raise ValueError(f"a token mask must be a tensor of shape (b, t), got {got}")
+        raise ValueError(f"a token mask must be a tensor of shape (b, t) or (n,), got {got}")
     if not isinstance(strict, bool):
         raise ValueError(f"token_mask's strict must be True or False, got {strict!r}")
     handle = _TOKEN_MASK.set((mask, strict))
@@ -267,7 +270,7 @@ def pool_weights(lead: torch.Size, device: torch.device, dtype: torch.dtype) -> 
     mask = _fitting_mask(lead)
     if mask is None:
         return torch.full((b, t), 1.0 / max(t, 1), device=device, dtype=dtype)
-    m = (mask != 0).to(device=device, dtype=dtype)  # (b, t)
+    m = (mask != 0).reshape(b, t).to(device=device, dtype=dtype)  # (b, t)
     count = m.sum(1, keepdim=True)  # (b, 1)
     m = torch.where(count > 0, m, torch.ones_like(m))  # a row of padding only: all positions
     return m / m.sum(1, keepdim=True)
@@ -284,13 +287,13 @@ def _fitting_mask(lead: torch.Size) -> Tensor | None:
     if declared is None:
         return None
     mask, strict = declared
-    if len(lead) == 2 and tuple(mask.shape) == tuple(lead):
+    if len(lead) == mask.ndim and tuple(mask.shape) == tuple(lead):  # (b, t) or (n,)
         return mask
     if not strict:
         return None
     raise ValueError(
         f"the declared token mask has shape {tuple(mask.shape)} but the routed input's "
-        f"leading shape is {tuple(lead)}; expected a (b, t) input under a (b, t) mask"
+        f"leading shape is {tuple(lead)}; expected an input whose leading shape is the mask's"
     )
 
 

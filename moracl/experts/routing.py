@@ -199,7 +199,8 @@ def concat_results(first: RoutingResult, second: RoutingResult) -> RoutingResult
     """One routing of the tokens of ``first`` then ``second`` (two calls of one router, e.g.
     on two groups of rows): ``gates``, ``probs``, ``chosen`` and ``indices`` concatenated
     along tokens, and each auxiliary loss the token-weighted mean of the two, so a batch
-    routed in parts weighs every token once.
+    routed in parts weighs every token once (each part by the tokens its losses counted,
+    where a token mask left some out).
 
     ``indices`` is kept when both have it with the same ``k``, else ``None``.
 
@@ -212,13 +213,17 @@ def concat_results(first: RoutingResult, second: RoutingResult) -> RoutingResult
             f"experts with losses {first.aux_weights} and {second.aux_weights}"
         )
     n1, n2 = first.gates.shape[0], second.gates.shape[0]
-    w1, w2 = n1 / max(n1 + n2, 1), n2 / max(n1 + n2, 1)
+    w1: float | Tensor = n1 / max(n1 + n2, 1)
+    w2: float | Tensor = n2 / max(n1 + n2, 1)
     i1, i2 = first.indices, second.indices
     t1, t2 = first.tokens, second.tokens
     tokens = None
     if t1 is not None or t2 is not None:
         ones = first.chosen.new_ones
         tokens = torch.cat([ones(n1) if t1 is None else t1, ones(n2) if t2 is None else t2])
+        c1, c2 = tokens[:n1].sum(), tokens[n1:].sum()  # the tokens each loss counted
+        total = (c1 + c2).clamp_min(1)
+        w1, w2 = c1 / total, c2 / total
     indices = None
     if i1 is not None and i2 is not None and i1.shape[1:] == i2.shape[1:]:
         indices = torch.cat([i1, i2])
