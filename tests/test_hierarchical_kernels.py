@@ -128,7 +128,7 @@ def test_routing_alone_runs_the_kernels_with_no_experts_columns(
         backend=RoutingBackend.TRITON, active=active,
     )  # fmt: skip
     routed, saved = gating.route(zl)
-    assert isinstance(saved, triton_hierarchical.HierarchicalForward)  # the kernels ran
+    assert isinstance(saved, triton_hierarchical.HierarchicalRecord)  # the kernels ran
     want, ref_saved = hierarchical_route_forward(zl, ga, ea, gn, en, lg, groups, experts, active)
     assert torch.equal(routed.chosen, want.chosen) and torch.equal(routed.indices, want.indices)
     for mine, ref in zip(

@@ -117,6 +117,17 @@ def test_route_logits_from_a_fused_matmul_equals_forward(cfg: dict) -> None:
 
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=_ids)
+def test_logit_parts_are_the_logit_rows_as_the_router_holds_them(cfg: dict) -> None:
+    """The blocks a fused node stacks are ``logit_weights()``'s rows in order, and each
+    trainable block is the parameter itself (no copy between it and the node)."""
+    router = _router(cfg)
+    parts = router.logit_parts()
+    assert torch.equal(torch.cat(parts), router.logit_weights())
+    params = {id(p) for p in router.parameters()}
+    assert all(id(p) in params for p in parts if p.requires_grad)
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=_ids)
 def test_config_round_trips_and_parameters_are_tagged_router(cfg: dict) -> None:
     config = RouterConfig.from_dict(cfg)
     plain = json.loads(json.dumps(config.to_dict()))

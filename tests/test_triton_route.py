@@ -96,7 +96,7 @@ def test_kernels_equal_the_routing_functions_in_float32(
         g = [grads[j] if j in used else None for j in range(5)]
         route_grads = RouteGrads(g[1], g[2], (g[3], g[4]))
         ref_zl, ref_zg = topk_gate_backward(saved, g[0], route_grads, normalize)
-        mine_zl, mine_zg = kernels.gate_backward(got, g[0], route_grads)
+        mine_zl, mine_zg = kernels.gate_backward(got.record(), g[0], route_grads)
         torch.testing.assert_close(mine_zl, ref_zl, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(mine_zg, ref_zg, rtol=1e-5, atol=1e-6)
 
@@ -119,7 +119,7 @@ def test_nothing_depends_on_uninitialised_memory(
 
     monkeypatch.setattr(torch, "empty", nan_empty)
     got = kernels.gate_forward(zl, er, allowed, eps, 2, True, active)
-    mine_zl, mine_zg = kernels.gate_backward(got, grads[0], route_grads)
+    mine_zl, mine_zg = kernels.gate_backward(got.record(), grads[0], route_grads)
     monkeypatch.undo()
     for mine, ref in [
         (got.zg, zg), (got.gates, routed.gates), (got.probs, routed.probs),
@@ -150,7 +150,7 @@ def test_kernels_count_the_active_tokens_as_the_routing_functions(
         torch.testing.assert_close(mine, ref, rtol=1e-5, atol=1e-6)
     route_grads = RouteGrads(grads[1], grads[2], (grads[3], grads[4]))
     ref_zl, _ = topk_gate_backward(saved, grads[0], route_grads)
-    mine_zl, _ = kernels.gate_backward(got, grads[0], route_grads)
+    mine_zl, _ = kernels.gate_backward(got.record(), grads[0], route_grads)
     torch.testing.assert_close(mine_zl, ref_zl, rtol=1e-5, atol=1e-5)
     if n > 1:  # the losses do move with the mask
         everyone = kernels.gate_forward(zl, er, allowed, eps, k, True)
@@ -167,7 +167,7 @@ def test_an_evaluated_noisy_router_gives_its_noise_scales_no_gradient(
     _, _, saved = topk_gate_forward(zl, er, allowed, None, 2)
     ref_zl, _ = topk_gate_backward(saved, grads[0], route_grads)
     got = kernels.gate_forward(zl, er, allowed, None, 2)
-    mine_zl, _ = kernels.gate_backward(got, grads[0], route_grads)
+    mine_zl, _ = kernels.gate_backward(got.record(), grads[0], route_grads)
     assert ref_zl.shape == zl.shape and not ref_zl[:, er + 8 :].any()
     torch.testing.assert_close(mine_zl, ref_zl, rtol=1e-5, atol=1e-5)
 
@@ -182,7 +182,7 @@ def test_kernels_in_bfloat16_round_like_the_routing_functions(kernels: ModuleTyp
     torch.testing.assert_close(got.gates, want.gates, rtol=1e-5, atol=1e-6)
     route_grads = RouteGrads(grads[1], grads[2], (grads[3], grads[4]))
     ref_zl, _ = topk_gate_backward(saved, grads[0], route_grads)
-    mine_zl, _ = kernels.gate_backward(got, grads[0], route_grads)
+    mine_zl, _ = kernels.gate_backward(got.record(), grads[0], route_grads)
     assert mine_zl.dtype == torch.bfloat16
     # the logits' gradient: the kernel sums ∂zg · za in float32 where the functions round
     # the product to bf16 first, so both are held to float32 math on the same inputs
@@ -241,6 +241,36 @@ def test_the_routed_layer_uses_the_kernels_with_the_same_results(
     assert calls == [(torch.Size([33, 24 + 12]), 24, 6, 2)]
     for mine, ref in zip(got, want):
         torch.testing.assert_close(mine, ref, rtol=1e-5, atol=1e-5)
+
+
+@on_cpu_only
+def test_the_routed_node_keeps_the_kernels_record_not_the_gated_activations(
+    kernels: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Until its backward the node keeps what the kernels' backward reads (``zl``, the
+    routing), not the gated activations ``zg (n, e·r)``, which the backward recomputes: an
+    activation-sized tensor less per routed layer."""
+    from moracl import MoRALinear
+    from moracl.experts.mixture import MixtureConfig
+    from moracl.experts.routers.config import RouterConfig
+
+    torch.manual_seed(0)
+    cfg = MixtureConfig(rank=4, experts=6, router=RouterConfig(type="topk", k=2))
+    layer = MoRALinear(torch.nn.Linear(24, 20), cfg).train()
+    forwards = []
+    real = kernels.gate_forward
+
+    def gate_forward(*args):  # type: ignore[no-untyped-def]
+        forwards.append(real(*args))
+        return forwards[-1]
+
+    monkeypatch.setattr(kernels, "gate_forward", gate_forward)
+    with routing_backend("triton"):
+        out = layer(torch.randn(3, 11, 24, requires_grad=True))
+    kept = {t.data_ptr() for t in out.grad_fn.saved_tensors}
+    (fwd,) = forwards
+    assert fwd.zl.data_ptr() in kept and fwd.lse.data_ptr() in kept  # the record
+    assert fwd.zg.data_ptr() not in kept and fwd.indices.data_ptr() not in kept
 
 
 @pytest.mark.parametrize(
@@ -422,7 +452,7 @@ def test_routing_alone_runs_the_kernels_with_no_experts_columns(
     active = (torch.rand(n, generator=gen) > 0.3).to(DEV) if masked else None
     gating = TopKGating(allowed, lambda _: eps, k, True, RoutingBackend.TRITON, active=active)
     routed, saved = gating.route(logits)
-    assert isinstance(saved, kernels.GateForward)  # the kernels ran
+    assert isinstance(saved, kernels.GateRecord)  # the kernels ran
     want, ref_saved = topk_route_forward(logits, allowed, eps, k, True, active)
     assert torch.equal(routed.chosen, want.chosen) and torch.equal(routed.indices, want.indices)
     for mine, ref in zip(

@@ -73,13 +73,8 @@ def stacked_rows(parts: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
     total = aligned_size(rows)
     if total == rows:  # aligned already: a concatenation, then one cast
         return (blocks[0] if len(blocks) == 1 else torch.cat(blocks)).to(dtype)
-    out = blocks[0].new_empty((total, blocks[0].shape[1]), dtype=dtype)
-    start = 0
-    for block in blocks:
-        out[start : start + block.shape[0]].copy_(block)
-        start += block.shape[0]
-    out[rows:].zero_()
-    return out
+    pad = blocks[0].new_zeros((total - rows, blocks[0].shape[1]))
+    return torch.cat([*blocks, pad]).to(dtype)  # three calls, however many blocks
 
 
 def fused_enabled(*weights: Tensor | None) -> bool:

@@ -113,6 +113,7 @@ def _step_fns(
     device = x.device
     extra = {"task_ids": task_ids} if method == "task" else {}
     aux = getattr(model, "aux_loss", None) if method in experts.METHODS else None
+    params = list(model.parameters())  # as an optimiser holds them: no module walk a step
 
     def autocast() -> torch.autocast:
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
@@ -128,7 +129,7 @@ def _step_fns(
                 loss = loss + aux()
         loss.backward()
         x.grad = None
-        for p in model.parameters():
+        for p in params:
             p.grad = None
 
     return forward, forward_backward

@@ -10,7 +10,7 @@ computes ``Σ_e gates[:, e] · delta_e(x)`` without a loop over experts or any t
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from torch import Tensor, nn
 
@@ -53,12 +53,14 @@ class ExpertBank(nn.Module, ABC):
         x: Tensor,
         weight: Tensor,
         bias: Tensor | None,
-        r: Tensor,
+        r: Sequence[Tensor],
         gating: Gating,
         backend: RoutingBackend,
     ) -> tuple[Tensor, Routed]:
         """``x (..., i)`` through the frozen ``weight (o × i)``, ``bias`` and the experts
-        gated by ``gating`` on the logits ``x rᵀ`` (``r (l × i)``) in one node, as the
+        gated by ``gating`` on the logits ``x Rᵀ`` (``R (l × i)``, given as the router's
+        row blocks ``r``, :meth:`~moracl.experts.routers.base.Router.logit_parts`) in one
+        node, as the
         concrete ``backend`` runs it: ``out (..., o)`` and the routing; only where
         :meth:`fuses` says so."""
         raise TypeError(f"{type(self).__name__} has no routed node; check fuses(x) first")

@@ -454,11 +454,10 @@ class Mixture(nn.Module):
             routed = self._pooled(x) if self.per_sample else x.reshape(-1, self.in_features)
             ctx.keep_input(self, routed)
 
-    def _record(self, result: RoutingResult, x: Tensor) -> None:
-        """Keep ``result`` (for input ``x``) in the context, with the real tokens its
-        statistics count."""
+    def _record(self, result: RoutingResult, tokens: Tensor | None) -> None:
+        """Keep ``result`` in the context, with the real tokens its statistics count
+        (:meth:`_real_tokens` of its input)."""
         if self.context is not None and not in_backward():  # a recomputation: kept already
-            tokens = self._real_tokens(x)
             if tokens is not None:
                 result = dataclasses.replace(result, tokens=tokens)
             self.context.record(self, result)
@@ -483,22 +482,24 @@ class Mixture(nn.Module):
         see :func:`~moracl.adapters.fused.fused_enabled`) and the banks' stacked updates."""
         lead = x.shape[:-1]
         backend = resolve_backend(self.backend, x.device)
+        tokens = self._real_tokens(x)
         if backend is not RoutingBackend.NAIVE and fused_enabled(*self.router.parameters()):
-            result = self._route_node(x, backend)
+            result = self._route_node(x, backend, None if self.per_sample else tokens)
         else:
             result = self.route(x, self._task_ids(lead))
         self._keep_input(x)
-        self._record(result, x)
+        self._record(result, tokens)
         x = _cast(x, self._dtype())
         if backend is RoutingBackend.NAIVE:
             return self.naive_delta(x, result.gates)
         return self.mix(x, result.gates)
 
-    def _route_node(self, x: Tensor, backend: RoutingBackend) -> RoutingResult:
+    def _route_node(
+        self, x: Tensor, backend: RoutingBackend, active: Tensor | None
+    ) -> RoutingResult:
         """The routing of ``x (..., i)`` by the router's gating for ``backend``, in one
-        autograd node on the logits ``x Rᵀ (n, l)``."""
+        autograd node on the logits ``x Rᵀ (n, l)``; ``active``: :meth:`_active`'s tokens."""
         lead = x.shape[:-1]
-        active = self._active(x)
         gating: Gating = self.router.gating(self._task_ids(lead), backend, active)
         if self.per_sample:
             gating = self._sample_gating(gating, x, backend)
@@ -525,19 +526,20 @@ class Mixture(nn.Module):
         if bank is None or backend is RoutingBackend.NAIVE:
             return None
         lead = x.shape[:-1]
-        active = self._active(x)
+        tokens = self._real_tokens(x)  # once: the losses' tokens and the record's
+        active = None if self.per_sample else tokens
         gating: Gating = self.router.gating(self._task_ids(lead), backend, active)
         if self.per_sample:
             gating = self._sample_gating(gating, x, backend)
         self._keep_input(x)
-        r = self.router.logit_weights()
-        out, routed = bank.routed_linear(x, weight, bias, r, gating, backend)
+        parts = self.router.logit_parts()
+        out, routed = bank.routed_linear(x, weight, bias, parts, gating, backend)
         if self.context is not None:
             aux = dict(zip(gating.aux_names, routed.aux))
             result = self.router.result(
                 routed.gates, routed.probs, routed.chosen, routed.indices, aux
             )
-            self._record(result, x)
+            self._record(result, tokens)
         return out
 
     def forward(

@@ -24,7 +24,7 @@ gates rather than keeping it.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -73,9 +73,10 @@ PLAIN = Helpers()  # uncompiled
 
 
 class _RoutedMoRALinear(torch.autograd.Function):
-    """See the module docstring.  Inputs: ``x``, ``W``, ``b``, ``M (e, r̂, r̂)``, ``R (l, i)``,
-    ``cp (p, i)`` and ``d (o, p)`` the padded compression and decompression, the gating, then
-    its :meth:`~moracl.experts.gating.Gating.inputs`.  Outputs: ``out (...,
+    """See the module docstring.  Inputs: ``x``, ``W``, ``b``, ``M (e, r̂, r̂)``, ``cp (p, i)``
+    and ``d (o, p)`` the padded compression and decompression, the gating, the helpers, the
+    number ``m`` of the router's row blocks, the ``m`` blocks of ``R (l, i)``, then the
+    gating's :meth:`~moracl.experts.gating.Gating.inputs`.  Outputs: ``out (...,
     o)``, ``gates``, ``probs (n, e)``, ``chosen (n, e)``, ``indices (n, k)`` or ``None`` and
     the gating's auxiliary losses."""
 
@@ -86,15 +87,17 @@ class _RoutedMoRALinear(torch.autograd.Function):
         weight: Tensor,
         bias: Tensor | None,
         m: Tensor,
-        r: Tensor,
         cp: Tensor,
         d: Tensor,
         gating: Gating,
         helpers: Helpers,
-        *route_inputs: Tensor,
+        blocks: int,
+        *inputs: Tensor,
     ) -> tuple[Any, ...]:
         ctx.set_materialize_grads(False)
         dt = x.dtype
+        parts = inputs[:blocks]  # the router's row blocks: (l_j, i) each
+        nl = sum(q.shape[0] for q in parts)  # l
         e, r_hat, _ = m.shape
         p = d.shape[1]
         x2 = x.reshape(-1, x.shape[-1])  # (n, i)
@@ -102,15 +105,16 @@ class _RoutedMoRALinear(torch.autograd.Function):
             ms = m.new_zeros(e, p, p, dtype=dt)
             ms[:, :r_hat, :r_hat] = m.transpose(1, 2)  # ms[e, s, t] = M_e[t, s]
             ms = ms.view(e * p, p)  # (e·p, p)
-            cr = stacked_rows((cp, r), dt)  # (w, i): p + l rows, then zero rows up to aligned w
+            cr = stacked_rows((cp, *parts), dt)  # (w, i): p + l rows, then zero rows (aligned w)
             zl = x2 @ cr.t()  # (n, w): the compressed input, then the logits
             c = zl[:, :p]
-            routed, saved = gating.route(zl[:, p : p + r.shape[0]])
+            routed, saved = gating.route(zl[:, p : p + nl])
             u = helpers.gated(c, routed.gates)  # (n, e·p)
             out = frozen_plus_update(u @ ms, d, 1.0, bias, x2, weight)  # (n, o)
         save_record(ctx, (x2, weight, cr, d, ms, c, routed.gates), saved)
         ctx.x_shape, ctx.gating, ctx.helpers, ctx.m_shape = x.shape, gating, helpers, (e, r_hat)
-        ctx.dtypes = (m.dtype, r.dtype)
+        ctx.dtypes = (m.dtype, tuple(q.dtype for q in parts))
+        ctx.rows = tuple(q.shape[0] for q in parts)
         ctx.mark_non_differentiable(routed.chosen)
         out = node_output(out, x.shape[:-1])
         return (out, routed.gates, routed.probs, routed.chosen, routed.indices, *routed.aux)
@@ -125,9 +129,12 @@ class _RoutedMoRALinear(torch.autograd.Function):
         p = d.shape[1]
         n = x2.shape[0]
         grad_gates, grad_probs, _chosen, _indices, *grad_aux = grads
-        need_x, need_w, need_bias, need_m, need_r = ctx.needs_input_grad[:5]
+        need_x, need_w, need_bias, need_m = ctx.needs_input_grad[:4]
+        rows: tuple[int, ...] = ctx.rows
+        need_parts = ctx.needs_input_grad[9 : 9 + len(rows)]
         g2 = None if g is None else g.reshape(-1, g.shape[-1]).to(x2.dtype)  # (n, o)
-        grad_m = grad_r = None
+        grad_m = None
+        grad_parts: list[Tensor | None] = [None] * len(rows)
         grad_c = None  # (n, p)
         if g2 is not None:
             gz = g2 @ d  # decompressionᵀ: (n, p)
@@ -146,12 +153,20 @@ class _RoutedMoRALinear(torch.autograd.Function):
         nl = grad_logits.shape[1]
         pad = grad_c.new_zeros(n, cr.shape[0] - p - nl)  # the zero rows' columns
         grad_zl = torch.cat([grad_c, grad_logits.to(grad_c.dtype), pad], dim=1)  # (n, w)
-        if need_r:
-            grad_r = (grad_zl[:, p : p + nl].t() @ x2).to(ctx.dtypes[1])  # (l, i)
+        if any(need_parts):
+            grad_r = grad_zl[:, p : p + nl].t() @ x2  # (l, i)
+            start = 0
+            for j, (count, need) in enumerate(zip(rows, need_parts)):
+                if need:
+                    grad_parts[j] = grad_r[start : start + count].to(ctx.dtypes[1][j])
+                start += count
         grad_x, grad_w, grad_bias = frozen_layer_grads(
             g2, x2, weight, grad_zl, cr, (need_x, need_w, need_bias), ctx.x_shape
         )
-        return grad_x, grad_w, grad_bias, grad_m, grad_r, None, None, None, None, *input_grads
+        return (
+            grad_x, grad_w, grad_bias, grad_m, None, None, None, None, None, *grad_parts,
+            *input_grads,
+        )  # fmt: skip
 
 
 def routed_mora_linear(
@@ -161,7 +176,7 @@ def routed_mora_linear(
     m: Tensor,
     compress: Tensor,
     decompress: Tensor,
-    r: Tensor,
+    r: Sequence[Tensor],
     gating: Gating,
     helpers: Helpers = PLAIN,
 ) -> tuple[Tensor, Routed]:
@@ -171,7 +186,9 @@ def routed_mora_linear(
         x: ``(..., i)``; weight ``(o × i)``; bias ``(o,)`` or None.
         m: ``(e, r̂, r̂)`` the experts' square matrices.
         compress: ``(r̂ × i)`` sharing's compression matrix; decompress: ``(o × r̂)``.
-        r: ``(l × i)`` the router's logit rows (``l = 0`` for routing by task).
+        r: the router's logit rows ``R (l × i)`` as blocks ``(l_j × i)``
+            (:meth:`~moracl.experts.routers.base.Router.logit_parts`; ``l = 0`` for routing
+            by task).
         gating: routes the ``(n, l)`` logits ``x rᵀ`` and gates the experts.
         helpers: the gating of the compressed input and its backward (compiled ones for
             the ``compiled`` and ``triton`` backends on CUDA).
@@ -189,6 +206,6 @@ def routed_mora_linear(
     d = decompress.new_zeros(decompress.shape[0], p, dtype=dt)  # (o, p)
     d[:, :r_hat] = decompress
     out, gates, probs, chosen, indices, *aux = _RoutedMoRALinear.apply(
-        x.to(dt), weight.to(dt), bias, m, r, cp, d, gating, helpers, *gating.inputs()
+        x.to(dt), weight.to(dt), bias, m, cp, d, gating, helpers, len(r), *r, *gating.inputs()
     )
     return out, Routed(gates, probs, chosen, indices, tuple(aux))

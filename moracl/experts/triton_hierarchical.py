@@ -49,7 +49,13 @@ from moracl.experts.triton_route import (
     _z_grad,
 )
 
-__all__ = ["HierarchicalForward", "gate_backward", "gate_forward", "supports"]
+__all__ = [
+    "HierarchicalForward",
+    "HierarchicalRecord",
+    "gate_backward",
+    "gate_forward",
+    "supports",
+]
 
 
 @triton.jit
@@ -359,6 +365,34 @@ class HierarchicalForward(NamedTuple):
         """The four losses, in the gating's ``aux_names`` order."""
         return tuple(self.losses.unbind())
 
+    def record(self) -> HierarchicalRecord:
+        """What :func:`gate_backward` reads, for a node to keep until its backward: not the
+        gated activations ``zg`` (``(n, e·r)``, recomputed there), the levels' product, the
+        indices or the losses."""
+        return HierarchicalRecord(
+            self.zl, self.er, self.group_allowed, self.expert_allowed, self.group_noise,
+            self.expert_noise, self.group_logits, self.settings, self.active, self.group,
+            self.experts, self.stats,
+        )  # fmt: skip
+
+
+class HierarchicalRecord(NamedTuple):
+    """What :func:`gate_backward` reads of a :class:`HierarchicalForward`
+    (:meth:`HierarchicalForward.record`)."""
+
+    zl: Tensor
+    er: int
+    group_allowed: Tensor
+    expert_allowed: Tensor
+    group_noise: Tensor | None
+    expert_noise: Tensor | None
+    group_logits: int
+    settings: tuple[int, bool, int, bool]
+    active: Tensor | None
+    group: tuple[Tensor, Tensor, Tensor, Tensor]
+    experts: tuple[Tensor, Tensor, Tensor, Tensor]
+    stats: tuple[Tensor, ...]
+
 
 def supports(
     zl: Tensor, er: int, group_allowed: Tensor, expert_allowed: Tensor, lg: int, k: tuple[int, int]
@@ -454,10 +488,11 @@ def gate_forward(
 
 
 def gate_backward(
-    fwd: HierarchicalForward, grad_zg: Tensor, grads: RouteGrads
+    fwd: HierarchicalRecord, grad_zg: Tensor, grads: RouteGrads
 ) -> tuple[Tensor, Tensor]:
     """``∂L/∂zl`` and ``zg (n, e·r)`` recomputed from ``∂L/∂zg`` and the routing outputs'
-    gradients (``grads.aux``: the four losses'): the values of
+    gradients (``grads.aux``: the four losses'), given the forward's record
+    (:meth:`HierarchicalForward.record`): the values of
     :func:`~moracl.experts.routers.hierarchical_gating.hierarchical_gate_backward`."""
     zl, er, lg = fwd.zl, fwd.er, fwd.group_logits
     n, width = zl.shape
@@ -469,7 +504,7 @@ def gate_backward(
     gzl = torch.empty(n, width, device=zl.device, dtype=zl.dtype)
     zg = torch.empty(n, er, device=zl.device, dtype=zl.dtype)
     grad_zg = grad_zg if grad_zg.stride(-1) == 1 else grad_zg.contiguous()
-    dummy = fwd.gates
+    dummy = fwd.group[0]  # a float32 tensor for the pointers the kernel leaves unread
     present = [a is not None for a in grads.aux]
     dloss = torch.stack(
         [a.float() if a is not None else dummy.new_zeros(()) for a in grads.aux]

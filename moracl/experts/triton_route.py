@@ -39,6 +39,7 @@ from moracl.experts.gating import RouteGrads
 
 __all__ = [
     "GateForward",
+    "GateRecord",
     "gate_apply_backward",
     "gate_backward",
     "gate_forward",
@@ -423,6 +424,34 @@ class GateForward(NamedTuple):
     active: Tensor | None  # (n,) bool, the tokens the losses count, or None: all
     bscale: Tensor  # () each counted token's weight in the mean router probabilities
 
+    def record(self) -> GateRecord:
+        """What :func:`gate_backward` reads, for a node to keep until its backward: not the
+        gated activations ``zg`` (``(n, e·r)``, recomputed there), the indices or the
+        losses."""
+        return GateRecord(
+            self.zl, self.er, self.allowed, self.noise, self.normalize, self.gates, self.probs,
+            self.chosen, self.lse, self.f, self.zscale, self.active, self.bscale,
+        )  # fmt: skip
+
+
+class GateRecord(NamedTuple):
+    """What :func:`gate_backward` reads of a :class:`GateForward` (:meth:`GateForward.
+    record`)."""
+
+    zl: Tensor  # (n, e·r + l)
+    er: int
+    allowed: Tensor  # (n|1, e) bool
+    noise: Tensor | None  # (n, e)
+    normalize: bool
+    gates: Tensor  # (n, e) float32
+    probs: Tensor  # (n, e) float32
+    chosen: Tensor  # (n, e) bool
+    lse: Tensor  # (n,) float32
+    f: Tensor  # (e,)
+    zscale: Tensor  # ()
+    active: Tensor | None  # (n,) bool or None
+    bscale: Tensor  # ()
+
 
 @functools.cache
 def _pow2(x: int) -> int:
@@ -522,9 +551,10 @@ def gate_forward(
     )  # fmt: skip
 
 
-def gate_backward(fwd: GateForward, grad_zg: Tensor, grads: RouteGrads) -> tuple[Tensor, Tensor]:
+def gate_backward(fwd: GateRecord, grad_zg: Tensor, grads: RouteGrads) -> tuple[Tensor, Tensor]:
     """``∂L/∂zl (n, e·r + l)`` and ``zg (n, e·r)`` recomputed from ``∂L/∂zg`` and the routing
-    outputs' gradients (``grads.aux``: balance, z): the values of
+    outputs' gradients (``grads.aux``: balance, z), given the forward's record
+    (:meth:`GateForward.record`): the values of
     :func:`~moracl.experts.routers.topk.topk_gate_backward`."""
     zl, er, allowed, noise, normalize = fwd.zl, fwd.er, fwd.allowed, fwd.noise, fwd.normalize
     grad_gates, grad_probs = grads.gates, grads.probs

@@ -6,6 +6,7 @@ Shape legend: ``n`` tokens, ``i``/``o`` layer sizes, ``e`` experts, ``r`` rank.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -57,12 +58,11 @@ class LoRABank(ExpertBank):
         x: Tensor,
         weight: Tensor,
         bias: Tensor | None,
-        r: Tensor,
+        r: Sequence[Tensor],
         gating: Gating,
         backend: RoutingBackend,
     ) -> tuple[Tensor, Routed]:
-        a = self.lora_A.flatten(0, 1)  # (e·r, i): a view, as "e r i -> (e r) i"
-        b = self.lora_B.flatten(1, 2)  # (o, e·r)
+        a, b = self.lora_A, self.lora_B  # (e, r, i), (o, e, r): the node flattens them
         return routed_lora_linear(x, weight, bias, a, b, r, self.scaling, gating)
 
     def expert_delta(self, x: Tensor, expert: int) -> Tensor:

@@ -5,6 +5,8 @@ Shape legend: ``n`` tokens, ``i``/``o`` layer sizes, ``e`` experts, ``r̂`` the 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -77,7 +79,7 @@ class MoRABank(ExpertBank):
         x: Tensor,
         weight: Tensor,
         bias: Tensor | None,
-        r: Tensor,
+        r: Sequence[Tensor],
         gating: Gating,
         backend: RoutingBackend,
     ) -> tuple[Tensor, Routed]:

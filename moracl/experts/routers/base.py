@@ -157,6 +157,13 @@ class Router(nn.Module, ABC):
     def logit_weights(self) -> Tensor:
         """``(l, d)``: the rows whose products with ``x`` are this router's logits."""
 
+    def logit_parts(self) -> tuple[Tensor, ...]:
+        """The row blocks of :meth:`logit_weights` in order (``(l_j, d)`` each, ``Σ l_j =
+        l``), as this router holds them: a fused node stacks them beside its own rows in one
+        copy, without concatenating them first (an operation and its backward less a
+        layer)."""
+        return (self.logit_weights(),)
+
     @abstractmethod
     def route(
         self,
@@ -364,6 +371,11 @@ class LogitRouter(Router):
         if self.noise_weight is None:
             return self.weight
         return torch.cat([self.weight, self.noise_weight])  # (2e, d)
+
+    def logit_parts(self) -> tuple[Tensor, ...]:
+        if self.noise_weight is None:
+            return (self.weight,)
+        return (self.weight, self.noise_weight)
 
     def noise(self, logits: Tensor) -> Tensor | None:
         """``(n, e)`` standard normal draws for the noisy selection while training (in the

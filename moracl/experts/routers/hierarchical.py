@@ -186,6 +186,10 @@ class HierarchicalRouter(Router):
         """The outer router's rows, then each group's inner router's rows."""
         return torch.cat([self.outer.logit_weights(), *(r.logit_weights() for r in self._inner())])
 
+    def logit_parts(self) -> tuple[Tensor, ...]:
+        """The outer router's blocks, then each group's inner router's."""
+        return (*self.outer.logit_parts(), *(p for r in self._inner() for p in r.logit_parts()))
+
     def route(
         self,
         logits: Tensor,

@@ -248,7 +248,8 @@ class HierarchicalGating(Gating):
         if not isinstance(saved, HierarchicalSaved):  # the kernels' record
             from moracl.experts import triton_hierarchical as th
 
-            kernel_grad, _ = th.gate_backward(saved, saved.zg, grads)  # zg: (n, 0)
+            no_experts = saved.zl.new_empty(saved.zl.shape[0], 0)  # ∂L/∂zg: (n, 0)
+            kernel_grad, _ = th.gate_backward(saved, no_experts, grads)
             return kernel_grad, ()
         device = saved.group_gates.device
         bwd = for_backend(hierarchical_route_backward, self.backend, device)
@@ -292,7 +293,8 @@ class HierarchicalGating(Gating):
             zl, er, self.group_allowed, self.expert_allowed, group_noise, expert_noise, lg,
             (*self.groups, *self.experts), self.active,
         )  # fmt: skip
-        return out.zg, Routed(out.gates, out.probs, out.chosen, out.indices, out.aux), out
+        routed = Routed(out.gates, out.probs, out.chosen, out.indices, out.aux)
+        return out.zg, routed, out.record()
 
     def backward(
         self, saved: Any, grad_zg: Tensor | None, grads: RouteGrads
@@ -300,7 +302,8 @@ class HierarchicalGating(Gating):
         if not isinstance(saved, GatedSaved):  # the kernels' record
             from moracl.experts import triton_hierarchical as th
 
-            grad = torch.zeros_like(saved.zg) if grad_zg is None else grad_zg
+            n = saved.zl.shape[0]
+            grad = saved.zl.new_zeros(n, saved.er) if grad_zg is None else grad_zg
             grad_zl, zg = th.gate_backward(saved, grad, grads)
             return grad_zl, zg, ()
         if grad_zg is None:

@@ -296,7 +296,7 @@ class TopKGating(Gating):
                 )
                 return Routed(
                     out.gates, out.probs, out.chosen, out.indices, (out.balance, out.z)
-                ), out
+                ), out.record()
         fwd = for_backend(topk_route_forward, self.backend, logits.device)
         routed: Routed
         routed, saved = fwd(logits, self.allowed, noise, self.k, self.normalize, self.active)
@@ -308,7 +308,8 @@ class TopKGating(Gating):
         if not isinstance(saved, TopKSaved):  # the Triton forward's record
             from moracl.experts import triton_route
 
-            kernel_grad, _ = triton_route.gate_backward(saved, saved.zg, grads)  # zg: (n, 0)
+            no_experts = saved.zl.new_empty(saved.zl.shape[0], 0)  # ∂L/∂zg: (n, 0)
+            kernel_grad, _ = triton_route.gate_backward(saved, no_experts, grads)
             return kernel_grad, ()
         bwd = for_backend(topk_route_backward, self.backend, saved.logits.device)
         grad: Tensor = bwd(saved, grads, self.normalize)
@@ -324,7 +325,7 @@ class TopKGating(Gating):
                     zl, er, self.allowed, noise, self.k, self.normalize, self.active
                 )
                 routed = Routed(out.gates, out.probs, out.chosen, out.indices, (out.balance, out.z))
-                return out.zg, routed, out
+                return out.zg, routed, out.record()
         fwd = for_backend(topk_gate_forward, self.backend, zl.device)
         zg, routed, saved = fwd(zl, er, self.allowed, noise, self.k, self.normalize, self.active)
         return zg, routed, saved
@@ -336,7 +337,7 @@ class TopKGating(Gating):
             from moracl.experts import triton_route
 
             if grad_zg is None:
-                grad_zg = torch.zeros_like(saved.zg)
+                grad_zg = saved.zl.new_zeros(saved.zl.shape[0], saved.er)
             grad_zl, zg = triton_route.gate_backward(saved, grad_zg, grads)
             return grad_zl, zg, ()
         if grad_zg is None:
