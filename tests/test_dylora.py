@@ -284,3 +284,28 @@ def test_a_training_step_runs_in_the_fused_node_and_equals_plain_autograd(update
         torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("full_share", "rslora", "fixed"),
+    [(0.0, False, None), (0.0, True, None), (0.3, False, None), (0.0, False, 0.75)],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_compiled_rank_draw_on_cuda_equals_the_plain_one_bitwise(
+    full_share: float, rslora: bool, fixed: float | None, dtype: torch.dtype
+) -> None:
+    """On CUDA a training call draws its rank and scales through one compiled kernel; every
+    draw gives the same rank, scales and last channel as the plain operations on the CPU."""
+    from moracl.adapters.dylora.module import _channels_for, rank_channels
+
+    fast = _channels_for(torch.device("cuda"))
+    assert fast is not rank_channels  # compiled
+    for draw in range(300):
+        args = (dtype, 11, 2, 8, full_share, 4.0, rslora, fixed)
+        got = fast(torch.tensor(draw, device="cuda"), *args)
+        want = rank_channels(torch.tensor(draw), *args)
+        assert torch.equal(got[0].cpu(), want[0]) and torch.equal(got[1].cpu(), want[1])
+        b = int(draw_rank(11, torch.tensor(draw), 2, 8, full_share))
+        assert int(want[1].nonzero()) == b - 1 and int((want[0] != 0).sum()) == b

@@ -12,6 +12,7 @@ is a mask over the ``r`` rank channels (``(idx < b) · α / b``), not a slice.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -19,8 +20,9 @@ from torch import Tensor, nn
 from moracl.adapters.base import Adapter, ParamRole, linear
 from moracl.adapters.dylora.config import DyLoRAConfig, DyLoRAUpdate
 from moracl.adapters.fused import in_backward, lora_linear
+from moracl.experts.backend import compiled, triton_installed
 
-__all__ = ["DyLoRA", "draw_rank", "set_rank"]
+__all__ = ["DyLoRA", "draw_rank", "rank_channels", "set_rank"]
 
 _MASK32 = 0xFFFFFFFF
 _MIX = 0x45D9F3B  # < 2**27: a 32-bit value times it stays below 2**59, no int64 overflow
@@ -44,6 +46,40 @@ def draw_rank(seed: int, draw: Tensor, low: int, high: int, full_share: float = 
         return rank
     coin = _mix32((x + 0x632BE5AB) & _MASK32)  # a second, independent 32-bit draw
     return torch.where(coin < int(full_share * 2**32), torch.full_like(rank, high), rank)
+
+
+def rank_channels(
+    draw: Tensor,
+    dtype: torch.dtype,
+    seed: int,
+    low: int,
+    high: int,
+    full_share: float,
+    alpha: float,
+    rslora: bool,
+    fixed: float | None,
+) -> tuple[Tensor, Tensor]:
+    """Draw number ``draw`` (``()`` int64) of the rank ``b`` (:func:`draw_rank`) and what the
+    rank-``b`` update needs over the ``high`` channels: ``scale (high,)`` in ``dtype``, ``s_b =
+    alpha / b`` (``alpha / sqrt(b)`` with ``rslora``; ``fixed`` at every ``b`` when given) on
+    the channels ``< b`` and 0 from ``b`` on, and ``last (high,)`` bool, channel ``b - 1``."""
+    b = draw_rank(seed, draw, low, high, full_share)
+    idx = torch.arange(high, device=draw.device)  # (r,)
+    on = (idx < b).to(dtype)
+    if fixed is not None:
+        scale = on * fixed
+    else:
+        denom = b.to(dtype).sqrt() if rslora else b.to(dtype)  # ()
+        scale = on * (alpha / denom)
+    return scale, idx == b - 1
+
+
+def _channels_for(device: torch.device) -> Callable[..., tuple[Tensor, Tensor]]:
+    """:func:`rank_channels` as one compiled kernel on CUDA (about twenty integer and mask
+    operations a layer otherwise, each a launch), itself elsewhere."""
+    if device.type == "cuda" and triton_installed():
+        return compiled(rank_channels, dynamic=False)
+    return rank_channels
 
 
 class DyLoRA(Adapter):
@@ -111,18 +147,16 @@ class DyLoRA(Adapter):
                 "gradients at another rank than its forward. Train DyLoRA layers outside "
                 "checkpointed blocks, or without activation checkpointing"
             )
-        b = self._draw(self.draws)  # () int64, on the adapter's device
-        self.draws.add_(1)
+        cfg = self.config
         a: Tensor = self.lora_A
         up: Tensor = self.lora_B
-        idx = torch.arange(self.config.rank, device=b.device)  # (r,)
-        if self.config.fixed_scale:
-            scale = (idx < b).to(a.dtype) * self.config.scaling(self.config.rank)  # (r,)
-        else:
-            denom = b.to(a.dtype).sqrt() if self.config.rslora else b.to(a.dtype)  # ()
-            scale = (idx < b).to(a.dtype) * (self.config.alpha / denom)  # (r,)
-        if self.config.update is DyLoRAUpdate.LAST:  # rows/columns < b: constants
-            last = idx == b - 1
+        fixed = cfg.scaling(cfg.rank) if cfg.fixed_scale else None
+        scale, last = _channels_for(a.device)(
+            self.draws, a.dtype, cfg.seed, cfg.min_rank, cfg.rank, cfg.full_rank_share,
+            cfg.alpha, cfg.rslora, fixed,
+        )  # fmt: skip  # (r,) each, from the draw before this call's
+        self.draws.add_(1)
+        if cfg.update is DyLoRAUpdate.LAST:  # rows/columns < b: constants
             a = torch.where(last[:, None], a, a.detach())  # (r, i)
             up = torch.where(last[None, :], up, up.detach())  # (o, r)
         return a * scale[:, None], up
