@@ -300,3 +300,31 @@ def test_under_a_token_mask_the_routers_losses_count_the_real_tokens_only() -> N
         with token_mask(mask):
             got = _aux_and_grads(_routed_model(buckets), x)
         _assert_same_losses(got, want)
+
+
+def _inference_routing(model: MoRAModel, x: Tensor) -> tuple[Tensor, Tensor]:
+    """The routers' auxiliary loss and the experts' usage over the counted rows of an
+    inference call (no gradients: the fixed-buffer ``token`` loop)."""
+    model.eval()
+    with torch.no_grad():
+        model(x)
+    (routing,) = model.last_routing.values()
+    return model.aux_loss(), routing.stats.usage
+
+
+def test_at_inference_the_routing_record_counts_the_running_real_tokens_only() -> None:
+    """The inference loop (fixed buffers) declares each step's rows too: what the routers
+    record and their losses count neither the pads of a bucket nor the padding a call
+    declares; before, both counted, so the statistics read after an inference call depended
+    on the bucket size and included padding."""
+    x = torch.randn(3, 7, D, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    mask = torch.ones(3, 7, dtype=torch.bool)
+    mask[0, 5:], mask[2, 3:] = False, False
+    want = _inference_routing(_routed_model(0), x)
+    want_real = _inference_routing(_routed_model(0), x[mask][None])
+    for buckets in (3, 4):
+        got = _inference_routing(_routed_model(buckets), x)
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=0)
+        with token_mask(mask):
+            got = _inference_routing(_routed_model(buckets), x)
+        torch.testing.assert_close(got, want_real, rtol=1e-9, atol=0)

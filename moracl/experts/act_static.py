@@ -14,7 +14,11 @@ picks the next step's bucket, so with CUDA graphs a step costs one replay and on
 number, not the dozens of launches of the bookkeeping the gradient-tracking loop needs.
 
 Without graphs (the CPU, or ``cuda_graphs=False``) the same steps run eagerly on buffers made
-for the call.  With graphs the buffers live between calls (one set per input shape, dtype
+for the call, each declaring to the block the rows its routers count (the running real tokens:
+neither a bucket's pads nor the padding the call declares) as a token mask, so that the
+routing a model records (``last_routing``) and the routers' losses count those rows, as in
+the training loop.  A graphed step declares nothing, and a replay runs no Python: a model
+records no routing for the steps it replays.  With graphs the buffers live between calls (one set per input shape, dtype
 and autocast setting), the step on all ``n`` tokens and each bucket get a graph the second
 time they are needed (the first run is eager and warms the block up), and all graphs share
 one memory pool (they replay one after another and keep nothing between them).  A graph
@@ -32,6 +36,8 @@ from typing import Any, NamedTuple, Protocol
 
 import torch
 from torch import Tensor, nn
+
+from moracl.experts.per_sample import active_tokens, token_mask
 
 __all__ = ["LoopResult", "TokenLoop"]
 
@@ -69,6 +75,7 @@ class _Buffers:
     """One call's state (see the module docstring); ``x`` the graphed first step's input."""
 
     x: Tensor  # (n, d) in the input's dtype
+    real: Tensor  # (n,) bool: the call's real tokens (its declared token mask; else all)
     index: Tensor  # (n,) int64: each row's token
     cum0: Tensor  # (n,) zeros in the input's dtype: Σ h before the first step
     count: Tensor  # () int64: the running rows
@@ -117,9 +124,10 @@ class TokenLoop:
         x2 = x.reshape(-1, d)  # (n, d)
         n = x2.shape[0]
         graphed = self.graphs and x.is_cuda
-        buf = self._buffers(x2) if graphed else self._fresh(x2)
+        real = active_tokens(lead, x.device)  # (n,) the declared mask's real tokens, or None
+        buf = self._buffers(x2) if graphed else self._fresh(x2, real)
         if graphed:
-            _reset(buf, x2)
+            _reset(buf, x2, real)
         self._run(buf, n, graphed, first=True)
         ran, rows = 1, n
         while ran < act.max_steps:
@@ -147,7 +155,7 @@ class TokenLoop:
         if graph is not None:
             graph.replay()
             return
-        step = self._step_fn(buf, rows, first)
+        step = self._step_fn(buf, rows, first, declare=not graphed)
         if not graphed or key not in buf.seen:
             buf.seen.add(key)
             step()
@@ -165,9 +173,11 @@ class TokenLoop:
             step()  # recorded, not run
         buf.graphs[key] = graph
 
-    def _step_fn(self, buf: _Buffers, rows: int, first: bool) -> Callable[[], None]:
+    def _step_fn(self, buf: _Buffers, rows: int, first: bool, declare: bool) -> Callable[[], None]:
         """The step on the first ``rows`` rows of ``buf.x`` (``first``) or ``buf.states``,
-        as a function of the buffers alone (what a graph records)."""
+        as a function of the buffers alone (what a graph records); ``declare``: the rows
+        the block's routers count (the running real tokens) declared to it as a token mask
+        (not in graphed loops, whose replays record no routing)."""
         act = self._act[0]
         n = buf.out.shape[0]
         last_step = act.max_steps - 1
@@ -181,7 +191,11 @@ class TokenLoop:
                 s_in, cum = buf.states[:rows], buf.cum[:rows]  # (b, d), (b,)
             index = buf.index[:rows]  # (b,)
             live = buf.rows[:rows] < buf.count  # (b,) false on the padding
-            s = act.block(s_in)  # (b, d)
+            if declare:  # the rows the block's routers count: not the pads, not padding
+                with token_mask(live & buf.real.index_select(0, index), strict=False):
+                    s = act.block(s_in)  # (b, d)
+            else:
+                s = act.block(s_in)
             h = torch.sigmoid(act.act_halt(s)).squeeze(-1)  # (b,)
             h = torch.where(buf.step == last_step, torch.ones_like(h), h)  # all halt last
             total = cum + h  # (b,)
@@ -205,13 +219,15 @@ class TokenLoop:
 
         return step
 
-    def _fresh(self, x2: Tensor) -> _Buffers:
-        """Buffers for a call on ``x2 (n, d)`` (which becomes ``x``)."""
+    def _fresh(self, x2: Tensor, real: Tensor | None = None) -> _Buffers:
+        """Buffers for a call on ``x2 (n, d)`` (which becomes ``x``) whose real tokens are
+        ``real (n,)`` (``None``: all)."""
         n = x2.shape[0]
         act = self._act[0]
         dev = x2.device
         return _Buffers(
             x=x2,
+            real=torch.ones(n, dtype=torch.bool, device=dev) if real is None else real.clone(),
             index=torch.arange(n, device=dev),
             cum0=x2.new_zeros(n),
             count=torch.tensor(n, device=dev),
@@ -250,9 +266,14 @@ class TokenLoop:
         return buf
 
 
-def _reset(buf: _Buffers, x2: Tensor) -> None:
-    """Ready lasting buffers for a new call on ``x2``."""
+def _reset(buf: _Buffers, x2: Tensor, real: Tensor | None) -> None:
+    """Ready lasting buffers for a new call on ``x2`` whose real tokens are ``real (n,)``
+    (``None``: all)."""
     buf.x.copy_(x2)
+    if real is None:
+        buf.real.fill_(True)
+    else:
+        buf.real.copy_(real)
     n = x2.shape[0]
     buf.index.copy_(buf.rows)
     for t in (buf.step, buf.out, buf.weights, buf.steps, buf.remainders):
