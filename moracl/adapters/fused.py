@@ -47,6 +47,7 @@ __all__ = [
     "node_output",
     "plain_autograd",
     "plain_lora_linear",
+    "row_block_grads",
     "stacked_rows",
     "update_first",
 ]
@@ -75,6 +76,20 @@ def stacked_rows(parts: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
         return (blocks[0] if len(blocks) == 1 else torch.cat(blocks)).to(dtype)
     pad = blocks[0].new_zeros((total - rows, blocks[0].shape[1]))
     return torch.cat([*blocks, pad]).to(dtype)  # three calls, however many blocks
+
+
+def row_block_grads(
+    grad: Tensor, rows: Sequence[int], needs: Sequence[bool], dtypes: Sequence[torch.dtype]
+) -> list[Tensor | None]:
+    """The gradients of the row blocks :func:`stacked_rows` stacked, from ``grad (m', i)``
+    whose leading ``Σ rows`` rows are theirs in order: block ``j``'s ``(rows[j], i)`` rows in
+    ``dtypes[j]`` where ``needs[j]``, else ``None``."""
+    out: list[Tensor | None] = []
+    start = 0
+    for count, need, dtype in zip(rows, needs, dtypes):
+        out.append(grad[start : start + count].to(dtype) if need else None)
+        start += count
+    return out
 
 
 def fused_enabled(*weights: Tensor | None) -> bool:

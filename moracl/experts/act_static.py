@@ -18,9 +18,11 @@ for the call, each declaring to the block the rows its routers count (the runnin
 neither a bucket's pads nor the padding the call declares) as a token mask, so that the
 routing a model records (``last_routing``) and the routers' losses count those rows, as in
 the training loop.  A graphed step declares nothing, and a replay runs no Python: a model
-records no routing for the steps it replays.  With graphs the buffers live between calls (one set per input shape, dtype
-and autocast setting), the step on all ``n`` tokens and each bucket get a graph the second
-time they are needed (the first run is eager and warms the block up), and all graphs share
+records no routing for the steps it replays.
+
+With graphs the buffers live between calls (one set per input shape, dtype and autocast
+setting), the step on all ``n`` tokens and each bucket get a graph the second time they are
+needed (the first run is eager and warms the block up), and all graphs share
 one memory pool (they replay one after another and keep nothing between them).  A graph
 reads the module's parameters where they are: changing their values in place (an optimiser
 step, ``load_state_dict``) is seen by the next replay, moving them (``.to()``, new experts)

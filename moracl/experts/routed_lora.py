@@ -32,6 +32,7 @@ from moracl.adapters.fused import (
     frozen_layer_grads,
     frozen_plus_update,
     node_output,
+    row_block_grads,
     stacked_rows,
 )
 from moracl.experts.gating import Gating, Routed, RouteGrads
@@ -110,11 +111,7 @@ class _RoutedLoRALinear(torch.autograd.Function):
                 grad_ar = grad_ar.to(a_dtype)
             if need_a:
                 grad_a = grad_ar[:er].to(a_dtype).view(a_shape)
-            start = er
-            for j, (count, need) in enumerate(zip(rows, need_parts)):
-                if need:
-                    grad_parts[j] = grad_ar[start : start + count].to(part_dtypes[j])
-                start += count
+            grad_parts = row_block_grads(grad_ar[er:], rows, need_parts, part_dtypes)
         grad_x, grad_w, grad_bias = frozen_layer_grads(
             g2, x2, weight, grad_zl, ar, (need_x, need_w, need_bias), ctx.x_shape
         )

@@ -37,6 +37,7 @@ from moracl.adapters.fused import (
     frozen_layer_grads,
     frozen_plus_update,
     node_output,
+    row_block_grads,
     stacked_rows,
 )
 from moracl.experts.gating import Gating, Routed, RouteGrads
@@ -155,11 +156,7 @@ class _RoutedMoRALinear(torch.autograd.Function):
         grad_zl = torch.cat([grad_c, grad_logits.to(grad_c.dtype), pad], dim=1)  # (n, w)
         if any(need_parts):
             grad_r = grad_zl[:, p : p + nl].t() @ x2  # (l, i)
-            start = 0
-            for j, (count, need) in enumerate(zip(rows, need_parts)):
-                if need:
-                    grad_parts[j] = grad_r[start : start + count].to(ctx.dtypes[1][j])
-                start += count
+            grad_parts = row_block_grads(grad_r, rows, need_parts, ctx.dtypes[1])
         grad_x, grad_w, grad_bias = frozen_layer_grads(
             g2, x2, weight, grad_zl, cr, (need_x, need_w, need_bias), ctx.x_shape
         )
