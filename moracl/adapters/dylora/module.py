@@ -75,7 +75,7 @@ def rank_channels(
 
 
 def _channels_for(device: torch.device) -> Callable[..., tuple[Tensor, Tensor]]:
-    """:func:`rank_channels` as one compiled kernel on CUDA (about twenty integer and mask
+    """:func:`rank_channels` as one compiled kernel on CUDA (35 integer and mask
     operations a layer otherwise, each a launch), itself elsewhere."""
     if device.type == "cuda" and triton_installed():
         return compiled(rank_channels, dynamic=False)
