@@ -4,10 +4,14 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: setup demo test test-slow test-all lint format bench bench-gpu clean
+.PHONY: setup lock demo test test-slow test-all lint format bench bench-gpu clean
 
 setup:
 	bash .ci/setup.sh
+
+# after a change of dependencies: pin the versions now in .venv for every fresh setup
+lock: setup
+	$(PY) .ci/lock.py
 
 demo: setup
 	rm -rf out/demo

