@@ -138,9 +138,10 @@ class MoRAModel(AdapterSaving, nn.Module):
         sample).  Inside :meth:`route` a call without ``task_ids`` takes the block's.
 
         Activation checkpointing (``torch.utils.checkpoint``, transformers'
-        ``gradient_checkpointing_enable()``) recomputes blocks in the backward, after this call
-        returns: their mixtures route by the task ids of the last call made with gradients,
-        so call ``backward`` after each such call, as training loops do, before the next."""
+        ``activation_checkpointing_enable()``, ``gradient_checkpointing_enable()`` in older
+        releases) recomputes blocks in the backward, after this call returns: their mixtures
+        route by the task ids of the last call made with gradients, so call ``backward`` after
+        each such call, as training loops do, before the next."""
         with self.routed_call(kwargs, task_ids):
             return self.model(*args, **kwargs)
 
@@ -271,8 +272,8 @@ class MoRAModel(AdapterSaving, nn.Module):
             "although the forward and the routers train, so their auxiliary losses carry no "
             "gradient. torch.utils.checkpoint(..., use_reentrant=True) does this (it runs the "
             "block under torch.no_grad and again in the backward), and the auxiliary losses "
-            "would never reach the routers: use use_reentrant=False (transformers' "
-            "gradient_checkpointing_enable() default), or call aux_loss() inside "
+            "would never reach the routers: use use_reentrant=False (the default of "
+            "transformers' activation_checkpointing_enable()), or call aux_loss() inside "
             "torch.no_grad() to only read it"
         )
 

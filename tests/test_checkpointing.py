@@ -1,5 +1,5 @@
 """Activation checkpointing (``torch.utils.checkpoint``, transformers'
-``gradient_checkpointing_enable()``): the same gradients as without it for every adapter kind
+``activation_checkpointing_enable()``): the same gradients as without it for every adapter kind
 and router, or a clear error where they could not be the same."""
 
 from __future__ import annotations
@@ -123,7 +123,9 @@ def test_transformers_gradient_checkpointing_gives_the_plain_gradients(router: s
         torch.manual_seed(0)
         base = tiny_llama().double()
         if enabled:
-            base.gradient_checkpointing_enable()  # transformers' default: non-reentrant
+            # transformers' default: non-reentrant (gradient_checkpointing_enable in older releases)
+            enable = getattr(base, "activation_checkpointing_enable", None)
+            (enable or base.gradient_checkpointing_enable)()
         model = MoRAModel(base, config, target_modules=["q_proj", "v_proj", "down_proj"])
         model.double().train()
         randomize_adapters(model)

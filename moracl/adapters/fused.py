@@ -120,7 +120,7 @@ def plain_autograd() -> Iterator[None]:
 def in_backward() -> bool:
     """Whether the autograd engine is running this code: a forward called inside a backward
     pass is activation checkpointing recomputing a block (``torch.utils.checkpoint``,
-    transformers' ``gradient_checkpointing_enable()``)."""
+    transformers' ``activation_checkpointing_enable()``)."""
     return bool(torch._C._current_graph_task_id() != -1)
 
 

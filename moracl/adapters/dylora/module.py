@@ -143,7 +143,7 @@ class DyLoRA(Adapter):
             raise RuntimeError(
                 "DyLoRA draws a new rank at every training call, and this call runs inside a "
                 "backward pass: activation checkpointing (torch.utils.checkpoint, transformers' "
-                "gradient_checkpointing_enable()) recomputing the layer, which would take its "
+                "activation_checkpointing_enable()) recomputing the layer, which would take its "
                 "gradients at another rank than its forward. Train DyLoRA layers outside "
                 "checkpointed blocks, or without activation checkpointing"
             )
