@@ -84,8 +84,11 @@ def _run(args: argparse.Namespace) -> int:
 
     from moracl.config import load_config
     from moracl.continual.config import RunConfig
-    from moracl.jobs.continual import resume_config, run
+    from moracl.extras import require
     from moracl.report import comparison_table
+
+    job = require("moracl.jobs.continual", "moracl run")  # Avalanche: the continual extra
+    resume_config, run = job.resume_config, job.run
 
     if args.resume:
         config_file, overrides = args.config, list(args.overrides)
@@ -122,8 +125,11 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from moracl.jobs.sweep import plan_sweep, run_sweep
+    from moracl.extras import require
     from moracl.jobs.sweep_space import overrides_text
+
+    sweep = require("moracl.jobs.sweep", "moracl sweep")  # Avalanche: the continual extra
+    plan_sweep, run_sweep = sweep.plan_sweep, sweep.run_sweep
     from moracl.report.sweep import format_score, render_table
 
     if args.seed is not None and args.trials is None:

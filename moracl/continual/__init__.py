@@ -11,7 +11,6 @@ metrics alone (``moracl.continual.metrics``, for reports) does not.
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING, Any
 
 from moracl.continual.metrics import (
@@ -23,6 +22,7 @@ from moracl.continual.metrics import (
     StoppingRecord,
     StrategyResult,
 )
+from moracl.extras import require
 
 if TYPE_CHECKING:
     from moracl.continual.derpp import DERPlusPlusPlugin
@@ -67,6 +67,6 @@ def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
+    value = getattr(require(module, f"moracl.continual.{name}"), name)
     globals()[name] = value
     return value

@@ -15,11 +15,19 @@ import torch
 
 from moracl.config import FinetuneConfig, MetaConfig
 from moracl.continual.config import RunConfig
-from moracl.jobs import continual, finetune, meta
+from moracl.extras import require
 from moracl.parse_fields import from_dict, to_dict
 from moracl.preflight import check_common
 
-__all__ = ["check_config", "continual", "finetune", "meta"]
+__all__ = ["check_config"]
+
+#: each job's config, module (imported when a config is checked: ``moracl run``'s needs
+#: Avalanche, the others do not) and command
+_JOBS: tuple[tuple[type, str, str], ...] = (
+    (RunConfig, "moracl.jobs.continual", "moracl run"),
+    (FinetuneConfig, "moracl.jobs.finetune", "moracl finetune"),
+    (MetaConfig, "moracl.jobs.meta", "moracl meta"),
+)
 
 
 def check_config(config: Any, *, device: str | torch.device | None = None) -> None:
@@ -35,6 +43,8 @@ def check_config(config: Any, *, device: str | torch.device | None = None) -> No
     Raises:
         ValueError: the first problem found, naming the key, the value and what is allowed.
         TypeError: ``config`` is not one of the job configs.
+        ModuleNotFoundError: the job needs a package of an extra that is not installed
+            (``moracl run``: Avalanche), naming it and the ``pip`` command.
     """
     if not isinstance(config, (RunConfig, FinetuneConfig, MetaConfig)):
         raise TypeError(
@@ -42,10 +52,6 @@ def check_config(config: Any, *, device: str | torch.device | None = None) -> No
         )
     # every field again: a config built or changed in Python meets the YAML rules
     from_dict(type(config), to_dict(config))
-    if isinstance(config, RunConfig):
-        continual.check(config)
-    elif isinstance(config, FinetuneConfig):
-        finetune.check(config)
-    else:
-        meta.check(config)
+    module, job = next((m, j) for kind, m, j in _JOBS if isinstance(config, kind))
+    require(module, job).check(config)
     check_common(config, device=device)
