@@ -115,3 +115,35 @@ def test_stacked_rows_pad_to_aligned_rows_with_zeros(rows: tuple[int, int], want
     assert aligned_size(sum(rows)) == want
     torch.testing.assert_close(out[: sum(rows)], torch.cat(parts).double(), rtol=0, atol=0)
     assert not out[sum(rows) :].any()
+
+
+@pytest.mark.parametrize("s", [1.0, 0.375, 2.0])
+def test_scaled_down_is_the_scaled_product_and_ignores_its_placeholder(s: float) -> None:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(33, 20, generator=gen, dtype=torch.float64)
+    a = torch.randn(4, 20, generator=gen, dtype=torch.float64)
+    torch.testing.assert_close(fused_nodes.scaled_down(x, a, s), s * (x @ a.t()))
+
+
+def test_product_in_gives_the_gradient_dtype() -> None:
+    gen = torch.Generator().manual_seed(0)
+    m1 = torch.randn(16, 40, generator=gen).to(torch.bfloat16)
+    m2 = torch.randn(40, 8, generator=gen).to(torch.bfloat16)
+    out = fused_nodes.product_in(m1, m2, torch.float32)  # the CPU: the product, then a cast
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, (m1 @ m2).float(), rtol=0, atol=0)
+    assert fused_nodes.product_in(m1, m2, torch.bfloat16).dtype == torch.bfloat16
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_product_in_on_cuda_gives_the_float32_accumulator_not_a_rounded_product() -> None:
+    gen = torch.Generator().manual_seed(0)
+    m1 = torch.randn(64, 4096, generator=gen).to("cuda", torch.bfloat16)
+    m2 = torch.randn(4096, 16, generator=gen).to("cuda", torch.bfloat16)
+    exact = m1.double() @ m2.double()  # (64, 16), entries of order 64
+    out = fused_nodes.product_in(m1, m2, torch.float32)
+    assert out.dtype == torch.float32
+    err = (out.double() - exact).abs().max().item()
+    rounded = ((m1 @ m2).double() - exact).abs().max().item()  # bf16 spacing at 64: 0.5
+    assert err < 1e-2 < rounded, (err, rounded)

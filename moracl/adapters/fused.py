@@ -47,7 +47,9 @@ __all__ = [
     "node_output",
     "plain_autograd",
     "plain_lora_linear",
+    "product_in",
     "row_block_grads",
+    "scaled_down",
     "stacked_rows",
     "update_first",
 ]
@@ -152,6 +154,14 @@ def update_first(t: Tensor) -> bool:
     return t.is_cuda
 
 
+def scaled_down(x: Tensor, a: Tensor, s: float) -> Tensor:
+    """``s · x Aᵀ (N, r)`` for ``x (N, i)``, ``A (r × i)``: ``s`` in the matmul's epilogue
+    (``beta = 0``: the 0-d input is never read), not a separate pass."""
+    if s == 1:
+        return x @ a.t()
+    return torch.addmm(x.new_empty(()), x, a.t(), beta=0, alpha=s)
+
+
 def frozen_plus_update(
     z: Tensor, b: Tensor, s: float, bias: Tensor | None, x: Tensor, weight: Tensor
 ) -> Tensor:
@@ -167,8 +177,10 @@ def frozen_plus_update(
     if update_first(x):
         if bias is not None:
             out = torch.addmm(bias, z, b.t(), alpha=s)
+        elif s != 1:  # s in the matmul's epilogue (beta = 0: the 0-d input is never read)
+            out = torch.addmm(z.new_empty(()), z, b.t(), beta=0, alpha=s)
         else:
-            out = z @ (b * s).t() if s != 1 else z @ b.t()  # s on the small (o × r) factor
+            out = z @ b.t()
         return out.addmm_(x, weight.t())
     out = torch.addmm(bias, x, weight.t()) if bias is not None else x @ weight.t()
     return out.addmm_(z, b.t(), alpha=s)
@@ -210,6 +222,26 @@ def frozen_layer_grads(
     return grad_x, grad_w, grad_bias
 
 
+#: ``torch.mm(..., out_dtype=)`` exists (CUDA: half-precision operands, a float32 product)
+_MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")
+
+
+def product_in(m1: Tensor, m2: Tensor, dtype: torch.dtype) -> Tensor:
+    """``m1 @ m2`` in ``dtype`` (a parameter's, for its gradient).  On CUDA, half-precision
+    operands and a float32 ``dtype`` give the float32 product straight from the matmul (its
+    accumulator, not rounded to half precision, and no cast kernel); elsewhere the product
+    is cast."""
+    if (
+        dtype == torch.float32
+        and m1.dtype in (torch.float16, torch.bfloat16)
+        and m1.is_cuda
+        and _MM_OUT_DTYPE
+    ):
+        return torch.mm(m1, m2, out_dtype=dtype)
+    out = m1 @ m2
+    return out if out.dtype == dtype else out.to(dtype)
+
+
 def plain_lora_linear(
     x: Tensor, weight: Tensor, bias: Tensor | None, a: Tensor, b: Tensor, s: float
 ) -> Tensor:
@@ -226,19 +258,22 @@ def lora_backward(
     weight: Tensor,
     a: Tensor,
     b: Tensor,
-    z: Tensor,
+    zs: Tensor,
     s: float,
     needs: tuple[bool, bool, bool, bool],
+    dtypes: tuple[torch.dtype, torch.dtype] | None = None,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
-    """The gradients of ``x Wᵀ + s · z Bᵀ`` (``z = x Aᵀ``) given ``g = ∂L/∂out (N, o)``:
-    ``(∂x (N, i), ∂W (o × i), ∂A (r × i), ∂B (o × r))`` in ``x``'s dtype, each ``None``
-    where ``needs`` (the same four) says so; ``s`` is applied in rank space, the input
-    gradients summed in a matmul's epilogue (:func:`accumulate_input_grad`).  ``x (N, i)``,
-    ``A``, ``B`` in ``x``'s dtype."""
+    """The gradients of ``x Wᵀ + zs Bᵀ`` (``zs = s · x Aᵀ``, the scaled down projection)
+    given ``g = ∂L/∂out (N, o)``: ``(∂x (N, i), ∂W (o × i), ∂A (r × i), ∂B (o × r))``, each
+    ``None`` where ``needs`` (the same four) says so; ``s`` is applied in rank space, the
+    input gradients summed in a matmul's epilogue (:func:`accumulate_input_grad`).  ``x (N,
+    i)``, ``A``, ``B`` in ``x``'s dtype; ``∂A`` and ``∂B`` in ``dtypes`` (the parameters'; default
+    ``x``'s), straight from their matmuls where the device can (:func:`product_in`)."""
     need_x, need_w, need_a, need_b = needs
-    gz = torch.addmm(z, g, b, beta=0, alpha=s)  # s · g B: (N, r), scaled in the epilogue
-    grad_b = torch.addmm(b, g.t(), z, beta=0, alpha=s) if need_b else None  # (o, r)
-    grad_a = gz.t() @ x if need_a else None  # (r, i)
+    da, db = dtypes if dtypes is not None else (x.dtype, x.dtype)
+    gz = torch.addmm(zs, g, b, beta=0, alpha=s)  # s · g B: (N, r), scaled in the epilogue
+    grad_b = product_in(g.t(), zs, db) if need_b else None  # (o, r)
+    grad_a = product_in(gz.t(), x, da) if need_a else None  # (r, i)
     grad_x = accumulate_input_grad(g, weight, gz, a) if need_x else None  # (N, i)
     grad_w = g.t() @ x if need_w else None  # (o, i)
     return grad_x, grad_w, grad_a, grad_b
@@ -258,10 +293,11 @@ class _LoRALinear(torch.autograd.Function):
     ) -> Tensor:
         dt = x.dtype
         x2 = x.reshape(-1, x.shape[-1])  # (N, i)
-        a_c, b_c = a.to(dt), b.to(dt)
-        z = x2 @ a_c.t()  # (N, r)
-        out = frozen_plus_update(z, b_c, s, bias, x2, weight)  # (N, o)
-        ctx.save_for_backward(x, weight, bias, a, b, z, a_c, b_c)  # casts kept: no recast
+        a_c = a if a.dtype == dt else a.to(dt)
+        b_c = b if b.dtype == dt else b.to(dt)
+        zs = scaled_down(x2, a_c, s)  # s · x Aᵀ: (N, r)
+        out = frozen_plus_update(zs, b_c, 1.0, bias, x2, weight)  # (N, o)
+        ctx.save_for_backward(x, weight, bias, a, b, zs, a_c, b_c)  # casts kept: no recast
         ctx.s = s
         return node_output(out, x.shape[:-1])
 
@@ -269,20 +305,22 @@ class _LoRALinear(torch.autograd.Function):
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         if torch.is_grad_enabled():  # create_graph=True: the gradient itself is differentiated
             return _LoRALinear._differentiable_backward(ctx, g)
-        x, weight, _, a_p, b_p, z, a, b = ctx.saved_tensors  # a, b: A, B in x's dtype
-        s = ctx.s
+        x, weight, _, a_p, b_p, zs, a, b = ctx.saved_tensors  # a, b: A, B in x's dtype
         x2 = x.reshape(-1, x.shape[-1])  # (N, i)
-        g2 = g.reshape(-1, g.shape[-1]).to(x2.dtype)  # (N, o)
+        g2 = g.reshape(-1, g.shape[-1])  # (N, o)
+        if g2.dtype != x2.dtype:
+            g2 = g2.to(x2.dtype)
         need_x, need_w, need_bias, need_a, need_b, _ = ctx.needs_input_grad
         grad_x, grad_w, grad_a, grad_b = lora_backward(
-            g2, x2, weight, a, b, z, s, (need_x, need_w, need_a, need_b)
-        )
+            g2, x2, weight, a, b, zs, ctx.s, (need_x, need_w, need_a, need_b),
+            (a_p.dtype, b_p.dtype),
+        )  # fmt: skip
         return (
             None if grad_x is None else grad_x.view(x.shape),
             grad_w,
             g2.sum(0) if need_bias else None,
-            None if grad_a is None else grad_a.to(a_p.dtype),
-            None if grad_b is None else grad_b.to(b_p.dtype),
+            grad_a,
+            grad_b,
             None,
         )
 
@@ -336,7 +374,9 @@ def lora_linear(
     dt = compute_dtype(x)
     if bias is not None and bias.dtype != dt:
         bias = bias.to(dt)
+    x = x if x.dtype == dt else x.to(dt)
+    weight = weight if weight.dtype == dt else weight.to(dt)
     if not fused_enabled(*(params if params is not None else (a, b))):
-        return plain_lora_linear(x.to(dt), weight.to(dt), bias, a, b, s)
-    out: Tensor = _LoRALinear.apply(x.to(dt), weight.to(dt), bias, a, b, s)
+        return plain_lora_linear(x, weight, bias, a, b, s)
+    out: Tensor = _LoRALinear.apply(x, weight, bias, a, b, s)
     return out

@@ -23,7 +23,13 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from moracl.adapters.fused import compute_dtype, frozen_plus_update, lora_backward, node_output
+from moracl.adapters.fused import (
+    compute_dtype,
+    frozen_plus_update,
+    lora_backward,
+    node_output,
+    scaled_down,
+)
 
 __all__ = ["dora_linear"]
 
@@ -45,18 +51,18 @@ class _DoRALinear(torch.autograd.Function):
     ) -> Tensor:
         dt = x.dtype
         x2 = x.reshape(-1, x.shape[-1])  # (N, i)
-        z = x2 @ a.to(dt).t()  # (N, r)
-        pre = frozen_plus_update(z, b.to(dt), s, None, x2, weight)  # x Wᵀ + s z Bᵀ: (N, o)
+        zs = scaled_down(x2, a.to(dt), s)  # s · x Aᵀ: (N, r)
+        pre = frozen_plus_update(zs, b.to(dt), 1.0, None, x2, weight)  # x Wᵀ + zs Bᵀ: (N, o)
         g = gain.to(dt)
         out = torch.addcmul(bias, pre, g) if bias is not None else pre * g  # (N, o)
-        ctx.save_for_backward(x, weight, a, b, gain, z, pre)
+        ctx.save_for_backward(x, weight, a, b, gain, zs, pre)
         ctx.s = s
         return node_output(out, x.shape[:-1])
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        x, weight, a_p, b_p, gain, z, pre = ctx.saved_tensors
+        x, weight, a_p, b_p, gain, zs, pre = ctx.saved_tensors
         s = ctx.s
         x2 = x.reshape(-1, x.shape[-1])  # (N, i)
         a, b = a_p.to(x.dtype), b_p.to(x.dtype)
@@ -67,11 +73,11 @@ class _DoRALinear(torch.autograd.Function):
         if x2.shape[0] >= x2.shape[1]:  # N >= i: scale W (o × i) and B, not g (N × o)
             col = gc[:, None]  # (o, 1)
             w_g = weight * col if need_x else weight  # diag(gain) W: (o, i)
-            grad_x, grad_w, grad_a, grad_b = lora_backward(g2, x2, w_g, a, b * col, z, s, needs)
+            grad_x, grad_w, grad_a, grad_b = lora_backward(g2, x2, w_g, a, b * col, zs, s, needs)
             grad_w = None if grad_w is None else grad_w * col
             grad_b = None if grad_b is None else grad_b * col
         else:  # ∂L/∂pre = g ⊙ gain: (N, o)
-            grad_x, grad_w, grad_a, grad_b = lora_backward(g2 * gc, x2, weight, a, b, z, s, needs)
+            grad_x, grad_w, grad_a, grad_b = lora_backward(g2 * gc, x2, weight, a, b, zs, s, needs)
         if grad_x is not None:
             grad_x = grad_x.view(x.shape)
         grad_a = None if grad_a is None else grad_a.to(a_p.dtype)
