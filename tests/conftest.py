@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import tempfile
+from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -83,3 +86,14 @@ def randomize_adapters(model: nn.Module, scale: float = 0.3) -> None:
             if isinstance(m, MoRALayer):
                 for p in m.adapters.parameters():
                     p.copy_(torch.randn_like(p) * scale + (1.0 if p.ndim == 1 else 0.0))
+
+
+def ci_lock() -> ModuleType:
+    """``.ci/lock.py`` (the setup's pinning script: ``roots``, ``closure``, ``canonical``) as
+    a module."""
+    path = Path(__file__).resolve().parents[1] / ".ci" / "lock.py"
+    spec = importlib.util.spec_from_file_location("moracl_ci_lock", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -10,35 +10,27 @@ and nothing else, on the path of ``python -S`` (no site-packages)."""
 from __future__ import annotations
 
 import glob
-import importlib.util
 import os
 import subprocess
 import sys
 import textwrap
 from importlib import metadata
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import tomllib
 from packaging.requirements import Requirement
 
+from .conftest import ci_lock
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _lock() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("moracl_ci_lock", ROOT / ".ci" / "lock.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
 def base_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The base install's site folder (links into this environment's)."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    dists = _lock().closure([Requirement(r) for r in project["dependencies"]])
+    dists = ci_lock().closure([Requirement(r) for r in project["dependencies"]])
     site = Path(str(metadata.distribution("torch").locate_file("")))
     out = tmp_path_factory.mktemp("base-site")
     for name in dists:

@@ -2,21 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 from types import ModuleType
 
 from packaging.version import Version
 
+from .conftest import ci_lock
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _lock() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("moracl_ci_lock", ROOT / ".ci" / "lock.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _pins(lock: ModuleType) -> dict[str, Version]:
@@ -30,7 +23,7 @@ def _pins(lock: ModuleType) -> dict[str, Version]:
 
 
 def test_every_requirement_is_pinned_at_a_version_the_project_accepts() -> None:
-    lock = _lock()
+    lock = ci_lock()
     pins = _pins(lock)
     for req in lock.roots():
         name = lock.canonical(req.name)
