@@ -127,10 +127,10 @@ def _run(args: argparse.Namespace) -> int:
 def _sweep(args: argparse.Namespace) -> int:
     from moracl.extras import require
     from moracl.jobs.sweep_space import overrides_text
+    from moracl.report.sweep import format_score, render_table
 
     sweep = require("moracl.jobs.sweep", "moracl sweep")  # Avalanche: the continual extra
     plan_sweep, run_sweep = sweep.plan_sweep, sweep.run_sweep
-    from moracl.report.sweep import format_score, render_table
 
     if args.seed is not None and args.trials is None:
         raise ValueError(f"--seed {args.seed} applies to a random search; give --trials N too")

@@ -266,9 +266,10 @@ def lora_backward(
     """The gradients of ``x Wᵀ + zs Bᵀ`` (``zs = s · x Aᵀ``, the scaled down projection)
     given ``g = ∂L/∂out (N, o)``: ``(∂x (N, i), ∂W (o × i), ∂A (r × i), ∂B (o × r))``, each
     ``None`` where ``needs`` (the same four) says so; ``s`` is applied in rank space, the
-    input gradients summed in a matmul's epilogue (:func:`accumulate_input_grad`).  ``x (N,
-    i)``, ``A``, ``B`` in ``x``'s dtype; ``∂A`` and ``∂B`` in ``dtypes`` (the parameters'; default
-    ``x``'s), straight from their matmuls where the device can (:func:`product_in`)."""
+    input gradients summed in a matmul's epilogue (:func:`accumulate_input_grad`).
+    ``x (N, i)``, ``A``, ``B`` in ``x``'s dtype; ``∂A`` and ``∂B`` in ``dtypes`` (the
+    parameters'; default ``x``'s), straight from their matmuls where the device can
+    (:func:`product_in`)."""
     need_x, need_w, need_a, need_b = needs
     da, db = dtypes if dtypes is not None else (x.dtype, x.dtype)
     gz = torch.addmm(zs, g, b, beta=0, alpha=s)  # s · g B: (N, r), scaled in the epilogue
